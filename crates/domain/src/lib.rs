@@ -1,0 +1,11 @@
+//! Pure order-management rules: money, reference codes, the order aggregate and its events.
+//!
+//! Nothing here does I/O; every function is deterministic given its inputs, so the whole
+//! crate is unit- and property-tested without a database.
+
+pub mod codes;
+pub mod error;
+pub mod money;
+pub mod order;
+
+pub use error::{DomainError, FieldError};

@@ -1,0 +1,76 @@
+//! Money amounts: decimal strings checked against the currency's minor units.
+
+use crate::codes::currency_decimals;
+use rust_decimal::Decimal;
+use std::str::FromStr;
+
+/// Parses a non-negative amount with at most the currency's decimals. The error is a message
+/// for the client.
+pub fn parse_amount(text: &str, currency: &str) -> Result<Decimal, String> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() || trimmed != text {
+        return Err("must be a decimal string such as \"12.50\"".into());
+    }
+    if !trimmed
+        .chars()
+        .all(|c| c.is_ascii_digit() || c == '.' || c == '-')
+    {
+        return Err("must be a plain decimal string such as \"12.50\"".into());
+    }
+    let amount = Decimal::from_str(trimmed)
+        .map_err(|_| "must be a decimal string such as \"12.50\"".to_string())?;
+    if amount.is_sign_negative() && !amount.is_zero() {
+        return Err("must not be negative".into());
+    }
+    if let Some(decimals) = currency_decimals(currency)
+        && amount.normalize().scale() > decimals
+    {
+        return Err(format!("{currency} allows at most {decimals} decimals"));
+    }
+    if amount > Decimal::from(1_000_000_000_i64) {
+        return Err("must be at most 1000000000".into());
+    }
+    Ok(amount.abs())
+}
+
+/// Formats an amount with exactly the currency's decimals (`"12.50"`, `"1200"` for JPY).
+pub fn format_amount(amount: Decimal, currency: &str) -> String {
+    let decimals = currency_decimals(currency).unwrap_or(2);
+    let mut rounded = amount.round_dp(decimals);
+    rounded.rescale(decimals);
+    rounded.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_amounts_within_the_currency_precision() {
+        assert_eq!(parse_amount("12.5", "USD"), Ok(Decimal::new(125, 1)));
+        assert_eq!(parse_amount("12.50", "USD"), Ok(Decimal::new(1250, 2)));
+        assert_eq!(parse_amount("0", "USD"), Ok(Decimal::ZERO));
+        assert_eq!(parse_amount("1200", "JPY"), Ok(Decimal::new(1200, 0)));
+        assert_eq!(parse_amount("1.000", "JPY"), Ok(Decimal::new(1000, 3)));
+        assert_eq!(parse_amount("1.234", "KWD"), Ok(Decimal::new(1234, 3)));
+    }
+
+    #[test]
+    fn refuses_negative_overprecise_and_malformed_amounts() {
+        assert!(parse_amount("-1", "USD").is_err());
+        assert!(parse_amount("1.001", "USD").is_err());
+        assert!(parse_amount("1.5", "JPY").is_err());
+        assert!(parse_amount("abc", "USD").is_err());
+        assert!(parse_amount("1e3", "USD").is_err());
+        assert!(parse_amount(" 1", "USD").is_err());
+        assert!(parse_amount("", "USD").is_err());
+        assert!(parse_amount("99999999999", "USD").is_err());
+    }
+
+    #[test]
+    fn formats_with_the_currency_decimals() {
+        assert_eq!(format_amount(Decimal::new(125, 1), "USD"), "12.50");
+        assert_eq!(format_amount(Decimal::new(1200, 0), "JPY"), "1200");
+        assert_eq!(format_amount(Decimal::new(1, 0), "BHD"), "1.000");
+    }
+}

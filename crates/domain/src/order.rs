@@ -1,0 +1,557 @@
+//! The order aggregate: statuses and their transition table, commands, events, `decide` and
+//! `evolve`.
+
+use crate::codes::{currency_decimals, is_country};
+use crate::error::{DomainError, FieldError};
+use crate::money::parse_amount;
+use chrono::{DateTime, NaiveDate, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use uuid::Uuid;
+
+pub const MAX_LINES: usize = 100;
+pub const MAX_QUANTITY: i64 = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OrderStatus {
+    Pending,
+    Confirmed,
+    Processing,
+    Shipped,
+    Delivered,
+    Cancelled,
+}
+
+impl OrderStatus {
+    pub const ALL: [OrderStatus; 6] = [
+        OrderStatus::Pending,
+        OrderStatus::Confirmed,
+        OrderStatus::Processing,
+        OrderStatus::Shipped,
+        OrderStatus::Delivered,
+        OrderStatus::Cancelled,
+    ];
+
+    /// The transition table: the only place that says where an order may go next.
+    pub fn allowed_next(self) -> &'static [OrderStatus] {
+        use OrderStatus::*;
+        match self {
+            Pending => &[Confirmed, Cancelled],
+            Confirmed => &[Processing, Cancelled],
+            Processing => &[Shipped, Cancelled],
+            Shipped => &[Delivered],
+            Delivered | Cancelled => &[],
+        }
+    }
+
+    pub fn can_become(self, to: OrderStatus) -> bool {
+        self.allowed_next().contains(&to)
+    }
+
+    pub fn is_final(self) -> bool {
+        self.allowed_next().is_empty()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Pending => "PENDING",
+            OrderStatus::Confirmed => "CONFIRMED",
+            OrderStatus::Processing => "PROCESSING",
+            OrderStatus::Shipped => "SHIPPED",
+            OrderStatus::Delivered => "DELIVERED",
+            OrderStatus::Cancelled => "CANCELLED",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<OrderStatus> {
+        OrderStatus::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+impl fmt::Display for OrderStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderLine {
+    pub sku: String,
+    pub quantity: u32,
+    pub unit_price: Decimal,
+}
+
+impl OrderLine {
+    pub fn line_total(&self) -> Decimal {
+        self.unit_price * Decimal::from(self.quantity)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Address {
+    pub name: String,
+    pub line1: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line2: Option<String>,
+    pub city: String,
+    pub postal_code: String,
+    pub country: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Shipping {
+    pub carrier: String,
+    pub tracking_number: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_delivery: Option<NaiveDate>,
+}
+
+/// The editable part of an order, already validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderDraft {
+    pub items: Vec<OrderLine>,
+    pub shipping_address: Address,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
+}
+
+impl OrderDraft {
+    pub fn total(&self) -> Decimal {
+        self.items.iter().map(OrderLine::line_total).sum()
+    }
+}
+
+/// The order as it stands after all its events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Order {
+    pub id: Uuid,
+    pub customer_id: Uuid,
+    pub currency: String,
+    pub status: OrderStatus,
+    pub items: Vec<OrderLine>,
+    pub shipping_address: Address,
+    pub notes: Option<String>,
+    pub shipping: Option<Shipping>,
+    pub total: Decimal,
+    pub cancel_reason: Option<String>,
+    pub version: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What a caller asks of an order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderCommand {
+    Place {
+        customer_id: Uuid,
+        currency: String,
+        draft: OrderDraft,
+    },
+    Update(OrderDraft),
+    ChangeStatus {
+        to: OrderStatus,
+        reason: Option<String>,
+        shipping: Option<Shipping>,
+    },
+    SetShipping(Shipping),
+    Cancel {
+        reason: Option<String>,
+    },
+}
+
+/// Facts about an order, in past tense. Stored forever; never edited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum OrderEvent {
+    #[serde(rename_all = "camelCase")]
+    OrderPlaced {
+        customer_id: Uuid,
+        currency: String,
+        #[serde(flatten)]
+        draft: OrderDraft,
+        total: Decimal,
+    },
+    #[serde(rename_all = "camelCase")]
+    OrderUpdated {
+        #[serde(flatten)]
+        draft: OrderDraft,
+        total: Decimal,
+    },
+    #[serde(rename_all = "camelCase")]
+    OrderStatusChanged {
+        from: OrderStatus,
+        to: OrderStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    #[serde(rename_all = "camelCase")]
+    ShippingDetailsSet { shipping: Shipping },
+}
+
+impl OrderEvent {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            OrderEvent::OrderPlaced { .. } => "OrderPlaced",
+            OrderEvent::OrderUpdated { .. } => "OrderUpdated",
+            OrderEvent::OrderStatusChanged { .. } => "OrderStatusChanged",
+            OrderEvent::ShippingDetailsSet { .. } => "ShippingDetailsSet",
+        }
+    }
+
+    /// The bus topic the event is published on.
+    pub fn topic(&self) -> &'static str {
+        match self {
+            OrderEvent::OrderPlaced { .. } => "order.created",
+            OrderEvent::OrderUpdated { .. } | OrderEvent::ShippingDetailsSet { .. } => {
+                "order.updated"
+            }
+            OrderEvent::OrderStatusChanged { to, .. } => match to {
+                OrderStatus::Confirmed => "order.confirmed",
+                OrderStatus::Shipped => "order.shipped",
+                OrderStatus::Delivered => "order.delivered",
+                OrderStatus::Cancelled => "order.cancelled",
+                OrderStatus::Pending | OrderStatus::Processing => "order.status_changed",
+            },
+        }
+    }
+}
+
+/// An event as stored: which order, at which version, when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordedEvent {
+    pub order_id: Uuid,
+    pub version: u64,
+    pub at: DateTime<Utc>,
+    pub event: OrderEvent,
+}
+
+/// Decides which events a command causes, or why it is refused. Pure.
+pub fn decide(state: Option<&Order>, command: OrderCommand) -> Result<Vec<OrderEvent>, DomainError> {
+    let Some(order) = state else {
+        return match command {
+            OrderCommand::Place {
+                customer_id,
+                currency,
+                draft,
+            } => {
+                let total = draft.total();
+                Ok(vec![OrderEvent::OrderPlaced {
+                    customer_id,
+                    currency,
+                    draft,
+                    total,
+                }])
+            }
+            _ => Err(DomainError::NotFound),
+        };
+    };
+    match command {
+        OrderCommand::Place { .. } => Err(DomainError::AlreadyExists),
+        OrderCommand::Update(draft) => {
+            if order.status != OrderStatus::Pending {
+                return Err(DomainError::NotModifiable {
+                    status: order.status,
+                });
+            }
+            let total = draft.total();
+            Ok(vec![OrderEvent::OrderUpdated { draft, total }])
+        }
+        OrderCommand::ChangeStatus {
+            to,
+            reason,
+            shipping,
+        } => {
+            check_transition(order.status, to)?;
+            let mut events = Vec::new();
+            if let Some(shipping) = shipping {
+                if !matches!(to, OrderStatus::Shipped) {
+                    return Err(DomainError::Validation(vec![FieldError::new(
+                        "shipping",
+                        "shipping details go with status SHIPPED only",
+                    )]));
+                }
+                if order.shipping.as_ref() != Some(&shipping) {
+                    events.push(OrderEvent::ShippingDetailsSet { shipping });
+                }
+            } else if to == OrderStatus::Shipped && order.shipping.is_none() {
+                return Err(DomainError::ShippingRequired);
+            }
+            events.push(OrderEvent::OrderStatusChanged {
+                from: order.status,
+                to,
+                reason,
+            });
+            Ok(events)
+        }
+        OrderCommand::SetShipping(shipping) => {
+            if !matches!(
+                order.status,
+                OrderStatus::Confirmed | OrderStatus::Processing
+            ) {
+                return Err(DomainError::ShippingNotAllowed {
+                    status: order.status,
+                });
+            }
+            Ok(vec![OrderEvent::ShippingDetailsSet { shipping }])
+        }
+        OrderCommand::Cancel { reason } => {
+            check_transition(order.status, OrderStatus::Cancelled)?;
+            Ok(vec![OrderEvent::OrderStatusChanged {
+                from: order.status,
+                to: OrderStatus::Cancelled,
+                reason,
+            }])
+        }
+    }
+}
+
+fn check_transition(from: OrderStatus, to: OrderStatus) -> Result<(), DomainError> {
+    if from.can_become(to) {
+        Ok(())
+    } else {
+        Err(DomainError::InvalidTransition {
+            from,
+            to,
+            allowed: from.allowed_next().to_vec(),
+        })
+    }
+}
+
+/// Applies one recorded event to the state it follows. Pure; events are trusted facts.
+pub fn evolve(state: Option<Order>, recorded: &RecordedEvent) -> Option<Order> {
+    let at = recorded.at;
+    match (state, &recorded.event) {
+        (
+            None,
+            OrderEvent::OrderPlaced {
+                customer_id,
+                currency,
+                draft,
+                total,
+            },
+        ) => Some(Order {
+            id: recorded.order_id,
+            customer_id: *customer_id,
+            currency: currency.clone(),
+            status: OrderStatus::Pending,
+            items: draft.items.clone(),
+            shipping_address: draft.shipping_address.clone(),
+            notes: draft.notes.clone(),
+            shipping: None,
+            total: *total,
+            cancel_reason: None,
+            version: recorded.version,
+            created_at: at,
+            updated_at: at,
+        }),
+        (None, _) => None,
+        (Some(mut order), event) => {
+            match event {
+                OrderEvent::OrderPlaced { .. } => {}
+                OrderEvent::OrderUpdated { draft, total } => {
+                    order.items = draft.items.clone();
+                    order.shipping_address = draft.shipping_address.clone();
+                    order.notes = draft.notes.clone();
+                    order.total = *total;
+                }
+                OrderEvent::OrderStatusChanged { to, reason, .. } => {
+                    order.status = *to;
+                    if *to == OrderStatus::Cancelled {
+                        order.cancel_reason = reason.clone();
+                    }
+                }
+                OrderEvent::ShippingDetailsSet { shipping } => {
+                    order.shipping = Some(shipping.clone());
+                }
+            }
+            order.version = recorded.version;
+            order.updated_at = at;
+            Some(order)
+        }
+    }
+}
+
+/// Rebuilds an order from its whole history.
+pub fn replay<'a>(events: impl IntoIterator<Item = &'a RecordedEvent>) -> Option<Order> {
+    events.into_iter().fold(None, evolve)
+}
+
+// ---- input validation -------------------------------------------------------------------
+
+/// One order line as a client sent it, before validation.
+#[derive(Debug, Clone)]
+pub struct RawLine<'a> {
+    pub sku: &'a str,
+    pub quantity: i64,
+    pub unit_price: &'a str,
+}
+
+/// An address as a client sent it, before validation.
+#[derive(Debug, Clone)]
+pub struct RawAddress<'a> {
+    pub name: &'a str,
+    pub line1: &'a str,
+    pub line2: Option<&'a str>,
+    pub city: &'a str,
+    pub postal_code: &'a str,
+    pub country: &'a str,
+}
+
+fn text(
+    errors: &mut Vec<FieldError>,
+    field: &str,
+    value: &str,
+    max: usize,
+) -> String {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        errors.push(FieldError::new(field, "must not be empty"));
+    } else if trimmed.chars().count() > max {
+        errors.push(FieldError::new(field, format!("must be at most {max} characters")));
+    } else if trimmed.chars().any(char::is_control) {
+        errors.push(FieldError::new(field, "must not contain control characters"));
+    }
+    trimmed.to_string()
+}
+
+/// Validates a currency code, the order lines and the address; collects every problem.
+pub fn validate_draft(
+    currency: &str,
+    lines: &[RawLine<'_>],
+    address: &RawAddress<'_>,
+    notes: Option<&str>,
+) -> Result<OrderDraft, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    if currency_decimals(currency).is_none() {
+        errors.push(FieldError::new(
+            "currency",
+            "must be an ISO 4217 currency code such as \"USD\"",
+        ));
+    }
+    if lines.is_empty() || lines.len() > MAX_LINES {
+        errors.push(FieldError::new(
+            "items",
+            format!("must have between 1 and {MAX_LINES} lines"),
+        ));
+    }
+    let mut items = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        let sku = line.sku.trim();
+        if sku.is_empty()
+            || sku.len() > 64
+            || !sku
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            errors.push(FieldError::new(
+                format!("items[{i}].sku"),
+                "must be 1-64 characters of letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if !(1..=MAX_QUANTITY).contains(&line.quantity) {
+            errors.push(FieldError::new(
+                format!("items[{i}].quantity"),
+                format!("must be between 1 and {MAX_QUANTITY}"),
+            ));
+        }
+        let price = match parse_amount(line.unit_price, currency) {
+            Ok(price) => price,
+            Err(message) => {
+                errors.push(FieldError::new(format!("items[{i}].unitPrice"), message));
+                Decimal::ZERO
+            }
+        };
+        items.push(OrderLine {
+            sku: sku.to_string(),
+            quantity: u32::try_from(line.quantity.clamp(0, MAX_QUANTITY)).unwrap_or(0),
+            unit_price: price,
+        });
+    }
+    let shipping_address = Address {
+        name: text(&mut errors, "shippingAddress.name", address.name, 200),
+        line1: text(&mut errors, "shippingAddress.line1", address.line1, 200),
+        line2: address
+            .line2
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| text(&mut errors, "shippingAddress.line2", l, 200)),
+        city: text(&mut errors, "shippingAddress.city", address.city, 100),
+        postal_code: text(&mut errors, "shippingAddress.postalCode", address.postal_code, 20),
+        country: address.country.to_string(),
+    };
+    if !is_country(address.country) {
+        errors.push(FieldError::new(
+            "shippingAddress.country",
+            "must be an ISO 3166-1 alpha-2 country code such as \"US\"",
+        ));
+    }
+    let notes = match notes {
+        Some(n) if n.chars().count() > 2000 => {
+            errors.push(FieldError::new("notes", "must be at most 2000 characters"));
+            None
+        }
+        Some(n) if !n.trim().is_empty() => Some(n.trim().to_string()),
+        _ => None,
+    };
+    if errors.is_empty() {
+        Ok(OrderDraft {
+            items,
+            shipping_address,
+            notes,
+        })
+    } else {
+        Err(errors)
+    }
+}
+
+/// Validates shipping details given by a client.
+pub fn validate_shipping(
+    carrier: &str,
+    tracking_number: &str,
+    estimated_delivery: Option<&str>,
+) -> Result<Shipping, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let carrier = text(&mut errors, "carrier", carrier, 100);
+    let tracking_number = text(&mut errors, "trackingNumber", tracking_number, 100);
+    let estimated_delivery = match estimated_delivery {
+        None => None,
+        Some(d) => match NaiveDate::parse_from_str(d, "%Y-%m-%d") {
+            Ok(date) => Some(date),
+            Err(_) => {
+                errors.push(FieldError::new(
+                    "estimatedDelivery",
+                    "must be a date as YYYY-MM-DD",
+                ));
+                None
+            }
+        },
+    };
+    if errors.is_empty() {
+        Ok(Shipping {
+            carrier,
+            tracking_number,
+            estimated_delivery,
+        })
+    } else {
+        Err(errors)
+    }
+}
+
+/// Validates an optional free-text reason (cancellation, status change).
+pub fn validate_reason(reason: Option<&str>) -> Result<Option<String>, Vec<FieldError>> {
+    match reason.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(r) if r.chars().count() > 500 => Err(vec![FieldError::new(
+            "reason",
+            "must be at most 500 characters",
+        )]),
+        Some(r) => Ok(Some(r.to_string())),
+    }
+}

@@ -1,0 +1,289 @@
+//! The order rules: every (status, target) pair of the transition table, and properties that
+//! hold for any sequence of commands.
+
+use chrono::{TimeZone, Utc};
+use domain::order::{
+    Address, Order, OrderCommand, OrderDraft, OrderEvent, OrderLine, OrderStatus,
+    RecordedEvent, Shipping, decide, evolve, replay,
+};
+use domain::DomainError;
+use proptest::prelude::*;
+use rust_decimal::Decimal;
+use uuid::Uuid;
+
+use OrderStatus::*;
+
+fn draft(lines: &[(u32, i64)]) -> OrderDraft {
+    OrderDraft {
+        items: lines
+            .iter()
+            .enumerate()
+            .map(|(i, (qty, cents))| OrderLine {
+                sku: format!("SKU-{i}"),
+                quantity: *qty,
+                unit_price: Decimal::new(*cents, 2),
+            })
+            .collect(),
+        shipping_address: Address {
+            name: "Ada Lovelace".into(),
+            line1: "1 Analytical Way".into(),
+            line2: None,
+            city: "London".into(),
+            postal_code: "N1 1AA".into(),
+            country: "GB".into(),
+        },
+        notes: None,
+    }
+}
+
+fn shipping() -> Shipping {
+    Shipping {
+        carrier: "DHL".into(),
+        tracking_number: "1Z999".into(),
+        estimated_delivery: None,
+    }
+}
+
+/// Applies a command to a state, recording the events as the store would.
+fn run(state: Option<Order>, command: OrderCommand) -> Result<(Option<Order>, Vec<RecordedEvent>), DomainError> {
+    let id = state.as_ref().map_or_else(Uuid::now_v7, |o| o.id);
+    let mut version = state.as_ref().map_or(0, |o| o.version);
+    let events = decide(state.as_ref(), command)?;
+    let mut recorded = Vec::new();
+    let mut state = state;
+    for event in events {
+        version += 1;
+        let r = RecordedEvent {
+            order_id: id,
+            version,
+            at: Utc.timestamp_opt(1_700_000_000 + version as i64, 0).single().unwrap_or_default(),
+            event,
+        };
+        state = evolve(state, &r);
+        recorded.push(r);
+    }
+    Ok((state, recorded))
+}
+
+fn placed() -> Order {
+    let (state, _) = run(
+        None,
+        OrderCommand::Place {
+            customer_id: Uuid::now_v7(),
+            currency: "USD".into(),
+            draft: draft(&[(2, 1250), (1, 99)]),
+        },
+    )
+    .unwrap_or_else(|e| panic!("placing failed: {e}"));
+    state.unwrap_or_else(|| panic!("no order after placing"))
+}
+
+fn order_in(status: OrderStatus) -> Order {
+    let mut order = placed();
+    order.status = status;
+    if matches!(status, Shipped | Delivered) {
+        order.shipping = Some(shipping());
+    }
+    order
+}
+
+#[test]
+fn placing_an_order_computes_the_total_and_starts_pending() {
+    let order = placed();
+    assert_eq!(order.status, Pending);
+    assert_eq!(order.total, Decimal::new(2599, 2));
+    assert_eq!(order.version, 1);
+}
+
+#[test]
+fn every_status_pair_follows_the_transition_table() {
+    // (from, to, allowed?) for all 36 pairs, written out so the table is reviewed by eye.
+    let table = [
+        (Pending, Pending, false), (Pending, Confirmed, true), (Pending, Processing, false),
+        (Pending, Shipped, false), (Pending, Delivered, false), (Pending, Cancelled, true),
+        (Confirmed, Pending, false), (Confirmed, Confirmed, false), (Confirmed, Processing, true),
+        (Confirmed, Shipped, false), (Confirmed, Delivered, false), (Confirmed, Cancelled, true),
+        (Processing, Pending, false), (Processing, Confirmed, false), (Processing, Processing, false),
+        (Processing, Shipped, true), (Processing, Delivered, false), (Processing, Cancelled, true),
+        (Shipped, Pending, false), (Shipped, Confirmed, false), (Shipped, Processing, false),
+        (Shipped, Shipped, false), (Shipped, Delivered, true), (Shipped, Cancelled, false),
+        (Delivered, Pending, false), (Delivered, Confirmed, false), (Delivered, Processing, false),
+        (Delivered, Shipped, false), (Delivered, Delivered, false), (Delivered, Cancelled, false),
+        (Cancelled, Pending, false), (Cancelled, Confirmed, false), (Cancelled, Processing, false),
+        (Cancelled, Shipped, false), (Cancelled, Delivered, false), (Cancelled, Cancelled, false),
+    ];
+    assert_eq!(table.len(), 36);
+    for (from, to, allowed) in table {
+        assert_eq!(from.can_become(to), allowed, "{from} -> {to}");
+        let mut order = order_in(from);
+        order.shipping = Some(shipping());
+        let result = decide(
+            Some(&order),
+            OrderCommand::ChangeStatus { to, reason: None, shipping: None },
+        );
+        if allowed {
+            let events = result.unwrap_or_else(|e| panic!("{from} -> {to} refused: {e}"));
+            assert_eq!(
+                events,
+                vec![OrderEvent::OrderStatusChanged { from, to, reason: None }]
+            );
+        } else {
+            assert_eq!(
+                result,
+                Err(DomainError::InvalidTransition {
+                    from,
+                    to,
+                    allowed: from.allowed_next().to_vec()
+                }),
+                "{from} -> {to}"
+            );
+        }
+    }
+}
+
+#[test]
+fn shipping_an_order_needs_shipping_details() {
+    let order = order_in(Processing);
+    let refused = decide(
+        Some(&order),
+        OrderCommand::ChangeStatus { to: Shipped, reason: None, shipping: None },
+    );
+    assert_eq!(refused, Err(DomainError::ShippingRequired));
+    let events = decide(
+        Some(&order),
+        OrderCommand::ChangeStatus { to: Shipped, reason: None, shipping: Some(shipping()) },
+    );
+    assert_eq!(
+        events,
+        Ok(vec![
+            OrderEvent::ShippingDetailsSet { shipping: shipping() },
+            OrderEvent::OrderStatusChanged { from: Processing, to: Shipped, reason: None },
+        ])
+    );
+}
+
+#[test]
+fn shipping_details_can_be_set_only_while_confirmed_or_processing() {
+    for status in OrderStatus::ALL {
+        let result = decide(Some(&order_in(status)), OrderCommand::SetShipping(shipping()));
+        assert_eq!(
+            result.is_ok(),
+            matches!(status, Confirmed | Processing),
+            "{status}"
+        );
+    }
+}
+
+#[test]
+fn only_pending_orders_can_be_edited() {
+    for status in OrderStatus::ALL {
+        let result = decide(Some(&order_in(status)), OrderCommand::Update(draft(&[(1, 100)])));
+        if status == Pending {
+            assert!(result.is_ok());
+        } else {
+            assert_eq!(result, Err(DomainError::NotModifiable { status }));
+        }
+    }
+}
+
+#[test]
+fn cancelling_records_the_reason_and_refuses_once_shipped() {
+    let (order, _) = run(
+        Some(placed()),
+        OrderCommand::Cancel { reason: Some("changed my mind".into()) },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let order = order.unwrap_or_else(|| panic!("no order"));
+    assert_eq!(order.status, Cancelled);
+    assert_eq!(order.cancel_reason.as_deref(), Some("changed my mind"));
+    assert!(matches!(
+        decide(Some(&order_in(Shipped)), OrderCommand::Cancel { reason: None }),
+        Err(DomainError::InvalidTransition { .. })
+    ));
+}
+
+#[test]
+fn events_round_trip_through_json() {
+    let events = decide(
+        None,
+        OrderCommand::Place {
+            customer_id: Uuid::now_v7(),
+            currency: "EUR".into(),
+            draft: draft(&[(3, 1000)]),
+        },
+    )
+    .unwrap_or_default();
+    for event in events {
+        let json = serde_json::to_string(&event).unwrap_or_default();
+        let back: OrderEvent = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+        assert_eq!(back, event);
+    }
+}
+
+fn arb_status() -> impl Strategy<Value = OrderStatus> {
+    prop::sample::select(OrderStatus::ALL.to_vec())
+}
+
+fn arb_command() -> impl Strategy<Value = OrderCommand> {
+    prop_oneof![
+        prop::collection::vec((1u32..50, 0i64..100_000), 1..5)
+            .prop_map(|lines| OrderCommand::Update(draft(&lines))),
+        (arb_status(), any::<bool>()).prop_map(|(to, with_shipping)| OrderCommand::ChangeStatus {
+            to,
+            reason: Some("because".into()),
+            shipping: with_shipping.then(shipping),
+        }),
+        Just(OrderCommand::SetShipping(shipping())),
+        Just(OrderCommand::Cancel { reason: None }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn random_command_sequences_never_leave_the_table_and_replay_rebuilds_the_state(
+        commands in prop::collection::vec(arb_command(), 0..40)
+    ) {
+        let mut state = Some(placed());
+        let mut history: Vec<RecordedEvent> = Vec::new();
+        // The initial placement is part of the history too.
+        history.push(RecordedEvent {
+            order_id: state.as_ref().map(|o| o.id).unwrap_or_default(),
+            version: 1,
+            at: state.as_ref().map(|o| o.created_at).unwrap_or_default(),
+            event: OrderEvent::OrderPlaced {
+                customer_id: state.as_ref().map(|o| o.customer_id).unwrap_or_default(),
+                currency: "USD".into(),
+                draft: draft(&[(2, 1250), (1, 99)]),
+                total: Decimal::new(2599, 2),
+            },
+        });
+        for command in commands {
+            let before = state.clone();
+            match run(state.clone(), command) {
+                Ok((after, recorded)) => {
+                    let (b, a) = (before.as_ref().map(|o| o.status), after.as_ref().map(|o| o.status));
+                    if let (Some(b), Some(a)) = (b, a) && a != b {
+                        prop_assert!(b.can_become(a), "{b} -> {a} is not in the table");
+                    }
+                    if a == Some(Shipped) {
+                        prop_assert!(after.as_ref().and_then(|o| o.shipping.as_ref()).is_some());
+                    }
+                    history.extend(recorded);
+                    state = after;
+                }
+                Err(_) => prop_assert_eq!(&state, &before),
+            }
+            if let Some(order) = &state && order.status.is_final() {
+                // A final order accepts no status change at all.
+                for to in OrderStatus::ALL {
+                    let refused = decide(Some(order), OrderCommand::ChangeStatus { to, reason: None, shipping: None }).is_err();
+                    prop_assert!(refused);
+                }
+            }
+        }
+        prop_assert_eq!(replay(&history), state);
+        let versions: Vec<u64> = history.iter().map(|e| e.version).collect();
+        let expected: Vec<u64> = (1..=history.len() as u64).collect();
+        prop_assert_eq!(versions, expected);
+    }
+}
