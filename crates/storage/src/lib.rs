@@ -1,1 +1,15 @@
-//! placeholder
+//! Storage shared by every service: one code path over SQLite and PostgreSQL (sqlx's `Any`
+//! driver), the event store, the outbox and idempotency records.
+//!
+//! Every value crosses the driver as TEXT or BIGINT (uuids, RFC 3339 times and decimal money
+//! as text) so the same SQL and migrations serve both databases.
+
+mod db;
+pub mod events;
+pub mod idempotency;
+pub mod outbox;
+pub mod time;
+
+pub use db::{Backend, Db, DbError};
+pub use sqlx::migrate::Migrator;
+pub use sqlx::{AnyConnection, AnyPool, Row};

@@ -1,0 +1,45 @@
+//! ETags from aggregate versions, and the If-Match / If-None-Match checks.
+
+use crate::problem::Problem;
+use axum::http::{HeaderMap, HeaderValue, header};
+
+pub fn etag(version: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or(HeaderValue::from_static("\"0\""))
+}
+
+fn parse_tags(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(|t| t.trim().trim_start_matches("W/").trim_matches('"').to_string())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// The version the client expects from `If-Match`, `None` when absent or `*`.
+pub fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Problem> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| Problem::bad_request("If-Match is not a valid header value"))?;
+    if text.trim() == "*" {
+        return Ok(None);
+    }
+    let tags = parse_tags(text);
+    match tags.as_slice() {
+        [one] => one
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| Problem::precondition_failed("If-Match does not match the current version")),
+        _ => Err(Problem::bad_request("If-Match must hold exactly one ETag")),
+    }
+}
+
+/// True when `If-None-Match` names the current version (so the answer is 304).
+pub fn not_modified(headers: &HeaderMap, version: u64) -> bool {
+    headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim() == "*" || parse_tags(v).iter().any(|t| t == &version.to_string()))
+}

@@ -1,0 +1,69 @@
+//! Liveness and readiness: ready means every database answers.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Serialize;
+use std::time::Duration;
+use storage::Db;
+use utoipa::ToSchema;
+
+/// The parts readiness checks, by name.
+#[derive(Clone, Debug, Default)]
+pub struct Readiness {
+    pub databases: Vec<(String, Db)>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthReport {
+    /// `ok`, or `degraded` when a check failed.
+    #[schema(example = "ok")]
+    pub status: String,
+    pub checks: Vec<HealthCheck>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthCheck {
+    #[schema(example = "database:orders")]
+    pub name: String,
+    #[schema(example = "ok")]
+    pub status: String,
+}
+
+pub async fn live() -> Json<HealthReport> {
+    Json(HealthReport {
+        status: "ok".into(),
+        checks: Vec::new(),
+    })
+}
+
+pub async fn ready(State(readiness): State<Readiness>) -> (StatusCode, Json<HealthReport>) {
+    let mut checks = Vec::new();
+    let mut healthy = true;
+    for (name, db) in &readiness.databases {
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_secs(2), db.ping()).await,
+            Ok(Ok(()))
+        );
+        if !ok {
+            tracing::warn!(database = %name, "readiness check failed");
+        }
+        healthy &= ok;
+        checks.push(HealthCheck {
+            name: format!("database:{name}"),
+            status: if ok { "ok" } else { "down" }.into(),
+        });
+    }
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(HealthReport {
+            status: if healthy { "ok" } else { "degraded" }.into(),
+            checks,
+        }),
+    )
+}

@@ -1,0 +1,155 @@
+//! Connection pools. SQLite gets one writer connection and a pool of readers on a WAL file;
+//! PostgreSQL gets one pool, with each service in its own schema.
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Executor};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot open the database: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("cannot migrate the database: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unsupported database url (expected postgres:// or sqlite:)")]
+    UnsupportedUrl,
+}
+
+/// A service's database: where writes go and where reads go (the same pool on PostgreSQL).
+#[derive(Clone, Debug)]
+pub struct Db {
+    backend: Backend,
+    writer: AnyPool,
+    reader: AnyPool,
+}
+
+async fn sqlite_pragmas(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    // synchronous=FULL: a commit is on disk before we answer, so an accepted order survives
+    // power loss, not only a process crash.
+    conn.execute(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=ON;",
+    )
+    .await?;
+    Ok(())
+}
+
+fn install_drivers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(sqlx::any::install_default_drivers);
+}
+
+impl Db {
+    /// Opens (creating if needed) `<dir>/<name>.db` in WAL mode.
+    pub async fn open_sqlite(dir: &Path, name: &str) -> Result<Db, DbError> {
+        install_drivers();
+        std::fs::create_dir_all(dir).map_err(|source| DbError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let path = dir.join(format!("{name}.db"));
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let options = AnyConnectOptions::from_str(&url).map_err(DbError::Connect)?;
+        let writer = AnyPoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn)))
+            .connect_with(options.clone())
+            .await
+            .map_err(DbError::Connect)?;
+        let reader = AnyPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn)))
+            .connect_with(options)
+            .await
+            .map_err(DbError::Connect)?;
+        Ok(Db {
+            backend: Backend::Sqlite,
+            writer,
+            reader,
+        })
+    }
+
+    /// Connects to PostgreSQL with `schema` as the search path (created if missing).
+    pub async fn open_postgres(url: &str, schema: &str, max_connections: u32) -> Result<Db, DbError> {
+        install_drivers();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(DbError::UnsupportedUrl);
+        }
+        let options = AnyConnectOptions::from_str(url).map_err(DbError::Connect)?;
+        let schema = schema.replace(|c: char| !c.is_ascii_alphanumeric() && c != '_', "");
+        {
+            let setup = AnyPoolOptions::new()
+                .max_connections(1)
+                .connect_with(options.clone())
+                .await
+                .map_err(DbError::Connect)?;
+            setup
+                .execute(AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS {schema}")))
+                .await
+                .map_err(DbError::Connect)?;
+            setup.close().await;
+        }
+        let search_path = format!("SET search_path TO {schema}");
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _| {
+                let sql = search_path.clone();
+                Box::pin(async move {
+                    conn.execute(AssertSqlSafe(sql)).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(DbError::Connect)?;
+        Ok(Db {
+            backend: Backend::Postgres,
+            writer: pool.clone(),
+            reader: pool,
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn writer(&self) -> &AnyPool {
+        &self.writer
+    }
+
+    pub fn reader(&self) -> &AnyPool {
+        &self.reader
+    }
+
+    pub async fn migrate(&self, migrator: &Migrator) -> Result<(), DbError> {
+        migrator.run(&self.writer).await.map_err(DbError::Migrate)
+    }
+
+    /// A round trip to the database, for readiness checks.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").execute(&self.reader).await.map(|_| ())
+    }
+
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.reader.close().await;
+    }
+}

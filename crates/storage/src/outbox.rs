@@ -1,0 +1,73 @@
+//! The transactional outbox: messages written with the events that caused them, in CloudEvents
+//! 1.0 JSON, waiting for the relay to publish them.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{AnyConnection, Row};
+
+/// A CloudEvents 1.0 structured-mode JSON envelope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloudEvent {
+    pub specversion: String,
+    pub id: String,
+    pub source: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub subject: String,
+    pub time: String,
+    pub datacontenttype: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    pub data: serde_json::Value,
+}
+
+/// A message for the outbox.
+#[derive(Debug, Clone)]
+pub struct OutboxMessage {
+    pub id: String,
+    pub aggregate_id: String,
+    pub aggregate_version: i64,
+    pub topic: String,
+    pub envelope: CloudEvent,
+    pub created_at: String,
+}
+
+/// Writes messages inside the caller's transaction.
+pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboxMessage]) -> Result<(), sqlx::Error> {
+    for m in messages {
+        let payload = serde_json::to_string(&m.envelope)
+            .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        sqlx::query(
+            "INSERT INTO outbox (id, aggregate_id, aggregate_version, topic, payload, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&m.id)
+        .bind(&m.aggregate_id)
+        .bind(m.aggregate_version)
+        .bind(&m.topic)
+        .bind(payload)
+        .bind(&m.created_at)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxStats {
+    pub pending: i64,
+    pub oldest_created_at: Option<DateTime<Utc>>,
+}
+
+/// How many messages wait to be sent, and since when.
+pub async fn stats(pool: &sqlx::AnyPool) -> Result<OutboxStats, sqlx::Error> {
+    let row = sqlx::query("SELECT COUNT(*), MIN(created_at) FROM outbox WHERE sent_at IS NULL")
+        .fetch_one(pool)
+        .await?;
+    let pending: i64 = row.try_get(0)?;
+    let oldest: Option<String> = row.try_get(1)?;
+    Ok(OutboxStats {
+        pending,
+        oldest_created_at: oldest.as_deref().and_then(crate::time::from_text),
+    })
+}
