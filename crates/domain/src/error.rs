@@ -31,9 +31,13 @@ pub enum DomainError {
     },
     #[error("the order is {status} and can no longer be changed")]
     NotModifiable { status: OrderStatus },
-    #[error("shipping details (carrier and tracking number) are required before an order is SHIPPED")]
+    #[error(
+        "shipping details (carrier and tracking number) are required before an order is SHIPPED"
+    )]
     ShippingRequired,
-    #[error("shipping details can only be set while an order is CONFIRMED or PROCESSING, not {status}")]
+    #[error(
+        "shipping details can only be set while an order is CONFIRMED or PROCESSING, not {status}"
+    )]
     ShippingNotAllowed { status: OrderStatus },
     #[error("the order does not exist")]
     NotFound,

@@ -234,7 +234,10 @@ pub struct RecordedEvent {
 }
 
 /// Decides which events a command causes, or why it is refused. Pure.
-pub fn decide(state: Option<&Order>, command: OrderCommand) -> Result<Vec<OrderEvent>, DomainError> {
+pub fn decide(
+    state: Option<&Order>,
+    command: OrderCommand,
+) -> Result<Vec<OrderEvent>, DomainError> {
     let Some(order) = state else {
         return match command {
             OrderCommand::Place {
@@ -405,19 +408,20 @@ pub struct RawAddress<'a> {
     pub country: &'a str,
 }
 
-fn text(
-    errors: &mut Vec<FieldError>,
-    field: &str,
-    value: &str,
-    max: usize,
-) -> String {
+fn text(errors: &mut Vec<FieldError>, field: &str, value: &str, max: usize) -> String {
     let trimmed = value.trim();
     if trimmed.is_empty() {
         errors.push(FieldError::new(field, "must not be empty"));
     } else if trimmed.chars().count() > max {
-        errors.push(FieldError::new(field, format!("must be at most {max} characters")));
+        errors.push(FieldError::new(
+            field,
+            format!("must be at most {max} characters"),
+        ));
     } else if trimmed.chars().any(char::is_control) {
-        errors.push(FieldError::new(field, "must not contain control characters"));
+        errors.push(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
     }
     trimmed.to_string()
 }
@@ -483,7 +487,12 @@ pub fn validate_draft(
             .filter(|l| !l.trim().is_empty())
             .map(|l| text(&mut errors, "shippingAddress.line2", l, 200)),
         city: text(&mut errors, "shippingAddress.city", address.city, 100),
-        postal_code: text(&mut errors, "shippingAddress.postalCode", address.postal_code, 20),
+        postal_code: text(
+            &mut errors,
+            "shippingAddress.postalCode",
+            address.postal_code,
+            20,
+        ),
         country: address.country.to_string(),
     };
     if !is_country(address.country) {

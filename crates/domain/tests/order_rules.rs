@@ -2,11 +2,11 @@
 //! hold for any sequence of commands.
 
 use chrono::{TimeZone, Utc};
-use domain::order::{
-    Address, Order, OrderCommand, OrderDraft, OrderEvent, OrderLine, OrderStatus,
-    RecordedEvent, Shipping, decide, evolve, replay,
-};
 use domain::DomainError;
+use domain::order::{
+    Address, Order, OrderCommand, OrderDraft, OrderEvent, OrderLine, OrderStatus, RecordedEvent,
+    Shipping, decide, evolve, replay,
+};
 use proptest::prelude::*;
 use rust_decimal::Decimal;
 use uuid::Uuid;
@@ -45,7 +45,10 @@ fn shipping() -> Shipping {
 }
 
 /// Applies a command to a state, recording the events as the store would.
-fn run(state: Option<Order>, command: OrderCommand) -> Result<(Option<Order>, Vec<RecordedEvent>), DomainError> {
+fn run(
+    state: Option<Order>,
+    command: OrderCommand,
+) -> Result<(Option<Order>, Vec<RecordedEvent>), DomainError> {
     let id = state.as_ref().map_or_else(Uuid::now_v7, |o| o.id);
     let mut version = state.as_ref().map_or(0, |o| o.version);
     let events = decide(state.as_ref(), command)?;
@@ -56,7 +59,10 @@ fn run(state: Option<Order>, command: OrderCommand) -> Result<(Option<Order>, Ve
         let r = RecordedEvent {
             order_id: id,
             version,
-            at: Utc.timestamp_opt(1_700_000_000 + version as i64, 0).single().unwrap_or_default(),
+            at: Utc
+                .timestamp_opt(1_700_000_000 + version as i64, 0)
+                .single()
+                .unwrap_or_default(),
             event,
         };
         state = evolve(state, &r);
@@ -99,18 +105,42 @@ fn placing_an_order_computes_the_total_and_starts_pending() {
 fn every_status_pair_follows_the_transition_table() {
     // (from, to, allowed?) for all 36 pairs, written out so the table is reviewed by eye.
     let table = [
-        (Pending, Pending, false), (Pending, Confirmed, true), (Pending, Processing, false),
-        (Pending, Shipped, false), (Pending, Delivered, false), (Pending, Cancelled, true),
-        (Confirmed, Pending, false), (Confirmed, Confirmed, false), (Confirmed, Processing, true),
-        (Confirmed, Shipped, false), (Confirmed, Delivered, false), (Confirmed, Cancelled, true),
-        (Processing, Pending, false), (Processing, Confirmed, false), (Processing, Processing, false),
-        (Processing, Shipped, true), (Processing, Delivered, false), (Processing, Cancelled, true),
-        (Shipped, Pending, false), (Shipped, Confirmed, false), (Shipped, Processing, false),
-        (Shipped, Shipped, false), (Shipped, Delivered, true), (Shipped, Cancelled, false),
-        (Delivered, Pending, false), (Delivered, Confirmed, false), (Delivered, Processing, false),
-        (Delivered, Shipped, false), (Delivered, Delivered, false), (Delivered, Cancelled, false),
-        (Cancelled, Pending, false), (Cancelled, Confirmed, false), (Cancelled, Processing, false),
-        (Cancelled, Shipped, false), (Cancelled, Delivered, false), (Cancelled, Cancelled, false),
+        (Pending, Pending, false),
+        (Pending, Confirmed, true),
+        (Pending, Processing, false),
+        (Pending, Shipped, false),
+        (Pending, Delivered, false),
+        (Pending, Cancelled, true),
+        (Confirmed, Pending, false),
+        (Confirmed, Confirmed, false),
+        (Confirmed, Processing, true),
+        (Confirmed, Shipped, false),
+        (Confirmed, Delivered, false),
+        (Confirmed, Cancelled, true),
+        (Processing, Pending, false),
+        (Processing, Confirmed, false),
+        (Processing, Processing, false),
+        (Processing, Shipped, true),
+        (Processing, Delivered, false),
+        (Processing, Cancelled, true),
+        (Shipped, Pending, false),
+        (Shipped, Confirmed, false),
+        (Shipped, Processing, false),
+        (Shipped, Shipped, false),
+        (Shipped, Delivered, true),
+        (Shipped, Cancelled, false),
+        (Delivered, Pending, false),
+        (Delivered, Confirmed, false),
+        (Delivered, Processing, false),
+        (Delivered, Shipped, false),
+        (Delivered, Delivered, false),
+        (Delivered, Cancelled, false),
+        (Cancelled, Pending, false),
+        (Cancelled, Confirmed, false),
+        (Cancelled, Processing, false),
+        (Cancelled, Shipped, false),
+        (Cancelled, Delivered, false),
+        (Cancelled, Cancelled, false),
     ];
     assert_eq!(table.len(), 36);
     for (from, to, allowed) in table {
@@ -119,13 +149,21 @@ fn every_status_pair_follows_the_transition_table() {
         order.shipping = Some(shipping());
         let result = decide(
             Some(&order),
-            OrderCommand::ChangeStatus { to, reason: None, shipping: None },
+            OrderCommand::ChangeStatus {
+                to,
+                reason: None,
+                shipping: None,
+            },
         );
         if allowed {
             let events = result.unwrap_or_else(|e| panic!("{from} -> {to} refused: {e}"));
             assert_eq!(
                 events,
-                vec![OrderEvent::OrderStatusChanged { from, to, reason: None }]
+                vec![OrderEvent::OrderStatusChanged {
+                    from,
+                    to,
+                    reason: None
+                }]
             );
         } else {
             assert_eq!(
@@ -146,18 +184,32 @@ fn shipping_an_order_needs_shipping_details() {
     let order = order_in(Processing);
     let refused = decide(
         Some(&order),
-        OrderCommand::ChangeStatus { to: Shipped, reason: None, shipping: None },
+        OrderCommand::ChangeStatus {
+            to: Shipped,
+            reason: None,
+            shipping: None,
+        },
     );
     assert_eq!(refused, Err(DomainError::ShippingRequired));
     let events = decide(
         Some(&order),
-        OrderCommand::ChangeStatus { to: Shipped, reason: None, shipping: Some(shipping()) },
+        OrderCommand::ChangeStatus {
+            to: Shipped,
+            reason: None,
+            shipping: Some(shipping()),
+        },
     );
     assert_eq!(
         events,
         Ok(vec![
-            OrderEvent::ShippingDetailsSet { shipping: shipping() },
-            OrderEvent::OrderStatusChanged { from: Processing, to: Shipped, reason: None },
+            OrderEvent::ShippingDetailsSet {
+                shipping: shipping()
+            },
+            OrderEvent::OrderStatusChanged {
+                from: Processing,
+                to: Shipped,
+                reason: None
+            },
         ])
     );
 }
@@ -165,7 +217,10 @@ fn shipping_an_order_needs_shipping_details() {
 #[test]
 fn shipping_details_can_be_set_only_while_confirmed_or_processing() {
     for status in OrderStatus::ALL {
-        let result = decide(Some(&order_in(status)), OrderCommand::SetShipping(shipping()));
+        let result = decide(
+            Some(&order_in(status)),
+            OrderCommand::SetShipping(shipping()),
+        );
         assert_eq!(
             result.is_ok(),
             matches!(status, Confirmed | Processing),
@@ -177,7 +232,10 @@ fn shipping_details_can_be_set_only_while_confirmed_or_processing() {
 #[test]
 fn only_pending_orders_can_be_edited() {
     for status in OrderStatus::ALL {
-        let result = decide(Some(&order_in(status)), OrderCommand::Update(draft(&[(1, 100)])));
+        let result = decide(
+            Some(&order_in(status)),
+            OrderCommand::Update(draft(&[(1, 100)])),
+        );
         if status == Pending {
             assert!(result.is_ok());
         } else {
@@ -190,14 +248,19 @@ fn only_pending_orders_can_be_edited() {
 fn cancelling_records_the_reason_and_refuses_once_shipped() {
     let (order, _) = run(
         Some(placed()),
-        OrderCommand::Cancel { reason: Some("changed my mind".into()) },
+        OrderCommand::Cancel {
+            reason: Some("changed my mind".into()),
+        },
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let order = order.unwrap_or_else(|| panic!("no order"));
     assert_eq!(order.status, Cancelled);
     assert_eq!(order.cancel_reason.as_deref(), Some("changed my mind"));
     assert!(matches!(
-        decide(Some(&order_in(Shipped)), OrderCommand::Cancel { reason: None }),
+        decide(
+            Some(&order_in(Shipped)),
+            OrderCommand::Cancel { reason: None }
+        ),
         Err(DomainError::InvalidTransition { .. })
     ));
 }
@@ -215,7 +278,8 @@ fn events_round_trip_through_json() {
     .unwrap_or_default();
     for event in events {
         let json = serde_json::to_string(&event).unwrap_or_default();
-        let back: OrderEvent = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+        let back: OrderEvent =
+            serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
         assert_eq!(back, event);
     }
 }

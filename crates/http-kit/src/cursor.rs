@@ -14,5 +14,9 @@ pub fn decode(cursor: &str, n: usize) -> Result<Vec<String>, Problem> {
     let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| invalid())?;
     let text = String::from_utf8(bytes).map_err(|_| invalid())?;
     let parts: Vec<String> = text.split('\u{1f}').map(str::to_string).collect();
-    if parts.len() == n { Ok(parts) } else { Err(invalid()) }
+    if parts.len() == n {
+        Ok(parts)
+    } else {
+        Err(invalid())
+    }
 }

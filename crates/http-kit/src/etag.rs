@@ -10,7 +10,12 @@ pub fn etag(version: u64) -> HeaderValue {
 fn parse_tags(value: &str) -> Vec<String> {
     value
         .split(',')
-        .map(|t| t.trim().trim_start_matches("W/").trim_matches('"').to_string())
+        .map(|t| {
+            t.trim()
+                .trim_start_matches("W/")
+                .trim_matches('"')
+                .to_string()
+        })
         .filter(|t| !t.is_empty())
         .collect()
 }
@@ -28,10 +33,9 @@ pub fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Problem> {
     }
     let tags = parse_tags(text);
     match tags.as_slice() {
-        [one] => one
-            .parse::<u64>()
-            .map(Some)
-            .map_err(|_| Problem::precondition_failed("If-Match does not match the current version")),
+        [one] => one.parse::<u64>().map(Some).map_err(|_| {
+            Problem::precondition_failed("If-Match does not match the current version")
+        }),
         _ => Err(Problem::bad_request("If-Match must hold exactly one ETag")),
     }
 }

@@ -27,7 +27,11 @@ pub struct IdempotentRequest {
 
 const KEPT_HEADERS: [HeaderName; 3] = [header::CONTENT_TYPE, header::LOCATION, header::ETAG];
 
-pub async fn layer(State(store): State<IdempotencyStore>, request: Request, next: Next) -> Response {
+pub async fn layer(
+    State(store): State<IdempotencyStore>,
+    request: Request,
+    next: Next,
+) -> Response {
     if !matches!(
         *request.method(),
         Method::POST | Method::PUT | Method::PATCH | Method::DELETE
@@ -38,12 +42,12 @@ pub async fn layer(State(store): State<IdempotencyStore>, request: Request, next
         return next.run(request).await;
     };
     let key = match key.to_str() {
-        Ok(k) if !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()) => k.to_string(),
+        Ok(k) if !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()) => {
+            k.to_string()
+        }
         _ => {
-            return Problem::bad_request(
-                "Idempotency-Key must be 1-255 visible ASCII characters",
-            )
-            .into_response();
+            return Problem::bad_request("Idempotency-Key must be 1-255 visible ASCII characters")
+                .into_response();
         }
     };
     let scope = request
@@ -86,7 +90,9 @@ pub async fn layer(State(store): State<IdempotencyStore>, request: Request, next
         Reservation::Completed(stored) => replay(stored),
         Reservation::Reserved { resource_id } => {
             parts.extensions.insert(IdempotentRequest { resource_id });
-            let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+            let response = next
+                .run(Request::from_parts(parts, Body::from(bytes)))
+                .await;
             let status = response.status();
             if status.is_server_error() {
                 // Worth a retry: free the key rather than replaying a failure for 24 h.
@@ -102,7 +108,11 @@ pub async fn layer(State(store): State<IdempotencyStore>, request: Request, next
             let headers = KEPT_HEADERS
                 .iter()
                 .filter_map(|name| {
-                    parts.headers.get(name).and_then(|v| v.to_str().ok()).map(|v| (name.to_string(), v.to_string()))
+                    parts
+                        .headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(|v| (name.to_string(), v.to_string()))
                 })
                 .collect();
             let stored = StoredResponse {

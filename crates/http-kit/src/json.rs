@@ -25,7 +25,8 @@ where
             .and_then(|v| v.split(';').next())
             .map(|mime| {
                 let mime = mime.trim().to_ascii_lowercase();
-                mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+                mime == "application/json"
+                    || (mime.starts_with("application/") && mime.ends_with("+json"))
             })
             .unwrap_or(false);
         if !is_json {
@@ -68,7 +69,10 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
                     } else {
                         path
                     };
-                    let message = if matches!(name, "id" | "status" | "total" | "version" | "createdAt" | "updatedAt") {
+                    let message = if matches!(
+                        name,
+                        "id" | "status" | "total" | "version" | "createdAt" | "updatedAt"
+                    ) {
                         "is set by the server and must not be sent".to_string()
                     } else {
                         "is not a known field".to_string()

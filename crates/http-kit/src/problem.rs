@@ -63,7 +63,12 @@ impl Problem {
     }
 
     pub fn bad_request(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "malformed-request", "The request is malformed").detail(detail)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "malformed-request",
+            "The request is malformed",
+        )
+        .detail(detail)
     }
 
     pub fn validation(errors: Vec<ProblemField>) -> Self {
@@ -116,7 +121,10 @@ impl Problem {
             "payload-too-large",
             "The request body is too large",
         )
-        .detail(format!("Bodies are limited to {} bytes.", crate::MAX_BODY_BYTES))
+        .detail(format!(
+            "Bodies are limited to {} bytes.",
+            crate::MAX_BODY_BYTES
+        ))
     }
 
     pub fn internal() -> Self {

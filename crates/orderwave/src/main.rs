@@ -1,1 +1,68 @@
-fn main() {}
+//! The orderwave binary.
+
+use clap::Parser;
+use orderwave::config::{Cli, Command};
+use orderwave::{Application, telemetry};
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (migrate_only, config) = match cli.command {
+        Some(Command::Serve(config)) => (false, config),
+        Some(Command::Migrate(config)) => (true, config),
+        None => (false, cli.serve),
+    };
+    telemetry::init(config.log_format);
+    let result = if migrate_only {
+        orderwave::app::migrate(&config).await.map(|()| {
+            println!("migrations applied");
+        })
+    } else {
+        serve(config).await
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "orderwave stopped");
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: orderwave::Config) -> anyhow::Result<()> {
+    let app = Application::build(&config).await?;
+    let addr = app.local_addr();
+    println!("listening on http://{addr}");
+    println!("docs at http://{addr}/docs (OpenAPI at http://{addr}/openapi.json)");
+    app.run_until_stopped(shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown requested: finishing in-flight requests");
+}

@@ -87,7 +87,11 @@ impl Db {
     }
 
     /// Connects to PostgreSQL with `schema` as the search path (created if missing).
-    pub async fn open_postgres(url: &str, schema: &str, max_connections: u32) -> Result<Db, DbError> {
+    pub async fn open_postgres(
+        url: &str,
+        schema: &str,
+        max_connections: u32,
+    ) -> Result<Db, DbError> {
         install_drivers();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(DbError::UnsupportedUrl);
@@ -101,7 +105,9 @@ impl Db {
                 .await
                 .map_err(DbError::Connect)?;
             setup
-                .execute(AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS {schema}")))
+                .execute(AssertSqlSafe(format!(
+                    "CREATE SCHEMA IF NOT EXISTS {schema}"
+                )))
                 .await
                 .map_err(DbError::Connect)?;
             setup.close().await;
@@ -145,7 +151,10 @@ impl Db {
 
     /// A round trip to the database, for readiness checks.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT 1").execute(&self.reader).await.map(|_| ())
+        sqlx::query("SELECT 1")
+            .execute(&self.reader)
+            .await
+            .map(|_| ())
     }
 
     pub async fn close(&self) {

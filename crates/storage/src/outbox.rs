@@ -33,10 +33,13 @@ pub struct OutboxMessage {
 }
 
 /// Writes messages inside the caller's transaction.
-pub async fn enqueue(conn: &mut AnyConnection, messages: &[OutboxMessage]) -> Result<(), sqlx::Error> {
+pub async fn enqueue(
+    conn: &mut AnyConnection,
+    messages: &[OutboxMessage],
+) -> Result<(), sqlx::Error> {
     for m in messages {
-        let payload = serde_json::to_string(&m.envelope)
-            .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        let payload =
+            serde_json::to_string(&m.envelope).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         sqlx::query(
             "INSERT INTO outbox (id, aggregate_id, aggregate_version, topic, payload, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
         )

@@ -1,0 +1,239 @@
+//! Wiring: open the databases, build every service's router behind one middleware stack, serve
+//! until a shutdown future resolves.
+
+use crate::config::Config;
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http_kit::Problem;
+use http_kit::health::{self, Readiness};
+use metrics_handle::PrometheusHandle;
+use order_service::OrderService;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+use storage::Db;
+use storage::idempotency::IdempotencyStore;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
+
+mod metrics_handle {
+    pub use metrics_exporter_prometheus::PrometheusHandle;
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "orderwave",
+        description = "Event-driven order management. Errors are `application/problem+json` (RFC 9457). \
+Every POST takes an `Idempotency-Key`; every order carries an `ETag` checked by `If-Match`.",
+        license(name = "MIT")
+    ),
+    tags(
+        (name = "orders", description = "Orders and their lifecycle"),
+        (name = "admin", description = "Operator endpoints"),
+        (name = "operations", description = "Health and metrics"),
+    ),
+    components(schemas(http_kit::Problem, http_kit::ProblemField, health::HealthReport, health::HealthCheck))
+)]
+struct ApiDoc;
+
+/// The databases of one running platform.
+struct Databases {
+    orders: Db,
+    http: Db,
+}
+
+async fn open_databases(config: &Config) -> anyhow::Result<Databases> {
+    Ok(match &config.database_url {
+        Some(url) => Databases {
+            orders: Db::open_postgres(url, "orders", config.db_max_connections)
+                .await
+                .context("opening PostgreSQL (schema orders)")?,
+            http: Db::open_postgres(url, "http", config.db_max_connections.min(8))
+                .await
+                .context("opening PostgreSQL (schema http)")?,
+        },
+        None => Databases {
+            orders: Db::open_sqlite(&config.data_dir, "orders")
+                .await
+                .with_context(|| format!("opening {}/orders.db", config.data_dir.display()))?,
+            http: Db::open_sqlite(&config.data_dir, "http")
+                .await
+                .with_context(|| format!("opening {}/http.db", config.data_dir.display()))?,
+        },
+    })
+}
+
+/// Applies every migration (`orderwave migrate`).
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let dbs = open_databases(config).await?;
+    dbs.orders.migrate(&order_service::MIGRATOR).await?;
+    dbs.http.migrate(&storage::idempotency::MIGRATOR).await?;
+    dbs.orders.close().await;
+    dbs.http.close().await;
+    Ok(())
+}
+
+/// A built platform, bound to its address, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    addr: SocketAddr,
+    databases: Vec<Db>,
+    idempotency: IdempotencyStore,
+}
+
+#[derive(Clone)]
+struct MetricsState {
+    handle: PrometheusHandle,
+    orders: OrderService,
+}
+
+impl Application {
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let dbs = open_databases(config).await?;
+        dbs.http
+            .migrate(&storage::idempotency::MIGRATOR)
+            .await
+            .context("migrating the http database")?;
+        let orders = OrderService::start(dbs.orders.clone())
+            .await
+            .context("starting the order service")?;
+        let idempotency = IdempotencyStore::new(
+            dbs.http.writer().clone(),
+            Duration::from_secs(config.idempotency_ttl_hours.saturating_mul(3600)),
+        );
+        let readiness = Readiness {
+            databases: vec![
+                ("orders".to_string(), dbs.orders.clone()),
+                ("http".to_string(), dbs.http.clone()),
+            ],
+        };
+        let router = build_router(config, orders, idempotency.clone(), readiness);
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        Ok(Self {
+            listener,
+            router,
+            addr,
+            databases: vec![dbs.orders, dbs.http],
+            idempotency,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` resolves, then finishes in-flight requests and closes the
+    /// databases.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.addr, "orderwave listening");
+        let purger = tokio::spawn(purge_idempotency_keys(self.idempotency.clone()));
+        let served = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        purger.abort();
+        for db in &self.databases {
+            db.close().await;
+        }
+        tracing::info!("orderwave stopped");
+        served.context("serving HTTP")
+    }
+}
+
+async fn purge_idempotency_keys(store: IdempotencyStore) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        match store.purge_expired().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "expired idempotency keys removed"),
+            Err(error) => tracing::warn!(%error, "could not purge idempotency keys"),
+        }
+    }
+}
+
+fn build_router(
+    config: &Config,
+    orders: OrderService,
+    idempotency: IdempotencyStore,
+    readiness: Readiness,
+) -> Router {
+    let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(orders.router())
+        .split_for_parts();
+    let metrics_state = MetricsState {
+        handle: http_kit::metrics::handle(),
+        orders,
+    };
+    let operations = Router::new()
+        .route("/health/live", get(health::live))
+        .route("/health/ready", get(health::ready).with_state(readiness))
+        .route("/metrics", get(render_metrics).with_state(metrics_state));
+    let docs = SwaggerUi::new("/docs").url("/openapi.json", openapi);
+    let request_timeout = Duration::from_secs(config.request_timeout_secs.max(1));
+    api.layer(axum::middleware::from_fn_with_state(
+        idempotency,
+        http_kit::idempotency::layer,
+    ))
+    .merge(operations)
+    .merge(docs)
+    .fallback(not_found)
+    .layer(axum::middleware::from_fn(http_kit::metrics::track))
+    .layer(axum::middleware::from_fn(
+        http_kit::problem::problem_for_errors,
+    ))
+    .layer(TimeoutLayer::with_status_code(
+        StatusCode::SERVICE_UNAVAILABLE,
+        request_timeout,
+    ))
+    .layer(CatchPanicLayer::new())
+    .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+    .layer(
+        TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            let request_id = request
+                .headers()
+                .get(REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            tracing::info_span!(
+                "request",
+                request_id = %request_id,
+                method = %request.method(),
+                path = %request.uri().path(),
+            )
+        }),
+    )
+    .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+async fn not_found() -> Problem {
+    Problem::from_status(StatusCode::NOT_FOUND)
+}
+
+async fn render_metrics(State(state): State<MetricsState>) -> Response {
+    state.orders.record_metrics().await;
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.handle.render(),
+    )
+        .into_response()
+}

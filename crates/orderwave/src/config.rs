@@ -1,0 +1,90 @@
+//! Command line and environment configuration.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "orderwave",
+    version,
+    about = "Event-driven order management: orders, their lifecycle, events and outbox.",
+    long_about = "Event-driven order management.\n\nWith no command, `orderwave` runs `serve` with the options below: the whole platform on \
+127.0.0.1:8080 with embedded SQLite storage in ./data. Set DATABASE_URL=postgres://... to run on PostgreSQL instead.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (the default command).
+    Serve(Config),
+    /// Apply the database migrations and exit (they also run at every start).
+    Migrate(Config),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Everything `serve` and `migrate` need.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on; port 0 picks a free port (the printed line gives the real one).
+    #[arg(long, env = "ORDERWAVE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory of the embedded SQLite databases (one file per service, WAL mode).
+    #[arg(long, env = "ORDERWAVE_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// PostgreSQL URL (postgres://user@host:port/db). When set, PostgreSQL is used instead of
+    /// the embedded SQLite files, with one schema per service.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Maximum connections per PostgreSQL pool.
+    #[arg(long, env = "ORDERWAVE_DB_MAX_CONNECTIONS", default_value_t = 32)]
+    pub db_max_connections: u32,
+
+    /// Log line format.
+    #[arg(
+        long,
+        env = "ORDERWAVE_LOG_FORMAT",
+        value_enum,
+        default_value = "pretty"
+    )]
+    pub log_format: LogFormat,
+
+    /// How long Idempotency-Key records are kept, in hours.
+    #[arg(long, env = "ORDERWAVE_IDEMPOTENCY_TTL_HOURS", default_value_t = 24)]
+    pub idempotency_ttl_hours: u64,
+
+    /// Seconds a request may take before it is answered 503.
+    #[arg(long, env = "ORDERWAVE_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+}
+
+impl Config {
+    /// The defaults, as `orderwave serve` with no options and no environment would get.
+    pub fn for_tests(data_dir: PathBuf, database_url: Option<String>) -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir,
+            database_url,
+            db_max_connections: 8,
+            log_format: LogFormat::Pretty,
+            idempotency_ttl_hours: 24,
+            request_timeout_secs: 30,
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! orderwave as a library: configuration, wiring and the application the binary and the tests
+//! both start.
+
+pub mod app;
+pub mod config;
+pub mod telemetry;
+
+pub use app::Application;
+pub use config::Config;

@@ -1,0 +1,608 @@
+//! The order REST API under /api/v1.
+
+use axum::Extension;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use domain::DomainError;
+use domain::order::{
+    OrderCommand, OrderStatus, RawAddress, RawLine, validate_draft, validate_reason,
+    validate_shipping,
+};
+use domain::{FieldError, order::OrderDraft};
+use http_kit::idempotency::IdempotentRequest;
+use http_kit::{JsonBody, Problem, ProblemField, cursor, etag};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::OrderService;
+use crate::store::{OrderFilter, StoreError};
+use crate::view::{
+    AddressBody, HistoryEntry, OrderHistory, OrderLineBody, OrderPage, OrderView, OutboxReport,
+    PlaceOrderBody, ShippingBody, StatusChangeBody, UpdateOrderBody,
+};
+
+pub const DEFAULT_LIMIT: u32 = 20;
+pub const MAX_LIMIT: u32 = 100;
+
+pub fn router(service: OrderService) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(place_order, list_orders))
+        .routes(routes!(get_order, update_order, cancel_order))
+        .routes(routes!(change_status))
+        .routes(routes!(set_shipping))
+        .routes(routes!(order_history))
+        .routes(routes!(customer_orders))
+        .routes(routes!(outbox_report))
+        .with_state(service)
+}
+
+// ---- errors -------------------------------------------------------------------------------
+
+fn fields(errors: Vec<FieldError>) -> Problem {
+    Problem::validation(
+        errors
+            .into_iter()
+            .map(|e| ProblemField {
+                field: e.field,
+                message: e.message,
+            })
+            .collect(),
+    )
+}
+
+impl From<StoreError> for Problem {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Domain(DomainError::Validation(errors)) => fields(errors),
+            StoreError::Domain(DomainError::InvalidTransition { from, to, allowed }) => {
+                let mut p = Problem::new(
+                    StatusCode::CONFLICT,
+                    "invalid-transition",
+                    "This status change is not allowed",
+                )
+                .detail(format!(
+                    "An order that is {from} cannot become {to}; allowed next: {}.",
+                    if allowed.is_empty() {
+                        "none (the status is final)".to_string()
+                    } else {
+                        allowed
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                ));
+                p.allowed_next = Some(allowed.iter().map(|s| s.as_str().to_string()).collect());
+                p
+            }
+            StoreError::Domain(e @ DomainError::NotModifiable { .. })
+            | StoreError::Domain(e @ DomainError::ShippingRequired)
+            | StoreError::Domain(e @ DomainError::ShippingNotAllowed { .. }) => {
+                Problem::conflict(format!("{e}."))
+            }
+            StoreError::Domain(DomainError::NotFound) => order_not_found(),
+            StoreError::Domain(DomainError::AlreadyExists) => {
+                Problem::conflict("An order with this id already exists.")
+            }
+            StoreError::Conflict => Problem::conflict(
+                "The order was changed by another request at the same time; reload and retry.",
+            ),
+            StoreError::Stale { current } => Problem::precondition_failed(format!(
+                "If-Match does not match the current version (ETag \"{current}\"); reload and retry."
+            )),
+            StoreError::Db(error) => {
+                tracing::error!(%error, "order store failed");
+                if matches!(
+                    error,
+                    sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
+                ) {
+                    Problem::unavailable("The order database is unavailable; retry later.")
+                } else {
+                    Problem::internal()
+                }
+            }
+            StoreError::Corrupt(detail) => {
+                tracing::error!(%detail, "stored order data is corrupt");
+                Problem::internal()
+            }
+        }
+    }
+}
+
+fn order_not_found() -> Problem {
+    Problem::not_found("No order with this id.")
+}
+
+fn parse_id(id: &str) -> Result<Uuid, Problem> {
+    Uuid::parse_str(id).map_err(|_| order_not_found())
+}
+
+fn order_response(status: StatusCode, order: &domain::order::Order) -> Response {
+    let mut response = (status, axum::Json(OrderView::from(order))).into_response();
+    response
+        .headers_mut()
+        .insert(header::ETAG, etag::etag(order.version));
+    if status == StatusCode::CREATED
+        && let Ok(location) = HeaderValue::from_str(&format!("/api/v1/orders/{}", order.id))
+    {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}
+
+fn draft_from(
+    currency: &str,
+    items: &[OrderLineBody],
+    address: &AddressBody,
+    notes: Option<&str>,
+) -> Result<OrderDraft, Problem> {
+    let lines: Vec<RawLine<'_>> = items
+        .iter()
+        .map(|l| RawLine {
+            sku: &l.sku,
+            quantity: l.quantity,
+            unit_price: &l.unit_price,
+        })
+        .collect();
+    let raw_address = RawAddress {
+        name: &address.name,
+        line1: &address.line1,
+        line2: address.line2.as_deref(),
+        city: &address.city,
+        postal_code: &address.postal_code,
+        country: &address.country,
+    };
+    validate_draft(currency, &lines, &raw_address, notes).map_err(fields)
+}
+
+fn shipping_from(body: &ShippingBody) -> Result<domain::order::Shipping, Problem> {
+    validate_shipping(
+        &body.carrier,
+        &body.tracking_number,
+        body.estimated_delivery.as_deref(),
+    )
+    .map_err(fields)
+}
+
+// ---- handlers -----------------------------------------------------------------------------
+
+/// Place an order.
+///
+/// The order starts PENDING; its total is computed from the lines. Send an `Idempotency-Key`
+/// so a retry never places it twice.
+#[utoipa::path(
+    post, path = "/api/v1/orders", tag = "orders",
+    request_body = PlaceOrderBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the first response is replayed for 24 h")),
+    responses(
+        (status = 201, description = "Order placed", body = OrderView,
+            headers(("Location" = String, description = "The order's URL"), ("ETag" = String, description = "The order's version"))),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A request with this key is in flight", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid order, or key reused with another body", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn place_order(
+    State(service): State<OrderService>,
+    idempotent: Option<Extension<IdempotentRequest>>,
+    JsonBody(body): JsonBody<PlaceOrderBody>,
+) -> Result<Response, Problem> {
+    let customer_id = Uuid::parse_str(&body.customer_id);
+    let draft = draft_from(
+        &body.currency,
+        &body.items,
+        &body.shipping_address,
+        body.notes.as_deref(),
+    );
+    let (customer_id, draft) = match (customer_id, draft) {
+        (Ok(c), Ok(d)) => (c, d),
+        (c, d) => {
+            let mut errors = d.err().map(|p| p.errors).unwrap_or_default();
+            if c.is_err() {
+                errors.insert(
+                    0,
+                    ProblemField {
+                        field: "customerId".into(),
+                        message: "must be a UUID".into(),
+                    },
+                );
+            }
+            return Err(Problem::validation(errors));
+        }
+    };
+    // With an idempotency key the id is fixed before the first attempt, so a retry after a
+    // crash finds the order it already placed instead of placing another.
+    let reserved_id = idempotent.and_then(|Extension(r)| Uuid::parse_str(&r.resource_id).ok());
+    let id = reserved_id.unwrap_or_else(Uuid::now_v7);
+    let command = OrderCommand::Place {
+        customer_id,
+        currency: body.currency.clone(),
+        draft,
+    };
+    match service.store.execute(id, None, command).await {
+        Ok(order) => Ok(order_response(StatusCode::CREATED, &order)),
+        Err(StoreError::Conflict) if reserved_id.is_some() => {
+            let order = service.store.get(id).await?.ok_or_else(order_not_found)?;
+            Ok(order_response(StatusCode::CREATED, &order))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Get an order.
+#[utoipa::path(
+    get, path = "/api/v1/orders/{id}", tag = "orders",
+    params(("id" = String, Path, description = "Order id"),
+           ("If-None-Match" = Option<String>, Header, description = "An ETag; 304 when it is current")),
+    responses(
+        (status = 200, description = "The order", body = OrderView, headers(("ETag" = String))),
+        (status = 304, description = "Not modified"),
+        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn get_order(
+    State(service): State<OrderService>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let id = parse_id(&id)?;
+    let order = service.store.get(id).await?.ok_or_else(order_not_found)?;
+    if etag::not_modified(&headers, order.version) {
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        response
+            .headers_mut()
+            .insert(header::ETAG, etag::etag(order.version));
+        return Ok(response);
+    }
+    Ok(order_response(StatusCode::OK, &order))
+}
+
+/// Replace the items, shipping address and notes of a PENDING order.
+#[utoipa::path(
+    put, path = "/api/v1/orders/{id}", tag = "orders",
+    request_body = UpdateOrderBody,
+    params(("id" = String, Path, description = "Order id"),
+           ("If-Match" = Option<String>, Header, description = "The ETag the change is based on"),
+           ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
+    responses(
+        (status = 200, description = "The updated order", body = OrderView, headers(("ETag" = String))),
+        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The order is no longer PENDING", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match is stale", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid order", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn update_order(
+    State(service): State<OrderService>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<UpdateOrderBody>,
+) -> Result<Response, Problem> {
+    let id = parse_id(&id)?;
+    let expected = etag::if_match(&headers)?;
+    let current = service.store.get(id).await?.ok_or_else(order_not_found)?;
+    let draft = draft_from(
+        &current.currency,
+        &body.items,
+        &body.shipping_address,
+        body.notes.as_deref(),
+    )?;
+    let order = service
+        .store
+        .execute(id, expected, OrderCommand::Update(draft))
+        .await?;
+    Ok(order_response(StatusCode::OK, &order))
+}
+
+/// Move an order to another status.
+///
+/// Allowed: PENDING → CONFIRMED | CANCELLED, CONFIRMED → PROCESSING | CANCELLED,
+/// PROCESSING → SHIPPED | CANCELLED, SHIPPED → DELIVERED. SHIPPED needs shipping details, set
+/// before or sent here.
+#[utoipa::path(
+    put, path = "/api/v1/orders/{id}/status", tag = "orders",
+    request_body = StatusChangeBody,
+    params(("id" = String, Path, description = "Order id"),
+           ("If-Match" = Option<String>, Header, description = "The ETag the change is based on"),
+           ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
+    responses(
+        (status = 200, description = "The order in its new status", body = OrderView, headers(("ETag" = String))),
+        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Transition refused; `allowedNext` lists the possible ones", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match is stale", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Unknown status or invalid details", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn change_status(
+    State(service): State<OrderService>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<StatusChangeBody>,
+) -> Result<Response, Problem> {
+    let id = parse_id(&id)?;
+    let expected = etag::if_match(&headers)?;
+    let to = OrderStatus::parse(&body.status).ok_or_else(|| {
+        Problem::field(
+            "status",
+            "must be one of PENDING, CONFIRMED, PROCESSING, SHIPPED, DELIVERED, CANCELLED",
+        )
+    })?;
+    let reason = validate_reason(body.reason.as_deref()).map_err(fields)?;
+    let shipping = body.shipping.as_ref().map(shipping_from).transpose()?;
+    let order = service
+        .store
+        .execute(
+            id,
+            expected,
+            OrderCommand::ChangeStatus {
+                to,
+                reason,
+                shipping,
+            },
+        )
+        .await?;
+    Ok(order_response(StatusCode::OK, &order))
+}
+
+/// Set the carrier and tracking number of a CONFIRMED or PROCESSING order.
+#[utoipa::path(
+    put, path = "/api/v1/orders/{id}/shipping", tag = "orders",
+    request_body = ShippingBody,
+    params(("id" = String, Path, description = "Order id"),
+           ("If-Match" = Option<String>, Header, description = "The ETag the change is based on"),
+           ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
+    responses(
+        (status = 200, description = "The order with its shipping details", body = OrderView, headers(("ETag" = String))),
+        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not CONFIRMED or PROCESSING", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match is stale", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid details", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn set_shipping(
+    State(service): State<OrderService>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<ShippingBody>,
+) -> Result<Response, Problem> {
+    let id = parse_id(&id)?;
+    let expected = etag::if_match(&headers)?;
+    let shipping = shipping_from(&body)?;
+    let order = service
+        .store
+        .execute(id, expected, OrderCommand::SetShipping(shipping))
+        .await?;
+    Ok(order_response(StatusCode::OK, &order))
+}
+
+/// Cancel an order (it is kept, as CANCELLED).
+#[utoipa::path(
+    delete, path = "/api/v1/orders/{id}", tag = "orders",
+    params(("id" = String, Path, description = "Order id"),
+           ("reason" = Option<String>, Query, description = "Why the order is cancelled"),
+           ("If-Match" = Option<String>, Header, description = "The ETag the change is based on"),
+           ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
+    responses(
+        (status = 200, description = "The cancelled order", body = OrderView, headers(("ETag" = String))),
+        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already shipped, delivered or cancelled", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match is stale", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn cancel_order(
+    State(service): State<OrderService>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let id = parse_id(&id)?;
+    let expected = etag::if_match(&headers)?;
+    let reason = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == "reason")
+        .map(|(_, v)| v.into_owned());
+    let reason = validate_reason(reason.as_deref()).map_err(fields)?;
+    let order = service
+        .store
+        .execute(id, expected, OrderCommand::Cancel { reason })
+        .await?;
+    Ok(order_response(StatusCode::OK, &order))
+}
+
+/// An order's timeline, built from its events.
+#[utoipa::path(
+    get, path = "/api/v1/orders/{id}/history", tag = "orders",
+    params(("id" = String, Path, description = "Order id")),
+    responses(
+        (status = 200, description = "Every change, oldest first", body = OrderHistory),
+        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn order_history(
+    State(service): State<OrderService>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<OrderHistory>, Problem> {
+    let id = parse_id(&id)?;
+    let events = service.store.history(id).await?;
+    if events.is_empty() {
+        return Err(order_not_found());
+    }
+    Ok(axum::Json(OrderHistory {
+        order_id: id.to_string(),
+        entries: events.iter().map(HistoryEntry::from).collect(),
+    }))
+}
+
+/// List orders, newest first.
+#[utoipa::path(
+    get, path = "/api/v1/orders", tag = "orders",
+    params(
+        ("customerId" = Option<String>, Query, description = "Only this customer's orders"),
+        ("status" = Option<Vec<String>>, Query, description = "Only these statuses (repeatable)"),
+        ("createdFrom" = Option<String>, Query, description = "Created at or after (RFC 3339)"),
+        ("createdTo" = Option<String>, Query, description = "Created before (RFC 3339)"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1-100 (default 20; larger values are capped)"),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of orders", body = OrderPage),
+        (status = 422, description = "Invalid filter", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn list_orders(
+    State(service): State<OrderService>,
+    RawQuery(query): RawQuery,
+) -> Result<axum::Json<OrderPage>, Problem> {
+    list(&service, query.as_deref(), None).await
+}
+
+/// List one customer's orders, newest first.
+#[utoipa::path(
+    get, path = "/api/v1/customers/{customerId}/orders", tag = "orders",
+    params(
+        ("customerId" = String, Path, description = "Customer id"),
+        ("status" = Option<Vec<String>>, Query, description = "Only these statuses (repeatable)"),
+        ("createdFrom" = Option<String>, Query, description = "Created at or after (RFC 3339)"),
+        ("createdTo" = Option<String>, Query, description = "Created before (RFC 3339)"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1-100 (default 20)"),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of orders", body = OrderPage),
+        (status = 404, description = "Not a customer id", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid filter", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn customer_orders(
+    State(service): State<OrderService>,
+    Path(customer_id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<axum::Json<OrderPage>, Problem> {
+    let customer = Uuid::parse_str(&customer_id)
+        .map_err(|_| Problem::not_found("No customer with this id."))?;
+    list(&service, query.as_deref(), Some(customer)).await
+}
+
+async fn list(
+    service: &OrderService,
+    query: Option<&str>,
+    customer: Option<Uuid>,
+) -> Result<axum::Json<OrderPage>, Problem> {
+    let mut filter = OrderFilter {
+        customer_id: customer,
+        limit: DEFAULT_LIMIT,
+        ..OrderFilter::default()
+    };
+    let mut errors = Vec::new();
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "customerId" if customer.is_none() => match Uuid::parse_str(&value) {
+                Ok(id) => filter.customer_id = Some(id),
+                Err(_) => errors.push(("customerId", "must be a UUID".to_string())),
+            },
+            "status" => {
+                for part in value.split(',').filter(|p| !p.is_empty()) {
+                    match OrderStatus::parse(part) {
+                        Some(s) if !filter.statuses.contains(&s) => filter.statuses.push(s),
+                        Some(_) => {}
+                        None => errors.push(("status", format!("`{part}` is not an order status"))),
+                    }
+                }
+            }
+            "createdFrom" | "createdTo" => match storage::time::from_text(&value) {
+                Some(t) if key == "createdFrom" => filter.created_from = Some(t),
+                Some(t) => filter.created_to = Some(t),
+                None => errors.push((
+                    if key == "createdFrom" {
+                        "createdFrom"
+                    } else {
+                        "createdTo"
+                    },
+                    "must be an RFC 3339 time such as 2026-11-23T00:00:00Z".to_string(),
+                )),
+            },
+            "limit" => match value.parse::<i64>() {
+                Ok(n) if n >= 1 => {
+                    filter.limit = u32::try_from(n.min(i64::from(MAX_LIMIT))).unwrap_or(MAX_LIMIT)
+                }
+                _ => errors.push((
+                    "limit",
+                    format!("must be a whole number from 1 to {MAX_LIMIT}"),
+                )),
+            },
+            "cursor" => match cursor::decode(&value, 2) {
+                Ok(parts) => {
+                    let mut it = parts.into_iter();
+                    if let (Some(created), Some(id)) = (it.next(), it.next()) {
+                        filter.after = Some((created, id));
+                    }
+                }
+                Err(_) => errors.push(("cursor", "is not a cursor this API returned".to_string())),
+            },
+            other => errors.push((
+                if other == "customerId" {
+                    "customerId"
+                } else {
+                    "query"
+                },
+                format!(
+                    "unknown query parameter `{}`",
+                    other.chars().take(64).collect::<String>()
+                ),
+            )),
+        }
+    }
+    if let (Some(from), Some(to)) = (filter.created_from, filter.created_to)
+        && from > to
+    {
+        errors.push(("createdFrom", "must not be after createdTo".to_string()));
+    }
+    if !errors.is_empty() {
+        return Err(Problem::validation(
+            errors
+                .into_iter()
+                .map(|(field, message)| ProblemField {
+                    field: field.into(),
+                    message,
+                })
+                .collect(),
+        ));
+    }
+    let (orders, more) = service.store.list(&filter).await?;
+    let next_cursor = match (more, orders.last()) {
+        (true, Some(last)) => Some(cursor::encode(&[
+            &storage::time::to_text(last.created_at),
+            &last.id.to_string(),
+        ])),
+        _ => None,
+    };
+    Ok(axum::Json(OrderPage {
+        items: orders.iter().map(OrderView::from).collect(),
+        next_cursor,
+    }))
+}
+
+/// The outbox backlog: messages written but not yet published.
+#[utoipa::path(
+    get, path = "/api/v1/admin/outbox", tag = "admin",
+    responses((status = 200, description = "Backlog per service", body = [OutboxReport]))
+)]
+async fn outbox_report(
+    State(service): State<OrderService>,
+) -> Result<axum::Json<Vec<OutboxReport>>, Problem> {
+    let stats = storage::outbox::stats(service.store.db().reader())
+        .await
+        .map_err(StoreError::from)?;
+    let now = chrono::Utc::now();
+    Ok(axum::Json(vec![OutboxReport {
+        service: "order".into(),
+        pending: stats.pending,
+        oldest_created_at: stats.oldest_created_at.map(storage::time::to_text),
+        oldest_age_seconds: stats
+            .oldest_created_at
+            .map(|t| (now - t).num_milliseconds() as f64 / 1000.0),
+    }]))
+}
