@@ -1,0 +1,212 @@
+//! Test harness: a real orderwave per test, on a fresh SQLite directory or a fresh PostgreSQL
+//! database, driven over HTTP.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use orderwave::{Application, Config};
+use reqwest::{Client, Method, RequestBuilder, Response};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use storage::Db;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+pub const PG_START: &str =
+    "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start";
+
+/// The PostgreSQL server the tests use (a database per test is created on it).
+pub fn pg_admin_url() -> String {
+    std::env::var("ORDERWAVE_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// Creates a fresh database and returns its URL. Panics with how to start PostgreSQL when it
+/// is unreachable: the PostgreSQL tests never skip silently.
+pub async fn fresh_pg_database() -> String {
+    use sqlx::Executor;
+    sqlx::any::install_default_drivers();
+    let admin = pg_admin_url();
+    let mut conn = match <sqlx::AnyConnection as sqlx::Connection>::connect(&admin).await {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "PostgreSQL is not reachable at {admin} ({e}). These tests need it: start it with `{PG_START}` \
+             or point ORDERWAVE_TEST_PG_URL at a server."
+        ),
+    };
+    let name = format!("ow_test_{}", uuid::Uuid::now_v7().simple());
+    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await
+        .expect("CREATE DATABASE");
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+    format!("{base}/{name}")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub client: Client,
+    pub backend: Backend,
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    _dir: TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> TestApp {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let database_url = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(fresh_pg_database().await),
+        };
+        let config = Config::for_tests(dir.path().to_path_buf(), database_url.clone());
+        let app = Application::build(&config).await.expect("build app");
+        let base = format!("http://{}", app.local_addr());
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until_stopped(async move {
+            let _ = rx.await;
+        }));
+        TestApp {
+            base,
+            client: Client::new(),
+            backend,
+            data_dir: dir.path().to_path_buf(),
+            database_url,
+            _dir: dir,
+            shutdown: Some(tx),
+            server: Some(server),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.client.request(method, self.url(path))
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Response {
+        self.request(Method::POST, path)
+            .json(body)
+            .send()
+            .await
+            .expect("POST")
+    }
+
+    pub async fn put_json(&self, path: &str, body: &Value) -> Response {
+        self.request(Method::PUT, path)
+            .json(body)
+            .send()
+            .await
+            .expect("PUT")
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.request(Method::GET, path).send().await.expect("GET")
+    }
+
+    /// Places a valid order and returns its JSON.
+    pub async fn place(&self, body: &Value) -> Value {
+        let response = self.post_json("/api/v1/orders", body).await;
+        assert_eq!(response.status(), 201, "placing {body}");
+        response.json().await.expect("order json")
+    }
+
+    pub async fn set_status(&self, id: &str, body: Value) -> Response {
+        self.put_json(&format!("/api/v1/orders/{id}/status"), &body)
+            .await
+    }
+
+    /// The http (idempotency) database this app uses, opened a second time.
+    pub async fn http_db(&self) -> Db {
+        match &self.database_url {
+            None => Db::open_sqlite(&self.data_dir, "http")
+                .await
+                .expect("open http.db"),
+            Some(url) => Db::open_postgres(url, "http", 2)
+                .await
+                .expect("open http schema"),
+        }
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("server result");
+        }
+    }
+}
+
+pub fn customer() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// A valid order body for `customer`.
+pub fn order_body(customer: &str) -> Value {
+    json!({
+        "customerId": customer,
+        "currency": "USD",
+        "items": [
+            {"sku": "SKU-CHAIR", "quantity": 2, "unitPrice": "49.90"},
+            {"sku": "SKU-LAMP", "quantity": 1, "unitPrice": "15.05"}
+        ],
+        "shippingAddress": {
+            "name": "Ada Lovelace", "line1": "12 Analytical Row", "city": "London",
+            "postalCode": "N1 7AA", "country": "GB"
+        },
+        "notes": "leave at the door"
+    })
+}
+
+/// Asserts a problem+json answer with `status`; returns its body.
+pub async fn expect_problem(response: Response, status: u16) -> Value {
+    assert_eq!(response.status().as_u16(), status, "status");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(content_type, "application/problem+json");
+    let body: Value = response.json().await.expect("problem json");
+    assert_eq!(body["status"], status);
+    assert!(body["title"].is_string());
+    assert!(body["type"].is_string());
+    body
+}
+
+/// Runs each listed `async fn name(app: TestApp)` once on SQLite and once on PostgreSQL.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let app = $crate::common::TestApp::spawn($crate::common::Backend::Sqlite).await;
+                    super::$name(&app).await;
+                    app.stop().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let app = $crate::common::TestApp::spawn($crate::common::Backend::Postgres).await;
+                    super::$name(&app).await;
+                    app.stop().await;
+                }
+            )*
+        }
+    };
+}
