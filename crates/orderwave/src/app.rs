@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
@@ -208,19 +208,22 @@ fn build_router(
     .layer(CatchPanicLayer::new())
     .layer(PropagateRequestIdLayer::new(REQUEST_ID))
     .layer(
-        TraceLayer::new_for_http().make_span_with(|request: &Request| {
-            let request_id = request
-                .headers()
-                .get(REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            tracing::info_span!(
-                "request",
-                request_id = %request_id,
-                method = %request.method(),
-                path = %request.uri().path(),
-            )
-        }),
+        TraceLayer::new_for_http()
+            .make_span_with(|request: &Request| {
+                let request_id = request
+                    .headers()
+                    .get(REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                tracing::info_span!(
+                    "request",
+                    request_id = %request_id,
+                    method = %request.method(),
+                    path = %request.uri().path(),
+                )
+            })
+            .on_request(())
+            .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
     )
     .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }

@@ -81,7 +81,7 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir,
             database_url,
-            db_max_connections: 8,
+            db_max_connections: 4,
             log_format: LogFormat::Pretty,
             idempotency_ttl_hours: 24,
             request_timeout_secs: 30,

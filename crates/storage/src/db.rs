@@ -101,6 +101,7 @@ impl Db {
         {
             let setup = AnyPoolOptions::new()
                 .max_connections(1)
+                .acquire_timeout(Duration::from_secs(5))
                 .connect_with(options.clone())
                 .await
                 .map_err(DbError::Connect)?;

@@ -40,6 +40,26 @@ pub async fn fresh_pg_database() -> String {
     format!("{base}/{name}")
 }
 
+/// Drops a database made by [`fresh_pg_database`] (best effort: .ci/run sweeps leftovers).
+pub async fn drop_pg_database(url: &str) {
+    use sqlx::Executor;
+    let Some((_, name)) = url.rsplit_once('/') else {
+        return;
+    };
+    let name = name.split('?').next().unwrap_or(name);
+    if !name.starts_with("ow_test_") {
+        return;
+    }
+    if let Ok(mut conn) = <sqlx::AnyConnection as sqlx::Connection>::connect(&pg_admin_url()).await
+    {
+        let _ = conn
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .await;
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
@@ -142,6 +162,9 @@ impl TestApp {
         }
         if let Some(server) = self.server.take() {
             server.await.expect("server task").expect("server result");
+        }
+        if let Some(url) = &self.database_url {
+            drop_pg_database(url).await;
         }
     }
 }

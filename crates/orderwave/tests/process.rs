@@ -1,0 +1,282 @@
+//! The real binary as a process: crash safety (kill -9), graceful shutdown, the CLI.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{customer, fresh_pg_database, order_body};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_orderwave");
+
+struct Server {
+    child: Child,
+    base: String,
+    stderr_path: std::path::PathBuf,
+}
+
+/// Starts `orderwave serve` on a free port and waits for its "listening on" line.
+fn start(data_dir: &Path, database_url: Option<&str>, extra: &[&str]) -> Server {
+    let stderr_path = data_dir.join(format!("stderr-{}.log", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(data_dir).unwrap();
+    let stderr = std::fs::File::create(&stderr_path).unwrap();
+    let mut command = Command::new(BIN);
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(stderr);
+    if let Some(url) = database_url {
+        command.args(["--database-url", url]);
+    }
+    let mut child = command.spawn().expect("spawn orderwave");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let base = loop {
+        assert!(Instant::now() < deadline, "orderwave did not start");
+        let line = lines
+            .next()
+            .unwrap_or_else(|| {
+                panic!(
+                    "orderwave exited: {}",
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                )
+            })
+            .unwrap();
+        if let Some(url) = line.strip_prefix("listening on ") {
+            break url.trim().to_string();
+        }
+    };
+    // Keep draining stdout so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server {
+        child,
+        base,
+        stderr_path,
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn kill_9_after_a_201_loses_no_order(database_url: Option<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let mut server = start(dir.path(), database_url.as_deref(), &[]);
+    let mut placed = Vec::new();
+    let bodies: Vec<Value> = (0..5).map(|_| order_body(&customer())).collect();
+    for (i, body) in bodies.iter().enumerate() {
+        let response = client
+            .post(format!("{}/api/v1/orders", server.base))
+            .header("idempotency-key", format!("crash-{i}"))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        placed.push(response.json::<Value>().await.unwrap());
+    }
+    server.child.kill().unwrap(); // SIGKILL: no shutdown code runs
+    server.child.wait().unwrap();
+
+    let mut server = start(dir.path(), database_url.as_deref(), &[]);
+    for (i, order) in placed.iter().enumerate() {
+        let id = order["id"].as_str().unwrap();
+        let response = client
+            .get(format!("{}/api/v1/orders/{id}", server.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "order {id} lost in the crash");
+        assert_eq!(&response.json::<Value>().await.unwrap(), order);
+        // The retry of a request answered before the crash is a replay, not a new order.
+        let retry = client
+            .post(format!("{}/api/v1/orders", server.base))
+            .header("idempotency-key", format!("crash-{i}"))
+            .json(&bodies[i])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(retry.status(), 201);
+        assert_eq!(retry.headers()["idempotent-replayed"], "true");
+        assert_eq!(&retry.json::<Value>().await.unwrap(), order);
+    }
+    let outbox: Value = client
+        .get(format!("{}/api/v1/admin/outbox", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        outbox[0]["pending"], 5,
+        "every event survived with its order"
+    );
+    signal(&server.child, "TERM");
+    assert!(server.child.wait().unwrap().success());
+    if let Some(url) = &database_url {
+        common::drop_pg_database(url).await;
+    }
+}
+
+#[tokio::test]
+async fn kill_9_after_a_201_loses_no_order_on_sqlite() {
+    kill_9_after_a_201_loses_no_order(None).await;
+}
+
+#[tokio::test]
+async fn kill_9_after_a_201_loses_no_order_on_postgres() {
+    kill_9_after_a_201_loses_no_order(Some(fresh_pg_database().await)).await;
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(dir.path(), None, &[]);
+    let client = reqwest::Client::new();
+    let requests: Vec<_> = (0..20)
+        .map(|_| {
+            let client = client.clone();
+            let url = format!("{}/api/v1/orders", server.base);
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .json(&order_body(&customer()))
+                    .send()
+                    .await
+                    .ok()
+                    .map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    signal(&server.child, "TERM");
+    let mut answered = 0;
+    for request in requests {
+        // A request that arrived after the listener closed is refused (None), never half-done.
+        if let Some(status) = request.await.unwrap() {
+            assert_eq!(status, 201, "an accepted request is finished, not cut off");
+            answered += 1;
+        }
+    }
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+
+    // Every 201 is there after a restart.
+    let mut server = start(dir.path(), None, &[]);
+    let page: Value = client
+        .get(format!("{}/api/v1/orders?limit=100", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), answered);
+    signal(&server.child, "INT");
+    assert!(server.child.wait().unwrap().success());
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_request_id_and_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = fresh_pg_database().await;
+    let url = format!("{database}?password=hunter2");
+    let mut server = start(dir.path(), Some(&url), &["--log-format", "json"]);
+    let client = reqwest::Client::new();
+    let response = client
+        .get(format!("{}/health/ready", server.base))
+        .header("x-request-id", "req-abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    signal(&server.child, "TERM");
+    assert!(server.child.wait().unwrap().success());
+    let logs = std::fs::read_to_string(&server.stderr_path).unwrap();
+    let lines: Vec<Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.to_string().contains("req-abc-123")),
+        "request id in the logs: {logs}"
+    );
+    assert!(!logs.contains("hunter2"), "a secret leaked into the logs");
+    common::drop_pg_database(&database).await;
+}
+
+#[test]
+fn help_explains_every_option_and_its_environment_variable() {
+    let output = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    for word in [
+        "--listen",
+        "ORDERWAVE_LISTEN",
+        "--data-dir",
+        "ORDERWAVE_DATA_DIR",
+        "--database-url",
+        "DATABASE_URL",
+        "--log-format",
+        "ORDERWAVE_LOG_FORMAT",
+        "migrate",
+        "serve",
+    ] {
+        assert!(
+            help.contains(word),
+            "--help does not mention {word}:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn migrate_creates_the_databases_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(BIN)
+        .args(["migrate", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(dir.path().join("orders.db").exists());
+    assert!(dir.path().join("http.db").exists());
+}
+
+#[test]
+fn a_bad_database_url_fails_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            "postgres://nobody@127.0.0.1:1/none",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("PostgreSQL"), "{stderr}");
+}
