@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Load benchmark of the order API against two baselines measured in the same run:
+#   - pgbench running the exact SQL of placing an order (event + order + items + outbox in one
+#     transaction), at the same concurrency;
+#   - an axum hello-world (bench/hello), the HTTP ceiling of this machine.
+# Then POST /api/v1/orders and GET /api/v1/orders/{id} on PostgreSQL and on SQLite, with the
+# server's peak RSS under load. Prints a Markdown report (and writes it to bench/last-run.md).
+#
+# Usage: bench/run.sh            (DURATION=15 seconds per phase, CONNECTIONS=32)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION="${DURATION:-15}"
+CONNECTIONS="${CONNECTIONS:-32}"
+THREADS="${THREADS:-2}"
+PG_ADMIN="${PG_ADMIN:-postgres://postgres@127.0.0.1:5432/postgres}"
+PG_BASE="${PG_ADMIN%/*}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/orderwave-target}"
+BIN="$CARGO_TARGET_DIR/release"
+WORK="$(mktemp -d)"
+REPORT="bench/last-run.md"
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+if ! command -v wrk >/dev/null; then
+  echo "installing wrk from Debian" >&2
+  apt-get update -qq && apt-get install -y -qq wrk >/dev/null
+fi
+command -v pgbench >/dev/null || { echo "pgbench is missing (Debian package postgresql-15)" >&2; exit 1; }
+pg_isready -q -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not running: pg_ctlcluster --skip-systemctl-redirect \$(ls /etc/postgresql) main start" >&2; exit 1; }
+
+cargo build --release -q -p orderwave -p bench-hello
+
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+# start NAME CMD... : starts a server printing "listening on http://ADDR", sets URL and PID.
+start() {
+  local name=$1; shift
+  "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
+  PID=$!
+  PIDS+=("$PID")
+  for _ in $(seq 1 100); do
+    URL=$(grep -o 'http://[0-9.:]*' "$WORK/$name.out" | head -1 || true)
+    [ -n "$URL" ] && return
+    sleep 0.1
+  done
+  echo "$name did not start:" >&2; cat "$WORK/$name.err" >&2; exit 1
+}
+
+# rss_watch PID FILE: samples RSS (KiB) every 200 ms until stopped.
+rss_watch() { while kill -0 "$1" 2>/dev/null; do ps -o rss= -p "$1" >>"$2" || true; sleep 0.2; done; }
+peak_mib() { sort -n "$1" | tail -1 | awk '{printf "%.1f", $1/1024}'; }
+
+# wrk_run LABEL URL [LUA]: runs wrk, stores req/s, p50, p99, errors in R_* variables.
+wrk_run() {
+  local label=$1 url=$2 lua=${3:-}
+  local args=(-t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency)
+  [ -n "$lua" ] && args+=(-s "$lua")
+  local before; before=$(loadavg)
+  wrk "${args[@]}" "$url" >"$WORK/$label.wrk"
+  R_RPS=$(awk '/^Requests\/sec/ {print $2}' "$WORK/$label.wrk")
+  R_P50=$(awk '$1=="50%" {print $2}' "$WORK/$label.wrk")
+  R_P99=$(awk '$1=="99%" {print $2}' "$WORK/$label.wrk")
+  R_NON2XX=$(awk '/Non-2xx/ {print $NF}' "$WORK/$label.wrk"); R_NON2XX=${R_NON2XX:-0}
+  R_LOAD="$before → $(loadavg)"
+  echo "$label: $R_RPS req/s, p50 $R_P50, p99 $R_P99, non-2xx $R_NON2XX" >&2
+}
+
+ORDER_BODY='{"customerId":"019ab1c2-0000-7000-8000-000000000001","currency":"USD","items":[{"sku":"SKU-CHAIR","quantity":2,"unitPrice":"49.90"},{"sku":"SKU-LAMP","quantity":1,"unitPrice":"15.05"}],"shippingAddress":{"name":"Ada Lovelace","line1":"12 Analytical Row","city":"London","postalCode":"N1 7AA","country":"GB"}}'
+cat >"$WORK/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '$ORDER_BODY'
+wrk.headers["Content-Type"] = "application/json"
+LUA
+
+fresh_pg() {
+  local db="ow_bench_$1"
+  psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
+  echo "$PG_BASE/$db"
+}
+
+# ---- 1. pgbench on the SQL of placing an order ------------------------------------------------
+PGB_URL=$(fresh_pg pgbench)
+"$BIN/orderwave" migrate --database-url "$PGB_URL" >/dev/null
+# One real order through the API gives the exact rows (and sizes) the server writes.
+start sample "$BIN/orderwave" serve --listen 127.0.0.1:0 --database-url "$PGB_URL" --log-format json
+curl -sf -X POST "$URL/api/v1/orders" -H 'content-type: application/json' -d "$ORDER_BODY" >/dev/null
+kill "$PID"; wait "$PID" 2>/dev/null || true
+q() { psql -At "$PGB_URL" -c "SET search_path TO orders; $1" | tail -1 | sed "s/'/''/g"; }
+EVENT=$(q "SELECT payload FROM events LIMIT 1")
+DOC=$(q "SELECT document FROM orders LIMIT 1")
+ENVELOPE=$(q "SELECT payload FROM outbox LIMIT 1")
+cat >"$WORK/place_order.sql" <<SQL
+\set r random(1, 9000000000000000000)
+BEGIN;
+INSERT INTO events (aggregate_id, version, event_type, payload, occurred_at) VALUES (:client_id || '-' || :r, 1, 'OrderPlaced', '$EVENT', to_char(now() at time zone 'utc', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'));
+INSERT INTO orders (id, customer_id, status, currency, total, version, created_at, updated_at, document) VALUES (:client_id || '-' || :r, '019ab1c2-0000-7000-8000-000000000001', 'PENDING', 'USD', '114.85', 1, to_char(now() at time zone 'utc', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), to_char(now() at time zone 'utc', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), '$DOC');
+INSERT INTO order_items (order_id, line_no, sku, quantity, unit_price) VALUES (:client_id || '-' || :r, 0, 'SKU-CHAIR', 2, '49.90'), (:client_id || '-' || :r, 1, 'SKU-LAMP', 1, '15.05');
+INSERT INTO outbox (id, aggregate_id, aggregate_version, topic, payload, created_at) VALUES (gen_random_uuid()::text, :client_id || '-' || :r, 1, 'order.created', '$ENVELOPE', to_char(now() at time zone 'utc', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'));
+COMMIT;
+SQL
+cp "$WORK/place_order.sql" bench/place_order.last.sql
+LOAD_BEFORE=$(loadavg)
+PGOPTIONS='-c search_path=orders' pgbench -n -M prepared -c "$CONNECTIONS" -j "$THREADS" -T "$DURATION" -f "$WORK/place_order.sql" "$PGB_URL" >"$WORK/pgbench.out" 2>&1
+PGB_TPS=$(awk '/^tps/ {print $3; exit}' "$WORK/pgbench.out")
+PGB_LAT=$(awk '/latency average/ {print $4 $5}' "$WORK/pgbench.out")
+PGB_LOAD="$LOAD_BEFORE → $(loadavg)"
+echo "pgbench: $PGB_TPS tx/s" >&2
+
+# ---- 2. HTTP ceiling ------------------------------------------------------------------------
+start hello "$BIN/bench-hello" 127.0.0.1:0
+wrk_run hello "$URL/"
+HELLO_RPS=$R_RPS; HELLO_P99=$R_P99; HELLO_LOAD=$R_LOAD
+kill "$PID"
+
+# ---- 3. the order API on PostgreSQL and SQLite --------------------------------------------------
+bench_backend() {
+  local name=$1; shift
+  start "ow-$name" "$BIN/orderwave" serve --listen 127.0.0.1:0 --log-format json "$@"
+  local pid=$PID url=$URL
+  : >"$WORK/$name.rss"
+  rss_watch "$pid" "$WORK/$name.rss" &
+  wrk_run "$name-post" "$url/api/v1/orders" "$WORK/post.lua"
+  eval "${name}_POST_RPS=\$R_RPS ${name}_POST_P50=\$R_P50 ${name}_POST_P99=\$R_P99 ${name}_POST_ERR=\$R_NON2XX"
+  eval "${name}_POST_LOAD=\"\$R_LOAD\""
+  # GET over ids of orders just placed.
+  curl -sf "$url/api/v1/orders?limit=100" | grep -o '"id":"[0-9a-f-]\{36\}"' | cut -d'"' -f4 >"$WORK/$name.ids"
+  {
+    echo "ids = {"; sed 's/.*/"&",/' "$WORK/$name.ids"; echo "}"
+    echo 'request = function() return wrk.format("GET", "/api/v1/orders/" .. ids[math.random(#ids)]) end'
+  } >"$WORK/$name-get.lua"
+  wrk_run "$name-get" "$url" "$WORK/$name-get.lua"
+  eval "${name}_GET_RPS=\$R_RPS ${name}_GET_P50=\$R_P50 ${name}_GET_P99=\$R_P99 ${name}_GET_ERR=\$R_NON2XX"
+  eval "${name}_GET_LOAD=\"\$R_LOAD\""
+  eval "${name}_RSS=$(peak_mib "$WORK/$name.rss")"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+}
+bench_backend pg --database-url "$(fresh_pg api)"
+bench_backend sqlite --data-dir "$WORK/data"
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.0f%%", 100 * a / b; else print "n/a" }'; }
+
+{
+  echo "### Run of $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo
+  echo "$CONNECTIONS connections, $THREADS load threads, ${DURATION}s per phase; load generator, server and PostgreSQL share the machine."
+  echo
+  echo "| phase | result | p50 | p99 | non-2xx | ratio | load avg (before → after) |"
+  echo "|---|---|---|---|---|---|---|"
+  echo "| pgbench, place-order SQL | $PGB_TPS tx/s | | avg $PGB_LAT | | baseline | $PGB_LOAD |"
+  echo "| axum hello-world | $HELLO_RPS req/s | | $HELLO_P99 | | baseline | $HELLO_LOAD |"
+  echo "| POST /orders, PostgreSQL | $pg_POST_RPS req/s | $pg_POST_P50 | $pg_POST_P99 | $pg_POST_ERR | $(ratio "$pg_POST_RPS" "$PGB_TPS") of pgbench | $pg_POST_LOAD |"
+  echo "| GET /orders/{id}, PostgreSQL | $pg_GET_RPS req/s | $pg_GET_P50 | $pg_GET_P99 | $pg_GET_ERR | $(ratio "$pg_GET_RPS" "$HELLO_RPS") of hello | $pg_GET_LOAD |"
+  echo "| POST /orders, SQLite | $sqlite_POST_RPS req/s | $sqlite_POST_P50 | $sqlite_POST_P99 | $sqlite_POST_ERR | $(ratio "$sqlite_POST_RPS" "$PGB_TPS") of pgbench | $sqlite_POST_LOAD |"
+  echo "| GET /orders/{id}, SQLite | $sqlite_GET_RPS req/s | $sqlite_GET_P50 | $sqlite_GET_P99 | $sqlite_GET_ERR | $(ratio "$sqlite_GET_RPS" "$HELLO_RPS") of hello | $sqlite_GET_LOAD |"
+  echo
+  echo "Peak server RSS under load: PostgreSQL $pg_RSS MiB, SQLite $sqlite_RSS MiB."
+} | tee "$REPORT"
