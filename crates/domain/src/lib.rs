@@ -7,5 +7,7 @@ pub mod codes;
 pub mod error;
 pub mod money;
 pub mod order;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use error::{DomainError, FieldError};

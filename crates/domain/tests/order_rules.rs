@@ -4,45 +4,14 @@
 use chrono::{TimeZone, Utc};
 use domain::DomainError;
 use domain::order::{
-    Address, Order, OrderCommand, OrderDraft, OrderEvent, OrderLine, OrderStatus, RecordedEvent,
-    Shipping, decide, evolve, replay,
+    Order, OrderCommand, OrderEvent, OrderStatus, RecordedEvent, decide, evolve, replay,
 };
+use domain::testing::{arb_command, draft, shipping};
 use proptest::prelude::*;
 use rust_decimal::Decimal;
 use uuid::Uuid;
 
 use OrderStatus::*;
-
-fn draft(lines: &[(u32, i64)]) -> OrderDraft {
-    OrderDraft {
-        items: lines
-            .iter()
-            .enumerate()
-            .map(|(i, (qty, cents))| OrderLine {
-                sku: format!("SKU-{i}"),
-                quantity: *qty,
-                unit_price: Decimal::new(*cents, 2),
-            })
-            .collect(),
-        shipping_address: Address {
-            name: "Ada Lovelace".into(),
-            line1: "1 Analytical Way".into(),
-            line2: None,
-            city: "London".into(),
-            postal_code: "N1 1AA".into(),
-            country: "GB".into(),
-        },
-        notes: None,
-    }
-}
-
-fn shipping() -> Shipping {
-    Shipping {
-        carrier: "DHL".into(),
-        tracking_number: "1Z999".into(),
-        estimated_delivery: None,
-    }
-}
 
 /// Applies a command to a state, recording the events as the store would.
 fn run(
@@ -282,24 +251,6 @@ fn events_round_trip_through_json() {
             serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
         assert_eq!(back, event);
     }
-}
-
-fn arb_status() -> impl Strategy<Value = OrderStatus> {
-    prop::sample::select(OrderStatus::ALL.to_vec())
-}
-
-fn arb_command() -> impl Strategy<Value = OrderCommand> {
-    prop_oneof![
-        prop::collection::vec((1u32..50, 0i64..100_000), 1..5)
-            .prop_map(|lines| OrderCommand::Update(draft(&lines))),
-        (arb_status(), any::<bool>()).prop_map(|(to, with_shipping)| OrderCommand::ChangeStatus {
-            to,
-            reason: Some("because".into()),
-            shipping: with_shipping.then(shipping),
-        }),
-        Just(OrderCommand::SetShipping(shipping())),
-        Just(OrderCommand::Cancel { reason: None }),
-    ]
 }
 
 proptest! {

@@ -30,6 +30,11 @@ pub struct HealthCheck {
     pub status: String,
 }
 
+/// Liveness: the process is up and serving.
+#[utoipa::path(
+    get, path = "/health/live", tag = "operations",
+    responses((status = 200, description = "Alive", body = HealthReport))
+)]
 pub async fn live() -> Json<HealthReport> {
     Json(HealthReport {
         status: "ok".into(),
@@ -37,6 +42,14 @@ pub async fn live() -> Json<HealthReport> {
     })
 }
 
+/// Readiness: every database answers within 2 s; otherwise 503 naming the part that is down.
+#[utoipa::path(
+    get, path = "/health/ready", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = HealthReport),
+        (status = 503, description = "A dependency is down; `checks` says which", body = HealthReport),
+    )
+)]
 pub async fn ready(State(readiness): State<Readiness>) -> (StatusCode, Json<HealthReport>) {
     let mut checks = Vec::new();
     let mut healthy = true;

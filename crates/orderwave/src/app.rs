@@ -7,7 +7,6 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use http_kit::Problem;
 use http_kit::health::{self, Readiness};
 use metrics_handle::PrometheusHandle;
@@ -24,6 +23,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
 mod metrics_handle {
@@ -177,17 +177,27 @@ fn build_router(
     idempotency: IdempotencyStore,
     readiness: Readiness,
 ) -> Router {
-    let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .merge(orders.router())
-        .split_for_parts();
     let metrics_state = MetricsState {
         handle: http_kit::metrics::handle(),
-        orders,
+        orders: orders.clone(),
     };
-    let operations = Router::new()
-        .route("/health/live", get(health::live))
-        .route("/health/ready", get(health::ready).with_state(readiness))
-        .route("/metrics", get(render_metrics).with_state(metrics_state));
+    let (api, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(orders.router())
+        .split_for_parts();
+    let (operations, operations_doc) = OpenApiRouter::new()
+        .routes(routes!(health::live))
+        .merge(
+            OpenApiRouter::new()
+                .routes(routes!(health::ready))
+                .with_state(readiness),
+        )
+        .merge(
+            OpenApiRouter::new()
+                .routes(routes!(render_metrics))
+                .with_state(metrics_state),
+        )
+        .split_for_parts();
+    openapi.merge(operations_doc);
     let docs = SwaggerUi::new("/docs").url("/openapi.json", openapi);
     let request_timeout = Duration::from_secs(config.request_timeout_secs.max(1));
     api.layer(axum::middleware::from_fn_with_state(
@@ -232,6 +242,12 @@ async fn not_found() -> Problem {
     Problem::from_status(StatusCode::NOT_FOUND)
 }
 
+/// Prometheus metrics: requests by route and status, latency histogram, orders created,
+/// outbox backlog.
+#[utoipa::path(
+    get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"))
+)]
 async fn render_metrics(State(state): State<MetricsState>) -> Response {
     state.orders.record_metrics().await;
     (

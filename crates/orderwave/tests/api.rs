@@ -835,8 +835,26 @@ async fn health_metrics_openapi_and_docs_are_served(app: &TestApp) {
         "/api/v1/orders/{id}/history",
         "/api/v1/customers/{customerId}/orders",
         "/api/v1/admin/outbox",
+        "/health/live",
+        "/health/ready",
+        "/metrics",
     ] {
         assert!(paths.contains_key(path), "{path} missing from OpenAPI");
+    }
+    // Every operation documents its answers, and every API operation its error answers.
+    for (path, item) in paths {
+        for (method, operation) in item.as_object().unwrap() {
+            let responses = operation["responses"]
+                .as_object()
+                .unwrap_or_else(|| panic!("{method} {path}"));
+            assert!(!responses.is_empty(), "{method} {path} has no responses");
+            if path.starts_with("/api/") && path != "/api/v1/admin/outbox" {
+                assert!(
+                    responses.keys().any(|code| code.starts_with('4')),
+                    "{method} {path} documents no error response"
+                );
+            }
+        }
     }
     assert!(openapi["components"]["schemas"]["Problem"].is_object());
 
