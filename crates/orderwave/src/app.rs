@@ -108,7 +108,7 @@ impl Application {
             .migrate(&storage::idempotency::MIGRATOR)
             .await
             .context("migrating the http database")?;
-        let orders = OrderService::start(dbs.orders.clone())
+        let orders = OrderService::start(dbs.orders.clone(), config.order_cache_mib * 1024 * 1024)
             .await
             .context("starting the order service")?;
         let idempotency = IdempotencyStore::new(

@@ -69,6 +69,11 @@ pub struct Config {
     #[arg(long, env = "ORDERWAVE_IDEMPOTENCY_TTL_HOURS", default_value_t = 24)]
     pub idempotency_ttl_hours: u64,
 
+    /// Memory for the in-process order cache, in MiB; 0 turns it off (needed when several
+    /// order-service processes share one database).
+    #[arg(long, env = "ORDERWAVE_ORDER_CACHE_MIB", default_value_t = 16)]
+    pub order_cache_mib: u64,
+
     /// Seconds a request may take before it is answered 503.
     #[arg(long, env = "ORDERWAVE_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
@@ -84,6 +89,7 @@ impl Config {
             db_max_connections: 4,
             log_format: LogFormat::Pretty,
             idempotency_ttl_hours: 24,
+            order_cache_mib: 16,
             request_timeout_secs: 30,
         }
     }

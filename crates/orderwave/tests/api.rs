@@ -28,6 +28,7 @@ on_both_backends!(
     concurrent_writers_with_the_same_if_match_let_exactly_one_win,
     concurrent_edits_without_if_match_are_all_kept_none_lost,
     every_event_is_in_the_outbox_until_a_relay_sends_it,
+    many_orders_placed_at_once_are_each_committed_once,
     health_metrics_openapi_and_docs_are_served,
     every_response_carries_a_request_id,
 );
@@ -881,4 +882,44 @@ async fn every_response_carries_a_request_id(app: &TestApp) {
         .await
         .unwrap();
     assert_eq!(response.headers()["x-request-id"], "trace-me-42");
+}
+
+async fn many_orders_placed_at_once_are_each_committed_once(app: &TestApp) {
+    // Concurrent writes share transactions (group commit); each must still be there exactly once.
+    let who = customer();
+    let requests = (0..60).map(|i| {
+        let mut body = order_body(&who);
+        body["notes"] = json!(format!("order {i}"));
+        app.request(Method::POST, "/api/v1/orders")
+            .json(&body)
+            .send()
+    });
+    let responses = futures::future::join_all(requests).await;
+    let mut ids = std::collections::HashSet::new();
+    for response in responses {
+        let response = response.unwrap();
+        assert_eq!(response.status(), 201);
+        let order: Value = response.json().await.unwrap();
+        ids.insert(order["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(ids.len(), 60);
+    let mut listed = std::collections::HashSet::new();
+    let mut path = format!("/api/v1/customers/{who}/orders?limit=100");
+    loop {
+        let page: Value = app.get(&path).await.json().await.unwrap();
+        listed.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["id"].as_str().unwrap().to_string()),
+        );
+        match page["nextCursor"].as_str() {
+            Some(c) => path = format!("/api/v1/customers/{who}/orders?limit=100&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(listed, ids);
+    let outbox: Value = app.get("/api/v1/admin/outbox").await.json().await.unwrap();
+    assert_eq!(outbox[0]["pending"], 60);
 }

@@ -1,5 +1,6 @@
 //! The event store: append-only events with a unique (aggregate_id, version).
 
+use crate::bulk::{self, Value};
 use sqlx::{AnyConnection, Row};
 
 /// An event ready to be appended.
@@ -36,30 +37,37 @@ pub fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(e) if e.is_unique_violation())
 }
 
-/// Appends events inside the caller's transaction. A duplicate version is a [`AppendError::Conflict`].
+/// Appends events inside the caller's transaction, in one statement. A version some writer
+/// appended first is a [`AppendError::Conflict`].
 pub async fn append(conn: &mut AnyConnection, events: &[NewEvent]) -> Result<(), AppendError> {
-    for e in events {
-        let result = sqlx::query(
-            "INSERT INTO events (aggregate_id, version, event_type, payload, occurred_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(&e.aggregate_id)
-        .bind(e.version)
-        .bind(&e.event_type)
-        .bind(&e.payload)
-        .bind(&e.occurred_at)
-        .execute(&mut *conn)
-        .await;
-        match result {
-            Ok(_) => {}
-            Err(err) if is_unique_violation(&err) => {
-                return Err(AppendError::Conflict {
-                    aggregate_id: e.aggregate_id.clone(),
-                });
-            }
-            Err(err) => return Err(err.into()),
-        }
+    let rows: Vec<Vec<Value>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                e.aggregate_id.as_str().into(),
+                e.version.into(),
+                e.event_type.as_str().into(),
+                e.payload.as_str().into(),
+                e.occurred_at.as_str().into(),
+            ]
+        })
+        .collect();
+    match bulk::insert(
+        conn,
+        "INSERT INTO events (aggregate_id, version, event_type, payload, occurred_at)",
+        &rows,
+    )
+    .await
+    {
+        Ok(()) => Ok(()),
+        Err(err) if is_unique_violation(&err) => Err(AppendError::Conflict {
+            aggregate_id: events
+                .first()
+                .map(|e| e.aggregate_id.clone())
+                .unwrap_or_default(),
+        }),
+        Err(err) => Err(err.into()),
     }
-    Ok(())
 }
 
 /// All events of one aggregate, oldest first.

@@ -4,6 +4,7 @@
 //! Every value crosses the driver as TEXT or BIGINT (uuids, RFC 3339 times and decimal money
 //! as text) so the same SQL and migrations serve both databases.
 
+pub mod bulk;
 mod db;
 pub mod events;
 pub mod idempotency;

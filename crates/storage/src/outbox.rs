@@ -1,6 +1,7 @@
 //! The transactional outbox: messages written with the events that caused them, in CloudEvents
 //! 1.0 JSON, waiting for the relay to publish them.
 
+use crate::bulk::{self, Value};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::{AnyConnection, Row};
@@ -32,27 +33,30 @@ pub struct OutboxMessage {
     pub created_at: String,
 }
 
-/// Writes messages inside the caller's transaction.
+/// Writes messages inside the caller's transaction, in one statement.
 pub async fn enqueue(
     conn: &mut AnyConnection,
     messages: &[OutboxMessage],
 ) -> Result<(), sqlx::Error> {
+    let mut rows = Vec::with_capacity(messages.len());
     for m in messages {
         let payload =
             serde_json::to_string(&m.envelope).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        sqlx::query(
-            "INSERT INTO outbox (id, aggregate_id, aggregate_version, topic, payload, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&m.id)
-        .bind(&m.aggregate_id)
-        .bind(m.aggregate_version)
-        .bind(&m.topic)
-        .bind(payload)
-        .bind(&m.created_at)
-        .execute(&mut *conn)
-        .await?;
+        rows.push(vec![
+            Value::from(m.id.as_str()),
+            m.aggregate_id.as_str().into(),
+            m.aggregate_version.into(),
+            m.topic.as_str().into(),
+            payload.into(),
+            m.created_at.as_str().into(),
+        ]);
     }
-    Ok(())
+    bulk::insert(
+        conn,
+        "INSERT INTO outbox (id, aggregate_id, aggregate_version, topic, payload, created_at)",
+        &rows,
+    )
+    .await
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -17,7 +17,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::OrderService;
-use crate::store::{OrderFilter, StoreError};
+use crate::store::{OrderFilter, Snapshot, StoreError};
 use crate::view::{
     AddressBody, HistoryEntry, OrderHistory, OrderLineBody, OrderPage, OrderView, OutboxReport,
     PlaceOrderBody, ShippingBody, StatusChangeBody, UpdateOrderBody,
@@ -103,6 +103,7 @@ impl From<StoreError> for Problem {
                     Problem::internal()
                 }
             }
+            StoreError::Closed => Problem::unavailable("The service is shutting down; retry."),
             StoreError::Corrupt(detail) => {
                 tracing::error!(%detail, "stored order data is corrupt");
                 Problem::internal()
@@ -119,8 +120,17 @@ fn parse_id(id: &str) -> Result<Uuid, Problem> {
     Uuid::parse_str(id).map_err(|_| order_not_found())
 }
 
-fn order_response(status: StatusCode, order: &domain::order::Order) -> Response {
-    let mut response = (status, axum::Json(OrderView::from(order))).into_response();
+fn order_response(status: StatusCode, snapshot: &Snapshot) -> Response {
+    let order = &snapshot.order;
+    let mut response = (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        snapshot.json.clone(),
+    )
+        .into_response();
     response
         .headers_mut()
         .insert(header::ETAG, etag::etag(order.version));
@@ -226,7 +236,11 @@ async fn place_order(
     match service.store.execute(id, None, command).await {
         Ok(order) => Ok(order_response(StatusCode::CREATED, &order)),
         Err(StoreError::Conflict) if reserved_id.is_some() => {
-            let order = service.store.get(id).await?.ok_or_else(order_not_found)?;
+            let order = service
+                .store
+                .snapshot(id)
+                .await?
+                .ok_or_else(order_not_found)?;
             Ok(order_response(StatusCode::CREATED, &order))
         }
         Err(e) => Err(e.into()),
@@ -250,15 +264,20 @@ async fn get_order(
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let id = parse_id(&id)?;
-    let order = service.store.get(id).await?.ok_or_else(order_not_found)?;
-    if etag::not_modified(&headers, order.version) {
+    let snapshot = service
+        .store
+        .snapshot(id)
+        .await?
+        .ok_or_else(order_not_found)?;
+    let version = snapshot.order.version;
+    if etag::not_modified(&headers, version) {
         let mut response = StatusCode::NOT_MODIFIED.into_response();
         response
             .headers_mut()
-            .insert(header::ETAG, etag::etag(order.version));
+            .insert(header::ETAG, etag::etag(version));
         return Ok(response);
     }
-    Ok(order_response(StatusCode::OK, &order))
+    Ok(order_response(StatusCode::OK, &snapshot))
 }
 
 /// Replace the items, shipping address and notes of a PENDING order.

@@ -16,11 +16,12 @@ pub struct OrderService {
 }
 
 impl OrderService {
-    /// Migrates `db` and builds the service on it.
-    pub async fn start(db: Db) -> Result<Self, storage::DbError> {
+    /// Migrates `db` and builds the service on it, with an order cache of `cache_bytes`
+    /// (0 turns it off; it must be off when several order-service processes share a database).
+    pub async fn start(db: Db, cache_bytes: u64) -> Result<Self, storage::DbError> {
         db.migrate(&MIGRATOR).await?;
         Ok(Self {
-            store: OrderStore::new(db),
+            store: OrderStore::new(db, cache_bytes),
         })
     }
 

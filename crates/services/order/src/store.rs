@@ -1,14 +1,27 @@
-//! The order store: loads orders, and runs a command as one transaction that appends its
-//! events, updates the read model and writes the outbox.
+//! The order store. A command is decided on the current state and its events, read-model
+//! change and outbox messages are committed in one transaction. Commits go through one writer
+//! task that groups concurrent writes into a single transaction (group commit): one fsync and a
+//! handful of multi-row statements for a whole batch, and every caller is answered only after
+//! the commit that holds its write.
+//!
+//! Orders are cached in memory, keyed by id and only replaced by a newer version. The order
+//! service is the only writer of its tables, so the cache is exact for one process; a
+//! deployment with several order-service replicas must turn it off (capacity 0).
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use domain::DomainError;
 use domain::order::{Order, OrderCommand, OrderEvent, OrderStatus, RecordedEvent, decide, evolve};
+use moka::ops::compute::Op;
+use moka::sync::Cache;
 use sqlx::{AssertSqlSafe, Row};
+use std::sync::Arc;
 use storage::Db;
+use storage::bulk::{self, Value};
 use storage::events::{self, AppendError, NewEvent};
 use storage::outbox::{self, CloudEvent, OutboxMessage};
 use storage::time;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::view::OrderView;
@@ -27,6 +40,8 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    #[error("the order store is shutting down")]
+    Closed,
 }
 
 /// Filters of an order listing.
@@ -41,29 +56,110 @@ pub struct OrderFilter {
     pub limit: u32,
 }
 
+/// An order with its API representation serialized once.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub order: Order,
+    pub json: Bytes,
+}
+
+impl Snapshot {
+    fn new(order: Order) -> Result<Arc<Self>, StoreError> {
+        let json = serde_json::to_vec(&OrderView::from(&order))
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok(Arc::new(Snapshot {
+            order,
+            json: Bytes::from(json),
+        }))
+    }
+}
+
+/// Everything one command writes.
+#[derive(Debug)]
+struct Write {
+    created: bool,
+    replace_items: bool,
+    order: Order,
+    document: String,
+    events: Vec<NewEvent>,
+    messages: Vec<OutboxMessage>,
+}
+
+type Job = (Write, oneshot::Sender<Result<(), StoreError>>);
+
 #[derive(Clone, Debug)]
 pub struct OrderStore {
     db: Db,
+    cache: Option<Cache<Uuid, Arc<Snapshot>>>,
+    writer: mpsc::Sender<Job>,
 }
 
 const SOURCE: &str = "/orderwave/order-service";
+/// Writes grouped into one transaction at most.
+const MAX_BATCH: usize = 128;
 
 impl OrderStore {
-    pub fn new(db: Db) -> Self {
-        Self { db }
+    /// A store on `db` with a cache of at most `cache_bytes` of orders (0: no cache). Spawns
+    /// the writer task, which ends once every clone of the store is dropped.
+    pub fn new(db: Db, cache_bytes: u64) -> Self {
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
+        tokio::spawn(write_loop(db.clone(), rx));
+        let cache = (cache_bytes > 0).then(|| {
+            Cache::builder()
+                .weigher(|_: &Uuid, s: &Arc<Snapshot>| {
+                    u32::try_from(s.json.len() * 3 + 256).unwrap_or(u32::MAX)
+                })
+                .max_capacity(cache_bytes)
+                .build()
+        });
+        Self {
+            db,
+            cache,
+            writer: tx,
+        }
     }
 
     pub fn db(&self) -> &Db {
         &self.db
     }
 
-    pub async fn get(&self, id: Uuid) -> Result<Option<Order>, StoreError> {
+    /// Keeps `snapshot` unless the cache already holds the same or a newer version.
+    fn remember(&self, snapshot: &Arc<Snapshot>) {
+        if let Some(cache) = &self.cache {
+            let _ = cache
+                .entry(snapshot.order.id)
+                .and_compute_with(|existing| match existing {
+                    Some(e) if e.value().order.version >= snapshot.order.version => Op::Nop,
+                    _ => Op::Put(snapshot.clone()),
+                });
+        }
+    }
+
+    fn forget(&self, id: Uuid) {
+        if let Some(cache) = &self.cache {
+            cache.invalidate(&id);
+        }
+    }
+
+    /// The order and its JSON, from the cache or the database.
+    pub async fn snapshot(&self, id: Uuid) -> Result<Option<Arc<Snapshot>>, StoreError> {
+        if let Some(hit) = self.cache.as_ref().and_then(|c| c.get(&id)) {
+            return Ok(Some(hit));
+        }
         let row = sqlx::query("SELECT document FROM orders WHERE id = $1")
             .bind(id.to_string())
             .fetch_optional(self.db.reader())
             .await?;
-        row.map(|r| decode_document(&r.try_get::<String, _>(0)?))
-            .transpose()
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let snapshot = Snapshot::new(decode_document(&row.try_get::<String, _>(0)?)?)?;
+        self.remember(&snapshot);
+        Ok(Some(snapshot))
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<Option<Order>, StoreError> {
+        Ok(self.snapshot(id).await?.map(|s| s.order.clone()))
     }
 
     /// Runs `command` on order `id`. `expected` is the version from `If-Match`; without it a
@@ -73,10 +169,9 @@ impl OrderStore {
         id: Uuid,
         expected: Option<u64>,
         command: OrderCommand,
-    ) -> Result<Order, StoreError> {
+    ) -> Result<Arc<Snapshot>, StoreError> {
         let creating = matches!(command, OrderCommand::Place { .. });
         let attempts = if expected.is_some() || creating { 1 } else { 5 };
-        let mut last = StoreError::Conflict;
         for _ in 0..attempts {
             let state = if creating { None } else { self.get(id).await? };
             if let (Some(expected), Some(order)) = (expected, &state)
@@ -87,134 +182,28 @@ impl OrderStore {
                 });
             }
             let events = decide(state.as_ref(), command.clone())?;
-            match self.commit(id, state, events).await {
-                Ok(order) => return Ok(order),
-                Err(StoreError::Conflict) => last = StoreError::Conflict,
+            let write = prepare(id, state, events)?;
+            let order = write.order.clone();
+            let (reply, answer) = oneshot::channel();
+            self.writer
+                .send((write, reply))
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            match answer.await.map_err(|_| StoreError::Closed)? {
+                Ok(()) => {
+                    if creating {
+                        metrics::counter!("orders_created_total").increment(1);
+                    }
+                    let snapshot = Snapshot::new(order)?;
+                    self.remember(&snapshot);
+                    return Ok(snapshot);
+                }
+                // Our state was old: drop it so the next attempt reads the database.
+                Err(StoreError::Conflict) => self.forget(id),
                 Err(other) => return Err(other),
             }
         }
-        Err(last)
-    }
-
-    async fn commit(
-        &self,
-        id: Uuid,
-        state: Option<Order>,
-        new_events: Vec<OrderEvent>,
-    ) -> Result<Order, StoreError> {
-        let at = time::now();
-        let at_text = time::to_text(at);
-        let created = state.is_none();
-        let items_before = state.as_ref().map(|o| o.items.clone());
-        let mut version = state.as_ref().map_or(0, |o| o.version);
-        let mut order = state;
-        let mut stored = Vec::with_capacity(new_events.len());
-        let mut recorded = Vec::with_capacity(new_events.len());
-        for event in new_events {
-            version += 1;
-            let r = RecordedEvent {
-                order_id: id,
-                version,
-                at,
-                event,
-            };
-            order = evolve(order, &r);
-            stored.push(NewEvent {
-                aggregate_id: id.to_string(),
-                version: i64::try_from(version).unwrap_or(i64::MAX),
-                event_type: r.event.type_name().to_string(),
-                payload: serde_json::to_string(&r.event)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                occurred_at: at_text.clone(),
-            });
-            recorded.push(r);
-        }
-        let order = order.ok_or_else(|| StoreError::Corrupt("events built no order".into()))?;
-        let view = OrderView::from(&order);
-        let document =
-            serde_json::to_string(&order).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let messages = recorded
-            .iter()
-            .map(|r| {
-                let message_id = Uuid::now_v7().to_string();
-                OutboxMessage {
-                    id: message_id.clone(),
-                    aggregate_id: id.to_string(),
-                    aggregate_version: i64::try_from(r.version).unwrap_or(i64::MAX),
-                    topic: r.event.topic().to_string(),
-                    envelope: CloudEvent {
-                        specversion: "1.0".into(),
-                        id: message_id,
-                        source: SOURCE.into(),
-                        event_type: r.event.topic().into(),
-                        subject: id.to_string(),
-                        time: at_text.clone(),
-                        datacontenttype: "application/json".into(),
-                        traceparent: None,
-                        data: serde_json::json!({
-                            "orderId": id,
-                            "version": r.version,
-                            "event": r.event,
-                            "order": view,
-                        }),
-                    },
-                    created_at: at_text.clone(),
-                }
-            })
-            .collect::<Vec<_>>();
-
-        let mut tx = self.db.writer().begin().await?;
-        events::append(&mut tx, &stored)
-            .await
-            .map_err(|e| match e {
-                AppendError::Conflict { .. } => StoreError::Conflict,
-                AppendError::Db(e) => StoreError::Db(e),
-            })?;
-        let version_i64 = i64::try_from(order.version).unwrap_or(i64::MAX);
-        if created {
-            sqlx::query(
-                "INSERT INTO orders (id, customer_id, status, currency, total, version, created_at, updated_at, document) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            )
-            .bind(id.to_string())
-            .bind(order.customer_id.to_string())
-            .bind(order.status.as_str())
-            .bind(&order.currency)
-            .bind(order.total.to_string())
-            .bind(version_i64)
-            .bind(time::to_text(order.created_at))
-            .bind(&at_text)
-            .bind(&document)
-            .execute(&mut *tx)
-            .await?;
-        } else {
-            sqlx::query(
-                "UPDATE orders SET status = $1, total = $2, version = $3, updated_at = $4, document = $5 WHERE id = $6",
-            )
-            .bind(order.status.as_str())
-            .bind(order.total.to_string())
-            .bind(version_i64)
-            .bind(&at_text)
-            .bind(&document)
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        }
-        if items_before.as_ref() != Some(&order.items) {
-            if !created {
-                sqlx::query("DELETE FROM order_items WHERE order_id = $1")
-                    .bind(id.to_string())
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            insert_items(&mut tx, &order).await?;
-        }
-        outbox::enqueue(&mut tx, &messages).await?;
-        tx.commit().await?;
-        if created {
-            metrics::counter!("orders_created_total").increment(1);
-        }
-        Ok(order)
+        Err(StoreError::Conflict)
     }
 
     /// The order's events, oldest first.
@@ -287,38 +276,198 @@ impl OrderStore {
     }
 }
 
-async fn insert_items(
-    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-    order: &Order,
-) -> Result<(), sqlx::Error> {
-    // One multi-row INSERT: a round trip per order, not per line.
-    let mut sql = String::from(
-        "INSERT INTO order_items (order_id, line_no, sku, quantity, unit_price) VALUES ",
-    );
-    for i in 0..order.items.len() {
-        if i > 0 {
-            sql.push_str(", ");
+/// Builds the rows a command's events write. Pure apart from the clock and fresh ids.
+fn prepare(
+    id: Uuid,
+    state: Option<Order>,
+    new_events: Vec<OrderEvent>,
+) -> Result<Write, StoreError> {
+    let at = time::now();
+    let at_text = time::to_text(at);
+    let created = state.is_none();
+    let items_before = state.as_ref().map(|o| o.items.clone());
+    let mut version = state.as_ref().map_or(0, |o| o.version);
+    let mut order = state;
+    let mut events = Vec::with_capacity(new_events.len());
+    let mut recorded = Vec::with_capacity(new_events.len());
+    for event in new_events {
+        version += 1;
+        let r = RecordedEvent {
+            order_id: id,
+            version,
+            at,
+            event,
+        };
+        order = evolve(order, &r);
+        events.push(NewEvent {
+            aggregate_id: id.to_string(),
+            version: i64::try_from(version).unwrap_or(i64::MAX),
+            event_type: r.event.type_name().to_string(),
+            payload: serde_json::to_string(&r.event)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            occurred_at: at_text.clone(),
+        });
+        recorded.push(r);
+    }
+    let order = order.ok_or_else(|| StoreError::Corrupt("events built no order".into()))?;
+    let view = OrderView::from(&order);
+    let document = serde_json::to_string(&order).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let messages = recorded
+        .iter()
+        .map(|r| {
+            let message_id = Uuid::now_v7().to_string();
+            OutboxMessage {
+                id: message_id.clone(),
+                aggregate_id: id.to_string(),
+                aggregate_version: i64::try_from(r.version).unwrap_or(i64::MAX),
+                topic: r.event.topic().to_string(),
+                envelope: CloudEvent {
+                    specversion: "1.0".into(),
+                    id: message_id,
+                    source: SOURCE.into(),
+                    event_type: r.event.topic().into(),
+                    subject: id.to_string(),
+                    time: at_text.clone(),
+                    datacontenttype: "application/json".into(),
+                    traceparent: None,
+                    data: serde_json::json!({
+                        "orderId": id,
+                        "version": r.version,
+                        "event": r.event,
+                        "order": view,
+                    }),
+                },
+                created_at: at_text.clone(),
+            }
+        })
+        .collect();
+    Ok(Write {
+        created,
+        replace_items: items_before.as_ref() != Some(&order.items),
+        order,
+        document,
+        events,
+        messages,
+    })
+}
+
+/// The writer task: takes every write waiting, commits them in one transaction, answers each.
+/// If a grouped transaction fails (one write's version conflict), each write is retried on its
+/// own so only the conflicting one fails.
+async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        metrics::histogram!("order_store_batch_size").record(batch.len() as f64);
+        let writes: Vec<&Write> = batch.iter().map(|(w, _)| w).collect();
+        match commit(&db, &writes).await {
+            Ok(()) => {
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(error) if batch.len() > 1 => {
+                tracing::debug!(%error, size = batch.len(), "group commit failed; writing one by one");
+                for (write, reply) in batch.drain(..) {
+                    let _ = reply.send(commit(&db, &[&write]).await);
+                }
+            }
+            Err(error) => {
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(clone_error(&error)));
+                }
+            }
         }
-        let b = i * 5;
-        sql.push_str(&format!(
-            "(${}, ${}, ${}, ${}, ${})",
-            b + 1,
-            b + 2,
-            b + 3,
-            b + 4,
-            b + 5
-        ));
     }
-    let mut query = sqlx::query(AssertSqlSafe(sql));
-    for (i, item) in order.items.iter().enumerate() {
-        query = query
-            .bind(order.id.to_string())
-            .bind(i64::try_from(i).unwrap_or(0))
-            .bind(item.sku.clone())
-            .bind(i64::from(item.quantity))
-            .bind(item.unit_price.to_string());
+}
+
+fn clone_error(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::Conflict => StoreError::Conflict,
+        StoreError::Closed => StoreError::Closed,
+        other => StoreError::Corrupt(other.to_string()),
     }
-    query.execute(&mut **tx).await?;
+}
+
+/// One transaction for all `writes`.
+async fn commit(db: &Db, writes: &[&Write]) -> Result<(), StoreError> {
+    let mut tx = db.writer().begin().await?;
+    let events: Vec<NewEvent> = writes
+        .iter()
+        .flat_map(|w| w.events.iter().cloned())
+        .collect();
+    events::append(&mut tx, &events)
+        .await
+        .map_err(|e| match e {
+            AppendError::Conflict { .. } => StoreError::Conflict,
+            AppendError::Db(e) => StoreError::Db(e),
+        })?;
+    let mut created_rows = Vec::new();
+    let mut item_rows = Vec::new();
+    for w in writes {
+        let o = &w.order;
+        let version = i64::try_from(o.version).unwrap_or(i64::MAX);
+        let updated_at = time::to_text(o.updated_at);
+        if w.created {
+            created_rows.push(vec![
+                Value::from(o.id.to_string()),
+                o.customer_id.to_string().into(),
+                o.status.as_str().into(),
+                o.currency.as_str().into(),
+                o.total.to_string().into(),
+                version.into(),
+                time::to_text(o.created_at).into(),
+                updated_at.into(),
+                w.document.as_str().into(),
+            ]);
+        } else {
+            sqlx::query(
+                "UPDATE orders SET status = $1, total = $2, version = $3, updated_at = $4, document = $5 WHERE id = $6",
+            )
+            .bind(o.status.as_str())
+            .bind(o.total.to_string())
+            .bind(version)
+            .bind(updated_at)
+            .bind(&w.document)
+            .bind(o.id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        if w.replace_items {
+            if !w.created {
+                sqlx::query("DELETE FROM order_items WHERE order_id = $1")
+                    .bind(o.id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for (i, item) in o.items.iter().enumerate() {
+                item_rows.push(vec![
+                    Value::from(o.id.to_string()),
+                    i64::try_from(i).unwrap_or(0).into(),
+                    item.sku.as_str().into(),
+                    i64::from(item.quantity).into(),
+                    item.unit_price.to_string().into(),
+                ]);
+            }
+        }
+    }
+    bulk::insert(
+        &mut tx,
+        "INSERT INTO orders (id, customer_id, status, currency, total, version, created_at, updated_at, document)",
+        &created_rows,
+    )
+    .await?;
+    bulk::insert(
+        &mut tx,
+        "INSERT INTO order_items (order_id, line_no, sku, quantity, unit_price)",
+        &item_rows,
+    )
+    .await?;
+    let messages: Vec<OutboxMessage> = writes
+        .iter()
+        .flat_map(|w| w.messages.iter().cloned())
+        .collect();
+    outbox::enqueue(&mut tx, &messages).await?;
+    tx.commit().await?;
     Ok(())
 }
 

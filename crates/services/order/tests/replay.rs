@@ -13,7 +13,8 @@ use uuid::Uuid;
 #[tokio::test]
 async fn replaying_the_stored_events_rebuilds_the_stored_read_model() {
     let dir = tempfile::tempdir().unwrap();
-    let service = OrderService::start(Db::open_sqlite(dir.path(), "orders").await.unwrap())
+    // No cache: every read below comes from the database.
+    let service = OrderService::start(Db::open_sqlite(dir.path(), "orders").await.unwrap(), 0)
         .await
         .unwrap();
     let mut runner = TestRunner::new(Config::with_cases(32));
