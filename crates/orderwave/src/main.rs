@@ -13,7 +13,7 @@ async fn main() -> ExitCode {
         Some(Command::Migrate(config)) => (true, config),
         None => (false, cli.serve),
     };
-    telemetry::init(config.log_format);
+    let log_guard = telemetry::init(config.log_format);
     let result = if migrate_only {
         orderwave::app::migrate(&config).await.map(|()| {
             println!("migrations applied");
@@ -21,11 +21,17 @@ async fn main() -> ExitCode {
     } else {
         serve(config).await
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(error = %format!("{error:#}"), "orderwave stopped");
-            eprintln!("error: {error:#}");
+    let failure = result.err().map(|error| {
+        let message = format!("{error:#}");
+        tracing::error!(error = %message, "orderwave stopped");
+        message
+    });
+    // Flush the queued log lines before the last word.
+    drop(log_guard);
+    match failure {
+        None => ExitCode::SUCCESS,
+        Some(message) => {
+            eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }
