@@ -48,3 +48,23 @@ pub async fn track(request: Request, next: Next) -> Response {
         .record(start.elapsed().as_secs_f64());
     response
 }
+
+/// Middleware: one access log line per request. Changes and failures are logged at INFO;
+/// successful reads at DEBUG, so a read-heavy load does not spend its time writing logs.
+pub async fn access_log(request: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    let micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let quiet =
+        matches!(method, axum::http::Method::GET | axum::http::Method::HEAD) && status < 400;
+    if quiet {
+        tracing::debug!(status, latency_us = micros, "request finished");
+    } else if status >= 500 {
+        tracing::warn!(status, latency_us = micros, "request failed");
+    } else {
+        tracing::info!(status, latency_us = micros, "request finished");
+    }
+    response
+}

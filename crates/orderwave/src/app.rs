@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -208,6 +208,7 @@ fn build_router(
     .merge(docs)
     .fallback(not_found)
     .layer(axum::middleware::from_fn(http_kit::metrics::track))
+    .layer(axum::middleware::from_fn(http_kit::metrics::access_log))
     .layer(axum::middleware::from_fn(
         http_kit::problem::problem_for_errors,
     ))
@@ -233,7 +234,7 @@ fn build_router(
                 )
             })
             .on_request(())
-            .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+            .on_response(()),
     )
     .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }

@@ -197,13 +197,15 @@ async fn json_logs_carry_the_request_id_and_no_secret() {
     let url = format!("{database}?password=hunter2");
     let mut server = start(dir.path(), Some(&url), &["--log-format", "json"]);
     let client = reqwest::Client::new();
+    // A change is logged at INFO (successful reads only at DEBUG).
     let response = client
-        .get(format!("{}/health/ready", server.base))
+        .post(format!("{}/api/v1/orders", server.base))
         .header("x-request-id", "req-abc-123")
+        .json(&order_body(&customer()))
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(response.status(), 201);
     signal(&server.child, "TERM");
     assert!(server.child.wait().unwrap().success());
     let logs = std::fs::read_to_string(&server.stderr_path).unwrap();
@@ -211,10 +213,12 @@ async fn json_logs_carry_the_request_id_and_no_secret() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
         .collect();
-    assert!(
-        lines.iter().any(|l| l.to_string().contains("req-abc-123")),
-        "request id in the logs: {logs}"
-    );
+    let access = lines
+        .iter()
+        .find(|l| l["span"]["request_id"] == "req-abc-123")
+        .unwrap_or_else(|| panic!("no log line with the request id: {logs}"));
+    assert_eq!(access["fields"]["status"], 201);
+    assert_eq!(access["level"], "INFO");
     assert!(!logs.contains("hunter2"), "a secret leaked into the logs");
     common::drop_pg_database(&database).await;
 }

@@ -48,6 +48,28 @@ async fn sqlite_pragmas(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// Copies the WAL into the database file every 200 ms (PASSIVE: never blocks a reader or the
+/// writer) until the pools close.
+async fn checkpoint_loop(writer: AnyPool, reader: AnyPool) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if writer.is_closed() || reader.is_closed() {
+            return;
+        }
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&reader)
+            .await
+        {
+            if writer.is_closed() || reader.is_closed() {
+                return;
+            }
+            tracing::warn!(%error, "WAL checkpoint failed");
+        }
+    }
+}
+
 fn install_drivers() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(sqlx::any::install_default_drivers);
@@ -72,6 +94,12 @@ impl Db {
             .connect_with(options.clone())
             .await
             .map_err(DbError::Connect)?;
+        // The writer never checkpoints on commit (that stalls the commit for the whole copy);
+        // a background task checkpoints instead, without blocking anyone.
+        sqlx::query("PRAGMA wal_autocheckpoint=0")
+            .execute(&writer)
+            .await
+            .map_err(DbError::Connect)?;
         let reader = AnyPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(30))
@@ -79,6 +107,7 @@ impl Db {
             .connect_with(options)
             .await
             .map_err(DbError::Connect)?;
+        tokio::spawn(checkpoint_loop(writer.clone(), reader.clone()));
         Ok(Db {
             backend: Backend::Sqlite,
             writer,
