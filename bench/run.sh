@@ -126,6 +126,8 @@ bench_backend() {
   wrk_run "$name-post" "$url/api/v1/orders" "$WORK/post.lua"
   eval "${name}_POST_RPS=\$R_RPS ${name}_POST_P50=\$R_P50 ${name}_POST_P99=\$R_P99 ${name}_POST_ERR=\$R_NON2XX"
   eval "${name}_POST_LOAD=\"\$R_LOAD\""
+  # Average group-commit batch during the POST phase.
+  eval "${name}_BATCH=$(curl -sf "$url/metrics" | awk '/^order_store_batch_size_sum/ {s=$2} /^order_store_batch_size_count/ {c=$2} END {if (c > 0) printf "%.1f", s/c; else print "n/a"}')"
   # GET over ids of orders just placed.
   curl -sf "$url/api/v1/orders?limit=100" | grep -o '"id":"[0-9a-f-]\{36\}"' | cut -d'"' -f4 >"$WORK/$name.ids"
   {
@@ -158,4 +160,5 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.0f%%", 100 * a /
   echo "| GET /orders/{id}, SQLite | $sqlite_GET_RPS req/s | $sqlite_GET_P50 | $sqlite_GET_P99 | $sqlite_GET_ERR | $(ratio "$sqlite_GET_RPS" "$HELLO_RPS") of hello | $sqlite_GET_LOAD |"
   echo
   echo "Peak server RSS under load: PostgreSQL $pg_RSS MiB, SQLite $sqlite_RSS MiB."
+  echo "Average orders per commit (group commit) during POST: PostgreSQL $pg_BATCH, SQLite $sqlite_BATCH."
 } | tee "$REPORT"

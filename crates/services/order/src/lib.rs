@@ -4,6 +4,7 @@ pub mod api;
 pub mod store;
 pub mod view;
 
+use std::sync::Arc;
 use storage::Db;
 use store::OrderStore;
 
@@ -12,7 +13,8 @@ pub static MIGRATOR: storage::Migrator = sqlx::migrate!("./migrations");
 /// The service as the binary wires it: its store, and from it a router.
 #[derive(Clone, Debug)]
 pub struct OrderService {
-    pub store: OrderStore,
+    /// Shared: the router clones the service for every request, so a clone is one increment.
+    pub store: Arc<OrderStore>,
 }
 
 impl OrderService {
@@ -21,7 +23,7 @@ impl OrderService {
     pub async fn start(db: Db, cache_bytes: u64) -> Result<Self, storage::DbError> {
         db.migrate(&MIGRATOR).await?;
         Ok(Self {
-            store: OrderStore::new(db, cache_bytes),
+            store: Arc::new(OrderStore::new(db, cache_bytes)),
         })
     }
 
