@@ -26,6 +26,17 @@ pub fn handle() -> PrometheusHandle {
             let handle = recorder.handle();
             // Fails only if another recorder was installed first; ours still renders then.
             let _ = metrics::set_global_recorder(recorder);
+            // Histogram samples queue until upkeep folds them into buckets; without it they
+            // pile up between scrapes (or forever, when nobody scrapes).
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                        upkeep.run_upkeep();
+                    }
+                });
             handle
         })
         .clone()

@@ -71,7 +71,7 @@ pub struct Config {
 
     /// Memory for the in-process order cache, in MiB; 0 turns it off (needed when several
     /// order-service processes share one database).
-    #[arg(long, env = "ORDERWAVE_ORDER_CACHE_MIB", default_value_t = 8)]
+    #[arg(long, env = "ORDERWAVE_ORDER_CACHE_MIB", default_value_t = 4)]
     pub order_cache_mib: u64,
 
     /// Seconds a request may take before it is answered 503.
@@ -89,7 +89,7 @@ impl Config {
             db_max_connections: 4,
             log_format: LogFormat::Pretty,
             idempotency_ttl_hours: 24,
-            order_cache_mib: 8,
+            order_cache_mib: 4,
             request_timeout_secs: 30,
         }
     }
