@@ -176,6 +176,18 @@ fn shipping_from(body: &ShippingBody) -> Result<domain::order::Shipping, Problem
     .map_err(fields)
 }
 
+/// Runs `command` on order `id`, checking `If-Match`, and answers the order's new state.
+async fn run_command(
+    service: &OrderService,
+    id: Uuid,
+    headers: &HeaderMap,
+    command: OrderCommand,
+) -> Result<Response, Problem> {
+    let expected = etag::if_match(headers)?;
+    let snapshot = service.store.execute(id, expected, command).await?;
+    Ok(order_response(StatusCode::OK, &snapshot))
+}
+
 // ---- handlers -----------------------------------------------------------------------------
 
 /// Place an order.
@@ -302,7 +314,6 @@ async fn update_order(
     JsonBody(body): JsonBody<UpdateOrderBody>,
 ) -> Result<Response, Problem> {
     let id = parse_id(&id)?;
-    let expected = etag::if_match(&headers)?;
     let current = service.store.get(id).await?.ok_or_else(order_not_found)?;
     let draft = draft_from(
         &current.currency,
@@ -310,11 +321,7 @@ async fn update_order(
         &body.shipping_address,
         body.notes.as_deref(),
     )?;
-    let order = service
-        .store
-        .execute(id, expected, OrderCommand::Update(draft))
-        .await?;
-    Ok(order_response(StatusCode::OK, &order))
+    run_command(&service, id, &headers, OrderCommand::Update(draft)).await
 }
 
 /// Move an order to another status.
@@ -343,7 +350,6 @@ async fn change_status(
     JsonBody(body): JsonBody<StatusChangeBody>,
 ) -> Result<Response, Problem> {
     let id = parse_id(&id)?;
-    let expected = etag::if_match(&headers)?;
     let to = OrderStatus::parse(&body.status).ok_or_else(|| {
         Problem::field(
             "status",
@@ -352,19 +358,12 @@ async fn change_status(
     })?;
     let reason = validate_reason(body.reason.as_deref()).map_err(fields)?;
     let shipping = body.shipping.as_ref().map(shipping_from).transpose()?;
-    let order = service
-        .store
-        .execute(
-            id,
-            expected,
-            OrderCommand::ChangeStatus {
-                to,
-                reason,
-                shipping,
-            },
-        )
-        .await?;
-    Ok(order_response(StatusCode::OK, &order))
+    let command = OrderCommand::ChangeStatus {
+        to,
+        reason,
+        shipping,
+    };
+    run_command(&service, id, &headers, command).await
 }
 
 /// Set the carrier and tracking number of a CONFIRMED or PROCESSING order.
@@ -389,13 +388,8 @@ async fn set_shipping(
     JsonBody(body): JsonBody<ShippingBody>,
 ) -> Result<Response, Problem> {
     let id = parse_id(&id)?;
-    let expected = etag::if_match(&headers)?;
     let shipping = shipping_from(&body)?;
-    let order = service
-        .store
-        .execute(id, expected, OrderCommand::SetShipping(shipping))
-        .await?;
-    Ok(order_response(StatusCode::OK, &order))
+    run_command(&service, id, &headers, OrderCommand::SetShipping(shipping)).await
 }
 
 /// Cancel an order (it is kept, as CANCELLED).
@@ -419,16 +413,11 @@ async fn cancel_order(
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let id = parse_id(&id)?;
-    let expected = etag::if_match(&headers)?;
     let reason = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .find(|(k, _)| k == "reason")
         .map(|(_, v)| v.into_owned());
     let reason = validate_reason(reason.as_deref()).map_err(fields)?;
-    let order = service
-        .store
-        .execute(id, expected, OrderCommand::Cancel { reason })
-        .await?;
-    Ok(order_response(StatusCode::OK, &order))
+    run_command(&service, id, &headers, OrderCommand::Cancel { reason }).await
 }
 
 /// An order's timeline, built from its events.
