@@ -45,6 +45,13 @@ impl IdempotencyStore {
         }
     }
 
+    /// How long a reserved key stays locked before another request may take it over (the
+    /// holder is presumed dead: a crash between its commit and recording its answer).
+    pub fn with_lock_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.lock_timeout = Duration::from_std(timeout).unwrap_or(self.lock_timeout);
+        self
+    }
+
     pub async fn reserve(
         &self,
         scope: &str,
