@@ -8,7 +8,11 @@ pub mod bulk;
 mod db;
 pub mod events;
 pub mod idempotency;
+pub mod inbox;
+pub mod lease;
 pub mod outbox;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod time;
 
 pub use db::{Backend, Db, DbError};

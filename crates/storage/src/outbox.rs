@@ -78,3 +78,57 @@ pub async fn stats(pool: &sqlx::AnyPool) -> Result<OutboxStats, sqlx::Error> {
         oldest_created_at: oldest.as_deref().and_then(crate::time::from_text),
     })
 }
+
+/// An outbox row waiting to be published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingMessage {
+    pub id: String,
+    pub aggregate_id: String,
+    pub topic: String,
+    pub payload: String,
+}
+
+/// The oldest unsent messages, in the order they must be published: by creation, and by
+/// version within one aggregate.
+pub async fn pending(
+    pool: &sqlx::AnyPool,
+    limit: usize,
+) -> Result<Vec<PendingMessage>, sqlx::Error> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT id, aggregate_id, topic, payload FROM outbox WHERE sent_at IS NULL \
+         ORDER BY created_at, aggregate_id, aggregate_version LIMIT {}",
+        limit.clamp(1, 1000)
+    )))
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(PendingMessage {
+                id: r.try_get(0)?,
+                aggregate_id: r.try_get(1)?,
+                topic: r.try_get(2)?,
+                payload: r.try_get(3)?,
+            })
+        })
+        .collect()
+}
+
+/// Marks messages as published.
+pub async fn mark_sent(pool: &sqlx::AnyPool, ids: &[String]) -> Result<(), sqlx::Error> {
+    let now = crate::time::to_text(crate::time::now());
+    for chunk in ids.chunks(500) {
+        let placeholders = (0..chunk.len())
+            .map(|i| format!("${}", i + 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE outbox SET sent_at = $1 WHERE id IN ({placeholders})"
+        )))
+        .bind(now.clone());
+        for id in chunk {
+            query = query.bind(id.clone());
+        }
+        query.execute(pool).await?;
+    }
+    Ok(())
+}

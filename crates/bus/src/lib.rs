@@ -1,0 +1,111 @@
+//! The event bus. A [`Bus`] is a durable log that consumer groups read at their own pace:
+//! publish a batch, fetch what a group has not processed yet, commit the group's position, and
+//! park what a group could not process in dead letters.
+//!
+//! Adapters: [`sql::SqlBus`], the embedded default (a log table in `bus.db` on SQLite or in a
+//! `bus` schema on PostgreSQL). [`relay`] moves a service's outbox to the bus; [`consumer`]
+//! runs a group's handler with retries, backoff and dead letters.
+
+pub mod consumer;
+pub mod relay;
+pub mod sql;
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+
+pub use storage::outbox::CloudEvent;
+
+/// A message to publish: a CloudEvents JSON payload on a topic, keyed by its aggregate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Unique per message (the CloudEvent id); publishing the same id twice stores it once.
+    pub id: String,
+    pub topic: String,
+    /// Messages with one key are delivered in the order they were published.
+    pub key: String,
+    pub payload: String,
+}
+
+/// A message as a group receives it, with its position in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub seq: i64,
+    pub message: Message,
+}
+
+/// A message a group gave up on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    pub id: String,
+    pub group: String,
+    pub seq: i64,
+    pub message_id: String,
+    pub topic: String,
+    pub payload: String,
+    pub error: String,
+    pub attempts: i64,
+    pub failed_at: String,
+    pub redrive_requested: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("bus storage error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("no dead letter with id {0}")]
+    UnknownDeadLetter(String),
+}
+
+/// What every bus adapter provides.
+pub trait Bus: Send + Sync + 'static {
+    /// Appends the messages durably, in order; a message id already in the log is skipped.
+    fn publish<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, Result<(), BusError>>;
+
+    /// Up to `max` messages on `topics` after the group's committed position, oldest first.
+    fn fetch<'a>(
+        &'a self,
+        group: &'a str,
+        topics: &'a [String],
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, BusError>>;
+
+    /// Records that the group is done with everything up to and including `seq`.
+    fn commit<'a>(&'a self, group: &'a str, seq: i64) -> BoxFuture<'a, Result<(), BusError>>;
+
+    /// A receiver that changes whenever something is published (or a redrive is requested).
+    /// A consumer marks it seen before fetching, so a publish during the fetch still wakes it.
+    fn wakeups(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Parks a delivery the group gave up on.
+    fn dead_letter<'a>(
+        &'a self,
+        group: &'a str,
+        delivery: &'a Delivery,
+        error: &'a str,
+        attempts: i64,
+    ) -> BoxFuture<'a, Result<(), BusError>>;
+
+    /// Dead letters, newest first; of one group if given.
+    fn dead_letters<'a>(
+        &'a self,
+        group: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, BusError>>;
+
+    /// Asks the owning group to process a dead letter again.
+    fn request_redrive<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BusError>>;
+
+    /// The group's dead letters an operator asked to redrive.
+    fn redrives<'a>(&'a self, group: &'a str) -> BoxFuture<'a, Result<Vec<DeadLetter>, BusError>>;
+
+    /// Deletes a dead letter (discarded, or redriven successfully).
+    fn remove_dead_letter<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BusError>>;
+
+    /// A redrive failed again: keep the letter with the new error, no longer requested.
+    fn redrive_failed<'a>(
+        &'a self,
+        id: &'a str,
+        error: &'a str,
+    ) -> BoxFuture<'a, Result<(), BusError>>;
+}

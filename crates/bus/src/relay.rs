@@ -1,0 +1,100 @@
+//! The outbox relay: publishes a service's outbox to the bus, in order per aggregate, and marks
+//! rows sent only after the bus accepted them. One relay per service is active at a time (a
+//! lease in the service's database); a standby takes over when the lease expires.
+
+use crate::{Bus, Message};
+use std::sync::Arc;
+use std::time::Duration;
+use storage::{Db, lease, outbox};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The service whose outbox this is; names the lease.
+    pub service: String,
+    /// This relay's identity (unique per process).
+    pub holder: String,
+    pub lease_ttl: Duration,
+    pub poll_interval: Duration,
+    pub batch_size: usize,
+}
+
+impl RelayConfig {
+    pub fn new(service: &str) -> Self {
+        Self {
+            service: service.to_string(),
+            holder: uuid::Uuid::now_v7().to_string(),
+            lease_ttl: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(200),
+            batch_size: 500,
+        }
+    }
+}
+
+/// Publishes one batch if this relay holds the lease. Returns how many rows were published, or
+/// `None` without the lease.
+pub async fn relay_once(
+    db: &Db,
+    bus: &dyn Bus,
+    config: &RelayConfig,
+) -> Result<Option<usize>, crate::BusError> {
+    let lease_name = format!("relay:{}", config.service);
+    if !lease::acquire(db.writer(), &lease_name, &config.holder, config.lease_ttl).await? {
+        return Ok(None);
+    }
+    let rows = outbox::pending(db.reader(), config.batch_size).await?;
+    if rows.is_empty() {
+        return Ok(Some(0));
+    }
+    let messages: Vec<Message> = rows
+        .iter()
+        .map(|r| Message {
+            id: r.id.clone(),
+            topic: r.topic.clone(),
+            key: r.aggregate_id.clone(),
+            payload: r.payload.clone(),
+        })
+        .collect();
+    bus.publish(&messages).await?;
+    let ids: Vec<String> = rows.into_iter().map(|r| r.id).collect();
+    outbox::mark_sent(db.writer(), &ids).await?;
+    metrics::counter!("outbox_relayed_total", "service" => config.service.clone())
+        .increment(ids.len() as u64);
+    Ok(Some(ids.len()))
+}
+
+/// Runs the relay until `shutdown` turns true. `written` changes when the service commits new
+/// outbox rows (in-process wakeup); other writers are picked up by polling.
+pub async fn run(
+    db: Db,
+    bus: Arc<dyn Bus>,
+    config: RelayConfig,
+    mut written: watch::Receiver<u64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    tracing::info!(service = %config.service, "outbox relay started");
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        written.borrow_and_update();
+        let published = match relay_once(&db, bus.as_ref(), &config).await {
+            Ok(n) => n,
+            Err(error) => {
+                tracing::warn!(service = %config.service, %error, "outbox relay failed; retrying");
+                Some(0)
+            }
+        };
+        if published.is_some_and(|n| n >= config.batch_size) {
+            continue; // more waiting
+        }
+        tokio::select! {
+            _ = written.changed(), if published.is_some() => {}
+            () = tokio::time::sleep(config.poll_interval) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+    let lease_name = format!("relay:{}", config.service);
+    let _ = lease::release(db.writer(), &lease_name, &config.holder).await;
+    tracing::info!(service = %config.service, "outbox relay stopped");
+}

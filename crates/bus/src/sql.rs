@@ -1,0 +1,331 @@
+//! The embedded bus: a log table with per-group offsets, on SQLite or PostgreSQL.
+
+use crate::{Bus, BusError, DeadLetter, Delivery, Message};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use sqlx::{AssertSqlSafe, Row};
+use std::sync::Arc;
+use storage::Db;
+use storage::bulk::{self, Value};
+use storage::time;
+use tokio::sync::watch;
+
+pub static MIGRATOR: storage::Migrator = sqlx::migrate!("./migrations");
+
+/// The `sql` bus. Consumers in this process are woken the moment something is published; other
+/// processes see new messages on their next poll.
+#[derive(Clone, Debug)]
+pub struct SqlBus {
+    db: Db,
+    published: Arc<watch::Sender<u64>>,
+}
+
+impl SqlBus {
+    /// Migrates `db` and opens the bus on it.
+    pub async fn start(db: Db) -> Result<Self, storage::DbError> {
+        db.migrate(&MIGRATOR).await?;
+        Ok(Self {
+            db,
+            published: Arc::new(watch::Sender::new(0)),
+        })
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    async fn publish_batch(&self, messages: &[Message]) -> Result<(), BusError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.db.writer().begin().await?;
+        // Skip ids already in the log (a relay that crashed after publishing, before marking
+        // its outbox rows sent, publishes them again).
+        let mut fresh = Vec::with_capacity(messages.len());
+        for chunk in messages.chunks(500) {
+            let placeholders = (1..=chunk.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut query = sqlx::query(AssertSqlSafe(format!(
+                "SELECT message_id FROM bus_log WHERE message_id IN ({placeholders})"
+            )));
+            for m in chunk {
+                query = query.bind(m.id.clone());
+            }
+            let known: std::collections::HashSet<String> = query
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .filter_map(|r| r.try_get::<String, _>(0).ok())
+                .collect();
+            fresh.extend(chunk.iter().filter(|m| !known.contains(&m.id)));
+        }
+        let mut seen = std::collections::HashSet::new();
+        fresh.retain(|m| seen.insert(m.id.clone()));
+        if fresh.is_empty() {
+            tx.commit().await?;
+            return Ok(());
+        }
+        let count = i64::try_from(fresh.len()).unwrap_or(i64::MAX);
+        // Taking positions locks the sequence row until commit: publishers queue here, so
+        // positions are committed in the order they are handed out.
+        let last: i64 = sqlx::query(
+            "UPDATE bus_sequence SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq",
+        )
+        .bind(count)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get(0)?;
+        let first = last - count + 1;
+        let now = time::to_text(time::now());
+        let rows: Vec<Vec<Value>> = fresh
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                vec![
+                    Value::Int(first + i64::try_from(i).unwrap_or(0)),
+                    m.id.as_str().into(),
+                    m.topic.as_str().into(),
+                    m.key.as_str().into(),
+                    m.payload.as_str().into(),
+                    now.as_str().into(),
+                ]
+            })
+            .collect();
+        bulk::insert(
+            &mut tx,
+            "INSERT INTO bus_log (seq, message_id, topic, message_key, payload, published_at)",
+            &rows,
+        )
+        .await?;
+        tx.commit().await?;
+        metrics::counter!("bus_published_total").increment(fresh.len() as u64);
+        self.published.send_modify(|v| *v = v.wrapping_add(1));
+        Ok(())
+    }
+
+    async fn fetch_batch(
+        &self,
+        group: &str,
+        topics: &[String],
+        max: usize,
+    ) -> Result<Vec<Delivery>, BusError> {
+        if topics.is_empty() {
+            return Ok(Vec::new());
+        }
+        let offset: i64 = sqlx::query("SELECT last_seq FROM bus_offsets WHERE group_name = $1")
+            .bind(group)
+            .fetch_optional(self.db.reader())
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?
+            .unwrap_or(0);
+        let placeholders = (0..topics.len())
+            .map(|i| format!("${}", i + 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT seq, message_id, topic, message_key, payload FROM bus_log \
+             WHERE seq > $1 AND topic IN ({placeholders}) ORDER BY seq LIMIT {}",
+            max.clamp(1, 1000)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(offset);
+        for topic in topics {
+            query = query.bind(topic.clone());
+        }
+        let rows = query.fetch_all(self.db.reader()).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Delivery {
+                    seq: r.try_get(0)?,
+                    message: Message {
+                        id: r.try_get(1)?,
+                        topic: r.try_get(2)?,
+                        key: r.try_get(3)?,
+                        payload: r.try_get(4)?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn commit_offset(&self, group: &str, seq: i64) -> Result<(), BusError> {
+        sqlx::query(
+            "INSERT INTO bus_offsets (group_name, last_seq) VALUES ($1, $2) \
+             ON CONFLICT (group_name) DO UPDATE SET last_seq = excluded.last_seq WHERE bus_offsets.last_seq < excluded.last_seq",
+        )
+        .bind(group)
+        .bind(seq)
+        .execute(self.db.writer())
+        .await?;
+        Ok(())
+    }
+
+    async fn park(
+        &self,
+        group: &str,
+        delivery: &Delivery,
+        error: &str,
+        attempts: i64,
+    ) -> Result<(), BusError> {
+        sqlx::query(
+            "INSERT INTO bus_dead_letters (id, group_name, seq, message_id, topic, payload, error, attempts, failed_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(group)
+        .bind(delivery.seq)
+        .bind(&delivery.message.id)
+        .bind(&delivery.message.topic)
+        .bind(&delivery.message.payload)
+        .bind(error)
+        .bind(attempts)
+        .bind(time::to_text(time::now()))
+        .execute(self.db.writer())
+        .await?;
+        metrics::counter!("bus_dead_letters_total", "group" => group.to_string()).increment(1);
+        Ok(())
+    }
+
+    async fn list_dead(
+        &self,
+        group: Option<&str>,
+        redrive_only: bool,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BusError> {
+        let mut sql = String::from(
+            "SELECT id, group_name, seq, message_id, topic, payload, error, attempts, failed_at, redrive_requested_at \
+             FROM bus_dead_letters WHERE 1 = 1",
+        );
+        if group.is_some() {
+            sql.push_str(" AND group_name = $1");
+        }
+        if redrive_only {
+            sql.push_str(" AND redrive_requested_at IS NOT NULL");
+        }
+        sql.push_str(&format!(
+            " ORDER BY failed_at DESC, id DESC LIMIT {}",
+            limit.clamp(1, 1000)
+        ));
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        if let Some(group) = group {
+            query = query.bind(group.to_string());
+        }
+        let rows = query.fetch_all(self.db.reader()).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeadLetter {
+                    id: r.try_get(0)?,
+                    group: r.try_get(1)?,
+                    seq: r.try_get(2)?,
+                    message_id: r.try_get(3)?,
+                    topic: r.try_get(4)?,
+                    payload: r.try_get(5)?,
+                    error: r.try_get(6)?,
+                    attempts: r.try_get(7)?,
+                    failed_at: r.try_get(8)?,
+                    redrive_requested: r.try_get::<Option<String>, _>(9)?.is_some(),
+                })
+            })
+            .collect()
+    }
+
+    async fn set_redrive(&self, id: &str) -> Result<(), BusError> {
+        let done =
+            sqlx::query("UPDATE bus_dead_letters SET redrive_requested_at = $1 WHERE id = $2")
+                .bind(time::to_text(time::now()))
+                .bind(id)
+                .execute(self.db.writer())
+                .await?;
+        if done.rows_affected() == 0 {
+            return Err(BusError::UnknownDeadLetter(id.to_string()));
+        }
+        self.published.send_modify(|v| *v = v.wrapping_add(1));
+        Ok(())
+    }
+
+    async fn delete_dead(&self, id: &str) -> Result<(), BusError> {
+        let done = sqlx::query("DELETE FROM bus_dead_letters WHERE id = $1")
+            .bind(id)
+            .execute(self.db.writer())
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(BusError::UnknownDeadLetter(id.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn fail_redrive(&self, id: &str, error: &str) -> Result<(), BusError> {
+        sqlx::query(
+            "UPDATE bus_dead_letters SET redrive_requested_at = NULL, error = $1, attempts = attempts + 1, failed_at = $2 WHERE id = $3",
+        )
+        .bind(error)
+        .bind(time::to_text(time::now()))
+        .bind(id)
+        .execute(self.db.writer())
+        .await?;
+        Ok(())
+    }
+}
+
+impl Bus for SqlBus {
+    fn publish<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, Result<(), BusError>> {
+        self.publish_batch(messages).boxed()
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        group: &'a str,
+        topics: &'a [String],
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, BusError>> {
+        self.fetch_batch(group, topics, max).boxed()
+    }
+
+    fn commit<'a>(&'a self, group: &'a str, seq: i64) -> BoxFuture<'a, Result<(), BusError>> {
+        self.commit_offset(group, seq).boxed()
+    }
+
+    fn wakeups(&self) -> watch::Receiver<u64> {
+        self.published.subscribe()
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        group: &'a str,
+        delivery: &'a Delivery,
+        error: &'a str,
+        attempts: i64,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        self.park(group, delivery, error, attempts).boxed()
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        group: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, BusError>> {
+        self.list_dead(group, false, limit).boxed()
+    }
+
+    fn request_redrive<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BusError>> {
+        self.set_redrive(id).boxed()
+    }
+
+    fn redrives<'a>(&'a self, group: &'a str) -> BoxFuture<'a, Result<Vec<DeadLetter>, BusError>> {
+        self.list_dead(Some(group), true, 100).boxed()
+    }
+
+    fn remove_dead_letter<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BusError>> {
+        self.delete_dead(id).boxed()
+    }
+
+    fn redrive_failed<'a>(
+        &'a self,
+        id: &'a str,
+        error: &'a str,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        self.fail_redrive(id, error).boxed()
+    }
+}

@@ -1,0 +1,344 @@
+//! The `sql` bus, its consumer runner and the outbox relay, on SQLite and on PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bus::consumer::{self, ConsumerConfig, Handler, HandlerError};
+use bus::relay::{self, RelayConfig};
+use bus::sql::SqlBus;
+use bus::{Bus, Delivery, Message};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use sqlx::Row;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use storage::Db;
+use storage::testing::{drop_pg_database, fresh_pg_database};
+use tokio::sync::{Mutex, watch};
+
+/// A bus on a fresh SQLite directory or PostgreSQL database, and a "service" database beside it.
+struct Setup {
+    bus: SqlBus,
+    service_db: Db,
+    _dir: tempfile::TempDir,
+    pg: Option<String>,
+}
+
+impl Setup {
+    async fn new(postgres: bool) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let pg = if postgres {
+            Some(fresh_pg_database().await)
+        } else {
+            None
+        };
+        let (bus_db, service_db) = match &pg {
+            None => (
+                Db::open_sqlite(dir.path(), "bus").await.unwrap(),
+                Db::open_sqlite(dir.path(), "svc").await.unwrap(),
+            ),
+            Some(url) => (
+                Db::open_postgres(url, "bus", 4).await.unwrap(),
+                Db::open_postgres(url, "svc", 4).await.unwrap(),
+            ),
+        };
+        // The outbox and lease tables every service has (see a service's migrations/).
+        for ddl in [
+            "CREATE TABLE outbox (id TEXT PRIMARY KEY, aggregate_id TEXT NOT NULL, aggregate_version BIGINT NOT NULL, \
+             topic TEXT NOT NULL, payload TEXT NOT NULL, created_at TEXT NOT NULL, sent_at TEXT)",
+            "CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at TEXT NOT NULL)",
+        ] {
+            sqlx::query(ddl).execute(service_db.writer()).await.unwrap();
+        }
+        Setup {
+            bus: SqlBus::start(bus_db).await.unwrap(),
+            service_db,
+            _dir: dir,
+            pg,
+        }
+    }
+
+    async fn finish(self) {
+        self.bus.db().close().await;
+        self.service_db.close().await;
+        if let Some(url) = &self.pg {
+            drop_pg_database(url).await;
+        }
+    }
+}
+
+fn message(i: usize, topic: &str) -> Message {
+    Message {
+        id: format!("m-{topic}-{i}"),
+        topic: topic.to_string(),
+        key: format!("order-{}", i % 3),
+        payload: format!("{{\"n\":{i}}}"),
+    }
+}
+
+fn topics(names: &[&str]) -> Vec<String> {
+    names.iter().map(|t| t.to_string()).collect()
+}
+
+/// Records what it handled; fails the first `fail_first` attempts of every message, and every
+/// attempt of messages whose payload contains "poison" while `poison_fails` is set.
+struct Recorder {
+    seen: Mutex<Vec<String>>,
+    attempts: AtomicU32,
+    fail_first: u32,
+    poison_fails: std::sync::atomic::AtomicBool,
+}
+
+impl Recorder {
+    fn new(fail_first: u32) -> Arc<Self> {
+        Arc::new(Self {
+            seen: Mutex::new(Vec::new()),
+            attempts: AtomicU32::new(0),
+            fail_first,
+            poison_fails: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+}
+
+impl Handler for Recorder {
+    fn handle<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<(), HandlerError>> {
+        async move {
+            let n = self.attempts.fetch_add(1, Ordering::SeqCst) + 1;
+            if delivery.message.payload.contains("poison")
+                && self.poison_fails.load(Ordering::SeqCst)
+            {
+                return Err(HandlerError::retry("cannot digest poison"));
+            }
+            if n <= self.fail_first {
+                return Err(HandlerError::retry(format!("transient failure {n}")));
+            }
+            self.seen.lock().await.push(delivery.message.id.clone());
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, deadline: Duration, mut check: F) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn fast(group: &str, topic_names: &[&str]) -> ConsumerConfig {
+    let mut config = ConsumerConfig::new(group, topic_names);
+    config.backoff_base = Duration::from_millis(5);
+    config.backoff_max = Duration::from_millis(20);
+    // A long poll: deliveries within the deadlines below prove the publish woke the consumer.
+    config.poll_interval = Duration::from_secs(30);
+    config
+}
+
+async fn groups_read_in_order_at_their_own_offsets_and_duplicates_are_stored_once(postgres: bool) {
+    let s = Setup::new(postgres).await;
+    let batch: Vec<Message> = (0..10).map(|i| message(i, "order.created")).collect();
+    s.bus.publish(&batch).await.unwrap();
+    s.bus.publish(&batch[3..6]).await.unwrap(); // a relay re-publishing after a crash
+    s.bus
+        .publish(&[message(0, "payment.failed")])
+        .await
+        .unwrap();
+
+    let all = topics(&["order.created"]);
+    let first = s.bus.fetch("inventory", &all, 4).await.unwrap();
+    assert_eq!(
+        first
+            .iter()
+            .map(|d| d.message.id.clone())
+            .collect::<Vec<_>>(),
+        (0..4)
+            .map(|i| format!("m-order.created-{i}"))
+            .collect::<Vec<_>>()
+    );
+    s.bus.commit("inventory", first[3].seq).await.unwrap();
+    let rest = s.bus.fetch("inventory", &all, 100).await.unwrap();
+    assert_eq!(
+        rest.len(),
+        6,
+        "duplicates were stored once, committed ones not redelivered"
+    );
+    assert!(rest.windows(2).all(|w| w[0].seq < w[1].seq));
+    // Another group starts from the beginning; topics filter.
+    assert_eq!(s.bus.fetch("payment", &all, 100).await.unwrap().len(), 10);
+    let failed = s
+        .bus
+        .fetch("payment", &topics(&["payment.failed"]), 100)
+        .await
+        .unwrap();
+    assert_eq!(failed.len(), 1);
+    // Committing an older position never moves a group back.
+    s.bus.commit("inventory", 1).await.unwrap();
+    assert_eq!(s.bus.fetch("inventory", &all, 100).await.unwrap().len(), 6);
+    s.finish().await;
+}
+
+async fn a_consumer_is_woken_by_a_publish_and_retries_transient_failures(postgres: bool) {
+    let s = Setup::new(postgres).await;
+    let bus: Arc<dyn Bus> = Arc::new(s.bus.clone());
+    let handler = Recorder::new(2);
+    let (stop, stopped) = watch::channel(false);
+    let runner = tokio::spawn(consumer::run(
+        bus.clone(),
+        fast("g", &["t"]),
+        handler.clone(),
+        stopped,
+    ));
+    tokio::time::sleep(Duration::from_millis(50)).await; // let it block on its (30 s) poll
+    bus.publish(&[message(1, "t"), message(2, "t")])
+        .await
+        .unwrap();
+    wait_until("both messages", Duration::from_secs(5), async || {
+        handler.seen.lock().await.len() == 2
+    })
+    .await;
+    assert_eq!(
+        *handler.seen.lock().await,
+        vec!["m-t-1".to_string(), "m-t-2".to_string()]
+    );
+    assert_eq!(
+        handler.attempts.load(Ordering::SeqCst),
+        4,
+        "two failures, then each message once"
+    );
+    stop.send(true).unwrap();
+    runner.await.unwrap();
+    assert!(
+        bus.fetch("g", &topics(&["t"]), 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "position committed"
+    );
+    s.finish().await;
+}
+
+async fn a_poison_message_is_dead_lettered_then_redriven_after_the_fix(postgres: bool) {
+    let s = Setup::new(postgres).await;
+    let bus: Arc<dyn Bus> = Arc::new(s.bus.clone());
+    let handler = Recorder::new(0);
+    let (stop, stopped) = watch::channel(false);
+    let runner = tokio::spawn(consumer::run(
+        bus.clone(),
+        fast("g", &["t"]),
+        handler.clone(),
+        stopped,
+    ));
+    let mut poison = message(1, "t");
+    poison.payload = "{\"poison\":true}".into();
+    bus.publish(&[poison, message(2, "t")]).await.unwrap();
+    // The poison message does not block the one behind it.
+    wait_until("the healthy message", Duration::from_secs(5), async || {
+        handler.seen.lock().await.contains(&"m-t-2".to_string())
+    })
+    .await;
+    let letters = bus.dead_letters(Some("g"), 10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].message_id, "m-t-1");
+    assert_eq!(letters[0].attempts, 5);
+    assert!(letters[0].error.contains("poison"));
+
+    handler.poison_fails.store(false, Ordering::SeqCst); // the fix ships
+    bus.request_redrive(&letters[0].id).await.unwrap();
+    wait_until("the redriven message", Duration::from_secs(5), async || {
+        handler.seen.lock().await.contains(&"m-t-1".to_string())
+    })
+    .await;
+    wait_until(
+        "the dead letter to go",
+        Duration::from_secs(5),
+        async || bus.dead_letters(Some("g"), 10).await.unwrap().is_empty(),
+    )
+    .await;
+    assert!(matches!(
+        bus.request_redrive("nope").await,
+        Err(bus::BusError::UnknownDeadLetter(_))
+    ));
+    stop.send(true).unwrap();
+    runner.await.unwrap();
+    s.finish().await;
+}
+
+async fn the_relay_publishes_the_outbox_in_order_and_only_one_relay_holds_the_lease(
+    postgres: bool,
+) {
+    let s = Setup::new(postgres).await;
+    for (i, (aggregate, version)) in [("a", 1), ("b", 1), ("a", 2), ("a", 3), ("b", 2)]
+        .iter()
+        .enumerate()
+    {
+        sqlx::query("INSERT INTO outbox (id, aggregate_id, aggregate_version, topic, payload, created_at) VALUES ($1, $2, $3, 'order.updated', '{}', $4)")
+            .bind(format!("out-{i}"))
+            .bind(*aggregate)
+            .bind(*version as i64)
+            .bind(format!("2026-11-23T10:00:0{i}.000000Z"))
+            .execute(s.service_db.writer())
+            .await
+            .unwrap();
+    }
+    let one = RelayConfig::new("order");
+    let other = RelayConfig::new("order");
+    assert_eq!(
+        relay::relay_once(&s.service_db, &s.bus, &one)
+            .await
+            .unwrap(),
+        Some(5)
+    );
+    assert_eq!(
+        relay::relay_once(&s.service_db, &s.bus, &other)
+            .await
+            .unwrap(),
+        None,
+        "the lease is held"
+    );
+    assert_eq!(
+        relay::relay_once(&s.service_db, &s.bus, &one)
+            .await
+            .unwrap(),
+        Some(0),
+        "all sent"
+    );
+    let stats = storage::outbox::stats(s.service_db.reader()).await.unwrap();
+    assert_eq!(stats.pending, 0);
+    let log = s
+        .bus
+        .fetch("x", &topics(&["order.updated"]), 100)
+        .await
+        .unwrap();
+    let for_a: Vec<String> = log
+        .iter()
+        .filter(|d| d.message.key == "a")
+        .map(|d| d.message.id.clone())
+        .collect();
+    assert_eq!(
+        for_a,
+        vec!["out-0", "out-2", "out-3"],
+        "per-aggregate order kept"
+    );
+    let sent: i64 = sqlx::query("SELECT COUNT(*) FROM outbox WHERE sent_at IS NOT NULL")
+        .fetch_one(s.service_db.reader())
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sent, 5);
+    s.finish().await;
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(false).await } )* }
+        mod postgres { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(true).await } )* }
+    };
+}
+
+on_both!(
+    groups_read_in_order_at_their_own_offsets_and_duplicates_are_stored_once,
+    a_consumer_is_woken_by_a_publish_and_retries_transient_failures,
+    a_poison_message_is_dead_lettered_then_redriven_after_the_fix,
+    the_relay_publishes_the_outbox_in_order_and_only_one_relay_holds_the_lease,
+);
