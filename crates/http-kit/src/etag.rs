@@ -31,6 +31,12 @@ pub fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Problem> {
     if text.trim() == "*" {
         return Ok(None);
     }
+    // If-Match uses the strong comparison: a weak tag never matches.
+    if text.trim_start().starts_with("W/") {
+        return Err(Problem::precondition_failed(
+            "If-Match needs a strong ETag such as \"3\"",
+        ));
+    }
     let tags = parse_tags(text);
     match tags.as_slice() {
         [one] => one.parse::<u64>().map(Some).map_err(|_| {

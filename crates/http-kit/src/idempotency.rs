@@ -27,6 +27,23 @@ pub struct IdempotentRequest {
 
 const KEPT_HEADERS: [HeaderName; 3] = [header::CONTENT_TYPE, header::LOCATION, header::ETAG];
 
+/// What makes two requests "the same" for a key: method, path, query, `If-Match` (a retry
+/// with a corrected precondition is another request) and body.
+pub fn fingerprint(method: &str, path: &str, query: &str, if_match: &[u8], body: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    for part in [
+        method.as_bytes(),
+        path.as_bytes(),
+        query.as_bytes(),
+        if_match,
+    ] {
+        hasher.update(part);
+        hasher.update([0]);
+    }
+    hasher.update(body);
+    format!("{:x}", hasher.finalize())
+}
+
 pub async fn layer(
     State(store): State<IdempotencyStore>,
     request: Request,
@@ -59,15 +76,17 @@ pub async fn layer(
         Ok(b) => b,
         Err(_) => return Problem::too_large().into_response(),
     };
-    let mut hasher = Sha256::new();
-    hasher.update(parts.method.as_str().as_bytes());
-    hasher.update([0]);
-    hasher.update(parts.uri.path().as_bytes());
-    hasher.update([0]);
-    hasher.update(parts.uri.query().unwrap_or_default().as_bytes());
-    hasher.update([0]);
-    hasher.update(&bytes);
-    let fingerprint = format!("{:x}", hasher.finalize());
+    let fingerprint = fingerprint(
+        parts.method.as_str(),
+        parts.uri.path(),
+        parts.uri.query().unwrap_or_default(),
+        parts
+            .headers
+            .get(axum::http::header::IF_MATCH)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default(),
+        &bytes,
+    );
     let fresh_id = uuid::Uuid::now_v7().to_string();
     let reservation = match store.reserve(&scope, &key, &fingerprint, &fresh_id).await {
         Ok(r) => r,
@@ -95,7 +114,18 @@ pub async fn layer(
                 .await;
             let status = response.status();
             if status.is_server_error() {
-                // Worth a retry: free the key rather than replaying a failure for 24 h.
+                // The outcome is unknown (the write may have committed): let a retry run again
+                // at once, with the same resource id, so it finds what this attempt made.
+                if let Err(error) = store.abandon(&scope, &key).await {
+                    tracing::warn!(%error, "could not unlock an idempotency key");
+                }
+                return response;
+            }
+            if matches!(
+                status,
+                StatusCode::CONFLICT | StatusCode::PRECONDITION_FAILED
+            ) {
+                // Nothing was done and a retry may well succeed: do not replay this answer.
                 if let Err(error) = store.release(&scope, &key).await {
                     tracing::warn!(%error, "could not release an idempotency key");
                 }

@@ -111,10 +111,13 @@ impl Application {
         let orders = OrderService::start(dbs.orders.clone(), config.order_cache_mib * 1024 * 1024)
             .await
             .context("starting the order service")?;
+        // A key stays locked while its request may still be running: past the request
+        // timeout (plus a margin) its holder is gone and a retry may take the key over.
         let idempotency = IdempotencyStore::new(
             dbs.http.writer().clone(),
             Duration::from_secs(config.idempotency_ttl_hours.saturating_mul(3600)),
-        );
+        )
+        .with_lock_timeout(Duration::from_secs(config.request_timeout_secs.max(1) + 30));
         let readiness = Readiness {
             databases: vec![
                 ("orders".to_string(), dbs.orders.clone()),
@@ -207,16 +210,18 @@ fn build_router(
     .merge(operations)
     .merge(docs)
     .fallback(not_found)
-    .layer(axum::middleware::from_fn(http_kit::metrics::track))
-    .layer(axum::middleware::from_fn(http_kit::metrics::access_log))
-    .layer(axum::middleware::from_fn(
-        http_kit::problem::problem_for_errors,
-    ))
+    // Innermost first: the timeout's 503 and a panic's 500 pass through the problem+json
+    // mapping, the access log and the metrics like every other answer.
     .layer(TimeoutLayer::with_status_code(
         StatusCode::SERVICE_UNAVAILABLE,
         request_timeout,
     ))
     .layer(CatchPanicLayer::new())
+    .layer(axum::middleware::from_fn(
+        http_kit::problem::problem_for_errors,
+    ))
+    .layer(axum::middleware::from_fn(http_kit::metrics::access_log))
+    .layer(axum::middleware::from_fn(http_kit::metrics::track))
     .layer(PropagateRequestIdLayer::new(REQUEST_ID))
     .layer(
         TraceLayer::new_for_http()

@@ -29,6 +29,7 @@ on_both_backends!(
     concurrent_edits_without_if_match_are_all_kept_none_lost,
     every_event_is_in_the_outbox_until_a_relay_sends_it,
     many_orders_placed_at_once_are_each_committed_once,
+    a_repeated_put_or_delete_with_the_same_key_is_replayed_not_applied_twice,
     health_metrics_openapi_and_docs_are_served,
     every_response_carries_a_request_id,
 );
@@ -309,13 +310,7 @@ async fn the_same_key_with_another_body_is_422_and_a_key_in_flight_is_409(app: &
     let store = IdempotencyStore::new(db.writer().clone(), std::time::Duration::from_secs(3600));
     let body = order_body(&who);
     let bytes = serde_json::to_vec(&body).unwrap();
-    let fingerprint = {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        h.update(b"POST\0/api/v1/orders\0\0");
-        h.update(&bytes);
-        format!("{:x}", h.finalize())
-    };
+    let fingerprint = http_kit::idempotency::fingerprint("POST", "/api/v1/orders", "", b"", &bytes);
     let reserved = store
         .reserve(
             "anonymous",
@@ -504,6 +499,14 @@ async fn a_stale_if_match_is_412_and_the_current_etag_succeeds(app: &TestApp) {
     let response = app
         .request(Method::DELETE, &format!("/api/v1/orders/{id}"))
         .header("if-match", "\"2\"")
+        .send()
+        .await
+        .unwrap();
+    expect_problem(response, 412).await;
+    // If-Match compares strongly: a weak tag never matches.
+    let response = app
+        .request(Method::DELETE, &format!("/api/v1/orders/{id}"))
+        .header("if-match", "W/\"3\"")
         .send()
         .await
         .unwrap();
@@ -727,8 +730,10 @@ async fn concurrent_writers_with_the_same_if_match_let_exactly_one_win(app: &Tes
         1,
         "{statuses:?}"
     );
+    // Whether a loser saw the winner's version before deciding or only at commit, its
+    // precondition (version 1) failed: 412, never a lost update.
     assert!(
-        statuses.iter().all(|s| matches!(s, 200 | 409 | 412)),
+        statuses.iter().all(|s| matches!(s, 200 | 412)),
         "{statuses:?}"
     );
     let history: Value = app
@@ -904,22 +909,79 @@ async fn many_orders_placed_at_once_are_each_committed_once(app: &TestApp) {
     }
     assert_eq!(ids.len(), 60);
     let mut listed = std::collections::HashSet::new();
-    let mut path = format!("/api/v1/customers/{who}/orders?limit=100");
+    // Pages of 7 over 60 orders written concurrently: every order once, none skipped.
+    let mut path = format!("/api/v1/customers/{who}/orders?limit=7");
+    let mut pages = 0;
     loop {
         let page: Value = app.get(&path).await.json().await.unwrap();
-        listed.extend(
-            page["items"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|o| o["id"].as_str().unwrap().to_string()),
-        );
+        pages += 1;
+        for o in page["items"].as_array().unwrap() {
+            assert!(
+                listed.insert(o["id"].as_str().unwrap().to_string()),
+                "listed twice"
+            );
+        }
         match page["nextCursor"].as_str() {
-            Some(c) => path = format!("/api/v1/customers/{who}/orders?limit=100&cursor={c}"),
+            Some(c) => path = format!("/api/v1/customers/{who}/orders?limit=7&cursor={c}"),
             None => break,
         }
     }
+    assert_eq!(pages, 9);
     assert_eq!(listed, ids);
     let outbox: Value = app.get("/api/v1/admin/outbox").await.json().await.unwrap();
     assert_eq!(outbox[0]["pending"], 60);
+}
+
+async fn a_repeated_put_or_delete_with_the_same_key_is_replayed_not_applied_twice(app: &TestApp) {
+    let order = app.place(&order_body(&customer())).await;
+    let id = order["id"].as_str().unwrap();
+    let confirm = || {
+        app.request(Method::PUT, &format!("/api/v1/orders/{id}/status"))
+            .header("idempotency-key", "confirm-once")
+            .json(&json!({"status": "CONFIRMED"}))
+            .send()
+    };
+    let first = confirm().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let second = confirm().await.unwrap();
+    assert_eq!(
+        second.status(),
+        200,
+        "replayed, not refused as CONFIRMED -> CONFIRMED"
+    );
+    assert_eq!(second.headers()["idempotent-replayed"], "true");
+    assert_eq!(second.headers()["etag"], "\"2\"");
+
+    let cancel = || {
+        app.request(Method::DELETE, &format!("/api/v1/orders/{id}?reason=dup"))
+            .header("idempotency-key", "cancel-once")
+            .send()
+    };
+    assert_eq!(cancel().await.unwrap().status(), 200);
+    let again = cancel().await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let history: Value = app
+        .get(&format!("/api/v1/orders/{id}/history"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        history["entries"].as_array().unwrap().len(),
+        3,
+        "placed, confirmed, cancelled: once each"
+    );
+
+    // A refused request (409) is not stored: the same key may be retried and runs again.
+    let refused = || {
+        app.request(Method::PUT, &format!("/api/v1/orders/{id}/status"))
+            .header("idempotency-key", "refused")
+            .json(&json!({"status": "SHIPPED"}))
+            .send()
+    };
+    expect_problem(refused().await.unwrap(), 409).await;
+    let retried = refused().await.unwrap();
+    assert!(retried.headers().get("idempotent-replayed").is_none());
+    expect_problem(retried, 409).await;
 }

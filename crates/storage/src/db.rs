@@ -26,7 +26,7 @@ pub enum DbError {
         #[source]
         source: std::io::Error,
     },
-    #[error("unsupported database url (expected postgres:// or sqlite:)")]
+    #[error("unsupported database url (expected postgres:// or postgresql://)")]
     UnsupportedUrl,
 }
 
@@ -90,14 +90,16 @@ impl Db {
             .max_connections(1)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(30))
-            .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn)))
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlite_pragmas(conn).await?;
+                    // The writer never checkpoints on commit (that stalls the commit for the
+                    // whole copy); a background task checkpoints instead, blocking no one.
+                    conn.execute("PRAGMA wal_autocheckpoint=0").await?;
+                    Ok(())
+                })
+            })
             .connect_with(options.clone())
-            .await
-            .map_err(DbError::Connect)?;
-        // The writer never checkpoints on commit (that stalls the commit for the whole copy);
-        // a background task checkpoints instead, without blocking anyone.
-        sqlx::query("PRAGMA wal_autocheckpoint=0")
-            .execute(&writer)
             .await
             .map_err(DbError::Connect)?;
         // Readers are few and small: hot orders are served from the service's cache, so a

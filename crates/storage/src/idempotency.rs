@@ -159,7 +159,20 @@ impl IdempotencyStore {
         Ok(())
     }
 
-    /// Frees a key whose request failed in a way worth retrying (a 5xx).
+    /// Unlocks a key whose request ended with an unknown outcome (a 5xx) while keeping its
+    /// resource id: the next retry takes it over at once and finds what this attempt made.
+    pub async fn abandon(&self, scope: &str, key: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE idempotency_keys SET locked_at = '1970-01-01T00:00:00.000000Z' WHERE scope = $1 AND idem_key = $2 AND state = 'in_flight'",
+        )
+        .bind(scope)
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Frees a key whose request did nothing and may succeed when retried (a 409 or 412).
     pub async fn release(&self, scope: &str, key: &str) -> Result<(), sqlx::Error> {
         sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND idem_key = $2 AND state = 'in_flight'")
             .bind(scope)

@@ -75,6 +75,27 @@ async fn a_key_whose_holder_died_is_taken_over_with_the_same_resource_id() {
 }
 
 #[tokio::test]
+async fn an_abandoned_key_is_taken_over_at_once_and_a_released_one_is_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, store) = store(dir.path(), Duration::from_secs(3600)).await;
+    store.reserve("alice", "k", "fp", "res-1").await.unwrap();
+    store.abandon("alice", "k").await.unwrap(); // a 5xx: outcome unknown
+    assert_eq!(
+        store.reserve("alice", "k", "fp", "res-2").await.unwrap(),
+        Reservation::Reserved {
+            resource_id: "res-1".into()
+        }
+    );
+    store.release("alice", "k").await.unwrap(); // a 409: nothing done
+    assert_eq!(
+        store.reserve("alice", "k", "fp", "res-3").await.unwrap(),
+        Reservation::Reserved {
+            resource_id: "res-3".into()
+        }
+    );
+}
+
+#[tokio::test]
 async fn expired_keys_are_forgotten_and_purged() {
     let dir = tempfile::tempdir().unwrap();
     let (_db, store) = store(dir.path(), Duration::from_millis(50)).await;

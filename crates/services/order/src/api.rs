@@ -104,6 +104,14 @@ impl From<StoreError> for Problem {
                 }
             }
             StoreError::Closed => Problem::unavailable("The service is shutting down; retry."),
+            StoreError::Unavailable(detail) => {
+                tracing::error!(%detail, "order database unavailable");
+                Problem::unavailable("The order database is unavailable; retry later.")
+            }
+            StoreError::Failed(detail) => {
+                tracing::error!(%detail, "order write failed");
+                Problem::internal()
+            }
             StoreError::Corrupt(detail) => {
                 tracing::error!(%detail, "stored order data is corrupt");
                 Problem::internal()

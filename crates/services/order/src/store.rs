@@ -42,6 +42,12 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the order store is shutting down")]
     Closed,
+    /// The database could not be reached (shared by every write of a failed batch).
+    #[error("the order database is unavailable: {0}")]
+    Unavailable(String),
+    /// The database refused a batch for another reason (shared by every write of the batch).
+    #[error("the order database failed: {0}")]
+    Failed(String),
 }
 
 /// Filters of an order listing.
@@ -110,6 +116,8 @@ impl OrderStore {
                     u32::try_from(s.json.len() * 3 + 256).unwrap_or(u32::MAX)
                 })
                 .max_capacity(cache_bytes)
+                // Bounds how long a rare out-of-order fill could serve an old version.
+                .time_to_live(std::time::Duration::from_secs(600))
                 .build()
         });
         Self {
@@ -135,17 +143,17 @@ impl OrderStore {
         }
     }
 
-    fn forget(&self, id: Uuid) {
-        if let Some(cache) = &self.cache {
-            cache.invalidate(&id);
-        }
-    }
-
     /// The order and its JSON, from the cache or the database.
     pub async fn snapshot(&self, id: Uuid) -> Result<Option<Arc<Snapshot>>, StoreError> {
         if let Some(hit) = self.cache.as_ref().and_then(|c| c.get(&id)) {
             return Ok(Some(hit));
         }
+        self.load(id).await
+    }
+
+    /// Reads the order from the database and offers it to the cache (which keeps the newer of
+    /// the two, so a slow reader never puts an old version back).
+    async fn load(&self, id: Uuid) -> Result<Option<Arc<Snapshot>>, StoreError> {
         let row = sqlx::query("SELECT document FROM orders WHERE id = $1")
             .bind(id.to_string())
             .fetch_optional(self.db.reader())
@@ -198,8 +206,19 @@ impl OrderStore {
                     self.remember(&snapshot);
                     return Ok(snapshot);
                 }
-                // Our state was old: drop it so the next attempt reads the database.
-                Err(StoreError::Conflict) => self.forget(id),
+                // Our state was old: read the current one (the next attempt decides on it).
+                Err(StoreError::Conflict) => {
+                    let current = self.load(id).await?;
+                    if expected.is_some()
+                        && let Some(current) = current
+                    {
+                        // The version the client based its change on is gone: a failed
+                        // precondition, not a conflict.
+                        return Err(StoreError::Stale {
+                            current: current.order.version,
+                        });
+                    }
+                }
                 Err(other) => return Err(other),
             }
         }
@@ -357,6 +376,12 @@ fn prepare(
 async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // A caller that gave up (request timed out, client gone) was not answered 2xx: its
+        // write must not happen behind its back.
+        batch.retain(|(_, reply)| !reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         metrics::histogram!("order_store_batch_size").record(batch.len() as f64);
         let writes: Vec<&Write> = batch.iter().map(|(w, _)| w).collect();
         match commit(&db, &writes).await {
@@ -365,26 +390,34 @@ async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>) {
                     let _ = reply.send(Ok(()));
                 }
             }
-            Err(error) if batch.len() > 1 => {
-                tracing::debug!(%error, size = batch.len(), "group commit failed; writing one by one");
+            // One write's version was taken: commit the others, refuse that one.
+            Err(StoreError::Conflict) if batch.len() > 1 => {
                 for (write, reply) in batch.drain(..) {
-                    let _ = reply.send(commit(&db, &[&write]).await);
+                    if !reply.is_closed() {
+                        let _ = reply.send(commit(&db, &[&write]).await);
+                    }
                 }
             }
             Err(error) => {
+                tracing::error!(%error, size = batch.len(), "order write failed");
                 for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(clone_error(&error)));
+                    let _ = reply.send(Err(shared_error(&error)));
                 }
             }
         }
     }
 }
 
-fn clone_error(error: &StoreError) -> StoreError {
+/// The error every write of a failed batch gets.
+fn shared_error(error: &StoreError) -> StoreError {
     match error {
         StoreError::Conflict => StoreError::Conflict,
         StoreError::Closed => StoreError::Closed,
-        other => StoreError::Corrupt(other.to_string()),
+        StoreError::Db(
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_),
+        )
+        | StoreError::Unavailable(_) => StoreError::Unavailable(error.to_string()),
+        other => StoreError::Failed(other.to_string()),
     }
 }
 

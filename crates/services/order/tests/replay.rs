@@ -10,13 +10,9 @@ use proptest::test_runner::{Config, TestRunner};
 use storage::Db;
 use uuid::Uuid;
 
-#[tokio::test]
-async fn replaying_the_stored_events_rebuilds_the_stored_read_model() {
-    let dir = tempfile::tempdir().unwrap();
+async fn replaying_the_stored_events_rebuilds_the_stored_read_model(db: Db) {
     // No cache: every read below comes from the database.
-    let service = OrderService::start(Db::open_sqlite(dir.path(), "orders").await.unwrap(), 0)
-        .await
-        .unwrap();
+    let service = OrderService::start(db, 0).await.unwrap();
     let mut runner = TestRunner::new(Config::with_cases(32));
     let sequences = proptest::collection::vec(arb_command(), 0..30);
     for _ in 0..32 {
@@ -45,4 +41,22 @@ async fn replaying_the_stored_events_rebuilds_the_stored_read_model() {
         let versions: Vec<u64> = history.iter().map(|e| e.version).collect();
         assert_eq!(versions, (1..=history.len() as u64).collect::<Vec<_>>());
     }
+}
+
+#[tokio::test]
+async fn replaying_the_stored_events_rebuilds_the_stored_read_model_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    replaying_the_stored_events_rebuilds_the_stored_read_model(
+        Db::open_sqlite(dir.path(), "orders").await.unwrap(),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn replaying_the_stored_events_rebuilds_the_stored_read_model_on_postgres() {
+    let url = storage::testing::fresh_pg_database().await;
+    let db = Db::open_postgres(&url, "orders", 4).await.unwrap();
+    replaying_the_stored_events_rebuilds_the_stored_read_model(db.clone()).await;
+    db.close().await;
+    storage::testing::drop_pg_database(&url).await;
 }
