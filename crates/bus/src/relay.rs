@@ -24,7 +24,9 @@ impl RelayConfig {
         Self {
             service: service.to_string(),
             holder: uuid::Uuid::now_v7().to_string(),
-            lease_ttl: Duration::from_secs(10),
+            // Renewed on every pass (at least every poll interval); after a crash a standby
+            // or the restarted process takes over within this.
+            lease_ttl: Duration::from_secs(3),
             poll_interval: Duration::from_millis(200),
             batch_size: 500,
         }

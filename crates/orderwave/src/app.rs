@@ -7,16 +7,21 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bus::Bus;
+use bus::relay::RelayConfig;
+use bus::sql::SqlBus;
 use http_kit::Problem;
 use http_kit::health::{self, Readiness};
 use metrics_handle::PrometheusHandle;
 use order_service::OrderService;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use storage::Db;
 use storage::idempotency::IdempotencyStore;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
@@ -53,6 +58,7 @@ struct ApiDoc;
 struct Databases {
     orders: Db,
     http: Db,
+    bus: Db,
 }
 
 async fn open_databases(config: &Config) -> anyhow::Result<Databases> {
@@ -64,6 +70,9 @@ async fn open_databases(config: &Config) -> anyhow::Result<Databases> {
             http: Db::open_postgres(url, "http", config.db_max_connections.min(8))
                 .await
                 .context("opening PostgreSQL (schema http)")?,
+            bus: Db::open_postgres(url, "bus", config.db_max_connections.min(8))
+                .await
+                .context("opening PostgreSQL (schema bus)")?,
         },
         None => Databases {
             orders: Db::open_sqlite(&config.data_dir, "orders")
@@ -72,6 +81,9 @@ async fn open_databases(config: &Config) -> anyhow::Result<Databases> {
             http: Db::open_sqlite(&config.data_dir, "http")
                 .await
                 .with_context(|| format!("opening {}/http.db", config.data_dir.display()))?,
+            bus: Db::open_sqlite(&config.data_dir, "bus")
+                .await
+                .with_context(|| format!("opening {}/bus.db", config.data_dir.display()))?,
         },
     })
 }
@@ -93,6 +105,8 @@ pub struct Application {
     addr: SocketAddr,
     databases: Vec<Db>,
     idempotency: IdempotencyStore,
+    orders: OrderService,
+    bus: Arc<dyn Bus>,
 }
 
 #[derive(Clone)]
@@ -108,6 +122,11 @@ impl Application {
             .migrate(&storage::idempotency::MIGRATOR)
             .await
             .context("migrating the http database")?;
+        let bus: Arc<dyn Bus> = Arc::new(
+            SqlBus::start(dbs.bus.clone())
+                .await
+                .context("starting the bus")?,
+        );
         let orders = OrderService::start(dbs.orders.clone(), config.order_cache_mib * 1024 * 1024)
             .await
             .context("starting the order service")?;
@@ -122,9 +141,16 @@ impl Application {
             databases: vec![
                 ("orders".to_string(), dbs.orders.clone()),
                 ("http".to_string(), dbs.http.clone()),
+                ("bus".to_string(), dbs.bus.clone()),
             ],
         };
-        let router = build_router(config, orders, idempotency.clone(), readiness);
+        let router = build_router(
+            config,
+            orders.clone(),
+            bus.clone(),
+            idempotency.clone(),
+            readiness,
+        );
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -133,8 +159,10 @@ impl Application {
             listener,
             router,
             addr,
-            databases: vec![dbs.orders, dbs.http],
+            databases: vec![dbs.orders, dbs.http, dbs.bus],
             idempotency,
+            orders,
+            bus,
         })
     }
 
@@ -149,10 +177,23 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.addr, "orderwave listening");
+        let (stop, stopped) = watch::channel(false);
         let purger = tokio::spawn(purge_idempotency_keys(self.idempotency.clone()));
+        let relay = tokio::spawn(bus::relay::run(
+            self.orders.store.db().clone(),
+            self.bus.clone(),
+            RelayConfig::new("order"),
+            self.orders.store.commits(),
+            stopped,
+        ));
         let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await;
+        // Requests are done; let the background work finish its current step.
+        let _ = stop.send(true);
+        if let Err(error) = relay.await {
+            tracing::error!(%error, "the outbox relay crashed");
+        }
         purger.abort();
         for db in &self.databases {
             db.close().await;
@@ -177,6 +218,7 @@ async fn purge_idempotency_keys(store: IdempotencyStore) {
 fn build_router(
     config: &Config,
     orders: OrderService,
+    bus: Arc<dyn Bus>,
     idempotency: IdempotencyStore,
     readiness: Readiness,
 ) -> Router {
@@ -186,6 +228,7 @@ fn build_router(
     };
     let (api, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(orders.router())
+        .merge(crate::admin::router(bus))
         .split_for_parts();
     let (operations, operations_doc) = OpenApiRouter::new()
         .routes(routes!(health::live))

@@ -1,6 +1,7 @@
 //! orderwave as a library: configuration, wiring and the application the binary and the tests
 //! both start.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod telemetry;

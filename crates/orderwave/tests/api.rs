@@ -27,7 +27,8 @@ on_both_backends!(
     invalid_list_parameters_are_422_and_a_huge_limit_is_capped,
     concurrent_writers_with_the_same_if_match_let_exactly_one_win,
     concurrent_edits_without_if_match_are_all_kept_none_lost,
-    every_event_is_in_the_outbox_until_a_relay_sends_it,
+    every_event_reaches_the_bus_once_as_a_cloudevent_in_order,
+    dead_letters_are_listed_redriven_and_discarded_by_an_operator,
     many_orders_placed_at_once_are_each_committed_once,
     a_repeated_put_or_delete_with_the_same_key_is_replayed_not_applied_twice,
     health_metrics_openapi_and_docs_are_served,
@@ -794,21 +795,128 @@ async fn concurrent_edits_without_if_match_are_all_kept_none_lost(app: &TestApp)
     );
 }
 
-async fn every_event_is_in_the_outbox_until_a_relay_sends_it(app: &TestApp) {
-    let before: Value = app.get("/api/v1/admin/outbox").await.json().await.unwrap();
-    assert_eq!(before[0]["pending"], 0);
-    assert!(before[0]["oldestCreatedAt"].is_null());
-    let order = app.place(&order_body(&customer())).await;
-    app.place(&order_body(&customer())).await;
-    app.set_status(
-        order["id"].as_str().unwrap(),
-        json!({"status": "CONFIRMED"}),
-    )
-    .await;
-    let after: Value = app.get("/api/v1/admin/outbox").await.json().await.unwrap();
-    assert_eq!(after[0]["service"], "order");
-    assert_eq!(after[0]["pending"], 3);
-    assert!(after[0]["oldestAgeSeconds"].as_f64().unwrap() >= 0.0);
+async fn every_event_reaches_the_bus_once_as_a_cloudevent_in_order(app: &TestApp) {
+    let a = app.place(&order_body(&customer())).await;
+    let b = app.place(&order_body(&customer())).await;
+    let a_id = a["id"].as_str().unwrap();
+    app.set_status(a_id, json!({"status": "CONFIRMED"})).await;
+    app.wait_for_outbox_drain().await;
+    let report: Value = app.get("/api/v1/admin/outbox").await.json().await.unwrap();
+    assert_eq!(report[0]["service"], "order");
+    assert!(report[0]["oldestCreatedAt"].is_null());
+
+    let messages = app.bus_messages().await;
+    let topics: Vec<(&str, &str)> = messages
+        .iter()
+        .map(|(topic, _, event)| (topic.as_str(), event["subject"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        topics,
+        vec![
+            ("order.created", a_id),
+            ("order.created", b["id"].as_str().unwrap()),
+            ("order.confirmed", a_id),
+        ]
+    );
+    let ids: std::collections::HashSet<&str> =
+        messages.iter().map(|(_, id, _)| id.as_str()).collect();
+    assert_eq!(ids.len(), 3, "each event once");
+    let (_, id, event) = &messages[2];
+    assert_eq!(event["specversion"], "1.0");
+    assert_eq!(event["id"], id.as_str());
+    assert_eq!(event["type"], "order.confirmed");
+    assert_eq!(event["source"], "/orderwave/order-service");
+    assert_eq!(event["data"]["version"], 2);
+    assert_eq!(event["data"]["order"]["status"], "CONFIRMED");
+    assert_eq!(event["data"]["event"]["data"]["from"], "PENDING");
+}
+
+async fn dead_letters_are_listed_redriven_and_discarded_by_an_operator(app: &TestApp) {
+    use bus::Bus;
+    let db = app.bus_db().await;
+    let second = bus::sql::SqlBus::start(db.clone()).await.unwrap();
+    let message = bus::Message {
+        id: "m-poison".into(),
+        topic: "order.created".into(),
+        key: "o-1".into(),
+        payload: json!({"specversion": "1.0", "id": "m-poison"}).to_string(),
+    };
+    second
+        .publish(std::slice::from_ref(&message))
+        .await
+        .unwrap();
+    let delivery = second
+        .fetch("inventory", &["order.created".to_string()], 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.message.id == "m-poison")
+        .unwrap();
+    second
+        .dead_letter("inventory", &delivery, "no such sku", 5)
+        .await
+        .unwrap();
+
+    let letters: Value = app
+        .get("/api/v1/admin/dead-letters?group=inventory")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let letter = &letters[0];
+    assert_eq!(letters.as_array().unwrap().len(), 1);
+    assert_eq!(letter["group"], "inventory");
+    assert_eq!(letter["messageId"], "m-poison");
+    assert_eq!(letter["error"], "no such sku");
+    assert_eq!(letter["attempts"], 5);
+    assert_eq!(letter["message"]["specversion"], "1.0");
+    assert_eq!(letter["redriveRequested"], false);
+    let id = letter["id"].as_str().unwrap();
+
+    let response = app
+        .request(
+            Method::POST,
+            &format!("/api/v1/admin/dead-letters/{id}/redrive"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let letters: Value = app
+        .get("/api/v1/admin/dead-letters")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(letters[0]["redriveRequested"], true);
+
+    let response = app
+        .request(Method::DELETE, &format!("/api/v1/admin/dead-letters/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    let letters: Value = app
+        .get("/api/v1/admin/dead-letters")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(letters.as_array().unwrap().len(), 0);
+    let response = app
+        .request(Method::DELETE, &format!("/api/v1/admin/dead-letters/{id}"))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(response, 404).await;
+    let response = app
+        .request(Method::POST, "/api/v1/admin/dead-letters/nope/redrive")
+        .send()
+        .await
+        .unwrap();
+    expect_problem(response, 404).await;
+    expect_problem(app.get("/api/v1/admin/dead-letters?limit=0").await, 422).await;
+    db.close().await;
 }
 
 async fn health_metrics_openapi_and_docs_are_served(app: &TestApp) {
@@ -816,7 +924,7 @@ async fn health_metrics_openapi_and_docs_are_served(app: &TestApp) {
     assert_eq!(live.status(), 200);
     let ready: Value = app.get("/health/ready").await.json().await.unwrap();
     assert_eq!(ready["status"], "ok");
-    assert_eq!(ready["checks"].as_array().unwrap().len(), 2);
+    assert_eq!(ready["checks"].as_array().unwrap().len(), 3);
 
     app.place(&order_body(&customer())).await;
     let metrics = app.get("/metrics").await.text().await.unwrap();
@@ -841,6 +949,9 @@ async fn health_metrics_openapi_and_docs_are_served(app: &TestApp) {
         "/api/v1/orders/{id}/history",
         "/api/v1/customers/{customerId}/orders",
         "/api/v1/admin/outbox",
+        "/api/v1/admin/dead-letters",
+        "/api/v1/admin/dead-letters/{id}/redrive",
+        "/api/v1/admin/dead-letters/{id}",
         "/health/live",
         "/health/ready",
         "/metrics",
@@ -928,8 +1039,14 @@ async fn many_orders_placed_at_once_are_each_committed_once(app: &TestApp) {
     }
     assert_eq!(pages, 9);
     assert_eq!(listed, ids);
-    let outbox: Value = app.get("/api/v1/admin/outbox").await.json().await.unwrap();
-    assert_eq!(outbox[0]["pending"], 60);
+    app.wait_for_outbox_drain().await;
+    let created = app
+        .bus_messages()
+        .await
+        .into_iter()
+        .filter(|(topic, _, _)| topic == "order.created")
+        .count();
+    assert_eq!(created, 60, "every order's event on the bus once");
 }
 
 async fn a_repeated_put_or_delete_with_the_same_key_is_replayed_not_applied_twice(app: &TestApp) {

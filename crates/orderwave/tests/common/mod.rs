@@ -107,6 +107,47 @@ impl TestApp {
         }
     }
 
+    /// The bus database this app uses, opened a second time.
+    pub async fn bus_db(&self) -> Db {
+        match &self.database_url {
+            None => Db::open_sqlite(&self.data_dir, "bus")
+                .await
+                .expect("open bus.db"),
+            Some(url) => Db::open_postgres(url, "bus", 2)
+                .await
+                .expect("open bus schema"),
+        }
+    }
+
+    /// Waits (polling, 10 s at most) until the relay has published the whole outbox.
+    pub async fn wait_for_outbox_drain(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let report: Value = self
+                .get("/api/v1/admin/outbox")
+                .await
+                .json()
+                .await
+                .expect("outbox json");
+            if report[0]["pending"] == 0 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "outbox not drained: {report}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every message on the bus, in log order: (topic, message id, CloudEvent).
+    pub async fn bus_messages(&self) -> Vec<(String, String, Value)> {
+        let db = self.bus_db().await;
+        let messages = bus_log(&db).await;
+        db.close().await;
+        messages
+    }
+
     /// Stops the server gracefully and waits for it.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
@@ -123,6 +164,25 @@ impl TestApp {
 
 pub fn customer() -> String {
     uuid::Uuid::now_v7().to_string()
+}
+
+/// Every message in a bus database, in log order: (topic, message id, CloudEvent).
+pub async fn bus_log(db: &Db) -> Vec<(String, String, Value)> {
+    use sqlx::Row;
+    sqlx::query("SELECT topic, message_id, payload FROM bus_log ORDER BY seq")
+        .fetch_all(db.reader())
+        .await
+        .expect("read bus_log")
+        .iter()
+        .map(|r| {
+            let payload: String = r.get(2);
+            (
+                r.get(0),
+                r.get(1),
+                serde_json::from_str(&payload).expect("CloudEvent JSON"),
+            )
+        })
+        .collect()
 }
 
 /// A valid order body for `customer`.

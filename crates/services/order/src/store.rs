@@ -21,7 +21,7 @@ use storage::bulk::{self, Value};
 use storage::events::{self, AppendError, NewEvent};
 use storage::outbox::{self, CloudEvent, OutboxMessage};
 use storage::time;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::view::OrderView;
@@ -98,6 +98,8 @@ pub struct OrderStore {
     db: Db,
     cache: Option<Cache<Uuid, Arc<Snapshot>>>,
     writer: mpsc::Sender<Job>,
+    /// Bumped after every commit: wakes the outbox relay.
+    committed: Arc<watch::Sender<u64>>,
 }
 
 const SOURCE: &str = "/orderwave/order-service";
@@ -109,7 +111,8 @@ impl OrderStore {
     /// the writer task, which ends once every clone of the store is dropped.
     pub fn new(db: Db, cache_bytes: u64) -> Self {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
-        tokio::spawn(write_loop(db.clone(), rx));
+        let committed = Arc::new(watch::Sender::new(0));
+        tokio::spawn(write_loop(db.clone(), rx, committed.clone()));
         let cache = (cache_bytes > 0).then(|| {
             Cache::builder()
                 .weigher(|_: &Uuid, s: &Arc<Snapshot>| {
@@ -124,11 +127,17 @@ impl OrderStore {
             db,
             cache,
             writer: tx,
+            committed,
         }
     }
 
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// Changes after every commit (so after new outbox rows).
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.committed.subscribe()
     }
 
     /// Keeps `snapshot` unless the cache already holds the same or a newer version.
@@ -373,7 +382,7 @@ fn prepare(
 /// The writer task: takes every write waiting, commits them in one transaction, answers each.
 /// If a grouped transaction fails (one write's version conflict), each write is retried on its
 /// own so only the conflicting one fails.
-async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>) {
+async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>, committed: Arc<watch::Sender<u64>>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // A caller that gave up (request timed out, client gone) was not answered 2xx: its
@@ -386,6 +395,7 @@ async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>) {
         let writes: Vec<&Write> = batch.iter().map(|(w, _)| w).collect();
         match commit(&db, &writes).await {
             Ok(()) => {
+                committed.send_modify(|n| *n = n.wrapping_add(1));
                 for (_, reply) in batch.drain(..) {
                     let _ = reply.send(Ok(()));
                 }
@@ -394,7 +404,11 @@ async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>) {
             Err(StoreError::Conflict) if batch.len() > 1 => {
                 for (write, reply) in batch.drain(..) {
                     if !reply.is_closed() {
-                        let _ = reply.send(commit(&db, &[&write]).await);
+                        let result = commit(&db, &[&write]).await;
+                        if result.is_ok() {
+                            committed.send_modify(|n| *n = n.wrapping_add(1));
+                        }
+                        let _ = reply.send(result);
                     }
                 }
             }

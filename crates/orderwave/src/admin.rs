@@ -1,0 +1,140 @@
+//! Operator endpoints for the bus: dead letters, listed, redriven or discarded.
+
+use axum::Json;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use bus::{Bus, BusError, DeadLetter};
+use http_kit::Problem;
+use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub fn router(bus: Arc<dyn Bus>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(list_dead_letters))
+        .routes(routes!(redrive_dead_letter))
+        .routes(routes!(discard_dead_letter))
+        .with_state(bus)
+}
+
+/// A message a consumer group gave up on after its last attempt.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterView {
+    pub id: String,
+    /// The consumer group that failed it.
+    pub group: String,
+    pub message_id: String,
+    pub topic: String,
+    /// The CloudEvents message as published.
+    #[schema(value_type = Object)]
+    pub message: serde_json::Value,
+    /// The last error.
+    pub error: String,
+    pub attempts: i64,
+    pub failed_at: String,
+    /// A redrive was asked for and has not run yet.
+    pub redrive_requested: bool,
+}
+
+impl From<DeadLetter> for DeadLetterView {
+    fn from(d: DeadLetter) -> Self {
+        DeadLetterView {
+            message: serde_json::from_str(&d.payload)
+                .unwrap_or(serde_json::Value::String(d.payload.clone())),
+            id: d.id,
+            group: d.group,
+            message_id: d.message_id,
+            topic: d.topic,
+            error: d.error,
+            attempts: d.attempts,
+            failed_at: d.failed_at,
+            redrive_requested: d.redrive_requested,
+        }
+    }
+}
+
+fn bus_problem(error: BusError) -> Problem {
+    match error {
+        BusError::UnknownDeadLetter(_) => Problem::not_found("No dead letter with this id."),
+        BusError::Db(error) => {
+            tracing::error!(%error, "bus storage failed");
+            Problem::unavailable("The bus is unavailable; retry later.")
+        }
+    }
+}
+
+/// Dead letters, newest first.
+#[utoipa::path(
+    get, path = "/api/v1/admin/dead-letters", tag = "admin",
+    params(("group" = Option<String>, Query, description = "Only this consumer group's"),
+           ("limit" = Option<u32>, Query, description = "At most this many, 1-500 (default 100)")),
+    responses(
+        (status = 200, description = "Dead letters", body = [DeadLetterView]),
+        (status = 422, description = "Invalid filter", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn list_dead_letters(
+    State(bus): State<Arc<dyn Bus>>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Vec<DeadLetterView>>, Problem> {
+    let mut group = None;
+    let mut limit = 100usize;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "group" => group = Some(value.into_owned()),
+            "limit" => match value.parse::<usize>() {
+                Ok(n) if n >= 1 => limit = n.min(500),
+                _ => {
+                    return Err(Problem::field(
+                        "limit",
+                        "must be a whole number from 1 to 500",
+                    ));
+                }
+            },
+            _ => return Err(Problem::field("query", "unknown query parameter")),
+        }
+    }
+    let letters = bus
+        .dead_letters(group.as_deref(), limit)
+        .await
+        .map_err(bus_problem)?;
+    Ok(Json(
+        letters.into_iter().map(DeadLetterView::from).collect(),
+    ))
+}
+
+/// Ask the consumer group to process a dead letter again (after a fix). It disappears once the
+/// group processed it; a new failure keeps it with the new error.
+#[utoipa::path(
+    post, path = "/api/v1/admin/dead-letters/{id}/redrive", tag = "admin",
+    params(("id" = String, Path, description = "Dead letter id")),
+    responses(
+        (status = 202, description = "Redrive requested"),
+        (status = 404, description = "No such dead letter", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn redrive_dead_letter(
+    State(bus): State<Arc<dyn Bus>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Problem> {
+    bus.request_redrive(&id).await.map_err(bus_problem)?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// Discard a dead letter for good.
+#[utoipa::path(
+    delete, path = "/api/v1/admin/dead-letters/{id}", tag = "admin",
+    params(("id" = String, Path, description = "Dead letter id")),
+    responses(
+        (status = 204, description = "Discarded"),
+        (status = 404, description = "No such dead letter", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn discard_dead_letter(
+    State(bus): State<Arc<dyn Bus>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Problem> {
+    bus.remove_dead_letter(&id).await.map_err(bus_problem)?;
+    Ok(StatusCode::NO_CONTENT)
+}
