@@ -5,41 +5,14 @@ use orderwave::config::{Cli, Command};
 use orderwave::{Application, telemetry};
 use std::process::ExitCode;
 
-// mimalloc: less time in malloc/free and a smaller resident set than glibc's allocator under
-// many small per-request allocations (bench/RESULTS.md).
+// mimalloc: much less time in malloc/free than glibc's allocator under many small per-request
+// allocations; built with `no_thp` so its arenas are not backed by 2 MiB transparent huge
+// pages, which would inflate the resident set (bench/RESULTS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Makes mimalloc return freed memory to the OS at once and commit arena memory only as it is
-/// used: a server's resident set then follows its live data, not its peak (bench/RESULTS.md).
-#[allow(unsafe_code)]
-fn tune_allocator() {
-    use libmimalloc_sys::{mi_option_set, mi_option_t};
-    // Positions in mimalloc 3's `mi_option_e` (mimalloc.h); the -sys crate names only v2's.
-    const ARENA_EAGER_COMMIT: mi_option_t = 4;
-    const PURGE_DELAY: mi_option_t = 15;
-    // SAFETY: mi_option_set only stores an integer option; called before any thread starts.
-    unsafe {
-        mi_option_set(PURGE_DELAY, 0);
-        mi_option_set(ARENA_EAGER_COMMIT, 0);
-    }
-}
-
-fn main() -> ExitCode {
-    tune_allocator();
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime.block_on(run()),
-        Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     let (migrate_only, config) = match cli.command {
         Some(Command::Serve(config)) => (false, config),

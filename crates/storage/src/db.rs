@@ -105,7 +105,7 @@ impl Db {
         // Readers are few and small: hot orders are served from the service's cache, so a
         // reader's page cache is 1 MiB instead of SQLite's 2 MiB.
         let reader = AnyPoolOptions::new()
-            .max_connections(4)
+            .max_connections(2)
             .acquire_timeout(Duration::from_secs(30))
             .after_connect(|conn, _| {
                 Box::pin(async move {
