@@ -34,6 +34,24 @@ impl SqlBus {
         &self.db
     }
 
+    /// On PostgreSQL: also wake this process's consumers when another process publishes
+    /// (LISTEN/NOTIFY). The listener reconnects on its own and stops once the bus is dropped.
+    pub fn listen_postgres(&self, url: &str) {
+        let wakeups = Arc::downgrade(&self.published);
+        let url = url.to_string();
+        tokio::spawn(async move {
+            while wakeups.strong_count() > 0 {
+                match listen_until_error(&url, &wakeups).await {
+                    Ok(()) => return,
+                    Err(error) => {
+                        tracing::warn!(%error, "bus LISTEN connection lost; reconnecting");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+    }
+
     async fn publish_batch(&self, messages: &[Message]) -> Result<(), BusError> {
         if messages.is_empty() {
             return Ok(());
@@ -99,6 +117,7 @@ impl SqlBus {
             &rows,
         )
         .await?;
+        notify_others(&self.db, &mut tx).await?;
         tx.commit().await?;
         metrics::counter!("bus_published_total").increment(fresh.len() as u64);
         self.published.send_modify(|v| *v = v.wrapping_add(1));
@@ -267,6 +286,40 @@ impl SqlBus {
         .await?;
         Ok(())
     }
+}
+
+const CHANNEL: &str = "orderwave_bus";
+
+/// Forwards notifications to the wakeup channel until the bus is dropped (Ok) or the
+/// connection fails (Err).
+async fn listen_until_error(
+    url: &str,
+    wakeups: &std::sync::Weak<watch::Sender<u64>>,
+) -> Result<(), sqlx::Error> {
+    let mut listener = sqlx::postgres::PgListener::connect(url).await?;
+    listener.listen(CHANNEL).await?;
+    loop {
+        let notified =
+            tokio::time::timeout(std::time::Duration::from_secs(5), listener.recv()).await;
+        let Some(sender) = wakeups.upgrade() else {
+            return Ok(());
+        };
+        match notified {
+            Ok(Ok(_)) => sender.send_modify(|v| *v = v.wrapping_add(1)),
+            Ok(Err(error)) => return Err(error),
+            Err(_) => {} // quiet: check the bus is still alive
+        }
+    }
+}
+
+/// Tells other processes' consumers (LISTEN/NOTIFY, delivered at commit) on PostgreSQL.
+async fn notify_others(db: &Db, conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+    if db.backend() == storage::Backend::Postgres {
+        sqlx::query("SELECT pg_notify('orderwave_bus', '')")
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
 }
 
 impl Bus for SqlBus {

@@ -329,6 +329,35 @@ async fn the_relay_publishes_the_outbox_in_order_and_only_one_relay_holds_the_le
     s.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_publish_in_another_process_wakes_the_consumer_at_once() {
+    let s = Setup::new(true).await;
+    let url = s.pg.clone().unwrap();
+    // The consumer's process: its own bus on the same database, listening for NOTIFY.
+    let theirs = SqlBus::start(Db::open_postgres(&url, "bus", 2).await.unwrap())
+        .await
+        .unwrap();
+    theirs.listen_postgres(&url);
+    let handler = Recorder::new(0);
+    let (stop, stopped) = watch::channel(false);
+    let runner = tokio::spawn(consumer::run(
+        Arc::new(theirs.clone()),
+        fast("g", &["t"]),
+        handler.clone(),
+        stopped,
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await; // listening, blocked on a 30 s poll
+    s.bus.publish(&[message(1, "t")]).await.unwrap(); // published by "another process"
+    wait_until("the message", Duration::from_secs(5), async || {
+        handler.seen.lock().await.len() == 1
+    })
+    .await;
+    stop.send(true).unwrap();
+    runner.await.unwrap();
+    theirs.db().close().await;
+    s.finish().await;
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         mod sqlite { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(false).await } )* }

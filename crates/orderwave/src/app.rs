@@ -122,11 +122,14 @@ impl Application {
             .migrate(&storage::idempotency::MIGRATOR)
             .await
             .context("migrating the http database")?;
-        let bus: Arc<dyn Bus> = Arc::new(
-            SqlBus::start(dbs.bus.clone())
-                .await
-                .context("starting the bus")?,
-        );
+        let sql_bus = SqlBus::start(dbs.bus.clone())
+            .await
+            .context("starting the bus")?;
+        if let Some(url) = &config.database_url {
+            // Other processes publishing on the same database wake our consumers at once.
+            sql_bus.listen_postgres(url);
+        }
+        let bus: Arc<dyn Bus> = Arc::new(sql_bus);
         let orders = OrderService::start(dbs.orders.clone(), config.order_cache_mib * 1024 * 1024)
             .await
             .context("starting the order service")?;
