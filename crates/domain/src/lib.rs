@@ -4,6 +4,7 @@
 //! crate is unit- and property-tested without a database.
 
 pub mod codes;
+pub mod customer;
 pub mod error;
 pub mod money;
 pub mod order;

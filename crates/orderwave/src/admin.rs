@@ -6,15 +6,71 @@ use axum::http::StatusCode;
 use bus::{Bus, BusError, DeadLetter};
 use http_kit::Problem;
 use std::sync::Arc;
+use storage::Db;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub fn router(bus: Arc<dyn Bus>) -> OpenApiRouter {
+/// Each service's database, by service name (whose outbox the relay drains).
+pub type Outboxes = Arc<Vec<(String, Db)>>;
+
+pub fn router(bus: Arc<dyn Bus>, outboxes: Outboxes) -> OpenApiRouter {
     OpenApiRouter::new()
         .routes(routes!(list_dead_letters))
         .routes(routes!(redrive_dead_letter))
         .routes(routes!(discard_dead_letter))
         .with_state(bus)
+        .merge(
+            OpenApiRouter::new()
+                .routes(routes!(outbox_report))
+                .with_state(outboxes),
+        )
+}
+
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxReport {
+    pub service: String,
+    /// Messages written and not yet published to the bus.
+    pub pending: i64,
+    pub oldest_created_at: Option<String>,
+    /// Age of the oldest unpublished message, in seconds: the relay's lag.
+    pub lag_seconds: Option<f64>,
+}
+
+/// Sets `outbox_pending{service}` for every service (read at scrape time) and returns them.
+pub async fn outbox_reports(outboxes: &[(String, Db)]) -> Result<Vec<OutboxReport>, sqlx::Error> {
+    let now = chrono::Utc::now();
+    let mut reports = Vec::with_capacity(outboxes.len());
+    for (service, db) in outboxes {
+        let stats = storage::outbox::stats(db.reader()).await?;
+        metrics::gauge!("outbox_pending", "service" => service.clone()).set(stats.pending as f64);
+        reports.push(OutboxReport {
+            service: service.clone(),
+            pending: stats.pending,
+            oldest_created_at: stats.oldest_created_at.map(storage::time::to_text),
+            lag_seconds: stats
+                .oldest_created_at
+                .map(|t| (now - t).num_milliseconds() as f64 / 1000.0),
+        });
+    }
+    Ok(reports)
+}
+
+/// The outbox backlog and relay lag of every service.
+#[utoipa::path(
+    get, path = "/api/v1/admin/outbox", tag = "admin",
+    responses(
+        (status = 200, description = "Backlog per service", body = [OutboxReport]),
+        (status = 503, description = "A database is down", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn outbox_report(
+    State(outboxes): State<Outboxes>,
+) -> Result<Json<Vec<OutboxReport>>, Problem> {
+    outbox_reports(&outboxes).await.map(Json).map_err(|error| {
+        tracing::error!(%error, "cannot read an outbox");
+        Problem::unavailable("A service database is unavailable; retry later.")
+    })
 }
 
 /// A message a consumer group gave up on after its last attempt.

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use bus::Bus;
 use bus::relay::RelayConfig;
 use bus::sql::SqlBus;
+use customer_service::CustomerService;
 use http_kit::Problem;
 use http_kit::health::{self, Readiness};
 use metrics_handle::PrometheusHandle;
@@ -47,6 +48,7 @@ Every POST takes an `Idempotency-Key`; every order carries an `ETag` checked by 
     ),
     tags(
         (name = "orders", description = "Orders and their lifecycle"),
+        (name = "customers", description = "Customers, their contact data and notification preferences"),
         (name = "admin", description = "Operator endpoints"),
         (name = "operations", description = "Health and metrics"),
     ),
@@ -54,37 +56,46 @@ Every POST takes an `Idempotency-Key`; every order carries an `ETag` checked by 
 )]
 struct ApiDoc;
 
-/// The databases of one running platform.
+/// The databases of one running platform: one per service, plus idempotency records and the
+/// bus.
 struct Databases {
     orders: Db,
+    customers: Db,
     http: Db,
     bus: Db,
 }
 
+impl Databases {
+    fn all(&self) -> Vec<(String, Db)> {
+        vec![
+            ("orders".to_string(), self.orders.clone()),
+            ("customers".to_string(), self.customers.clone()),
+            ("http".to_string(), self.http.clone()),
+            ("bus".to_string(), self.bus.clone()),
+        ]
+    }
+}
+
+/// Opens one service database: `<name>.db` in the data directory, or schema `<name>` on
+/// PostgreSQL.
+async fn open(config: &Config, name: &str, max_connections: u32) -> anyhow::Result<Db> {
+    match &config.database_url {
+        Some(url) => Db::open_postgres(url, name, max_connections)
+            .await
+            .with_context(|| format!("opening PostgreSQL (schema {name})")),
+        None => Db::open_sqlite(&config.data_dir, name)
+            .await
+            .with_context(|| format!("opening {}/{name}.db", config.data_dir.display())),
+    }
+}
+
 async fn open_databases(config: &Config) -> anyhow::Result<Databases> {
-    Ok(match &config.database_url {
-        Some(url) => Databases {
-            orders: Db::open_postgres(url, "orders", config.db_max_connections)
-                .await
-                .context("opening PostgreSQL (schema orders)")?,
-            http: Db::open_postgres(url, "http", config.db_max_connections.min(8))
-                .await
-                .context("opening PostgreSQL (schema http)")?,
-            bus: Db::open_postgres(url, "bus", config.db_max_connections.min(8))
-                .await
-                .context("opening PostgreSQL (schema bus)")?,
-        },
-        None => Databases {
-            orders: Db::open_sqlite(&config.data_dir, "orders")
-                .await
-                .with_context(|| format!("opening {}/orders.db", config.data_dir.display()))?,
-            http: Db::open_sqlite(&config.data_dir, "http")
-                .await
-                .with_context(|| format!("opening {}/http.db", config.data_dir.display()))?,
-            bus: Db::open_sqlite(&config.data_dir, "bus")
-                .await
-                .with_context(|| format!("opening {}/bus.db", config.data_dir.display()))?,
-        },
+    let small = config.db_max_connections.min(8);
+    Ok(Databases {
+        orders: open(config, "orders", config.db_max_connections).await?,
+        customers: open(config, "customers", small).await?,
+        http: open(config, "http", small).await?,
+        bus: open(config, "bus", small).await?,
     })
 }
 
@@ -92,10 +103,20 @@ async fn open_databases(config: &Config) -> anyhow::Result<Databases> {
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     let dbs = open_databases(config).await?;
     dbs.orders.migrate(&order_service::MIGRATOR).await?;
+    dbs.customers.migrate(&customer_service::MIGRATOR).await?;
     dbs.http.migrate(&storage::idempotency::MIGRATOR).await?;
-    dbs.orders.close().await;
-    dbs.http.close().await;
+    dbs.bus.migrate(&bus::sql::MIGRATOR).await?;
+    for (_, db) in dbs.all() {
+        db.close().await;
+    }
     Ok(())
+}
+
+/// A service's outbox, drained to the bus by a relay.
+struct Outbox {
+    service: &'static str,
+    db: Db,
+    commits: watch::Receiver<u64>,
 }
 
 /// A built platform, bound to its address, not yet serving.
@@ -105,14 +126,14 @@ pub struct Application {
     addr: SocketAddr,
     databases: Vec<Db>,
     idempotency: IdempotencyStore,
-    orders: OrderService,
+    outboxes: Vec<Outbox>,
     bus: Arc<dyn Bus>,
 }
 
 #[derive(Clone)]
 struct MetricsState {
     handle: PrometheusHandle,
-    orders: OrderService,
+    outboxes: crate::admin::Outboxes,
 }
 
 impl Application {
@@ -133,6 +154,9 @@ impl Application {
         let orders = OrderService::start(dbs.orders.clone(), config.order_cache_mib * 1024 * 1024)
             .await
             .context("starting the order service")?;
+        let customers = CustomerService::start(dbs.customers.clone())
+            .await
+            .context("starting the customer service")?;
         // A key stays locked while its request may still be running: past the request
         // timeout (plus a margin) its holder is gone and a retry may take the key over.
         let idempotency = IdempotencyStore::new(
@@ -140,17 +164,42 @@ impl Application {
             Duration::from_secs(config.idempotency_ttl_hours.saturating_mul(3600)),
         )
         .with_lock_timeout(Duration::from_secs(config.request_timeout_secs.max(1) + 30));
+        let outboxes = vec![
+            Outbox {
+                service: "order",
+                db: dbs.orders.clone(),
+                commits: orders.store.commits(),
+            },
+            Outbox {
+                service: "customer",
+                db: dbs.customers.clone(),
+                commits: customers.store.commits(),
+            },
+        ];
+        let api = OpenApiRouter::with_openapi(ApiDoc::openapi())
+            .merge(orders.router())
+            .merge(customers.router())
+            .merge(crate::admin::router(
+                bus.clone(),
+                Arc::new(
+                    outboxes
+                        .iter()
+                        .map(|o| (o.service.to_string(), o.db.clone()))
+                        .collect(),
+                ),
+            ));
         let readiness = Readiness {
-            databases: vec![
-                ("orders".to_string(), dbs.orders.clone()),
-                ("http".to_string(), dbs.http.clone()),
-                ("bus".to_string(), dbs.bus.clone()),
-            ],
+            databases: dbs.all(),
         };
         let router = build_router(
             config,
-            orders.clone(),
-            bus.clone(),
+            api,
+            Arc::new(
+                outboxes
+                    .iter()
+                    .map(|o| (o.service.to_string(), o.db.clone()))
+                    .collect(),
+            ),
             idempotency.clone(),
             readiness,
         );
@@ -162,9 +211,9 @@ impl Application {
             listener,
             router,
             addr,
-            databases: vec![dbs.orders, dbs.http, dbs.bus],
+            databases: dbs.all().into_iter().map(|(_, db)| db).collect(),
             idempotency,
-            orders,
+            outboxes,
             bus,
         })
     }
@@ -173,8 +222,8 @@ impl Application {
         self.addr
     }
 
-    /// Serves until `shutdown` resolves, then finishes in-flight requests and closes the
-    /// databases.
+    /// Serves until `shutdown` resolves, then finishes in-flight requests, stops the relays and
+    /// closes the databases.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -182,20 +231,28 @@ impl Application {
         tracing::info!(addr = %self.addr, "orderwave listening");
         let (stop, stopped) = watch::channel(false);
         let purger = tokio::spawn(purge_idempotency_keys(self.idempotency.clone()));
-        let relay = tokio::spawn(bus::relay::run(
-            self.orders.store.db().clone(),
-            self.bus.clone(),
-            RelayConfig::new("order"),
-            self.orders.store.commits(),
-            stopped,
-        ));
+        let relays: Vec<_> = self
+            .outboxes
+            .into_iter()
+            .map(|outbox| {
+                tokio::spawn(bus::relay::run(
+                    outbox.db,
+                    self.bus.clone(),
+                    RelayConfig::new(outbox.service),
+                    outbox.commits,
+                    stopped.clone(),
+                ))
+            })
+            .collect();
         let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await;
         // Requests are done; let the background work finish its current step.
         let _ = stop.send(true);
-        if let Err(error) = relay.await {
-            tracing::error!(%error, "the outbox relay crashed");
+        for relay in relays {
+            if let Err(error) = relay.await {
+                tracing::error!(%error, "an outbox relay crashed");
+            }
         }
         purger.abort();
         for db in &self.databases {
@@ -220,19 +277,16 @@ async fn purge_idempotency_keys(store: IdempotencyStore) {
 
 fn build_router(
     config: &Config,
-    orders: OrderService,
-    bus: Arc<dyn Bus>,
+    api: OpenApiRouter,
+    outboxes: crate::admin::Outboxes,
     idempotency: IdempotencyStore,
     readiness: Readiness,
 ) -> Router {
     let metrics_state = MetricsState {
         handle: http_kit::metrics::handle(),
-        orders: orders.clone(),
+        outboxes,
     };
-    let (api, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .merge(orders.router())
-        .merge(crate::admin::router(bus))
-        .split_for_parts();
+    let (api, mut openapi) = api.split_for_parts();
     let (operations, operations_doc) = OpenApiRouter::new()
         .routes(routes!(health::live))
         .merge(
@@ -301,7 +355,10 @@ async fn not_found() -> Problem {
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"))
 )]
 async fn render_metrics(State(state): State<MetricsState>) -> Response {
-    state.orders.record_metrics().await;
+    // The outbox gauges are read now, so a scrape sees the current backlog.
+    if let Err(error) = crate::admin::outbox_reports(&state.outboxes).await {
+        tracing::warn!(%error, "cannot read the outbox backlog for metrics");
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.handle.render(),

@@ -288,6 +288,7 @@ fn migrate_creates_the_databases_and_exits() {
     assert!(dir.path().join("orders.db").exists());
     assert!(dir.path().join("http.db").exists());
     assert!(dir.path().join("bus.db").exists());
+    assert!(dir.path().join("customers.db").exists());
 }
 
 #[test]

@@ -33,6 +33,38 @@ pub struct OutboxMessage {
     pub created_at: String,
 }
 
+impl OutboxMessage {
+    /// A message for the event at `version` of `aggregate_id`, as a CloudEvent from `source`.
+    pub fn event(
+        source: &str,
+        topic: &str,
+        aggregate_id: &str,
+        version: i64,
+        time: &str,
+        data: serde_json::Value,
+    ) -> Self {
+        let id = uuid::Uuid::now_v7().to_string();
+        OutboxMessage {
+            id: id.clone(),
+            aggregate_id: aggregate_id.to_string(),
+            aggregate_version: version,
+            topic: topic.to_string(),
+            envelope: CloudEvent {
+                specversion: "1.0".into(),
+                id,
+                source: source.to_string(),
+                event_type: topic.to_string(),
+                subject: aggregate_id.to_string(),
+                time: time.to_string(),
+                datacontenttype: "application/json".into(),
+                traceparent: None,
+                data,
+            },
+            created_at: time.to_string(),
+        }
+    }
+}
+
 /// Writes messages inside the caller's transaction, in one statement.
 pub async fn enqueue(
     conn: &mut AnyConnection,

@@ -129,7 +129,12 @@ impl TestApp {
                 .json()
                 .await
                 .expect("outbox json");
-            if report[0]["pending"] == 0 {
+            if report
+                .as_array()
+                .expect("reports")
+                .iter()
+                .all(|r| r["pending"] == 0)
+            {
                 return;
             }
             assert!(

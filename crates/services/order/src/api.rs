@@ -19,8 +19,8 @@ use uuid::Uuid;
 use crate::OrderService;
 use crate::store::{OrderFilter, Snapshot, StoreError};
 use crate::view::{
-    AddressBody, HistoryEntry, OrderHistory, OrderLineBody, OrderPage, OrderView, OutboxReport,
-    PlaceOrderBody, ShippingBody, StatusChangeBody, UpdateOrderBody,
+    AddressBody, HistoryEntry, OrderHistory, OrderLineBody, OrderPage, OrderView, PlaceOrderBody,
+    ShippingBody, StatusChangeBody, UpdateOrderBody,
 };
 
 pub const DEFAULT_LIMIT: u32 = 20;
@@ -34,7 +34,6 @@ pub fn router(service: OrderService) -> OpenApiRouter {
         .routes(routes!(set_shipping))
         .routes(routes!(order_history))
         .routes(routes!(customer_orders))
-        .routes(routes!(outbox_report))
         .with_state(service)
 }
 
@@ -599,26 +598,4 @@ async fn list(
         items: orders.iter().map(OrderView::from).collect(),
         next_cursor,
     }))
-}
-
-/// The outbox backlog: messages written but not yet published.
-#[utoipa::path(
-    get, path = "/api/v1/admin/outbox", tag = "admin",
-    responses((status = 200, description = "Backlog per service", body = [OutboxReport]))
-)]
-async fn outbox_report(
-    State(service): State<OrderService>,
-) -> Result<axum::Json<Vec<OutboxReport>>, Problem> {
-    let stats = storage::outbox::stats(service.store.db().reader())
-        .await
-        .map_err(StoreError::from)?;
-    let now = chrono::Utc::now();
-    Ok(axum::Json(vec![OutboxReport {
-        service: "order".into(),
-        pending: stats.pending,
-        oldest_created_at: stats.oldest_created_at.map(storage::time::to_text),
-        oldest_age_seconds: stats
-            .oldest_created_at
-            .map(|t| (now - t).num_milliseconds() as f64 / 1000.0),
-    }]))
 }

@@ -30,11 +30,4 @@ impl OrderService {
     pub fn router(&self) -> utoipa_axum::router::OpenApiRouter {
         api::router(self.clone())
     }
-
-    /// Sets the `outbox_pending` gauge (read at scrape time).
-    pub async fn record_metrics(&self) {
-        if let Ok(stats) = storage::outbox::stats(self.store.db().reader()).await {
-            metrics::gauge!("outbox_pending", "service" => "order").set(stats.pending as f64);
-        }
-    }
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use storage::Db;
 use storage::bulk::{self, Value};
 use storage::events::{self, AppendError, NewEvent};
-use storage::outbox::{self, CloudEvent, OutboxMessage};
+use storage::outbox::{self, OutboxMessage};
 use storage::time;
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -343,30 +343,19 @@ fn prepare(
     let messages = recorded
         .iter()
         .map(|r| {
-            let message_id = Uuid::now_v7().to_string();
-            OutboxMessage {
-                id: message_id.clone(),
-                aggregate_id: id.to_string(),
-                aggregate_version: i64::try_from(r.version).unwrap_or(i64::MAX),
-                topic: r.event.topic().to_string(),
-                envelope: CloudEvent {
-                    specversion: "1.0".into(),
-                    id: message_id,
-                    source: SOURCE.into(),
-                    event_type: r.event.topic().into(),
-                    subject: id.to_string(),
-                    time: at_text.clone(),
-                    datacontenttype: "application/json".into(),
-                    traceparent: None,
-                    data: serde_json::json!({
-                        "orderId": id,
-                        "version": r.version,
-                        "event": r.event,
-                        "order": view,
-                    }),
-                },
-                created_at: at_text.clone(),
-            }
+            OutboxMessage::event(
+                SOURCE,
+                r.event.topic(),
+                &id.to_string(),
+                i64::try_from(r.version).unwrap_or(i64::MAX),
+                &at_text,
+                serde_json::json!({
+                    "orderId": id,
+                    "version": r.version,
+                    "event": r.event,
+                    "order": view,
+                }),
+            )
         })
         .collect();
     Ok(Write {

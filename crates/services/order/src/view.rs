@@ -252,14 +252,3 @@ pub struct StatusChangeBody {
     #[serde(default)]
     pub shipping: Option<ShippingBody>,
 }
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct OutboxReport {
-    pub service: String,
-    /// Messages written and not yet published.
-    pub pending: i64,
-    pub oldest_created_at: Option<String>,
-    /// Age of the oldest pending message in seconds.
-    pub oldest_age_seconds: Option<f64>,
-}

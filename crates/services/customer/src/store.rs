@@ -1,0 +1,208 @@
+//! The customer store: decide on the current state, then one transaction appends the events,
+//! writes the read model and the outbox.
+
+use domain::DomainError;
+use domain::customer::{Customer, CustomerCommand, decide, evolve};
+use sqlx::{AssertSqlSafe, Row};
+use storage::Db;
+use storage::events::{self, AppendError, NewEvent, is_unique_violation};
+use storage::outbox::{self, OutboxMessage};
+use storage::time;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+const SOURCE: &str = "/orderwave/customer-service";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error("the customer was changed concurrently")]
+    Conflict,
+    #[error("the customer is at version {current}")]
+    Stale { current: u64 },
+    #[error("another customer has this email address")]
+    EmailTaken,
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Debug)]
+pub struct CustomerStore {
+    db: Db,
+    committed: watch::Sender<u64>,
+}
+
+impl CustomerStore {
+    pub fn new(db: Db) -> Self {
+        Self {
+            db,
+            committed: watch::Sender::new(0),
+        }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Changes after every commit (so after new outbox rows).
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.committed.subscribe()
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<Option<Customer>, StoreError> {
+        let row = sqlx::query("SELECT document FROM customers WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(self.db.reader())
+            .await?;
+        row.map(|r| decode(&r.try_get::<String, _>(0)?)).transpose()
+    }
+
+    /// Runs a command; `expected` is the version from `If-Match`.
+    pub async fn execute(
+        &self,
+        id: Uuid,
+        expected: Option<u64>,
+        command: CustomerCommand,
+    ) -> Result<Customer, StoreError> {
+        let registering = matches!(command, CustomerCommand::Register(_));
+        let state = if registering {
+            None
+        } else {
+            self.get(id).await?
+        };
+        if let (Some(expected), Some(current)) = (expected, &state)
+            && current.version != expected
+        {
+            return Err(StoreError::Stale {
+                current: current.version,
+            });
+        }
+        let new_events = decide(state.as_ref(), command)?;
+        if new_events.is_empty() {
+            return state.ok_or(StoreError::Domain(DomainError::NotFound));
+        }
+        let at = time::now();
+        let at_text = time::to_text(at);
+        let mut version = state.as_ref().map_or(0, |c| c.version);
+        let mut customer = state;
+        let mut stored = Vec::new();
+        let mut messages = Vec::new();
+        for event in &new_events {
+            version += 1;
+            customer = evolve(customer, id, version, at, event);
+            let v = i64::try_from(version).unwrap_or(i64::MAX);
+            stored.push(NewEvent {
+                aggregate_id: id.to_string(),
+                version: v,
+                event_type: event.type_name().to_string(),
+                payload: serde_json::to_string(event)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                occurred_at: at_text.clone(),
+            });
+            messages.push((event.topic(), v));
+        }
+        let customer =
+            customer.ok_or_else(|| StoreError::Corrupt("events built no customer".into()))?;
+        let document =
+            serde_json::to_string(&customer).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let outbox_rows: Vec<OutboxMessage> = messages
+            .into_iter()
+            .map(|(topic, v)| {
+                OutboxMessage::event(
+                    SOURCE,
+                    topic,
+                    &id.to_string(),
+                    v,
+                    &at_text,
+                    serde_json::json!({ "customerId": id, "version": v, "customer": &customer }),
+                )
+            })
+            .collect();
+
+        let mut tx = self.db.writer().begin().await?;
+        events::append(&mut tx, &stored)
+            .await
+            .map_err(|e| match e {
+                AppendError::Conflict { .. } => StoreError::Conflict,
+                AppendError::Db(e) => StoreError::Db(e),
+            })?;
+        let version_i64 = i64::try_from(customer.version).unwrap_or(i64::MAX);
+        let written = if registering {
+            sqlx::query(
+                "INSERT INTO customers (id, email, version, created_at, updated_at, document) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(id.to_string())
+            .bind(&customer.contact.email)
+            .bind(version_i64)
+            .bind(time::to_text(customer.created_at))
+            .bind(&at_text)
+            .bind(&document)
+            .execute(&mut *tx)
+            .await
+        } else {
+            sqlx::query("UPDATE customers SET email = $1, version = $2, updated_at = $3, document = $4 WHERE id = $5")
+                .bind(&customer.contact.email)
+                .bind(version_i64)
+                .bind(&at_text)
+                .bind(&document)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await
+        };
+        match written {
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) => return Err(StoreError::EmailTaken),
+            Err(e) => return Err(e.into()),
+        }
+        outbox::enqueue(&mut tx, &outbox_rows).await?;
+        tx.commit().await?;
+        self.committed.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(customer)
+    }
+
+    /// Customers newest first, optionally with one email; the page and whether more follow.
+    pub async fn list(
+        &self,
+        email: Option<&str>,
+        after: Option<(String, String)>,
+        limit: u32,
+    ) -> Result<(Vec<Customer>, bool), StoreError> {
+        let mut sql = String::from("SELECT document FROM customers WHERE 1 = 1");
+        let mut binds = Vec::new();
+        if let Some(email) = email {
+            binds.push(email.to_ascii_lowercase());
+            sql.push_str(&format!(" AND email = ${}", binds.len()));
+        }
+        if let Some((created, id)) = after {
+            binds.push(created.clone());
+            sql.push_str(&format!(" AND (created_at < ${}", binds.len()));
+            binds.push(created);
+            sql.push_str(&format!(" OR (created_at = ${}", binds.len()));
+            binds.push(id);
+            sql.push_str(&format!(" AND id < ${}))", binds.len()));
+        }
+        sql.push_str(&format!(
+            " ORDER BY created_at DESC, id DESC LIMIT {}",
+            limit + 1
+        ));
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for b in binds {
+            query = query.bind(b);
+        }
+        let rows = query.fetch_all(self.db.reader()).await?;
+        let mut customers = rows
+            .iter()
+            .map(|r| decode(&r.try_get::<String, _>(0)?))
+            .collect::<Result<Vec<_>, _>>()?;
+        let more = customers.len() > limit as usize;
+        customers.truncate(limit as usize);
+        Ok((customers, more))
+    }
+}
+
+fn decode(text: &str) -> Result<Customer, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
