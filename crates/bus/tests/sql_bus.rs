@@ -41,14 +41,11 @@ impl Setup {
                 Db::open_postgres(url, "svc", 4).await.unwrap(),
             ),
         };
-        // The outbox and lease tables every service has (see a service's migrations/).
-        for ddl in [
-            "CREATE TABLE outbox (id TEXT PRIMARY KEY, aggregate_id TEXT NOT NULL, aggregate_version BIGINT NOT NULL, \
-             topic TEXT NOT NULL, payload TEXT NOT NULL, created_at TEXT NOT NULL, sent_at TEXT)",
-            "CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at TEXT NOT NULL)",
-        ] {
-            sqlx::query(ddl).execute(service_db.writer()).await.unwrap();
-        }
+        // The outbox and lease tables every service has.
+        service_db
+            .migrate(&storage::SERVICE_MIGRATOR)
+            .await
+            .unwrap();
         Setup {
             bus: SqlBus::start(bus_db).await.unwrap(),
             service_db,

@@ -102,8 +102,10 @@ async fn open_databases(config: &Config) -> anyhow::Result<Databases> {
 /// Applies every migration (`orderwave migrate`).
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     let dbs = open_databases(config).await?;
-    dbs.orders.migrate(&order_service::MIGRATOR).await?;
-    dbs.customers.migrate(&customer_service::MIGRATOR).await?;
+    dbs.orders.migrate_service(&order_service::MIGRATOR).await?;
+    dbs.customers
+        .migrate_service(&customer_service::MIGRATOR)
+        .await?;
     dbs.http.migrate(&storage::idempotency::MIGRATOR).await?;
     dbs.bus.migrate(&bus::sql::MIGRATOR).await?;
     for (_, db) in dbs.all() {

@@ -189,6 +189,12 @@ impl Db {
         migrator.run(&self.writer).await.map_err(DbError::Migrate)
     }
 
+    /// The tables every service has, then the service's own.
+    pub async fn migrate_service(&self, own: &Migrator) -> Result<(), DbError> {
+        self.migrate(&crate::SERVICE_MIGRATOR).await?;
+        self.migrate(own).await
+    }
+
     /// A round trip to the database, for readiness checks.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT 1")

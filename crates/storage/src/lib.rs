@@ -16,5 +16,23 @@ pub mod testing;
 pub mod time;
 
 pub use db::{Backend, Db, DbError};
+
+/// The tables every service has (events, outbox, inbox, leases). A service runs these and then
+/// its own; both tolerate the other's versions in the shared migrations table.
+pub static SERVICE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate::Migrator {
+    ignore_missing: true,
+    ..sqlx::migrate!("./migrations/service")
+};
+
+/// A service's own migrations, next to [`SERVICE_MIGRATOR`]'s.
+#[macro_export]
+macro_rules! service_migrator {
+    ($dir:literal) => {
+        $crate::Migrator {
+            ignore_missing: true,
+            ..::sqlx::migrate!($dir)
+        }
+    };
+}
 pub use sqlx::migrate::Migrator;
 pub use sqlx::{AnyConnection, AnyPool, Row};

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use storage::Db;
 use store::CustomerStore;
 
-pub static MIGRATOR: storage::Migrator = sqlx::migrate!("./migrations");
+pub static MIGRATOR: storage::Migrator = storage::service_migrator!("./migrations");
 
 #[derive(Clone, Debug)]
 pub struct CustomerService {
@@ -18,7 +18,7 @@ pub struct CustomerService {
 impl CustomerService {
     /// Migrates `db` and builds the service on it.
     pub async fn start(db: Db) -> Result<Self, storage::DbError> {
-        db.migrate(&MIGRATOR).await?;
+        db.migrate_service(&MIGRATOR).await?;
         Ok(Self {
             store: Arc::new(CustomerStore::new(db)),
         })

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use storage::Db;
 use store::OrderStore;
 
-pub static MIGRATOR: storage::Migrator = sqlx::migrate!("./migrations");
+pub static MIGRATOR: storage::Migrator = storage::service_migrator!("./migrations");
 
 /// The service as the binary wires it: its store, and from it a router.
 #[derive(Clone, Debug)]
@@ -21,7 +21,7 @@ impl OrderService {
     /// Migrates `db` and builds the service on it, with an order cache of `cache_bytes`
     /// (0 turns it off; it must be off when several order-service processes share a database).
     pub async fn start(db: Db, cache_bytes: u64) -> Result<Self, storage::DbError> {
-        db.migrate(&MIGRATOR).await?;
+        db.migrate_service(&MIGRATOR).await?;
         Ok(Self {
             store: Arc::new(OrderStore::new(db, cache_bytes)),
         })
