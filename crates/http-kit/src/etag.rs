@@ -53,3 +53,16 @@ pub fn not_modified(headers: &HeaderMap, version: u64) -> bool {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim() == "*" || parse_tags(v).iter().any(|t| t == &version.to_string()))
 }
+
+/// The 304 answer to a conditional GET whose `If-None-Match` names `version`, if it does.
+pub fn not_modified_response(
+    headers: &HeaderMap,
+    version: u64,
+) -> Option<axum::response::Response> {
+    use axum::response::IntoResponse;
+    not_modified(headers, version).then(|| {
+        let mut response = axum::http::StatusCode::NOT_MODIFIED.into_response();
+        response.headers_mut().insert(header::ETAG, etag(version));
+        response
+    })
+}

@@ -202,12 +202,8 @@ async fn get_customer(
 ) -> Result<Response, Problem> {
     let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
     let customer = service.store.get(id).await?.ok_or_else(not_found)?;
-    if etag::not_modified(&headers, customer.version) {
-        let mut response = StatusCode::NOT_MODIFIED.into_response();
-        response
-            .headers_mut()
-            .insert(header::ETAG, etag::etag(customer.version));
-        return Ok(response);
+    if let Some(not_modified) = etag::not_modified_response(&headers, customer.version) {
+        return Ok(not_modified);
     }
     Ok(respond(StatusCode::OK, &customer))
 }

@@ -289,12 +289,8 @@ async fn get_order(
         .await?
         .ok_or_else(order_not_found)?;
     let version = snapshot.order.version;
-    if etag::not_modified(&headers, version) {
-        let mut response = StatusCode::NOT_MODIFIED.into_response();
-        response
-            .headers_mut()
-            .insert(header::ETAG, etag::etag(version));
-        return Ok(response);
+    if let Some(not_modified) = etag::not_modified_response(&headers, version) {
+        return Ok(not_modified);
     }
     Ok(order_response(StatusCode::OK, &snapshot))
 }
