@@ -6,6 +6,7 @@
 pub mod codes;
 pub mod customer;
 pub mod error;
+pub mod inventory;
 pub mod money;
 pub mod order;
 #[cfg(feature = "testing")]

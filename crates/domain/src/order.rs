@@ -389,6 +389,17 @@ pub fn replay<'a>(events: impl IntoIterator<Item = &'a RecordedEvent>) -> Option
 
 // ---- input validation -------------------------------------------------------------------
 
+pub const SKU_RULE: &str = "must be 1-64 characters of letters, digits, '-', '_' or '.'";
+
+/// A stock-keeping unit code: 1-64 letters, digits, `-`, `_` or `.`.
+pub fn is_sku(sku: &str) -> bool {
+    !sku.is_empty()
+        && sku.len() <= 64
+        && sku
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// One order line as a client sent it, before validation.
 #[derive(Debug, Clone)]
 pub struct RawLine<'a> {
@@ -449,16 +460,8 @@ pub fn validate_draft(
     let mut items = Vec::with_capacity(lines.len());
     for (i, line) in lines.iter().enumerate() {
         let sku = line.sku.trim();
-        if sku.is_empty()
-            || sku.len() > 64
-            || !sku
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            errors.push(FieldError::new(
-                format!("items[{i}].sku"),
-                "must be 1-64 characters of letters, digits, '-', '_' or '.'",
-            ));
+        if !is_sku(sku) {
+            errors.push(FieldError::new(format!("items[{i}].sku"), SKU_RULE));
         }
         if !(1..=MAX_QUANTITY).contains(&line.quantity) {
             errors.push(FieldError::new(

@@ -8,11 +8,13 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bus::Bus;
+use bus::consumer::{ConsumerConfig, Handler};
 use bus::relay::RelayConfig;
 use bus::sql::SqlBus;
 use customer_service::CustomerService;
 use http_kit::Problem;
 use http_kit::health::{self, Readiness};
+use inventory_service::InventoryService;
 use metrics_handle::PrometheusHandle;
 use order_service::OrderService;
 use std::future::Future;
@@ -48,6 +50,7 @@ Every POST takes an `Idempotency-Key`; every order carries an `ETag` checked by 
     ),
     tags(
         (name = "orders", description = "Orders and their lifecycle"),
+        (name = "inventory", description = "Products, stock and reservations"),
         (name = "customers", description = "Customers, their contact data and notification preferences"),
         (name = "admin", description = "Operator endpoints"),
         (name = "operations", description = "Health and metrics"),
@@ -61,6 +64,7 @@ struct ApiDoc;
 struct Databases {
     orders: Db,
     customers: Db,
+    inventory: Db,
     http: Db,
     bus: Db,
 }
@@ -70,6 +74,7 @@ impl Databases {
         vec![
             ("orders".to_string(), self.orders.clone()),
             ("customers".to_string(), self.customers.clone()),
+            ("inventory".to_string(), self.inventory.clone()),
             ("http".to_string(), self.http.clone()),
             ("bus".to_string(), self.bus.clone()),
         ]
@@ -94,6 +99,7 @@ async fn open_databases(config: &Config) -> anyhow::Result<Databases> {
     Ok(Databases {
         orders: open(config, "orders", config.db_max_connections).await?,
         customers: open(config, "customers", small).await?,
+        inventory: open(config, "inventory", small).await?,
         http: open(config, "http", small).await?,
         bus: open(config, "bus", small).await?,
     })
@@ -105,6 +111,9 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     dbs.orders.migrate_service(&order_service::MIGRATOR).await?;
     dbs.customers
         .migrate_service(&customer_service::MIGRATOR)
+        .await?;
+    dbs.inventory
+        .migrate_service(&inventory_service::MIGRATOR)
         .await?;
     dbs.http.migrate(&storage::idempotency::MIGRATOR).await?;
     dbs.bus.migrate(&bus::sql::MIGRATOR).await?;
@@ -129,6 +138,7 @@ pub struct Application {
     databases: Vec<Db>,
     idempotency: IdempotencyStore,
     outboxes: Vec<Outbox>,
+    consumers: Vec<(ConsumerConfig, Arc<dyn Handler>)>,
     bus: Arc<dyn Bus>,
 }
 
@@ -159,6 +169,15 @@ impl Application {
         let customers = CustomerService::start(dbs.customers.clone())
             .await
             .context("starting the customer service")?;
+        let inventory = InventoryService::start(dbs.inventory.clone())
+            .await
+            .context("starting the inventory service")?;
+        let consumers: Vec<(ConsumerConfig, Arc<dyn Handler>)> = vec![(
+            inventory_service::consumers::config(),
+            Arc::new(inventory_service::consumers::InventoryHandler {
+                store: inventory.store.clone(),
+            }),
+        )];
         // A key stays locked while its request may still be running: past the request
         // timeout (plus a margin) its holder is gone and a retry may take the key over.
         let idempotency = IdempotencyStore::new(
@@ -177,10 +196,16 @@ impl Application {
                 db: dbs.customers.clone(),
                 commits: customers.store.commits(),
             },
+            Outbox {
+                service: "inventory",
+                db: dbs.inventory.clone(),
+                commits: inventory.store.commits(),
+            },
         ];
         let api = OpenApiRouter::with_openapi(ApiDoc::openapi())
             .merge(orders.router())
             .merge(customers.router())
+            .merge(inventory.router())
             .merge(crate::admin::router(
                 bus.clone(),
                 Arc::new(
@@ -216,6 +241,7 @@ impl Application {
             databases: dbs.all().into_iter().map(|(_, db)| db).collect(),
             idempotency,
             outboxes,
+            consumers,
             bus,
         })
     }
@@ -246,14 +272,26 @@ impl Application {
                 ))
             })
             .collect();
+        let consumers: Vec<_> = self
+            .consumers
+            .into_iter()
+            .map(|(config, handler)| {
+                tokio::spawn(bus::consumer::run(
+                    self.bus.clone(),
+                    config,
+                    handler,
+                    stopped.clone(),
+                ))
+            })
+            .collect();
         let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await;
         // Requests are done; let the background work finish its current step.
         let _ = stop.send(true);
-        for relay in relays {
-            if let Err(error) = relay.await {
-                tracing::error!(%error, "an outbox relay crashed");
+        for task in relays.into_iter().chain(consumers) {
+            if let Err(error) = task.await {
+                tracing::error!(%error, "a relay or consumer crashed");
             }
         }
         purger.abort();

@@ -171,6 +171,18 @@ pub fn customer() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
+/// Polls `check` every 20 ms until it holds; fails after 15 s naming `what`.
+pub async fn eventually<F: AsyncFnMut() -> bool>(what: &str, mut check: F) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Every message in a bus database, in log order: (topic, message id, CloudEvent).
 pub async fn bus_log(db: &Db) -> Vec<(String, String, Value)> {
     use sqlx::Row;

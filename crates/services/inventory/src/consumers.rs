@@ -1,0 +1,83 @@
+//! How inventory reacts to other services' events: reserve on `order.created`, release on
+//! `order.cancelled` and `payment.failed`.
+
+use crate::store::{InventoryStore, Reservation};
+use bus::consumer::{ConsumerConfig, Handler, HandlerError};
+use bus::{CloudEvent, Delivery};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use std::sync::Arc;
+
+pub const GROUP: &str = "inventory";
+
+pub fn config() -> ConsumerConfig {
+    ConsumerConfig::new(
+        GROUP,
+        &["order.created", "order.cancelled", "payment.failed"],
+    )
+}
+
+pub struct InventoryHandler {
+    pub store: Arc<InventoryStore>,
+}
+
+fn order_id(event: &CloudEvent) -> Result<String, HandlerError> {
+    event.data["orderId"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| HandlerError::permanent("the message names no orderId"))
+}
+
+impl InventoryHandler {
+    async fn handle_event(&self, delivery: &Delivery) -> Result<(), HandlerError> {
+        let event: CloudEvent = serde_json::from_str(&delivery.message.payload)
+            .map_err(|e| HandlerError::permanent(format!("not a CloudEvent: {e}")))?;
+        let order_id = order_id(&event)?;
+        let store_error = |e: crate::store::StoreError| HandlerError::retry(e.to_string());
+        match delivery.message.topic.as_str() {
+            "order.created" => {
+                let lines = event.data["order"]["items"]
+                    .as_array()
+                    .ok_or_else(|| HandlerError::permanent("order.created without items"))?
+                    .iter()
+                    .map(
+                        |item| match (item["sku"].as_str(), item["quantity"].as_i64()) {
+                            (Some(sku), Some(q)) if q > 0 => Ok((sku.to_string(), q)),
+                            _ => Err(HandlerError::permanent(
+                                "an order line without sku or quantity",
+                            )),
+                        },
+                    )
+                    .collect::<Result<Vec<_>, _>>()?;
+                let outcome = self
+                    .store
+                    .reserve_order(GROUP, &delivery.message.id, &order_id, &lines)
+                    .await
+                    .map_err(store_error)?;
+                if let Reservation::Rejected(shortages) = outcome {
+                    tracing::info!(%order_id, ?shortages, "order rejected: out of stock");
+                }
+                Ok(())
+            }
+            "order.cancelled" | "payment.failed" => {
+                let reason = if delivery.message.topic == "payment.failed" {
+                    "payment failed"
+                } else {
+                    "order cancelled"
+                };
+                self.store
+                    .release_order(GROUP, &delivery.message.id, &order_id, reason)
+                    .await
+                    .map_err(store_error)?;
+                Ok(())
+            }
+            other => Err(HandlerError::permanent(format!("unexpected topic {other}"))),
+        }
+    }
+}
+
+impl Handler for InventoryHandler {
+    fn handle<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<(), HandlerError>> {
+        self.handle_event(delivery).boxed()
+    }
+}

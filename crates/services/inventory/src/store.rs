@@ -1,0 +1,383 @@
+//! The inventory store: products, and reservations taken and released in one transaction with
+//! the inbox claim of the message that caused them and the outbox rows they publish.
+
+use domain::inventory::{ProductDraft, Shortage, Stock, merge_lines, reserve};
+use serde::Serialize;
+use sqlx::{AnyConnection, AssertSqlSafe, Row};
+use std::collections::BTreeMap;
+use storage::events::is_unique_violation;
+use storage::outbox::{self, OutboxMessage};
+use storage::{Db, inbox, time};
+use tokio::sync::watch;
+
+const SOURCE: &str = "/orderwave/inventory-service";
+/// Available stock under which `inventory.low_stock` is published.
+pub const LOW_STOCK: i64 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("a product with this SKU exists")]
+    Exists,
+    #[error("no product with this SKU")]
+    NotFound,
+    #[error("on hand would drop below what is reserved ({reserved})")]
+    BelowReserved { reserved: i64 },
+    #[error("the product was changed at the same time")]
+    Conflict,
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Product {
+    pub sku: String,
+    pub name: String,
+    pub price: String,
+    pub currency: String,
+    pub on_hand: i64,
+    pub reserved: i64,
+    pub available: i64,
+    pub version: i64,
+    pub updated_at: String,
+}
+
+/// What became of a reservation request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reservation {
+    Reserved,
+    Rejected(Vec<Shortage>),
+    /// The message was handled before (redelivery).
+    Duplicate,
+}
+
+#[derive(Debug)]
+pub struct InventoryStore {
+    db: Db,
+    committed: watch::Sender<u64>,
+}
+
+impl InventoryStore {
+    pub fn new(db: Db) -> Self {
+        Self {
+            db,
+            committed: watch::Sender::new(0),
+        }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.committed.subscribe()
+    }
+
+    fn committed(&self) {
+        self.committed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    pub async fn create(&self, draft: &ProductDraft) -> Result<Product, StoreError> {
+        let now = time::to_text(time::now());
+        let result = sqlx::query(
+            "INSERT INTO products (sku, name, price, currency, on_hand, reserved, version, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, 0, 1, $6, $6)",
+        )
+        .bind(&draft.sku)
+        .bind(&draft.name)
+        .bind(draft.price.to_string())
+        .bind(&draft.currency)
+        .bind(draft.on_hand)
+        .bind(&now)
+        .execute(self.db.writer())
+        .await;
+        match result {
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) => return Err(StoreError::Exists),
+            Err(e) => return Err(e.into()),
+        }
+        self.get(&draft.sku).await?.ok_or(StoreError::NotFound)
+    }
+
+    /// Sets what is on hand (and the price when given); refused below what is reserved.
+    pub async fn set_stock(
+        &self,
+        sku: &str,
+        on_hand: i64,
+        price: Option<String>,
+        expected: Option<i64>,
+    ) -> Result<Product, StoreError> {
+        let current = self.get(sku).await?.ok_or(StoreError::NotFound)?;
+        if expected.is_some_and(|v| v != current.version) {
+            return Err(StoreError::Conflict);
+        }
+        if on_hand < current.reserved {
+            return Err(StoreError::BelowReserved {
+                reserved: current.reserved,
+            });
+        }
+        let done = sqlx::query(
+            "UPDATE products SET on_hand = $1, price = $2, version = version + 1, updated_at = $3 \
+             WHERE sku = $4 AND version = $5 AND reserved <= $1",
+        )
+        .bind(on_hand)
+        .bind(price.unwrap_or(current.price))
+        .bind(time::to_text(time::now()))
+        .bind(sku)
+        .bind(current.version)
+        .execute(self.db.writer())
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::Conflict);
+        }
+        self.get(sku).await?.ok_or(StoreError::NotFound)
+    }
+
+    pub async fn get(&self, sku: &str) -> Result<Option<Product>, StoreError> {
+        let row = sqlx::query(
+            "SELECT sku, name, price, currency, on_hand, reserved, version, updated_at FROM products WHERE sku = $1",
+        )
+        .bind(sku)
+        .fetch_optional(self.db.reader())
+        .await?;
+        row.map(|r| product(&r)).transpose().map_err(Into::into)
+    }
+
+    pub async fn list(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<Product>, bool), StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT sku, name, price, currency, on_hand, reserved, version, updated_at FROM products \
+             WHERE sku > $1 ORDER BY sku LIMIT {}",
+            limit + 1
+        )))
+        .bind(after.unwrap_or(""))
+        .fetch_all(self.db.reader())
+        .await?;
+        let mut products = rows.iter().map(product).collect::<Result<Vec<_>, _>>()?;
+        let more = products.len() > limit as usize;
+        products.truncate(limit as usize);
+        Ok((products, more))
+    }
+
+    /// Reserves every line of `order_id` or none, for message `message_id` of `group`.
+    pub async fn reserve_order(
+        &self,
+        group: &str,
+        message_id: &str,
+        order_id: &str,
+        lines: &[(String, i64)],
+    ) -> Result<Reservation, StoreError> {
+        let lines = merge_lines(lines.iter().map(|(s, q)| (s.as_str(), *q)));
+        for _ in 0..3 {
+            let mut tx = self.db.writer().begin().await?;
+            if !inbox::claim(&mut tx, group, message_id).await? {
+                return Ok(Reservation::Duplicate);
+            }
+            let mut all = true;
+            for (sku, quantity) in &lines {
+                // The guard makes the check and the change one atomic step: never oversold.
+                let done = sqlx::query(
+                    "UPDATE products SET reserved = reserved + $1, version = version + 1, updated_at = $2 \
+                     WHERE sku = $3 AND on_hand - reserved >= $1",
+                )
+                .bind(*quantity)
+                .bind(time::to_text(time::now()))
+                .bind(sku)
+                .execute(&mut *tx)
+                .await?;
+                if done.rows_affected() == 0 {
+                    all = false;
+                    break;
+                }
+            }
+            if all {
+                let now = time::to_text(time::now());
+                for (sku, quantity) in &lines {
+                    sqlx::query(
+                        "INSERT INTO reservations (order_id, sku, quantity, state, created_at, updated_at) VALUES ($1, $2, $3, 'reserved', $4, $4)",
+                    )
+                    .bind(order_id)
+                    .bind(sku)
+                    .bind(*quantity)
+                    .bind(&now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                let mut messages = vec![message(
+                    "inventory.reserved",
+                    order_id,
+                    &now,
+                    serde_json::json!({"orderId": order_id, "lines": lines_json(&lines)}),
+                )];
+                messages.extend(self.low_stock_messages(&mut tx, &lines, &now).await?);
+                outbox::enqueue(&mut tx, &messages).await?;
+                tx.commit().await?;
+                self.committed();
+                return Ok(Reservation::Reserved);
+            }
+            tx.rollback().await?;
+            // Say exactly what is missing, from the stock as it is now.
+            let stock = self.stock(&lines).await?;
+            let Err(shortages) = reserve(&lines, &stock) else {
+                continue; // released meanwhile: try again
+            };
+            let mut tx = self.db.writer().begin().await?;
+            if !inbox::claim(&mut tx, group, message_id).await? {
+                return Ok(Reservation::Duplicate);
+            }
+            let now = time::to_text(time::now());
+            let reason = shortages
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} (requested {}, available {})",
+                        s.sku, s.requested, s.available
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            outbox::enqueue(
+                &mut tx,
+                &[message(
+                    "inventory.rejected",
+                    order_id,
+                    &now,
+                    serde_json::json!({"orderId": order_id, "reason": format!("out of stock: {reason}"), "shortages": shortages}),
+                )],
+            )
+            .await?;
+            tx.commit().await?;
+            self.committed();
+            return Ok(Reservation::Rejected(shortages));
+        }
+        Err(StoreError::Conflict)
+    }
+
+    /// Releases what `order_id` holds (once per message). Returns whether anything was held.
+    pub async fn release_order(
+        &self,
+        group: &str,
+        message_id: &str,
+        order_id: &str,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.db.writer().begin().await?;
+        if !inbox::claim(&mut tx, group, message_id).await? {
+            return Ok(false);
+        }
+        let held: Vec<(String, i64)> = sqlx::query(
+            "SELECT sku, quantity FROM reservations WHERE order_id = $1 AND state = 'reserved' ORDER BY sku",
+        )
+        .bind(order_id)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_, sqlx::Error>>()?;
+        let now = time::to_text(time::now());
+        for (sku, quantity) in &held {
+            sqlx::query("UPDATE products SET reserved = reserved - $1, version = version + 1, updated_at = $2 WHERE sku = $3")
+                .bind(*quantity)
+                .bind(&now)
+                .bind(sku)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !held.is_empty() {
+            sqlx::query("UPDATE reservations SET state = 'released', updated_at = $1 WHERE order_id = $2 AND state = 'reserved'")
+                .bind(&now)
+                .bind(order_id)
+                .execute(&mut *tx)
+                .await?;
+            outbox::enqueue(
+                &mut tx,
+                &[message(
+                    "inventory.released",
+                    order_id,
+                    &now,
+                    serde_json::json!({"orderId": order_id, "lines": lines_json(&held), "reason": reason}),
+                )],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        self.committed();
+        Ok(!held.is_empty())
+    }
+
+    async fn stock(&self, lines: &[(String, i64)]) -> Result<BTreeMap<String, Stock>, StoreError> {
+        let mut stock = BTreeMap::new();
+        for (sku, _) in lines {
+            if let Some(p) = self.get(sku).await? {
+                stock.insert(
+                    sku.clone(),
+                    Stock {
+                        on_hand: p.on_hand,
+                        reserved: p.reserved,
+                    },
+                );
+            }
+        }
+        Ok(stock)
+    }
+
+    async fn low_stock_messages(
+        &self,
+        conn: &mut AnyConnection,
+        lines: &[(String, i64)],
+        now: &str,
+    ) -> Result<Vec<OutboxMessage>, sqlx::Error> {
+        let mut messages = Vec::new();
+        for (sku, quantity) in lines {
+            let available: i64 =
+                sqlx::query("SELECT on_hand - reserved FROM products WHERE sku = $1")
+                    .bind(sku)
+                    .fetch_one(&mut *conn)
+                    .await?
+                    .try_get(0)?;
+            // Only when this reservation crossed the threshold, not on every order after.
+            if available < LOW_STOCK && available + quantity >= LOW_STOCK {
+                messages.push(message(
+                    "inventory.low_stock",
+                    sku,
+                    now,
+                    serde_json::json!({"sku": sku, "available": available}),
+                ));
+            }
+        }
+        Ok(messages)
+    }
+}
+
+fn message(topic: &str, subject: &str, now: &str, data: serde_json::Value) -> OutboxMessage {
+    // Inventory messages are not versioned per aggregate; the outbox orders them by time.
+    OutboxMessage::event(SOURCE, topic, subject, 0, now, data)
+}
+
+fn lines_json(lines: &[(String, i64)]) -> serde_json::Value {
+    serde_json::Value::Array(
+        lines
+            .iter()
+            .map(|(sku, quantity)| serde_json::json!({"sku": sku, "quantity": quantity}))
+            .collect(),
+    )
+}
+
+fn product(r: &sqlx::any::AnyRow) -> Result<Product, sqlx::Error> {
+    let on_hand: i64 = r.try_get(4)?;
+    let reserved: i64 = r.try_get(5)?;
+    Ok(Product {
+        sku: r.try_get(0)?,
+        name: r.try_get(1)?,
+        price: r.try_get(2)?,
+        currency: r.try_get(3)?,
+        on_hand,
+        reserved,
+        available: on_hand - reserved,
+        version: r.try_get(6)?,
+        updated_at: r.try_get(7)?,
+    })
+}
