@@ -93,6 +93,9 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut wakeups = bus.wakeups();
+    // The position this runner last committed: an empty fetch that read further commits that
+    // (skipping messages on other topics), once.
+    let mut committed: i64 = 0;
     tracing::info!(group = %config.group, topics = ?config.topics, "consumer started");
     loop {
         if *shutdown.borrow() {
@@ -100,11 +103,11 @@ pub async fn run(
         }
         wakeups.borrow_and_update();
         redrive(bus.as_ref(), &config, handler.as_ref()).await;
-        let batch = match bus
+        let fetched = match bus
             .fetch(&config.group, &config.topics, config.batch_size)
             .await
         {
-            Ok(batch) => batch,
+            Ok(fetched) => fetched,
             Err(error) => {
                 tracing::warn!(group = %config.group, %error, "cannot fetch messages");
                 if sleep_or_stop(config.poll_interval, &mut shutdown).await {
@@ -113,7 +116,17 @@ pub async fn run(
                 continue;
             }
         };
-        if batch.is_empty() {
+        if fetched.deliveries.is_empty() {
+            if fetched.read_to > committed {
+                // Only messages on other topics: move past them (so the group's lag shows 0).
+                match bus.commit(&config.group, fetched.read_to).await {
+                    Ok(()) => committed = fetched.read_to,
+                    Err(error) => {
+                        tracing::warn!(group = %config.group, %error, "cannot commit the group's position");
+                    }
+                }
+                continue;
+            }
             tokio::select! {
                 _ = wakeups.changed() => {}
                 () = tokio::time::sleep(config.poll_interval) => {}
@@ -121,7 +134,7 @@ pub async fn run(
             }
             continue;
         }
-        for delivery in &batch {
+        for delivery in &fetched.deliveries {
             match deliver(
                 bus.as_ref(),
                 &config,
@@ -137,10 +150,16 @@ pub async fn run(
                 }
                 Outcome::Done | Outcome::DeadLettered => {}
             }
-            if let Err(error) = bus.commit(&config.group, delivery.seq).await {
+            match bus.commit(&config.group, delivery.seq).await {
+                Ok(()) => committed = delivery.seq,
                 // Delivered again later; the handler's inbox makes that harmless.
-                tracing::warn!(group = %config.group, %error, "cannot commit the group's position");
+                Err(error) => {
+                    tracing::warn!(group = %config.group, %error, "cannot commit the group's position");
+                }
             }
+        }
+        if fetched.read_to > committed && bus.commit(&config.group, fetched.read_to).await.is_ok() {
+            committed = fetched.read_to;
         }
     }
     tracing::info!(group = %config.group, "consumer stopped");

@@ -33,6 +33,22 @@ pub struct Delivery {
     pub message: Message,
 }
 
+/// What a fetch returned.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fetched {
+    pub deliveries: Vec<Delivery>,
+    /// Every message the group subscribes to up to this position is in `deliveries`.
+    pub read_to: i64,
+}
+
+/// How far the log and each consumer group are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Positions {
+    pub head: i64,
+    pub groups: Vec<(String, i64)>,
+}
+
 /// A message a group gave up on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -62,13 +78,17 @@ pub trait Bus: Send + Sync + 'static {
     /// Appends the messages durably, in order; a message id already in the log is skipped.
     fn publish<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, Result<(), BusError>>;
 
-    /// Up to `max` messages on `topics` after the group's committed position, oldest first.
+    /// Up to `max` messages on `topics` after the group's committed position, oldest first,
+    /// and how far the log was read (committing that skips messages on other topics).
     fn fetch<'a>(
         &'a self,
         group: &'a str,
         topics: &'a [String],
         max: usize,
-    ) -> BoxFuture<'a, Result<Vec<Delivery>, BusError>>;
+    ) -> BoxFuture<'a, Result<Fetched, BusError>>;
+
+    /// The head of the log and each group's committed position.
+    fn positions(&self) -> BoxFuture<'_, Result<Positions, BusError>>;
 
     /// Records that the group is done with everything up to and including `seq`.
     fn commit<'a>(&'a self, group: &'a str, seq: i64) -> BoxFuture<'a, Result<(), BusError>>;

@@ -1,6 +1,6 @@
 //! The embedded bus: a log table with per-group offsets, on SQLite or PostgreSQL.
 
-use crate::{Bus, BusError, DeadLetter, Delivery, Message};
+use crate::{Bus, BusError, DeadLetter, Delivery, Fetched, Message, Positions};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use sqlx::{AssertSqlSafe, Row};
@@ -129,10 +129,13 @@ impl SqlBus {
         group: &str,
         topics: &[String],
         max: usize,
-    ) -> Result<Vec<Delivery>, BusError> {
-        if topics.is_empty() {
-            return Ok(Vec::new());
-        }
+    ) -> Result<Fetched, BusError> {
+        // Read the head first: every message up to it is committed (positions are handed out
+        // under a row lock and committed in order), so a short page covers all of them.
+        let head: i64 = sqlx::query("SELECT last_seq FROM bus_sequence WHERE id = 1")
+            .fetch_one(self.db.reader())
+            .await?
+            .try_get(0)?;
         let offset: i64 = sqlx::query("SELECT last_seq FROM bus_offsets WHERE group_name = $1")
             .bind(group)
             .fetch_optional(self.db.reader())
@@ -146,15 +149,20 @@ impl SqlBus {
             .join(", ");
         let sql = format!(
             "SELECT seq, message_id, topic, message_key, payload FROM bus_log \
-             WHERE seq > $1 AND topic IN ({placeholders}) ORDER BY seq LIMIT {}",
+             WHERE seq > $1 AND seq <= {head} AND topic IN ({placeholders}) ORDER BY seq LIMIT {}",
             max.clamp(1, 1000)
         );
         let mut query = sqlx::query(AssertSqlSafe(sql)).bind(offset);
         for topic in topics {
             query = query.bind(topic.clone());
         }
-        let rows = query.fetch_all(self.db.reader()).await?;
-        rows.iter()
+        let rows = if topics.is_empty() {
+            Vec::new()
+        } else {
+            query.fetch_all(self.db.reader()).await?
+        };
+        let deliveries = rows
+            .iter()
             .map(|r| {
                 Ok(Delivery {
                     seq: r.try_get(0)?,
@@ -166,7 +174,31 @@ impl SqlBus {
                     },
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let read_to = if deliveries.len() < max.clamp(1, 1000) {
+            head.max(offset)
+        } else {
+            deliveries.last().map_or(offset, |d| d.seq)
+        };
+        Ok(Fetched {
+            deliveries,
+            read_to,
+        })
+    }
+
+    async fn read_positions(&self) -> Result<Positions, BusError> {
+        let head: i64 = sqlx::query("SELECT last_seq FROM bus_sequence WHERE id = 1")
+            .fetch_one(self.db.reader())
+            .await?
+            .try_get(0)?;
+        let groups =
+            sqlx::query("SELECT group_name, last_seq FROM bus_offsets ORDER BY group_name")
+                .fetch_all(self.db.reader())
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(Positions { head, groups })
     }
 
     async fn commit_offset(&self, group: &str, seq: i64) -> Result<(), BusError> {
@@ -332,8 +364,12 @@ impl Bus for SqlBus {
         group: &'a str,
         topics: &'a [String],
         max: usize,
-    ) -> BoxFuture<'a, Result<Vec<Delivery>, BusError>> {
+    ) -> BoxFuture<'a, Result<Fetched, BusError>> {
         self.fetch_batch(group, topics, max).boxed()
+    }
+
+    fn positions(&self) -> BoxFuture<'_, Result<Positions, BusError>> {
+        self.read_positions().boxed()
     }
 
     fn commit<'a>(&'a self, group: &'a str, seq: i64) -> BoxFuture<'a, Result<(), BusError>> {

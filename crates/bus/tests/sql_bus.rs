@@ -143,7 +143,7 @@ async fn groups_read_in_order_at_their_own_offsets_and_duplicates_are_stored_onc
         .unwrap();
 
     let all = topics(&["order.created"]);
-    let first = s.bus.fetch("inventory", &all, 4).await.unwrap();
+    let first = s.bus.fetch("inventory", &all, 4).await.unwrap().deliveries;
     assert_eq!(
         first
             .iter()
@@ -154,7 +154,12 @@ async fn groups_read_in_order_at_their_own_offsets_and_duplicates_are_stored_onc
             .collect::<Vec<_>>()
     );
     s.bus.commit("inventory", first[3].seq).await.unwrap();
-    let rest = s.bus.fetch("inventory", &all, 100).await.unwrap();
+    let rest = s
+        .bus
+        .fetch("inventory", &all, 100)
+        .await
+        .unwrap()
+        .deliveries;
     assert_eq!(
         rest.len(),
         6,
@@ -162,16 +167,47 @@ async fn groups_read_in_order_at_their_own_offsets_and_duplicates_are_stored_onc
     );
     assert!(rest.windows(2).all(|w| w[0].seq < w[1].seq));
     // Another group starts from the beginning; topics filter.
-    assert_eq!(s.bus.fetch("payment", &all, 100).await.unwrap().len(), 10);
+    assert_eq!(
+        s.bus
+            .fetch("payment", &all, 100)
+            .await
+            .unwrap()
+            .deliveries
+            .len(),
+        10
+    );
     let failed = s
         .bus
         .fetch("payment", &topics(&["payment.failed"]), 100)
         .await
-        .unwrap();
+        .unwrap()
+        .deliveries;
     assert_eq!(failed.len(), 1);
+    // A short page says how far the log was read, past messages on other topics.
+    let fetched = s
+        .bus
+        .fetch("payment", &topics(&["payment.failed"]), 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        fetched.read_to, 11,
+        "ten order.created, then payment.failed at 11"
+    );
+    s.bus.commit("payment", fetched.read_to).await.unwrap();
+    let positions = s.bus.positions().await.unwrap();
+    assert_eq!(positions.head, 11);
+    assert!(positions.groups.contains(&("payment".to_string(), 11)));
     // Committing an older position never moves a group back.
     s.bus.commit("inventory", 1).await.unwrap();
-    assert_eq!(s.bus.fetch("inventory", &all, 100).await.unwrap().len(), 6);
+    assert_eq!(
+        s.bus
+            .fetch("inventory", &all, 100)
+            .await
+            .unwrap()
+            .deliveries
+            .len(),
+        6
+    );
     s.finish().await;
 }
 
@@ -209,6 +245,7 @@ async fn a_consumer_is_woken_by_a_publish_and_retries_transient_failures(postgre
         bus.fetch("g", &topics(&["t"]), 10)
             .await
             .unwrap()
+            .deliveries
             .is_empty(),
         "position committed"
     );
@@ -306,7 +343,8 @@ async fn the_relay_publishes_the_outbox_in_order_and_only_one_relay_holds_the_le
         .bus
         .fetch("x", &topics(&["order.updated"]), 100)
         .await
-        .unwrap();
+        .unwrap()
+        .deliveries;
     let for_a: Vec<String> = log
         .iter()
         .filter(|d| d.message.key == "a")

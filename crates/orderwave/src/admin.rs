@@ -18,6 +18,7 @@ pub fn router(bus: Arc<dyn Bus>, outboxes: Outboxes) -> OpenApiRouter {
         .routes(routes!(list_dead_letters))
         .routes(routes!(redrive_dead_letter))
         .routes(routes!(discard_dead_letter))
+        .routes(routes!(consumer_lag))
         .with_state(bus)
         .merge(
             OpenApiRouter::new()
@@ -118,6 +119,48 @@ fn bus_problem(error: BusError) -> Problem {
             Problem::unavailable("The bus is unavailable; retry later.")
         }
     }
+}
+
+/// How far a consumer group is behind the bus.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerLag {
+    pub group: String,
+    /// Last position the group committed.
+    pub position: i64,
+    /// Last position in the log.
+    pub head: i64,
+    /// Messages published after the group's position (on any topic, until the group reads past
+    /// them).
+    pub lag: i64,
+}
+
+/// Each consumer group's position and lag.
+#[utoipa::path(
+    get, path = "/api/v1/admin/consumers", tag = "admin",
+    responses(
+        (status = 200, description = "Positions", body = [ConsumerLag]),
+        (status = 503, description = "The bus is down", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn consumer_lag(State(bus): State<Arc<dyn Bus>>) -> Result<Json<Vec<ConsumerLag>>, Problem> {
+    let positions = bus.positions().await.map_err(bus_problem)?;
+    Ok(Json(
+        positions
+            .groups
+            .into_iter()
+            .map(|(group, position)| {
+                metrics::gauge!("bus_consumer_lag", "group" => group.clone())
+                    .set((positions.head - position) as f64);
+                ConsumerLag {
+                    lag: positions.head - position,
+                    group,
+                    position,
+                    head: positions.head,
+                }
+            })
+            .collect(),
+    ))
 }
 
 /// Dead letters, newest first.
