@@ -134,6 +134,9 @@ pub async fn run(
             }
             continue;
         }
+        // The position is committed once per batch, not per message: one write instead of
+        // hundreds. A crash mid-batch redelivers the rest, which the handlers' inboxes absorb.
+        let mut done_to = committed;
         for delivery in &fetched.deliveries {
             match deliver(
                 bus.as_ref(),
@@ -145,21 +148,25 @@ pub async fn run(
             .await
             {
                 Outcome::Stopped => {
+                    if done_to > committed {
+                        let _ = bus.commit(&config.group, done_to).await;
+                    }
                     tracing::info!(group = %config.group, "consumer stopped");
                     return;
                 }
-                Outcome::Done | Outcome::DeadLettered => {}
-            }
-            match bus.commit(&config.group, delivery.seq).await {
-                Ok(()) => committed = delivery.seq,
-                // Delivered again later; the handler's inbox makes that harmless.
-                Err(error) => {
-                    tracing::warn!(group = %config.group, %error, "cannot commit the group's position");
-                }
+                Outcome::Done | Outcome::DeadLettered => done_to = delivery.seq,
             }
         }
-        if fetched.read_to > committed && bus.commit(&config.group, fetched.read_to).await.is_ok() {
-            committed = fetched.read_to;
+        let position = if fetched.read_to > done_to {
+            fetched.read_to
+        } else {
+            done_to
+        };
+        match bus.commit(&config.group, position).await {
+            Ok(()) => committed = position,
+            Err(error) => {
+                tracing::warn!(group = %config.group, %error, "cannot commit the group's position");
+            }
         }
     }
     tracing::info!(group = %config.group, "consumer stopped");
