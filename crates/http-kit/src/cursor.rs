@@ -20,3 +20,14 @@ pub fn decode(cursor: &str, n: usize) -> Result<Vec<String>, Problem> {
         Err(invalid())
     }
 }
+
+/// A page size from the query: a whole number ≥ 1, capped at `max`; anything else is a 422.
+pub fn parse_limit(value: &str, max: u32) -> Result<u32, Problem> {
+    match value.parse::<i64>() {
+        Ok(n) if n >= 1 => Ok(u32::try_from(n.min(i64::from(max))).unwrap_or(max)),
+        _ => Err(Problem::field(
+            "limit",
+            format!("must be a whole number from 1 to {max}"),
+        )),
+    }
+}

@@ -163,6 +163,21 @@ impl Problem {
     }
 }
 
+/// Field errors from validation in the domain become one 422 naming each field.
+impl From<Vec<domain::FieldError>> for Problem {
+    fn from(errors: Vec<domain::FieldError>) -> Self {
+        Problem::validation(
+            errors
+                .into_iter()
+                .map(|e| ProblemField {
+                    field: e.field,
+                    message: e.message,
+                })
+                .collect(),
+        )
+    }
+}
+
 impl IntoResponse for Problem {
     fn into_response(self) -> axum::response::Response {
         let body = serde_json::to_vec(&self).unwrap_or_default();

@@ -182,15 +182,7 @@ async fn list_dead_letters(
     for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match key.as_ref() {
             "group" => group = Some(value.into_owned()),
-            "limit" => match value.parse::<usize>() {
-                Ok(n) if n >= 1 => limit = n.min(500),
-                _ => {
-                    return Err(Problem::field(
-                        "limit",
-                        "must be a whole number from 1 to 500",
-                    ));
-                }
-            },
+            "limit" => limit = http_kit::cursor::parse_limit(&value, 500)? as usize,
             _ => return Err(Problem::field("query", "unknown query parameter")),
         }
     }

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use domain::DomainError;
 use domain::customer::{Customer, CustomerCommand, validate_contact};
 use http_kit::idempotency::IdempotentRequest;
-use http_kit::{JsonBody, Problem, ProblemField, cursor, etag};
+use http_kit::{JsonBody, Problem, cursor, etag};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -123,19 +123,8 @@ fn contact(body: &CustomerBody) -> Result<domain::customer::Contact, Problem> {
         .notification_preferences
         .as_ref()
         .map(|p| (p.email.as_slice(), p.sms.as_slice()));
-    validate_contact(&body.name, &body.email, body.phone.as_deref(), preferences).map_err(
-        |errors| {
-            Problem::validation(
-                errors
-                    .into_iter()
-                    .map(|e| ProblemField {
-                        field: e.field,
-                        message: e.message,
-                    })
-                    .collect(),
-            )
-        },
-    )
+    validate_contact(&body.name, &body.email, body.phone.as_deref(), preferences)
+        .map_err(Problem::from)
 }
 
 fn respond(status: StatusCode, customer: &Customer) -> Response {
@@ -259,15 +248,7 @@ async fn list_customers(
     for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match key.as_ref() {
             "email" => email = Some(value.into_owned()),
-            "limit" => match value.parse::<i64>() {
-                Ok(n) if n >= 1 => limit = u32::try_from(n.min(100)).unwrap_or(100),
-                _ => {
-                    return Err(Problem::field(
-                        "limit",
-                        "must be a whole number from 1 to 100",
-                    ));
-                }
-            },
+            "limit" => limit = cursor::parse_limit(&value, 100)?,
             "cursor" => {
                 let parts = cursor::decode(&value, 2)?;
                 after = Some((parts[0].clone(), parts[1].clone()));

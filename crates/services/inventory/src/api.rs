@@ -6,7 +6,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use domain::inventory::validate_product;
-use http_kit::{JsonBody, Problem, ProblemField, cursor, etag};
+use http_kit::{JsonBody, Problem, cursor, etag};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -142,17 +142,7 @@ async fn create_product(
         &body.currency,
         body.on_hand,
     )
-    .map_err(|errors| {
-        Problem::validation(
-            errors
-                .into_iter()
-                .map(|e| ProblemField {
-                    field: e.field,
-                    message: e.message,
-                })
-                .collect(),
-        )
-    })?;
+    .map_err(Problem::from)?;
     Ok(respond(
         StatusCode::CREATED,
         service.store.create(&draft).await?,
@@ -177,15 +167,7 @@ async fn list_products(
     let mut after = None;
     for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match key.as_ref() {
-            "limit" => match value.parse::<i64>() {
-                Ok(n) if n >= 1 => limit = u32::try_from(n.min(100)).unwrap_or(100),
-                _ => {
-                    return Err(Problem::field(
-                        "limit",
-                        "must be a whole number from 1 to 100",
-                    ));
-                }
-            },
+            "limit" => limit = cursor::parse_limit(&value, 100)?,
             "cursor" => after = cursor::decode(&value, 1)?.into_iter().next(),
             _ => return Err(Problem::field("query", "unknown query parameter")),
         }
@@ -242,17 +224,7 @@ async fn set_stock(
     let expected = etag::if_match(&headers)?.map(|v| i64::try_from(v).unwrap_or(-1));
     let price = body.price.as_deref().unwrap_or(&current.price).to_string();
     let draft = validate_product(&sku, &current.name, &price, &current.currency, body.on_hand)
-        .map_err(|errors| {
-            Problem::validation(
-                errors
-                    .into_iter()
-                    .map(|e| ProblemField {
-                        field: e.field,
-                        message: e.message,
-                    })
-                    .collect(),
-            )
-        })?;
+        .map_err(Problem::from)?;
     let product = service
         .store
         .set_stock(&sku, draft.on_hand, Some(draft.price.to_string()), expected)

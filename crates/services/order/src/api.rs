@@ -40,15 +40,7 @@ pub fn router(service: OrderService) -> OpenApiRouter {
 // ---- errors -------------------------------------------------------------------------------
 
 fn fields(errors: Vec<FieldError>) -> Problem {
-    Problem::validation(
-        errors
-            .into_iter()
-            .map(|e| ProblemField {
-                field: e.field,
-                message: e.message,
-            })
-            .collect(),
-    )
+    Problem::from(errors)
 }
 
 impl From<StoreError> for Problem {
@@ -535,11 +527,9 @@ async fn list(
                     "must be an RFC 3339 time such as 2026-11-23T00:00:00Z".to_string(),
                 )),
             },
-            "limit" => match value.parse::<i64>() {
-                Ok(n) if n >= 1 => {
-                    filter.limit = u32::try_from(n.min(i64::from(MAX_LIMIT))).unwrap_or(MAX_LIMIT)
-                }
-                _ => errors.push((
+            "limit" => match cursor::parse_limit(&value, MAX_LIMIT) {
+                Ok(n) => filter.limit = n,
+                Err(_) => errors.push((
                     "limit",
                     format!("must be a whole number from 1 to {MAX_LIMIT}"),
                 )),
