@@ -52,6 +52,9 @@ pub struct ConsumerConfig {
     /// wake the consumer at once).
     pub poll_interval: Duration,
     pub batch_size: usize,
+    /// One runner per group is active across processes; a standby takes over when the active
+    /// one stops renewing for this long.
+    pub lease_ttl: Duration,
 }
 
 impl ConsumerConfig {
@@ -64,6 +67,7 @@ impl ConsumerConfig {
             backoff_max: Duration::from_secs(30),
             poll_interval: Duration::from_millis(500),
             batch_size: 100,
+            lease_ttl: Duration::from_secs(15),
         }
     }
 }
@@ -96,12 +100,31 @@ pub async fn run(
     // The position this runner last committed: an empty fetch that read further commits that
     // (skipping messages on other topics), once.
     let mut committed: i64 = 0;
+    let holder = uuid::Uuid::now_v7().to_string();
+    let lease = format!("consumer:{}", config.group);
     tracing::info!(group = %config.group, topics = ?config.topics, "consumer started");
     loop {
         if *shutdown.borrow() {
             break;
         }
         wakeups.borrow_and_update();
+        match bus.hold_lease(&lease, &holder, config.lease_ttl).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // Another process runs this group: stand by.
+                if sleep_or_stop(config.poll_interval, &mut shutdown).await {
+                    break;
+                }
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(group = %config.group, %error, "cannot take the group's lease");
+                if sleep_or_stop(config.poll_interval, &mut shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        }
         redrive(bus.as_ref(), &config, handler.as_ref()).await;
         let fetched = match bus
             .fetch(&config.group, &config.topics, config.batch_size)
@@ -137,7 +160,16 @@ pub async fn run(
         // The position is committed once per batch, not per message: one write instead of
         // hundreds. A crash mid-batch redelivers the rest, which the handlers' inboxes absorb.
         let mut done_to = committed;
+        let mut lost_lease = false;
         for delivery in &fetched.deliveries {
+            // Renewed before every message, so a long batch keeps the group to this runner.
+            if !matches!(
+                bus.hold_lease(&lease, &holder, config.lease_ttl).await,
+                Ok(true)
+            ) {
+                lost_lease = true;
+                break;
+            }
             match deliver(
                 bus.as_ref(),
                 &config,
@@ -151,13 +183,15 @@ pub async fn run(
                     if done_to > committed {
                         let _ = bus.commit(&config.group, done_to).await;
                     }
+                    let _ = bus.release_lease(&lease, &holder).await;
                     tracing::info!(group = %config.group, "consumer stopped");
                     return;
                 }
                 Outcome::Done | Outcome::DeadLettered => done_to = delivery.seq,
             }
         }
-        let position = if fetched.read_to > done_to {
+        let read_all = !lost_lease;
+        let position = if read_all && fetched.read_to > done_to {
             fetched.read_to
         } else {
             done_to
@@ -169,6 +203,7 @@ pub async fn run(
             }
         }
     }
+    let _ = bus.release_lease(&lease, &holder).await;
     tracing::info!(group = %config.group, "consumer stopped");
 }
 

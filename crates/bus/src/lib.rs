@@ -87,6 +87,21 @@ pub trait Bus: Send + Sync + 'static {
         max: usize,
     ) -> BoxFuture<'a, Result<Fetched, BusError>>;
 
+    /// Takes or renews the lease `name` for `holder`; `true` while the caller holds it.
+    fn hold_lease<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<bool, BusError>>;
+
+    /// Gives a lease up.
+    fn release_lease<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+    ) -> BoxFuture<'a, Result<(), BusError>>;
+
     /// The head of the log and each group's committed position.
     fn positions(&self) -> BoxFuture<'_, Result<Positions, BusError>>;
 

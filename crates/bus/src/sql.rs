@@ -56,7 +56,7 @@ impl SqlBus {
         if messages.is_empty() {
             return Ok(());
         }
-        let mut tx = self.db.writer().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         // Skip ids already in the log (a relay that crashed after publishing, before marking
         // its outbox rows sent, publishes them again).
         let mut fresh = Vec::with_capacity(messages.len());
@@ -366,6 +366,24 @@ impl Bus for SqlBus {
         max: usize,
     ) -> BoxFuture<'a, Result<Fetched, BusError>> {
         self.fetch_batch(group, topics, max).boxed()
+    }
+
+    fn hold_lease<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<bool, BusError>> {
+        async move { Ok(storage::lease::acquire(self.db.writer(), name, holder, ttl).await?) }
+            .boxed()
+    }
+
+    fn release_lease<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        async move { Ok(storage::lease::release(self.db.writer(), name, holder).await?) }.boxed()
     }
 
     fn positions(&self) -> BoxFuture<'_, Result<Positions, BusError>> {

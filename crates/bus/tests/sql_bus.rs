@@ -83,6 +83,8 @@ struct Recorder {
     attempts: AtomicU32,
     fail_first: u32,
     poison_fails: std::sync::atomic::AtomicBool,
+    /// Time each message takes to handle.
+    delay: Duration,
 }
 
 impl Recorder {
@@ -92,6 +94,7 @@ impl Recorder {
             attempts: AtomicU32::new(0),
             fail_first,
             poison_fails: std::sync::atomic::AtomicBool::new(true),
+            delay: Duration::ZERO,
         })
     }
 }
@@ -100,6 +103,7 @@ impl Handler for Recorder {
     fn handle<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<(), HandlerError>> {
         async move {
             let n = self.attempts.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::time::sleep(self.delay).await;
             if delivery.message.payload.contains("poison")
                 && self.poison_fails.load(Ordering::SeqCst)
             {
@@ -393,6 +397,54 @@ async fn on_postgres_a_publish_in_another_process_wakes_the_consumer_at_once() {
     s.finish().await;
 }
 
+async fn two_processes_running_one_group_handle_each_message_once(postgres: bool) {
+    let s = Setup::new(postgres).await;
+    // A second process: its own bus handle on the same database.
+    let other_db = match &s.pg {
+        None => Db::open_sqlite(s._dir.path(), "bus").await.unwrap(),
+        Some(url) => Db::open_postgres(url, "bus", 2).await.unwrap(),
+    };
+    let other = SqlBus::start(other_db).await.unwrap();
+    // Slow handling: without the lease both runners would be working on the same batch.
+    let handler = Arc::new(Recorder {
+        delay: Duration::from_millis(20),
+        ..Arc::into_inner(Recorder::new(0)).unwrap()
+    });
+    let (stop, stopped) = watch::channel(false);
+    let mut config = fast("g", &["t"]);
+    config.poll_interval = Duration::from_millis(50);
+    let first = tokio::spawn(consumer::run(
+        Arc::new(s.bus.clone()),
+        config.clone(),
+        handler.clone(),
+        stopped.clone(),
+    ));
+    let second = tokio::spawn(consumer::run(
+        Arc::new(other.clone()),
+        config,
+        handler.clone(),
+        stopped,
+    ));
+    let batch: Vec<Message> = (0..20).map(|i| message(i, "t")).collect();
+    s.bus.publish(&batch[..10]).await.unwrap();
+    other.publish(&batch[10..]).await.unwrap();
+    wait_until("all twenty", Duration::from_secs(10), async || {
+        handler.seen.lock().await.len() >= 20
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // a second runner would be handling now
+    assert_eq!(
+        handler.attempts.load(Ordering::SeqCst),
+        20,
+        "each message handled by one runner only"
+    );
+    stop.send(true).unwrap();
+    first.await.unwrap();
+    second.await.unwrap();
+    other.db().close().await;
+    s.finish().await;
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         mod sqlite { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(false).await } )* }
@@ -405,4 +457,5 @@ on_both!(
     a_consumer_is_woken_by_a_publish_and_retries_transient_failures,
     a_poison_message_is_dead_lettered_then_redriven_after_the_fix,
     the_relay_publishes_the_outbox_in_order_and_only_one_relay_holds_the_lease,
+    two_processes_running_one_group_handle_each_message_once,
 );

@@ -185,6 +185,17 @@ impl Db {
         &self.reader
     }
 
+    /// Begins a write transaction. On SQLite it takes the write lock at once (`BEGIN
+    /// IMMEDIATE`): a deferred transaction that read first could not upgrade to a writer when
+    /// another process wrote meanwhile, and would fail with "database is locked" instead of
+    /// waiting its turn.
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.writer.begin().await,
+        }
+    }
+
     pub async fn migrate(&self, migrator: &Migrator) -> Result<(), DbError> {
         migrator.run(&self.writer).await.map_err(DbError::Migrate)
     }

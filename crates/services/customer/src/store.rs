@@ -122,7 +122,7 @@ impl CustomerStore {
             })
             .collect();
 
-        let mut tx = self.db.writer().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         events::append(&mut tx, &stored)
             .await
             .map_err(|e| match e {

@@ -172,7 +172,7 @@ impl InventoryStore {
     ) -> Result<Reservation, StoreError> {
         let lines = merge_lines(lines.iter().map(|(s, q)| (s.as_str(), *q)));
         for _ in 0..3 {
-            let mut tx = self.db.writer().begin().await?;
+            let mut tx = self.db.begin_write().await?;
             if !inbox::claim(&mut tx, group, message_id).await? {
                 return Ok(Reservation::Duplicate);
             }
@@ -224,7 +224,7 @@ impl InventoryStore {
             let Err(shortages) = reserve(&lines, &stock) else {
                 continue; // released meanwhile: try again
             };
-            let mut tx = self.db.writer().begin().await?;
+            let mut tx = self.db.begin_write().await?;
             if !inbox::claim(&mut tx, group, message_id).await? {
                 return Ok(Reservation::Duplicate);
             }
@@ -264,7 +264,7 @@ impl InventoryStore {
         order_id: &str,
         reason: &str,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.db.writer().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         if !inbox::claim(&mut tx, group, message_id).await? {
             return Ok(false);
         }

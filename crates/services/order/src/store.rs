@@ -426,7 +426,7 @@ fn shared_error(error: &StoreError) -> StoreError {
 
 /// One transaction for all `writes`.
 async fn commit(db: &Db, writes: &[&Write]) -> Result<(), StoreError> {
-    let mut tx = db.writer().begin().await?;
+    let mut tx = db.begin_write().await?;
     let events: Vec<NewEvent> = writes
         .iter()
         .flat_map(|w| w.events.iter().cloned())
