@@ -102,6 +102,7 @@ pub async fn run(
     let mut committed: i64 = 0;
     let holder = uuid::Uuid::now_v7().to_string();
     let lease = format!("consumer:{}", config.group);
+    let mut renewed: std::time::Instant;
     tracing::info!(group = %config.group, topics = ?config.topics, "consumer started");
     loop {
         if *shutdown.borrow() {
@@ -109,7 +110,7 @@ pub async fn run(
         }
         wakeups.borrow_and_update();
         match bus.hold_lease(&lease, &holder, config.lease_ttl).await {
-            Ok(true) => {}
+            Ok(true) => renewed = std::time::Instant::now(),
             Ok(false) => {
                 // Another process runs this group: stand by.
                 if sleep_or_stop(config.poll_interval, &mut shutdown).await {
@@ -162,13 +163,17 @@ pub async fn run(
         let mut done_to = committed;
         let mut lost_lease = false;
         for delivery in &fetched.deliveries {
-            // Renewed before every message, so a long batch keeps the group to this runner.
-            if !matches!(
-                bus.hold_lease(&lease, &holder, config.lease_ttl).await,
-                Ok(true)
-            ) {
-                lost_lease = true;
-                break;
+            // Renewed during a long batch (a third of the lease at most between renewals), so
+            // the group stays with this runner without a write per message.
+            if renewed.elapsed() > config.lease_ttl / 3 {
+                if !matches!(
+                    bus.hold_lease(&lease, &holder, config.lease_ttl).await,
+                    Ok(true)
+                ) {
+                    lost_lease = true;
+                    break;
+                }
+                renewed = std::time::Instant::now();
             }
             match deliver(
                 bus.as_ref(),
