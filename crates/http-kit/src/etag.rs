@@ -66,3 +66,18 @@ pub fn not_modified_response(
         response
     })
 }
+
+/// Marks a resource answer: its `ETag`, and for a 201 the `Location` it was created at.
+pub fn tag_resource(
+    mut response: axum::response::Response,
+    version: u64,
+    location: &str,
+) -> axum::response::Response {
+    response.headers_mut().insert(header::ETAG, etag(version));
+    if response.status() == axum::http::StatusCode::CREATED
+        && let Ok(location) = HeaderValue::from_str(location)
+    {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}

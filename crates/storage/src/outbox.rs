@@ -22,6 +22,28 @@ pub struct CloudEvent {
     pub data: serde_json::Value,
 }
 
+/// Tells the outbox relay that new rows were committed (it also polls, for other writers).
+#[derive(Debug, Clone)]
+pub struct CommitSignal(std::sync::Arc<tokio::sync::watch::Sender<u64>>);
+
+impl Default for CommitSignal {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(tokio::sync::watch::Sender::new(0)))
+    }
+}
+
+impl CommitSignal {
+    /// Called after a commit that wrote outbox rows.
+    pub fn notify(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that changes after every [`notify`](Self::notify).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}
+
 /// A message for the outbox.
 #[derive(Debug, Clone)]
 pub struct OutboxMessage {

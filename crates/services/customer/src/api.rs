@@ -1,7 +1,7 @@
 //! The customer REST API under /api/v1/customers.
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use domain::DomainError;
 use domain::customer::{Customer, CustomerCommand, validate_contact};
@@ -128,16 +128,12 @@ fn contact(body: &CustomerBody) -> Result<domain::customer::Contact, Problem> {
 }
 
 fn respond(status: StatusCode, customer: &Customer) -> Response {
-    let mut response = (status, axum::Json(CustomerView::from(customer))).into_response();
-    response
-        .headers_mut()
-        .insert(header::ETAG, etag::etag(customer.version));
-    if status == StatusCode::CREATED
-        && let Ok(location) = HeaderValue::from_str(&format!("/api/v1/customers/{}", customer.id))
-    {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
-    response
+    let response = (status, axum::Json(CustomerView::from(customer))).into_response();
+    etag::tag_resource(
+        response,
+        customer.version,
+        &format!("/api/v1/customers/{}", customer.id),
+    )
 }
 
 /// Register a customer.

@@ -6,7 +6,7 @@ use domain::customer::{Customer, CustomerCommand, decide, evolve};
 use sqlx::{AssertSqlSafe, Row};
 use storage::Db;
 use storage::events::{self, AppendError, NewEvent, is_unique_violation};
-use storage::outbox::{self, OutboxMessage};
+use storage::outbox::{self, CommitSignal, OutboxMessage};
 use storage::time;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -32,14 +32,14 @@ pub enum StoreError {
 #[derive(Debug)]
 pub struct CustomerStore {
     db: Db,
-    committed: watch::Sender<u64>,
+    committed: CommitSignal,
 }
 
 impl CustomerStore {
     pub fn new(db: Db) -> Self {
         Self {
             db,
-            committed: watch::Sender::new(0),
+            committed: CommitSignal::default(),
         }
     }
 
@@ -159,7 +159,7 @@ impl CustomerStore {
         }
         outbox::enqueue(&mut tx, &outbox_rows).await?;
         tx.commit().await?;
-        self.committed.send_modify(|n| *n = n.wrapping_add(1));
+        self.committed.notify();
         Ok(customer)
     }
 

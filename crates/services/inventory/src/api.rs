@@ -3,7 +3,7 @@
 use crate::InventoryService;
 use crate::store::{Product, StoreError};
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use domain::inventory::validate_product;
 use http_kit::{JsonBody, Problem, cursor, etag};
@@ -109,16 +109,8 @@ impl From<StoreError> for Problem {
 fn respond(status: StatusCode, product: Product) -> Response {
     let version = u64::try_from(product.version).unwrap_or(0);
     let location = format!("/api/v1/inventory/{}", product.sku);
-    let mut response = (status, axum::Json(ProductView::from(product))).into_response();
-    response
-        .headers_mut()
-        .insert(header::ETAG, etag::etag(version));
-    if status == StatusCode::CREATED
-        && let Ok(location) = HeaderValue::from_str(&location)
-    {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
-    response
+    let response = (status, axum::Json(ProductView::from(product))).into_response();
+    etag::tag_resource(response, version, &location)
 }
 
 /// Add a product to the catalogue with its stock.

@@ -6,7 +6,7 @@ use serde::Serialize;
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use std::collections::BTreeMap;
 use storage::events::is_unique_violation;
-use storage::outbox::{self, OutboxMessage};
+use storage::outbox::{self, CommitSignal, OutboxMessage};
 use storage::{Db, inbox, time};
 use tokio::sync::watch;
 
@@ -54,14 +54,14 @@ pub enum Reservation {
 #[derive(Debug)]
 pub struct InventoryStore {
     db: Db,
-    committed: watch::Sender<u64>,
+    committed: CommitSignal,
 }
 
 impl InventoryStore {
     pub fn new(db: Db) -> Self {
         Self {
             db,
-            committed: watch::Sender::new(0),
+            committed: CommitSignal::default(),
         }
     }
 
@@ -71,10 +71,6 @@ impl InventoryStore {
 
     pub fn commits(&self) -> watch::Receiver<u64> {
         self.committed.subscribe()
-    }
-
-    fn committed(&self) {
-        self.committed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     pub async fn create(&self, draft: &ProductDraft) -> Result<Product, StoreError> {
@@ -215,7 +211,7 @@ impl InventoryStore {
                 messages.extend(self.low_stock_messages(&mut tx, &lines, &now).await?);
                 outbox::enqueue(&mut tx, &messages).await?;
                 tx.commit().await?;
-                self.committed();
+                self.committed.notify();
                 return Ok(Reservation::Reserved);
             }
             tx.rollback().await?;
@@ -250,7 +246,7 @@ impl InventoryStore {
             )
             .await?;
             tx.commit().await?;
-            self.committed();
+            self.committed.notify();
             return Ok(Reservation::Rejected(shortages));
         }
         Err(StoreError::Conflict)
@@ -304,7 +300,7 @@ impl InventoryStore {
             .await?;
         }
         tx.commit().await?;
-        self.committed();
+        self.committed.notify();
         Ok(!held.is_empty())
     }
 

@@ -5,11 +5,11 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use domain::DomainError;
+use domain::order::OrderDraft;
 use domain::order::{
     OrderCommand, OrderStatus, RawAddress, RawLine, validate_draft, validate_reason,
     validate_shipping,
 };
-use domain::{FieldError, order::OrderDraft};
 use http_kit::idempotency::IdempotentRequest;
 use http_kit::{JsonBody, Problem, ProblemField, cursor, etag};
 use utoipa_axum::router::OpenApiRouter;
@@ -39,14 +39,10 @@ pub fn router(service: OrderService) -> OpenApiRouter {
 
 // ---- errors -------------------------------------------------------------------------------
 
-fn fields(errors: Vec<FieldError>) -> Problem {
-    Problem::from(errors)
-}
-
 impl From<StoreError> for Problem {
     fn from(error: StoreError) -> Self {
         match error {
-            StoreError::Domain(DomainError::Validation(errors)) => fields(errors),
+            StoreError::Domain(DomainError::Validation(errors)) => Problem::from(errors),
             StoreError::Domain(DomainError::InvalidTransition { from, to, allowed }) => {
                 let mut p = Problem::new(
                     StatusCode::CONFLICT,
@@ -121,7 +117,7 @@ fn parse_id(id: &str) -> Result<Uuid, Problem> {
 
 fn order_response(status: StatusCode, snapshot: &Snapshot) -> Response {
     let order = &snapshot.order;
-    let mut response = (
+    let response = (
         status,
         [(
             header::CONTENT_TYPE,
@@ -130,15 +126,11 @@ fn order_response(status: StatusCode, snapshot: &Snapshot) -> Response {
         snapshot.json.clone(),
     )
         .into_response();
-    response
-        .headers_mut()
-        .insert(header::ETAG, etag::etag(order.version));
-    if status == StatusCode::CREATED
-        && let Ok(location) = HeaderValue::from_str(&format!("/api/v1/orders/{}", order.id))
-    {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
-    response
+    etag::tag_resource(
+        response,
+        order.version,
+        &format!("/api/v1/orders/{}", order.id),
+    )
 }
 
 fn draft_from(
@@ -163,7 +155,7 @@ fn draft_from(
         postal_code: &address.postal_code,
         country: &address.country,
     };
-    validate_draft(currency, &lines, &raw_address, notes).map_err(fields)
+    validate_draft(currency, &lines, &raw_address, notes).map_err(Problem::from)
 }
 
 fn shipping_from(body: &ShippingBody) -> Result<domain::order::Shipping, Problem> {
@@ -172,7 +164,7 @@ fn shipping_from(body: &ShippingBody) -> Result<domain::order::Shipping, Problem
         &body.tracking_number,
         body.estimated_delivery.as_deref(),
     )
-    .map_err(fields)
+    .map_err(Problem::from)
 }
 
 /// Runs `command` on order `id`, checking `If-Match`, and answers the order's new state.
@@ -351,7 +343,7 @@ async fn change_status(
             "must be one of PENDING, CONFIRMED, PROCESSING, SHIPPED, DELIVERED, CANCELLED",
         )
     })?;
-    let reason = validate_reason(body.reason.as_deref()).map_err(fields)?;
+    let reason = validate_reason(body.reason.as_deref()).map_err(Problem::from)?;
     let shipping = body.shipping.as_ref().map(shipping_from).transpose()?;
     let command = OrderCommand::ChangeStatus {
         to,
@@ -411,7 +403,7 @@ async fn cancel_order(
     let reason = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .find(|(k, _)| k == "reason")
         .map(|(_, v)| v.into_owned());
-    let reason = validate_reason(reason.as_deref()).map_err(fields)?;
+    let reason = validate_reason(reason.as_deref()).map_err(Problem::from)?;
     run_command(&service, id, &headers, OrderCommand::Cancel { reason }).await
 }
 

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use storage::Db;
 use storage::bulk::{self, Value};
 use storage::events::{self, AppendError, NewEvent};
-use storage::outbox::{self, OutboxMessage};
+use storage::outbox::{self, CommitSignal, OutboxMessage};
 use storage::time;
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -99,7 +99,7 @@ pub struct OrderStore {
     cache: Option<Cache<Uuid, Arc<Snapshot>>>,
     writer: mpsc::Sender<Job>,
     /// Bumped after every commit: wakes the outbox relay.
-    committed: Arc<watch::Sender<u64>>,
+    committed: CommitSignal,
 }
 
 const SOURCE: &str = "/orderwave/order-service";
@@ -111,7 +111,7 @@ impl OrderStore {
     /// the writer task, which ends once every clone of the store is dropped.
     pub fn new(db: Db, cache_bytes: u64) -> Self {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
-        let committed = Arc::new(watch::Sender::new(0));
+        let committed = CommitSignal::default();
         tokio::spawn(write_loop(db.clone(), rx, committed.clone()));
         let cache = (cache_bytes > 0).then(|| {
             Cache::builder()
@@ -371,7 +371,7 @@ fn prepare(
 /// The writer task: takes every write waiting, commits them in one transaction, answers each.
 /// If a grouped transaction fails (one write's version conflict), each write is retried on its
 /// own so only the conflicting one fails.
-async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>, committed: Arc<watch::Sender<u64>>) {
+async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>, committed: CommitSignal) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // A caller that gave up (request timed out, client gone) was not answered 2xx: its
@@ -384,7 +384,7 @@ async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>, committed: Arc<watch:
         let writes: Vec<&Write> = batch.iter().map(|(w, _)| w).collect();
         match commit(&db, &writes).await {
             Ok(()) => {
-                committed.send_modify(|n| *n = n.wrapping_add(1));
+                committed.notify();
                 for (_, reply) in batch.drain(..) {
                     let _ = reply.send(Ok(()));
                 }
@@ -395,7 +395,7 @@ async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>, committed: Arc<watch:
                     if !reply.is_closed() {
                         let result = commit(&db, &[&write]).await;
                         if result.is_ok() {
-                            committed.send_modify(|n| *n = n.wrapping_add(1));
+                            committed.notify();
                         }
                         let _ = reply.send(result);
                     }
