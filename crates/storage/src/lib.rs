@@ -11,6 +11,7 @@ pub mod idempotency;
 pub mod inbox;
 pub mod lease;
 pub mod outbox;
+pub mod page;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod time;

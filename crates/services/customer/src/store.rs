@@ -3,10 +3,11 @@
 
 use domain::DomainError;
 use domain::customer::{Customer, CustomerCommand, decide, evolve};
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::Row;
 use storage::Db;
 use storage::events::{self, AppendError, NewEvent, is_unique_violation};
 use storage::outbox::{self, CommitSignal, OutboxMessage};
+use storage::page::NewestFirst;
 use storage::time;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -170,35 +171,16 @@ impl CustomerStore {
         after: Option<(String, String)>,
         limit: u32,
     ) -> Result<(Vec<Customer>, bool), StoreError> {
-        let mut sql = String::from("SELECT document FROM customers WHERE 1 = 1");
-        let mut binds = Vec::new();
+        let mut query = NewestFirst::documents_of("customers");
         if let Some(email) = email {
-            binds.push(email.to_ascii_lowercase());
-            sql.push_str(&format!(" AND email = ${}", binds.len()));
+            query.and(" AND email = ?", email.to_ascii_lowercase());
         }
-        if let Some((created, id)) = after {
-            binds.push(created.clone());
-            sql.push_str(&format!(" AND (created_at < ${}", binds.len()));
-            binds.push(created);
-            sql.push_str(&format!(" OR (created_at = ${}", binds.len()));
-            binds.push(id);
-            sql.push_str(&format!(" AND id < ${}))", binds.len()));
-        }
-        sql.push_str(&format!(
-            " ORDER BY created_at DESC, id DESC LIMIT {}",
-            limit + 1
-        ));
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for b in binds {
-            query = query.bind(b);
-        }
-        let rows = query.fetch_all(self.db.reader()).await?;
-        let mut customers = rows
+        query.after(after.as_ref());
+        let (documents, more) = query.fetch(self.db.reader(), limit).await?;
+        let customers = documents
             .iter()
-            .map(|r| decode(&r.try_get::<String, _>(0)?))
+            .map(|d| decode(d))
             .collect::<Result<Vec<_>, _>>()?;
-        let more = customers.len() > limit as usize;
-        customers.truncate(limit as usize);
         Ok((customers, more))
     }
 }

@@ -14,12 +14,13 @@ use domain::DomainError;
 use domain::order::{Order, OrderCommand, OrderEvent, OrderStatus, RecordedEvent, decide, evolve};
 use moka::ops::compute::Op;
 use moka::sync::Cache;
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::Row;
 use std::sync::Arc;
 use storage::Db;
 use storage::bulk::{self, Value};
 use storage::events::{self, AppendError, NewEvent};
 use storage::outbox::{self, CommitSignal, OutboxMessage};
+use storage::page::NewestFirst;
 use storage::time;
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -255,51 +256,30 @@ impl OrderStore {
 
     /// Orders newest first; returns the page and whether more follow.
     pub async fn list(&self, filter: &OrderFilter) -> Result<(Vec<Order>, bool), StoreError> {
-        let mut sql = String::from("SELECT document FROM orders WHERE 1 = 1");
-        let mut binds: Vec<String> = Vec::new();
-        let mut next = |sql: &mut String, clause: &str, value: String| {
-            binds.push(value);
-            sql.push_str(&clause.replace('?', &format!("${}", binds.len())));
-        };
+        let mut query = NewestFirst::documents_of("orders");
         if let Some(customer) = filter.customer_id {
-            next(&mut sql, " AND customer_id = ?", customer.to_string());
+            query.and(" AND customer_id = ?", customer.to_string());
         }
-        if !filter.statuses.is_empty() {
-            sql.push_str(" AND status IN (");
-            for (i, status) in filter.statuses.iter().enumerate() {
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                next(&mut sql, "?", status.as_str().to_string());
-            }
-            sql.push(')');
-        }
+        query.and_in(
+            "status",
+            filter
+                .statuses
+                .iter()
+                .map(|s| s.as_str().to_string())
+                .collect(),
+        );
         if let Some(from) = filter.created_from {
-            next(&mut sql, " AND created_at >= ?", time::to_text(from));
+            query.and(" AND created_at >= ?", time::to_text(from));
         }
         if let Some(to) = filter.created_to {
-            next(&mut sql, " AND created_at < ?", time::to_text(to));
+            query.and(" AND created_at < ?", time::to_text(to));
         }
-        if let Some((created, id)) = &filter.after {
-            next(&mut sql, " AND (created_at < ?", created.clone());
-            next(&mut sql, " OR (created_at = ?", created.clone());
-            next(&mut sql, " AND id < ?))", id.clone());
-        }
-        sql.push_str(&format!(
-            " ORDER BY created_at DESC, id DESC LIMIT {}",
-            filter.limit + 1
-        ));
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for value in binds {
-            query = query.bind(value);
-        }
-        let rows = query.fetch_all(self.db.reader()).await?;
-        let mut orders = rows
+        query.after(filter.after.as_ref());
+        let (documents, more) = query.fetch(self.db.reader(), filter.limit).await?;
+        let orders = documents
             .iter()
-            .map(|r| decode_document(&r.try_get::<String, _>(0)?))
+            .map(|d| decode_document(d))
             .collect::<Result<Vec<_>, _>>()?;
-        let more = orders.len() > filter.limit as usize;
-        orders.truncate(filter.limit as usize);
         Ok((orders, more))
     }
 }
