@@ -20,6 +20,10 @@ pub struct RelayConfig {
 }
 
 impl RelayConfig {
+    fn lease_name(&self) -> String {
+        format!("relay:{}", self.service)
+    }
+
     pub fn new(service: &str) -> Self {
         Self {
             service: service.to_string(),
@@ -40,13 +44,28 @@ pub async fn relay_once(
     bus: &dyn Bus,
     config: &RelayConfig,
 ) -> Result<Option<usize>, crate::BusError> {
-    let lease_name = format!("relay:{}", config.service);
-    if !lease::acquire(db.writer(), &lease_name, &config.holder, config.lease_ttl).await? {
+    if !lease::acquire(
+        db.writer(),
+        &config.lease_name(),
+        &config.holder,
+        config.lease_ttl,
+    )
+    .await?
+    {
         return Ok(None);
     }
+    publish_pending(db, bus, config).await.map(Some)
+}
+
+/// Publishes one batch of the outbox (the caller holds the lease); returns how many rows.
+async fn publish_pending(
+    db: &Db,
+    bus: &dyn Bus,
+    config: &RelayConfig,
+) -> Result<usize, crate::BusError> {
     let rows = outbox::pending(db.reader(), config.batch_size).await?;
     if rows.is_empty() {
-        return Ok(Some(0));
+        return Ok(0);
     }
     let messages: Vec<Message> = rows
         .iter()
@@ -62,7 +81,7 @@ pub async fn relay_once(
     outbox::mark_sent(db.writer(), &ids).await?;
     metrics::counter!("outbox_relayed_total", "service" => config.service.clone())
         .increment(ids.len() as u64);
-    Ok(Some(ids.len()))
+    Ok(ids.len())
 }
 
 /// Runs the relay until `shutdown` turns true. `written` changes when the service commits new
@@ -75,17 +94,41 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     tracing::info!(service = %config.service, "outbox relay started");
+    let lease_name = config.lease_name();
+    // When this relay last renewed its lease; renewed at most every third of its TTL, not with
+    // a write on every pass.
+    let mut renewed: Option<std::time::Instant> = None;
     loop {
         if *shutdown.borrow() {
             break;
         }
         written.borrow_and_update();
-        let published = match relay_once(&db, bus.as_ref(), &config).await {
-            Ok(n) => n,
-            Err(error) => {
-                tracing::warn!(service = %config.service, %error, "outbox relay failed; retrying");
-                Some(0)
-            }
+        if renewed.is_none_or(|at| at.elapsed() > config.lease_ttl / 3) {
+            renewed = match lease::acquire(
+                db.writer(),
+                &lease_name,
+                &config.holder,
+                config.lease_ttl,
+            )
+            .await
+            {
+                Ok(true) => Some(std::time::Instant::now()),
+                Ok(false) => None,
+                Err(error) => {
+                    tracing::warn!(service = %config.service, %error, "cannot take the relay lease");
+                    None
+                }
+            };
+        }
+        let published = match renewed {
+            None => None, // another process relays this outbox: stand by
+            Some(_) => match publish_pending(&db, bus.as_ref(), &config).await {
+                Ok(n) => Some(n),
+                Err(error) => {
+                    tracing::warn!(service = %config.service, %error, "outbox relay failed; retrying");
+                    Some(0)
+                }
+            },
         };
         if published.is_some_and(|n| n >= config.batch_size) {
             continue; // more waiting
@@ -96,7 +139,6 @@ pub async fn run(
             _ = shutdown.changed() => {}
         }
     }
-    let lease_name = format!("relay:{}", config.service);
     let _ = lease::release(db.writer(), &lease_name, &config.holder).await;
     tracing::info!(service = %config.service, "outbox relay stopped");
 }
