@@ -9,6 +9,7 @@ pub mod error;
 pub mod inventory;
 pub mod money;
 pub mod order;
+pub mod payment;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -41,6 +41,17 @@ pub fn format_amount(amount: Decimal, currency: &str) -> String {
     rounded.to_string()
 }
 
+/// The amount in the currency's minor units (cents for USD, yen for JPY), as payment providers
+/// take it. `None` when it has more decimals than the currency allows or does not fit.
+pub fn to_minor_units(amount: Decimal, currency: &str) -> Option<i64> {
+    let decimals = currency_decimals(currency).unwrap_or(2);
+    let minor = amount.checked_mul(Decimal::from(10_i64.pow(decimals)))?;
+    if minor.fract() != Decimal::ZERO {
+        return None;
+    }
+    i64::try_from(minor).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,6 +64,14 @@ mod tests {
         assert_eq!(parse_amount("1200", "JPY"), Ok(Decimal::new(1200, 0)));
         assert_eq!(parse_amount("1.000", "JPY"), Ok(Decimal::new(1000, 3)));
         assert_eq!(parse_amount("1.234", "KWD"), Ok(Decimal::new(1234, 3)));
+    }
+
+    #[test]
+    fn converts_to_minor_units() {
+        assert_eq!(to_minor_units(Decimal::new(1250, 2), "USD"), Some(1250));
+        assert_eq!(to_minor_units(Decimal::new(1200, 0), "JPY"), Some(1200));
+        assert_eq!(to_minor_units(Decimal::new(1234, 3), "KWD"), Some(1234));
+        assert_eq!(to_minor_units(Decimal::new(1, 3), "USD"), None);
     }
 
     #[test]

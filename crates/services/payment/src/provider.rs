@@ -1,0 +1,300 @@
+//! Payment providers: who actually moves the money. The embedded simulator decides by card
+//! token; the HTTP adapter speaks a Stripe-style API. Every call carries an idempotency key (the
+//! payment id for a charge, the refund id for a refund), so a retried call never charges or
+//! refunds twice.
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// A charge of `amount_minor` (minor units) on the card behind `token`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeRequest {
+    pub idempotency_key: String,
+    pub order_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub token: String,
+}
+
+/// What the provider said about a charge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeOutcome {
+    Succeeded { reference: String },
+    Declined { reason: String },
+}
+
+/// A refund of part or all of a succeeded charge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundRequest {
+    pub idempotency_key: String,
+    pub charge_reference: String,
+    pub amount_minor: i64,
+    pub currency: String,
+}
+
+/// A call that did not get an answer about the money.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    /// Worth retrying with the same idempotency key (network, 5xx, 429).
+    #[error("provider unavailable: {0}")]
+    Transient(String),
+    /// The provider refused the request itself (4xx other than a decline): never retried.
+    #[error("provider refused the request: {0}")]
+    Permanent(String),
+}
+
+pub trait PaymentProvider: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn charge<'a>(
+        &'a self,
+        request: &'a ChargeRequest,
+    ) -> BoxFuture<'a, Result<ChargeOutcome, ProviderError>>;
+    /// Returns the provider's reference of the refund.
+    fn refund<'a>(
+        &'a self,
+        request: &'a RefundRequest,
+    ) -> BoxFuture<'a, Result<String, ProviderError>>;
+}
+
+/// The embedded provider. The card token decides: `tok_ok` succeeds, `tok_declined` is
+/// declined, `tok_slow` never answers, `tok_flaky` fails once with a transient error and then
+/// succeeds; any other token is declined as unknown.
+#[derive(Debug, Default)]
+pub struct Simulator {
+    /// Answers by idempotency key, as a real provider keeps them.
+    charges: Mutex<HashMap<String, ChargeOutcome>>,
+    flaky_seen: Mutex<HashMap<String, u32>>,
+}
+
+impl Simulator {
+    /// How many distinct charges were made (one per idempotency key).
+    pub fn charges_made(&self) -> usize {
+        self.charges.lock().map_or(0, |c| c.len())
+    }
+}
+
+impl PaymentProvider for Simulator {
+    fn name(&self) -> &'static str {
+        "simulator"
+    }
+
+    fn charge<'a>(
+        &'a self,
+        request: &'a ChargeRequest,
+    ) -> BoxFuture<'a, Result<ChargeOutcome, ProviderError>> {
+        async move {
+            if let Some(known) = self
+                .charges
+                .lock()
+                .ok()
+                .and_then(|c| c.get(&request.idempotency_key).cloned())
+            {
+                return Ok(known);
+            }
+            let outcome = match request.token.as_str() {
+                "tok_ok" => ChargeOutcome::Succeeded {
+                    reference: format!("sim_ch_{}", request.idempotency_key),
+                },
+                "tok_declined" => ChargeOutcome::Declined {
+                    reason: "the card was declined".into(),
+                },
+                "tok_slow" => {
+                    // The provider never answers; the caller's deadline ends the wait.
+                    futures::future::pending::<()>().await;
+                    unreachable!("a pending future never completes")
+                }
+                "tok_flaky" => {
+                    let mut seen = self
+                        .flaky_seen
+                        .lock()
+                        .map_err(|_| ProviderError::Transient("simulator poisoned".into()))?;
+                    let n = seen.entry(request.idempotency_key.clone()).or_default();
+                    *n += 1;
+                    if *n == 1 {
+                        return Err(ProviderError::Transient("simulated network failure".into()));
+                    }
+                    ChargeOutcome::Succeeded {
+                        reference: format!("sim_ch_{}", request.idempotency_key),
+                    }
+                }
+                _ => ChargeOutcome::Declined {
+                    reason: "unknown card token".into(),
+                },
+            };
+            if let Ok(mut charges) = self.charges.lock() {
+                charges.insert(request.idempotency_key.clone(), outcome.clone());
+            }
+            Ok(outcome)
+        }
+        .boxed()
+    }
+
+    fn refund<'a>(
+        &'a self,
+        request: &'a RefundRequest,
+    ) -> BoxFuture<'a, Result<String, ProviderError>> {
+        async move { Ok(format!("sim_re_{}", request.idempotency_key)) }.boxed()
+    }
+}
+
+/// A Stripe-style HTTP API: `POST {base}/v1/payment_intents` (form: amount, currency,
+/// payment_method, confirm, metadata[order_id]) and `POST {base}/v1/refunds` (form:
+/// payment_intent, amount), with `Authorization: Bearer <key>` and `Idempotency-Key`.
+pub struct HttpProvider {
+    base_url: String,
+    api_key: String,
+    client: reqwest::Client,
+}
+
+impl std::fmt::Debug for HttpProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("HttpProvider")
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpProvider {
+    pub fn new(base_url: &str, api_key: &str) -> Result<Self, ProviderError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| ProviderError::Permanent(e.to_string()))?;
+        Ok(Self {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            api_key: api_key.to_string(),
+            client,
+        })
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        key: &str,
+        form: &[(&str, String)],
+    ) -> Result<(reqwest::StatusCode, serde_json::Value), ProviderError> {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base_url))
+            .bearer_auth(&self.api_key)
+            .header("Idempotency-Key", key)
+            .form(form)
+            .send()
+            .await
+            .map_err(|e| ProviderError::Transient(describe(e)))?;
+        let status = response.status();
+        let body = response
+            .json::<serde_json::Value>()
+            .await
+            .unwrap_or(serde_json::Value::Null);
+        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return Err(ProviderError::Transient(format!(
+                "{status}: {}",
+                error_message(&body)
+            )));
+        }
+        Ok((status, body))
+    }
+}
+
+/// A reqwest error without the URL (a badly configured base could carry credentials).
+fn describe(error: reqwest::Error) -> String {
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "cannot connect"
+    } else {
+        "request failed"
+    };
+    format!("{kind}: {}", error.without_url())
+}
+
+fn error_message(body: &serde_json::Value) -> String {
+    body["error"]["message"]
+        .as_str()
+        .unwrap_or("no error message")
+        .to_string()
+}
+
+impl PaymentProvider for HttpProvider {
+    fn name(&self) -> &'static str {
+        "http"
+    }
+
+    fn charge<'a>(
+        &'a self,
+        request: &'a ChargeRequest,
+    ) -> BoxFuture<'a, Result<ChargeOutcome, ProviderError>> {
+        async move {
+            let form = [
+                ("amount", request.amount_minor.to_string()),
+                ("currency", request.currency.to_ascii_lowercase()),
+                ("payment_method", request.token.clone()),
+                ("confirm", "true".to_string()),
+                ("metadata[order_id]", request.order_id.clone()),
+            ];
+            let (status, body) = self
+                .post("/v1/payment_intents", &request.idempotency_key, &form)
+                .await?;
+            if status.is_success() {
+                let id = body["id"].as_str().unwrap_or_default().to_string();
+                return Ok(match body["status"].as_str() {
+                    Some("succeeded") if !id.is_empty() => {
+                        ChargeOutcome::Succeeded { reference: id }
+                    }
+                    Some("processing") => {
+                        return Err(ProviderError::Transient(
+                            "the charge is still processing".into(),
+                        ));
+                    }
+                    other => ChargeOutcome::Declined {
+                        reason: format!(
+                            "the provider left the payment {}",
+                            other.unwrap_or("without a status")
+                        ),
+                    },
+                });
+            }
+            if status == reqwest::StatusCode::PAYMENT_REQUIRED
+                || body["error"]["type"].as_str() == Some("card_error")
+            {
+                return Ok(ChargeOutcome::Declined {
+                    reason: error_message(&body),
+                });
+            }
+            Err(ProviderError::Permanent(format!(
+                "{status}: {}",
+                error_message(&body)
+            )))
+        }
+        .boxed()
+    }
+
+    fn refund<'a>(
+        &'a self,
+        request: &'a RefundRequest,
+    ) -> BoxFuture<'a, Result<String, ProviderError>> {
+        async move {
+            let form = [
+                ("payment_intent", request.charge_reference.clone()),
+                ("amount", request.amount_minor.to_string()),
+            ];
+            let (status, body) = self
+                .post("/v1/refunds", &request.idempotency_key, &form)
+                .await?;
+            match (status.is_success(), body["id"].as_str()) {
+                (true, Some(id)) => Ok(id.to_string()),
+                _ => Err(ProviderError::Permanent(format!(
+                    "{status}: {}",
+                    error_message(&body)
+                ))),
+            }
+        }
+        .boxed()
+    }
+}

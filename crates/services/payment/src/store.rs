@@ -1,0 +1,752 @@
+//! The payment store. Every change commits with the inbox claim of the message that caused it
+//! (when one did) and the outbox rows it publishes. Calls to the provider happen outside any
+//! transaction (`worker`): a payment or refund is first marked due, then the worker calls the
+//! provider and records the answer.
+
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::{AnyConnection, AssertSqlSafe, Row};
+use std::str::FromStr;
+use std::time::Duration;
+use storage::outbox::{self, CommitSignal, OutboxMessage};
+use storage::{Db, inbox, time};
+use tokio::sync::{Notify, watch};
+use uuid::Uuid;
+
+const SOURCE: &str = "/orderwave/payment-service";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the order has a payment already")]
+    Exists,
+    #[error("no such payment")]
+    NotFound,
+    #[error("{0}")]
+    NotRefundable(String),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+/// What pays for an order, as the order told us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent {
+    pub order_id: String,
+    pub customer_id: Option<String>,
+    pub amount: Decimal,
+    pub currency: String,
+    pub method: String,
+    pub token: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Refund {
+    pub id: String,
+    pub payment_id: String,
+    pub amount: String,
+    pub reason: String,
+    pub status: String,
+    pub provider_ref: Option<String>,
+    pub failure_reason: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payment {
+    pub id: String,
+    pub order_id: String,
+    pub customer_id: Option<String>,
+    pub amount: Decimal,
+    pub currency: String,
+    pub method: String,
+    /// pending, authorizing, succeeded, failed or cancelled.
+    pub status: String,
+    pub refunded: Decimal,
+    pub cancel_requested: bool,
+    pub provider_ref: Option<String>,
+    pub failure_reason: Option<String>,
+    pub deadline_at: Option<String>,
+    pub attempts: i64,
+    pub version: i64,
+    pub created_at: String,
+    pub updated_at: String,
+    pub refunds: Vec<Refund>,
+}
+
+/// A charge the worker has to make.
+#[derive(Debug, Clone)]
+pub struct DueCharge {
+    pub payment_id: String,
+    pub order_id: String,
+    pub amount: Decimal,
+    pub currency: String,
+    pub token: String,
+    pub deadline_at: String,
+    pub attempts: i64,
+}
+
+/// A refund the worker has to make.
+#[derive(Debug, Clone)]
+pub struct DueRefund {
+    pub refund_id: String,
+    pub payment_id: String,
+    pub charge_reference: String,
+    pub amount: Decimal,
+    pub currency: String,
+    pub attempts: i64,
+}
+
+/// How a charge ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeResult {
+    Succeeded { reference: String },
+    Failed { reason: String },
+}
+
+const PAYMENT_COLUMNS: &str = "id, order_id, customer_id, amount, currency, method, status, refunded, cancel_requested, \
+     provider_ref, failure_reason, deadline_at, attempts, version, created_at, updated_at";
+const REFUND_COLUMNS: &str =
+    "id, payment_id, amount, reason, status, provider_ref, failure_reason, created_at, updated_at";
+
+#[derive(Debug)]
+pub struct PaymentStore {
+    db: Db,
+    committed: CommitSignal,
+    /// Wakes the worker when a charge or refund becomes due.
+    due: Notify,
+}
+
+/// The message (group, id) a change is caused by, claimed in the change's transaction.
+pub type Claim<'a> = Option<(&'a str, &'a str)>;
+
+async fn claim(conn: &mut AnyConnection, claim: Claim<'_>) -> Result<bool, sqlx::Error> {
+    match claim {
+        Some((group, message_id)) => inbox::claim(conn, group, message_id).await,
+        None => Ok(true),
+    }
+}
+
+fn decimal(text: &str) -> Result<Decimal, StoreError> {
+    Decimal::from_str(text).map_err(|e| StoreError::Corrupt(format!("amount {text:?}: {e}")))
+}
+
+fn later(delay: Duration) -> String {
+    time::to_text(time::now() + chrono::Duration::from_std(delay).unwrap_or_default())
+}
+
+impl PaymentStore {
+    pub fn new(db: Db) -> Self {
+        Self {
+            db,
+            committed: CommitSignal::default(),
+            due: Notify::new(),
+        }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.committed.subscribe()
+    }
+
+    /// Resolves when a charge or refund may have become due.
+    pub async fn work_due(&self) {
+        self.due.notified().await;
+    }
+
+    fn committed(&self, work: bool) {
+        self.committed.notify();
+        if work {
+            self.due.notify_one();
+        }
+    }
+
+    /// Records how an order will be paid (`order.created`). The charge waits for the stock.
+    /// Returns false when the order had a payment already or the message was seen.
+    pub async fn record_intent(
+        &self,
+        cause: Claim<'_>,
+        intent: &Intent,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        if !claim(&mut tx, cause).await? {
+            return Ok(false);
+        }
+        let inserted = insert(&mut tx, intent, "pending", None).await?;
+        tx.commit().await?;
+        self.committed(false);
+        Ok(inserted.is_some())
+    }
+
+    /// A payment asked for through the API: recorded and charged at once.
+    pub async fn create_and_charge(
+        &self,
+        intent: &Intent,
+        deadline: Duration,
+    ) -> Result<Payment, StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        let id = insert(&mut tx, intent, "authorizing", Some(later(deadline)))
+            .await?
+            .ok_or(StoreError::Exists)?;
+        tx.commit().await?;
+        self.committed(true);
+        self.get(&id).await?.ok_or(StoreError::NotFound)
+    }
+
+    /// The stock of `order_id` is reserved: its charge becomes due, to finish by `deadline`.
+    /// An order without payment details fails at once, so its saga still ends.
+    pub async fn request_charge(
+        &self,
+        cause: Claim<'_>,
+        order_id: &str,
+        deadline: Duration,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        if !claim(&mut tx, cause).await? {
+            return Ok(());
+        }
+        let now = time::to_text(time::now());
+        let done = sqlx::query(
+            "UPDATE payments SET status = 'authorizing', deadline_at = $1, next_attempt_at = $2, \
+             version = version + 1, updated_at = $2 WHERE order_id = $3 AND status = 'pending'",
+        )
+        .bind(later(deadline))
+        .bind(&now)
+        .bind(order_id)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            let known: Option<String> =
+                sqlx::query("SELECT status FROM payments WHERE order_id = $1")
+                    .bind(order_id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|r| r.try_get(0))
+                    .transpose()?;
+            if known.is_none() {
+                let reason = "no payment details were given for the order";
+                outbox::enqueue(
+                    &mut tx,
+                    &[message(
+                        "payment.failed",
+                        order_id,
+                        &now,
+                        serde_json::json!({"orderId": order_id, "reason": reason}),
+                    )],
+                )
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        self.committed(true);
+        Ok(())
+    }
+
+    /// The order was cancelled: a payment not yet charged is cancelled, one being charged is
+    /// refunded once the charge succeeds, a succeeded one is refunded in full.
+    pub async fn cancel_for_order(
+        &self,
+        cause: Claim<'_>,
+        order_id: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        if !claim(&mut tx, cause).await? {
+            return Ok(());
+        }
+        let now = time::to_text(time::now());
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {PAYMENT_COLUMNS} FROM payments WHERE order_id = $1"
+        )))
+        .bind(order_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let mut work = false;
+        if let Some(row) = row {
+            let payment = payment(&row)?;
+            match payment.status.as_str() {
+                "pending" => {
+                    sqlx::query(
+                        "UPDATE payments SET status = 'cancelled', failure_reason = $1, version = version + 1, \
+                         updated_at = $2 WHERE id = $3",
+                    )
+                    .bind(reason)
+                    .bind(&now)
+                    .bind(&payment.id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                "authorizing" => {
+                    sqlx::query(
+                        "UPDATE payments SET cancel_requested = 1, version = version + 1, updated_at = $1 WHERE id = $2",
+                    )
+                    .bind(&now)
+                    .bind(&payment.id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                "succeeded" => {
+                    let open = open_amount(&mut tx, &payment).await?;
+                    if open > Decimal::ZERO {
+                        insert_refund(&mut tx, &payment, open, reason).await?;
+                        work = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        tx.commit().await?;
+        self.committed(work);
+        Ok(())
+    }
+
+    /// A refund asked for through the API: `amount` (all that is left when `None`).
+    pub async fn request_refund(
+        &self,
+        payment_id: &str,
+        amount: Option<Decimal>,
+        reason: &str,
+    ) -> Result<Refund, StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1"
+        )))
+        .bind(payment_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        let payment = payment(&row)?;
+        if payment.status != "succeeded" {
+            return Err(StoreError::NotRefundable(format!(
+                "the payment is {}; only a succeeded payment can be refunded",
+                payment.status
+            )));
+        }
+        let open = open_amount(&mut tx, &payment).await?;
+        let amount = amount.unwrap_or(open);
+        if amount <= Decimal::ZERO || amount > open {
+            return Err(StoreError::NotRefundable(format!(
+                "{open} {} is left to refund",
+                payment.currency
+            )));
+        }
+        let id = insert_refund(&mut tx, &payment, amount, reason).await?;
+        tx.commit().await?;
+        self.committed(true);
+        self.refunds_of(payment_id)
+            .await?
+            .into_iter()
+            .find(|r| r.id == id)
+            .ok_or(StoreError::NotFound)
+    }
+
+    /// Charges due now (at most `limit`), oldest first.
+    pub async fn due_charges(&self, limit: u32) -> Result<Vec<DueCharge>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT id, order_id, amount, currency, token, deadline_at, attempts FROM payments \
+             WHERE status = 'authorizing' AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT {limit}"
+        )))
+        .bind(time::to_text(time::now()))
+        .fetch_all(self.db.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DueCharge {
+                    payment_id: r.try_get(0)?,
+                    order_id: r.try_get(1)?,
+                    amount: decimal(&r.try_get::<String, _>(2)?)?,
+                    currency: r.try_get(3)?,
+                    token: r.try_get(4)?,
+                    deadline_at: r.try_get(5)?,
+                    attempts: r.try_get(6)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Refunds due now (at most `limit`), oldest first.
+    pub async fn due_refunds(&self, limit: u32) -> Result<Vec<DueRefund>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT r.id, r.payment_id, p.provider_ref, r.amount, p.currency, r.attempts \
+             FROM refunds r JOIN payments p ON p.id = r.payment_id \
+             WHERE r.status = 'pending' AND r.next_attempt_at <= $1 ORDER BY r.next_attempt_at LIMIT {limit}"
+        )))
+        .bind(time::to_text(time::now()))
+        .fetch_all(self.db.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DueRefund {
+                    refund_id: r.try_get(0)?,
+                    payment_id: r.try_get(1)?,
+                    charge_reference: r.try_get::<Option<String>, _>(2)?.unwrap_or_default(),
+                    amount: decimal(&r.try_get::<String, _>(3)?)?,
+                    currency: r.try_get(4)?,
+                    attempts: r.try_get(5)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records the end of a charge and publishes it. A charge that succeeded after its order
+    /// was cancelled is refunded at once. Returns false when another worker recorded it first.
+    pub async fn finish_charge(
+        &self,
+        payment_id: &str,
+        result: &ChargeResult,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        let now = time::to_text(time::now());
+        let (status, reference, reason) = match result {
+            ChargeResult::Succeeded { reference } => ("succeeded", Some(reference.as_str()), None),
+            ChargeResult::Failed { reason } => ("failed", None, Some(reason.as_str())),
+        };
+        let done = sqlx::query(
+            "UPDATE payments SET status = $1, provider_ref = $2, failure_reason = $3, next_attempt_at = NULL, \
+             version = version + 1, updated_at = $4 WHERE id = $5 AND status = 'authorizing'",
+        )
+        .bind(status)
+        .bind(reference)
+        .bind(reason)
+        .bind(&now)
+        .bind(payment_id)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1"
+        )))
+        .bind(payment_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let payment = payment(&row)?;
+        let mut work = false;
+        let data = match result {
+            ChargeResult::Succeeded { reference } => {
+                if payment.cancel_requested {
+                    insert_refund(&mut tx, &payment, payment.amount, "order cancelled").await?;
+                    work = true;
+                }
+                message(
+                    "payment.succeeded",
+                    &payment.order_id,
+                    &now,
+                    serde_json::json!({
+                        "orderId": payment.order_id,
+                        "customerId": payment.customer_id,
+                        "paymentId": payment.id,
+                        "amount": payment.amount.to_string(),
+                        "currency": payment.currency,
+                        "providerRef": reference,
+                    }),
+                )
+            }
+            ChargeResult::Failed { reason } => message(
+                "payment.failed",
+                &payment.order_id,
+                &now,
+                serde_json::json!({
+                    "orderId": payment.order_id,
+                    "customerId": payment.customer_id,
+                    "paymentId": payment.id,
+                    "reason": reason,
+                }),
+            ),
+        };
+        outbox::enqueue(&mut tx, &[data]).await?;
+        tx.commit().await?;
+        self.committed(work);
+        Ok(true)
+    }
+
+    /// A charge attempt got no answer: try again at `retry_in`.
+    pub async fn retry_charge_later(
+        &self,
+        payment_id: &str,
+        retry_in: Duration,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE payments SET attempts = attempts + 1, next_attempt_at = $1, failure_reason = $2, updated_at = $3 \
+             WHERE id = $4 AND status = 'authorizing'",
+        )
+        .bind(later(retry_in))
+        .bind(error)
+        .bind(time::to_text(time::now()))
+        .bind(payment_id)
+        .execute(self.db.writer())
+        .await?;
+        Ok(())
+    }
+
+    /// Records the end of a refund; a succeeded one is published as `payment.refunded`.
+    pub async fn finish_refund(
+        &self,
+        refund_id: &str,
+        result: Result<&str, &str>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        let now = time::to_text(time::now());
+        let (status, reference, reason) = match result {
+            Ok(reference) => ("succeeded", Some(reference), None),
+            Err(reason) => ("failed", None, Some(reason)),
+        };
+        let done = sqlx::query(
+            "UPDATE refunds SET status = $1, provider_ref = $2, failure_reason = $3, next_attempt_at = NULL, \
+             updated_at = $4 WHERE id = $5 AND status = 'pending'",
+        )
+        .bind(status)
+        .bind(reference)
+        .bind(reason)
+        .bind(&now)
+        .bind(refund_id)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {REFUND_COLUMNS} FROM refunds WHERE id = $1"
+        )))
+        .bind(refund_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let refund = refund(&row)?;
+        if result.is_ok() {
+            let row = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1"
+            )))
+            .bind(&refund.payment_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let payment = payment(&row)?;
+            let refunded = payment.refunded + decimal(&refund.amount)?;
+            sqlx::query(
+                "UPDATE payments SET refunded = $1, version = version + 1, updated_at = $2 WHERE id = $3",
+            )
+            .bind(refunded.to_string())
+            .bind(&now)
+            .bind(&payment.id)
+            .execute(&mut *tx)
+            .await?;
+            outbox::enqueue(
+                &mut tx,
+                &[message(
+                    "payment.refunded",
+                    &payment.order_id,
+                    &now,
+                    serde_json::json!({
+                        "orderId": payment.order_id,
+                        "customerId": payment.customer_id,
+                        "paymentId": payment.id,
+                        "refundId": refund.id,
+                        "amount": refund.amount,
+                        "currency": payment.currency,
+                        "reason": refund.reason,
+                        "fullyRefunded": refunded >= payment.amount,
+                    }),
+                )],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        self.committed(false);
+        Ok(true)
+    }
+
+    /// A refund attempt got no answer: try again at `retry_in`.
+    pub async fn retry_refund_later(
+        &self,
+        refund_id: &str,
+        retry_in: Duration,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE refunds SET attempts = attempts + 1, next_attempt_at = $1, failure_reason = $2, updated_at = $3 \
+             WHERE id = $4 AND status = 'pending'",
+        )
+        .bind(later(retry_in))
+        .bind(error)
+        .bind(time::to_text(time::now()))
+        .bind(refund_id)
+        .execute(self.db.writer())
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<Payment>, StoreError> {
+        self.find("id", id).await
+    }
+
+    pub async fn get_by_order(&self, order_id: &str) -> Result<Option<Payment>, StoreError> {
+        self.find("order_id", order_id).await
+    }
+
+    async fn find(&self, column: &str, value: &str) -> Result<Option<Payment>, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {PAYMENT_COLUMNS} FROM payments WHERE {column} = $1"
+        )))
+        .bind(value)
+        .fetch_optional(self.db.reader())
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut payment = payment(&row)?;
+        payment.refunds = self.refunds_of(&payment.id).await?;
+        Ok(Some(payment))
+    }
+
+    async fn refunds_of(&self, payment_id: &str) -> Result<Vec<Refund>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {REFUND_COLUMNS} FROM refunds WHERE payment_id = $1 ORDER BY created_at, id"
+        )))
+        .bind(payment_id)
+        .fetch_all(self.db.reader())
+        .await?;
+        rows.iter().map(refund).collect()
+    }
+
+    /// Payments newest first, strictly after the cursor `(created_at, id)`; the page and
+    /// whether more follow.
+    pub async fn list(
+        &self,
+        after: Option<&(String, String)>,
+        limit: u32,
+    ) -> Result<(Vec<Payment>, bool), StoreError> {
+        let (at, id) = after
+            .cloned()
+            .unwrap_or_else(|| ("9999".to_string(), String::new()));
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {PAYMENT_COLUMNS} FROM payments WHERE created_at < $1 OR (created_at = $1 AND id < $2) \
+             ORDER BY created_at DESC, id DESC LIMIT {}",
+            limit + 1
+        )))
+        .bind(at)
+        .bind(if after.is_some() { id } else { "~".to_string() })
+        .fetch_all(self.db.reader())
+        .await?;
+        let mut payments = rows.iter().map(payment).collect::<Result<Vec<_>, _>>()?;
+        let more = payments.len() > limit as usize;
+        payments.truncate(limit as usize);
+        for p in &mut payments {
+            p.refunds = self.refunds_of(&p.id).await?;
+        }
+        Ok((payments, more))
+    }
+}
+
+/// Inserts a payment unless the order has one; returns its id when inserted.
+async fn insert(
+    conn: &mut AnyConnection,
+    intent: &Intent,
+    status: &str,
+    deadline_at: Option<String>,
+) -> Result<Option<String>, StoreError> {
+    let id = Uuid::now_v7().to_string();
+    let now = time::to_text(time::now());
+    let done = sqlx::query(
+        "INSERT INTO payments (id, order_id, customer_id, amount, currency, method, token, status, refunded, \
+         cancel_requested, attempts, deadline_at, next_attempt_at, version, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '0', 0, 0, $9, $10, 1, $10, $10) ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(&id)
+    .bind(&intent.order_id)
+    .bind(intent.customer_id.as_deref())
+    .bind(intent.amount.to_string())
+    .bind(&intent.currency)
+    .bind(&intent.method)
+    .bind(&intent.token)
+    .bind(status)
+    .bind(deadline_at)
+    .bind(&now)
+    .execute(&mut *conn)
+    .await?;
+    Ok((done.rows_affected() == 1).then_some(id))
+}
+
+/// What of a succeeded payment is neither refunded nor being refunded.
+async fn open_amount(conn: &mut AnyConnection, payment: &Payment) -> Result<Decimal, StoreError> {
+    let pending: Vec<String> =
+        sqlx::query("SELECT amount FROM refunds WHERE payment_id = $1 AND status = 'pending'")
+            .bind(&payment.id)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+    let mut open = payment.amount - payment.refunded;
+    for amount in pending {
+        open -= decimal(&amount)?;
+    }
+    Ok(open)
+}
+
+async fn insert_refund(
+    conn: &mut AnyConnection,
+    payment: &Payment,
+    amount: Decimal,
+    reason: &str,
+) -> Result<String, StoreError> {
+    let id = Uuid::now_v7().to_string();
+    let now = time::to_text(time::now());
+    sqlx::query(
+        "INSERT INTO refunds (id, payment_id, order_id, amount, reason, status, attempts, next_attempt_at, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, $6, $6)",
+    )
+    .bind(&id)
+    .bind(&payment.id)
+    .bind(&payment.order_id)
+    .bind(amount.to_string())
+    .bind(reason)
+    .bind(&now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(id)
+}
+
+fn message(topic: &str, order_id: &str, now: &str, data: serde_json::Value) -> OutboxMessage {
+    // Payment messages are not versioned per aggregate; the outbox orders them by time.
+    OutboxMessage::event(SOURCE, topic, order_id, 0, now, data)
+}
+
+fn payment(r: &sqlx::any::AnyRow) -> Result<Payment, StoreError> {
+    Ok(Payment {
+        id: r.try_get(0)?,
+        order_id: r.try_get(1)?,
+        customer_id: r.try_get(2)?,
+        amount: decimal(&r.try_get::<String, _>(3)?)?,
+        currency: r.try_get(4)?,
+        method: r.try_get(5)?,
+        status: r.try_get(6)?,
+        refunded: decimal(&r.try_get::<String, _>(7)?)?,
+        cancel_requested: r.try_get::<i64, _>(8)? != 0,
+        provider_ref: r.try_get(9)?,
+        failure_reason: r.try_get(10)?,
+        deadline_at: r.try_get(11)?,
+        attempts: r.try_get(12)?,
+        version: r.try_get(13)?,
+        created_at: r.try_get(14)?,
+        updated_at: r.try_get(15)?,
+        refunds: Vec::new(),
+    })
+}
+
+fn refund(r: &sqlx::any::AnyRow) -> Result<Refund, StoreError> {
+    Ok(Refund {
+        id: r.try_get(0)?,
+        payment_id: r.try_get(1)?,
+        amount: r.try_get(2)?,
+        reason: r.try_get(3)?,
+        status: r.try_get(4)?,
+        provider_ref: r.try_get(5)?,
+        failure_reason: r.try_get(6)?,
+        created_at: r.try_get(7)?,
+        updated_at: r.try_get(8)?,
+    })
+}

@@ -1,0 +1,273 @@
+//! The worker that talks to the provider: it takes due charges and refunds from the store,
+//! calls the provider for several at once (one slow card never holds up the others) and
+//! records each answer. A charge that has no answer by its deadline fails as timed out, which
+//! compensates the saga (stock released, order cancelled). Everything it needs is in the
+//! database, so a restarted process picks up where the last one stopped, with the same
+//! idempotency keys.
+
+use crate::provider::{
+    ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, RefundRequest,
+};
+use crate::store::{ChargeResult, DueCharge, DueRefund, PaymentStore};
+use domain::money::to_minor_units;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use storage::time;
+use tokio::sync::watch;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Provider calls in flight at most.
+    pub concurrency: usize,
+    /// How often the store is looked at when nothing wakes the worker.
+    pub poll_interval: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 64,
+            poll_interval: Duration::from_millis(500),
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+fn backoff(config: &WorkerConfig, attempts: i64) -> Duration {
+    let exp = u32::try_from(attempts.clamp(0, 16)).unwrap_or(16);
+    let base = config.backoff_base.saturating_mul(2u32.saturating_pow(exp));
+    let capped = base.min(config.backoff_max);
+    // Full jitter on the upper half, so retries of many payments spread out.
+    let half = capped / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
+/// Runs until `stop` turns true; the calls in flight then finish or are abandoned (their rows
+/// stay due and the next start picks them up).
+pub async fn run(
+    store: Arc<PaymentStore>,
+    provider: Arc<dyn PaymentProvider>,
+    config: WorkerConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        while tasks.try_join_next().is_some() {}
+        let free = config.concurrency.saturating_sub(tasks.len());
+        if free > 0 {
+            let limit = u32::try_from(free).unwrap_or(u32::MAX);
+            match store.due_charges(limit).await {
+                Ok(due) => {
+                    for charge in due {
+                        if !take(&in_flight, &charge.payment_id) {
+                            continue;
+                        }
+                        tasks.spawn(charge_one(
+                            store.clone(),
+                            provider.clone(),
+                            config.clone(),
+                            in_flight.clone(),
+                            charge,
+                        ));
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "cannot read due charges"),
+            }
+            match store.due_refunds(limit).await {
+                Ok(due) => {
+                    for refund in due {
+                        if !take(&in_flight, &refund.refund_id) {
+                            continue;
+                        }
+                        tasks.spawn(refund_one(
+                            store.clone(),
+                            provider.clone(),
+                            config.clone(),
+                            in_flight.clone(),
+                            refund,
+                        ));
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "cannot read due refunds"),
+            }
+        }
+        tokio::select! {
+            () = store.work_due() => {}
+            _ = tasks.join_next(), if !tasks.is_empty() => {}
+            () = tokio::time::sleep(config.poll_interval) => {}
+            _ = stop.changed() => {}
+        }
+    }
+    tasks.abort_all();
+}
+
+fn take(in_flight: &Mutex<HashSet<String>>, id: &str) -> bool {
+    in_flight
+        .lock()
+        .is_ok_and(|mut set| set.insert(id.to_string()))
+}
+
+fn done(in_flight: &Mutex<HashSet<String>>, id: &str) {
+    if let Ok(mut set) = in_flight.lock() {
+        set.remove(id);
+    }
+}
+
+async fn charge_one(
+    store: Arc<PaymentStore>,
+    provider: Arc<dyn PaymentProvider>,
+    config: WorkerConfig,
+    in_flight: Arc<Mutex<HashSet<String>>>,
+    charge: DueCharge,
+) {
+    let id = charge.payment_id.clone();
+    if let Err(error) = charge_inner(&store, provider.as_ref(), &config, charge).await {
+        tracing::warn!(payment_id = %id, %error, "recording a charge failed; it stays due");
+    }
+    done(&in_flight, &id);
+}
+
+async fn charge_inner(
+    store: &PaymentStore,
+    provider: &dyn PaymentProvider,
+    config: &WorkerConfig,
+    charge: DueCharge,
+) -> Result<(), crate::store::StoreError> {
+    let now = time::now();
+    let left = time::from_text(&charge.deadline_at)
+        .map(|deadline| (deadline - now).to_std().unwrap_or_default())
+        .unwrap_or_default();
+    let Some(amount_minor) = to_minor_units(charge.amount, &charge.currency) else {
+        let reason = format!("{} {} cannot be charged", charge.amount, charge.currency);
+        store
+            .finish_charge(&charge.payment_id, &ChargeResult::Failed { reason })
+            .await?;
+        return Ok(());
+    };
+    let request = ChargeRequest {
+        idempotency_key: charge.payment_id.clone(),
+        order_id: charge.order_id.clone(),
+        amount_minor,
+        currency: charge.currency.clone(),
+        token: charge.token.clone(),
+    };
+    let started = std::time::Instant::now();
+    let answer = if left.is_zero() {
+        None
+    } else {
+        tokio::time::timeout(left, provider.charge(&request))
+            .await
+            .ok()
+    };
+    metrics::histogram!("payment_provider_seconds", "call" => "charge")
+        .record(started.elapsed().as_secs_f64());
+    let result = match answer {
+        Some(Ok(ChargeOutcome::Succeeded { reference })) => ChargeResult::Succeeded { reference },
+        Some(Ok(ChargeOutcome::Declined { reason })) => ChargeResult::Failed {
+            reason: format!("payment declined: {reason}"),
+        },
+        Some(Err(ProviderError::Permanent(error))) => ChargeResult::Failed {
+            reason: format!("payment refused by the provider: {error}"),
+        },
+        Some(Err(ProviderError::Transient(error))) => {
+            let wait = backoff(config, charge.attempts);
+            if wait < left {
+                tracing::info!(payment_id = %charge.payment_id, %error, retry_in = ?wait, "charge will be retried");
+                metrics::counter!("payment_charge_retries_total").increment(1);
+                return store
+                    .retry_charge_later(&charge.payment_id, wait, &error)
+                    .await;
+            }
+            ChargeResult::Failed {
+                reason: format!(
+                    "the payment provider failed until the payment's deadline: {error}"
+                ),
+            }
+        }
+        None => ChargeResult::Failed {
+            reason: "the payment timed out: the provider did not answer by the deadline".into(),
+        },
+    };
+    let outcome = match &result {
+        ChargeResult::Succeeded { .. } => "succeeded",
+        ChargeResult::Failed { .. } => "failed",
+    };
+    metrics::counter!("payment_charges_total", "outcome" => outcome).increment(1);
+    if let ChargeResult::Failed { reason } = &result {
+        tracing::info!(payment_id = %charge.payment_id, order_id = %charge.order_id, %reason, "payment failed");
+    }
+    store.finish_charge(&charge.payment_id, &result).await?;
+    Ok(())
+}
+
+async fn refund_one(
+    store: Arc<PaymentStore>,
+    provider: Arc<dyn PaymentProvider>,
+    config: WorkerConfig,
+    in_flight: Arc<Mutex<HashSet<String>>>,
+    refund: DueRefund,
+) {
+    let id = refund.refund_id.clone();
+    if let Err(error) = refund_inner(&store, provider.as_ref(), &config, refund).await {
+        tracing::warn!(refund_id = %id, %error, "recording a refund failed; it stays due");
+    }
+    done(&in_flight, &id);
+}
+
+async fn refund_inner(
+    store: &PaymentStore,
+    provider: &dyn PaymentProvider,
+    config: &WorkerConfig,
+    refund: DueRefund,
+) -> Result<(), crate::store::StoreError> {
+    let Some(amount_minor) = to_minor_units(refund.amount, &refund.currency) else {
+        store
+            .finish_refund(&refund.refund_id, Err("the amount cannot be refunded"))
+            .await?;
+        return Ok(());
+    };
+    let request = RefundRequest {
+        idempotency_key: refund.refund_id.clone(),
+        charge_reference: refund.charge_reference.clone(),
+        amount_minor,
+        currency: refund.currency.clone(),
+    };
+    // Money already taken must go back: a refund is retried until the provider answers.
+    let answer = tokio::time::timeout(config.backoff_max, provider.refund(&request)).await;
+    match answer {
+        Ok(Ok(reference)) => {
+            metrics::counter!("payment_refunds_total", "outcome" => "succeeded").increment(1);
+            store
+                .finish_refund(&refund.refund_id, Ok(&reference))
+                .await?;
+        }
+        Ok(Err(ProviderError::Permanent(error))) => {
+            metrics::counter!("payment_refunds_total", "outcome" => "failed").increment(1);
+            tracing::error!(refund_id = %refund.refund_id, payment_id = %refund.payment_id, %error, "refund refused by the provider");
+            store.finish_refund(&refund.refund_id, Err(&error)).await?;
+        }
+        Ok(Err(ProviderError::Transient(error))) => {
+            store
+                .retry_refund_later(&refund.refund_id, backoff(config, refund.attempts), &error)
+                .await?;
+        }
+        Err(_) => {
+            store
+                .retry_refund_later(
+                    &refund.refund_id,
+                    backoff(config, refund.attempts),
+                    "the provider did not answer",
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
