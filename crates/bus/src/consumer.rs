@@ -55,6 +55,9 @@ pub struct ConsumerConfig {
     /// One runner per group is active across processes; a standby takes over when the active
     /// one stops renewing for this long.
     pub lease_ttl: Duration,
+    /// Test switch: every message is handed to the handler twice, as a redelivery after a
+    /// lost acknowledgement would. Handlers must make the second delivery a no-op.
+    pub deliver_twice: bool,
 }
 
 impl ConsumerConfig {
@@ -68,6 +71,7 @@ impl ConsumerConfig {
             poll_interval: Duration::from_millis(500),
             batch_size: 100,
             lease_ttl: Duration::from_secs(15),
+            deliver_twice: false,
         }
     }
 }
@@ -222,7 +226,11 @@ async fn deliver(
     let mut attempt: u32 = 0;
     loop {
         attempt += 1;
-        let error = match handler.handle(delivery).await {
+        let mut result = handler.handle(delivery).await;
+        if config.deliver_twice && result.is_ok() {
+            result = handler.handle(delivery).await;
+        }
+        let error = match result {
             Ok(()) => {
                 metrics::counter!("bus_consumed_total", "group" => config.group.clone())
                     .increment(1);

@@ -43,4 +43,8 @@ pub enum DomainError {
     NotFound,
     #[error("the order already exists")]
     AlreadyExists,
+    #[error(
+        "an order becomes CONFIRMED only through the saga, once its stock is reserved and its payment succeeded"
+    )]
+    ConfirmedBySagaOnly,
 }

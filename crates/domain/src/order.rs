@@ -4,6 +4,7 @@
 use crate::codes::{currency_decimals, is_country};
 use crate::error::{DomainError, FieldError};
 use crate::money::parse_amount;
+use crate::payment::PaymentMethod;
 use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -141,9 +142,63 @@ pub struct Order {
     pub shipping: Option<Shipping>,
     pub total: Decimal,
     pub cancel_reason: Option<String>,
+    /// How the order is paid (the token stays inside the platform).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment: Option<PaymentMethod>,
+    /// False while the customer service could not confirm the customer; checked again
+    /// before the order is confirmed.
+    #[serde(default = "yes")]
+    pub customer_verified: bool,
     pub version: u64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
+}
+
+/// A step of the place-order saga that another service reported, kept in the order's
+/// timeline. Some steps end the saga: they confirm or cancel a PENDING order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SagaStep {
+    StockReserved,
+    StockRejected,
+    StockReleased,
+    PaymentSucceeded,
+    PaymentFailed,
+    PaymentRefunded,
+    CustomerRejected,
+    TimedOut,
+}
+
+impl SagaStep {
+    pub const ALL: [SagaStep; 8] = [
+        SagaStep::StockReserved,
+        SagaStep::StockRejected,
+        SagaStep::StockReleased,
+        SagaStep::PaymentSucceeded,
+        SagaStep::PaymentFailed,
+        SagaStep::PaymentRefunded,
+        SagaStep::CustomerRejected,
+        SagaStep::TimedOut,
+    ];
+
+    /// Whether the step cancels an order still PENDING (the detail becomes the reason).
+    pub fn cancels(self) -> bool {
+        matches!(
+            self,
+            SagaStep::StockRejected
+                | SagaStep::PaymentFailed
+                | SagaStep::CustomerRejected
+                | SagaStep::TimedOut
+        )
+    }
 }
 
 /// What a caller asks of an order.
@@ -153,6 +208,8 @@ pub enum OrderCommand {
         customer_id: Uuid,
         currency: String,
         draft: OrderDraft,
+        payment: Option<PaymentMethod>,
+        customer_verified: bool,
     },
     Update(OrderDraft),
     ChangeStatus {
@@ -163,6 +220,11 @@ pub enum OrderCommand {
     SetShipping(Shipping),
     Cancel {
         reason: Option<String>,
+    },
+    /// The saga moved on (reported by another service's event).
+    RecordStep {
+        step: SagaStep,
+        detail: Option<String>,
     },
 }
 
@@ -177,6 +239,10 @@ pub enum OrderEvent {
         #[serde(flatten)]
         draft: OrderDraft,
         total: Decimal,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        payment: Option<PaymentMethod>,
+        #[serde(default = "yes", skip_serializing_if = "is_true")]
+        customer_verified: bool,
     },
     #[serde(rename_all = "camelCase")]
     OrderUpdated {
@@ -193,6 +259,12 @@ pub enum OrderEvent {
     },
     #[serde(rename_all = "camelCase")]
     ShippingDetailsSet { shipping: Shipping },
+    #[serde(rename_all = "camelCase")]
+    SagaStepRecorded {
+        step: SagaStep,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
 }
 
 impl OrderEvent {
@@ -202,12 +274,14 @@ impl OrderEvent {
             OrderEvent::OrderUpdated { .. } => "OrderUpdated",
             OrderEvent::OrderStatusChanged { .. } => "OrderStatusChanged",
             OrderEvent::ShippingDetailsSet { .. } => "ShippingDetailsSet",
+            OrderEvent::SagaStepRecorded { .. } => "SagaStepRecorded",
         }
     }
 
-    /// The bus topic the event is published on.
-    pub fn topic(&self) -> &'static str {
-        match self {
+    /// The bus topic the event is published on; saga steps are other services' facts,
+    /// kept in the timeline and not published again.
+    pub fn topic(&self) -> Option<&'static str> {
+        Some(match self {
             OrderEvent::OrderPlaced { .. } => "order.created",
             OrderEvent::OrderUpdated { .. } | OrderEvent::ShippingDetailsSet { .. } => {
                 "order.updated"
@@ -219,7 +293,8 @@ impl OrderEvent {
                 OrderStatus::Cancelled => "order.cancelled",
                 OrderStatus::Pending | OrderStatus::Processing => "order.status_changed",
             },
-        }
+            OrderEvent::SagaStepRecorded { .. } => return None,
+        })
     }
 }
 
@@ -244,6 +319,8 @@ pub fn decide(
                 customer_id,
                 currency,
                 draft,
+                payment,
+                customer_verified,
             } => {
                 let total = draft.total();
                 Ok(vec![OrderEvent::OrderPlaced {
@@ -251,6 +328,8 @@ pub fn decide(
                     currency,
                     draft,
                     total,
+                    payment,
+                    customer_verified,
                 }])
             }
             _ => Err(DomainError::NotFound),
@@ -273,6 +352,9 @@ pub fn decide(
             shipping,
         } => {
             check_transition(order.status, to)?;
+            if to == OrderStatus::Confirmed {
+                return Err(DomainError::ConfirmedBySagaOnly);
+            }
             let mut events = Vec::new();
             if let Some(shipping) = shipping {
                 if !matches!(to, OrderStatus::Shipped) {
@@ -313,6 +395,35 @@ pub fn decide(
                 reason,
             }])
         }
+        OrderCommand::RecordStep { step, detail } => {
+            if step == SagaStep::TimedOut && order.status != OrderStatus::Pending {
+                // The saga ended meanwhile: nothing timed out.
+                check_transition(order.status, OrderStatus::Cancelled)?;
+                return Err(DomainError::NotModifiable {
+                    status: order.status,
+                });
+            }
+            let mut events = vec![OrderEvent::SagaStepRecorded {
+                step,
+                detail: detail.clone(),
+            }];
+            if order.status == OrderStatus::Pending {
+                if step == SagaStep::PaymentSucceeded {
+                    events.push(OrderEvent::OrderStatusChanged {
+                        from: OrderStatus::Pending,
+                        to: OrderStatus::Confirmed,
+                        reason: None,
+                    });
+                } else if step.cancels() {
+                    events.push(OrderEvent::OrderStatusChanged {
+                        from: OrderStatus::Pending,
+                        to: OrderStatus::Cancelled,
+                        reason: detail,
+                    });
+                }
+            }
+            Ok(events)
+        }
     }
 }
 
@@ -339,6 +450,8 @@ pub fn evolve(state: Option<Order>, recorded: &RecordedEvent) -> Option<Order> {
                 currency,
                 draft,
                 total,
+                payment,
+                customer_verified,
             },
         ) => Some(Order {
             id: recorded.order_id,
@@ -351,6 +464,8 @@ pub fn evolve(state: Option<Order>, recorded: &RecordedEvent) -> Option<Order> {
             shipping: None,
             total: *total,
             cancel_reason: None,
+            payment: payment.clone(),
+            customer_verified: *customer_verified,
             version: recorded.version,
             created_at: at,
             updated_at: at,
@@ -373,6 +488,12 @@ pub fn evolve(state: Option<Order>, recorded: &RecordedEvent) -> Option<Order> {
                 }
                 OrderEvent::ShippingDetailsSet { shipping } => {
                     order.shipping = Some(shipping.clone());
+                }
+                OrderEvent::SagaStepRecorded { step, .. } => {
+                    if *step == SagaStep::PaymentSucceeded {
+                        // Confirmed only after the customer was checked.
+                        order.customer_verified = true;
+                    }
                 }
             }
             order.version = recorded.version;

@@ -1,6 +1,6 @@
 //! Generators for property tests (feature `testing`): valid drafts and arbitrary commands.
 
-use crate::order::{Address, OrderCommand, OrderDraft, OrderLine, OrderStatus, Shipping};
+use crate::order::{Address, OrderCommand, OrderDraft, OrderLine, OrderStatus, SagaStep, Shipping};
 use proptest::prelude::*;
 use rust_decimal::Decimal;
 
@@ -54,5 +54,11 @@ pub fn arb_command() -> impl Strategy<Value = OrderCommand> {
         }),
         Just(OrderCommand::SetShipping(shipping())),
         Just(OrderCommand::Cancel { reason: None }),
+        (prop::sample::select(SagaStep::ALL.to_vec()), any::<bool>()).prop_map(
+            |(step, with_detail)| OrderCommand::RecordStep {
+                step,
+                detail: with_detail.then(|| "saga".to_string()),
+            }
+        ),
     ]
 }

@@ -4,7 +4,7 @@
 use chrono::{TimeZone, Utc};
 use domain::DomainError;
 use domain::order::{
-    Order, OrderCommand, OrderEvent, OrderStatus, RecordedEvent, decide, evolve, replay,
+    Order, OrderCommand, OrderEvent, OrderStatus, RecordedEvent, SagaStep, decide, evolve, replay,
 };
 use domain::testing::{arb_command, draft, shipping};
 use proptest::prelude::*;
@@ -47,6 +47,8 @@ fn placed() -> Order {
             customer_id: Uuid::now_v7(),
             currency: "USD".into(),
             draft: draft(&[(2, 1250), (1, 99)]),
+            payment: None,
+            customer_verified: true,
         },
     )
     .unwrap_or_else(|e| panic!("placing failed: {e}"));
@@ -124,7 +126,10 @@ fn every_status_pair_follows_the_transition_table() {
                 shipping: None,
             },
         );
-        if allowed {
+        if allowed && to == Confirmed {
+            // In the table, but reached only through the saga.
+            assert_eq!(result, Err(DomainError::ConfirmedBySagaOnly));
+        } else if allowed {
             let events = result.unwrap_or_else(|e| panic!("{from} -> {to} refused: {e}"));
             assert_eq!(
                 events,
@@ -242,6 +247,11 @@ fn events_round_trip_through_json() {
             customer_id: Uuid::now_v7(),
             currency: "EUR".into(),
             draft: draft(&[(3, 1000)]),
+            payment: Some(domain::payment::PaymentMethod {
+                method: "card".into(),
+                token: "tok_ok".into(),
+            }),
+            customer_verified: false,
         },
     )
     .unwrap_or_default();
@@ -250,6 +260,59 @@ fn events_round_trip_through_json() {
         let back: OrderEvent =
             serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
         assert_eq!(back, event);
+    }
+}
+
+#[test]
+fn saga_steps_confirm_or_cancel_a_pending_order_and_are_only_recorded_otherwise() {
+    for step in SagaStep::ALL {
+        for status in OrderStatus::ALL {
+            let order = order_in(status);
+            let result = decide(
+                Some(&order),
+                OrderCommand::RecordStep {
+                    step,
+                    detail: Some("why".into()),
+                },
+            );
+            if step == SagaStep::TimedOut && status != Pending {
+                assert!(result.is_err(), "a {status} order cannot time out");
+                continue;
+            }
+            let events = decide(
+                Some(&order),
+                OrderCommand::RecordStep {
+                    step,
+                    detail: Some("why".into()),
+                },
+            )
+            .unwrap_or_else(|e| panic!("{step:?} on {status}: {e}"));
+            let recorded = OrderEvent::SagaStepRecorded {
+                step,
+                detail: Some("why".into()),
+            };
+            let expected = match (status, step) {
+                (Pending, SagaStep::PaymentSucceeded) => vec![
+                    recorded,
+                    OrderEvent::OrderStatusChanged {
+                        from: Pending,
+                        to: Confirmed,
+                        reason: None,
+                    },
+                ],
+                (Pending, s) if s.cancels() => vec![
+                    recorded,
+                    OrderEvent::OrderStatusChanged {
+                        from: Pending,
+                        to: Cancelled,
+                        reason: Some("why".into()),
+                    },
+                ],
+                _ => vec![recorded],
+            };
+            assert_eq!(events, expected, "{step:?} on {status}");
+            assert_eq!(events.first().and_then(OrderEvent::topic), None);
+        }
     }
 }
 
@@ -270,6 +333,8 @@ proptest! {
                 currency: "USD".into(),
                 draft: draft(&[(2, 1250), (1, 99)]),
                 total: Decimal::new(2599, 2),
+                payment: None,
+                customer_verified: true,
             },
         });
         for command in commands {

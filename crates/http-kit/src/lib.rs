@@ -8,6 +8,7 @@ pub mod idempotency;
 pub mod json;
 pub mod metrics;
 pub mod problem;
+pub mod resilience;
 
 pub use json::JsonBody;
 pub use problem::{Problem, ProblemField};

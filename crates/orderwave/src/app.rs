@@ -1,7 +1,7 @@
 //! Wiring: open the databases, build every service's router behind one middleware stack, serve
 //! until a shutdown future resolves.
 
-use crate::config::Config;
+use crate::config::{Config, PaymentProviderKind};
 use anyhow::Context;
 use axum::Router;
 use axum::extract::{Request, State};
@@ -17,6 +17,9 @@ use http_kit::health::{self, Readiness};
 use inventory_service::InventoryService;
 use metrics_handle::PrometheusHandle;
 use order_service::OrderService;
+use order_service::customers::{CustomerChecker, CustomerDirectory, HttpCustomerDirectory};
+use payment_service::PaymentService;
+use payment_service::provider::{HttpProvider, PaymentProvider, Simulator};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,6 +54,7 @@ Every POST takes an `Idempotency-Key`; every order carries an `ETag` checked by 
     tags(
         (name = "orders", description = "Orders and their lifecycle"),
         (name = "inventory", description = "Products, stock and reservations"),
+        (name = "payments", description = "Payments of orders and their refunds"),
         (name = "customers", description = "Customers, their contact data and notification preferences"),
         (name = "admin", description = "Operator endpoints"),
         (name = "operations", description = "Health and metrics"),
@@ -65,6 +69,7 @@ struct Databases {
     orders: Db,
     customers: Db,
     inventory: Db,
+    payments: Db,
     http: Db,
     bus: Db,
 }
@@ -75,6 +80,7 @@ impl Databases {
             ("orders".to_string(), self.orders.clone()),
             ("customers".to_string(), self.customers.clone()),
             ("inventory".to_string(), self.inventory.clone()),
+            ("payments".to_string(), self.payments.clone()),
             ("http".to_string(), self.http.clone()),
             ("bus".to_string(), self.bus.clone()),
         ]
@@ -100,6 +106,7 @@ async fn open_databases(config: &Config) -> anyhow::Result<Databases> {
         orders: open(config, "orders", config.db_max_connections).await?,
         customers: open(config, "customers", small).await?,
         inventory: open(config, "inventory", small).await?,
+        payments: open(config, "payments", small).await?,
         http: open(config, "http", small).await?,
         bus: open(config, "bus", small).await?,
     })
@@ -114,6 +121,9 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
         .await?;
     dbs.inventory
         .migrate_service(&inventory_service::MIGRATOR)
+        .await?;
+    dbs.payments
+        .migrate_service(&payment_service::MIGRATOR)
         .await?;
     dbs.http.migrate(&storage::idempotency::MIGRATOR).await?;
     dbs.bus.migrate(&bus::sql::MIGRATOR).await?;
@@ -140,6 +150,9 @@ pub struct Application {
     outboxes: Vec<Outbox>,
     consumers: Vec<(ConsumerConfig, Arc<dyn Handler>)>,
     bus: Arc<dyn Bus>,
+    orders: OrderService,
+    payments: PaymentService,
+    saga_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -163,21 +176,57 @@ impl Application {
             sql_bus.listen_postgres(url);
         }
         let bus: Arc<dyn Bus> = Arc::new(sql_bus);
-        let orders = OrderService::start(dbs.orders.clone(), config.order_cache_mib * 1024 * 1024)
-            .await
-            .context("starting the order service")?;
         let customers = CustomerService::start(dbs.customers.clone())
             .await
             .context("starting the customer service")?;
+        let directory: Arc<dyn CustomerDirectory> = match &config.customer_service_url {
+            Some(url) => Arc::new(
+                HttpCustomerDirectory::new(url)
+                    .map_err(|e| anyhow::anyhow!("customer service client: {e}"))?,
+            ),
+            None => Arc::new(InProcessCustomers(customers.store.clone())),
+        };
+        let orders = OrderService::start(
+            dbs.orders.clone(),
+            config.order_cache_mib * 1024 * 1024,
+            CustomerChecker::new(directory, CustomerChecker::default_policy()),
+        )
+        .await
+        .context("starting the order service")?;
         let inventory = InventoryService::start(dbs.inventory.clone())
             .await
             .context("starting the inventory service")?;
-        let consumers: Vec<(ConsumerConfig, Arc<dyn Handler>)> = vec![(
-            inventory_service::consumers::config(),
-            Arc::new(inventory_service::consumers::InventoryHandler {
-                store: inventory.store.clone(),
-            }),
-        )];
+        let payments = PaymentService::start(
+            dbs.payments.clone(),
+            payment_provider(config)?,
+            Duration::from_secs(config.payment_timeout_secs.max(1)),
+        )
+        .await
+        .context("starting the payment service")?;
+        if config.demo {
+            crate::demo::seed(&inventory, &customers)
+                .await
+                .context("seeding the demo catalogue")?;
+        }
+        let mut consumers: Vec<(ConsumerConfig, Arc<dyn Handler>)> = vec![
+            (
+                inventory_service::consumers::config(),
+                Arc::new(inventory_service::consumers::InventoryHandler {
+                    store: inventory.store.clone(),
+                }),
+            ),
+            (
+                payment_service::consumers::config(),
+                Arc::new(payments.handler()),
+            ),
+            (
+                order_service::consumers::config(),
+                Arc::new(orders.handler()),
+            ),
+        ];
+        for (consumer, _) in &mut consumers {
+            consumer.deliver_twice = config.test_deliver_twice;
+        }
         // A key stays locked while its request may still be running: past the request
         // timeout (plus a margin) its holder is gone and a retry may take the key over.
         let idempotency = IdempotencyStore::new(
@@ -201,11 +250,17 @@ impl Application {
                 db: dbs.inventory.clone(),
                 commits: inventory.store.commits(),
             },
+            Outbox {
+                service: "payment",
+                db: dbs.payments.clone(),
+                commits: payments.store.commits(),
+            },
         ];
         let api = OpenApiRouter::with_openapi(ApiDoc::openapi())
             .merge(orders.router())
             .merge(customers.router())
             .merge(inventory.router())
+            .merge(payments.router())
             .merge(crate::admin::router(
                 bus.clone(),
                 Arc::new(
@@ -243,6 +298,9 @@ impl Application {
             outboxes,
             consumers,
             bus,
+            orders,
+            payments,
+            saga_timeout: Duration::from_secs(config.saga_timeout_secs.max(1)),
         })
     }
 
@@ -284,12 +342,19 @@ impl Application {
                 ))
             })
             .collect();
+        let background = [
+            tokio::spawn(self.payments.worker(stopped.clone())),
+            tokio::spawn(
+                self.orders
+                    .saga_deadline(self.saga_timeout, stopped.clone()),
+            ),
+        ];
         let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await;
         // Requests are done; let the background work finish its current step.
         let _ = stop.send(true);
-        for task in relays.into_iter().chain(consumers) {
+        for task in relays.into_iter().chain(consumers).chain(background) {
             if let Err(error) = task.await {
                 tracing::error!(%error, "a relay or consumer crashed");
             }
@@ -301,6 +366,38 @@ impl Application {
         tracing::info!("orderwave stopped");
         served.context("serving HTTP")
     }
+}
+
+/// The customer service of this process, asked directly.
+struct InProcessCustomers(Arc<customer_service::store::CustomerStore>);
+
+impl CustomerDirectory for InProcessCustomers {
+    fn exists(&self, id: uuid::Uuid) -> futures::future::BoxFuture<'_, Result<bool, String>> {
+        Box::pin(async move {
+            self.0
+                .get(id)
+                .await
+                .map(|c| c.is_some())
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+fn payment_provider(config: &Config) -> anyhow::Result<Arc<dyn PaymentProvider>> {
+    Ok(match config.payment_provider {
+        PaymentProviderKind::Simulator => Arc::new(Simulator::default()),
+        PaymentProviderKind::Http => {
+            let url = config
+                .payment_provider_url
+                .as_deref()
+                .context("--payment-provider http needs --payment-provider-url")?;
+            let key = config.payment_provider_key.as_deref().unwrap_or_default();
+            Arc::new(
+                HttpProvider::new(url, key)
+                    .map_err(|e| anyhow::anyhow!("payment provider client: {e}"))?,
+            )
+        }
+    })
 }
 
 async fn purge_idempotency_keys(store: IdempotencyStore) {

@@ -36,6 +36,15 @@ pub enum LogFormat {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PaymentProviderKind {
+    /// The embedded simulator: the card token decides (tok_ok, tok_declined, tok_slow,
+    /// tok_flaky).
+    Simulator,
+    /// A Stripe-style HTTP API at --payment-provider-url.
+    Http,
+}
+
 /// Everything `serve` and `migrate` need.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
@@ -77,6 +86,46 @@ pub struct Config {
     /// Seconds a request may take before it is answered 503.
     #[arg(long, env = "ORDERWAVE_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
+
+    /// Who charges the cards.
+    #[arg(
+        long,
+        env = "ORDERWAVE_PAYMENT_PROVIDER",
+        value_enum,
+        default_value = "simulator"
+    )]
+    pub payment_provider: PaymentProviderKind,
+
+    /// Base URL of the Stripe-style payment API (with --payment-provider http).
+    #[arg(long, env = "ORDERWAVE_PAYMENT_PROVIDER_URL")]
+    pub payment_provider_url: Option<String>,
+
+    /// API key of the payment provider (with --payment-provider http).
+    #[arg(long, env = "ORDERWAVE_PAYMENT_PROVIDER_KEY", hide_env_values = true)]
+    pub payment_provider_key: Option<String>,
+
+    /// Seconds a charge may take before the payment fails as timed out and the order is
+    /// cancelled.
+    #[arg(long, env = "ORDERWAVE_PAYMENT_TIMEOUT_SECS", default_value_t = 30)]
+    pub payment_timeout_secs: u64,
+
+    /// Seconds after which an order whose saga has not ended (still PENDING) is cancelled.
+    #[arg(long, env = "ORDERWAVE_SAGA_TIMEOUT_SECS", default_value_t = 120)]
+    pub saga_timeout_secs: u64,
+
+    /// Base URL of a customer service running as its own process; by default the order
+    /// service asks the customer service of this process.
+    #[arg(long, env = "ORDERWAVE_CUSTOMER_SERVICE_URL")]
+    pub customer_service_url: Option<String>,
+
+    /// Seed a small demo catalogue (SKU-CHAIR, SKU-DESK, SKU-LAMP) and a demo customer at
+    /// start, when they do not exist yet.
+    #[arg(long, env = "ORDERWAVE_DEMO")]
+    pub demo: bool,
+
+    /// Test switch: consumers handle every message twice, as a redelivery would.
+    #[arg(long, env = "ORDERWAVE_TEST_DELIVER_TWICE", hide = true)]
+    pub test_deliver_twice: bool,
 }
 
 impl Config {
@@ -91,6 +140,14 @@ impl Config {
             idempotency_ttl_hours: 24,
             order_cache_mib: 4,
             request_timeout_secs: 30,
+            payment_provider: PaymentProviderKind::Simulator,
+            payment_provider_url: None,
+            payment_provider_key: None,
+            payment_timeout_secs: 30,
+            saga_timeout_secs: 120,
+            customer_service_url: None,
+            demo: false,
+            test_deliver_twice: false,
         }
     }
 }

@@ -17,11 +17,13 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::OrderService;
+use crate::customers::CustomerCheck;
 use crate::store::{OrderFilter, Snapshot, StoreError};
 use crate::view::{
     AddressBody, HistoryEntry, OrderHistory, OrderLineBody, OrderPage, OrderView, PlaceOrderBody,
     ShippingBody, StatusChangeBody, UpdateOrderBody,
 };
+use domain::payment::validate_payment;
 
 pub const DEFAULT_LIMIT: u32 = 20;
 pub const MAX_LIMIT: u32 = 100;
@@ -73,6 +75,16 @@ impl From<StoreError> for Problem {
             StoreError::Domain(DomainError::AlreadyExists) => {
                 Problem::conflict("An order with this id already exists.")
             }
+            StoreError::Domain(DomainError::ConfirmedBySagaOnly) => Problem::new(
+                StatusCode::CONFLICT,
+                "confirmed-by-saga",
+                "Orders are confirmed by the saga",
+            )
+            .detail(
+                "An order becomes CONFIRMED only through the saga, once its stock is reserved \
+                 and its payment succeeded.",
+            ),
+            StoreError::Duplicate => Problem::conflict("The request was handled before."),
             StoreError::Conflict => Problem::conflict(
                 "The order was changed by another request at the same time; reload and retry.",
             ),
@@ -211,9 +223,10 @@ async fn place_order(
         &body.shipping_address,
         body.notes.as_deref(),
     );
-    let (customer_id, draft) = match (customer_id, draft) {
-        (Ok(c), Ok(d)) => (c, d),
-        (c, d) => {
+    let payment = validate_payment("payment", &body.payment.method, &body.payment.token);
+    let (customer_id, draft, payment) = match (customer_id, draft, payment) {
+        (Ok(c), Ok(d), Ok(p)) => (c, d, p),
+        (c, d, p) => {
             let mut errors = d.err().map(|p| p.errors).unwrap_or_default();
             if c.is_err() {
                 errors.insert(
@@ -224,7 +237,21 @@ async fn place_order(
                     },
                 );
             }
+            if let Err(p) = p {
+                errors.extend(Problem::from(p).errors);
+            }
             return Err(Problem::validation(errors));
+        }
+    };
+    let customer_verified = match service.customers.check(customer_id).await {
+        CustomerCheck::Known => true,
+        CustomerCheck::Unknown => {
+            return Err(Problem::field("customerId", "no customer with this id"));
+        }
+        CustomerCheck::Unavailable(error) => {
+            // Degrade: accept the order, check the customer again before confirming it.
+            tracing::warn!(%customer_id, %error, "customer not checked; the order is accepted and checked later");
+            false
         }
     };
     // With an idempotency key the id is fixed before the first attempt, so a retry after a
@@ -235,6 +262,8 @@ async fn place_order(
         customer_id,
         currency: body.currency.clone(),
         draft,
+        payment: Some(payment),
+        customer_verified,
     };
     match service.store.execute(id, None, command).await {
         Ok(order) => Ok(order_response(StatusCode::CREATED, &order)),
@@ -313,7 +342,7 @@ async fn update_order(
 
 /// Move an order to another status.
 ///
-/// Allowed: PENDING → CONFIRMED | CANCELLED, CONFIRMED → PROCESSING | CANCELLED,
+/// Allowed: PENDING → CANCELLED (CONFIRMED is set by the saga), CONFIRMED → PROCESSING | CANCELLED,
 /// PROCESSING → SHIPPED | CANCELLED, SHIPPED → DELIVERED. SHIPPED needs shipping details, set
 /// before or sent here.
 #[utoipa::path(

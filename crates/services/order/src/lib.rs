@@ -1,12 +1,17 @@
 //! The order service: its REST API, its event-sourced store and its outbox.
 
 pub mod api;
+pub mod consumers;
+pub mod customers;
 pub mod store;
 pub mod view;
 
+use customers::CustomerChecker;
 use std::sync::Arc;
+use std::time::Duration;
 use storage::Db;
 use store::OrderStore;
+use tokio::sync::watch;
 
 pub static MIGRATOR: storage::Migrator = storage::service_migrator!("./migrations");
 
@@ -15,16 +20,40 @@ pub static MIGRATOR: storage::Migrator = storage::service_migrator!("./migration
 pub struct OrderService {
     /// Shared: the router clones the service for every request, so a clone is one increment.
     pub store: Arc<OrderStore>,
+    /// Asks the customer service whether an order's customer exists.
+    pub customers: CustomerChecker,
 }
 
 impl OrderService {
     /// Migrates `db` and builds the service on it, with an order cache of `cache_bytes`
     /// (0 turns it off; it must be off when several order-service processes share a database).
-    pub async fn start(db: Db, cache_bytes: u64) -> Result<Self, storage::DbError> {
+    pub async fn start(
+        db: Db,
+        cache_bytes: u64,
+        customers: CustomerChecker,
+    ) -> Result<Self, storage::DbError> {
         db.migrate_service(&MIGRATOR).await?;
         Ok(Self {
             store: Arc::new(OrderStore::new(db, cache_bytes)),
+            customers,
         })
+    }
+
+    /// The bus consumer that moves orders through the saga.
+    pub fn handler(&self) -> consumers::OrderHandler {
+        consumers::OrderHandler {
+            store: self.store.clone(),
+            customers: self.customers.clone(),
+        }
+    }
+
+    /// Cancels orders whose saga has not ended `timeout` after they were placed.
+    pub fn saga_deadline(
+        &self,
+        timeout: Duration,
+        stop: watch::Receiver<bool>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        consumers::enforce_saga_deadline(self.store.clone(), timeout, stop)
     }
 
     pub fn router(&self) -> utoipa_axum::router::OpenApiRouter {

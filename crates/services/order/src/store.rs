@@ -43,6 +43,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the order store is shutting down")]
     Closed,
+    /// The message that caused the command was handled before.
+    #[error("the message was handled before")]
+    Duplicate,
     /// The database could not be reached (shared by every write of a failed batch).
     #[error("the order database is unavailable: {0}")]
     Unavailable(String),
@@ -90,6 +93,8 @@ struct Write {
     document: String,
     events: Vec<NewEvent>,
     messages: Vec<OutboxMessage>,
+    /// The message (consumer group, message id) the write handles, claimed in its transaction.
+    cause: Option<(String, String)>,
 }
 
 type Job = (Write, oneshot::Sender<Result<(), StoreError>>);
@@ -188,6 +193,19 @@ impl OrderStore {
         expected: Option<u64>,
         command: OrderCommand,
     ) -> Result<Arc<Snapshot>, StoreError> {
+        self.execute_caused(id, expected, command, None).await
+    }
+
+    /// Runs `command` as the effect of bus message `cause` (group, message id): the write and
+    /// the inbox claim of the message commit together, and a message handled before gives
+    /// `Duplicate` and changes nothing.
+    pub async fn execute_caused(
+        &self,
+        id: Uuid,
+        expected: Option<u64>,
+        command: OrderCommand,
+        cause: Option<(String, String)>,
+    ) -> Result<Arc<Snapshot>, StoreError> {
         let creating = matches!(command, OrderCommand::Place { .. });
         let attempts = if expected.is_some() || creating { 1 } else { 5 };
         for _ in 0..attempts {
@@ -200,7 +218,8 @@ impl OrderStore {
                 });
             }
             let events = decide(state.as_ref(), command.clone())?;
-            let write = prepare(id, state, events)?;
+            let mut write = prepare(id, state, events)?;
+            write.cause = cause.clone();
             let order = write.order.clone();
             let (reply, answer) = oneshot::channel();
             self.writer
@@ -282,6 +301,27 @@ impl OrderStore {
             .collect::<Result<Vec<_>, _>>()?;
         Ok((orders, more))
     }
+
+    /// Orders still PENDING that were placed before `cutoff`, oldest first.
+    pub async fn pending_since_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT id FROM orders WHERE status = $1 AND created_at < $2 ORDER BY created_at LIMIT {limit}"
+        )))
+        .bind(OrderStatus::Pending.as_str())
+        .bind(time::to_text(cutoff))
+        .fetch_all(self.db.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get(0)?;
+                Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .collect()
+    }
 }
 
 /// Builds the rows a command's events write. Pure apart from the clock and fresh ids.
@@ -322,10 +362,11 @@ fn prepare(
     let document = serde_json::to_string(&order).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let messages = recorded
         .iter()
-        .map(|r| {
+        .filter_map(|r| Some((r, r.event.topic()?)))
+        .map(|(r, topic)| {
             OutboxMessage::event(
                 SOURCE,
-                r.event.topic(),
+                topic,
                 &id.to_string(),
                 i64::try_from(r.version).unwrap_or(i64::MAX),
                 &at_text,
@@ -345,6 +386,7 @@ fn prepare(
         document,
         events,
         messages,
+        cause: None,
     })
 }
 
@@ -369,8 +411,9 @@ async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>, committed: CommitSign
                     let _ = reply.send(Ok(()));
                 }
             }
-            // One write's version was taken: commit the others, refuse that one.
-            Err(StoreError::Conflict) if batch.len() > 1 => {
+            // One write's version was taken (or its message was handled before): commit the
+            // others, refuse that one.
+            Err(StoreError::Conflict | StoreError::Duplicate) if batch.len() > 1 => {
                 for (write, reply) in batch.drain(..) {
                     if !reply.is_closed() {
                         let result = commit(&db, &[&write]).await;
@@ -395,6 +438,7 @@ async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>, committed: CommitSign
 fn shared_error(error: &StoreError) -> StoreError {
     match error {
         StoreError::Conflict => StoreError::Conflict,
+        StoreError::Duplicate => StoreError::Duplicate,
         StoreError::Closed => StoreError::Closed,
         StoreError::Db(
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_),
@@ -407,6 +451,11 @@ fn shared_error(error: &StoreError) -> StoreError {
 /// One transaction for all `writes`.
 async fn commit(db: &Db, writes: &[&Write]) -> Result<(), StoreError> {
     let mut tx = db.begin_write().await?;
+    for (group, message_id) in writes.iter().filter_map(|w| w.cause.as_ref()) {
+        if !storage::inbox::claim(&mut tx, group, message_id).await? {
+            return Err(StoreError::Duplicate);
+        }
+    }
     let events: Vec<NewEvent> = writes
         .iter()
         .flat_map(|w| w.events.iter().cloned())

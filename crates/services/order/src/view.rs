@@ -72,6 +72,13 @@ pub struct OrderView {
     pub shipping: Option<ShippingView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cancel_reason: Option<String>,
+    /// How the order is paid (`card`); the card token is never shown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "card")]
+    pub payment_method: Option<String>,
+    /// False while the customer service could not confirm the customer (checked again before
+    /// the order is confirmed).
+    pub customer_verified: bool,
     /// Increases with every change; also the ETag.
     #[schema(example = 1)]
     pub version: u64,
@@ -114,6 +121,8 @@ impl From<&Order> for OrderView {
                 estimated_delivery: s.estimated_delivery.map(|d| d.to_string()),
             }),
             cancel_reason: o.cancel_reason.clone(),
+            payment_method: o.payment.as_ref().map(|p| p.method.clone()),
+            customer_verified: o.customer_verified,
             version: o.version,
             created_at: storage::time::to_text(o.created_at),
             updated_at: storage::time::to_text(o.updated_at),
@@ -168,12 +177,17 @@ impl From<&RecordedEvent> for HistoryEntry {
             OrderEvent::OrderStatusChanged { from, to, reason } => {
                 (Some(*from), Some(*to), reason.clone())
             }
+            OrderEvent::SagaStepRecorded { detail, .. } => (None, None, detail.clone()),
             _ => (None, None, None),
         };
-        let change = serde_json::to_value(&r.event)
+        let mut change = serde_json::to_value(&r.event)
             .ok()
             .and_then(|v| v.get("data").cloned())
             .unwrap_or(serde_json::Value::Null);
+        // The card token stays inside the platform.
+        if let Some(payment) = change.get_mut("payment").and_then(|p| p.as_object_mut()) {
+            payment.remove("token");
+        }
         HistoryEntry {
             version: r.version,
             event_type: r.event.type_name().to_string(),
@@ -215,6 +229,20 @@ pub struct PlaceOrderBody {
     pub shipping_address: AddressBody,
     #[serde(default)]
     pub notes: Option<String>,
+    /// How the order is paid; charged once its stock is reserved.
+    pub payment: PaymentBody,
+}
+
+/// A payment method. The embedded payment simulator knows the tokens `tok_ok` (succeeds),
+/// `tok_declined` (declined), `tok_slow` (never answers: times out) and `tok_flaky` (fails once,
+/// then succeeds).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PaymentBody {
+    #[schema(example = "card")]
+    pub method: String,
+    #[schema(example = "tok_ok")]
+    pub token: String,
 }
 
 /// The editable part of a PENDING order.
@@ -243,7 +271,7 @@ pub struct ShippingBody {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StatusChangeBody {
-    /// Target status: CONFIRMED, PROCESSING, SHIPPED, DELIVERED or CANCELLED.
+    /// Target status: PROCESSING, SHIPPED, DELIVERED or CANCELLED.
     #[schema(example = "PROCESSING")]
     pub status: String,
     #[serde(default)]

@@ -1,0 +1,299 @@
+//! The policy every synchronous call to another component goes through: a timeout per attempt,
+//! retries with exponential backoff and jitter (for calls safe to repeat), and a circuit breaker
+//! that stops calling a dependency that keeps failing, lets one probe through after a while, and
+//! closes again when the probe succeeds. State is exported as the gauge
+//! `circuit_breaker_open{dependency}` (1 open, 0.5 half-open, 0 closed).
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    /// Each attempt ends after this.
+    pub timeout: Duration,
+    /// Attempts in all (1: no retry).
+    pub attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Consecutive failures that open the breaker.
+    pub failure_threshold: u32,
+    /// How long the breaker stays open before one probe is let through.
+    pub open_for: Duration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(2),
+            attempts: 3,
+            backoff_base: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(1),
+            failure_threshold: 5,
+            open_for: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a call through the policy gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    #[error("{dependency} is failing; calls are suspended for a while (circuit open)")]
+    Open { dependency: &'static str },
+    #[error("{dependency} did not answer within {timeout:?}")]
+    TimedOut {
+        dependency: &'static str,
+        timeout: Duration,
+    },
+    #[error("{dependency} failed: {message}")]
+    Failed {
+        dependency: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+#[derive(Debug)]
+struct Breaker {
+    state: BreakerState,
+    failures: u32,
+    opened_at: Option<Instant>,
+    probing: bool,
+}
+
+/// A policy for one dependency. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Policy {
+    dependency: &'static str,
+    config: PolicyConfig,
+    breaker: Mutex<Breaker>,
+}
+
+impl Policy {
+    pub fn new(dependency: &'static str, config: PolicyConfig) -> Self {
+        metrics::gauge!("circuit_breaker_open", "dependency" => dependency).set(0.0);
+        Self {
+            dependency,
+            config,
+            breaker: Mutex::new(Breaker {
+                state: BreakerState::Closed,
+                failures: 0,
+                opened_at: None,
+                probing: false,
+            }),
+        }
+    }
+
+    pub fn state(&self) -> BreakerState {
+        self.breaker
+            .lock()
+            .map_or(BreakerState::Closed, |b| b.state)
+    }
+
+    fn set_state(&self, breaker: &mut Breaker, state: BreakerState) {
+        if breaker.state != state {
+            tracing::warn!(
+                dependency = self.dependency,
+                ?state,
+                "circuit breaker changed state"
+            );
+        }
+        breaker.state = state;
+        let value = match state {
+            BreakerState::Closed => 0.0,
+            BreakerState::HalfOpen => 0.5,
+            BreakerState::Open => 1.0,
+        };
+        metrics::gauge!("circuit_breaker_open", "dependency" => self.dependency).set(value);
+    }
+
+    /// May a call go out now? An open breaker lets one probe through once `open_for` passed.
+    fn admit(&self) -> bool {
+        let Ok(mut b) = self.breaker.lock() else {
+            return true;
+        };
+        match b.state {
+            BreakerState::Closed => true,
+            BreakerState::Open => {
+                if b.opened_at
+                    .is_some_and(|at| at.elapsed() >= self.config.open_for)
+                {
+                    self.set_state(&mut b, BreakerState::HalfOpen);
+                    b.probing = true;
+                    true
+                } else {
+                    false
+                }
+            }
+            BreakerState::HalfOpen => {
+                if b.probing {
+                    false
+                } else {
+                    b.probing = true;
+                    true
+                }
+            }
+        }
+    }
+
+    fn record(&self, ok: bool) {
+        let Ok(mut b) = self.breaker.lock() else {
+            return;
+        };
+        b.probing = false;
+        if ok {
+            b.failures = 0;
+            self.set_state(&mut b, BreakerState::Closed);
+            return;
+        }
+        b.failures += 1;
+        if b.state == BreakerState::HalfOpen || b.failures >= self.config.failure_threshold {
+            b.opened_at = Some(Instant::now());
+            self.set_state(&mut b, BreakerState::Open);
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .config
+            .backoff_base
+            .saturating_mul(2u32.saturating_pow(attempt.min(16)));
+        let capped = exp.min(self.config.backoff_max);
+        capped.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+    }
+
+    /// Calls `call` under the policy. `call` answers `Err` only for a failure of the dependency
+    /// (an answer such as "not found" is `Ok`); every attempt is retried, so `call` must be safe
+    /// to repeat.
+    pub async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, CallError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, String>>,
+    {
+        let mut last = CallError::Open {
+            dependency: self.dependency,
+        };
+        for attempt in 0..self.config.attempts.max(1) {
+            if attempt > 0 {
+                tokio::time::sleep(self.backoff(attempt - 1)).await;
+            }
+            if !self.admit() {
+                metrics::counter!("dependency_calls_total", "dependency" => self.dependency, "outcome" => "rejected")
+                    .increment(1);
+                return Err(CallError::Open {
+                    dependency: self.dependency,
+                });
+            }
+            match tokio::time::timeout(self.config.timeout, call()).await {
+                Ok(Ok(value)) => {
+                    self.record(true);
+                    metrics::counter!("dependency_calls_total", "dependency" => self.dependency, "outcome" => "ok")
+                        .increment(1);
+                    return Ok(value);
+                }
+                Ok(Err(message)) => {
+                    self.record(false);
+                    last = CallError::Failed {
+                        dependency: self.dependency,
+                        message,
+                    };
+                }
+                Err(_) => {
+                    self.record(false);
+                    last = CallError::TimedOut {
+                        dependency: self.dependency,
+                        timeout: self.config.timeout,
+                    };
+                }
+            }
+            metrics::counter!("dependency_calls_total", "dependency" => self.dependency, "outcome" => "failed")
+                .increment(1);
+        }
+        Err(last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn quick(threshold: u32, attempts: u32) -> PolicyConfig {
+        PolicyConfig {
+            timeout: Duration::from_millis(50),
+            attempts,
+            backoff_base: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(2),
+            failure_threshold: threshold,
+            open_for: Duration::from_millis(100),
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_then_succeeds() {
+        let policy = Policy::new("test-retry", quick(10, 3));
+        let calls = AtomicU32::new(0);
+        let answer = policy
+            .call(|| async {
+                if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+                    Err("boom".to_string())
+                } else {
+                    Ok(7)
+                }
+            })
+            .await;
+        assert_eq!(answer, Ok(7));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(policy.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_hanging_dependency_times_out_opens_the_breaker_and_recovers_after_a_probe() {
+        let policy = Policy::new("test-breaker", quick(2, 1));
+        for _ in 0..2 {
+            let answer: Result<(), _> = policy.call(std::future::pending).await;
+            assert!(
+                matches!(answer, Err(CallError::TimedOut { .. })),
+                "{answer:?}"
+            );
+        }
+        assert_eq!(policy.state(), BreakerState::Open);
+        let calls = AtomicU32::new(0);
+        let rejected = policy
+            .call(|| async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+            .await;
+        assert!(matches!(rejected, Err(CallError::Open { .. })));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            0,
+            "an open breaker makes no call"
+        );
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let probe = policy.call(|| async { Ok(1) }).await;
+        assert_eq!(probe, Ok(1));
+        assert_eq!(policy.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_failed_probe_opens_the_breaker_again() {
+        let policy = Policy::new("test-probe", quick(1, 1));
+        let _ = policy
+            .call(|| async { Err::<(), _>("down".to_string()) })
+            .await;
+        assert_eq!(policy.state(), BreakerState::Open);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let _ = policy
+            .call(|| async { Err::<(), _>("still down".to_string()) })
+            .await;
+        assert_eq!(policy.state(), BreakerState::Open);
+    }
+}
