@@ -47,4 +47,8 @@ pub enum DomainError {
         "an order becomes CONFIRMED only through the saga, once its stock is reserved and its payment succeeded"
     )]
     ConfirmedBySagaOnly,
+    #[error(
+        "the order's stock is reserved and its payment under way, so its lines can no longer be edited; cancel it and place a new one"
+    )]
+    StockReserved,
 }

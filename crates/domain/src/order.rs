@@ -149,6 +149,9 @@ pub struct Order {
     /// before the order is confirmed.
     #[serde(default = "yes")]
     pub customer_verified: bool,
+    /// Stock is held for the order (set by the saga): its lines can no longer be edited.
+    #[serde(default)]
+    pub stock_reserved: bool,
     pub version: u64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -343,6 +346,10 @@ pub fn decide(
                     status: order.status,
                 });
             }
+            if order.stock_reserved {
+                // The reservation and the charge follow the lines as placed.
+                return Err(DomainError::StockReserved);
+            }
             let total = draft.total();
             Ok(vec![OrderEvent::OrderUpdated { draft, total }])
         }
@@ -466,6 +473,7 @@ pub fn evolve(state: Option<Order>, recorded: &RecordedEvent) -> Option<Order> {
             cancel_reason: None,
             payment: payment.clone(),
             customer_verified: *customer_verified,
+            stock_reserved: false,
             version: recorded.version,
             created_at: at,
             updated_at: at,
@@ -490,6 +498,11 @@ pub fn evolve(state: Option<Order>, recorded: &RecordedEvent) -> Option<Order> {
                     order.shipping = Some(shipping.clone());
                 }
                 OrderEvent::SagaStepRecorded { step, .. } => {
+                    match step {
+                        SagaStep::StockReserved => order.stock_reserved = true,
+                        SagaStep::StockReleased => order.stock_reserved = false,
+                        _ => {}
+                    }
                     if *step == SagaStep::PaymentSucceeded {
                         // Confirmed only after the customer was checked.
                         order.customer_verified = true;

@@ -153,6 +153,8 @@ pub struct Application {
     orders: OrderService,
     payments: PaymentService,
     saga_timeout: Duration,
+    /// Relays, consumers and workers run here (not with `--no-background`).
+    background: bool,
 }
 
 #[derive(Clone)]
@@ -301,6 +303,7 @@ impl Application {
             orders,
             payments,
             saga_timeout: Duration::from_secs(config.saga_timeout_secs.max(1)),
+            background: !config.no_background,
         })
     }
 
@@ -317,8 +320,13 @@ impl Application {
         tracing::info!(addr = %self.addr, "orderwave listening");
         let (stop, stopped) = watch::channel(false);
         let purger = tokio::spawn(purge_idempotency_keys(self.idempotency.clone()));
-        let relays: Vec<_> = self
-            .outboxes
+        let (outboxes, consumers) = if self.background {
+            (self.outboxes, self.consumers)
+        } else {
+            tracing::info!("serving HTTP only: relays, consumers and workers run elsewhere");
+            (Vec::new(), Vec::new())
+        };
+        let relays: Vec<_> = outboxes
             .into_iter()
             .map(|outbox| {
                 tokio::spawn(bus::relay::run(
@@ -330,8 +338,7 @@ impl Application {
                 ))
             })
             .collect();
-        let consumers: Vec<_> = self
-            .consumers
+        let consumers: Vec<_> = consumers
             .into_iter()
             .map(|(config, handler)| {
                 tokio::spawn(bus::consumer::run(
@@ -342,13 +349,17 @@ impl Application {
                 ))
             })
             .collect();
-        let background = [
-            tokio::spawn(self.payments.worker(stopped.clone())),
-            tokio::spawn(
-                self.orders
-                    .saga_deadline(self.saga_timeout, stopped.clone()),
-            ),
-        ];
+        let background = if self.background {
+            vec![
+                tokio::spawn(self.payments.worker(stopped.clone())),
+                tokio::spawn(
+                    self.orders
+                        .saga_deadline(self.saga_timeout, stopped.clone()),
+                ),
+            ]
+        } else {
+            Vec::new()
+        };
         let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await;

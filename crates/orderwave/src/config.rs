@@ -123,6 +123,11 @@ pub struct Config {
     #[arg(long, env = "ORDERWAVE_DEMO")]
     pub demo: bool,
 
+    /// Serve HTTP only: no outbox relays, consumers or workers in this process (another
+    /// process runs them on the same databases).
+    #[arg(long, env = "ORDERWAVE_NO_BACKGROUND")]
+    pub no_background: bool,
+
     /// Test switch: consumers handle every message twice, as a redelivery would.
     #[arg(long, env = "ORDERWAVE_TEST_DELIVER_TWICE", hide = true)]
     pub test_deliver_twice: bool,
@@ -147,6 +152,7 @@ impl Config {
             saga_timeout_secs: 120,
             customer_service_url: None,
             demo: false,
+            no_background: false,
             test_deliver_twice: false,
         }
     }

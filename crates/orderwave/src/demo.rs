@@ -31,8 +31,8 @@ pub async fn seed(inventory: &InventoryService, customers: &CustomerService) -> 
     }
     if customers.store.get(DEMO_CUSTOMER).await?.is_none() {
         let contact = validate_contact(
-            "Ada Lovelace",
-            "ada@example.com",
+            "Demo Customer",
+            "demo@orderwave.example",
             Some("+447700900123"),
             None,
         )

@@ -87,7 +87,9 @@ async fn invalid_contact_data_is_422_naming_each_field(app: &TestApp) {
     with_id["id"] = json!(uuid::Uuid::now_v7().to_string());
     expect_problem(app.post_json("/api/v1/customers", &with_id).await, 422).await;
     let page: Value = app.get("/api/v1/customers").await.json().await.unwrap();
-    assert_eq!(page["items"].as_array().unwrap().len(), 0, "nothing stored");
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "nothing stored but the demo customer");
+    assert_eq!(items[0]["email"], "demo@orderwave.example");
 }
 
 async fn an_email_address_belongs_to_one_customer(app: &TestApp) {
@@ -195,6 +197,8 @@ async fn customers_are_listed_newest_first_with_cursors(app: &TestApp) {
             None => break,
         }
     }
+    // Then the demo customer, registered first.
+    assert_eq!(seen.pop().as_deref(), Some(common::DEMO_CUSTOMER));
     assert_eq!(seen, ids);
     let one: Value = app
         .get("/api/v1/customers?email=C3@example.com")

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{TestApp, customer, eventually, expect_problem, order_body};
+use common::{DEMO_CUSTOMER, TestApp, eventually, expect_problem, order_body};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -43,7 +43,7 @@ async fn topics_for(app: &TestApp, order_id: &str) -> Vec<String> {
 }
 
 fn order_for(lines: &[(&str, i64)]) -> Value {
-    let mut body = order_body(&customer());
+    let mut body = order_body(DEMO_CUSTOMER);
     body["items"] = json!(
         lines
             .iter()
@@ -55,18 +55,18 @@ fn order_for(lines: &[(&str, i64)]) -> Value {
 
 async fn products_are_created_listed_and_restocked(app: &TestApp) {
     let response = app
-        .post_json("/api/v1/products", &json!({"sku": "SKU-CHAIR", "name": "Oak chair", "price": "49.9", "currency": "USD", "onHand": 10}))
+        .post_json("/api/v1/products", &json!({"sku": "INV-CHAIR", "name": "Oak chair", "price": "49.9", "currency": "USD", "onHand": 10}))
         .await;
     assert_eq!(response.status(), 201);
     assert_eq!(
         response.headers()["location"],
-        "/api/v1/inventory/SKU-CHAIR"
+        "/api/v1/inventory/INV-CHAIR"
     );
     let created: Value = response.json().await.unwrap();
     assert_eq!(created["price"], "49.90");
     assert_eq!(created["available"], 10);
     let again = app
-        .post_json("/api/v1/products", &json!({"sku": "SKU-CHAIR", "name": "Again", "price": "1", "currency": "USD", "onHand": 1}))
+        .post_json("/api/v1/products", &json!({"sku": "INV-CHAIR", "name": "Again", "price": "1", "currency": "USD", "onHand": 1}))
         .await;
     expect_problem(again, 409).await;
     let bad = app
@@ -74,8 +74,8 @@ async fn products_are_created_listed_and_restocked(app: &TestApp) {
         .await;
     let problem = expect_problem(bad, 422).await;
     assert_eq!(problem["errors"].as_array().unwrap().len(), 4);
-    product(app, "SKU-LAMP", 3).await;
-    product(app, "SKU-DESK", 3).await;
+    product(app, "INV-LAMP", 3).await;
+    product(app, "INV-DESK", 3).await;
 
     let page: Value = app
         .get("/api/v1/products?limit=2")
@@ -89,7 +89,7 @@ async fn products_are_created_listed_and_restocked(app: &TestApp) {
         .iter()
         .map(|p| p["sku"].as_str().unwrap())
         .collect();
-    assert_eq!(skus, vec!["SKU-CHAIR", "SKU-DESK"]);
+    assert_eq!(skus, vec!["INV-CHAIR", "INV-DESK"]);
     let next = page["nextCursor"].as_str().unwrap();
     let rest: Value = app
         .get(&format!("/api/v1/products?limit=2&cursor={next}"))
@@ -97,11 +97,12 @@ async fn products_are_created_listed_and_restocked(app: &TestApp) {
         .json()
         .await
         .unwrap();
-    assert_eq!(rest["items"][0]["sku"], "SKU-LAMP");
-    assert!(rest["nextCursor"].is_null());
+    // Then the demo catalogue the test app starts with.
+    assert_eq!(rest["items"][0]["sku"], "INV-LAMP");
+    assert_eq!(rest["items"][1]["sku"], "SKU-CHAIR");
 
     let stale = app
-        .request(Method::PUT, "/api/v1/inventory/SKU-CHAIR")
+        .request(Method::PUT, "/api/v1/inventory/INV-CHAIR")
         .header("if-match", "\"9\"")
         .json(&json!({"onHand": 20}))
         .send()
@@ -110,7 +111,7 @@ async fn products_are_created_listed_and_restocked(app: &TestApp) {
     expect_problem(stale, 412).await;
     let restocked: Value = app
         .put_json(
-            "/api/v1/inventory/SKU-CHAIR",
+            "/api/v1/inventory/INV-CHAIR",
             &json!({"onHand": 20, "price": "44.90"}),
         )
         .await
@@ -119,25 +120,25 @@ async fn products_are_created_listed_and_restocked(app: &TestApp) {
         .unwrap();
     assert_eq!(restocked["onHand"], 20);
     assert_eq!(restocked["price"], "44.90");
-    expect_problem(app.get("/api/v1/inventory/SKU-NOPE").await, 404).await;
+    expect_problem(app.get("/api/v1/inventory/INV-NOPE").await, 404).await;
 }
 
 async fn an_order_reserves_all_its_lines_or_none_and_cancelling_releases_them(app: &TestApp) {
-    product(app, "SKU-CHAIR", 10).await;
-    product(app, "SKU-LAMP", 1).await;
+    product(app, "INV-CHAIR", 10).await;
+    product(app, "INV-LAMP", 1).await;
     let first = app
-        .place(&order_for(&[("SKU-CHAIR", 2), ("SKU-LAMP", 1)]))
+        .place(&order_for(&[("INV-CHAIR", 2), ("INV-LAMP", 1)]))
         .await;
     let first_id = first["id"].as_str().unwrap().to_string();
     eventually("the first order's reservation", async || {
-        stock(app, "SKU-LAMP").await["reserved"] == 1
+        stock(app, "INV-LAMP").await["reserved"] == 1
     })
     .await;
-    assert_eq!(stock(app, "SKU-CHAIR").await["reserved"], 2);
+    assert_eq!(stock(app, "INV-CHAIR").await["reserved"], 2);
 
     // Lamps are gone: the second order reserves nothing, not even its chairs.
     let second = app
-        .place(&order_for(&[("SKU-CHAIR", 3), ("SKU-LAMP", 1)]))
+        .place(&order_for(&[("INV-CHAIR", 3), ("INV-LAMP", 1)]))
         .await;
     let second_id = second["id"].as_str().unwrap().to_string();
     eventually("the rejection", async || {
@@ -145,7 +146,7 @@ async fn an_order_reserves_all_its_lines_or_none_and_cancelling_releases_them(ap
     })
     .await;
     assert_eq!(
-        stock(app, "SKU-CHAIR").await["reserved"],
+        stock(app, "INV-CHAIR").await["reserved"],
         2,
         "all or nothing"
     );
@@ -160,7 +161,7 @@ async fn an_order_reserves_all_its_lines_or_none_and_cancelling_releases_them(ap
         rejection["data"]["reason"]
             .as_str()
             .unwrap()
-            .contains("SKU-LAMP")
+            .contains("INV-LAMP")
     );
     assert_eq!(rejection["data"]["shortages"][0]["available"], 0);
 
@@ -171,10 +172,10 @@ async fn an_order_reserves_all_its_lines_or_none_and_cancelling_releases_them(ap
         .unwrap();
     assert_eq!(response.status(), 200);
     eventually("the release", async || {
-        stock(app, "SKU-LAMP").await["reserved"] == 0
+        stock(app, "INV-LAMP").await["reserved"] == 0
     })
     .await;
-    assert_eq!(stock(app, "SKU-CHAIR").await["reserved"], 0);
+    assert_eq!(stock(app, "INV-CHAIR").await["reserved"], 0);
     eventually("the release event", async || {
         topics_for(app, &first_id).await == vec!["inventory.reserved", "inventory.released"]
     })
@@ -182,10 +183,10 @@ async fn an_order_reserves_all_its_lines_or_none_and_cancelling_releases_them(ap
 }
 
 async fn fifty_concurrent_orders_for_ten_units_reserve_exactly_ten(app: &TestApp) {
-    product(app, "SKU-RARE", 10).await;
+    product(app, "INV-RARE", 10).await;
     let requests = (0..50).map(|_| {
         app.request(Method::POST, "/api/v1/orders")
-            .json(&order_for(&[("SKU-RARE", 1)]))
+            .json(&order_for(&[("INV-RARE", 1)]))
             .send()
     });
     for response in futures::future::join_all(requests).await {
@@ -206,22 +207,22 @@ async fn fifty_concurrent_orders_for_ten_units_reserve_exactly_ten(app: &TestApp
         .filter(|(t, _, _)| t == "inventory.reserved")
         .count();
     assert_eq!(reserved, 10, "never oversold");
-    let rare = stock(app, "SKU-RARE").await;
+    let rare = stock(app, "INV-RARE").await;
     assert_eq!(rare["reserved"], 10);
     assert_eq!(rare["available"], 0);
     assert!(
         messages
             .iter()
-            .any(|(t, _, e)| t == "inventory.low_stock" && e["data"]["sku"] == "SKU-RARE")
+            .any(|(t, _, e)| t == "inventory.low_stock" && e["data"]["sku"] == "INV-RARE")
     );
 }
 
 async fn a_redelivered_order_event_reserves_nothing_twice(app: &TestApp) {
-    product(app, "SKU-CHAIR", 10).await;
-    let order = app.place(&order_for(&[("SKU-CHAIR", 4)])).await;
+    product(app, "INV-CHAIR", 10).await;
+    let order = app.place(&order_for(&[("INV-CHAIR", 4)])).await;
     let id = order["id"].as_str().unwrap().to_string();
     eventually("the reservation", async || {
-        stock(app, "SKU-CHAIR").await["reserved"] == 4
+        stock(app, "INV-CHAIR").await["reserved"] == 4
     })
     .await;
 
@@ -233,10 +234,10 @@ async fn a_redelivered_order_event_reserves_nothing_twice(app: &TestApp) {
         .unwrap();
     db.close().await;
     // Any new message wakes the consumer, which then re-reads from the start.
-    let nudge = app.place(&order_for(&[("SKU-CHAIR", 1)])).await;
+    let nudge = app.place(&order_for(&[("INV-CHAIR", 1)])).await;
     let nudge_id = nudge["id"].as_str().unwrap().to_string();
     eventually("the nudge's reservation", async || {
-        stock(app, "SKU-CHAIR").await["reserved"] == 5
+        stock(app, "INV-CHAIR").await["reserved"] == 5
     })
     .await;
     assert_eq!(
@@ -246,7 +247,7 @@ async fn a_redelivered_order_event_reserves_nothing_twice(app: &TestApp) {
     );
     assert_eq!(topics_for(app, &nudge_id).await, vec!["inventory.reserved"]);
     assert_eq!(
-        stock(app, "SKU-CHAIR").await["reserved"],
+        stock(app, "INV-CHAIR").await["reserved"],
         5,
         "nothing reserved twice"
     );

@@ -31,19 +31,27 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn spawn(backend: Backend) -> TestApp {
+        Self::spawn_with(backend, |_| {}).await
+    }
+
+    /// An app with the demo catalogue (stocked up so tests never run out) and the demo
+    /// customer, its configuration changed by `tweak`.
+    pub async fn spawn_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> TestApp {
         let dir = tempfile::tempdir().expect("tempdir");
         let database_url = match backend {
             Backend::Sqlite => None,
             Backend::Postgres => Some(fresh_pg_database().await),
         };
-        let config = Config::for_tests(dir.path().to_path_buf(), database_url.clone());
+        let mut config = Config::for_tests(dir.path().to_path_buf(), database_url.clone());
+        config.demo = true;
+        tweak(&mut config);
         let app = Application::build(&config).await.expect("build app");
         let base = format!("http://{}", app.local_addr());
         let (tx, rx) = oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until_stopped(async move {
             let _ = rx.await;
         }));
-        TestApp {
+        let app = TestApp {
             base,
             client: Client::new(),
             backend,
@@ -52,7 +60,61 @@ impl TestApp {
             _dir: dir,
             shutdown: Some(tx),
             server: Some(server),
+        };
+        for sku in ["SKU-CHAIR", "SKU-LAMP", "SKU-DESK"] {
+            app.set_stock(sku, 1_000_000).await;
         }
+        app
+    }
+
+    pub async fn set_stock(&self, sku: &str, on_hand: i64) {
+        let response = self
+            .put_json(
+                &format!("/api/v1/inventory/{sku}"),
+                &json!({ "onHand": on_hand }),
+            )
+            .await;
+        assert_eq!(response.status(), 200, "setting the stock of {sku}");
+    }
+
+    /// Registers a new customer and returns their id.
+    pub async fn new_customer(&self) -> String {
+        let n = uuid::Uuid::now_v7().simple().to_string();
+        let response = self
+            .post_json(
+                "/api/v1/customers",
+                &json!({"name": "Test Customer", "email": format!("c{n}@example.com")}),
+            )
+            .await;
+        assert_eq!(response.status(), 201, "registering a customer");
+        let customer: Value = response.json().await.expect("customer json");
+        customer["id"].as_str().expect("customer id").to_string()
+    }
+
+    /// The order as it is now.
+    pub async fn order(&self, id: &str) -> Value {
+        let response = self.get(&format!("/api/v1/orders/{id}")).await;
+        assert_eq!(response.status(), 200, "getting order {id}");
+        response.json().await.expect("order json")
+    }
+
+    /// Waits until order `id` is `status`; returns it.
+    pub async fn wait_for_status(&self, id: &str, status: &str) -> Value {
+        let mut last = Value::Null;
+        let what = format!("order {id} to become {status}");
+        eventually(&what, async || {
+            last = self.order(id).await;
+            last["status"] == status
+        })
+        .await;
+        last
+    }
+
+    /// Places an order paid with `tok_ok` and waits for the saga to confirm it.
+    pub async fn place_confirmed(&self, customer: &str) -> Value {
+        let placed = self.place(&paid_order_body(customer)).await;
+        self.wait_for_status(placed["id"].as_str().expect("id"), "CONFIRMED")
+            .await
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -83,11 +145,21 @@ impl TestApp {
         self.request(Method::GET, path).send().await.expect("GET")
     }
 
-    /// Places a valid order and returns its JSON.
+    /// Places a valid order, waits until the saga took its first step (stock reserved or
+    /// refused: version 2 or more) and returns the order then. With `order_body`'s slow
+    /// payment it then stays PENDING for the rest of the test.
     pub async fn place(&self, body: &Value) -> Value {
         let response = self.post_json("/api/v1/orders", body).await;
         assert_eq!(response.status(), 201, "placing {body}");
-        response.json().await.expect("order json")
+        let placed: Value = response.json().await.expect("order json");
+        let id = placed["id"].as_str().expect("id").to_string();
+        let mut last = Value::Null;
+        eventually("the saga's first step", async || {
+            last = self.order(&id).await;
+            last["version"].as_u64().unwrap_or(0) >= 2
+        })
+        .await;
+        last
     }
 
     pub async fn set_status(&self, id: &str, body: Value) -> Response {
@@ -167,9 +239,8 @@ impl TestApp {
     }
 }
 
-pub fn customer() -> String {
-    uuid::Uuid::now_v7().to_string()
-}
+/// The customer `--demo` registers.
+pub const DEMO_CUSTOMER: &str = "019ab1c2-0000-7000-8000-000000000001";
 
 /// Polls `check` every 20 ms until it holds; fails after 15 s naming `what`.
 pub async fn eventually<F: AsyncFnMut() -> bool>(what: &str, mut check: F) {
@@ -202,7 +273,8 @@ pub async fn bus_log(db: &Db) -> Vec<(String, String, Value)> {
         .collect()
 }
 
-/// A valid order body for `customer`.
+/// A valid order body for `customer`, paid with `tok_slow`: the stock is reserved and the
+/// payment never answers within a test, so the order stays PENDING.
 pub fn order_body(customer: &str) -> Value {
     json!({
         "customerId": customer,
@@ -215,8 +287,16 @@ pub fn order_body(customer: &str) -> Value {
             "name": "Ada Lovelace", "line1": "12 Analytical Row", "city": "London",
             "postalCode": "N1 7AA", "country": "GB"
         },
-        "notes": "leave at the door"
+        "notes": "leave at the door",
+        "payment": {"method": "card", "token": "tok_slow"}
     })
+}
+
+/// `order_body` paid with `tok_ok`: the saga confirms it.
+pub fn paid_order_body(customer: &str) -> Value {
+    let mut body = order_body(customer);
+    body["payment"]["token"] = json!("tok_ok");
+    body
 }
 
 /// Asserts a problem+json answer with `status`; returns its body.

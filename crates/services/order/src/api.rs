@@ -68,6 +68,7 @@ impl From<StoreError> for Problem {
             }
             StoreError::Domain(e @ DomainError::NotModifiable { .. })
             | StoreError::Domain(e @ DomainError::ShippingRequired)
+            | StoreError::Domain(e @ DomainError::StockReserved)
             | StoreError::Domain(e @ DomainError::ShippingNotAllowed { .. }) => {
                 Problem::conflict(format!("{e}."))
             }
@@ -223,7 +224,13 @@ async fn place_order(
         &body.shipping_address,
         body.notes.as_deref(),
     );
-    let payment = validate_payment("payment", &body.payment.method, &body.payment.token);
+    let payment = match &body.payment {
+        Some(p) => validate_payment("payment", &p.method, &p.token),
+        None => Err(vec![domain::FieldError::new(
+            "payment",
+            "is required: {\"method\": \"card\", \"token\": \"...\"}",
+        )]),
+    };
     let (customer_id, draft, payment) = match (customer_id, draft, payment) {
         (Ok(c), Ok(d), Ok(p)) => (c, d, p),
         (c, d, p) => {
