@@ -1,0 +1,575 @@
+//! The place-order saga over the real HTTP API and the bus, on SQLite and on PostgreSQL:
+//! order.created → reserve → charge → CONFIRMED, and every way it can fail and be compensated.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Backend, DEMO_CUSTOMER, TestApp, eventually, expect_problem, order_body};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+on_both_backends!(
+    a_paid_order_reserves_charges_and_confirms_with_every_step_in_its_history,
+    an_order_out_of_stock_is_cancelled_with_the_reason_and_never_charged,
+    a_declined_card_releases_the_stock_and_cancels_the_order,
+    cancelling_a_confirmed_order_refunds_the_payment_and_releases_the_stock,
+    an_unknown_customer_is_422_and_places_nothing,
+    payments_are_listed_refunded_in_part_and_charged_through_the_api,
+);
+
+fn body_with(token: &str, items: Value) -> Value {
+    let mut body = order_body(DEMO_CUSTOMER);
+    body["payment"]["token"] = json!(token);
+    body["items"] = items;
+    body
+}
+
+async fn history_steps(app: &TestApp, id: &str) -> Vec<String> {
+    let history: Value = app
+        .get(&format!("/api/v1/orders/{id}/history"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    history["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| match e["change"]["step"].as_str() {
+            Some(step) => step.to_string(),
+            None => format!(
+                "{}{}",
+                e["type"].as_str().unwrap(),
+                e["toStatus"]
+                    .as_str()
+                    .map(|s| format!(" {s}"))
+                    .unwrap_or_default()
+            ),
+        })
+        .collect()
+}
+
+async fn payment_of(app: &TestApp, order_id: &str) -> Value {
+    let page: Value = app
+        .get(&format!("/api/v1/payments?orderId={order_id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "one payment per order");
+    items[0].clone()
+}
+
+async fn stock(app: &TestApp, sku: &str) -> Value {
+    app.get(&format!("/api/v1/inventory/{sku}"))
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn product(app: &TestApp, sku: &str, on_hand: i64) {
+    let response = app
+        .post_json(
+            "/api/v1/products",
+            &json!({"sku": sku, "name": sku, "price": "10.00", "currency": "USD", "onHand": on_hand}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+}
+
+async fn a_paid_order_reserves_charges_and_confirms_with_every_step_in_its_history(app: &TestApp) {
+    product(app, "SAGA-A", 5).await;
+    let placed = app
+        .post_json(
+            "/api/v1/orders",
+            &body_with(
+                "tok_ok",
+                json!([{"sku": "SAGA-A", "quantity": 2, "unitPrice": "10.00"}]),
+            ),
+        )
+        .await;
+    assert_eq!(placed.status(), 201);
+    let placed: Value = placed.json().await.unwrap();
+    assert_eq!(placed["status"], "PENDING");
+    assert_eq!(placed["customerVerified"], true);
+    let id = placed["id"].as_str().unwrap();
+    let order = app.wait_for_status(id, "CONFIRMED").await;
+    assert_eq!(order["version"], 4);
+    assert_eq!(
+        history_steps(app, id).await,
+        vec![
+            "OrderPlaced PENDING",
+            "STOCK_RESERVED",
+            "PAYMENT_SUCCEEDED",
+            "OrderStatusChanged CONFIRMED"
+        ]
+    );
+    let payment = payment_of(app, id).await;
+    assert_eq!(payment["status"], "SUCCEEDED");
+    assert_eq!(payment["amount"], "20.00");
+    assert_eq!(payment["customerId"], DEMO_CUSTOMER);
+    assert!(payment.get("token").is_none(), "the token is never shown");
+    let stock = stock(app, "SAGA-A").await;
+    assert_eq!(
+        (stock["onHand"].as_i64(), stock["reserved"].as_i64()),
+        (Some(5), Some(2))
+    );
+    let fetched: Value = app
+        .get(&format!(
+            "/api/v1/payments/{}",
+            payment["id"].as_str().unwrap()
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(fetched, payment);
+
+    // The whole conversation on the bus, once each.
+    app.wait_for_outbox_drain().await;
+    let topics: Vec<String> = app
+        .bus_messages()
+        .await
+        .into_iter()
+        .filter(|(_, _, e)| e["data"]["orderId"] == id)
+        .map(|(t, _, _)| t)
+        .collect();
+    assert_eq!(
+        topics,
+        vec![
+            "order.created",
+            "inventory.reserved",
+            "payment.succeeded",
+            "order.confirmed"
+        ]
+    );
+}
+
+async fn an_order_out_of_stock_is_cancelled_with_the_reason_and_never_charged(app: &TestApp) {
+    product(app, "SAGA-B", 1).await;
+    let placed = app
+        .place(&body_with(
+            "tok_ok",
+            json!([{"sku": "SAGA-B", "quantity": 3, "unitPrice": "10.00"}]),
+        ))
+        .await;
+    let id = placed["id"].as_str().unwrap();
+    let order = app.wait_for_status(id, "CANCELLED").await;
+    assert_eq!(
+        order["cancelReason"],
+        "out of stock: SAGA-B (requested 3, available 1)"
+    );
+    assert_eq!(
+        history_steps(app, id).await,
+        vec![
+            "OrderPlaced PENDING",
+            "STOCK_REJECTED",
+            "OrderStatusChanged CANCELLED"
+        ]
+    );
+    // The payment details were recorded and then cancelled, never charged.
+    let mut payment = Value::Null;
+    eventually("the payment cancelled", async || {
+        payment = payment_of(app, id).await;
+        payment["status"] == "CANCELLED"
+    })
+    .await;
+    assert!(payment["providerReference"].is_null());
+    assert_eq!(stock(app, "SAGA-B").await["reserved"], 0);
+
+    // An unknown SKU is out of stock too.
+    let placed = app
+        .place(&body_with(
+            "tok_ok",
+            json!([{"sku": "NO-SUCH-SKU", "quantity": 1, "unitPrice": "1.00"}]),
+        ))
+        .await;
+    let order = app
+        .wait_for_status(placed["id"].as_str().unwrap(), "CANCELLED")
+        .await;
+    assert!(
+        order["cancelReason"]
+            .as_str()
+            .unwrap()
+            .contains("NO-SUCH-SKU")
+    );
+}
+
+async fn a_declined_card_releases_the_stock_and_cancels_the_order(app: &TestApp) {
+    product(app, "SAGA-C", 4).await;
+    let placed = app
+        .place(&body_with(
+            "tok_declined",
+            json!([{"sku": "SAGA-C", "quantity": 4, "unitPrice": "10.00"}]),
+        ))
+        .await;
+    let id = placed["id"].as_str().unwrap();
+    let order = app.wait_for_status(id, "CANCELLED").await;
+    assert_eq!(
+        order["cancelReason"],
+        "payment declined: the card was declined"
+    );
+    eventually("the stock released", async || {
+        stock(app, "SAGA-C").await["reserved"] == 0
+    })
+    .await;
+    eventually("the release in the history", async || {
+        history_steps(app, id).await
+            == vec![
+                "OrderPlaced PENDING",
+                "STOCK_RESERVED",
+                "PAYMENT_FAILED",
+                "OrderStatusChanged CANCELLED",
+                "STOCK_RELEASED",
+            ]
+    })
+    .await;
+    let payment = payment_of(app, id).await;
+    assert_eq!(payment["status"], "FAILED");
+    assert_eq!(
+        payment["failureReason"],
+        "payment declined: the card was declined"
+    );
+}
+
+async fn cancelling_a_confirmed_order_refunds_the_payment_and_releases_the_stock(app: &TestApp) {
+    product(app, "SAGA-D", 3).await;
+    let placed = app
+        .place(&body_with(
+            "tok_ok",
+            json!([{"sku": "SAGA-D", "quantity": 3, "unitPrice": "10.00"}]),
+        ))
+        .await;
+    let id = placed["id"].as_str().unwrap();
+    app.wait_for_status(id, "CONFIRMED").await;
+    assert_eq!(stock(app, "SAGA-D").await["available"], 0);
+    let response = app
+        .request(
+            Method::DELETE,
+            &format!("/api/v1/orders/{id}?reason=customer%20changed%20their%20mind"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut payment = Value::Null;
+    eventually("the refund", async || {
+        payment = payment_of(app, id).await;
+        payment["status"] == "REFUNDED"
+    })
+    .await;
+    assert_eq!(payment["refundedAmount"], "30.00");
+    let refunds = payment["refunds"].as_array().unwrap();
+    assert_eq!(refunds.len(), 1);
+    assert_eq!(refunds[0]["status"], "SUCCEEDED");
+    assert_eq!(
+        refunds[0]["reason"],
+        "order cancelled: customer changed their mind"
+    );
+    eventually("the stock released", async || {
+        stock(app, "SAGA-D").await["available"] == 3
+    })
+    .await;
+    // A refund and a release are facts others can act on, recorded once each.
+    eventually("both compensations in the history", async || {
+        let steps = history_steps(app, id).await;
+        steps.iter().filter(|s| *s == "PAYMENT_REFUNDED").count() == 1
+            && steps.iter().filter(|s| *s == "STOCK_RELEASED").count() == 1
+    })
+    .await;
+}
+
+async fn an_unknown_customer_is_422_and_places_nothing(app: &TestApp) {
+    let mut body = order_body(&uuid::Uuid::now_v7().to_string());
+    body["payment"]["token"] = json!("tok_ok");
+    let problem = expect_problem(app.post_json("/api/v1/orders", &body).await, 422).await;
+    assert_eq!(problem["errors"][0]["field"], "customerId");
+    let page: Value = app.get("/api/v1/orders").await.json().await.unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 0);
+    let mut no_payment = order_body(DEMO_CUSTOMER);
+    no_payment.as_object_mut().unwrap().remove("payment");
+    let problem = expect_problem(app.post_json("/api/v1/orders", &no_payment).await, 422).await;
+    assert_eq!(problem["errors"][0]["field"], "payment");
+    let mut bad_token = order_body(DEMO_CUSTOMER);
+    bad_token["payment"] = json!({"method": "cash", "token": "4111 1111 1111 1111"});
+    let problem = expect_problem(app.post_json("/api/v1/orders", &bad_token).await, 422).await;
+    let fields: Vec<&str> = problem["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, vec!["payment.method", "payment.token"]);
+}
+
+async fn payments_are_listed_refunded_in_part_and_charged_through_the_api(app: &TestApp) {
+    let order = app.place_confirmed(DEMO_CUSTOMER).await;
+    let id = order["id"].as_str().unwrap();
+    let payment = payment_of(app, id).await;
+    let pid = payment["id"].as_str().unwrap();
+    let refunds = format!("/api/v1/payments/{pid}/refunds");
+    let too_much = app.post_json(&refunds, &json!({"amount": "500.00"})).await;
+    expect_problem(too_much, 409).await;
+    expect_problem(app.post_json(&refunds, &json!({"amount": "-1"})).await, 422).await;
+    let response = app
+        .post_json(
+            &refunds,
+            &json!({"amount": "14.85", "reason": "scratched lamp"}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    let refund: Value = response.json().await.unwrap();
+    assert_eq!(refund["amount"], "14.85");
+    eventually("the partial refund", async || {
+        payment_of(app, id).await["status"] == "PARTIALLY_REFUNDED"
+    })
+    .await;
+    assert_eq!(payment_of(app, id).await["refundedAmount"], "14.85");
+    // The order stays confirmed; its history records the refund.
+    assert_eq!(app.order(id).await["status"], "CONFIRMED");
+    eventually("the refund in the history", async || {
+        history_steps(app, id).await.last().map(String::as_str) == Some("PAYMENT_REFUNDED")
+    })
+    .await;
+
+    // A payment for an order outside the saga, charged in the background.
+    let external = uuid::Uuid::now_v7();
+    let response = app
+        .post_json(
+            "/api/v1/payments",
+            &json!({"orderId": external, "amount": "12.50", "currency": "EUR", "method": "card", "token": "tok_ok"}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    let created: Value = response.json().await.unwrap();
+    assert_eq!(created["status"], "AUTHORIZING");
+    let again = app
+        .post_json(
+            "/api/v1/payments",
+            &json!({"orderId": external, "amount": "12.50", "currency": "EUR", "method": "card", "token": "tok_ok"}),
+        )
+        .await;
+    expect_problem(again, 409).await;
+    eventually("the API payment charged", async || {
+        payment_of(app, &external.to_string()).await["status"] == "SUCCEEDED"
+    })
+    .await;
+    let bad = app
+        .post_json(
+            "/api/v1/payments",
+            &json!({"orderId": external, "amount": "1.001", "currency": "usd", "method": "card", "token": ""}),
+        )
+        .await;
+    let problem = expect_problem(bad, 422).await;
+    assert_eq!(problem["errors"].as_array().unwrap().len(), 3);
+    let page: Value = app
+        .get("/api/v1/payments?limit=1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    let next = page["nextCursor"].as_str().unwrap();
+    let rest: Value = app
+        .get(&format!("/api/v1/payments?limit=1&cursor={next}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(rest["items"][0]["id"], page["items"][0]["id"]);
+    expect_problem(app.get("/api/v1/payments/nope").await, 404).await;
+    expect_problem(app.get("/api/v1/payments?orderId=nope").await, 422).await;
+}
+
+// ---- sagas that need their own configuration -----------------------------------------------
+
+async fn both(test: impl AsyncFn(Backend)) {
+    test(Backend::Sqlite).await;
+    test(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_past_its_deadline_is_compensated() {
+    both(async |backend| {
+        let app = TestApp::spawn_with(backend, |c| c.payment_timeout_secs = 1).await;
+        let placed = app
+            .place(&body_with(
+                "tok_slow",
+                json!([{"sku": "SKU-DESK", "quantity": 1, "unitPrice": "249.00"}]),
+            ))
+            .await;
+        let id = placed["id"].as_str().unwrap();
+        let order = app.wait_for_status(id, "CANCELLED").await;
+        assert_eq!(
+            order["cancelReason"],
+            "the payment timed out: the provider did not answer by the deadline"
+        );
+        eventually("the stock released", async || {
+            stock(&app, "SKU-DESK").await["reserved"] == 0
+        })
+        .await;
+        assert_eq!(payment_of(&app, id).await["status"], "FAILED");
+        app.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_delivered_twice_has_one_effect() {
+    both(async |backend| {
+        let app = TestApp::spawn_with(backend, |c| c.test_deliver_twice = true).await;
+        product(&app, "TWICE", 10).await;
+        let mut ids = Vec::new();
+        for token in ["tok_ok", "tok_declined", "tok_ok"] {
+            let placed = app
+                .place(&body_with(
+                    token,
+                    json!([{"sku": "TWICE", "quantity": 2, "unitPrice": "10.00"}]),
+                ))
+                .await;
+            ids.push(placed["id"].as_str().unwrap().to_string());
+        }
+        app.wait_for_status(&ids[0], "CONFIRMED").await;
+        app.wait_for_status(&ids[1], "CANCELLED").await;
+        app.wait_for_status(&ids[2], "CONFIRMED").await;
+        app.request(Method::DELETE, &format!("/api/v1/orders/{}", ids[2]))
+            .send()
+            .await
+            .unwrap();
+        eventually("the refund", async || {
+            payment_of(&app, &ids[2]).await["status"] == "REFUNDED"
+        })
+        .await;
+        eventually("stock settled", async || {
+            let s = stock(&app, "TWICE").await;
+            s["reserved"] == 2 && s["onHand"] == 10
+        })
+        .await;
+        app.wait_for_outbox_drain().await;
+        // Every effect once: one reservation per order, one charge per payment, one refund.
+        let messages = app.bus_messages().await;
+        let count = |topic: &str, id: &str| {
+            messages
+                .iter()
+                .filter(|(t, _, e)| t == topic && e["data"]["orderId"] == id)
+                .count()
+        };
+        for id in &ids {
+            assert_eq!(count("inventory.reserved", id), 1, "{id}");
+        }
+        assert_eq!(count("payment.succeeded", &ids[0]), 1);
+        assert_eq!(count("payment.failed", &ids[1]), 1);
+        assert_eq!(count("inventory.released", &ids[1]), 1);
+        assert_eq!(count("payment.refunded", &ids[2]), 1);
+        assert_eq!(count("inventory.released", &ids[2]), 1);
+        let steps = history_steps(&app, &ids[0]).await;
+        assert_eq!(
+            steps,
+            vec![
+                "OrderPlaced PENDING",
+                "STOCK_RESERVED",
+                "PAYMENT_SUCCEEDED",
+                "OrderStatusChanged CONFIRMED"
+            ]
+        );
+        let payment = payment_of(&app, &ids[2]).await;
+        assert_eq!(payment["refunds"].as_array().unwrap().len(), 1);
+        // The second deliveries were recognised, not failed until dead-lettered.
+        let letters: Value = app
+            .get("/api/v1/admin/dead-letters")
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(letters, json!([]));
+        app.stop().await;
+    })
+    .await;
+}
+
+/// A free local port (bound, then released for a server started later).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_customer_service_down_orders_are_accepted_dead_lettered_and_redriven_once_it_is_back()
+ {
+    both(async |backend| {
+        // The order platform asks a customer service in another process, which is down.
+        let port = free_port();
+        let app = TestApp::spawn_with(backend, |c| {
+            c.customer_service_url = Some(format!("http://127.0.0.1:{port}"));
+        })
+        .await;
+        let placed = app.place(&common::paid_order_body(DEMO_CUSTOMER)).await;
+        assert_eq!(placed["customerVerified"], false, "accepted, checked later");
+        let id = placed["id"].as_str().unwrap().to_string();
+        // Paid, but not confirmed while the customer cannot be checked: after its retries the
+        // payment.succeeded message is a dead letter.
+        let mut letters = Value::Null;
+        eventually("the dead letter", async || {
+            letters = app
+                .get("/api/v1/admin/dead-letters?group=order")
+                .await
+                .json()
+                .await
+                .unwrap();
+            letters.as_array().is_some_and(|l| !l.is_empty())
+        })
+        .await;
+        let letter = &letters[0];
+        assert_eq!(letter["topic"], "payment.succeeded");
+        assert!(
+            letter["error"]
+                .as_str()
+                .unwrap()
+                .contains("cannot be checked yet")
+        );
+        assert_eq!(app.order(&id).await["status"], "PENDING");
+
+        // The fix: the customer service comes back (a second platform serving customers).
+        let customers = TestApp::spawn_with(backend, |c| {
+            c.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        })
+        .await;
+        // The operator redrives it; while the breaker still holds calls back (a few seconds
+        // after the last failure) the redrive fails and is asked for again.
+        let redrive = format!(
+            "/api/v1/admin/dead-letters/{}/redrive",
+            letter["id"].as_str().unwrap()
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while app.order(&id).await["status"] != "CONFIRMED" {
+            assert!(std::time::Instant::now() < deadline, "never confirmed");
+            let response = app.request(Method::POST, &redrive).send().await.unwrap();
+            assert!(matches!(response.status().as_u16(), 202 | 404));
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        let order = app.wait_for_status(&id, "CONFIRMED").await;
+        assert_eq!(order["customerVerified"], true);
+        eventually("the dead letter gone", async || {
+            let letters: Value = app
+                .get("/api/v1/admin/dead-letters?group=order")
+                .await
+                .json()
+                .await
+                .unwrap();
+            letters.as_array().is_some_and(Vec::is_empty)
+        })
+        .await;
+        // Now known to be up, an unknown customer is refused at once again.
+        let mut stranger = common::paid_order_body(&uuid::Uuid::now_v7().to_string());
+        stranger["notes"] = json!("who?");
+        expect_problem(app.post_json("/api/v1/orders", &stranger).await, 422).await;
+        customers.stop().await;
+        app.stop().await;
+    })
+    .await;
+}
