@@ -573,3 +573,180 @@ async fn with_the_customer_service_down_orders_are_accepted_dead_lettered_and_re
     })
     .await;
 }
+
+/// A local fake of a Stripe-style payment API: remembers answers by `Idempotency-Key` as the
+/// real one does, charges `tok_ok`, declines `tok_declined` with a 402 card error, answers 500
+/// to the first attempt of `tok_flaky`, and records every request.
+mod fake_provider {
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::post;
+    use serde_json::{Value, json};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Debug, Clone)]
+    pub struct Request {
+        pub path: String,
+        pub key: String,
+        pub authorization: String,
+        pub form: HashMap<String, String>,
+    }
+
+    #[derive(Default)]
+    pub struct Fake {
+        pub requests: Mutex<Vec<Request>>,
+        answers: Mutex<HashMap<String, (u16, Value)>>,
+        pub charges: Mutex<u32>,
+    }
+
+    async fn handle(
+        State(fake): State<Arc<Fake>>,
+        path: axum::extract::OriginalUri,
+        headers: HeaderMap,
+        body: String,
+    ) -> Response {
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let form: HashMap<String, String> = form_urlencoded::parse(body.as_bytes())
+            .into_owned()
+            .collect();
+        let key = header("idempotency-key");
+        fake.requests.lock().unwrap().push(Request {
+            path: path.path().to_string(),
+            key: key.clone(),
+            authorization: header("authorization"),
+            form: form.clone(),
+        });
+        if let Some((status, body)) = fake.answers.lock().unwrap().get(&key).cloned() {
+            return (StatusCode::from_u16(status).unwrap(), axum::Json(body)).into_response();
+        }
+        let seen_before = {
+            let requests = fake.requests.lock().unwrap();
+            requests.iter().filter(|r| r.key == key).count() > 1
+        };
+        let flaky_first =
+            form.get("payment_method").map(String::as_str) == Some("tok_flaky") && !seen_before;
+        if flaky_first {
+            // Not remembered: a failure of the provider, not an answer.
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                axum::Json(json!({"error": {"type": "api_error", "message": "try again"}})),
+            )
+                .into_response();
+        }
+        let (status, answer) = if path.path() == "/v1/refunds" {
+            (200, json!({"id": format!("re_{key}"), "status": "succeeded"}))
+        } else if form.get("payment_method").map(String::as_str) == Some("tok_declined") {
+            (
+                402,
+                json!({"error": {"type": "card_error", "code": "card_declined", "message": "Your card was declined."}}),
+            )
+        } else {
+            *fake.charges.lock().unwrap() += 1;
+            (200, json!({"id": format!("pi_{key}"), "status": "succeeded"}))
+        };
+        fake.answers
+            .lock()
+            .unwrap()
+            .insert(key, (status, answer.clone()));
+        (StatusCode::from_u16(status).unwrap(), axum::Json(answer)).into_response()
+    }
+
+    /// Serves the fake on a free port; returns its base URL.
+    pub async fn start(fake: Arc<Fake>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let router = axum::Router::new()
+            .route("/v1/payment_intents", post(handle))
+            .route("/v1/refunds", post(handle))
+            .with_state(fake);
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        base
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_provider_is_charged_once_per_payment_and_refunded_with_its_idempotency_keys() {
+    both(async |backend| {
+        let fake = std::sync::Arc::new(fake_provider::Fake::default());
+        let url = fake_provider::start(fake.clone()).await;
+        let app = TestApp::spawn_with(backend, |c| {
+            c.payment_provider = orderwave::config::PaymentProviderKind::Http;
+            c.payment_provider_url = Some(url.clone());
+            c.payment_provider_key = Some("sk_test_not_a_secret".into());
+        })
+        .await;
+        let ok = app.place_confirmed(DEMO_CUSTOMER).await;
+        let ok_id = ok["id"].as_str().unwrap();
+        let payment = payment_of(&app, ok_id).await;
+        let pid = payment["id"].as_str().unwrap();
+        assert_eq!(payment["providerReference"], format!("pi_{pid}"));
+        {
+            let requests = fake.requests.lock().unwrap();
+            let charge = requests.iter().find(|r| r.key == pid).unwrap();
+            assert_eq!(charge.path, "/v1/payment_intents");
+            assert_eq!(charge.authorization, "Bearer sk_test_not_a_secret");
+            assert_eq!(charge.form["amount"], "11485");
+            assert_eq!(charge.form["currency"], "usd");
+            assert_eq!(charge.form["payment_method"], "tok_ok");
+            assert_eq!(charge.form["confirm"], "true");
+            assert_eq!(charge.form["metadata[order_id]"], ok_id);
+        }
+
+        // The provider fails once: the retry carries the same key and charges once.
+        let mut flaky = common::paid_order_body(DEMO_CUSTOMER);
+        flaky["payment"]["token"] = json!("tok_flaky");
+        let placed = app.place(&flaky).await;
+        let flaky_id = placed["id"].as_str().unwrap();
+        app.wait_for_status(flaky_id, "CONFIRMED").await;
+        let flaky_pid = payment_of(&app, flaky_id).await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let attempts = fake
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.key == flaky_pid)
+            .count();
+        assert_eq!(attempts, 2, "one failure, one retry with the same key");
+        assert_eq!(*fake.charges.lock().unwrap(), 2, "two orders, two charges");
+
+        // A 402 card error declines the payment and cancels the order.
+        let mut declined = common::paid_order_body(DEMO_CUSTOMER);
+        declined["payment"]["token"] = json!("tok_declined");
+        let placed = app.place(&declined).await;
+        let order = app
+            .wait_for_status(placed["id"].as_str().unwrap(), "CANCELLED")
+            .await;
+        assert_eq!(
+            order["cancelReason"],
+            "payment declined: Your card was declined."
+        );
+
+        // Cancelling the first order refunds it against its charge.
+        app.request(Method::DELETE, &format!("/api/v1/orders/{ok_id}"))
+            .send()
+            .await
+            .unwrap();
+        eventually("the refund", async || {
+            payment_of(&app, ok_id).await["status"] == "REFUNDED"
+        })
+        .await;
+        let requests = fake.requests.lock().unwrap().clone();
+        let refund = requests.iter().find(|r| r.path == "/v1/refunds").unwrap();
+        assert_eq!(refund.form["payment_intent"], format!("pi_{pid}"));
+        assert_eq!(refund.form["amount"], "11485");
+        assert_ne!(refund.key, pid, "a refund has its own key");
+        app.stop().await;
+    })
+    .await;
+}
