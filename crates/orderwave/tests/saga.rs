@@ -13,6 +13,7 @@ on_both_backends!(
     an_order_out_of_stock_is_cancelled_with_the_reason_and_never_charged,
     a_declined_card_releases_the_stock_and_cancels_the_order,
     cancelling_a_confirmed_order_refunds_the_payment_and_releases_the_stock,
+    shipping_an_order_takes_its_stock_off_the_shelf,
     an_unknown_customer_is_422_and_places_nothing,
     payments_are_listed_refunded_in_part_and_charged_through_the_api,
 );
@@ -277,6 +278,31 @@ async fn cancelling_a_confirmed_order_refunds_the_payment_and_releases_the_stock
         let steps = history_steps(app, id).await;
         steps.iter().filter(|s| *s == "PAYMENT_REFUNDED").count() == 1
             && steps.iter().filter(|s| *s == "STOCK_RELEASED").count() == 1
+    })
+    .await;
+}
+
+async fn shipping_an_order_takes_its_stock_off_the_shelf(app: &TestApp) {
+    product(app, "SAGA-E", 5).await;
+    let placed = app
+        .place(&body_with(
+            "tok_ok",
+            json!([{"sku": "SAGA-E", "quantity": 2, "unitPrice": "10.00"}]),
+        ))
+        .await;
+    let id = placed["id"].as_str().unwrap();
+    app.wait_for_status(id, "CONFIRMED").await;
+    app.set_status(id, json!({"status": "PROCESSING"})).await;
+    let response = app
+        .set_status(
+            id,
+            json!({"status": "SHIPPED", "shipping": {"carrier": "DHL", "trackingNumber": "JD1"}}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    eventually("the stock shipped", async || {
+        let s = stock(app, "SAGA-E").await;
+        s["onHand"] == 3 && s["reserved"] == 0 && s["available"] == 3
     })
     .await;
 }

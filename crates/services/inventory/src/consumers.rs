@@ -1,5 +1,5 @@
 //! How inventory reacts to other services' events: reserve on `order.created`, release on
-//! `order.cancelled` and `payment.failed`.
+//! `order.cancelled` and `payment.failed`, take the stock off the shelf on `order.shipped`.
 
 use crate::store::{InventoryStore, Reservation};
 use bus::consumer::{ConsumerConfig, Handler, HandlerError};
@@ -13,7 +13,12 @@ pub const GROUP: &str = "inventory";
 pub fn config() -> ConsumerConfig {
     ConsumerConfig::new(
         GROUP,
-        &["order.created", "order.cancelled", "payment.failed"],
+        &[
+            "order.created",
+            "order.cancelled",
+            "payment.failed",
+            "order.shipped",
+        ],
     )
 }
 
@@ -57,6 +62,13 @@ impl InventoryHandler {
                 if let Reservation::Rejected(shortages) = outcome {
                     tracing::info!(%order_id, ?shortages, "order rejected: out of stock");
                 }
+                Ok(())
+            }
+            "order.shipped" => {
+                self.store
+                    .ship_order(GROUP, &delivery.message.id, &order_id)
+                    .await
+                    .map_err(store_error)?;
                 Ok(())
             }
             "order.cancelled" | "payment.failed" => {

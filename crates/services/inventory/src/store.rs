@@ -304,6 +304,48 @@ impl InventoryStore {
         Ok(!held.is_empty())
     }
 
+    /// The order left the warehouse: what it held is taken off the shelf (on hand and
+    /// reserved both drop), once per message. Returns whether anything was held.
+    pub async fn ship_order(
+        &self,
+        group: &str,
+        message_id: &str,
+        order_id: &str,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        if !inbox::claim(&mut tx, group, message_id).await? {
+            return Ok(false);
+        }
+        let held: Vec<(String, i64)> = sqlx::query(
+            "SELECT sku, quantity FROM reservations WHERE order_id = $1 AND state = 'reserved' ORDER BY sku",
+        )
+        .bind(order_id)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_, sqlx::Error>>()?;
+        let now = time::to_text(time::now());
+        for (sku, quantity) in &held {
+            sqlx::query(
+                "UPDATE products SET on_hand = on_hand - $1, reserved = reserved - $1, version = version + 1, \
+                 updated_at = $2 WHERE sku = $3",
+            )
+            .bind(*quantity)
+            .bind(&now)
+            .bind(sku)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("UPDATE reservations SET state = 'shipped', updated_at = $1 WHERE order_id = $2 AND state = 'reserved'")
+            .bind(&now)
+            .bind(order_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(!held.is_empty())
+    }
+
     async fn stock(&self, lines: &[(String, i64)]) -> Result<BTreeMap<String, Stock>, StoreError> {
         let mut stock = BTreeMap::new();
         for (sku, _) in lines {
