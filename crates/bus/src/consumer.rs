@@ -55,6 +55,10 @@ pub struct ConsumerConfig {
     /// One runner per group is active across processes; a standby takes over when the active
     /// one stops renewing for this long.
     pub lease_ttl: Duration,
+    /// Messages handled at the same time. Messages with the same key (the aggregate they are
+    /// about) are always handled one after the other, in log order; different keys run side
+    /// by side in this many lanes.
+    pub concurrency: usize,
     /// Test switch: every message is handed to the handler twice, as a redelivery after a
     /// lost acknowledgement would. Handlers must make the second delivery a no-op.
     pub deliver_twice: bool,
@@ -71,6 +75,7 @@ impl ConsumerConfig {
             poll_interval: Duration::from_millis(500),
             batch_size: 100,
             lease_ttl: Duration::from_secs(15),
+            concurrency: 1,
             deliver_twice: false,
         }
     }
@@ -100,22 +105,36 @@ pub async fn run(
     handler: Arc<dyn Handler>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut wakeups = bus.wakeups();
+    let mut wakeups = bus.wakeups_for(&config.topics);
     // The position this runner last committed: an empty fetch that read further commits that
     // (skipping messages on other topics), once.
     let mut committed: i64 = 0;
     let holder = uuid::Uuid::now_v7().to_string();
     let lease = format!("consumer:{}", config.group);
-    let mut renewed: std::time::Instant;
     tracing::info!(group = %config.group, topics = ?config.topics, "consumer started");
+    // The lease is written when a third of its TTL has passed, not on every pass; redrive
+    // requests are looked for every poll interval.
+    let mut renewed: Option<std::time::Instant> = None;
+    let mut redrives_checked: Option<std::time::Instant> = None;
+    let mut redrive_requests = bus.redrive_requests();
     loop {
         if *shutdown.borrow() {
             break;
         }
         wakeups.borrow_and_update();
-        match bus.hold_lease(&lease, &holder, config.lease_ttl).await {
-            Ok(true) => renewed = std::time::Instant::now(),
+        let holding = if renewed.is_some_and(|at| at.elapsed() < config.lease_ttl / 3) {
+            Ok(true)
+        } else {
+            bus.hold_lease(&lease, &holder, config.lease_ttl).await
+        };
+        match holding {
+            Ok(true) => {
+                if renewed.is_none_or(|at| at.elapsed() >= config.lease_ttl / 3) {
+                    renewed = Some(std::time::Instant::now());
+                }
+            }
             Ok(false) => {
+                renewed = None;
                 // Another process runs this group: stand by.
                 if sleep_or_stop(config.poll_interval, &mut shutdown).await {
                     break;
@@ -123,6 +142,7 @@ pub async fn run(
                 continue;
             }
             Err(error) => {
+                renewed = None;
                 tracing::warn!(group = %config.group, %error, "cannot take the group's lease");
                 if sleep_or_stop(config.poll_interval, &mut shutdown).await {
                     break;
@@ -130,7 +150,12 @@ pub async fn run(
                 continue;
             }
         }
-        redrive(bus.as_ref(), &config, handler.as_ref()).await;
+        let requested = redrive_requests.has_changed().unwrap_or(false);
+        if requested || redrives_checked.is_none_or(|at| at.elapsed() >= config.poll_interval) {
+            redrive_requests.borrow_and_update();
+            redrives_checked = Some(std::time::Instant::now());
+            redrive(bus.as_ref(), &config, handler.as_ref()).await;
+        }
         let fetched = match bus
             .fetch(&config.group, &config.topics, config.batch_size)
             .await
@@ -164,42 +189,38 @@ pub async fn run(
         }
         // The position is committed once per batch, not per message: one write instead of
         // hundreds. A crash mid-batch redelivers the rest, which the handlers' inboxes absorb.
+        let (done, lost_lease, stopped) = handle_batch(
+            bus.as_ref(),
+            &config,
+            handler.as_ref(),
+            &fetched.deliveries,
+            &lease,
+            &holder,
+            &shutdown,
+        )
+        .await;
+        // Up to where every message of the batch is handled (lanes may stop at different
+        // places).
         let mut done_to = committed;
-        let mut lost_lease = false;
         for delivery in &fetched.deliveries {
-            // Renewed during a long batch (a third of the lease at most between renewals), so
-            // the group stays with this runner without a write per message.
-            if renewed.elapsed() > config.lease_ttl / 3 {
-                if !matches!(
-                    bus.hold_lease(&lease, &holder, config.lease_ttl).await,
-                    Ok(true)
-                ) {
-                    lost_lease = true;
-                    break;
-                }
-                renewed = std::time::Instant::now();
+            if !done.contains(&delivery.seq) {
+                break;
             }
-            match deliver(
-                bus.as_ref(),
-                &config,
-                handler.as_ref(),
-                delivery,
-                &mut shutdown,
-            )
-            .await
-            {
-                Outcome::Stopped => {
-                    if done_to > committed {
-                        let _ = bus.commit(&config.group, done_to).await;
-                    }
-                    let _ = bus.release_lease(&lease, &holder).await;
-                    tracing::info!(group = %config.group, "consumer stopped");
-                    return;
-                }
-                Outcome::Done | Outcome::DeadLettered => done_to = delivery.seq,
-            }
+            done_to = delivery.seq;
         }
-        let read_all = !lost_lease;
+        if stopped {
+            if done_to > committed {
+                let _ = bus.commit(&config.group, done_to).await;
+            }
+            let _ = bus.release_lease(&lease, &holder).await;
+            tracing::info!(group = %config.group, "consumer stopped");
+            return;
+        }
+        let all_done = done.len() == fetched.deliveries.len();
+        if lost_lease {
+            renewed = None;
+        }
+        let read_all = !lost_lease && all_done;
         let position = if read_all && fetched.read_to > done_to {
             fetched.read_to
         } else {
@@ -211,9 +232,86 @@ pub async fn run(
                 tracing::warn!(group = %config.group, %error, "cannot commit the group's position");
             }
         }
+        // A short batch read everything there was: wait for the next publish instead of
+        // reading again at once (a publish meanwhile has already marked the wakeup).
+        if read_all && fetched.deliveries.len() < config.batch_size {
+            tokio::select! {
+                _ = wakeups.changed() => {}
+                () = tokio::time::sleep(config.poll_interval) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
     }
     let _ = bus.release_lease(&lease, &holder).await;
     tracing::info!(group = %config.group, "consumer stopped");
+}
+
+/// Handles a fetched batch in `config.concurrency` lanes (one key always in the same lane, in
+/// order), renewing the group's lease meanwhile. Returns the sequence numbers handled, whether
+/// the lease was lost and whether shutdown stopped the batch.
+async fn handle_batch(
+    bus: &dyn Bus,
+    config: &ConsumerConfig,
+    handler: &dyn Handler,
+    deliveries: &[Delivery],
+    lease: &str,
+    holder: &str,
+    shutdown: &watch::Receiver<bool>,
+) -> (std::collections::HashSet<i64>, bool, bool) {
+    use std::hash::{Hash, Hasher};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let lanes_n = config.concurrency.max(1);
+    let mut lanes: Vec<Vec<&Delivery>> = vec![Vec::new(); lanes_n];
+    for delivery in deliveries {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        delivery.message.key.hash(&mut hasher);
+        let lane = usize::try_from(hasher.finish() % lanes_n as u64).unwrap_or(0);
+        lanes[lane].push(delivery);
+    }
+    let lost = AtomicBool::new(false);
+    let stopped = AtomicBool::new(false);
+    let done = std::sync::Mutex::new(std::collections::HashSet::new());
+    let work = futures::future::join_all(lanes.iter().filter(|l| !l.is_empty()).map(|lane| {
+        let mut shutdown = shutdown.clone();
+        let (lost, stopped, done) = (&lost, &stopped, &done);
+        async move {
+            for delivery in lane {
+                if lost.load(Ordering::SeqCst) || stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                match deliver(bus, config, handler, delivery, &mut shutdown).await {
+                    Outcome::Stopped => {
+                        stopped.store(true, Ordering::SeqCst);
+                        break;
+                    }
+                    Outcome::Done | Outcome::DeadLettered => {
+                        if let Ok(mut done) = done.lock() {
+                            done.insert(delivery.seq);
+                        }
+                    }
+                }
+            }
+        }
+    }));
+    tokio::pin!(work);
+    // A long batch (retries with backoff) keeps the group: the lease is renewed every third
+    // of its TTL while the lanes work, and the lanes stop taking messages once it is lost.
+    loop {
+        tokio::select! {
+            _ = &mut work => break,
+            () = tokio::time::sleep(config.lease_ttl / 3) => {
+                if !matches!(bus.hold_lease(lease, holder, config.lease_ttl).await, Ok(true)) {
+                    lost.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+    let handled = done.lock().map(|d| d.clone()).unwrap_or_default();
+    (
+        handled,
+        lost.load(Ordering::SeqCst),
+        stopped.load(Ordering::SeqCst),
+    )
 }
 
 async fn deliver(

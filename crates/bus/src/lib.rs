@@ -112,6 +112,19 @@ pub trait Bus: Send + Sync + 'static {
     /// A consumer marks it seen before fetching, so a publish during the fetch still wakes it.
     fn wakeups(&self) -> tokio::sync::watch::Receiver<u64>;
 
+    /// Like `wakeups`, but changes only when one of `topics` is published (or a redrive is
+    /// requested), so a consumer is not woken for messages it skips.
+    fn wakeups_for(&self, topics: &[String]) -> tokio::sync::watch::Receiver<u64> {
+        let _ = topics;
+        self.wakeups()
+    }
+
+    /// Changes when a redrive is requested through this bus handle (other processes' requests
+    /// are found by polling).
+    fn redrive_requests(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.wakeups()
+    }
+
     /// Parks a delivery the group gave up on.
     fn dead_letter<'a>(
         &'a self,

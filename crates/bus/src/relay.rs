@@ -54,19 +54,30 @@ pub async fn relay_once(
     {
         return Ok(None);
     }
-    publish_pending(db, bus, config).await.map(Some)
+    publish_pending(db, bus, config, None)
+        .await
+        .map(|(n, _)| Some(n))
 }
 
+/// How far back from the newest message it published the relay reads the outbox. A row
+/// created earlier but committed later than that (a transaction that took this long between
+/// stamping and committing its rows) is found by the full read every `FULL_READ_EVERY`.
+const READ_BACK: chrono::Duration = chrono::Duration::seconds(2);
+const FULL_READ_EVERY: Duration = Duration::from_secs(5);
+
 /// Publishes one batch of the outbox (the caller holds the lease); returns how many rows.
+/// Publishes pending messages created at or after `since`; returns how many, and the creation
+/// time of the newest.
 async fn publish_pending(
     db: &Db,
     bus: &dyn Bus,
     config: &RelayConfig,
-) -> Result<usize, crate::BusError> {
-    let rows = outbox::pending(db.reader(), config.batch_size).await?;
-    if rows.is_empty() {
-        return Ok(0);
-    }
+    since: Option<&str>,
+) -> Result<(usize, Option<String>), crate::BusError> {
+    let rows = outbox::pending(db.reader(), config.batch_size, since).await?;
+    let Some(newest) = rows.last().map(|r| r.created_at.clone()) else {
+        return Ok((0, None));
+    };
     let messages: Vec<Message> = rows
         .iter()
         .map(|r| Message {
@@ -81,7 +92,7 @@ async fn publish_pending(
     outbox::mark_sent(db.writer(), &ids).await?;
     metrics::counter!("outbox_relayed_total", "service" => config.service.clone())
         .increment(ids.len() as u64);
-    Ok(ids.len())
+    Ok((ids.len(), Some(newest)))
 }
 
 /// Runs the relay until `shutdown` turns true. `written` changes when the service commits new
@@ -98,6 +109,8 @@ pub async fn run(
     // When this relay last renewed its lease; renewed at most every third of its TTL, not with
     // a write on every pass.
     let mut renewed: Option<std::time::Instant> = None;
+    let mut since: Option<String> = None;
+    let mut last_full_read = std::time::Instant::now();
     loop {
         if *shutdown.borrow() {
             break;
@@ -122,13 +135,29 @@ pub async fn run(
         }
         let published = match renewed {
             None => None, // another process relays this outbox: stand by
-            Some(_) => match publish_pending(&db, bus.as_ref(), &config).await {
-                Ok(n) => Some(n),
-                Err(error) => {
-                    tracing::warn!(service = %config.service, %error, "outbox relay failed; retrying");
-                    Some(0)
+            Some(_) => {
+                let full = since.is_none() || last_full_read.elapsed() > FULL_READ_EVERY;
+                let from = if full { None } else { since.as_deref() };
+                match publish_pending(&db, bus.as_ref(), &config, from).await {
+                    Ok((n, newest)) => {
+                        if full {
+                            last_full_read = std::time::Instant::now();
+                        }
+                        if let Some(at) = newest.as_deref().and_then(storage::time::from_text) {
+                            let back = storage::time::to_text(at - READ_BACK);
+                            // Never moves back: an old straggler does not widen later reads.
+                            if since.as_ref().is_none_or(|s| *s < back) {
+                                since = Some(back);
+                            }
+                        }
+                        Some(n)
+                    }
+                    Err(error) => {
+                        tracing::warn!(service = %config.service, %error, "outbox relay failed; retrying");
+                        Some(0)
+                    }
                 }
-            },
+            }
         };
         if published.is_some_and(|n| n >= config.batch_size) {
             continue; // more waiting

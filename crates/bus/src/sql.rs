@@ -17,7 +17,54 @@ pub static MIGRATOR: storage::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone, Debug)]
 pub struct SqlBus {
     db: Db,
-    published: Arc<watch::Sender<u64>>,
+    published: Arc<Wakeups>,
+}
+
+/// Who is woken by a publish: every `wakeups()` receiver, and each `wakeups_for(topics)`
+/// receiver whose topics were published.
+#[derive(Debug)]
+struct Wakeups {
+    /// This bus instance, so its own NOTIFY is not taken for another process's.
+    instance: String,
+    all: watch::Sender<u64>,
+    /// Changes when a redrive is requested in this process.
+    redrives: watch::Sender<u64>,
+    by_topics: std::sync::Mutex<Vec<(Vec<String>, watch::Sender<u64>)>>,
+}
+
+impl Wakeups {
+    fn new() -> Self {
+        Self {
+            instance: uuid::Uuid::now_v7().to_string(),
+            all: watch::Sender::new(0),
+            redrives: watch::Sender::new(0),
+            by_topics: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Wakes the receivers of `topics` (every receiver when `None`).
+    fn wake(&self, topics: Option<&[&str]>) {
+        self.all.send_modify(|v| *v = v.wrapping_add(1));
+        if let Ok(mut subscribers) = self.by_topics.lock() {
+            subscribers.retain(|(_, sender)| !sender.is_closed());
+            for (wanted, sender) in subscribers.iter() {
+                let wakes = topics.is_none_or(|published| {
+                    published.iter().any(|t| wanted.iter().any(|w| w == t))
+                });
+                if wakes {
+                    sender.send_modify(|v| *v = v.wrapping_add(1));
+                }
+            }
+        }
+    }
+
+    fn subscribe(&self, topics: &[String]) -> watch::Receiver<u64> {
+        let (sender, receiver) = watch::channel(0);
+        if let Ok(mut subscribers) = self.by_topics.lock() {
+            subscribers.push((topics.to_vec(), sender));
+        }
+        receiver
+    }
 }
 
 impl SqlBus {
@@ -26,7 +73,7 @@ impl SqlBus {
         db.migrate(&MIGRATOR).await?;
         Ok(Self {
             db,
-            published: Arc::new(watch::Sender::new(0)),
+            published: Arc::new(Wakeups::new()),
         })
     }
 
@@ -117,10 +164,13 @@ impl SqlBus {
             &rows,
         )
         .await?;
-        notify_others(&self.db, &mut tx).await?;
+        let mut topics: Vec<&str> = fresh.iter().map(|m| m.topic.as_str()).collect();
+        topics.sort_unstable();
+        topics.dedup();
+        notify_others(&self.db, &mut tx, &self.published.instance, &topics).await?;
         tx.commit().await?;
         metrics::counter!("bus_published_total").increment(fresh.len() as u64);
-        self.published.send_modify(|v| *v = v.wrapping_add(1));
+        self.published.wake(Some(&topics));
         Ok(())
     }
 
@@ -144,15 +194,16 @@ impl SqlBus {
             .transpose()?
             .unwrap_or(0);
         let placeholders = (0..topics.len())
-            .map(|i| format!("${}", i + 2))
+            .map(|i| format!("${}", i + 3))
             .collect::<Vec<_>>()
             .join(", ");
+        // Only bound values vary: one prepared statement per group.
         let sql = format!(
             "SELECT seq, message_id, topic, message_key, payload FROM bus_log \
-             WHERE seq > $1 AND seq <= {head} AND topic IN ({placeholders}) ORDER BY seq LIMIT {}",
+             WHERE seq > $1 AND seq <= $2 AND topic IN ({placeholders}) ORDER BY seq LIMIT {}",
             max.clamp(1, 1000)
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(offset);
+        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(offset).bind(head);
         for topic in topics {
             query = query.bind(topic.clone());
         }
@@ -292,7 +343,10 @@ impl SqlBus {
         if done.rows_affected() == 0 {
             return Err(BusError::UnknownDeadLetter(id.to_string()));
         }
-        self.published.send_modify(|v| *v = v.wrapping_add(1));
+        self.published
+            .redrives
+            .send_modify(|v| *v = v.wrapping_add(1));
+        self.published.wake(None);
         Ok(())
     }
 
@@ -326,7 +380,7 @@ const CHANNEL: &str = "orderwave_bus";
 /// connection fails (Err).
 async fn listen_until_error(
     url: &str,
-    wakeups: &std::sync::Weak<watch::Sender<u64>>,
+    wakeups: &std::sync::Weak<Wakeups>,
 ) -> Result<(), sqlx::Error> {
     let mut listener = sqlx::postgres::PgListener::connect(url).await?;
     listener.listen(CHANNEL).await?;
@@ -337,7 +391,15 @@ async fn listen_until_error(
             return Ok(());
         };
         match notified {
-            Ok(Ok(_)) => sender.send_modify(|v| *v = v.wrapping_add(1)),
+            Ok(Ok(notification)) => {
+                // "<instance> <topic>,<topic>...": our own publishes woke us already.
+                let payload = notification.payload();
+                let (instance, topics) = payload.split_once(' ').unwrap_or(("", payload));
+                if instance != sender.instance {
+                    let topics: Vec<&str> = topics.split(',').collect();
+                    sender.wake(Some(&topics));
+                }
+            }
             Ok(Err(error)) => return Err(error),
             Err(_) => {} // quiet: check the bus is still alive
         }
@@ -345,9 +407,15 @@ async fn listen_until_error(
 }
 
 /// Tells other processes' consumers (LISTEN/NOTIFY, delivered at commit) on PostgreSQL.
-async fn notify_others(db: &Db, conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+async fn notify_others(
+    db: &Db,
+    conn: &mut sqlx::AnyConnection,
+    instance: &str,
+    topics: &[&str],
+) -> Result<(), sqlx::Error> {
     if db.backend() == storage::Backend::Postgres {
-        sqlx::query("SELECT pg_notify('orderwave_bus', '')")
+        sqlx::query("SELECT pg_notify('orderwave_bus', $1)")
+            .bind(format!("{instance} {}", topics.join(",")))
             .execute(conn)
             .await?;
     }
@@ -395,7 +463,15 @@ impl Bus for SqlBus {
     }
 
     fn wakeups(&self) -> watch::Receiver<u64> {
-        self.published.subscribe()
+        self.published.all.subscribe()
+    }
+
+    fn wakeups_for(&self, topics: &[String]) -> watch::Receiver<u64> {
+        self.published.subscribe(topics)
+    }
+
+    fn redrive_requests(&self) -> watch::Receiver<u64> {
+        self.published.redrives.subscribe()
     }
 
     fn dead_letter<'a>(

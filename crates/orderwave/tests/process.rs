@@ -18,6 +18,14 @@ struct Server {
     stderr_path: std::path::PathBuf,
 }
 
+/// A test that fails part-way leaves no server behind.
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Starts `orderwave serve` on a free port and waits for its "listening on" line.
 fn start(data_dir: &Path, database_url: Option<&str>, extra: &[&str]) -> Server {
     let stderr_path = data_dir.join(format!("stderr-{}.log", uuid::Uuid::now_v7()));

@@ -668,7 +668,10 @@ mod fake_provider {
                 .into_response();
         }
         let (status, answer) = if path.path() == "/v1/refunds" {
-            (200, json!({"id": format!("re_{key}"), "status": "succeeded"}))
+            (
+                200,
+                json!({"id": format!("re_{key}"), "status": "succeeded"}),
+            )
         } else if form.get("payment_method").map(String::as_str) == Some("tok_declined") {
             (
                 402,
@@ -676,7 +679,10 @@ mod fake_provider {
             )
         } else {
             *fake.charges.lock().unwrap() += 1;
-            (200, json!({"id": format!("pi_{key}"), "status": "succeeded"}))
+            (
+                200,
+                json!({"id": format!("pi_{key}"), "status": "succeeded"}),
+            )
         };
         fake.answers
             .lock()

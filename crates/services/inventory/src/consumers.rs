@@ -11,7 +11,9 @@ use std::sync::Arc;
 pub const GROUP: &str = "inventory";
 
 pub fn config() -> ConsumerConfig {
-    ConsumerConfig::new(
+    // Orders are independent of each other: their messages are handled side by side, each
+    // order's in log order.
+    let mut config = ConsumerConfig::new(
         GROUP,
         &[
             "order.created",
@@ -19,7 +21,9 @@ pub fn config() -> ConsumerConfig {
             "payment.failed",
             "order.shipped",
         ],
-    )
+    );
+    config.concurrency = 32;
+    config
 }
 
 pub struct InventoryHandler {

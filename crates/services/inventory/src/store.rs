@@ -3,7 +3,7 @@
 
 use domain::inventory::{ProductDraft, Shortage, Stock, merge_lines, reserve};
 use serde::Serialize;
-use sqlx::{AnyConnection, AssertSqlSafe, Row};
+use sqlx::{AssertSqlSafe, Row};
 use std::collections::BTreeMap;
 use storage::events::is_unique_violation;
 use storage::outbox::{self, CommitSignal, OutboxMessage};
@@ -173,20 +173,24 @@ impl InventoryStore {
                 return Ok(Reservation::Duplicate);
             }
             let mut all = true;
+            let mut left = Vec::with_capacity(lines.len());
             for (sku, quantity) in &lines {
                 // The guard makes the check and the change one atomic step: never oversold.
                 let done = sqlx::query(
                     "UPDATE products SET reserved = reserved + $1, version = version + 1, updated_at = $2 \
-                     WHERE sku = $3 AND on_hand - reserved >= $1",
+                     WHERE sku = $3 AND on_hand - reserved >= $1 RETURNING on_hand - reserved",
                 )
                 .bind(*quantity)
                 .bind(time::to_text(time::now()))
                 .bind(sku)
-                .execute(&mut *tx)
+                .fetch_optional(&mut *tx)
                 .await?;
-                if done.rows_affected() == 0 {
-                    all = false;
-                    break;
+                match done {
+                    Some(row) => left.push((sku.clone(), *quantity, row.try_get::<i64, _>(0)?)),
+                    None => {
+                        all = false;
+                        break;
+                    }
                 }
             }
             if all {
@@ -208,7 +212,7 @@ impl InventoryStore {
                     &now,
                     serde_json::json!({"orderId": order_id, "lines": lines_json(&lines)}),
                 )];
-                messages.extend(self.low_stock_messages(&mut tx, &lines, &now).await?);
+                messages.extend(low_stock_messages(&left, &now));
                 outbox::enqueue(&mut tx, &messages).await?;
                 tx.commit().await?;
                 self.committed.notify();
@@ -361,33 +365,24 @@ impl InventoryStore {
         }
         Ok(stock)
     }
+}
 
-    async fn low_stock_messages(
-        &self,
-        conn: &mut AnyConnection,
-        lines: &[(String, i64)],
-        now: &str,
-    ) -> Result<Vec<OutboxMessage>, sqlx::Error> {
-        let mut messages = Vec::new();
-        for (sku, quantity) in lines {
-            let available: i64 =
-                sqlx::query("SELECT on_hand - reserved FROM products WHERE sku = $1")
-                    .bind(sku)
-                    .fetch_one(&mut *conn)
-                    .await?
-                    .try_get(0)?;
-            // Only when this reservation crossed the threshold, not on every order after.
-            if available < LOW_STOCK && available + quantity >= LOW_STOCK {
-                messages.push(message(
-                    "inventory.low_stock",
-                    sku,
-                    now,
-                    serde_json::json!({"sku": sku, "available": available}),
-                ));
-            }
-        }
-        Ok(messages)
-    }
+/// `inventory.low_stock` for each product whose reservation just crossed the threshold (not
+/// on every order after): (sku, quantity reserved, available after).
+fn low_stock_messages(left: &[(String, i64, i64)], now: &str) -> Vec<OutboxMessage> {
+    left.iter()
+        .filter(|(_, quantity, available)| {
+            *available < LOW_STOCK && available + quantity >= LOW_STOCK
+        })
+        .map(|(sku, _, available)| {
+            message(
+                "inventory.low_stock",
+                sku,
+                now,
+                serde_json::json!({"sku": sku, "available": available}),
+            )
+        })
+        .collect()
 }
 
 fn message(topic: &str, subject: &str, now: &str, data: serde_json::Value) -> OutboxMessage {

@@ -19,7 +19,9 @@ use uuid::Uuid;
 pub const GROUP: &str = "order";
 
 pub fn config() -> ConsumerConfig {
-    ConsumerConfig::new(
+    // Orders are independent of each other: their messages are handled side by side, each
+    // order's in log order.
+    let mut config = ConsumerConfig::new(
         GROUP,
         &[
             "inventory.reserved",
@@ -29,7 +31,9 @@ pub fn config() -> ConsumerConfig {
             "payment.failed",
             "payment.refunded",
         ],
-    )
+    );
+    config.concurrency = 32;
+    config
 }
 
 pub struct OrderHandler {

@@ -111,12 +111,21 @@ const PAYMENT_COLUMNS: &str = "id, order_id, customer_id, amount, currency, meth
 const REFUND_COLUMNS: &str =
     "id, payment_id, amount, reason, status, provider_ref, failure_reason, created_at, updated_at";
 
+/// Work handed straight to the worker after the commit that made it due (the database is
+/// read for it only to recover after a restart and for retries).
+#[derive(Debug, Default)]
+pub struct Queued {
+    pub charges: Vec<DueCharge>,
+    pub refunds: Vec<DueRefund>,
+}
+
 #[derive(Debug)]
 pub struct PaymentStore {
     db: Db,
     committed: CommitSignal,
     /// Wakes the worker when a charge or refund becomes due.
     due: Notify,
+    queued: std::sync::Mutex<Queued>,
 }
 
 /// The message (group, id) a change is caused by, claimed in the change's transaction.
@@ -143,7 +152,39 @@ impl PaymentStore {
             db,
             committed: CommitSignal::default(),
             due: Notify::new(),
+            queued: std::sync::Mutex::new(Queued::default()),
         }
+    }
+
+    /// The work queued since the last call.
+    pub fn take_queued(&self) -> Queued {
+        self.queued
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default()
+    }
+
+    fn queue_charge(&self, charge: DueCharge) {
+        if let Ok(mut q) = self.queued.lock() {
+            q.charges.push(charge);
+        }
+    }
+
+    /// Queues the refunds of `payment_id` that are due, read after their commit.
+    async fn queue_refunds_of(&self, payment_id: &str) -> Result<(), StoreError> {
+        let rows = sqlx::query(
+            "SELECT r.id, r.payment_id, p.provider_ref, r.amount, p.currency, r.attempts \
+             FROM refunds r JOIN payments p ON p.id = r.payment_id \
+             WHERE r.payment_id = $1 AND r.status = 'pending'",
+        )
+        .bind(payment_id)
+        .fetch_all(self.db.writer())
+        .await?;
+        let refunds = rows.iter().map(due_refund).collect::<Result<Vec<_>, _>>()?;
+        if let Ok(mut q) = self.queued.lock() {
+            q.refunds.extend(refunds);
+        }
+        Ok(())
     }
 
     pub fn db(&self) -> &Db {
@@ -190,10 +231,20 @@ impl PaymentStore {
         deadline: Duration,
     ) -> Result<Payment, StoreError> {
         let mut tx = self.db.begin_write().await?;
-        let id = insert(&mut tx, intent, "authorizing", Some(later(deadline)))
+        let deadline_at = later(deadline);
+        let id = insert(&mut tx, intent, "authorizing", Some(deadline_at.clone()))
             .await?
             .ok_or(StoreError::Exists)?;
         tx.commit().await?;
+        self.queue_charge(DueCharge {
+            payment_id: id.clone(),
+            order_id: intent.order_id.clone(),
+            amount: intent.amount,
+            currency: intent.currency.clone(),
+            token: intent.token.clone(),
+            deadline_at,
+            attempts: 0,
+        });
         self.committed(true);
         self.get(&id).await?.ok_or(StoreError::NotFound)
     }
@@ -211,39 +262,57 @@ impl PaymentStore {
             return Ok(());
         }
         let now = time::to_text(time::now());
-        let done = sqlx::query(
+        let deadline_at = later(deadline);
+        let charged = sqlx::query(
             "UPDATE payments SET status = 'authorizing', deadline_at = $1, next_attempt_at = $2, \
-             version = version + 1, updated_at = $2 WHERE order_id = $3 AND status = 'pending'",
+             version = version + 1, updated_at = $2 WHERE order_id = $3 AND status = 'pending' \
+             RETURNING id, amount, currency, token",
         )
-        .bind(later(deadline))
+        .bind(&deadline_at)
         .bind(&now)
         .bind(order_id)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        if done.rows_affected() == 0 {
-            let known: Option<String> =
-                sqlx::query("SELECT status FROM payments WHERE order_id = $1")
-                    .bind(order_id)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .map(|r| r.try_get(0))
-                    .transpose()?;
-            if known.is_none() {
-                let reason = "no payment details were given for the order";
-                outbox::enqueue(
-                    &mut tx,
-                    &[message(
-                        "payment.failed",
-                        order_id,
-                        &now,
-                        serde_json::json!({"orderId": order_id, "reason": reason}),
-                    )],
-                )
-                .await?;
+        let due = match charged {
+            Some(row) => Some(DueCharge {
+                payment_id: row.try_get(0)?,
+                order_id: order_id.to_string(),
+                amount: decimal(&row.try_get::<String, _>(1)?)?,
+                currency: row.try_get(2)?,
+                token: row.try_get(3)?,
+                deadline_at,
+                attempts: 0,
+            }),
+            None => {
+                let known: Option<String> =
+                    sqlx::query("SELECT status FROM payments WHERE order_id = $1")
+                        .bind(order_id)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .map(|r| r.try_get(0))
+                        .transpose()?;
+                if known.is_none() {
+                    let reason = "no payment details were given for the order";
+                    outbox::enqueue(
+                        &mut tx,
+                        &[message(
+                            "payment.failed",
+                            order_id,
+                            &now,
+                            serde_json::json!({"orderId": order_id, "reason": reason}),
+                        )],
+                    )
+                    .await?;
+                }
+                None
             }
-        }
+        };
         tx.commit().await?;
-        self.committed(true);
+        let work = due.is_some();
+        if let Some(due) = due {
+            self.queue_charge(due);
+        }
+        self.committed(work);
         Ok(())
     }
 
@@ -267,8 +336,10 @@ impl PaymentStore {
         .fetch_optional(&mut *tx)
         .await?;
         let mut work = false;
+        let mut payment_id = None;
         if let Some(row) = row {
             let payment = payment(&row)?;
+            payment_id = Some(payment.id.clone());
             match payment.status.as_str() {
                 "pending" => {
                     sqlx::query(
@@ -301,6 +372,9 @@ impl PaymentStore {
             }
         }
         tx.commit().await?;
+        if let (true, Some(id)) = (work, payment_id) {
+            self.queue_refunds_of(&id).await?;
+        }
         self.committed(work);
         Ok(())
     }
@@ -337,6 +411,7 @@ impl PaymentStore {
         }
         let id = insert_refund(&mut tx, &payment, amount, reason).await?;
         tx.commit().await?;
+        self.queue_refunds_of(payment_id).await?;
         self.committed(true);
         self.refunds_of(payment_id)
             .await?
@@ -379,18 +454,7 @@ impl PaymentStore {
         .bind(time::to_text(time::now()))
         .fetch_all(self.db.reader())
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(DueRefund {
-                    refund_id: r.try_get(0)?,
-                    payment_id: r.try_get(1)?,
-                    charge_reference: r.try_get::<Option<String>, _>(2)?.unwrap_or_default(),
-                    amount: decimal(&r.try_get::<String, _>(3)?)?,
-                    currency: r.try_get(4)?,
-                    attempts: r.try_get(5)?,
-                })
-            })
-            .collect()
+        rows.iter().map(due_refund).collect()
     }
 
     /// Records the end of a charge and publishes it. A charge that succeeded after its order
@@ -462,6 +526,9 @@ impl PaymentStore {
         };
         outbox::enqueue(&mut tx, &[data]).await?;
         tx.commit().await?;
+        if work {
+            self.queue_refunds_of(payment_id).await?;
+        }
         self.committed(work);
         Ok(true)
     }
@@ -734,6 +801,17 @@ fn payment(r: &sqlx::any::AnyRow) -> Result<Payment, StoreError> {
         created_at: r.try_get(14)?,
         updated_at: r.try_get(15)?,
         refunds: Vec::new(),
+    })
+}
+
+fn due_refund(r: &sqlx::any::AnyRow) -> Result<DueRefund, StoreError> {
+    Ok(DueRefund {
+        refund_id: r.try_get(0)?,
+        payment_id: r.try_get(1)?,
+        charge_reference: r.try_get::<Option<String>, _>(2)?.unwrap_or_default(),
+        amount: decimal(&r.try_get::<String, _>(3)?)?,
+        currency: r.try_get(4)?,
+        attempts: r.try_get(5)?,
     })
 }
 

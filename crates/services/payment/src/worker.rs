@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// Provider calls in flight at most.
+    /// Due charges and refunds read from the database at once at most.
     pub concurrency: usize,
     /// How often the store is looked at when nothing wakes the worker.
     pub poll_interval: Duration,
@@ -30,7 +30,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             concurrency: 64,
-            poll_interval: Duration::from_millis(500),
+            poll_interval: Duration::from_secs(1),
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
         }
@@ -56,53 +56,59 @@ pub async fn run(
 ) {
     let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
+    // The database is read at start, then every poll interval (retries after a backoff,
+    // leftovers of a crash); new work arrives through the store's queue at once.
+    let mut last_read: Option<std::time::Instant> = None;
     loop {
         if *stop.borrow() {
             break;
         }
         while tasks.try_join_next().is_some() {}
-        let free = config.concurrency.saturating_sub(tasks.len());
-        if free > 0 {
-            let limit = u32::try_from(free).unwrap_or(u32::MAX);
+        let queued = store.take_queued();
+        let mut charges = queued.charges;
+        let mut refunds = queued.refunds;
+        if last_read.is_none_or(|at| at.elapsed() >= config.poll_interval) {
+            last_read = Some(std::time::Instant::now());
+            let limit = u32::try_from(config.concurrency).unwrap_or(u32::MAX);
             match store.due_charges(limit).await {
-                Ok(due) => {
-                    for charge in due {
-                        if !take(&in_flight, &charge.payment_id) {
-                            continue;
-                        }
-                        tasks.spawn(charge_one(
-                            store.clone(),
-                            provider.clone(),
-                            config.clone(),
-                            in_flight.clone(),
-                            charge,
-                        ));
-                    }
-                }
+                Ok(due) => charges.extend(due),
                 Err(error) => tracing::warn!(%error, "cannot read due charges"),
             }
             match store.due_refunds(limit).await {
-                Ok(due) => {
-                    for refund in due {
-                        if !take(&in_flight, &refund.refund_id) {
-                            continue;
-                        }
-                        tasks.spawn(refund_one(
-                            store.clone(),
-                            provider.clone(),
-                            config.clone(),
-                            in_flight.clone(),
-                            refund,
-                        ));
-                    }
-                }
+                Ok(due) => refunds.extend(due),
                 Err(error) => tracing::warn!(%error, "cannot read due refunds"),
             }
         }
+        for charge in charges {
+            if !take(&in_flight, &charge.payment_id) {
+                continue;
+            }
+            tasks.spawn(charge_one(
+                store.clone(),
+                provider.clone(),
+                config.clone(),
+                in_flight.clone(),
+                charge,
+            ));
+        }
+        for refund in refunds {
+            if !take(&in_flight, &refund.refund_id) {
+                continue;
+            }
+            tasks.spawn(refund_one(
+                store.clone(),
+                provider.clone(),
+                config.clone(),
+                in_flight.clone(),
+                refund,
+            ));
+        }
+        let next_read = config
+            .poll_interval
+            .saturating_sub(last_read.map_or(Duration::ZERO, |at| at.elapsed()));
         tokio::select! {
             () = store.work_due() => {}
-            _ = tasks.join_next(), if !tasks.is_empty() => {}
-            () = tokio::time::sleep(config.poll_interval) => {}
+            () = tokio::time::sleep(next_read) => {}
             _ = stop.changed() => {}
         }
     }
