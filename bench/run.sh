@@ -4,13 +4,19 @@
 #     transaction), at the same concurrency;
 #   - an axum hello-world (bench/hello), the HTTP ceiling of this machine.
 # Then POST /api/v1/orders and GET /api/v1/orders/{id} on PostgreSQL and on SQLite, with the
-# server's peak RSS under load. Prints a Markdown report (and writes it to bench/last-run.md).
+# server's peak RSS under load. Then the saga at a fixed rate (bench/saga): orders/s reaching
+# CONFIRMED and the POST-to-CONFIRMED latency read from the orders' event timestamps, with the
+# consumers' lag sampled to show whether a backlog grows. Prints a Markdown report (and writes
+# it to bench/last-run.md).
 #
-# Usage: bench/run.sh            (DURATION=15 seconds per phase, CONNECTIONS=32)
+# Usage: bench/run.sh   (DURATION=15 seconds per phase, CONNECTIONS=32,
+#                        SAGA_RATE=200 orders/s for SAGA_SECONDS=300 per backend)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION="${DURATION:-15}"
+SAGA_RATE="${SAGA_RATE:-200}"
+SAGA_SECONDS="${SAGA_SECONDS:-300}"
 CONNECTIONS="${CONNECTIONS:-32}"
 THREADS="${THREADS:-2}"
 PG_ADMIN="${PG_ADMIN:-postgres://postgres@127.0.0.1:5432/postgres}"
@@ -30,7 +36,7 @@ fi
 command -v pgbench >/dev/null || { echo "pgbench is missing (Debian package postgresql-15)" >&2; exit 1; }
 pg_isready -q -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not running: pg_ctlcluster --skip-systemctl-redirect \$(ls /etc/postgresql) main start" >&2; exit 1; }
 
-cargo build --release -q -p orderwave -p bench-hello
+cargo build --release -q -p orderwave -p bench-hello -p bench-saga
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
@@ -67,12 +73,19 @@ wrk_run() {
   echo "$label: $R_RPS req/s, p50 $R_P50, p99 $R_P99, non-2xx $R_NON2XX" >&2
 }
 
-ORDER_BODY='{"customerId":"019ab1c2-0000-7000-8000-000000000001","currency":"USD","items":[{"sku":"SKU-CHAIR","quantity":2,"unitPrice":"49.90"},{"sku":"SKU-LAMP","quantity":1,"unitPrice":"15.05"}],"shippingAddress":{"name":"Ada Lovelace","line1":"12 Analytical Row","city":"London","postalCode":"N1 7AA","country":"GB"}}'
+ORDER_BODY='{"customerId":"019ab1c2-0000-7000-8000-000000000001","currency":"USD","items":[{"sku":"SKU-CHAIR","quantity":2,"unitPrice":"49.90"},{"sku":"SKU-LAMP","quantity":1,"unitPrice":"15.05"}],"shippingAddress":{"name":"Ada Lovelace","line1":"12 Analytical Row","city":"London","postalCode":"N1 7AA","country":"GB"},"payment":{"method":"card","token":"tok_ok"}}'
 cat >"$WORK/post.lua" <<LUA
 wrk.method = "POST"
 wrk.body = '$ORDER_BODY'
 wrk.headers["Content-Type"] = "application/json"
 LUA
+
+# stock_up URL: enough chairs and lamps that no order of the run is out of stock.
+stock_up() {
+  for sku in SKU-CHAIR SKU-LAMP; do
+    curl -sf -X PUT "$1/api/v1/inventory/$sku" -H 'content-type: application/json' -d '{"onHand":100000000}' >/dev/null
+  done
+}
 
 fresh_pg() {
   local db="ow_bench_$1"
@@ -83,8 +96,9 @@ fresh_pg() {
 # ---- 1. pgbench on the SQL of placing an order ------------------------------------------------
 PGB_URL=$(fresh_pg pgbench)
 "$BIN/orderwave" migrate --database-url "$PGB_URL" >/dev/null
-# One real order through the API gives the exact rows (and sizes) the server writes.
-start sample "$BIN/orderwave" serve --listen 127.0.0.1:0 --database-url "$PGB_URL" --log-format json
+# One real order through the API gives the exact rows (and sizes) the server writes when it
+# answers 201 (no saga behind it: --no-background).
+start sample "$BIN/orderwave" serve --demo --no-background --listen 127.0.0.1:0 --database-url "$PGB_URL" --log-format json
 curl -sf -X POST "$URL/api/v1/orders" -H 'content-type: application/json' -d "$ORDER_BODY" >/dev/null
 kill "$PID"; wait "$PID" 2>/dev/null || true
 # pgbench would read ":name" inside the JSON as a variable: a space after the colon keeps the
@@ -119,8 +133,9 @@ kill "$PID"
 # ---- 3. the order API on PostgreSQL and SQLite --------------------------------------------------
 bench_backend() {
   local name=$1; shift
-  start "ow-$name" "$BIN/orderwave" serve --listen 127.0.0.1:0 --log-format json "$@"
+  start "ow-$name" "$BIN/orderwave" serve --demo --listen 127.0.0.1:0 --log-format json "$@"
   local pid=$PID url=$URL
+  stock_up "$url"
   : >"$WORK/$name.rss"
   rss_watch "$pid" "$WORK/$name.rss" &
   wrk_run "$name-post" "$url/api/v1/orders" "$WORK/post.lua"
@@ -154,6 +169,22 @@ bench_backend() {
 bench_backend pg --database-url "$(fresh_pg api)"
 bench_backend sqlite --data-dir "$WORK/data"
 
+# ---- 4. the saga at a fixed rate ------------------------------------------------------------------
+saga_backend() {
+  local name=$1; shift
+  start "saga-$name" "$BIN/orderwave" serve --demo --listen 127.0.0.1:0 --log-format json "$@"
+  local pid=$PID url=$URL
+  stock_up "$url"
+  local before; before=$(loadavg)
+  "$BIN/bench-saga" "$url" "$SAGA_RATE" "$SAGA_SECONDS" >"$WORK/saga-$name.json" 2>"$WORK/saga-$name.err"
+  eval "${name}_SAGA_LOAD=\"$before → $(loadavg)\""
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  echo "saga $name: $(cat "$WORK/saga-$name.json")" >&2
+}
+saga_backend pg --database-url "$(fresh_pg saga)"
+saga_backend sqlite --data-dir "$WORK/saga-data"
+field() { grep -o "\"$2\":[^,}]*" "$WORK/saga-$1.json" | cut -d: -f2 | awk '{ if ($1 ~ /^[0-9.]+$/) printf "%.1f", $1; else print $1 }'; }
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.0f%%", 100 * a / b; else print "n/a" }'; }
 
 {
@@ -173,4 +204,12 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.0f%%", 100 * a /
   echo "Peak server RSS under load: PostgreSQL $pg_RSS MiB, SQLite $sqlite_RSS MiB."
   echo "Average orders per commit (group commit) during POST: PostgreSQL $pg_BATCH, SQLite $sqlite_BATCH."
   echo "Time for the relays and consumers to catch up after the POST phase: PostgreSQL ${pg_DRAIN} s, SQLite ${sqlite_DRAIN} s."
+  echo
+  echo "Saga at a fixed $SAGA_RATE orders/s for ${SAGA_SECONDS}s (tok_ok, one chair each), POST-to-CONFIRMED from the orders' event times:"
+  echo
+  echo "| backend | placed | confirmed/s | ratio to offered | POST p50 / p99 ms | saga p50 / p99 / max ms | max lag 1st half / 2nd half | catch-up after | load avg |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  for b in pg sqlite; do
+    echo "| $b | $(field $b placed) | $(field $b confirmedPerSecond) | $(ratio "$(field $b confirmedPerSecond)" "$SAGA_RATE") | $(field $b postP50Ms) / $(field $b postP99Ms) | $(field $b sagaP50Ms) / $(field $b sagaP99Ms) / $(field $b sagaMaxMs) | $(field $b maxLagFirstHalf) / $(field $b maxLagSecondHalf) | $(field $b catchUpSeconds) s | $(eval echo "\$${b}_SAGA_LOAD") |"
+  done
 } | tee "$REPORT"

@@ -7,6 +7,7 @@
 pub mod bulk;
 mod db;
 pub mod events;
+pub mod group_commit;
 pub mod idempotency;
 pub mod inbox;
 pub mod lease;

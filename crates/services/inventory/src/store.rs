@@ -268,15 +268,7 @@ impl InventoryStore {
         if !inbox::claim(&mut tx, group, message_id).await? {
             return Ok(false);
         }
-        let held: Vec<(String, i64)> = sqlx::query(
-            "SELECT sku, quantity FROM reservations WHERE order_id = $1 AND state = 'reserved' ORDER BY sku",
-        )
-        .bind(order_id)
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-        .collect::<Result<_, sqlx::Error>>()?;
+        let held = held_by(&mut tx, order_id).await?;
         let now = time::to_text(time::now());
         for (sku, quantity) in &held {
             sqlx::query("UPDATE products SET reserved = reserved - $1, version = version + 1, updated_at = $2 WHERE sku = $3")
@@ -320,15 +312,7 @@ impl InventoryStore {
         if !inbox::claim(&mut tx, group, message_id).await? {
             return Ok(false);
         }
-        let held: Vec<(String, i64)> = sqlx::query(
-            "SELECT sku, quantity FROM reservations WHERE order_id = $1 AND state = 'reserved' ORDER BY sku",
-        )
-        .bind(order_id)
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-        .collect::<Result<_, sqlx::Error>>()?;
+        let held = held_by(&mut tx, order_id).await?;
         let now = time::to_text(time::now());
         for (sku, quantity) in &held {
             sqlx::query(
@@ -383,6 +367,22 @@ fn low_stock_messages(left: &[(String, i64, i64)], now: &str) -> Vec<OutboxMessa
             )
         })
         .collect()
+}
+
+/// What `order_id` holds: (sku, quantity) of its reservations still in force.
+async fn held_by(
+    conn: &mut sqlx::AnyConnection,
+    order_id: &str,
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query(
+        "SELECT sku, quantity FROM reservations WHERE order_id = $1 AND state = 'reserved' ORDER BY sku",
+    )
+    .bind(order_id)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+    .collect()
 }
 
 fn message(topic: &str, subject: &str, now: &str, data: serde_json::Value) -> OutboxMessage {

@@ -3,11 +3,14 @@
 //! transaction (`worker`): a payment or refund is first marked due, then the worker calls the
 //! provider and records the answer.
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use std::str::FromStr;
 use std::time::Duration;
+use storage::group_commit::GroupCommit;
 use storage::outbox::{self, CommitSignal, OutboxMessage};
 use storage::{Db, inbox, time};
 use tokio::sync::{Notify, watch};
@@ -126,6 +129,8 @@ pub struct PaymentStore {
     /// Wakes the worker when a charge or refund becomes due.
     due: Notify,
     queued: std::sync::Mutex<Queued>,
+    /// The consumers' and the worker's changes share transactions (group commit).
+    batches: GroupCommit,
 }
 
 /// The message (group, id) a change is caused by, claimed in the change's transaction.
@@ -148,9 +153,12 @@ fn later(delay: Duration) -> String {
 
 impl PaymentStore {
     pub fn new(db: Db) -> Self {
+        let committed = CommitSignal::default();
+        let signal = committed.clone();
         Self {
+            batches: GroupCommit::start(db.clone(), move || signal.notify()),
             db,
-            committed: CommitSignal::default(),
+            committed,
             due: Notify::new(),
             queued: std::sync::Mutex::new(Queued::default()),
         }
@@ -162,6 +170,33 @@ impl PaymentStore {
             .lock()
             .map(|mut q| std::mem::take(&mut *q))
             .unwrap_or_default()
+    }
+
+    /// Runs `job` in the next shared transaction; its result once that committed.
+    async fn batched<T: Send + 'static>(
+        &self,
+        mut job: impl for<'c> FnMut(&'c mut AnyConnection) -> BoxFuture<'c, Result<T, StoreError>>
+        + Send
+        + 'static,
+    ) -> Result<T, StoreError> {
+        let output = self
+            .batches
+            .run(Box::new(move |conn| {
+                job(conn)
+                    .map(|r| {
+                        r.map(|v| Box::new(v) as storage::group_commit::Output)
+                            .map_err(|e| match e {
+                                StoreError::Db(e) => e,
+                                other => sqlx::Error::Protocol(other.to_string()),
+                            })
+                    })
+                    .boxed()
+            }))
+            .await?;
+        output
+            .downcast::<T>()
+            .map(|v| *v)
+            .map_err(|_| StoreError::Corrupt("a batched job answered another type".into()))
     }
 
     fn queue_charge(&self, charge: DueCharge) {
@@ -214,14 +249,22 @@ impl PaymentStore {
         cause: Claim<'_>,
         intent: &Intent,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.db.begin_write().await?;
-        if !claim(&mut tx, cause).await? {
-            return Ok(false);
-        }
-        let inserted = insert(&mut tx, intent, "pending", None).await?;
-        tx.commit().await?;
+        let cause = owned(cause);
+        let intent = intent.clone();
+        let inserted = self
+            .batched(move |conn| {
+                let (cause, intent) = (cause.clone(), intent.clone());
+                async move {
+                    if !claim(conn, borrowed(&cause)).await? {
+                        return Ok(false);
+                    }
+                    Ok(insert(conn, &intent, "pending", None).await?.is_some())
+                }
+                .boxed()
+            })
+            .await?;
         self.committed(false);
-        Ok(inserted.is_some())
+        Ok(inserted)
     }
 
     /// A payment asked for through the API: recorded and charged at once.
@@ -257,57 +300,20 @@ impl PaymentStore {
         order_id: &str,
         deadline: Duration,
     ) -> Result<(), StoreError> {
-        let mut tx = self.db.begin_write().await?;
-        if !claim(&mut tx, cause).await? {
-            return Ok(());
-        }
-        let now = time::to_text(time::now());
-        let deadline_at = later(deadline);
-        let charged = sqlx::query(
-            "UPDATE payments SET status = 'authorizing', deadline_at = $1, next_attempt_at = $2, \
-             version = version + 1, updated_at = $2 WHERE order_id = $3 AND status = 'pending' \
-             RETURNING id, amount, currency, token",
-        )
-        .bind(&deadline_at)
-        .bind(&now)
-        .bind(order_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let due = match charged {
-            Some(row) => Some(DueCharge {
-                payment_id: row.try_get(0)?,
-                order_id: order_id.to_string(),
-                amount: decimal(&row.try_get::<String, _>(1)?)?,
-                currency: row.try_get(2)?,
-                token: row.try_get(3)?,
-                deadline_at,
-                attempts: 0,
-            }),
-            None => {
-                let known: Option<String> =
-                    sqlx::query("SELECT status FROM payments WHERE order_id = $1")
-                        .bind(order_id)
-                        .fetch_optional(&mut *tx)
-                        .await?
-                        .map(|r| r.try_get(0))
-                        .transpose()?;
-                if known.is_none() {
-                    let reason = "no payment details were given for the order";
-                    outbox::enqueue(
-                        &mut tx,
-                        &[message(
-                            "payment.failed",
-                            order_id,
-                            &now,
-                            serde_json::json!({"orderId": order_id, "reason": reason}),
-                        )],
-                    )
-                    .await?;
+        let cause = owned(cause);
+        let order_id = order_id.to_string();
+        let due = self
+            .batched(move |conn| {
+                let (cause, order_id) = (cause.clone(), order_id.clone());
+                async move {
+                    if !claim(conn, borrowed(&cause)).await? {
+                        return Ok(None);
+                    }
+                    charge_due(conn, &order_id, deadline).await
                 }
-                None
-            }
-        };
-        tx.commit().await?;
+                .boxed()
+            })
+            .await?;
         let work = due.is_some();
         if let Some(due) = due {
             self.queue_charge(due);
@@ -329,16 +335,10 @@ impl PaymentStore {
             return Ok(());
         }
         let now = time::to_text(time::now());
-        let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {PAYMENT_COLUMNS} FROM payments WHERE order_id = $1"
-        )))
-        .bind(order_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let found = payment_where(&mut tx, "order_id", order_id).await?;
         let mut work = false;
         let mut payment_id = None;
-        if let Some(row) = row {
-            let payment = payment(&row)?;
+        if let Some(payment) = found {
             payment_id = Some(payment.id.clone());
             match payment.status.as_str() {
                 "pending" => {
@@ -387,14 +387,9 @@ impl PaymentStore {
         reason: &str,
     ) -> Result<Refund, StoreError> {
         let mut tx = self.db.begin_write().await?;
-        let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1"
-        )))
-        .bind(payment_id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(StoreError::NotFound)?;
-        let payment = payment(&row)?;
+        let payment = payment_where(&mut tx, "id", payment_id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
         if payment.status != "succeeded" {
             return Err(StoreError::NotRefundable(format!(
                 "the payment is {}; only a succeeded payment can be refunded",
@@ -464,72 +459,21 @@ impl PaymentStore {
         payment_id: &str,
         result: &ChargeResult,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.db.begin_write().await?;
-        let now = time::to_text(time::now());
-        let (status, reference, reason) = match result {
-            ChargeResult::Succeeded { reference } => ("succeeded", Some(reference.as_str()), None),
-            ChargeResult::Failed { reason } => ("failed", None, Some(reason.as_str())),
-        };
-        let done = sqlx::query(
-            "UPDATE payments SET status = $1, provider_ref = $2, failure_reason = $3, next_attempt_at = NULL, \
-             version = version + 1, updated_at = $4 WHERE id = $5 AND status = 'authorizing'",
-        )
-        .bind(status)
-        .bind(reference)
-        .bind(reason)
-        .bind(&now)
-        .bind(payment_id)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 0 {
+        let id = payment_id.to_string();
+        let result = result.clone();
+        let settled = self
+            .batched(move |conn| {
+                let (id, result) = (id.clone(), result.clone());
+                async move { settle_charge(conn, &id, &result).await }.boxed()
+            })
+            .await?;
+        let Some(refund_due) = settled else {
             return Ok(false);
-        }
-        let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1"
-        )))
-        .bind(payment_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        let payment = payment(&row)?;
-        let mut work = false;
-        let data = match result {
-            ChargeResult::Succeeded { reference } => {
-                if payment.cancel_requested {
-                    insert_refund(&mut tx, &payment, payment.amount, "order cancelled").await?;
-                    work = true;
-                }
-                message(
-                    "payment.succeeded",
-                    &payment.order_id,
-                    &now,
-                    serde_json::json!({
-                        "orderId": payment.order_id,
-                        "customerId": payment.customer_id,
-                        "paymentId": payment.id,
-                        "amount": payment.amount.to_string(),
-                        "currency": payment.currency,
-                        "providerRef": reference,
-                    }),
-                )
-            }
-            ChargeResult::Failed { reason } => message(
-                "payment.failed",
-                &payment.order_id,
-                &now,
-                serde_json::json!({
-                    "orderId": payment.order_id,
-                    "customerId": payment.customer_id,
-                    "paymentId": payment.id,
-                    "reason": reason,
-                }),
-            ),
         };
-        outbox::enqueue(&mut tx, &[data]).await?;
-        tx.commit().await?;
-        if work {
+        if refund_due {
             self.queue_refunds_of(payment_id).await?;
         }
-        self.committed(work);
+        self.committed(refund_due);
         Ok(true)
     }
 
@@ -561,22 +505,7 @@ impl PaymentStore {
     ) -> Result<bool, StoreError> {
         let mut tx = self.db.begin_write().await?;
         let now = time::to_text(time::now());
-        let (status, reference, reason) = match result {
-            Ok(reference) => ("succeeded", Some(reference), None),
-            Err(reason) => ("failed", None, Some(reason)),
-        };
-        let done = sqlx::query(
-            "UPDATE refunds SET status = $1, provider_ref = $2, failure_reason = $3, next_attempt_at = NULL, \
-             updated_at = $4 WHERE id = $5 AND status = 'pending'",
-        )
-        .bind(status)
-        .bind(reference)
-        .bind(reason)
-        .bind(&now)
-        .bind(refund_id)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 0 {
+        if !settle(&mut tx, "refunds", refund_id, result, &now).await? {
             return Ok(false);
         }
         let row = sqlx::query(AssertSqlSafe(format!(
@@ -587,13 +516,9 @@ impl PaymentStore {
         .await?;
         let refund = refund(&row)?;
         if result.is_ok() {
-            let row = sqlx::query(AssertSqlSafe(format!(
-                "SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1"
-            )))
-            .bind(&refund.payment_id)
-            .fetch_one(&mut *tx)
-            .await?;
-            let payment = payment(&row)?;
+            let payment = payment_where(&mut tx, "id", &refund.payment_id)
+                .await?
+                .ok_or(StoreError::NotFound)?;
             let refunded = payment.refunded + decimal(&refund.amount)?;
             sqlx::query(
                 "UPDATE payments SET refunded = $1, version = version + 1, updated_at = $2 WHERE id = $3",
@@ -657,14 +582,11 @@ impl PaymentStore {
     }
 
     async fn find(&self, column: &str, value: &str) -> Result<Option<Payment>, StoreError> {
-        let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {PAYMENT_COLUMNS} FROM payments WHERE {column} = $1"
-        )))
-        .bind(value)
-        .fetch_optional(self.db.reader())
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let mut payment = payment(&row)?;
+        let mut conn = self.db.reader().acquire().await?;
+        let Some(mut payment) = payment_where(&mut conn, column, value).await? else {
+            return Ok(None);
+        };
+        drop(conn);
         payment.refunds = self.refunds_of(&payment.id).await?;
         Ok(Some(payment))
     }
@@ -706,6 +628,163 @@ impl PaymentStore {
         }
         Ok((payments, more))
     }
+}
+
+fn owned(cause: Claim<'_>) -> Option<(String, String)> {
+    cause.map(|(g, m)| (g.to_string(), m.to_string()))
+}
+
+fn borrowed(cause: &Option<(String, String)>) -> Claim<'_> {
+    cause.as_ref().map(|(g, m)| (g.as_str(), m.as_str()))
+}
+
+/// Marks the payment of `order_id` due for charging by `deadline`. An order without payment
+/// details fails at once (`payment.failed`), so its saga still ends.
+async fn charge_due(
+    conn: &mut AnyConnection,
+    order_id: &str,
+    deadline: Duration,
+) -> Result<Option<DueCharge>, StoreError> {
+    let now = time::to_text(time::now());
+    let deadline_at = later(deadline);
+    let charged = sqlx::query(
+        "UPDATE payments SET status = 'authorizing', deadline_at = $1, next_attempt_at = $2, \
+         version = version + 1, updated_at = $2 WHERE order_id = $3 AND status = 'pending' \
+         RETURNING id, amount, currency, token",
+    )
+    .bind(&deadline_at)
+    .bind(&now)
+    .bind(order_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(row) = charged {
+        return Ok(Some(DueCharge {
+            payment_id: row.try_get(0)?,
+            order_id: order_id.to_string(),
+            amount: decimal(&row.try_get::<String, _>(1)?)?,
+            currency: row.try_get(2)?,
+            token: row.try_get(3)?,
+            deadline_at,
+            attempts: 0,
+        }));
+    }
+    if payment_where(conn, "order_id", order_id).await?.is_none() {
+        let reason = "no payment details were given for the order";
+        outbox::enqueue(
+            conn,
+            &[message(
+                "payment.failed",
+                order_id,
+                &now,
+                serde_json::json!({"orderId": order_id, "reason": reason}),
+            )],
+        )
+        .await?;
+    }
+    Ok(None)
+}
+
+/// Records how a charge ended and publishes it; a charge that succeeded after its order was
+/// cancelled gets a refund at once. `None` when another worker recorded it first, else whether
+/// a refund became due.
+async fn settle_charge(
+    conn: &mut AnyConnection,
+    payment_id: &str,
+    result: &ChargeResult,
+) -> Result<Option<bool>, StoreError> {
+    let now = time::to_text(time::now());
+    let outcome = match result {
+        ChargeResult::Succeeded { reference } => Ok(reference.as_str()),
+        ChargeResult::Failed { reason } => Err(reason.as_str()),
+    };
+    if !settle(conn, "payments", payment_id, outcome, &now).await? {
+        return Ok(None);
+    }
+    let payment = payment_where(conn, "id", payment_id)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    let mut refund_due = false;
+    let data = match result {
+        ChargeResult::Succeeded { reference } => {
+            if payment.cancel_requested {
+                insert_refund(conn, &payment, payment.amount, "order cancelled").await?;
+                refund_due = true;
+            }
+            message(
+                "payment.succeeded",
+                &payment.order_id,
+                &now,
+                serde_json::json!({
+                    "orderId": payment.order_id,
+                    "customerId": payment.customer_id,
+                    "paymentId": payment.id,
+                    "amount": payment.amount.to_string(),
+                    "currency": payment.currency,
+                    "providerRef": reference,
+                }),
+            )
+        }
+        ChargeResult::Failed { reason } => message(
+            "payment.failed",
+            &payment.order_id,
+            &now,
+            serde_json::json!({
+                "orderId": payment.order_id,
+                "customerId": payment.customer_id,
+                "paymentId": payment.id,
+                "reason": reason,
+            }),
+        ),
+    };
+    outbox::enqueue(conn, &[data]).await?;
+    Ok(Some(refund_due))
+}
+
+/// The payment whose `column` (`id` or `order_id`) is `value`, without its refunds.
+async fn payment_where(
+    conn: &mut AnyConnection,
+    column: &str,
+    value: &str,
+) -> Result<Option<Payment>, StoreError> {
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "SELECT {PAYMENT_COLUMNS} FROM payments WHERE {column} = $1"
+    )))
+    .bind(value)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(payment).transpose()
+}
+
+/// Records how a due charge (`payments`, due while 'authorizing') or refund (`refunds`, due
+/// while 'pending') ended, unless another worker recorded it first (false).
+async fn settle(
+    conn: &mut AnyConnection,
+    table: &str,
+    id: &str,
+    outcome: Result<&str, &str>,
+    now: &str,
+) -> Result<bool, sqlx::Error> {
+    let (due, versioned) = if table == "payments" {
+        ("authorizing", "version = version + 1, ")
+    } else {
+        ("pending", "")
+    };
+    let (status, reference, reason) = match outcome {
+        Ok(reference) => ("succeeded", Some(reference), None),
+        Err(reason) => ("failed", None, Some(reason)),
+    };
+    let done = sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {table} SET status = $1, provider_ref = $2, failure_reason = $3, next_attempt_at = NULL, \
+         {versioned}updated_at = $4 WHERE id = $5 AND status = '{due}'"
+    )))
+    .bind(status)
+    .bind(reference)
+    .bind(reason)
+    .bind(now)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// Inserts a payment unless the order has one; returns its id when inserted.

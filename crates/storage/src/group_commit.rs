@@ -1,0 +1,97 @@
+//! Group commit for any store: callers hand over a job (the statements of one change), one
+//! task runs every job waiting at that moment in a single transaction and answers each caller
+//! after the commit. One fsync and one BEGIN/COMMIT serve a whole batch, which is what lets a
+//! single SQLite writer keep up with many small consumer transactions.
+//!
+//! A job may run more than once: when a job of a batch fails, the batch is rolled back and
+//! every job is run again in a transaction of its own, so only the failing one fails.
+
+use crate::Db;
+use futures::future::BoxFuture;
+use sqlx::AnyConnection;
+use std::any::Any;
+use tokio::sync::{mpsc, oneshot};
+
+/// What a job gives back to its caller.
+pub type Output = Box<dyn Any + Send>;
+
+/// The statements of one change, run on the batch's transaction.
+pub type Job = Box<
+    dyn for<'c> FnMut(&'c mut AnyConnection) -> BoxFuture<'c, Result<Output, sqlx::Error>> + Send,
+>;
+
+type Request = (Job, oneshot::Sender<Result<Output, sqlx::Error>>);
+
+/// Jobs in one transaction at most.
+const MAX_BATCH: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct GroupCommit {
+    jobs: mpsc::Sender<Request>,
+}
+
+impl GroupCommit {
+    /// Starts the committing task on `db`; `committed` runs after every commit. The task ends
+    /// when every clone of the handle is dropped.
+    pub fn start(db: Db, committed: impl Fn() + Send + 'static) -> Self {
+        let (jobs, receiver) = mpsc::channel(MAX_BATCH * 4);
+        tokio::spawn(run(db, receiver, committed));
+        Self { jobs }
+    }
+
+    /// Runs `job` in the next batch; its output once the batch committed.
+    pub async fn run(&self, job: Job) -> Result<Output, sqlx::Error> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send((job, reply))
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        answer.await.map_err(|_| sqlx::Error::PoolClosed)?
+    }
+}
+
+async fn run(db: Db, mut receiver: mpsc::Receiver<Request>, committed: impl Fn()) {
+    let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
+    while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        batch.retain(|(_, reply)| !reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        match together(&db, &mut batch).await {
+            Ok(outputs) => {
+                committed();
+                for ((_, reply), output) in batch.drain(..).zip(outputs) {
+                    let _ = reply.send(Ok(output));
+                }
+            }
+            Err(_) => {
+                // One job (or the database) failed: each job on its own, so only the failing
+                // one fails.
+                for (mut job, reply) in batch.drain(..) {
+                    let result = alone(&db, &mut job).await;
+                    if result.is_ok() {
+                        committed();
+                    }
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+}
+
+async fn together(db: &Db, batch: &mut [Request]) -> Result<Vec<Output>, sqlx::Error> {
+    let mut tx = db.begin_write().await?;
+    let mut outputs = Vec::with_capacity(batch.len());
+    for (job, _) in batch.iter_mut() {
+        outputs.push(job(&mut tx).await?);
+    }
+    tx.commit().await?;
+    Ok(outputs)
+}
+
+async fn alone(db: &Db, job: &mut Job) -> Result<Output, sqlx::Error> {
+    let mut tx = db.begin_write().await?;
+    let output = job(&mut tx).await?;
+    tx.commit().await?;
+    Ok(output)
+}
