@@ -484,17 +484,8 @@ impl PaymentStore {
         retry_in: Duration,
         error: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE payments SET attempts = attempts + 1, next_attempt_at = $1, failure_reason = $2, updated_at = $3 \
-             WHERE id = $4 AND status = 'authorizing'",
-        )
-        .bind(later(retry_in))
-        .bind(error)
-        .bind(time::to_text(time::now()))
-        .bind(payment_id)
-        .execute(self.db.writer())
-        .await?;
-        Ok(())
+        self.postpone("payments", "authorizing", payment_id, retry_in, error)
+            .await
     }
 
     /// Records the end of a refund; a succeeded one is published as `payment.refunded`.
@@ -560,14 +551,27 @@ impl PaymentStore {
         retry_in: Duration,
         error: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE refunds SET attempts = attempts + 1, next_attempt_at = $1, failure_reason = $2, updated_at = $3 \
-             WHERE id = $4 AND status = 'pending'",
-        )
+        self.postpone("refunds", "pending", refund_id, retry_in, error)
+            .await
+    }
+
+    /// Puts a due charge (`payments`) or refund (`refunds`) off until `retry_in` from now.
+    async fn postpone(
+        &self,
+        table: &str,
+        due: &str,
+        id: &str,
+        retry_in: Duration,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {table} SET attempts = attempts + 1, next_attempt_at = $1, failure_reason = $2, \
+             updated_at = $3 WHERE id = $4 AND status = '{due}'"
+        )))
         .bind(later(retry_in))
         .bind(error)
         .bind(time::to_text(time::now()))
-        .bind(refund_id)
+        .bind(id)
         .execute(self.db.writer())
         .await?;
         Ok(())
