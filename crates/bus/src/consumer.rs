@@ -95,6 +95,8 @@ enum Outcome {
     Done,
     DeadLettered,
     Stopped,
+    /// The lease was lost: the message is left for the group's new holder.
+    Abandoned,
 }
 
 /// Runs the group until `shutdown` turns true. A message being retried at shutdown is not
@@ -279,7 +281,7 @@ async fn handle_batch(
                 if lost.load(Ordering::SeqCst) || stopped.load(Ordering::SeqCst) {
                     break;
                 }
-                match deliver(bus, config, handler, delivery, &mut shutdown).await {
+                match deliver(bus, config, handler, delivery, &mut shutdown, lost).await {
                     Outcome::Stopped => {
                         stopped.store(true, Ordering::SeqCst);
                         break;
@@ -289,22 +291,28 @@ async fn handle_batch(
                             done.insert(delivery.seq);
                         }
                     }
+                    // The group moved to another process: it redelivers from the last commit.
+                    Outcome::Abandoned => break,
                 }
             }
         }
     }));
-    tokio::pin!(work);
     // A long batch (retries with backoff) keeps the group: the lease is renewed every third
-    // of its TTL while the lanes work, and the lanes stop taking messages once it is lost.
-    loop {
-        tokio::select! {
-            _ = &mut work => break,
-            () = tokio::time::sleep(config.lease_ttl / 3) => {
-                if !matches!(bus.hold_lease(lease, holder, config.lease_ttl).await, Ok(true)) {
-                    lost.store(true, Ordering::SeqCst);
-                }
+    // of its TTL while the lanes work (polled beside them, so a slow renewal holds up no lane),
+    // and the lanes stop taking messages and retrying once it is lost.
+    let renew = async {
+        loop {
+            tokio::time::sleep(config.lease_ttl / 3).await;
+            if !matches!(bus.hold_lease(lease, holder, config.lease_ttl).await, Ok(true)) {
+                lost.store(true, Ordering::SeqCst);
+                tracing::warn!(group = %config.group, "lost the group's lease; leaving the batch");
+                futures::future::pending::<()>().await;
             }
         }
+    };
+    tokio::select! {
+        _ = work => {}
+        () = renew => {}
     }
     let handled = done.lock().map(|d| d.clone()).unwrap_or_default();
     (
@@ -320,9 +328,13 @@ async fn deliver(
     handler: &dyn Handler,
     delivery: &Delivery,
     shutdown: &mut watch::Receiver<bool>,
+    lost: &std::sync::atomic::AtomicBool,
 ) -> Outcome {
     let mut attempt: u32 = 0;
     loop {
+        if lost.load(std::sync::atomic::Ordering::SeqCst) {
+            return Outcome::Abandoned;
+        }
         attempt += 1;
         let mut result = handler.handle(delivery).await;
         if config.deliver_twice && result.is_ok() {
@@ -338,6 +350,9 @@ async fn deliver(
         };
         metrics::counter!("bus_handler_failures_total", "group" => config.group.clone())
             .increment(1);
+        if lost.load(std::sync::atomic::Ordering::SeqCst) {
+            return Outcome::Abandoned;
+        }
         if error.permanent || attempt >= config.max_attempts {
             tracing::error!(
                 group = %config.group, topic = %delivery.message.topic, message_id = %delivery.message.id,

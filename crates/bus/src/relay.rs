@@ -74,7 +74,20 @@ async fn publish_pending(
     config: &RelayConfig,
     since: Option<&str>,
 ) -> Result<(usize, Option<String>), crate::BusError> {
-    let rows = outbox::pending(db.reader(), config.batch_size, since).await?;
+    let mut rows = outbox::pending(db.reader(), config.batch_size, since).await?;
+    if let Some(since) = since {
+        // A row of one of these aggregates stamped before `since` but committed after the
+        // last read would be published after its successors: read from the start instead.
+        let mut aggregates: Vec<&str> = rows.iter().map(|r| r.aggregate_id.as_str()).collect();
+        aggregates.sort_unstable();
+        aggregates.dedup();
+        if !aggregates.is_empty() && outbox::unsent_before(db.reader(), &aggregates, since).await?
+        {
+            metrics::counter!("outbox_relay_full_reads_total", "service" => config.service.clone())
+                .increment(1);
+            rows = outbox::pending(db.reader(), config.batch_size, None).await?;
+        }
+    }
     let Some(newest) = rows.last().map(|r| r.created_at.clone()) else {
         return Ok((0, None));
     };

@@ -78,17 +78,36 @@ async fn checkpoint_loop(writer: AnyPool, reader: AnyPool) {
                 continue;
             }
         };
-        if frames > WAL_REWIND_FRAMES
-            && let Err(error) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-                .fetch_one(&writer)
-                .await
-        {
-            if writer.is_closed() {
-                return;
+        if frames > WAL_REWIND_FRAMES {
+            match rewind(&writer).await {
+                Ok(true) => {}
+                // Readers held the WAL: try again at the next tick, the writer was held up
+                // for at most 20 ms.
+                Ok(false) => tracing::debug!(frames, "WAL rewind waited on readers; retrying"),
+                Err(error) => {
+                    if writer.is_closed() {
+                        return;
+                    }
+                    tracing::warn!(%error, "WAL rewind failed");
+                }
             }
-            tracing::warn!(%error, "WAL rewind failed");
         }
     }
+}
+
+/// A TRUNCATE checkpoint on the writer connection with a 20 ms busy timeout (the normal 5 s
+/// would hold every write up while a reader finishes). True when the WAL was rewound.
+async fn rewind(writer: &AnyPool) -> Result<bool, sqlx::Error> {
+    let mut conn = writer.acquire().await?;
+    conn.execute("PRAGMA busy_timeout=20").await?;
+    let result = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .fetch_one(&mut *conn)
+        .await;
+    // Back to the normal timeout whatever happened; a connection left with 20 ms would fail
+    // writes under contention.
+    conn.execute("PRAGMA busy_timeout=5000").await?;
+    // The first column is 1 when the checkpoint could not finish (SQLITE_BUSY).
+    Ok(result?.try_get::<i64, _>(0)? == 0)
 }
 
 fn install_drivers() {

@@ -154,7 +154,7 @@ pub async fn pending(
     // in the partial index until vacuum, and a scan from the start would read all of them.
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT id, aggregate_id, topic, payload, created_at FROM outbox WHERE sent_at IS NULL \
-         AND created_at >= $1 ORDER BY created_at, aggregate_id, aggregate_version LIMIT {}",
+         AND created_at >= $1 ORDER BY created_at, aggregate_id, aggregate_version, id LIMIT {}",
         limit.clamp(1, 1000)
     )))
     .bind(since.unwrap_or(""))
@@ -171,6 +171,34 @@ pub async fn pending(
             })
         })
         .collect()
+}
+
+/// Whether any of `aggregate_ids` has an unsent message created before `before`: a row
+/// stamped earlier but committed later than a read from `before` saw, which must be published
+/// before that aggregate's newer rows.
+pub async fn unsent_before(
+    pool: &sqlx::AnyPool,
+    aggregate_ids: &[&str],
+    before: &str,
+) -> Result<bool, sqlx::Error> {
+    for chunk in aggregate_ids.chunks(500) {
+        let placeholders = (0..chunk.len())
+            .map(|i| format!("${}", i + 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT 1 FROM outbox WHERE aggregate_id IN ({placeholders}) AND sent_at IS NULL \
+             AND created_at < $1 LIMIT 1"
+        )))
+        .bind(before.to_string());
+        for id in chunk {
+            query = query.bind(id.to_string());
+        }
+        if query.fetch_optional(pool).await?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Marks messages as published.
