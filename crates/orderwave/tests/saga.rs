@@ -16,6 +16,7 @@ on_both_backends!(
     shipping_an_order_takes_its_stock_off_the_shelf,
     an_unknown_customer_is_422_and_places_nothing,
     payments_are_listed_refunded_in_part_and_charged_through_the_api,
+    concurrent_refunds_and_a_cancel_never_return_more_than_was_paid,
 );
 
 fn body_with(token: &str, items: Value) -> Value {
@@ -407,6 +408,43 @@ async fn payments_are_listed_refunded_in_part_and_charged_through_the_api(app: &
     assert_ne!(rest["items"][0]["id"], page["items"][0]["id"]);
     expect_problem(app.get("/api/v1/payments/nope").await, 404).await;
     expect_problem(app.get("/api/v1/payments?orderId=nope").await, 422).await;
+}
+
+async fn concurrent_refunds_and_a_cancel_never_return_more_than_was_paid(app: &TestApp) {
+    let order = app.place_confirmed(DEMO_CUSTOMER).await;
+    let id = order["id"].as_str().unwrap();
+    let payment = payment_of(app, id).await;
+    let pid = payment["id"].as_str().unwrap().to_string();
+    let refunds = format!("/api/v1/payments/{pid}/refunds");
+    // Eight refunds of everything that is left, and the order's cancellation (which refunds
+    // what is left too), all at once.
+    let attempts = (0..8).map(|_| {
+        app.request(Method::POST, &refunds)
+            .json(&json!({"reason": "race"}))
+            .send()
+    });
+    let cancel = app
+        .request(Method::DELETE, &format!("/api/v1/orders/{id}?reason=race"))
+        .send();
+    let (answers, cancelled) = tokio::join!(futures::future::join_all(attempts), cancel);
+    assert_eq!(cancelled.unwrap().status(), 200);
+    let statuses: Vec<u16> = answers
+        .iter()
+        .map(|r| r.as_ref().unwrap().status().as_u16())
+        .collect();
+    assert!(
+        statuses.iter().all(|s| *s == 201 || *s == 409),
+        "{statuses:?}"
+    );
+    assert!(statuses.iter().filter(|s| **s == 201).count() <= 1, "{statuses:?}");
+    eventually("the whole payment refunded", async || {
+        payment_of(app, id).await["status"] == "REFUNDED"
+    })
+    .await;
+    let payment = payment_of(app, id).await;
+    assert_eq!(payment["refundedAmount"], payment["amount"]);
+    let refunds = payment["refunds"].as_array().unwrap();
+    assert_eq!(refunds.len(), 1, "one refund of everything: {refunds:?}");
 }
 
 // ---- sagas that need their own configuration -----------------------------------------------

@@ -335,7 +335,7 @@ impl PaymentStore {
             return Ok(());
         }
         let now = time::to_text(time::now());
-        let found = payment_where(&mut tx, "order_id", order_id).await?;
+        let found = lock_payment(&mut tx, "order_id", order_id).await?;
         let mut work = false;
         let mut payment_id = None;
         if let Some(payment) = found {
@@ -344,7 +344,7 @@ impl PaymentStore {
                 "pending" => {
                     sqlx::query(
                         "UPDATE payments SET status = 'cancelled', failure_reason = $1, version = version + 1, \
-                         updated_at = $2 WHERE id = $3",
+                         updated_at = $2 WHERE id = $3 AND status = 'pending'",
                     )
                     .bind(reason)
                     .bind(&now)
@@ -354,7 +354,8 @@ impl PaymentStore {
                 }
                 "authorizing" => {
                     sqlx::query(
-                        "UPDATE payments SET cancel_requested = 1, version = version + 1, updated_at = $1 WHERE id = $2",
+                        "UPDATE payments SET cancel_requested = 1, version = version + 1, updated_at = $1 \
+                         WHERE id = $2 AND status = 'authorizing'",
                     )
                     .bind(&now)
                     .bind(&payment.id)
@@ -387,7 +388,7 @@ impl PaymentStore {
         reason: &str,
     ) -> Result<Refund, StoreError> {
         let mut tx = self.db.begin_write().await?;
-        let payment = payment_where(&mut tx, "id", payment_id)
+        let payment = lock_payment(&mut tx, "id", payment_id)
             .await?
             .ok_or(StoreError::NotFound)?;
         if payment.status != "succeeded" {
@@ -507,7 +508,7 @@ impl PaymentStore {
         .await?;
         let refund = refund(&row)?;
         if result.is_ok() {
-            let payment = payment_where(&mut tx, "id", &refund.payment_id)
+            let payment = lock_payment(&mut tx, "id", &refund.payment_id)
                 .await?
                 .ok_or(StoreError::NotFound)?;
             let refunded = payment.refunded + decimal(&refund.amount)?;
@@ -742,6 +743,24 @@ async fn settle_charge(
     };
     outbox::enqueue(conn, &[data]).await?;
     Ok(Some(refund_due))
+}
+
+/// The payment whose `column` (`id` or `order_id`) is `value`, locked until the transaction
+/// ends, as the last commit left it. On PostgreSQL a concurrent change of the same payment
+/// (a cancel and a charge's answer, two refunds) waits here for the other to commit and then
+/// reads what it wrote, instead of deciding on a stale read; SQLite has one writer anyway.
+async fn lock_payment(
+    conn: &mut AnyConnection,
+    column: &str,
+    value: &str,
+) -> Result<Option<Payment>, StoreError> {
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "UPDATE payments SET version = version WHERE {column} = $1 RETURNING {PAYMENT_COLUMNS}"
+    )))
+    .bind(value)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(payment).transpose()
 }
 
 /// The payment whose `column` (`id` or `order_id`) is `value`, without its refunds.
