@@ -47,8 +47,10 @@ pub enum DomainError {
         "an order becomes CONFIRMED only through the saga, once its stock is reserved and its payment succeeded"
     )]
     ConfirmedBySagaOnly,
+    /// The stock reservation and the charge follow the lines as placed: the saga starts as soon
+    /// as the order is, so changing them afterwards would race it.
     #[error(
-        "the order's stock is reserved and its payment under way, so its lines can no longer be edited; cancel it and place a new one"
+        "the lines of a placed order are fixed (its stock reservation and payment follow them); the shipping address and notes can still be edited, or cancel it and place a new one"
     )]
-    StockReserved,
+    LinesFixed,
 }

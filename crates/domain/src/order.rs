@@ -346,9 +346,10 @@ pub fn decide(
                     status: order.status,
                 });
             }
-            if order.stock_reserved {
-                // The reservation and the charge follow the lines as placed.
-                return Err(DomainError::StockReserved);
+            if draft.items != order.items {
+                // The saga reserves and charges the lines as placed, from the moment the order
+                // is: they cannot change under it.
+                return Err(DomainError::LinesFixed);
             }
             let total = draft.total();
             Ok(vec![OrderEvent::OrderUpdated { draft, total }])

@@ -206,15 +206,26 @@ fn shipping_details_can_be_set_only_while_confirmed_or_processing() {
 #[test]
 fn only_pending_orders_can_be_edited() {
     for status in OrderStatus::ALL {
-        let result = decide(
-            Some(&order_in(status)),
-            OrderCommand::Update(draft(&[(1, 100)])),
-        );
+        let mut edit = draft(&[(2, 1250), (1, 99)]);
+        edit.notes = Some("leave at the door".into());
+        let result = decide(Some(&order_in(status)), OrderCommand::Update(edit));
         if status == Pending {
             assert!(result.is_ok());
         } else {
             assert_eq!(result, Err(DomainError::NotModifiable { status }));
         }
+    }
+}
+
+#[test]
+fn the_lines_of_a_placed_order_are_fixed() {
+    // The saga reserves and charges the lines as placed, from the moment the order is.
+    for lines in [&[(1, 100)][..], &[(2, 1250)], &[(3, 1250), (1, 99)], &[(2, 1250), (1, 98)]] {
+        assert_eq!(
+            decide(Some(&placed()), OrderCommand::Update(draft(lines))),
+            Err(DomainError::LinesFixed),
+            "{lines:?}"
+        );
     }
 }
 

@@ -68,7 +68,7 @@ impl From<StoreError> for Problem {
             }
             StoreError::Domain(e @ DomainError::NotModifiable { .. })
             | StoreError::Domain(e @ DomainError::ShippingRequired)
-            | StoreError::Domain(e @ DomainError::StockReserved)
+            | StoreError::Domain(e @ DomainError::LinesFixed)
             | StoreError::Domain(e @ DomainError::ShippingNotAllowed { .. }) => {
                 Problem::conflict(format!("{e}."))
             }
@@ -315,7 +315,8 @@ async fn get_order(
     Ok(order_response(StatusCode::OK, &snapshot))
 }
 
-/// Replace the items, shipping address and notes of a PENDING order.
+/// Replace the shipping address and notes of a PENDING order. The lines (items) are sent as
+/// placed: they are fixed once the order is, because the saga reserves and charges them.
 #[utoipa::path(
     put, path = "/api/v1/orders/{id}", tag = "orders",
     request_body = UpdateOrderBody,
@@ -325,7 +326,7 @@ async fn get_order(
     responses(
         (status = 200, description = "The updated order", body = OrderView, headers(("ETag" = String))),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The order is no longer PENDING", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The order is no longer PENDING, or the lines differ from the placed ones", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "If-Match is stale", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid order", body = Problem, content_type = "application/problem+json"),
     )
