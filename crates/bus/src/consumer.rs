@@ -303,7 +303,10 @@ async fn handle_batch(
     let renew = async {
         loop {
             tokio::time::sleep(config.lease_ttl / 3).await;
-            if !matches!(bus.hold_lease(lease, holder, config.lease_ttl).await, Ok(true)) {
+            if !matches!(
+                bus.hold_lease(lease, holder, config.lease_ttl).await,
+                Ok(true)
+            ) {
                 lost.store(true, Ordering::SeqCst);
                 tracing::warn!(group = %config.group, "lost the group's lease; leaving the batch");
                 futures::future::pending::<()>().await;

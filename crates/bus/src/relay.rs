@@ -81,8 +81,7 @@ async fn publish_pending(
         let mut aggregates: Vec<&str> = rows.iter().map(|r| r.aggregate_id.as_str()).collect();
         aggregates.sort_unstable();
         aggregates.dedup();
-        if !aggregates.is_empty() && outbox::unsent_before(db.reader(), &aggregates, since).await?
-        {
+        if !aggregates.is_empty() && outbox::unsent_before(db.reader(), &aggregates, since).await? {
             metrics::counter!("outbox_relay_full_reads_total", "service" => config.service.clone())
                 .increment(1);
             rows = outbox::pending(db.reader(), config.batch_size, None).await?;

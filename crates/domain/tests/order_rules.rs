@@ -220,7 +220,12 @@ fn only_pending_orders_can_be_edited() {
 #[test]
 fn the_lines_of_a_placed_order_are_fixed() {
     // The saga reserves and charges the lines as placed, from the moment the order is.
-    for lines in [&[(1, 100)][..], &[(2, 1250)], &[(3, 1250), (1, 99)], &[(2, 1250), (1, 98)]] {
+    for lines in [
+        &[(1, 100)][..],
+        &[(2, 1250)],
+        &[(3, 1250), (1, 99)],
+        &[(2, 1250), (1, 98)],
+    ] {
         assert_eq!(
             decide(Some(&placed()), OrderCommand::Update(draft(lines))),
             Err(DomainError::LinesFixed),

@@ -436,7 +436,10 @@ async fn concurrent_refunds_and_a_cancel_never_return_more_than_was_paid(app: &T
         statuses.iter().all(|s| *s == 201 || *s == 409),
         "{statuses:?}"
     );
-    assert!(statuses.iter().filter(|s| **s == 201).count() <= 1, "{statuses:?}");
+    assert!(
+        statuses.iter().filter(|s| **s == 201).count() <= 1,
+        "{statuses:?}"
+    );
     eventually("the whole payment refunded", async || {
         payment_of(app, id).await["status"] == "REFUNDED"
     })

@@ -3,8 +3,10 @@
 //! after the commit. One fsync and one BEGIN/COMMIT serve a whole batch, which is what lets a
 //! single SQLite writer keep up with many small consumer transactions.
 //!
-//! A job may run more than once: when a job of a batch fails, the batch is rolled back and
-//! every job is run again in a transaction of its own, so only the failing one fails.
+//! A job may run more than once: when a job of a batch fails, the batch is rolled back, that
+//! job gets its error (as it would have alone: the jobs before it had run) and the others run
+//! again together. When BEGIN or COMMIT fails, every job runs again in a transaction of its own.
+//! A job's error reaches its caller as the job returned it, whatever its type.
 
 use crate::Db;
 use futures::future::BoxFuture;
@@ -15,12 +17,22 @@ use tokio::sync::{mpsc, oneshot};
 /// What a job gives back to its caller.
 pub type Output = Box<dyn Any + Send>;
 
-/// The statements of one change, run on the batch's transaction.
-pub type Job = Box<
-    dyn for<'c> FnMut(&'c mut AnyConnection) -> BoxFuture<'c, Result<Output, sqlx::Error>> + Send,
->;
+/// Why a job failed: its own error type (the caller downcasts it) or a database error.
+pub type JobError = Box<dyn std::error::Error + Send + Sync>;
 
-type Request = (Job, oneshot::Sender<Result<Output, sqlx::Error>>);
+/// The statements of one change, run on the batch's transaction.
+pub type Job =
+    Box<dyn for<'c> FnMut(&'c mut AnyConnection) -> BoxFuture<'c, Result<Output, JobError>> + Send>;
+
+type Request = (Job, oneshot::Sender<Result<Output, JobError>>);
+
+/// Where a batch failed.
+enum Failure {
+    /// The job at this index, with its error.
+    Job(usize, JobError),
+    /// BEGIN or COMMIT.
+    Transaction(sqlx::Error),
+}
 
 /// Jobs in one transaction at most.
 const MAX_BATCH: usize = 64;
@@ -40,56 +52,67 @@ impl GroupCommit {
     }
 
     /// Runs `job` in the next batch; its output once the batch committed.
-    pub async fn run(&self, job: Job) -> Result<Output, sqlx::Error> {
+    pub async fn run(&self, job: Job) -> Result<Output, JobError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send((job, reply))
             .await
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        answer.await.map_err(|_| sqlx::Error::PoolClosed)?
+            .map_err(|_| Box::new(sqlx::Error::PoolClosed) as JobError)?;
+        answer
+            .await
+            .map_err(|_| Box::new(sqlx::Error::PoolClosed) as JobError)?
     }
 }
 
 async fn run(db: Db, mut receiver: mpsc::Receiver<Request>, committed: impl Fn()) {
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
     while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        batch.retain(|(_, reply)| !reply.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-        match together(&db, &mut batch).await {
-            Ok(outputs) => {
-                committed();
-                for ((_, reply), output) in batch.drain(..).zip(outputs) {
-                    let _ = reply.send(Ok(output));
-                }
+        loop {
+            batch.retain(|(_, reply)| !reply.is_closed());
+            if batch.is_empty() {
+                break;
             }
-            Err(_) => {
-                // One job (or the database) failed: each job on its own, so only the failing
-                // one fails.
-                for (mut job, reply) in batch.drain(..) {
-                    let result = alone(&db, &mut job).await;
-                    if result.is_ok() {
-                        committed();
+            match together(&db, &mut batch).await {
+                Ok(outputs) => {
+                    committed();
+                    for ((_, reply), output) in batch.drain(..).zip(outputs) {
+                        let _ = reply.send(Ok(output));
                     }
-                    let _ = reply.send(result);
+                    break;
+                }
+                Err(Failure::Job(index, error)) => {
+                    // That job fails as it would have alone; the others go again together.
+                    let (_, reply) = batch.remove(index);
+                    let _ = reply.send(Err(error));
+                }
+                Err(Failure::Transaction(error)) => {
+                    // The database, not a job: each job on its own.
+                    tracing::warn!(%error, size = batch.len(), "a grouped transaction failed; running its jobs one by one");
+                    for (mut job, reply) in batch.drain(..) {
+                        let result = alone(&db, &mut job).await;
+                        if result.is_ok() {
+                            committed();
+                        }
+                        let _ = reply.send(result);
+                    }
+                    break;
                 }
             }
         }
     }
 }
 
-async fn together(db: &Db, batch: &mut [Request]) -> Result<Vec<Output>, sqlx::Error> {
-    let mut tx = db.begin_write().await?;
+async fn together(db: &Db, batch: &mut [Request]) -> Result<Vec<Output>, Failure> {
+    let mut tx = db.begin_write().await.map_err(Failure::Transaction)?;
     let mut outputs = Vec::with_capacity(batch.len());
-    for (job, _) in batch.iter_mut() {
-        outputs.push(job(&mut tx).await?);
+    for (index, (job, _)) in batch.iter_mut().enumerate() {
+        outputs.push(job(&mut tx).await.map_err(|e| Failure::Job(index, e))?);
     }
-    tx.commit().await?;
+    tx.commit().await.map_err(Failure::Transaction)?;
     Ok(outputs)
 }
 
-async fn alone(db: &Db, job: &mut Job) -> Result<Output, sqlx::Error> {
+async fn alone(db: &Db, job: &mut Job) -> Result<Output, JobError> {
     let mut tx = db.begin_write().await?;
     let output = job(&mut tx).await?;
     tx.commit().await?;

@@ -185,14 +185,18 @@ impl PaymentStore {
                 job(conn)
                     .map(|r| {
                         r.map(|v| Box::new(v) as storage::group_commit::Output)
-                            .map_err(|e| match e {
-                                StoreError::Db(e) => e,
-                                other => sqlx::Error::Protocol(other.to_string()),
-                            })
+                            .map_err(|e| Box::new(e) as storage::group_commit::JobError)
                     })
                     .boxed()
             }))
-            .await?;
+            .await
+            .map_err(|error| match error.downcast::<StoreError>() {
+                Ok(store) => *store,
+                Err(other) => match other.downcast::<sqlx::Error>() {
+                    Ok(db) => StoreError::Db(*db),
+                    Err(other) => StoreError::Corrupt(other.to_string()),
+                },
+            })?;
         output
             .downcast::<T>()
             .map(|v| *v)

@@ -1,0 +1,93 @@
+//! Group commit on a real SQLite file: a failing job gets its own error back, typed, and the
+//! jobs it was batched with still commit.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use futures::FutureExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use storage::Db;
+use storage::group_commit::{GroupCommit, Job, JobError};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("job {0} refuses")]
+struct Refused(usize);
+
+fn insert_job(n: usize, runs: Arc<AtomicUsize>) -> Job {
+    Box::new(move |conn| {
+        runs.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 3 {
+                return Err(Box::new(Refused(n)) as JobError);
+            }
+            sqlx::query("INSERT INTO items (n) VALUES ($1)")
+                .bind(i64::try_from(n).unwrap())
+                .execute(&mut *conn)
+                .await?;
+            Ok(Box::new(n) as storage::group_commit::Output)
+        }
+        .boxed()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_job_gets_its_own_error_and_the_rest_of_its_batch_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open_sqlite(dir.path(), "batch").await.unwrap();
+    sqlx::query("CREATE TABLE items (n BIGINT PRIMARY KEY)")
+        .execute(db.writer())
+        .await
+        .unwrap();
+    let commits = Arc::new(AtomicUsize::new(0));
+    let counted = commits.clone();
+    let group = GroupCommit::start(db.clone(), move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+    });
+    // A first job holds the committer until the eight are queued, so they form one batch.
+    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let gate: Job = {
+        let mut gate = Some((started_tx, released));
+        Box::new(move |_conn| {
+            let taken = gate.take();
+            async move {
+                if let Some((started_tx, released)) = taken {
+                    let _ = started_tx.send(());
+                    let _ = released.await;
+                }
+                Ok(Box::new(()) as storage::group_commit::Output)
+            }
+            .boxed()
+        })
+    };
+    let gated = tokio::spawn({
+        let group = group.clone();
+        async move { group.run(gate).await.is_ok() }
+    });
+    started.await.unwrap();
+    let runs: Vec<Arc<AtomicUsize>> = (0..8).map(|_| Arc::default()).collect();
+    let all = futures::future::join_all((0..8).map(|n| group.run(insert_job(n, runs[n].clone()))));
+    futures::pin_mut!(all);
+    // One poll hands the eight jobs to the committer's queue.
+    assert!(futures::poll!(&mut all).is_pending());
+    release.send(()).unwrap();
+    assert!(gated.await.unwrap());
+    let results = all.await;
+    for (n, result) in results.into_iter().enumerate() {
+        match result {
+            Ok(output) => assert_eq!(*output.downcast::<usize>().unwrap(), n),
+            Err(error) => {
+                assert_eq!(n, 3);
+                assert_eq!(*error.downcast::<Refused>().unwrap(), Refused(3));
+            }
+        }
+    }
+    let stored: Vec<i64> = sqlx::query_scalar("SELECT n FROM items ORDER BY n")
+        .fetch_all(db.reader())
+        .await
+        .unwrap();
+    assert_eq!(stored, vec![0, 1, 2, 4, 5, 6, 7]);
+    // The failing job ran once: it is answered, not run again on its own.
+    assert_eq!(runs[3].load(Ordering::SeqCst), 1);
+    // The gate's batch and the eight's: every job ran in a shared transaction.
+    assert_eq!(commits.load(Ordering::SeqCst), 2);
+}
