@@ -478,6 +478,46 @@ async fn a_payment_past_its_deadline_is_compensated() {
         })
         .await;
         assert_eq!(payment_of(&app, id).await["status"], "FAILED");
+
+        // The provider charged, but its answer was lost: asked afterwards, it says it charged,
+        // and the charge is refunded. The order stays cancelled.
+        let late = app
+            .place(&body_with(
+                "tok_late",
+                json!([{"sku": "SKU-DESK", "quantity": 1, "unitPrice": "249.00"}]),
+            ))
+            .await;
+        let late_id = late["id"].as_str().unwrap();
+        app.wait_for_status(late_id, "CANCELLED").await;
+        let mut payment = Value::Null;
+        eventually("the late charge refunded", async || {
+            payment = payment_of(&app, late_id).await;
+            payment["refundedAmount"] == "249.00"
+        })
+        .await;
+        assert_eq!(payment["status"], "FAILED");
+        let refunds = payment["refunds"].as_array().unwrap();
+        assert_eq!(refunds.len(), 1, "{refunds:?}");
+        assert_eq!(refunds[0]["status"], "SUCCEEDED");
+        assert!(
+            refunds[0]["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("charged after the payment had failed"),
+            "{refunds:?}"
+        );
+        eventually("the refund in the history", async || {
+            history_steps(&app, late_id)
+                .await
+                .last()
+                .map(String::as_str)
+                == Some("PAYMENT_REFUNDED")
+        })
+        .await;
+        assert_eq!(app.order(late_id).await["status"], "CANCELLED");
+        // The payment that never charged has nothing refunded.
+        let slow = payment_of(&app, id).await;
+        assert_eq!(slow["refunds"].as_array().unwrap().len(), 0);
         app.stop().await;
     })
     .await;
@@ -643,12 +683,13 @@ async fn with_the_customer_service_down_orders_are_accepted_dead_lettered_and_re
 
 /// A local fake of a Stripe-style payment API: remembers answers by `Idempotency-Key` as the
 /// real one does, charges `tok_ok`, declines `tok_declined` with a 402 card error, answers 500
-/// to the first attempt of `tok_flaky`, and records every request.
+/// to the first attempt of `tok_flaky`, charges `tok_lost` and never answers, finds charges by
+/// `metadata['payment_id']` in its search, and records every request.
 mod fake_provider {
-    use axum::extract::State;
+    use axum::extract::{Query, State};
     use axum::http::{HeaderMap, StatusCode};
     use axum::response::{IntoResponse, Response};
-    use axum::routing::post;
+    use axum::routing::{get, post};
     use serde_json::{Value, json};
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
@@ -729,7 +770,44 @@ mod fake_provider {
             .lock()
             .unwrap()
             .insert(key, (status, answer.clone()));
+        if form.get("payment_method").map(String::as_str) == Some("tok_lost") {
+            // Charged; the answer never leaves.
+            futures::future::pending::<()>().await;
+        }
         (StatusCode::from_u16(status).unwrap(), axum::Json(answer)).into_response()
+    }
+
+    /// `GET /v1/payment_intents/search?query=metadata['payment_id']:'<id>'`.
+    async fn search(
+        State(fake): State<Arc<Fake>>,
+        Query(params): Query<HashMap<String, String>>,
+    ) -> Response {
+        let query = params.get("query").cloned().unwrap_or_default();
+        fake.requests.lock().unwrap().push(Request {
+            path: "/v1/payment_intents/search".into(),
+            key: String::new(),
+            authorization: String::new(),
+            form: params,
+        });
+        let Some(id) = query
+            .strip_prefix("metadata['payment_id']:'")
+            .and_then(|rest| rest.strip_suffix('\''))
+        else {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(
+                    json!({"error": {"type": "invalid_request_error", "message": "bad query"}}),
+                ),
+            )
+                .into_response();
+        };
+        let found = fake.answers.lock().unwrap().get(id).cloned();
+        let data: Vec<Value> = found
+            .filter(|(status, _)| *status == 200)
+            .map(|(_, intent)| intent)
+            .into_iter()
+            .collect();
+        axum::Json(json!({"object": "search_result", "data": data})).into_response()
     }
 
     /// Serves the fake on a free port; returns its base URL.
@@ -738,6 +816,7 @@ mod fake_provider {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let router = axum::Router::new()
             .route("/v1/payment_intents", post(handle))
+            .route("/v1/payment_intents/search", get(search))
             .route("/v1/refunds", post(handle))
             .with_state(fake);
         tokio::spawn(async move { axum::serve(listener, router).await });
@@ -754,6 +833,7 @@ async fn the_http_provider_is_charged_once_per_payment_and_refunded_with_its_ide
             c.payment_provider = orderwave::config::PaymentProviderKind::Http;
             c.payment_provider_url = Some(url.clone());
             c.payment_provider_key = Some("sk_test_not_a_secret".into());
+            c.payment_timeout_secs = 3;
         })
         .await;
         let ok = app.place_confirmed(DEMO_CUSTOMER).await;
@@ -771,6 +851,7 @@ async fn the_http_provider_is_charged_once_per_payment_and_refunded_with_its_ide
             assert_eq!(charge.form["payment_method"], "tok_ok");
             assert_eq!(charge.form["confirm"], "true");
             assert_eq!(charge.form["metadata[order_id]"], ok_id);
+            assert_eq!(charge.form["metadata[payment_id]"], pid);
         }
 
         // The provider fails once: the retry carries the same key and charges once.
@@ -819,6 +900,37 @@ async fn the_http_provider_is_charged_once_per_payment_and_refunded_with_its_ide
         assert_eq!(refund.form["payment_intent"], format!("pi_{pid}"));
         assert_eq!(refund.form["amount"], "11485");
         assert_ne!(refund.key, pid, "a refund has its own key");
+
+        // The provider charges but its answer is lost: the payment fails at its deadline and
+        // the order is cancelled; the search then finds the charge, which is refunded.
+        let mut lost = common::paid_order_body(DEMO_CUSTOMER);
+        lost["payment"]["token"] = json!("tok_lost");
+        let placed = app.place(&lost).await;
+        let lost_id = placed["id"].as_str().unwrap();
+        app.wait_for_status(lost_id, "CANCELLED").await;
+        let lost_pid = payment_of(&app, lost_id).await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        eventually("the lost charge refunded", async || {
+            payment_of(&app, lost_id).await["refundedAmount"] == "114.85"
+        })
+        .await;
+        let requests = fake.requests.lock().unwrap().clone();
+        let search = requests
+            .iter()
+            .find(|r| r.path == "/v1/payment_intents/search")
+            .unwrap();
+        assert_eq!(
+            search.form["query"],
+            format!("metadata['payment_id']:'{lost_pid}'")
+        );
+        let refund = requests
+            .iter()
+            .filter(|r| r.path == "/v1/refunds")
+            .find(|r| r.form["payment_intent"] == format!("pi_{lost_pid}"))
+            .unwrap();
+        assert_eq!(refund.form["amount"], "11485");
         app.stop().await;
     })
     .await;

@@ -57,11 +57,18 @@ pub trait PaymentProvider: Send + Sync + 'static {
         &'a self,
         request: &'a RefundRequest,
     ) -> BoxFuture<'a, Result<String, ProviderError>>;
+    /// What became of the charge made with `request`'s idempotency key, asked after a charge
+    /// got no answer: `None` when the provider never made it.
+    fn lookup<'a>(
+        &'a self,
+        request: &'a ChargeRequest,
+    ) -> BoxFuture<'a, Result<Option<ChargeOutcome>, ProviderError>>;
 }
 
 /// The embedded provider. The card token decides: `tok_ok` succeeds, `tok_declined` is
-/// declined, `tok_slow` never answers, `tok_flaky` fails once with a transient error and then
-/// succeeds; any other token is declined as unknown.
+/// declined, `tok_slow` never answers (and never charges), `tok_late` charges but never
+/// answers (the answer is lost on the way), `tok_flaky` fails once with a transient error and
+/// then succeeds; any other token is declined as unknown.
 #[derive(Debug, Default)]
 pub struct Simulator {
     /// Answers by idempotency key, as a real provider keeps them.
@@ -106,6 +113,19 @@ impl PaymentProvider for Simulator {
                     futures::future::pending::<()>().await;
                     unreachable!("a pending future never completes")
                 }
+                "tok_late" => {
+                    // Charged, but the answer never reaches the caller.
+                    if let Ok(mut charges) = self.charges.lock() {
+                        charges.insert(
+                            request.idempotency_key.clone(),
+                            ChargeOutcome::Succeeded {
+                                reference: format!("sim_ch_{}", request.idempotency_key),
+                            },
+                        );
+                    }
+                    futures::future::pending::<()>().await;
+                    unreachable!("a pending future never completes")
+                }
                 "tok_flaky" => {
                     let mut seen = self
                         .flaky_seen
@@ -138,11 +158,27 @@ impl PaymentProvider for Simulator {
     ) -> BoxFuture<'a, Result<String, ProviderError>> {
         async move { Ok(format!("sim_re_{}", request.idempotency_key)) }.boxed()
     }
+
+    fn lookup<'a>(
+        &'a self,
+        request: &'a ChargeRequest,
+    ) -> BoxFuture<'a, Result<Option<ChargeOutcome>, ProviderError>> {
+        async move {
+            Ok(self
+                .charges
+                .lock()
+                .ok()
+                .and_then(|c| c.get(&request.idempotency_key).cloned()))
+        }
+        .boxed()
+    }
 }
 
 /// A Stripe-style HTTP API: `POST {base}/v1/payment_intents` (form: amount, currency,
-/// payment_method, confirm, metadata[order_id]) and `POST {base}/v1/refunds` (form:
-/// payment_intent, amount), with `Authorization: Bearer <key>` and `Idempotency-Key`.
+/// payment_method, confirm, metadata[order_id], metadata[payment_id]), `POST {base}/v1/refunds`
+/// (form: payment_intent, amount), with `Authorization: Bearer <key>` and `Idempotency-Key`;
+/// `GET {base}/v1/payment_intents/search?query=metadata['payment_id']:'<id>'` finds a charge
+/// whose answer was lost.
 pub struct HttpProvider {
     base_url: String,
     api_key: String,
@@ -178,12 +214,23 @@ impl HttpProvider {
         key: &str,
         form: &[(&str, String)],
     ) -> Result<(reqwest::StatusCode, serde_json::Value), ProviderError> {
-        let response = self
-            .client
-            .post(format!("{}{path}", self.base_url))
+        self.send(
+            self.client
+                .post(format!("{}{path}", self.base_url))
+                .header("Idempotency-Key", key)
+                .form(form),
+        )
+        .await
+    }
+
+    /// Sends with the key; 5xx, 429 and 409 (the same idempotency key still in flight) are
+    /// worth retrying.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(reqwest::StatusCode, serde_json::Value), ProviderError> {
+        let response = request
             .bearer_auth(&self.api_key)
-            .header("Idempotency-Key", key)
-            .form(form)
             .send()
             .await
             .map_err(|e| ProviderError::Transient(describe(e)))?;
@@ -192,7 +239,10 @@ impl HttpProvider {
             .json::<serde_json::Value>()
             .await
             .unwrap_or(serde_json::Value::Null);
-        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        if status.is_server_error()
+            || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+            || status == reqwest::StatusCode::CONFLICT
+        {
             return Err(ProviderError::Transient(format!(
                 "{status}: {}",
                 error_message(&body)
@@ -237,6 +287,7 @@ impl PaymentProvider for HttpProvider {
                 ("payment_method", request.token.clone()),
                 ("confirm", "true".to_string()),
                 ("metadata[order_id]", request.order_id.clone()),
+                ("metadata[payment_id]", request.idempotency_key.clone()),
             ];
             let (status, body) = self
                 .post("/v1/payment_intents", &request.idempotency_key, &form)
@@ -293,6 +344,47 @@ impl PaymentProvider for HttpProvider {
                     "{status}: {}",
                     error_message(&body)
                 ))),
+            }
+        }
+        .boxed()
+    }
+
+    fn lookup<'a>(
+        &'a self,
+        request: &'a ChargeRequest,
+    ) -> BoxFuture<'a, Result<Option<ChargeOutcome>, ProviderError>> {
+        async move {
+            let query = format!("metadata['payment_id']:'{}'", request.idempotency_key);
+            let (status, body) = self
+                .send(
+                    self.client
+                        .get(format!("{}/v1/payment_intents/search", self.base_url))
+                        .query(&[("query", query)]),
+                )
+                .await?;
+            if !status.is_success() {
+                return Err(ProviderError::Permanent(format!(
+                    "{status}: {}",
+                    error_message(&body)
+                )));
+            }
+            let Some(intent) = body["data"].as_array().and_then(|d| d.first()) else {
+                return Ok(None);
+            };
+            let id = intent["id"].as_str().unwrap_or_default().to_string();
+            match intent["status"].as_str() {
+                Some("succeeded") if !id.is_empty() => {
+                    Ok(Some(ChargeOutcome::Succeeded { reference: id }))
+                }
+                Some("processing" | "requires_capture") => Err(ProviderError::Transient(
+                    "the charge is still processing".into(),
+                )),
+                other => Ok(Some(ChargeOutcome::Declined {
+                    reason: format!(
+                        "the provider left the payment {}",
+                        other.unwrap_or("without a status")
+                    ),
+                })),
             }
         }
         .boxed()

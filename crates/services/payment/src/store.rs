@@ -76,6 +76,8 @@ pub struct Payment {
     pub version: i64,
     pub created_at: String,
     pub updated_at: String,
+    /// Failed without an answer; the provider has not yet said whether it charged.
+    pub unresolved: bool,
     pub refunds: Vec<Refund>,
 }
 
@@ -105,12 +107,41 @@ pub struct DueRefund {
 /// How a charge ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChargeResult {
-    Succeeded { reference: String },
-    Failed { reason: String },
+    Succeeded {
+        reference: String,
+    },
+    /// The provider said no (or refused the request): nothing was charged.
+    Failed {
+        reason: String,
+    },
+    /// No answer by the deadline: the payment fails (the saga compensates), and the provider is
+    /// asked later whether it charged, so a charge it made is refunded.
+    Unanswered {
+        reason: String,
+    },
 }
 
+/// A failed charge whose outcome at the provider is unknown.
+#[derive(Debug, Clone)]
+pub struct DueLookup {
+    pub payment_id: String,
+    pub order_id: String,
+    pub amount: Decimal,
+    pub currency: String,
+    pub token: String,
+    pub attempts: i64,
+}
+
+/// How long a charge, refund or lookup is held by the process that took it: no other process
+/// picks it up meanwhile. A process that dies holding one leaves it to the others (or to its
+/// own restart) after this.
+pub const CLAIM: Duration = Duration::from_secs(10);
+
+/// How long after an unanswered charge the provider is first asked what became of it.
+const LOOKUP_AFTER: Duration = Duration::from_secs(1);
+
 const PAYMENT_COLUMNS: &str = "id, order_id, customer_id, amount, currency, method, status, refunded, cancel_requested, \
-     provider_ref, failure_reason, deadline_at, attempts, version, created_at, updated_at";
+     provider_ref, failure_reason, deadline_at, attempts, version, created_at, updated_at, unresolved";
 const REFUND_COLUMNS: &str =
     "id, payment_id, amount, reason, status, provider_ref, failure_reason, created_at, updated_at";
 
@@ -420,15 +451,17 @@ impl PaymentStore {
             .ok_or(StoreError::NotFound)
     }
 
-    /// Charges due now (at most `limit`), oldest first.
-    pub async fn due_charges(&self, limit: u32) -> Result<Vec<DueCharge>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT id, order_id, amount, currency, token, deadline_at, attempts FROM payments \
-             WHERE status = 'authorizing' AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT {limit}"
-        )))
-        .bind(time::to_text(time::now()))
-        .fetch_all(self.db.reader())
-        .await?;
+    /// Takes the charges due now (at most `limit`, oldest first) for `CLAIM`: a charge taken
+    /// by another process meanwhile is not returned.
+    pub async fn claim_due_charges(&self, limit: u32) -> Result<Vec<DueCharge>, StoreError> {
+        let rows = self
+            .claim_due(
+                "payments",
+                "status = 'authorizing'",
+                "id, order_id, amount, currency, token, deadline_at, attempts",
+                limit,
+            )
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(DueCharge {
@@ -444,17 +477,73 @@ impl PaymentStore {
             .collect()
     }
 
-    /// Refunds due now (at most `limit`), oldest first.
-    pub async fn due_refunds(&self, limit: u32) -> Result<Vec<DueRefund>, StoreError> {
+    /// Takes the refunds due now (at most `limit`, oldest first) for `CLAIM`.
+    pub async fn claim_due_refunds(&self, limit: u32) -> Result<Vec<DueRefund>, StoreError> {
+        let rows = self
+            .claim_due("refunds", "status = 'pending'", "id", limit)
+            .await?;
+        let mut refunds = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.try_get(0)?;
+            let found = sqlx::query(
+                "SELECT r.id, r.payment_id, p.provider_ref, r.amount, p.currency, r.attempts \
+                 FROM refunds r JOIN payments p ON p.id = r.payment_id WHERE r.id = $1",
+            )
+            .bind(&id)
+            .fetch_optional(self.db.writer())
+            .await?;
+            if let Some(row) = found {
+                refunds.push(due_refund(&row)?);
+            }
+        }
+        Ok(refunds)
+    }
+
+    /// Takes the failed charges whose outcome at the provider is unknown and due to be asked
+    /// about now (at most `limit`) for `CLAIM`.
+    pub async fn claim_due_lookups(&self, limit: u32) -> Result<Vec<DueLookup>, StoreError> {
+        let rows = self
+            .claim_due(
+                "payments",
+                "status = 'failed' AND unresolved = 1",
+                "id, order_id, amount, currency, token, attempts",
+                limit,
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DueLookup {
+                    payment_id: r.try_get(0)?,
+                    order_id: r.try_get(1)?,
+                    amount: decimal(&r.try_get::<String, _>(2)?)?,
+                    currency: r.try_get(3)?,
+                    token: r.try_get(4)?,
+                    attempts: r.try_get(5)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Moves the due rows of `table` matching `filter` (at most `limit`) to `CLAIM` from now
+    /// and returns their `columns`. On PostgreSQL a row another process claimed first no
+    /// longer matches when the update re-checks it after that process's commit.
+    async fn claim_due(
+        &self,
+        table: &str,
+        filter: &str,
+        columns: &str,
+        limit: u32,
+    ) -> Result<Vec<sqlx::any::AnyRow>, StoreError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT r.id, r.payment_id, p.provider_ref, r.amount, p.currency, r.attempts \
-             FROM refunds r JOIN payments p ON p.id = r.payment_id \
-             WHERE r.status = 'pending' AND r.next_attempt_at <= $1 ORDER BY r.next_attempt_at LIMIT {limit}"
+            "UPDATE {table} SET next_attempt_at = $1 WHERE {filter} AND next_attempt_at <= $2 AND id IN \
+             (SELECT id FROM {table} WHERE {filter} AND next_attempt_at <= $2 ORDER BY next_attempt_at LIMIT {limit}) \
+             RETURNING {columns}"
         )))
+        .bind(later(CLAIM))
         .bind(time::to_text(time::now()))
-        .fetch_all(self.db.reader())
+        .fetch_all(self.db.writer())
         .await?;
-        rows.iter().map(due_refund).collect()
+        Ok(rows)
     }
 
     /// Records the end of a charge and publishes it. A charge that succeeded after its order
@@ -480,6 +569,65 @@ impl PaymentStore {
         }
         self.committed(refund_due);
         Ok(true)
+    }
+
+    /// What the provider said about a charge whose outcome was unknown: `Some(reference)` when
+    /// it had charged (the charge is refunded at once), `None` when it had not. Returns
+    /// whether a refund became due.
+    pub async fn resolve_lookup(
+        &self,
+        payment_id: &str,
+        charged: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        let Some(payment) = lock_payment(&mut tx, "id", payment_id).await? else {
+            return Err(StoreError::NotFound);
+        };
+        if payment.status != "failed" || !payment.unresolved {
+            return Ok(false);
+        }
+        let now = time::to_text(time::now());
+        sqlx::query(
+            "UPDATE payments SET unresolved = 0, next_attempt_at = NULL, provider_ref = $1, \
+             version = version + 1, updated_at = $2 WHERE id = $3",
+        )
+        .bind(charged)
+        .bind(&now)
+        .bind(payment_id)
+        .execute(&mut *tx)
+        .await?;
+        let refund_due = charged.is_some();
+        if refund_due {
+            let reason = format!(
+                "charged after the payment had failed ({})",
+                payment.failure_reason.as_deref().unwrap_or("no answer")
+            );
+            insert_refund(&mut tx, &payment, payment.amount, &reason).await?;
+        }
+        tx.commit().await?;
+        if refund_due {
+            self.queue_refunds_of(payment_id).await?;
+        }
+        self.committed(refund_due);
+        Ok(refund_due)
+    }
+
+    /// The provider could not say what became of a charge: ask again at `retry_in`.
+    pub async fn retry_lookup_later(
+        &self,
+        payment_id: &str,
+        retry_in: Duration,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE payments SET attempts = attempts + 1, next_attempt_at = $1, updated_at = $2 \
+             WHERE id = $3 AND status = 'failed' AND unresolved = 1",
+        )
+        .bind(later(retry_in))
+        .bind(time::to_text(time::now()))
+        .bind(payment_id)
+        .execute(self.db.writer())
+        .await?;
+        Ok(())
     }
 
     /// A charge attempt got no answer: try again at `retry_in`.
@@ -657,13 +805,15 @@ async fn charge_due(
     let now = time::to_text(time::now());
     let deadline_at = later(deadline);
     let charged = sqlx::query(
-        "UPDATE payments SET status = 'authorizing', deadline_at = $1, next_attempt_at = $2, \
+        "UPDATE payments SET status = 'authorizing', deadline_at = $1, next_attempt_at = $4, \
          version = version + 1, updated_at = $2 WHERE order_id = $3 AND status = 'pending' \
          RETURNING id, amount, currency, token",
     )
     .bind(&deadline_at)
     .bind(&now)
     .bind(order_id)
+    // Claimed by this process, whose worker gets it through the queue.
+    .bind(later(CLAIM))
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(row) = charged {
@@ -704,10 +854,20 @@ async fn settle_charge(
     let now = time::to_text(time::now());
     let outcome = match result {
         ChargeResult::Succeeded { reference } => Ok(reference.as_str()),
-        ChargeResult::Failed { reason } => Err(reason.as_str()),
+        ChargeResult::Failed { reason } | ChargeResult::Unanswered { reason } => {
+            Err(reason.as_str())
+        }
     };
     if !settle(conn, "payments", payment_id, outcome, &now).await? {
         return Ok(None);
+    }
+    if matches!(result, ChargeResult::Unanswered { .. }) {
+        // Asked about after a short while: an answer on its way may still arrive first.
+        sqlx::query("UPDATE payments SET unresolved = 1, next_attempt_at = $1 WHERE id = $2")
+            .bind(later(LOOKUP_AFTER))
+            .bind(payment_id)
+            .execute(&mut *conn)
+            .await?;
     }
     let payment = payment_where(conn, "id", payment_id)
         .await?
@@ -733,7 +893,7 @@ async fn settle_charge(
                 }),
             )
         }
-        ChargeResult::Failed { reason } => message(
+        ChargeResult::Failed { reason } | ChargeResult::Unanswered { reason } => message(
             "payment.failed",
             &payment.order_id,
             &now,
@@ -826,7 +986,7 @@ async fn insert(
     let done = sqlx::query(
         "INSERT INTO payments (id, order_id, customer_id, amount, currency, method, token, status, refunded, \
          cancel_requested, attempts, deadline_at, next_attempt_at, version, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '0', 0, 0, $9, $10, 1, $10, $10) ON CONFLICT (order_id) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '0', 0, 0, $9, $11, 1, $10, $10) ON CONFLICT (order_id) DO NOTHING",
     )
     .bind(&id)
     .bind(&intent.order_id)
@@ -838,6 +998,8 @@ async fn insert(
     .bind(status)
     .bind(deadline_at)
     .bind(&now)
+    // This process charges it at once (the worker's queue); others wait for the claim to end.
+    .bind(later(CLAIM))
     .execute(&mut *conn)
     .await?;
     Ok((done.rows_affected() == 1).then_some(id))
@@ -870,7 +1032,7 @@ async fn insert_refund(
     let now = time::to_text(time::now());
     sqlx::query(
         "INSERT INTO refunds (id, payment_id, order_id, amount, reason, status, attempts, next_attempt_at, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, $6, $6)",
+         VALUES ($1, $2, $3, $4, $5, 'pending', 0, $7, $6, $6)",
     )
     .bind(&id)
     .bind(&payment.id)
@@ -878,6 +1040,8 @@ async fn insert_refund(
     .bind(amount.to_string())
     .bind(reason)
     .bind(&now)
+    // Claimed by this process, whose worker gets it through the queue.
+    .bind(later(CLAIM))
     .execute(&mut *conn)
     .await?;
     Ok(id)
@@ -906,6 +1070,7 @@ fn payment(r: &sqlx::any::AnyRow) -> Result<Payment, StoreError> {
         version: r.try_get(13)?,
         created_at: r.try_get(14)?,
         updated_at: r.try_get(15)?,
+        unresolved: r.try_get::<i64, _>(16)? != 0,
         refunds: Vec::new(),
     })
 }

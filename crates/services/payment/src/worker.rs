@@ -8,7 +8,7 @@
 use crate::provider::{
     ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, RefundRequest,
 };
-use crate::store::{ChargeResult, DueCharge, DueRefund, PaymentStore};
+use crate::store::{CLAIM, ChargeResult, DueCharge, DueLookup, DueRefund, PaymentStore};
 use domain::money::to_minor_units;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -67,17 +67,34 @@ pub async fn run(
         let queued = store.take_queued();
         let mut charges = queued.charges;
         let mut refunds = queued.refunds;
+        let mut lookups: Vec<DueLookup> = Vec::new();
         if last_read.is_none_or(|at| at.elapsed() >= config.poll_interval) {
             last_read = Some(std::time::Instant::now());
             let limit = u32::try_from(config.concurrency).unwrap_or(u32::MAX);
-            match store.due_charges(limit).await {
+            match store.claim_due_charges(limit).await {
                 Ok(due) => charges.extend(due),
                 Err(error) => tracing::warn!(%error, "cannot read due charges"),
             }
-            match store.due_refunds(limit).await {
+            match store.claim_due_refunds(limit).await {
                 Ok(due) => refunds.extend(due),
                 Err(error) => tracing::warn!(%error, "cannot read due refunds"),
             }
+            match store.claim_due_lookups(limit).await {
+                Ok(due) => lookups.extend(due),
+                Err(error) => tracing::warn!(%error, "cannot read unresolved charges"),
+            }
+        }
+        for lookup in lookups {
+            if !take(&in_flight, &lookup.payment_id) {
+                continue;
+            }
+            tasks.spawn(lookup_one(
+                store.clone(),
+                provider.clone(),
+                config.clone(),
+                in_flight.clone(),
+                lookup,
+            ));
         }
         for charge in charges {
             if !take(&in_flight, &charge.payment_id) {
@@ -166,10 +183,13 @@ async fn charge_inner(
         token: charge.token.clone(),
     };
     let started = std::time::Instant::now();
+    // A call lasts no longer than this process's claim on the charge, so no other process
+    // calls for it at the same time; an unanswered call before the deadline is retried.
+    let wait = left.min(CLAIM);
     let answer = if left.is_zero() {
         None
     } else {
-        tokio::time::timeout(left, provider.charge(&request))
+        tokio::time::timeout(wait, provider.charge(&request))
             .await
             .ok()
     };
@@ -192,25 +212,92 @@ async fn charge_inner(
                     .retry_charge_later(&charge.payment_id, wait, &error)
                     .await;
             }
-            ChargeResult::Failed {
+            // A failed call may still have charged: the provider is asked afterwards.
+            ChargeResult::Unanswered {
                 reason: format!(
                     "the payment provider failed until the payment's deadline: {error}"
                 ),
             }
         }
-        None => ChargeResult::Failed {
+        None if wait < left => {
+            // No answer within the claim, but the deadline is further: ask again (same key).
+            metrics::counter!("payment_charge_retries_total").increment(1);
+            return store
+                .retry_charge_later(
+                    &charge.payment_id,
+                    Duration::ZERO,
+                    "no answer from the provider yet",
+                )
+                .await;
+        }
+        None => ChargeResult::Unanswered {
             reason: "the payment timed out: the provider did not answer by the deadline".into(),
         },
     };
     let outcome = match &result {
         ChargeResult::Succeeded { .. } => "succeeded",
         ChargeResult::Failed { .. } => "failed",
+        ChargeResult::Unanswered { .. } => "unanswered",
     };
     metrics::counter!("payment_charges_total", "outcome" => outcome).increment(1);
-    if let ChargeResult::Failed { reason } = &result {
+    if let ChargeResult::Failed { reason } | ChargeResult::Unanswered { reason } = &result {
         tracing::info!(payment_id = %charge.payment_id, order_id = %charge.order_id, %reason, "payment failed");
     }
     store.finish_charge(&charge.payment_id, &result).await?;
+    Ok(())
+}
+
+async fn lookup_one(
+    store: Arc<PaymentStore>,
+    provider: Arc<dyn PaymentProvider>,
+    config: WorkerConfig,
+    in_flight: Arc<Mutex<HashSet<String>>>,
+    lookup: DueLookup,
+) {
+    let id = lookup.payment_id.clone();
+    if let Err(error) = lookup_inner(&store, provider.as_ref(), &config, lookup).await {
+        tracing::warn!(payment_id = %id, %error, "recording what became of a charge failed; asked again later");
+    }
+    done(&in_flight, &id);
+}
+
+/// Asks the provider what became of a charge that failed without an answer; one it made is
+/// refunded. Asked again, with backoff, until the provider can say.
+async fn lookup_inner(
+    store: &PaymentStore,
+    provider: &dyn PaymentProvider,
+    config: &WorkerConfig,
+    lookup: DueLookup,
+) -> Result<(), crate::store::StoreError> {
+    let request = ChargeRequest {
+        idempotency_key: lookup.payment_id.clone(),
+        order_id: lookup.order_id.clone(),
+        amount_minor: to_minor_units(lookup.amount, &lookup.currency).unwrap_or_default(),
+        currency: lookup.currency.clone(),
+        token: lookup.token.clone(),
+    };
+    let answer = tokio::time::timeout(CLAIM, provider.lookup(&request)).await;
+    match answer {
+        Ok(Ok(Some(ChargeOutcome::Succeeded { reference }))) => {
+            tracing::warn!(payment_id = %lookup.payment_id, order_id = %lookup.order_id, "the provider charged a payment that had failed without an answer; refunding it");
+            metrics::counter!("payment_late_charges_total").increment(1);
+            store
+                .resolve_lookup(&lookup.payment_id, Some(&reference))
+                .await?;
+        }
+        Ok(Ok(Some(ChargeOutcome::Declined { .. }) | None)) => {
+            store.resolve_lookup(&lookup.payment_id, None).await?;
+        }
+        Ok(Err(ProviderError::Permanent(error))) => {
+            tracing::error!(payment_id = %lookup.payment_id, %error, "the provider refused to say what became of a charge; check it by hand");
+            store.resolve_lookup(&lookup.payment_id, None).await?;
+        }
+        Ok(Err(ProviderError::Transient(_))) | Err(_) => {
+            store
+                .retry_lookup_later(&lookup.payment_id, backoff(config, lookup.attempts))
+                .await?;
+        }
+    }
     Ok(())
 }
 

@@ -1,0 +1,66 @@
+//! Payment work shared by several processes on one database: a due charge is taken by one
+//! worker only, on SQLite and on PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use payment_service::store::{Intent, PaymentStore};
+use rust_decimal::Decimal;
+use std::time::Duration;
+use storage::Db;
+
+fn intent() -> Intent {
+    Intent {
+        order_id: uuid::Uuid::now_v7().to_string(),
+        customer_id: None,
+        amount: Decimal::new(1250, 2),
+        currency: "EUR".into(),
+        method: "card".into(),
+        token: "tok_ok".into(),
+    }
+}
+
+/// Two stores (two processes) on `a` and `b`, the same database.
+async fn one_worker_takes_each_charge(a: Db, b: Db) {
+    a.migrate_service(&payment_service::MIGRATOR).await.unwrap();
+    let first = PaymentStore::new(a);
+    let second = PaymentStore::new(b);
+    // Made due by the first: it holds the claim, so the second's poll does not take it.
+    let payment = first
+        .create_and_charge(&intent(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(first.take_queued().charges.len(), 1);
+    assert!(second.claim_due_charges(10).await.unwrap().is_empty());
+    // Retried later: due to whoever polls first, and to one of them only.
+    first
+        .retry_charge_later(&payment.id, Duration::ZERO, "no answer yet")
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let (x, y) = tokio::join!(first.claim_due_charges(10), second.claim_due_charges(10));
+        let taken = x.unwrap().len() + y.unwrap().len();
+        assert_eq!(taken, 1, "taken by exactly one worker");
+        first
+            .retry_charge_later(&payment.id, Duration::ZERO, "no answer yet")
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_charge_is_taken_by_one_worker_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Db::open_sqlite(dir.path(), "payments").await.unwrap();
+    let b = Db::open_sqlite(dir.path(), "payments").await.unwrap();
+    one_worker_takes_each_charge(a, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_charge_is_taken_by_one_worker_on_postgres() {
+    let url = storage::testing::fresh_pg_database().await;
+    let a = Db::open_postgres(&url, "payments", 4).await.unwrap();
+    let b = Db::open_postgres(&url, "payments", 4).await.unwrap();
+    one_worker_takes_each_charge(a.clone(), b.clone()).await;
+    a.close().await;
+    b.close().await;
+    storage::testing::drop_pg_database(&url).await;
+}
