@@ -62,6 +62,10 @@ pub struct ConsumerConfig {
     /// Test switch: every message is handed to the handler twice, as a redelivery after a
     /// lost acknowledgement would. Handlers must make the second delivery a no-op.
     pub deliver_twice: bool,
+    /// How often the group's position is written while it moves. The runner reads on from
+    /// where it is in memory; a crash redelivers what was handled since the last write, which
+    /// the handlers' inboxes absorb. One write per interval instead of one per batch.
+    pub commit_interval: Duration,
 }
 
 impl ConsumerConfig {
@@ -77,6 +81,7 @@ impl ConsumerConfig {
             lease_ttl: Duration::from_secs(15),
             concurrency: 1,
             deliver_twice: false,
+            commit_interval: Duration::from_millis(100),
         }
     }
 }
@@ -108,9 +113,11 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut wakeups = bus.wakeups_for(&config.topics);
-    // The position this runner last committed: an empty fetch that read further commits that
-    // (skipping messages on other topics), once.
+    // Where this runner has handled up to, while it holds the lease (read from the database
+    // when it takes the lease), and what it last wrote there.
+    let mut position: Option<i64> = None;
     let mut committed: i64 = 0;
+    let mut last_commit = std::time::Instant::now();
     let holder = uuid::Uuid::now_v7().to_string();
     let lease = format!("consumer:{}", config.group);
     tracing::info!(group = %config.group, topics = ?config.topics, "consumer started");
@@ -137,6 +144,7 @@ pub async fn run(
             }
             Ok(false) => {
                 renewed = None;
+                position = None;
                 // Another process runs this group: stand by.
                 if sleep_or_stop(config.poll_interval, &mut shutdown).await {
                     break;
@@ -145,6 +153,7 @@ pub async fn run(
             }
             Err(error) => {
                 renewed = None;
+                position = None;
                 tracing::warn!(group = %config.group, %error, "cannot take the group's lease");
                 if sleep_or_stop(config.poll_interval, &mut shutdown).await {
                     break;
@@ -159,7 +168,7 @@ pub async fn run(
             redrive(bus.as_ref(), &config, handler.as_ref()).await;
         }
         let fetched = match bus
-            .fetch(&config.group, &config.topics, config.batch_size)
+            .fetch(&config.group, &config.topics, position, config.batch_size)
             .await
         {
             Ok(fetched) => fetched,
@@ -172,25 +181,26 @@ pub async fn run(
             }
         };
         if fetched.deliveries.is_empty() {
-            if fetched.read_to > committed {
-                // Only messages on other topics: move past them (so the group's lag shows 0).
-                match bus.commit(&config.group, fetched.read_to).await {
-                    Ok(()) => committed = fetched.read_to,
-                    Err(error) => {
-                        tracing::warn!(group = %config.group, %error, "cannot commit the group's position");
-                    }
-                }
-                continue;
-            }
-            tokio::select! {
-                _ = wakeups.changed() => {}
-                () = tokio::time::sleep(config.poll_interval) => {}
-                _ = shutdown.changed() => {}
-            }
+            // Only messages on other topics, or none: move past them (so the group's lag
+            // shows 0) and wait for the next publish.
+            position = Some(fetched.read_to.max(fetched.from));
+            commit_when_due(
+                bus.as_ref(),
+                &config,
+                position,
+                &mut committed,
+                &mut last_commit,
+            )
+            .await;
+            wait_for_work(
+                &config,
+                &mut wakeups,
+                &mut shutdown,
+                committed < fetched.read_to,
+            )
+            .await;
             continue;
         }
-        // The position is committed once per batch, not per message: one write instead of
-        // hundreds. A crash mid-batch redelivers the rest, which the handlers' inboxes absorb.
         let (done, lost_lease, stopped) = handle_batch(
             bus.as_ref(),
             &config,
@@ -203,49 +213,101 @@ pub async fn run(
         .await;
         // Up to where every message of the batch is handled (lanes may stop at different
         // places).
-        let mut done_to = committed;
+        let mut done_to = fetched.from;
         for delivery in &fetched.deliveries {
             if !done.contains(&delivery.seq) {
                 break;
             }
             done_to = delivery.seq;
         }
-        if stopped {
+        if stopped || lost_lease {
+            // What was handled is written (never moving the position back); a new holder
+            // reads on from there.
             if done_to > committed {
                 let _ = bus.commit(&config.group, done_to).await;
+                committed = done_to;
             }
-            let _ = bus.release_lease(&lease, &holder).await;
-            tracing::info!(group = %config.group, "consumer stopped");
-            return;
-        }
-        let all_done = done.len() == fetched.deliveries.len();
-        if lost_lease {
+            if stopped {
+                let _ = bus.release_lease(&lease, &holder).await;
+                tracing::info!(group = %config.group, "consumer stopped");
+                return;
+            }
             renewed = None;
+            position = None;
+            continue;
         }
-        let read_all = !lost_lease && all_done;
-        let position = if read_all && fetched.read_to > done_to {
+        let read_all = done.len() == fetched.deliveries.len();
+        position = Some(if read_all && fetched.read_to > done_to {
             fetched.read_to
         } else {
             done_to
-        };
-        match bus.commit(&config.group, position).await {
-            Ok(()) => committed = position,
-            Err(error) => {
-                tracing::warn!(group = %config.group, %error, "cannot commit the group's position");
-            }
-        }
+        });
+        commit_when_due(
+            bus.as_ref(),
+            &config,
+            position,
+            &mut committed,
+            &mut last_commit,
+        )
+        .await;
         // A short batch read everything there was: wait for the next publish instead of
         // reading again at once (a publish meanwhile has already marked the wakeup).
         if read_all && fetched.deliveries.len() < config.batch_size {
-            tokio::select! {
-                _ = wakeups.changed() => {}
-                () = tokio::time::sleep(config.poll_interval) => {}
-                _ = shutdown.changed() => {}
-            }
+            let behind = position.is_some_and(|p| p > committed);
+            wait_for_work(&config, &mut wakeups, &mut shutdown, behind).await;
         }
+    }
+    if let Some(position) = position.filter(|p| *p > committed) {
+        let _ = bus.commit(&config.group, position).await;
     }
     let _ = bus.release_lease(&lease, &holder).await;
     tracing::info!(group = %config.group, "consumer stopped");
+}
+
+/// Writes the group's position when it moved and `commit_interval` has passed since the last
+/// write.
+async fn commit_when_due(
+    bus: &dyn Bus,
+    config: &ConsumerConfig,
+    position: Option<i64>,
+    committed: &mut i64,
+    last_commit: &mut std::time::Instant,
+) {
+    let Some(position) = position.filter(|p| *p > *committed) else {
+        return;
+    };
+    if last_commit.elapsed() < config.commit_interval {
+        return;
+    }
+    match bus.commit(&config.group, position).await {
+        Ok(()) => {
+            *committed = position;
+            *last_commit = std::time::Instant::now();
+        }
+        Err(error) => {
+            tracing::warn!(group = %config.group, %error, "cannot commit the group's position");
+        }
+    }
+}
+
+/// Waits for a publish on the group's topics, the poll interval, or shutdown; no longer than
+/// the commit interval while the written position is `behind`.
+async fn wait_for_work(
+    config: &ConsumerConfig,
+    wakeups: &mut watch::Receiver<u64>,
+    shutdown: &mut watch::Receiver<bool>,
+    behind: bool,
+) {
+    let wait = if behind {
+        config.commit_interval.min(config.poll_interval)
+    } else {
+        config.poll_interval
+    };
+    tokio::select! {
+        _ = wakeups.changed() => {}
+        () = tokio::time::sleep(wait) => {}
+        _ = shutdown.changed() => {}
+    }
 }
 
 /// Handles a fetched batch in `config.concurrency` lanes (one key always in the same lane, in

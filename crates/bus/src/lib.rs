@@ -39,6 +39,8 @@ pub struct Fetched {
     pub deliveries: Vec<Delivery>,
     /// Every message the group subscribes to up to this position is in `deliveries`.
     pub read_to: i64,
+    /// The position read from: every delivery is after it.
+    pub from: i64,
 }
 
 /// How far the log and each consumer group are.
@@ -78,12 +80,14 @@ pub trait Bus: Send + Sync + 'static {
     /// Appends the messages durably, in order; a message id already in the log is skipped.
     fn publish<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, Result<(), BusError>>;
 
-    /// Up to `max` messages on `topics` after the group's committed position, oldest first,
-    /// and how far the log was read (committing that skips messages on other topics).
+    /// Up to `max` messages on `topics` after position `after` (the group's committed
+    /// position when `None`), oldest first, and how far the log was read (committing that
+    /// skips messages on other topics).
     fn fetch<'a>(
         &'a self,
         group: &'a str,
         topics: &'a [String],
+        after: Option<i64>,
         max: usize,
     ) -> BoxFuture<'a, Result<Fetched, BusError>>;
 

@@ -178,55 +178,65 @@ impl SqlBus {
         &self,
         group: &str,
         topics: &[String],
+        after: Option<i64>,
         max: usize,
     ) -> Result<Fetched, BusError> {
-        // Read the head first: every message up to it is committed (positions are handed out
-        // under a row lock and committed in order), so a short page covers all of them.
-        let head: i64 = sqlx::query("SELECT last_seq FROM bus_sequence WHERE id = 1")
-            .fetch_one(self.db.reader())
-            .await?
-            .try_get(0)?;
-        let offset: i64 = sqlx::query("SELECT last_seq FROM bus_offsets WHERE group_name = $1")
-            .bind(group)
-            .fetch_optional(self.db.reader())
-            .await?
-            .map(|r| r.try_get(0))
-            .transpose()?
-            .unwrap_or(0);
+        let offset = match after {
+            Some(position) => position,
+            None => sqlx::query("SELECT last_seq FROM bus_offsets WHERE group_name = $1")
+                .bind(group)
+                .fetch_optional(self.db.reader())
+                .await?
+                .map(|r| r.try_get(0))
+                .transpose()?
+                .unwrap_or(0),
+        };
+        if topics.is_empty() {
+            return Ok(Fetched {
+                deliveries: Vec::new(),
+                read_to: offset,
+                from: offset,
+            });
+        }
         let placeholders = (0..topics.len())
-            .map(|i| format!("${}", i + 3))
+            .map(|i| format!("${}", i + 2))
             .collect::<Vec<_>>()
             .join(", ");
-        // Only bound values vary: one prepared statement per group.
+        // The head and the page in one statement (one snapshot): every message up to the head
+        // is committed (positions are handed out under a row lock and committed in order), so
+        // a short page covers all of them. Only bound values vary: one prepared statement per
+        // group.
+        let limit = max.clamp(1, 1000);
         let sql = format!(
-            "SELECT seq, message_id, topic, message_key, payload FROM bus_log \
-             WHERE seq > $1 AND seq <= $2 AND topic IN ({placeholders}) ORDER BY seq LIMIT {}",
-            max.clamp(1, 1000)
+            "SELECT s.last_seq, l.seq, l.message_id, l.topic, l.message_key, l.payload \
+             FROM bus_sequence s LEFT JOIN bus_log l ON l.seq > $1 AND l.seq <= s.last_seq \
+             AND l.topic IN ({placeholders}) WHERE s.id = 1 ORDER BY l.seq LIMIT {limit}"
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(offset).bind(head);
+        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(offset);
         for topic in topics {
             query = query.bind(topic.clone());
         }
-        let rows = if topics.is_empty() {
-            Vec::new()
-        } else {
-            query.fetch_all(self.db.reader()).await?
+        let rows = query.fetch_all(self.db.reader()).await?;
+        let head: i64 = match rows.first() {
+            Some(row) => row.try_get(0)?,
+            None => offset,
         };
-        let deliveries = rows
-            .iter()
-            .map(|r| {
-                Ok(Delivery {
-                    seq: r.try_get(0)?,
-                    message: Message {
-                        id: r.try_get(1)?,
-                        topic: r.try_get(2)?,
-                        key: r.try_get(3)?,
-                        payload: r.try_get(4)?,
-                    },
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        let read_to = if deliveries.len() < max.clamp(1, 1000) {
+        let mut deliveries = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let Some(seq) = r.try_get::<Option<i64>, _>(1)? else {
+                continue; // the head alone: nothing new
+            };
+            deliveries.push(Delivery {
+                seq,
+                message: Message {
+                    id: r.try_get(2)?,
+                    topic: r.try_get(3)?,
+                    key: r.try_get(4)?,
+                    payload: r.try_get(5)?,
+                },
+            });
+        }
+        let read_to = if deliveries.len() < limit {
             head.max(offset)
         } else {
             deliveries.last().map_or(offset, |d| d.seq)
@@ -234,6 +244,7 @@ impl SqlBus {
         Ok(Fetched {
             deliveries,
             read_to,
+            from: offset,
         })
     }
 
@@ -431,9 +442,10 @@ impl Bus for SqlBus {
         &'a self,
         group: &'a str,
         topics: &'a [String],
+        after: Option<i64>,
         max: usize,
     ) -> BoxFuture<'a, Result<Fetched, BusError>> {
-        self.fetch_batch(group, topics, max).boxed()
+        self.fetch_batch(group, topics, after, max).boxed()
     }
 
     fn hold_lease<'a>(

@@ -147,7 +147,12 @@ async fn groups_read_in_order_at_their_own_offsets_and_duplicates_are_stored_onc
         .unwrap();
 
     let all = topics(&["order.created"]);
-    let first = s.bus.fetch("inventory", &all, 4).await.unwrap().deliveries;
+    let first = s
+        .bus
+        .fetch("inventory", &all, None, 4)
+        .await
+        .unwrap()
+        .deliveries;
     assert_eq!(
         first
             .iter()
@@ -160,7 +165,7 @@ async fn groups_read_in_order_at_their_own_offsets_and_duplicates_are_stored_onc
     s.bus.commit("inventory", first[3].seq).await.unwrap();
     let rest = s
         .bus
-        .fetch("inventory", &all, 100)
+        .fetch("inventory", &all, None, 100)
         .await
         .unwrap()
         .deliveries;
@@ -173,7 +178,7 @@ async fn groups_read_in_order_at_their_own_offsets_and_duplicates_are_stored_onc
     // Another group starts from the beginning; topics filter.
     assert_eq!(
         s.bus
-            .fetch("payment", &all, 100)
+            .fetch("payment", &all, None, 100)
             .await
             .unwrap()
             .deliveries
@@ -182,7 +187,7 @@ async fn groups_read_in_order_at_their_own_offsets_and_duplicates_are_stored_onc
     );
     let failed = s
         .bus
-        .fetch("payment", &topics(&["payment.failed"]), 100)
+        .fetch("payment", &topics(&["payment.failed"]), None, 100)
         .await
         .unwrap()
         .deliveries;
@@ -190,7 +195,7 @@ async fn groups_read_in_order_at_their_own_offsets_and_duplicates_are_stored_onc
     // A short page says how far the log was read, past messages on other topics.
     let fetched = s
         .bus
-        .fetch("payment", &topics(&["payment.failed"]), 100)
+        .fetch("payment", &topics(&["payment.failed"]), None, 100)
         .await
         .unwrap();
     assert_eq!(
@@ -205,7 +210,7 @@ async fn groups_read_in_order_at_their_own_offsets_and_duplicates_are_stored_onc
     s.bus.commit("inventory", 1).await.unwrap();
     assert_eq!(
         s.bus
-            .fetch("inventory", &all, 100)
+            .fetch("inventory", &all, None, 100)
             .await
             .unwrap()
             .deliveries
@@ -246,7 +251,7 @@ async fn a_consumer_is_woken_by_a_publish_and_retries_transient_failures(postgre
     stop.send(true).unwrap();
     runner.await.unwrap();
     assert!(
-        bus.fetch("g", &topics(&["t"]), 10)
+        bus.fetch("g", &topics(&["t"]), None, 10)
             .await
             .unwrap()
             .deliveries
@@ -345,7 +350,7 @@ async fn the_relay_publishes_the_outbox_in_order_and_only_one_relay_holds_the_le
     assert_eq!(stats.pending, 0);
     let log = s
         .bus
-        .fetch("x", &topics(&["order.updated"]), 100)
+        .fetch("x", &topics(&["order.updated"]), None, 100)
         .await
         .unwrap()
         .deliveries;
@@ -445,6 +450,73 @@ async fn two_processes_running_one_group_handle_each_message_once(postgres: bool
     s.finish().await;
 }
 
+async fn a_row_committed_after_the_relay_read_past_its_time_is_still_published_first(
+    postgres: bool,
+) {
+    let s = Setup::new(postgres).await;
+    let insert = async |conn: &mut sqlx::AnyConnection,
+                        id: &str,
+                        aggregate: &str,
+                        version: i64,
+                        at: chrono::DateTime<chrono::Utc>| {
+        sqlx::query("INSERT INTO outbox (id, aggregate_id, aggregate_version, topic, payload, created_at) VALUES ($1, $2, $3, 'order.updated', '{}', $4)")
+            .bind(id)
+            .bind(aggregate)
+            .bind(version)
+            .bind(storage::time::to_text(at))
+            .execute(conn)
+            .await
+            .unwrap();
+    };
+    let pending = async || {
+        storage::outbox::stats(s.service_db.reader())
+            .await
+            .unwrap()
+            .pending
+    };
+    let signal = storage::outbox::CommitSignal::default();
+    let (stop, stopped) = watch::channel(false);
+    let relay = tokio::spawn(relay::run(
+        s.service_db.clone(),
+        Arc::new(s.bus.clone()),
+        RelayConfig::new("order"),
+        signal.subscribe(),
+        stopped,
+    ));
+    let mut conn = s.service_db.writer().acquire().await.unwrap();
+    insert(&mut conn, "first", "c", 1, storage::time::now()).await;
+    drop(conn);
+    signal.notify();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pending().await > 0 {
+        assert!(Instant::now() < deadline, "the relay published nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The relay now reads from shortly before "first". An aggregate's first row stamped long
+    // before (its transaction was slow to commit) arrives with its second.
+    let mut tx = s.service_db.begin_write().await.unwrap();
+    let now = storage::time::now();
+    insert(&mut tx, "d-1", "d", 1, now - chrono::Duration::seconds(30)).await;
+    insert(&mut tx, "d-2", "d", 2, now).await;
+    tx.commit().await.unwrap();
+    signal.notify();
+    while pending().await > 0 {
+        assert!(Instant::now() < deadline, "the relay left rows unsent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = s
+        .bus
+        .fetch("x", &topics(&["order.updated"]), None, 100)
+        .await
+        .unwrap()
+        .deliveries;
+    let ids: Vec<&str> = log.iter().map(|d| d.message.id.as_str()).collect();
+    assert_eq!(ids, vec!["first", "d-1", "d-2"], "per-aggregate order kept");
+    stop.send(true).unwrap();
+    relay.await.unwrap();
+    s.finish().await;
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         mod sqlite { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(false).await } )* }
@@ -457,5 +529,6 @@ on_both!(
     a_consumer_is_woken_by_a_publish_and_retries_transient_failures,
     a_poison_message_is_dead_lettered_then_redriven_after_the_fix,
     the_relay_publishes_the_outbox_in_order_and_only_one_relay_holds_the_lease,
+    a_row_committed_after_the_relay_read_past_its_time_is_still_published_first,
     two_processes_running_one_group_handle_each_message_once,
 );

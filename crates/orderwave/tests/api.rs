@@ -898,7 +898,7 @@ async fn dead_letters_are_listed_redriven_and_discarded_by_an_operator(app: &Tes
         .await
         .unwrap();
     let delivery = second
-        .fetch("test-group", &["test.poison".to_string()], 10)
+        .fetch("test-group", &["test.poison".to_string()], None, 10)
         .await
         .unwrap()
         .deliveries
