@@ -51,6 +51,43 @@ impl GroupCommit {
         Self { jobs }
     }
 
+    /// Runs `job` in the next batch with its own output and error types; its output once the
+    /// batch committed, or its error (a database error of the batch's transaction as `E`).
+    pub async fn run_as<T, E>(
+        &self,
+        mut job: impl for<'c> FnMut(&'c mut AnyConnection) -> BoxFuture<'c, Result<T, E>>
+        + Send
+        + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: std::error::Error + From<sqlx::Error> + Send + Sync + 'static,
+    {
+        let output = self
+            .run(Box::new(move |conn| {
+                let fut = job(conn);
+                Box::pin(async move {
+                    match fut.await {
+                        Ok(value) => Ok(Box::new(value) as Output),
+                        Err(error) => Err(Box::new(error) as JobError),
+                    }
+                })
+            }))
+            .await
+            .map_err(|error| match error.downcast::<E>() {
+                Ok(own) => *own,
+                Err(other) => match other.downcast::<sqlx::Error>() {
+                    Ok(db) => E::from(*db),
+                    Err(other) => E::from(sqlx::Error::Protocol(other.to_string())),
+                },
+            })?;
+        output.downcast::<T>().map(|v| *v).map_err(|_| {
+            E::from(sqlx::Error::Protocol(
+                "a batched job answered another type".into(),
+            ))
+        })
+    }
+
     /// Runs `job` in the next batch; its output once the batch committed.
     pub async fn run(&self, job: Job) -> Result<Output, JobError> {
         let (reply, answer) = oneshot::channel();

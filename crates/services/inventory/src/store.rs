@@ -2,10 +2,12 @@
 //! the inbox claim of the message that caused them and the outbox rows they publish.
 
 use domain::inventory::{ProductDraft, Shortage, Stock, merge_lines, reserve};
+use futures::FutureExt;
 use serde::Serialize;
 use sqlx::{AssertSqlSafe, Row};
 use std::collections::BTreeMap;
 use storage::events::is_unique_violation;
+use storage::group_commit::GroupCommit;
 use storage::outbox::{self, CommitSignal, OutboxMessage};
 use storage::{Db, inbox, time};
 use tokio::sync::watch;
@@ -55,13 +57,19 @@ pub enum Reservation {
 pub struct InventoryStore {
     db: Db,
     committed: CommitSignal,
+    /// Reservations share transactions: a popular product's row is locked and committed once
+    /// per batch of orders, not once per order.
+    batches: GroupCommit,
 }
 
 impl InventoryStore {
     pub fn new(db: Db) -> Self {
+        let committed = CommitSignal::default();
+        let signal = committed.clone();
         Self {
+            batches: GroupCommit::start(db.clone(), move || signal.notify()),
             db,
-            committed: CommitSignal::default(),
+            committed,
         }
     }
 
@@ -158,7 +166,8 @@ impl InventoryStore {
         Ok((products, more))
     }
 
-    /// Reserves every line of `order_id` or none, for message `message_id` of `group`.
+    /// Reserves every line of `order_id` or none, for message `message_id` of `group`, in the
+    /// next shared transaction.
     pub async fn reserve_order(
         &self,
         group: &str,
@@ -167,93 +176,23 @@ impl InventoryStore {
         lines: &[(String, i64)],
     ) -> Result<Reservation, StoreError> {
         let lines = merge_lines(lines.iter().map(|(s, q)| (s.as_str(), *q)));
-        for _ in 0..3 {
-            let mut tx = self.db.begin_write().await?;
-            if !inbox::claim(&mut tx, group, message_id).await? {
-                return Ok(Reservation::Duplicate);
-            }
-            let mut all = true;
-            let mut left = Vec::with_capacity(lines.len());
-            for (sku, quantity) in &lines {
-                // The guard makes the check and the change one atomic step: never oversold.
-                let done = sqlx::query(
-                    "UPDATE products SET reserved = reserved + $1, version = version + 1, updated_at = $2 \
-                     WHERE sku = $3 AND on_hand - reserved >= $1 RETURNING on_hand - reserved",
-                )
-                .bind(*quantity)
-                .bind(time::to_text(time::now()))
-                .bind(sku)
-                .fetch_optional(&mut *tx)
-                .await?;
-                match done {
-                    Some(row) => left.push((sku.clone(), *quantity, row.try_get::<i64, _>(0)?)),
-                    None => {
-                        all = false;
-                        break;
-                    }
-                }
-            }
-            if all {
-                let now = time::to_text(time::now());
-                for (sku, quantity) in &lines {
-                    sqlx::query(
-                        "INSERT INTO reservations (order_id, sku, quantity, state, created_at, updated_at) VALUES ($1, $2, $3, 'reserved', $4, $4)",
-                    )
-                    .bind(order_id)
-                    .bind(sku)
-                    .bind(*quantity)
-                    .bind(&now)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                let mut messages = vec![message(
-                    "inventory.reserved",
-                    order_id,
-                    &now,
-                    serde_json::json!({"orderId": order_id, "lines": lines_json(&lines)}),
-                )];
-                messages.extend(low_stock_messages(&left, &now));
-                outbox::enqueue(&mut tx, &messages).await?;
-                tx.commit().await?;
-                self.committed.notify();
-                return Ok(Reservation::Reserved);
-            }
-            tx.rollback().await?;
-            // Say exactly what is missing, from the stock as it is now.
-            let stock = self.stock(&lines).await?;
-            let Err(shortages) = reserve(&lines, &stock) else {
-                continue; // released meanwhile: try again
-            };
-            let mut tx = self.db.begin_write().await?;
-            if !inbox::claim(&mut tx, group, message_id).await? {
-                return Ok(Reservation::Duplicate);
-            }
-            let now = time::to_text(time::now());
-            let reason = shortages
-                .iter()
-                .map(|s| {
-                    format!(
-                        "{} (requested {}, available {})",
-                        s.sku, s.requested, s.available
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            outbox::enqueue(
-                &mut tx,
-                &[message(
-                    "inventory.rejected",
-                    order_id,
-                    &now,
-                    serde_json::json!({"orderId": order_id, "reason": format!("out of stock: {reason}"), "shortages": shortages}),
-                )],
-            )
-            .await?;
-            tx.commit().await?;
-            self.committed.notify();
-            return Ok(Reservation::Rejected(shortages));
-        }
-        Err(StoreError::Conflict)
+        let (group, message_id, order_id) = (
+            group.to_string(),
+            message_id.to_string(),
+            order_id.to_string(),
+        );
+        self.batches
+            .run_as(move |conn| {
+                let (group, message_id, order_id, lines) = (
+                    group.clone(),
+                    message_id.clone(),
+                    order_id.clone(),
+                    lines.clone(),
+                );
+                async move { reserve_in(conn, &group, &message_id, &order_id, &lines).await }
+                    .boxed()
+            })
+            .await
     }
 
     /// Releases what `order_id` holds (once per message). Returns whether anything was held.
@@ -333,22 +272,126 @@ impl InventoryStore {
         tx.commit().await?;
         Ok(!held.is_empty())
     }
+}
 
-    async fn stock(&self, lines: &[(String, i64)]) -> Result<BTreeMap<String, Stock>, StoreError> {
+/// Reserves every line or none on `conn`, with the inbox claim of the message, and writes
+/// `inventory.reserved` or `inventory.rejected` (with what is missing) to the outbox.
+async fn reserve_in(
+    conn: &mut sqlx::AnyConnection,
+    group: &str,
+    message_id: &str,
+    order_id: &str,
+    lines: &[(String, i64)],
+) -> Result<Reservation, StoreError> {
+    if !inbox::claim(conn, group, message_id).await? {
+        return Ok(Reservation::Duplicate);
+    }
+    let now = time::to_text(time::now());
+    for _ in 0..3 {
+        if let Some(reservation) = try_reserve(conn, order_id, lines, &now).await? {
+            return Ok(reservation);
+        }
+        // Stock was released between the guarded update and the read: try again.
+    }
+    Err(StoreError::Conflict)
+}
+
+/// One attempt of [`reserve_in`]: `None` when it failed but nothing is missing any more.
+async fn try_reserve(
+    conn: &mut sqlx::AnyConnection,
+    order_id: &str,
+    lines: &[(String, i64)],
+    now: &str,
+) -> Result<Option<Reservation>, StoreError> {
+    let mut left = Vec::with_capacity(lines.len());
+    for (sku, quantity) in lines {
+        // The guard makes the check and the change one atomic step: never oversold.
+        let done = sqlx::query(
+            "UPDATE products SET reserved = reserved + $1, version = version + 1, updated_at = $2 \
+             WHERE sku = $3 AND on_hand - reserved >= $1 RETURNING on_hand - reserved",
+        )
+        .bind(*quantity)
+        .bind(now)
+        .bind(sku)
+        .fetch_optional(&mut *conn)
+        .await?;
+        match done {
+            Some(row) => left.push((sku.clone(), *quantity, row.try_get::<i64, _>(0)?)),
+            None => break,
+        }
+    }
+    if left.len() < lines.len() {
+        // All or none: give back what this order took, in the same transaction.
+        for (sku, quantity, _) in &left {
+            sqlx::query("UPDATE products SET reserved = reserved - $1 WHERE sku = $2")
+                .bind(*quantity)
+                .bind(sku)
+                .execute(&mut *conn)
+                .await?;
+        }
+        // Say exactly what is missing, from the stock as it is now (the lines are locked or
+        // read in this transaction).
         let mut stock = BTreeMap::new();
         for (sku, _) in lines {
-            if let Some(p) = self.get(sku).await? {
+            let row = sqlx::query("SELECT on_hand, reserved FROM products WHERE sku = $1")
+                .bind(sku)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if let Some(row) = row {
                 stock.insert(
                     sku.clone(),
                     Stock {
-                        on_hand: p.on_hand,
-                        reserved: p.reserved,
+                        on_hand: row.try_get(0)?,
+                        reserved: row.try_get(1)?,
                     },
                 );
             }
         }
-        Ok(stock)
+        let Err(shortages) = reserve(lines, &stock) else {
+            return Ok(None);
+        };
+        let reason = shortages
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} (requested {}, available {})",
+                    s.sku, s.requested, s.available
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        outbox::enqueue(
+            conn,
+            &[message(
+                "inventory.rejected",
+                order_id,
+                now,
+                serde_json::json!({"orderId": order_id, "reason": format!("out of stock: {reason}"), "shortages": shortages}),
+            )],
+        )
+        .await?;
+        return Ok(Some(Reservation::Rejected(shortages)));
     }
+    for (sku, quantity) in lines {
+        sqlx::query(
+            "INSERT INTO reservations (order_id, sku, quantity, state, created_at, updated_at) VALUES ($1, $2, $3, 'reserved', $4, $4)",
+        )
+        .bind(order_id)
+        .bind(sku)
+        .bind(*quantity)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let mut messages = vec![message(
+        "inventory.reserved",
+        order_id,
+        now,
+        serde_json::json!({"orderId": order_id, "lines": lines_json(lines)}),
+    )];
+    messages.extend(low_stock_messages(&left, now));
+    outbox::enqueue(conn, &messages).await?;
+    Ok(Some(Reservation::Reserved))
 }
 
 /// `inventory.low_stock` for each product whose reservation just crossed the threshold (not

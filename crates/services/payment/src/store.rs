@@ -206,32 +206,11 @@ impl PaymentStore {
     /// Runs `job` in the next shared transaction; its result once that committed.
     async fn batched<T: Send + 'static>(
         &self,
-        mut job: impl for<'c> FnMut(&'c mut AnyConnection) -> BoxFuture<'c, Result<T, StoreError>>
+        job: impl for<'c> FnMut(&'c mut AnyConnection) -> BoxFuture<'c, Result<T, StoreError>>
         + Send
         + 'static,
     ) -> Result<T, StoreError> {
-        let output = self
-            .batches
-            .run(Box::new(move |conn| {
-                job(conn)
-                    .map(|r| {
-                        r.map(|v| Box::new(v) as storage::group_commit::Output)
-                            .map_err(|e| Box::new(e) as storage::group_commit::JobError)
-                    })
-                    .boxed()
-            }))
-            .await
-            .map_err(|error| match error.downcast::<StoreError>() {
-                Ok(store) => *store,
-                Err(other) => match other.downcast::<sqlx::Error>() {
-                    Ok(db) => StoreError::Db(*db),
-                    Err(other) => StoreError::Corrupt(other.to_string()),
-                },
-            })?;
-        output
-            .downcast::<T>()
-            .map(|v| *v)
-            .map_err(|_| StoreError::Corrupt("a batched job answered another type".into()))
+        self.batches.run_as(job).await
     }
 
     fn queue_charge(&self, charge: DueCharge) {
