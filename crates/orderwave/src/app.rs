@@ -16,6 +16,7 @@ use http_kit::Problem;
 use http_kit::health::{self, Readiness};
 use inventory_service::InventoryService;
 use metrics_handle::PrometheusHandle;
+use notification_service::NotificationService;
 use order_service::OrderService;
 use order_service::customers::{CustomerChecker, CustomerDirectory, HttpCustomerDirectory};
 use payment_service::PaymentService;
@@ -56,6 +57,7 @@ Every POST takes an `Idempotency-Key`; every order carries an `ETag` checked by 
         (name = "inventory", description = "Products, stock and reservations"),
         (name = "payments", description = "Payments of orders and their refunds"),
         (name = "customers", description = "Customers, their contact data and notification preferences"),
+        (name = "notifications", description = "Email and SMS to customers: templates, deliveries, attempts and redrive"),
         (name = "admin", description = "Operator endpoints"),
         (name = "operations", description = "Health and metrics"),
     ),
@@ -70,6 +72,7 @@ struct Databases {
     customers: Db,
     inventory: Db,
     payments: Db,
+    notifications: Db,
     http: Db,
     bus: Db,
 }
@@ -81,6 +84,7 @@ impl Databases {
             ("customers".to_string(), self.customers.clone()),
             ("inventory".to_string(), self.inventory.clone()),
             ("payments".to_string(), self.payments.clone()),
+            ("notifications".to_string(), self.notifications.clone()),
             ("http".to_string(), self.http.clone()),
             ("bus".to_string(), self.bus.clone()),
         ]
@@ -107,6 +111,7 @@ async fn open_databases(config: &Config) -> anyhow::Result<Databases> {
         customers: open(config, "customers", small).await?,
         inventory: open(config, "inventory", small).await?,
         payments: open(config, "payments", small).await?,
+        notifications: open(config, "notifications", small).await?,
         http: open(config, "http", small).await?,
         bus: open(config, "bus", small).await?,
     })
@@ -124,6 +129,9 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
         .await?;
     dbs.payments
         .migrate_service(&payment_service::MIGRATOR)
+        .await?;
+    dbs.notifications
+        .migrate_service(&notification_service::MIGRATOR)
         .await?;
     dbs.http.migrate(&storage::idempotency::MIGRATOR).await?;
     dbs.bus.migrate(&bus::sql::MIGRATOR).await?;
@@ -152,6 +160,7 @@ pub struct Application {
     bus: Arc<dyn Bus>,
     orders: OrderService,
     payments: PaymentService,
+    notifications: NotificationService,
     saga_timeout: Duration,
     /// Relays, consumers and workers run here (not with `--no-background`).
     background: bool,
@@ -205,6 +214,13 @@ impl Application {
         )
         .await
         .context("starting the payment service")?;
+        let notifications = NotificationService::start(
+            dbs.notifications.clone(),
+            Arc::new(InProcessContacts(customers.store.clone())),
+            NotificationService::log_transports(),
+        )
+        .await
+        .context("starting the notification service")?;
         if config.demo {
             crate::demo::seed(&inventory, &customers)
                 .await
@@ -224,6 +240,10 @@ impl Application {
             (
                 order_service::consumers::config(),
                 Arc::new(orders.handler()),
+            ),
+            (
+                notification_service::consumers::config(),
+                Arc::new(notifications.handler()),
             ),
         ];
         for (consumer, _) in &mut consumers {
@@ -263,6 +283,7 @@ impl Application {
             .merge(customers.router())
             .merge(inventory.router())
             .merge(payments.router())
+            .merge(notifications.router())
             .merge(crate::admin::router(
                 bus.clone(),
                 Arc::new(
@@ -302,6 +323,7 @@ impl Application {
             bus,
             orders,
             payments,
+            notifications,
             saga_timeout: Duration::from_secs(config.saga_timeout_secs.max(1)),
             background: !config.no_background,
         })
@@ -352,6 +374,7 @@ impl Application {
         let background = if self.background {
             vec![
                 tokio::spawn(self.payments.worker(stopped.clone())),
+                tokio::spawn(self.notifications.worker(stopped.clone())),
                 tokio::spawn(
                     self.orders
                         .saga_deadline(self.saga_timeout, stopped.clone()),
@@ -376,6 +399,27 @@ impl Application {
         }
         tracing::info!("orderwave stopped");
         served.context("serving HTTP")
+    }
+}
+
+/// Contact data and preferences from the customer service of this process.
+struct InProcessContacts(Arc<customer_service::store::CustomerStore>);
+
+impl notification_service::consumers::Contacts for InProcessContacts {
+    fn contact<'a>(
+        &'a self,
+        customer_id: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Option<domain::customer::Contact>, String>> {
+        Box::pin(async move {
+            let Ok(id) = uuid::Uuid::parse_str(customer_id) else {
+                return Ok(None);
+            };
+            self.0
+                .get(id)
+                .await
+                .map(|c| c.map(|c| c.contact))
+                .map_err(|e| e.to_string())
+        })
     }
 }
 

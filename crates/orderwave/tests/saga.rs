@@ -583,6 +583,24 @@ async fn every_message_delivered_twice_has_one_effect() {
         );
         let payment = payment_of(&app, &ids[2]).await;
         assert_eq!(payment["refunds"].as_array().unwrap().len(), 1);
+        // One email per event the customer hears about: placed and confirmed; placed and
+        // cancelled; placed, confirmed, cancelled and refunded.
+        for (id, expected) in ids.iter().zip([2, 2, 4]) {
+            let mut items = Vec::new();
+            eventually("the notifications", async || {
+                let page: Value = app
+                    .get(&format!("/api/v1/notifications?orderId={id}"))
+                    .await
+                    .json()
+                    .await
+                    .unwrap();
+                items = page["items"].as_array().unwrap().clone();
+                items.len() >= expected && items.iter().all(|n| n["status"] == "SENT")
+            })
+            .await;
+            assert_eq!(items.len(), expected, "{id}: {items:?}");
+            assert!(items.iter().all(|n| n["attempts"] == 1), "{items:?}");
+        }
         // The second deliveries were recognised, not failed until dead-lettered.
         let letters: Value = app
             .get("/api/v1/admin/dead-letters")

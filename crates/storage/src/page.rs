@@ -13,8 +13,13 @@ pub struct NewestFirst {
 impl NewestFirst {
     /// A query over `table`, which has `document`, `created_at` and `id` columns.
     pub fn documents_of(table: &'static str) -> Self {
+        Self::columns_of(table, "document")
+    }
+
+    /// A query of `columns` over `table`, which has `created_at` and `id` columns.
+    pub fn columns_of(table: &'static str, columns: &'static str) -> Self {
         Self {
-            sql: format!("SELECT document FROM {table} WHERE 1 = 1"),
+            sql: format!("SELECT {columns} FROM {table} WHERE 1 = 1"),
             binds: Vec::new(),
         }
     }
@@ -52,10 +57,24 @@ impl NewestFirst {
 
     /// Up to `limit` documents, and whether more follow.
     pub async fn fetch(
-        mut self,
+        self,
         pool: &AnyPool,
         limit: u32,
     ) -> Result<(Vec<String>, bool), sqlx::Error> {
+        let (rows, more) = self.fetch_rows(pool, limit).await?;
+        let documents = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((documents, more))
+    }
+
+    /// Up to `limit` rows, and whether more follow.
+    pub async fn fetch_rows(
+        mut self,
+        pool: &AnyPool,
+        limit: u32,
+    ) -> Result<(Vec<sqlx::any::AnyRow>, bool), sqlx::Error> {
         self.sql.push_str(&format!(
             " ORDER BY created_at DESC, id DESC LIMIT {}",
             u64::from(limit) + 1
@@ -64,14 +83,9 @@ impl NewestFirst {
         for value in self.binds {
             query = query.bind(value);
         }
-        let mut documents = query
-            .fetch_all(pool)
-            .await?
-            .iter()
-            .map(|r| r.try_get::<String, _>(0))
-            .collect::<Result<Vec<_>, _>>()?;
-        let more = documents.len() > limit as usize;
-        documents.truncate(limit as usize);
-        Ok((documents, more))
+        let mut rows = query.fetch_all(pool).await?;
+        let more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        Ok((rows, more))
     }
 }

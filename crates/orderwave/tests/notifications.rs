@@ -1,0 +1,261 @@
+//! Notifications over the real HTTP API and the bus, on SQLite and on PostgreSQL: what a
+//! customer asked for is rendered from its template and delivered once per event and channel.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{TestApp, eventually, expect_problem, paid_order_body};
+use serde_json::{Value, json};
+
+on_both_backends!(
+    a_confirmed_order_is_announced_on_the_channels_the_customer_chose,
+    templates_are_checked_when_saved_previewed_and_used,
+    ad_hoc_messages_are_validated_and_delivered,
+);
+
+/// A customer who wants order events by email and shipping and confirmation by SMS.
+async fn customer_with_sms(app: &TestApp) -> String {
+    let n = uuid::Uuid::now_v7().simple().to_string();
+    let response = app
+        .post_json(
+            "/api/v1/customers",
+            &json!({
+                "name": "Grace Hopper",
+                "email": format!("g{n}@example.com"),
+                "phone": "+447911123456",
+                "notificationPreferences": {
+                    "email": ["order.created", "order.confirmed", "order.shipped"],
+                    "sms": ["order.confirmed"]
+                }
+            }),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn notifications_of(app: &TestApp, order_id: &str) -> Vec<Value> {
+    let page: Value = app
+        .get(&format!(
+            "/api/v1/notifications?orderId={order_id}&limit=100"
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    page["items"].as_array().unwrap().clone()
+}
+
+async fn a_confirmed_order_is_announced_on_the_channels_the_customer_chose(app: &TestApp) {
+    let customer = customer_with_sms(app).await;
+    let order = app.place(&paid_order_body(&customer)).await;
+    let id = order["id"].as_str().unwrap();
+    app.wait_for_status(id, "CONFIRMED").await;
+    let mut sent = Vec::new();
+    eventually("three notifications sent", async || {
+        sent = notifications_of(app, id).await;
+        sent.len() == 3 && sent.iter().all(|n| n["status"] == "SENT")
+    })
+    .await;
+    let kinds: Vec<(String, String)> = sent
+        .iter()
+        .map(|n| {
+            (
+                n["eventType"].as_str().unwrap().to_string(),
+                n["channel"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for expected in [
+        ("order.created", "email"),
+        ("order.confirmed", "email"),
+        ("order.confirmed", "sms"),
+    ] {
+        assert!(
+            kinds.contains(&(expected.0.to_string(), expected.1.to_string())),
+            "{expected:?} in {kinds:?}"
+        );
+    }
+    let confirmed_email = sent
+        .iter()
+        .find(|n| n["eventType"] == "order.confirmed" && n["channel"] == "email")
+        .unwrap();
+    assert_eq!(
+        confirmed_email["subject"],
+        format!("Your order {id} is confirmed")
+    );
+    assert!(
+        confirmed_email["textBody"]
+            .as_str()
+            .unwrap()
+            .starts_with("Hello Grace Hopper, your order")
+    );
+    assert!(
+        confirmed_email["htmlBody"]
+            .as_str()
+            .unwrap()
+            .contains("<li>2 × SKU-CHAIR")
+    );
+    assert!(
+        confirmed_email["recipient"]
+            .as_str()
+            .unwrap()
+            .starts_with('g')
+    );
+    let sms = sent.iter().find(|n| n["channel"] == "sms").unwrap();
+    assert_eq!(sms["recipient"], "+447911123456");
+    assert!(sms.get("htmlBody").is_none());
+    // Each was sent once, and the attempt is on record.
+    let one: Value = app
+        .get(&format!(
+            "/api/v1/notifications/{}",
+            sms["id"].as_str().unwrap()
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["attempts"], 1);
+    assert_eq!(one["history"][0]["outcome"], "sent");
+    assert!(one["providerRef"].as_str().unwrap().starts_with("log-"));
+    // Filters.
+    let by_customer: Value = app
+        .get(&format!(
+            "/api/v1/notifications?customerId={customer}&status=sent"
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(by_customer["items"].as_array().unwrap().len(), 3);
+    expect_problem(app.get("/api/v1/notifications?status=lost").await, 422).await;
+    expect_problem(app.get("/api/v1/notifications/nope").await, 404).await;
+}
+
+async fn templates_are_checked_when_saved_previewed_and_used(app: &TestApp) {
+    let path = "/api/v1/notification-templates/order.created.email";
+    let template: Value = app.get(path).await.json().await.unwrap();
+    assert_eq!(template["key"], "order.created.email");
+    assert_eq!(template["version"], 1);
+    expect_problem(
+        app.get("/api/v1/notification-templates/order.created.fax")
+            .await,
+        404,
+    )
+    .await;
+
+    // A template that prints what the event does not have is refused, and nothing changes.
+    let broken = json!({"subject": "Order {{ order.nope }}", "textBody": "x"});
+    let problem = expect_problem(app.put_json(path, &broken).await, 422).await;
+    assert_eq!(problem["errors"][0]["field"], "subject");
+    let syntax = json!({"subject": "ok", "textBody": "{% if %}"});
+    expect_problem(app.put_json(path, &syntax).await, 422).await;
+    let unchanged: Value = app.get(path).await.json().await.unwrap();
+    assert_eq!(unchanged["version"], 1);
+
+    let mine = json!({
+        "subject": "Thanks, {{ customer.name }}: order {{ order.id }}",
+        "textBody": "{{ order.items | length }} lines, {{ order.total }} {{ order.currency }}",
+        "htmlBody": "<b>{{ customer.name }}</b>"
+    });
+    let response = app.put_json(path, &mine).await;
+    assert_eq!(response.status(), 200);
+    let saved: Value = response.json().await.unwrap();
+    assert_eq!(saved["version"], 2);
+    let preview: Value = app
+        .post_json(&format!("{path}/preview"), &json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(preview["textBody"], "2 lines, 114.85 USD");
+    assert_eq!(preview["htmlBody"], "<b>Ada Lovelace</b>");
+    let custom: Value = app
+        .post_json(
+            &format!("{path}/preview"),
+            &json!({"data": {"customer": {"name": "<Bob>"}, "order": {"id": "X", "items": [], "total": "0", "currency": "EUR"}}}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(custom["subject"], "Thanks, <Bob>: order X");
+    assert_eq!(custom["htmlBody"], "<b>&lt;Bob&gt;</b>");
+
+    // The next order's email uses it.
+    let customer = app.new_customer().await;
+    let order = app.place(&paid_order_body(&customer)).await;
+    let id = order["id"].as_str().unwrap();
+    eventually("the order.created email", async || {
+        notifications_of(app, id)
+            .await
+            .iter()
+            .any(|n| n["eventType"] == "order.created")
+    })
+    .await;
+    let created = notifications_of(app, id)
+        .await
+        .into_iter()
+        .find(|n| n["eventType"] == "order.created")
+        .unwrap();
+    assert_eq!(
+        created["subject"],
+        format!("Thanks, Test Customer: order {id}")
+    );
+    assert_eq!(created["templateKey"], "order.created.email");
+}
+
+async fn ad_hoc_messages_are_validated_and_delivered(app: &TestApp) {
+    for (body, field) in [
+        (
+            json!({"channel": "fax", "recipient": "a@b.example", "subject": "s", "body": "b"}),
+            "channel",
+        ),
+        (
+            json!({"channel": "sms", "recipient": "0791112345", "subject": "", "body": "b"}),
+            "recipient",
+        ),
+        (
+            json!({"channel": "email", "recipient": "not-an-address", "subject": "s", "body": "b"}),
+            "recipient",
+        ),
+        (
+            json!({"channel": "email", "subject": "s", "body": "b"}),
+            "recipient",
+        ),
+        (
+            json!({"channel": "email", "recipient": "a@b.example", "subject": "s", "body": " "}),
+            "body",
+        ),
+    ] {
+        let problem =
+            expect_problem(app.post_json("/api/v1/notifications", &body).await, 422).await;
+        assert_eq!(problem["errors"][0]["field"], field, "{body}");
+    }
+    let customer = customer_with_sms(app).await;
+    let response = app
+        .post_json(
+            "/api/v1/notifications",
+            &json!({"channel": "sms", "customerId": customer, "subject": "", "body": "Your parcel is delayed"}),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    let location = response.headers()["location"].to_str().unwrap().to_string();
+    let created: Value = response.json().await.unwrap();
+    assert_eq!(created["recipient"], "+447911123456");
+    eventually("the ad-hoc SMS sent", async || {
+        let n: Value = app.get(&location).await.json().await.unwrap();
+        n["status"] == "SENT"
+    })
+    .await;
+    // Only a DEAD notification can be redriven.
+    expect_problem(
+        app.post_json(&format!("{location}/redrive"), &json!({}))
+            .await,
+        409,
+    )
+    .await;
+}

@@ -1,0 +1,354 @@
+//! The notification REST API: templates under /api/v1/notification-templates, deliveries under
+//! /api/v1/notifications.
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_kit::{JsonBody, Problem, cursor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::NotificationService;
+use crate::store::{Filter, NewDelivery, Notification, StoreError, Template};
+use crate::templates::{self, Rendered, TemplateTexts};
+
+pub fn router(service: NotificationService) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(get_template, put_template))
+        .routes(routes!(preview_template))
+        .routes(routes!(send_notification, list_notifications))
+        .routes(routes!(get_notification))
+        .routes(routes!(redrive_notification))
+        .with_state(service)
+}
+
+impl From<StoreError> for Problem {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NotFound => not_found(),
+            StoreError::Db(error) => {
+                tracing::error!(%error, "notification store failed");
+                Problem::unavailable("The notification database is unavailable; retry later.")
+            }
+        }
+    }
+}
+
+fn not_found() -> Problem {
+    Problem::not_found("No notification with this id.")
+}
+
+fn unknown_template() -> Problem {
+    Problem::not_found(
+        "No such template: a key is `<event type>.<channel>`, with an event type customers can be notified of and a channel of email or sms.",
+    )
+}
+
+/// Get a template.
+#[utoipa::path(
+    get, path = "/api/v1/notification-templates/{key}", tag = "notifications",
+    params(("key" = String, Path, description = "`<event type>.<channel>`, e.g. order.shipped.email")),
+    responses(
+        (status = 200, description = "The template", body = Template),
+        (status = 404, description = "No such template", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn get_template(
+    State(service): State<NotificationService>,
+    Path(key): Path<String>,
+) -> Result<axum::Json<Template>, Problem> {
+    templates::parse_key(&key).ok_or_else(unknown_template)?;
+    let template = service
+        .store
+        .template(&key)
+        .await?
+        .ok_or_else(unknown_template)?;
+    Ok(axum::Json(template))
+}
+
+/// Replace a template. It must render with the event's sample data (see the preview), or it is
+/// refused with 422 and nothing changes.
+#[utoipa::path(
+    put, path = "/api/v1/notification-templates/{key}", tag = "notifications",
+    request_body = TemplateTexts,
+    params(("key" = String, Path, description = "`<event type>.<channel>`, e.g. order.shipped.email")),
+    responses(
+        (status = 200, description = "The saved template", body = Template),
+        (status = 404, description = "No such template", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The template does not render", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn put_template(
+    State(service): State<NotificationService>,
+    Path(key): Path<String>,
+    JsonBody(texts): JsonBody<TemplateTexts>,
+) -> Result<axum::Json<Template>, Problem> {
+    let (event, channel) = templates::parse_key(&key).ok_or_else(unknown_template)?;
+    if texts.subject.trim().is_empty() {
+        return Err(Problem::field("subject", "must not be empty"));
+    }
+    if texts.text_body.trim().is_empty() {
+        return Err(Problem::field("textBody", "must not be empty"));
+    }
+    templates::render(&texts, &templates::sample(event)).map_err(|error| {
+        let (field, message) = error.split_once(": ").unwrap_or(("template", &error));
+        Problem::field(field, format!("does not render: {message}"))
+    })?;
+    Ok(axum::Json(
+        service.store.put_template(&key, channel, &texts).await?,
+    ))
+}
+
+/// Data to preview a template with.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PreviewBody {
+    /// What the template sees (`customer`, `order`, `refund`); the event's sample when absent.
+    #[serde(default)]
+    pub data: Option<Value>,
+}
+
+/// Render a template with sample data (or the data given).
+#[utoipa::path(
+    post, path = "/api/v1/notification-templates/{key}/preview", tag = "notifications",
+    request_body = PreviewBody,
+    params(("key" = String, Path, description = "`<event type>.<channel>`, e.g. order.shipped.email")),
+    responses(
+        (status = 200, description = "The rendered message", body = Rendered),
+        (status = 404, description = "No such template", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The template does not render with this data", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn preview_template(
+    State(service): State<NotificationService>,
+    Path(key): Path<String>,
+    JsonBody(body): JsonBody<PreviewBody>,
+) -> Result<axum::Json<Rendered>, Problem> {
+    let (event, _) = templates::parse_key(&key).ok_or_else(unknown_template)?;
+    let template = service
+        .store
+        .template(&key)
+        .await?
+        .ok_or_else(unknown_template)?;
+    let data = body.data.unwrap_or_else(|| templates::sample(event));
+    let rendered = templates::render(&template.texts, &data).map_err(|error| {
+        Problem::field("data", format!("the template does not render: {error}"))
+    })?;
+    Ok(axum::Json(rendered))
+}
+
+/// An ad-hoc message.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SendBody {
+    /// email or sms.
+    #[schema(example = "email")]
+    pub channel: String,
+    /// An email address or an E.164 phone number; or give `customerId`.
+    #[serde(default)]
+    pub recipient: Option<String>,
+    /// The customer whose address or phone receives it.
+    #[serde(default)]
+    pub customer_id: Option<String>,
+    #[serde(default)]
+    pub order_id: Option<String>,
+    #[schema(example = "Your order is delayed")]
+    pub subject: String,
+    #[schema(example = "We are sorry: your order ships tomorrow.")]
+    pub body: String,
+}
+
+/// Send an ad-hoc message (recorded and retried like every notification).
+#[utoipa::path(
+    post, path = "/api/v1/notifications", tag = "notifications",
+    request_body = SendBody,
+    responses(
+        (status = 202, description = "Recorded; sending is under way", body = Notification, headers(("Location" = String))),
+        (status = 422, description = "Invalid message or recipient", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn send_notification(
+    State(service): State<NotificationService>,
+    JsonBody(body): JsonBody<SendBody>,
+) -> Result<Response, Problem> {
+    if !templates::CHANNELS.contains(&body.channel.as_str()) {
+        return Err(Problem::field("channel", "must be email or sms"));
+    }
+    if body.subject.trim().is_empty() && body.channel == "email" {
+        return Err(Problem::field("subject", "must not be empty"));
+    }
+    if body.body.trim().is_empty() {
+        return Err(Problem::field("body", "must not be empty"));
+    }
+    let recipient = match (&body.recipient, &body.customer_id) {
+        (Some(recipient), None) => recipient.trim().to_string(),
+        (None, Some(customer_id)) => {
+            let contact = service
+                .contacts
+                .contact(customer_id)
+                .await
+                .map_err(|_| {
+                    Problem::unavailable("The customer service cannot answer; retry later.")
+                })?
+                .ok_or_else(|| Problem::field("customerId", "no such customer"))?;
+            let address = if body.channel == "sms" {
+                contact.phone
+            } else {
+                Some(contact.email)
+            };
+            address
+                .ok_or_else(|| Problem::field("customerId", "the customer has no phone number"))?
+        }
+        _ => {
+            return Err(Problem::field(
+                "recipient",
+                "give either recipient or customerId",
+            ));
+        }
+    };
+    let valid = if body.channel == "sms" {
+        domain::customer::is_e164(&recipient)
+    } else {
+        domain::customer::is_email(&recipient)
+    };
+    if !valid {
+        return Err(Problem::field(
+            "recipient",
+            if body.channel == "sms" {
+                "must be an E.164 phone number such as +447911123456"
+            } else {
+                "must be an email address"
+            },
+        ));
+    }
+    let event_id = format!("adhoc-{}", uuid::Uuid::now_v7());
+    let notification = service
+        .store
+        .create(&NewDelivery {
+            event_id,
+            event_type: "adhoc".into(),
+            channel: body.channel.clone(),
+            recipient,
+            customer_id: body.customer_id.clone(),
+            order_id: body.order_id.clone(),
+            template_key: None,
+            subject: body.subject.trim().to_string(),
+            text_body: body.body.clone(),
+            html_body: None,
+        })
+        .await?;
+    let location = format!("/api/v1/notifications/{}", notification.id);
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        axum::Json(notification),
+    )
+        .into_response())
+}
+
+/// A page of notifications.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NotificationPage {
+    pub items: Vec<Notification>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// List notifications, newest first.
+#[utoipa::path(
+    get, path = "/api/v1/notifications", tag = "notifications",
+    params(
+        ("orderId" = Option<String>, Query, description = "Only this order's"),
+        ("customerId" = Option<String>, Query, description = "Only this customer's"),
+        ("status" = Option<String>, Query, description = "PENDING, SENT, FAILED or DEAD"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 100 (20)"),
+        ("cursor" = Option<String>, Query, description = "From a previous page's nextCursor"),
+    ),
+    responses(
+        (status = 200, description = "A page of notifications", body = NotificationPage),
+        (status = 422, description = "Invalid filter", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn list_notifications(
+    State(service): State<NotificationService>,
+    RawQuery(query): RawQuery,
+) -> Result<axum::Json<NotificationPage>, Problem> {
+    let mut filter = Filter::default();
+    let mut after = None;
+    let mut limit = 20u32;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "orderId" => filter.order_id = Some(value.into_owned()),
+            "customerId" => filter.customer_id = Some(value.into_owned()),
+            "status" => {
+                let status = value.to_ascii_lowercase();
+                if !["pending", "sent", "failed", "dead"].contains(&status.as_str()) {
+                    return Err(Problem::field(
+                        "status",
+                        "must be PENDING, SENT, FAILED or DEAD",
+                    ));
+                }
+                filter.status = Some(status);
+            }
+            "limit" => limit = cursor::parse_limit(&value, 100)?,
+            "cursor" => {
+                let parts = cursor::decode(&value, 2)?;
+                after = Some((parts[0].clone(), parts[1].clone()));
+            }
+            _ => return Err(Problem::field("query", "unknown query parameter")),
+        }
+    }
+    let (items, more) = service.store.list(&filter, after.as_ref(), limit).await?;
+    let next_cursor = match (more, items.last()) {
+        (true, Some(last)) => Some(cursor::encode(&[&last.created_at, &last.id])),
+        _ => None,
+    };
+    Ok(axum::Json(NotificationPage { items, next_cursor }))
+}
+
+/// Get a notification with its attempts.
+#[utoipa::path(
+    get, path = "/api/v1/notifications/{id}", tag = "notifications",
+    params(("id" = String, Path, description = "Notification id")),
+    responses(
+        (status = 200, description = "The notification and its attempts", body = Notification),
+        (status = 404, description = "No such notification", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn get_notification(
+    State(service): State<NotificationService>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Notification>, Problem> {
+    Ok(axum::Json(
+        service.store.get(&id).await?.ok_or_else(not_found)?,
+    ))
+}
+
+/// Send a DEAD notification again.
+#[utoipa::path(
+    post, path = "/api/v1/notifications/{id}/redrive", tag = "notifications",
+    params(("id" = String, Path, description = "Notification id")),
+    responses(
+        (status = 202, description = "Due again", body = Notification),
+        (status = 404, description = "No such notification", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The notification is not DEAD", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn redrive_notification(
+    State(service): State<NotificationService>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let current = service.store.get(&id).await?.ok_or_else(not_found)?;
+    if !service.store.redrive(&id).await? {
+        return Err(Problem::conflict(format!(
+            "The notification is {}; only a DEAD one can be redriven.",
+            current.status
+        )));
+    }
+    let notification = service.store.get(&id).await?.ok_or_else(not_found)?;
+    Ok((StatusCode::ACCEPTED, axum::Json(notification)).into_response())
+}

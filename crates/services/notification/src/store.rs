@@ -1,0 +1,481 @@
+//! The notification store: templates, deliveries (one per event and channel, recorded with the
+//! inbox claim of the event that caused them) and every attempt at sending one.
+
+use crate::templates::{self, TemplateTexts};
+use serde::Serialize;
+use sqlx::{AnyConnection, AssertSqlSafe, Row};
+use std::time::Duration;
+use storage::page::NewestFirst;
+use storage::{Db, inbox, time};
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no such notification")]
+    NotFound,
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// A stored template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Template {
+    #[schema(example = "order.shipped.email")]
+    pub key: String,
+    pub channel: String,
+    #[serde(flatten)]
+    pub texts: TemplateTexts,
+    pub version: i64,
+    pub updated_at: String,
+}
+
+/// A message to deliver, before it is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDelivery {
+    pub event_id: String,
+    pub event_type: String,
+    pub channel: String,
+    pub recipient: String,
+    pub customer_id: Option<String>,
+    pub order_id: Option<String>,
+    pub template_key: Option<String>,
+    pub subject: String,
+    pub text_body: String,
+    pub html_body: Option<String>,
+}
+
+/// One try at sending a notification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Attempt {
+    pub attempt: i64,
+    pub at: String,
+    /// sent, retry, failed or dead.
+    pub outcome: String,
+    /// The provider's answer or the error.
+    pub detail: String,
+}
+
+/// A delivery of one event on one channel, and its attempts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Notification {
+    pub id: String,
+    pub event_id: String,
+    #[schema(example = "order.shipped")]
+    pub event_type: String,
+    #[schema(example = "email")]
+    pub channel: String,
+    pub recipient: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template_key: Option<String>,
+    pub subject: String,
+    pub text_body: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub html_body: Option<String>,
+    /// PENDING (due or being sent), SENT, FAILED (refused for good) or DEAD (retries used up;
+    /// can be redriven).
+    pub status: String,
+    pub attempts: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_ref: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub history: Vec<Attempt>,
+}
+
+/// A delivery the worker has to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Due {
+    pub id: String,
+    pub channel: String,
+    pub recipient: String,
+    pub subject: String,
+    pub text_body: String,
+    pub html_body: Option<String>,
+    pub attempts: i64,
+}
+
+/// Filters of the notification list.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub order_id: Option<String>,
+    pub customer_id: Option<String>,
+    pub status: Option<String>,
+}
+
+/// How long a process holds a delivery it took: nobody else sends it meanwhile.
+pub const CLAIM: Duration = Duration::from_secs(30);
+
+const COLUMNS: &str = "id, event_id, event_type, channel, recipient, customer_id, order_id, template_key, subject, \
+     text_body, html_body, status, attempts, last_error, provider_ref, created_at, updated_at";
+
+fn later(delay: Duration) -> String {
+    time::to_text(time::now() + chrono::Duration::from_std(delay).unwrap_or_default())
+}
+
+#[derive(Debug)]
+pub struct NotificationStore {
+    db: Db,
+    due: tokio::sync::Notify,
+}
+
+impl NotificationStore {
+    pub fn new(db: Db) -> Self {
+        Self {
+            db,
+            due: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Resolves when deliveries may have become due.
+    pub async fn work_due(&self) {
+        self.due.notified().await;
+    }
+
+    /// Writes the default template of every event and channel that has none.
+    pub async fn seed_templates(&self) -> Result<(), StoreError> {
+        let now = time::to_text(time::now());
+        for event in domain::customer::NOTIFIABLE_EVENTS {
+            for channel in templates::CHANNELS {
+                let texts = templates::default_for(event, channel);
+                sqlx::query(
+                    "INSERT INTO notification_templates (template_key, channel, subject, text_body, html_body, version, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, 1, $6) ON CONFLICT (template_key) DO NOTHING",
+                )
+                .bind(format!("{event}.{channel}"))
+                .bind(channel)
+                .bind(&texts.subject)
+                .bind(&texts.text_body)
+                .bind(texts.html_body.as_deref())
+                .bind(&now)
+                .execute(self.db.writer())
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn template(&self, key: &str) -> Result<Option<Template>, StoreError> {
+        let row = sqlx::query(
+            "SELECT template_key, channel, subject, text_body, html_body, version, updated_at \
+             FROM notification_templates WHERE template_key = $1",
+        )
+        .bind(key)
+        .fetch_optional(self.db.reader())
+        .await?;
+        row.map(|r| {
+            Ok(Template {
+                key: r.try_get(0)?,
+                channel: r.try_get(1)?,
+                texts: TemplateTexts {
+                    subject: r.try_get(2)?,
+                    text_body: r.try_get(3)?,
+                    html_body: r.try_get(4)?,
+                },
+                version: r.try_get(5)?,
+                updated_at: r.try_get(6)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Replaces (or creates) the template `key` of `channel`; checked by the caller.
+    pub async fn put_template(
+        &self,
+        key: &str,
+        channel: &str,
+        texts: &TemplateTexts,
+    ) -> Result<Template, StoreError> {
+        sqlx::query(
+            "INSERT INTO notification_templates (template_key, channel, subject, text_body, html_body, version, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, 1, $6) ON CONFLICT (template_key) DO UPDATE SET \
+             subject = excluded.subject, text_body = excluded.text_body, html_body = excluded.html_body, \
+             version = notification_templates.version + 1, updated_at = excluded.updated_at",
+        )
+        .bind(key)
+        .bind(channel)
+        .bind(&texts.subject)
+        .bind(&texts.text_body)
+        .bind(texts.html_body.as_deref())
+        .bind(time::to_text(time::now()))
+        .execute(self.db.writer())
+        .await?;
+        self.template(key)
+            .await?
+            .ok_or_else(|| StoreError::Db(sqlx::Error::RowNotFound))
+    }
+
+    /// Records the deliveries an event causes, with the event's inbox claim, in one
+    /// transaction. A redelivered event records nothing (false), and a second delivery for the
+    /// same event and channel is never stored.
+    pub async fn record(
+        &self,
+        group: &str,
+        message_id: &str,
+        deliveries: &[NewDelivery],
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        if !inbox::claim(&mut tx, group, message_id).await? {
+            return Ok(false);
+        }
+        for delivery in deliveries {
+            insert(&mut tx, delivery).await?;
+        }
+        tx.commit().await?;
+        if !deliveries.is_empty() {
+            self.due.notify_one();
+        }
+        Ok(true)
+    }
+
+    /// An ad-hoc message, sent like any other; returns it.
+    pub async fn create(&self, delivery: &NewDelivery) -> Result<Notification, StoreError> {
+        let mut conn = self.db.writer().acquire().await?;
+        let id = insert(&mut conn, delivery).await?;
+        drop(conn);
+        self.due.notify_one();
+        self.get(&id).await?.ok_or(StoreError::NotFound)
+    }
+
+    /// Takes the deliveries due now (at most `limit`) for `CLAIM`.
+    pub async fn claim_due(&self, limit: u32) -> Result<Vec<Due>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE notifications SET next_attempt_at = $1 WHERE status = 'pending' AND next_attempt_at <= $2 AND id IN \
+             (SELECT id FROM notifications WHERE status = 'pending' AND next_attempt_at <= $2 ORDER BY next_attempt_at LIMIT {limit}) \
+             RETURNING id, channel, recipient, subject, text_body, html_body, attempts"
+        )))
+        .bind(later(CLAIM))
+        .bind(time::to_text(time::now()))
+        .fetch_all(self.db.writer())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Due {
+                    id: r.try_get(0)?,
+                    channel: r.try_get(1)?,
+                    recipient: r.try_get(2)?,
+                    subject: r.try_get(3)?,
+                    text_body: r.try_get(4)?,
+                    html_body: r.try_get(5)?,
+                    attempts: r.try_get(6)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records an attempt: `sent` (with the provider's reference), `retry` (due again after
+    /// `retry_in`), `failed` (refused for good) or `dead` (retries used up).
+    pub async fn record_attempt(&self, id: &str, outcome: Outcome<'_>) -> Result<(), StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        let now = time::to_text(time::now());
+        let (status, next, detail, reference, error) = match &outcome {
+            Outcome::Sent { reference } => ("sent", None, *reference, Some(*reference), None),
+            Outcome::Retry { error, retry_in } => (
+                "pending",
+                Some(later(*retry_in)),
+                *error,
+                None,
+                Some(*error),
+            ),
+            Outcome::Failed { error } => ("failed", None, *error, None, Some(*error)),
+            Outcome::Dead { error } => ("dead", None, *error, None, Some(*error)),
+        };
+        let attempt: Option<i64> = sqlx::query(
+            "UPDATE notifications SET status = $1, attempts = attempts + 1, next_attempt_at = $2, \
+             last_error = COALESCE($3, last_error), provider_ref = COALESCE($4, provider_ref), updated_at = $5 \
+             WHERE id = $6 AND status = 'pending' RETURNING attempts",
+        )
+        .bind(status)
+        .bind(next)
+        .bind(error)
+        .bind(reference)
+        .bind(&now)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| r.try_get(0))
+        .transpose()?;
+        let Some(attempt) = attempt else {
+            return Ok(()); // settled by another worker
+        };
+        sqlx::query(
+            "INSERT INTO notification_attempts (notification_id, attempt, at, outcome, detail) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(attempt)
+        .bind(&now)
+        .bind(outcome.name())
+        .bind(detail)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Sends a DEAD notification again (its attempts start over); false when it is not dead.
+    pub async fn redrive(&self, id: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE notifications SET status = 'pending', next_attempt_at = $1, updated_at = $1 WHERE id = $2 AND status = 'dead'",
+        )
+        .bind(time::to_text(time::now()))
+        .bind(id)
+        .execute(self.db.writer())
+        .await?;
+        if done.rows_affected() == 1 {
+            self.due.notify_one();
+        }
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<Notification>, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM notifications WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(self.db.reader())
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let mut notification = notification(&row)?;
+        notification.history = self.attempts(id).await?;
+        Ok(Some(notification))
+    }
+
+    async fn attempts(&self, id: &str) -> Result<Vec<Attempt>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT attempt, at, outcome, detail FROM notification_attempts WHERE notification_id = $1 ORDER BY attempt",
+        )
+        .bind(id)
+        .fetch_all(self.db.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Attempt {
+                    attempt: r.try_get(0)?,
+                    at: r.try_get(1)?,
+                    outcome: r.try_get(2)?,
+                    detail: r.try_get(3)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Notifications newest first, strictly after the cursor; the page and whether more follow.
+    pub async fn list(
+        &self,
+        filter: &Filter,
+        after: Option<&(String, String)>,
+        limit: u32,
+    ) -> Result<(Vec<Notification>, bool), StoreError> {
+        let mut query = NewestFirst::columns_of("notifications", COLUMNS);
+        if let Some(order) = &filter.order_id {
+            query.and(" AND order_id = ?", order.clone());
+        }
+        if let Some(customer) = &filter.customer_id {
+            query.and(" AND customer_id = ?", customer.clone());
+        }
+        if let Some(status) = &filter.status {
+            query.and(" AND status = ?", status.clone());
+        }
+        query.after(after);
+        let (rows, more) = query.fetch_rows(self.db.reader(), limit).await?;
+        let mut notifications = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut n = notification(row)?;
+            n.history = self.attempts(&n.id).await?;
+            notifications.push(n);
+        }
+        Ok((notifications, more))
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome<'a> {
+    Sent { reference: &'a str },
+    Retry { error: &'a str, retry_in: Duration },
+    Failed { error: &'a str },
+    Dead { error: &'a str },
+}
+
+impl Outcome<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Outcome::Sent { .. } => "sent",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Failed { .. } => "failed",
+            Outcome::Dead { .. } => "dead",
+        }
+    }
+}
+
+/// Inserts a delivery unless its event has one on that channel; returns its id (the existing
+/// one's when there was one).
+async fn insert(conn: &mut AnyConnection, d: &NewDelivery) -> Result<String, StoreError> {
+    let id = Uuid::now_v7().to_string();
+    let now = time::to_text(time::now());
+    sqlx::query(
+        "INSERT INTO notifications (id, event_id, event_type, channel, recipient, customer_id, order_id, template_key, \
+         subject, text_body, html_body, status, attempts, next_attempt_at, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'pending', 0, $12, $12, $12) \
+         ON CONFLICT (event_id, channel) DO NOTHING",
+    )
+    .bind(&id)
+    .bind(&d.event_id)
+    .bind(&d.event_type)
+    .bind(&d.channel)
+    .bind(&d.recipient)
+    .bind(d.customer_id.as_deref())
+    .bind(d.order_id.as_deref())
+    .bind(d.template_key.as_deref())
+    .bind(&d.subject)
+    .bind(&d.text_body)
+    .bind(d.html_body.as_deref())
+    .bind(&now)
+    .execute(&mut *conn)
+    .await?;
+    let existing: String =
+        sqlx::query("SELECT id FROM notifications WHERE event_id = $1 AND channel = $2")
+            .bind(&d.event_id)
+            .bind(&d.channel)
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
+    Ok(existing)
+}
+
+fn notification(r: &sqlx::any::AnyRow) -> Result<Notification, StoreError> {
+    Ok(Notification {
+        id: r.try_get(0)?,
+        event_id: r.try_get(1)?,
+        event_type: r.try_get(2)?,
+        channel: r.try_get(3)?,
+        recipient: r.try_get(4)?,
+        customer_id: r.try_get(5)?,
+        order_id: r.try_get(6)?,
+        template_key: r.try_get(7)?,
+        subject: r.try_get(8)?,
+        text_body: r.try_get(9)?,
+        html_body: r.try_get(10)?,
+        status: r.try_get::<String, _>(11)?.to_ascii_uppercase(),
+        attempts: r.try_get(12)?,
+        last_error: r.try_get(13)?,
+        provider_ref: r.try_get(14)?,
+        created_at: r.try_get(15)?,
+        updated_at: r.try_get(16)?,
+        history: Vec::new(),
+    })
+}

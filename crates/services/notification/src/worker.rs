@@ -1,0 +1,122 @@
+//! The worker that sends due notifications, several at once, each through its channel's
+//! transport: retried with exponential backoff and jitter, FAILED at once on a permanent error,
+//! DEAD once the attempts are used up.
+
+use crate::store::{CLAIM, Due, NotificationStore, Outcome};
+use crate::transport::{SendError, Transport};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub max_attempts: i64,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub poll_interval: Duration,
+    /// Deliveries taken at once.
+    pub batch: u32,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(60),
+            poll_interval: Duration::from_secs(1),
+            batch: 64,
+        }
+    }
+}
+
+/// The wait before the next attempt after `attempts` failed ones, with jitter in [d/2, d].
+pub fn backoff(config: &WorkerConfig, attempts: i64) -> Duration {
+    let exp = u32::try_from(attempts.clamp(0, 16)).unwrap_or(16);
+    let capped = config
+        .backoff_base
+        .saturating_mul(2u32.saturating_pow(exp))
+        .min(config.backoff_max);
+    let half = capped / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
+/// Runs until `stop` turns true.
+pub async fn run(
+    store: Arc<NotificationStore>,
+    transports: Arc<HashMap<String, Arc<dyn Transport>>>,
+    config: WorkerConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        while tasks.try_join_next().is_some() {}
+        match store.claim_due(config.batch).await {
+            Ok(due) => {
+                for message in due {
+                    tasks.spawn(send_one(
+                        store.clone(),
+                        transports.clone(),
+                        config.clone(),
+                        message,
+                    ));
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot read due notifications"),
+        }
+        tokio::select! {
+            () = store.work_due() => {}
+            () = tokio::time::sleep(config.poll_interval) => {}
+            _ = stop.changed() => {}
+        }
+    }
+    tasks.abort_all();
+}
+
+async fn send_one(
+    store: Arc<NotificationStore>,
+    transports: Arc<HashMap<String, Arc<dyn Transport>>>,
+    config: WorkerConfig,
+    message: Due,
+) {
+    let answer = match transports.get(&message.channel) {
+        None => Err(SendError::Permanent(format!(
+            "no transport for channel {}",
+            message.channel
+        ))),
+        // No longer than the claim, so no other process sends it meanwhile.
+        Some(transport) => match tokio::time::timeout(CLAIM / 2, transport.send(&message)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(SendError::Transient("the provider did not answer".into())),
+        },
+    };
+    let outcome = match &answer {
+        Ok(reference) => Outcome::Sent { reference },
+        Err(SendError::Permanent(error)) => Outcome::Failed { error },
+        Err(SendError::Transient(error)) if message.attempts + 1 >= config.max_attempts => {
+            Outcome::Dead { error }
+        }
+        Err(SendError::Transient(error)) => Outcome::Retry {
+            error,
+            retry_in: backoff(&config, message.attempts),
+        },
+    };
+    let name = match outcome {
+        Outcome::Sent { .. } => "sent",
+        Outcome::Retry { .. } => "retry",
+        Outcome::Failed { .. } => "failed",
+        Outcome::Dead { .. } => "dead",
+    };
+    metrics::counter!("notifications_total", "channel" => message.channel.clone(), "outcome" => name)
+        .increment(1);
+    if let Outcome::Failed { error } | Outcome::Dead { error } = outcome {
+        tracing::warn!(notification_id = %message.id, channel = %message.channel, %error, outcome = name, "notification not delivered");
+    }
+    if let Err(error) = store.record_attempt(&message.id, outcome).await {
+        tracing::warn!(notification_id = %message.id, %error, "cannot record a notification attempt; it is sent again after its claim");
+    }
+}
