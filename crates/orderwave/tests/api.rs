@@ -978,7 +978,11 @@ async fn health_metrics_openapi_and_docs_are_served(app: &TestApp) {
     assert_eq!(live.status(), 200);
     let ready: Value = app.get("/health/ready").await.json().await.unwrap();
     assert_eq!(ready["status"], "ok");
-    assert_eq!(ready["checks"].as_array().unwrap().len(), 7, "one check per database");
+    assert_eq!(
+        ready["checks"].as_array().unwrap().len(),
+        7,
+        "one check per database"
+    );
 
     app.place(&order_body(&app.new_customer().await)).await;
     let metrics = app.get("/metrics").await.text().await.unwrap();

@@ -60,13 +60,21 @@ async fn get_template(
     State(service): State<NotificationService>,
     Path(key): Path<String>,
 ) -> Result<axum::Json<Template>, Problem> {
-    templates::parse_key(&key).ok_or_else(unknown_template)?;
+    Ok(axum::Json(stored_template(&service, &key).await?.1))
+}
+
+/// The template `key` names, and its event type; 404 for a key that names none.
+async fn stored_template(
+    service: &NotificationService,
+    key: &str,
+) -> Result<(String, Template), Problem> {
+    let (event, _) = templates::parse_key(key).ok_or_else(unknown_template)?;
     let template = service
         .store
-        .template(&key)
+        .template(key)
         .await?
         .ok_or_else(unknown_template)?;
-    Ok(axum::Json(template))
+    Ok((event.to_string(), template))
 }
 
 /// Replace a template. It must render with the event's sample data (see the preview), or it is
@@ -127,13 +135,8 @@ async fn preview_template(
     Path(key): Path<String>,
     JsonBody(body): JsonBody<PreviewBody>,
 ) -> Result<axum::Json<Rendered>, Problem> {
-    let (event, _) = templates::parse_key(&key).ok_or_else(unknown_template)?;
-    let template = service
-        .store
-        .template(&key)
-        .await?
-        .ok_or_else(unknown_template)?;
-    let data = body.data.unwrap_or_else(|| templates::sample(event));
+    let (event, template) = stored_template(&service, &key).await?;
+    let data = body.data.unwrap_or_else(|| templates::sample(&event));
     let rendered = templates::render(&template.texts, &data).map_err(|error| {
         Problem::field("data", format!("the template does not render: {error}"))
     })?;
