@@ -214,13 +214,17 @@ impl Application {
         )
         .await
         .context("starting the payment service")?;
-        let notifications = NotificationService::start(
+        let mut notifications = NotificationService::start(
             dbs.notifications.clone(),
             Arc::new(InProcessContacts(customers.store.clone())),
-            NotificationService::log_transports(),
+            notification_transports(config)?,
         )
         .await
         .context("starting the notification service")?;
+        notifications.worker.backoff_base =
+            Duration::from_millis(config.notification_retry_ms.max(1));
+        notifications.worker.breaker_open_for =
+            Duration::from_secs(config.notification_breaker_secs.max(1));
         if config.demo {
             crate::demo::seed(&inventory, &customers)
                 .await
@@ -436,6 +440,26 @@ impl CustomerDirectory for InProcessCustomers {
                 .map_err(|e| e.to_string())
         })
     }
+}
+
+/// Email through the log transport; SMS over the Twilio-style API when configured.
+fn notification_transports(
+    config: &Config,
+) -> anyhow::Result<
+    std::collections::HashMap<String, Arc<dyn notification_service::transport::Transport>>,
+> {
+    let mut transports = NotificationService::log_transports();
+    if let Some(url) = &config.sms_provider_url {
+        let sms = notification_service::transport::TwilioSms::new(
+            url,
+            &config.sms_account_sid,
+            &config.sms_auth_token,
+            &config.sms_from,
+        )
+        .map_err(|e| anyhow::anyhow!("SMS provider client: {e}"))?;
+        transports.insert("sms".into(), Arc::new(sms));
+    }
+    Ok(transports)
 }
 
 fn payment_provider(config: &Config) -> anyhow::Result<Arc<dyn PaymentProvider>> {

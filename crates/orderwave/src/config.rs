@@ -128,6 +128,42 @@ pub struct Config {
     #[arg(long, env = "ORDERWAVE_NO_BACKGROUND")]
     pub no_background: bool,
 
+    /// Base URL of a Twilio-style SMS API; without it SMS go through the log transport
+    /// (recorded and logged, not sent).
+    #[arg(long, env = "ORDERWAVE_SMS_PROVIDER_URL")]
+    pub sms_provider_url: Option<String>,
+
+    /// Account SID for the SMS API (the basic-auth user).
+    #[arg(long, env = "ORDERWAVE_SMS_ACCOUNT_SID", default_value = "")]
+    pub sms_account_sid: String,
+
+    /// Auth token for the SMS API (the basic-auth password).
+    #[arg(
+        long,
+        env = "ORDERWAVE_SMS_AUTH_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub sms_auth_token: String,
+
+    /// The sender number (E.164) of SMS.
+    #[arg(long, env = "ORDERWAVE_SMS_FROM", default_value = "+15005550006")]
+    pub sms_from: String,
+
+    /// Milliseconds before a failed notification is retried the first time (doubling after
+    /// each failure, up to a minute; 5 attempts in all).
+    #[arg(long, env = "ORDERWAVE_NOTIFICATION_RETRY_MS", default_value_t = 500)]
+    pub notification_retry_ms: u64,
+
+    /// Seconds a notification channel's circuit breaker stays open (after 5 failures in a row)
+    /// before one probe is let through.
+    #[arg(
+        long,
+        env = "ORDERWAVE_NOTIFICATION_BREAKER_SECS",
+        default_value_t = 10
+    )]
+    pub notification_breaker_secs: u64,
+
     /// Test switch: consumers handle every message twice, as a redelivery would.
     #[arg(long, env = "ORDERWAVE_TEST_DELIVER_TWICE", hide = true)]
     pub test_deliver_twice: bool,
@@ -153,6 +189,12 @@ impl Config {
             customer_service_url: None,
             demo: false,
             no_background: false,
+            sms_provider_url: None,
+            sms_account_sid: String::new(),
+            sms_auth_token: String::new(),
+            sms_from: "+15005550006".into(),
+            notification_retry_ms: 500,
+            notification_breaker_secs: 10,
             test_deliver_twice: false,
         }
     }

@@ -259,3 +259,201 @@ async fn ad_hoc_messages_are_validated_and_delivered(app: &TestApp) {
     )
     .await;
 }
+
+/// A local fake of a Twilio-style SMS API: answers 201 with a message SID, 400 for the number
+/// +15005550001 (invalid), 500 to the next `fail_next` requests, 503 to everything while
+/// `down`; records every request.
+mod fake_sms {
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use serde_json::json;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Debug, Clone)]
+    pub struct Request {
+        pub path: String,
+        pub authorization: String,
+        pub form: HashMap<String, String>,
+    }
+
+    #[derive(Default)]
+    pub struct Fake {
+        pub requests: Mutex<Vec<Request>>,
+        pub fail_next: AtomicU32,
+        pub down: AtomicBool,
+    }
+
+    impl Fake {
+        pub fn count(&self) -> usize {
+            self.requests.lock().unwrap().len()
+        }
+    }
+
+    async fn messages(
+        State(fake): State<Arc<Fake>>,
+        uri: axum::extract::OriginalUri,
+        headers: HeaderMap,
+        body: String,
+    ) -> Response {
+        let form: HashMap<String, String> = form_urlencoded::parse(body.as_bytes())
+            .into_owned()
+            .collect();
+        fake.requests.lock().unwrap().push(Request {
+            path: uri.path().to_string(),
+            authorization: headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+            form: form.clone(),
+        });
+        if fake.down.load(Ordering::SeqCst) {
+            return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+        }
+        if fake
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                axum::Json(json!({"code": 20500, "message": "internal error"})),
+            )
+                .into_response();
+        }
+        if form.get("To").map(String::as_str) == Some("+15005550001") {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"code": 21211, "message": "The 'To' number is not a valid phone number."})),
+            )
+                .into_response();
+        }
+        let n = fake.count();
+        (
+            StatusCode::CREATED,
+            axum::Json(json!({"sid": format!("SM{n:032}"), "status": "queued"})),
+        )
+            .into_response()
+    }
+
+    pub async fn start(fake: Arc<Fake>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let router = axum::Router::new()
+            .route(
+                "/2010-04-01/Accounts/{sid}/Messages.json",
+                axum::routing::post(messages),
+            )
+            .with_state(fake);
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        base
+    }
+}
+
+async fn send_sms(app: &TestApp, to: &str, body: &str) -> String {
+    let response = app
+        .post_json(
+            "/api/v1/notifications",
+            &json!({"channel": "sms", "recipient": to, "subject": "", "body": body}),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    response.headers()["location"].to_str().unwrap().to_string()
+}
+
+async fn sms_over_the_http_provider(backend: common::Backend) {
+    use std::sync::atomic::Ordering;
+    let fake = std::sync::Arc::new(fake_sms::Fake::default());
+    let url = fake_sms::start(fake.clone()).await;
+    let app = TestApp::spawn_with(backend, |c| {
+        c.sms_provider_url = Some(url.clone());
+        c.sms_account_sid = "ACtest".into();
+        c.sms_auth_token = "tok_secret".into();
+        c.sms_from = "+15005550006".into();
+        c.notification_retry_ms = 20;
+        c.notification_breaker_secs = 1;
+    })
+    .await;
+    let status = async |location: &str| -> Value { app.get(location).await.json().await.unwrap() };
+
+    // A 500, then the retry goes through.
+    fake.fail_next.store(1, Ordering::SeqCst);
+    let first = send_sms(&app, "+447911123456", "Your parcel is delayed").await;
+    eventually("the SMS sent after a retry", async || {
+        status(&first).await["status"] == "SENT"
+    })
+    .await;
+    let sent = status(&first).await;
+    assert_eq!(sent["attempts"], 2);
+    assert_eq!(sent["history"][0]["outcome"], "retry");
+    assert_eq!(sent["history"][1]["outcome"], "sent");
+    assert!(sent["providerRef"].as_str().unwrap().starts_with("SM"));
+    {
+        let requests = fake.requests.lock().unwrap();
+        assert_eq!(requests.len(), 2);
+        let request = &requests[1];
+        assert_eq!(request.path, "/2010-04-01/Accounts/ACtest/Messages.json");
+        assert_eq!(request.authorization, "Basic QUN0ZXN0OnRva19zZWNyZXQ=");
+        assert_eq!(request.form["To"], "+447911123456");
+        assert_eq!(request.form["From"], "+15005550006");
+        assert_eq!(request.form["Body"], "Your parcel is delayed");
+    }
+
+    // A 400 is final: FAILED after one request, never retried.
+    let invalid = send_sms(&app, "+15005550001", "hello").await;
+    eventually("the invalid number failed", async || {
+        status(&invalid).await["status"] == "FAILED"
+    })
+    .await;
+    let failed = status(&invalid).await;
+    assert_eq!(failed["attempts"], 1);
+    assert!(failed["lastError"].as_str().unwrap().contains("400"));
+    assert_eq!(fake.count(), 3);
+
+    // The provider goes down: after 5 failures in a row the breaker opens and the other
+    // deliveries wait instead of calling it (and instead of using up their attempts).
+    fake.down.store(true, Ordering::SeqCst);
+    let before = fake.count();
+    let mut waiting = Vec::new();
+    for i in 0..8 {
+        waiting.push(send_sms(&app, "+447911123456", &format!("backlog {i}")).await);
+    }
+    eventually("five failures reach the provider", async || {
+        fake.count() >= before + 5
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let during = fake.count() - before;
+    // Without the breaker: 8 deliveries, each retried about every second.
+    assert!(during <= 5 + 3, "{during} calls to a provider that is down");
+    for location in &waiting {
+        let n = status(location).await;
+        assert_eq!(n["status"], "PENDING", "{n}");
+    }
+
+    // Back up: the next probe closes the breaker and the backlog goes out, nothing lost.
+    fake.down.store(false, Ordering::SeqCst);
+    for location in &waiting {
+        eventually("the backlog delivered", async || {
+            status(location).await["status"] == "SENT"
+        })
+        .await;
+    }
+    let dead: Value = app
+        .get("/api/v1/notifications?status=DEAD")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(dead["items"], json!([]));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sms_go_to_the_http_provider_with_retries_permanent_failures_and_a_breaker() {
+    sms_over_the_http_provider(common::Backend::Sqlite).await;
+    sms_over_the_http_provider(common::Backend::Postgres).await;
+}

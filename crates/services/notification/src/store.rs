@@ -324,6 +324,19 @@ impl NotificationStore {
         Ok(())
     }
 
+    /// Puts a due delivery off by `delay` without counting an attempt (its channel's breaker
+    /// is open).
+    pub async fn put_off(&self, id: &str, delay: Duration) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE notifications SET next_attempt_at = $1 WHERE id = $2 AND status = 'pending'",
+        )
+        .bind(later(delay))
+        .bind(id)
+        .execute(self.db.writer())
+        .await?;
+        Ok(())
+    }
+
     /// Sends a DEAD notification again (its attempts start over); false when it is not dead.
     pub async fn redrive(&self, id: &str) -> Result<bool, StoreError> {
         let done = sqlx::query(

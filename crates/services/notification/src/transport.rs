@@ -1,5 +1,6 @@
 //! Who carries a message: the embedded `log` transport records it and writes a log line, so the
-//! platform runs with no mail server or SMS provider.
+//! platform runs with no mail server or SMS provider; `TwilioSms` posts SMS to a Twilio-style
+//! HTTP API.
 
 use crate::store::Due;
 use futures::FutureExt;
@@ -41,6 +42,99 @@ impl Transport for LogTransport {
                 "notification delivered (log transport)"
             );
             Ok(format!("log-{}", message.id))
+        }
+        .boxed()
+    }
+}
+
+/// SMS over a Twilio-style API: `POST {base}/2010-04-01/Accounts/{sid}/Messages.json` with the
+/// form `To`, `From`, `Body` and HTTP basic auth (account SID, auth token). A 4xx (an invalid
+/// number, a refused sender) is permanent; 5xx, 429 and network failures are worth retrying.
+pub struct TwilioSms {
+    base_url: String,
+    account_sid: String,
+    auth_token: String,
+    from: String,
+    client: reqwest::Client,
+}
+
+impl std::fmt::Debug for TwilioSms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("TwilioSms")
+            .field("base_url", &self.base_url)
+            .field("account_sid", &self.account_sid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TwilioSms {
+    pub fn new(
+        base_url: &str,
+        account_sid: &str,
+        auth_token: &str,
+        from: &str,
+    ) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            account_sid: account_sid.to_string(),
+            auth_token: auth_token.to_string(),
+            from: from.to_string(),
+            client,
+        })
+    }
+}
+
+impl Transport for TwilioSms {
+    fn name(&self) -> &'static str {
+        "twilio"
+    }
+
+    fn send<'a>(&'a self, message: &'a Due) -> BoxFuture<'a, Result<String, SendError>> {
+        async move {
+            if !domain::customer::is_e164(&message.recipient) {
+                return Err(SendError::Permanent(
+                    "the recipient is not an E.164 phone number".into(),
+                ));
+            }
+            let url = format!(
+                "{}/2010-04-01/Accounts/{}/Messages.json",
+                self.base_url, self.account_sid
+            );
+            let response = self
+                .client
+                .post(url)
+                .basic_auth(&self.account_sid, Some(&self.auth_token))
+                .form(&[
+                    ("To", message.recipient.as_str()),
+                    ("From", self.from.as_str()),
+                    ("Body", message.text_body.as_str()),
+                ])
+                .send()
+                .await
+                .map_err(|e| {
+                    SendError::Transient(format!(
+                        "cannot reach the SMS provider: {}",
+                        e.without_url()
+                    ))
+                })?;
+            let status = response.status();
+            let body = response
+                .json::<serde_json::Value>()
+                .await
+                .unwrap_or(serde_json::Value::Null);
+            let detail = body["message"].as_str().unwrap_or("no message");
+            if status.is_success() {
+                return Ok(body["sid"].as_str().unwrap_or("sent").to_string());
+            }
+            if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                return Err(SendError::Transient(format!("{status}: {detail}")));
+            }
+            Err(SendError::Permanent(format!("{status}: {detail}")))
         }
         .boxed()
     }

@@ -2,8 +2,9 @@
 //! transport: retried with exponential backoff and jitter, FAILED at once on a permanent error,
 //! DEAD once the attempts are used up.
 
-use crate::store::{CLAIM, Due, NotificationStore, Outcome};
+use crate::store::{Due, NotificationStore, Outcome};
 use crate::transport::{SendError, Transport};
+use http_kit::resilience::{CallError, Policy, PolicyConfig};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,12 @@ pub struct WorkerConfig {
     pub poll_interval: Duration,
     /// Deliveries taken at once.
     pub batch: u32,
+    /// One send ends after this (well within the store's claim).
+    pub send_timeout: Duration,
+    /// Consecutive failures of a channel that open its circuit breaker.
+    pub breaker_threshold: u32,
+    /// How long an open breaker holds that channel's sends before one probe.
+    pub breaker_open_for: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -27,6 +34,9 @@ impl Default for WorkerConfig {
             backoff_max: Duration::from_secs(60),
             poll_interval: Duration::from_secs(1),
             batch: 64,
+            send_timeout: Duration::from_secs(10),
+            breaker_threshold: 5,
+            breaker_open_for: Duration::from_secs(10),
         }
     }
 }
@@ -49,6 +59,30 @@ pub async fn run(
     config: WorkerConfig,
     mut stop: watch::Receiver<bool>,
 ) {
+    // One breaker per channel: a provider that keeps failing is left alone for a while, and
+    // its deliveries wait (without using up their attempts) instead of hammering it.
+    let breakers: Arc<HashMap<String, Arc<Policy>>> = Arc::new(
+        transports
+            .keys()
+            .map(|channel| {
+                let dependency = match channel.as_str() {
+                    "sms" => "notification-sms",
+                    _ => "notification-email",
+                };
+                let policy = Policy::new(
+                    dependency,
+                    PolicyConfig {
+                        timeout: config.send_timeout,
+                        attempts: 1,
+                        failure_threshold: config.breaker_threshold,
+                        open_for: config.breaker_open_for,
+                        ..PolicyConfig::default()
+                    },
+                );
+                (channel.clone(), Arc::new(policy))
+            })
+            .collect(),
+    );
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         if *stop.borrow() {
@@ -61,6 +95,7 @@ pub async fn run(
                     tasks.spawn(send_one(
                         store.clone(),
                         transports.clone(),
+                        breakers.clone(),
                         config.clone(),
                         message,
                     ));
@@ -80,19 +115,47 @@ pub async fn run(
 async fn send_one(
     store: Arc<NotificationStore>,
     transports: Arc<HashMap<String, Arc<dyn Transport>>>,
+    breakers: Arc<HashMap<String, Arc<Policy>>>,
     config: WorkerConfig,
     message: Due,
 ) {
-    let answer = match transports.get(&message.channel) {
-        None => Err(SendError::Permanent(format!(
-            "no transport for channel {}",
-            message.channel
-        ))),
-        // No longer than the claim, so no other process sends it meanwhile.
-        Some(transport) => match tokio::time::timeout(CLAIM / 2, transport.send(&message)).await {
-            Ok(answer) => answer,
-            Err(_) => Err(SendError::Transient("the provider did not answer".into())),
-        },
+    let (Some(transport), Some(breaker)) = (
+        transports.get(&message.channel),
+        breakers.get(&message.channel),
+    ) else {
+        let error = format!("no transport for channel {}", message.channel);
+        if let Err(e) = store
+            .record_attempt(&message.id, Outcome::Failed { error: &error })
+            .await
+        {
+            tracing::warn!(notification_id = %message.id, error = %e, "cannot record a notification attempt");
+        }
+        return;
+    };
+    // A permanent refusal is an answer, not a failure of the provider: it does not count
+    // towards opening the breaker.
+    let called = breaker
+        .call(|| async {
+            match transport.send(&message).await {
+                Ok(reference) => Ok(Ok(reference)),
+                Err(SendError::Permanent(error)) => Ok(Err(error)),
+                Err(SendError::Transient(error)) => Err(error),
+            }
+        })
+        .await;
+    let answer = match called {
+        Ok(Ok(reference)) => Ok(reference),
+        Ok(Err(error)) => Err(SendError::Permanent(error)),
+        Err(CallError::Open { .. }) => {
+            // Not an attempt: the delivery waits for the breaker's probe.
+            metrics::counter!("notifications_suspended_total", "channel" => message.channel.clone())
+                .increment(1);
+            if let Err(error) = store.put_off(&message.id, config.breaker_open_for).await {
+                tracing::warn!(notification_id = %message.id, %error, "cannot put a notification off");
+            }
+            return;
+        }
+        Err(other) => Err(SendError::Transient(other.to_string())),
     };
     let outcome = match &answer {
         Ok(reference) => Outcome::Sent { reference },
