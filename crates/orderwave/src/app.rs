@@ -442,13 +442,30 @@ impl CustomerDirectory for InProcessCustomers {
     }
 }
 
-/// Email through the log transport; SMS over the Twilio-style API when configured.
+/// Email over SMTP and SMS over the Twilio-style API when configured; the log transport otherwise.
 fn notification_transports(
     config: &Config,
 ) -> anyhow::Result<
     std::collections::HashMap<String, Arc<dyn notification_service::transport::Transport>>,
 > {
+    use notification_service::transport::{SmtpConfig, SmtpEmail, SmtpSecurity};
     let mut transports = NotificationService::log_transports();
+    if let Some(host) = &config.smtp_host {
+        let email = SmtpEmail::new(&SmtpConfig {
+            host: host.clone(),
+            port: config.smtp_port,
+            security: match config.smtp_tls {
+                crate::config::SmtpTls::None => SmtpSecurity::None,
+                crate::config::SmtpTls::Starttls => SmtpSecurity::StartTls,
+                crate::config::SmtpTls::Tls => SmtpSecurity::Tls,
+            },
+            username: config.smtp_username.clone(),
+            password: config.smtp_password.clone(),
+            from: config.smtp_from.clone(),
+        })
+        .map_err(|e| anyhow::anyhow!("SMTP client: {e}"))?;
+        transports.insert("email".into(), Arc::new(email));
+    }
     if let Some(url) = &config.sms_provider_url {
         let sms = notification_service::transport::TwilioSms::new(
             url,

@@ -37,6 +37,16 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SmtpTls {
+    /// Plain text (a local relay).
+    None,
+    /// STARTTLS upgrade (port 587).
+    Starttls,
+    /// TLS from the start (port 465).
+    Tls,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PaymentProviderKind {
     /// The embedded simulator: the card token decides (tok_ok, tok_declined, tok_slow,
     /// tok_flaky).
@@ -128,6 +138,40 @@ pub struct Config {
     #[arg(long, env = "ORDERWAVE_NO_BACKGROUND")]
     pub no_background: bool,
 
+    /// SMTP server for email; without it email goes through the log transport (recorded and
+    /// logged, not sent).
+    #[arg(long, env = "ORDERWAVE_SMTP_HOST")]
+    pub smtp_host: Option<String>,
+
+    /// SMTP port.
+    #[arg(long, env = "ORDERWAVE_SMTP_PORT", default_value_t = 587)]
+    pub smtp_port: u16,
+
+    /// How the SMTP connection is secured.
+    #[arg(
+        long,
+        env = "ORDERWAVE_SMTP_TLS",
+        value_enum,
+        default_value = "starttls"
+    )]
+    pub smtp_tls: SmtpTls,
+
+    /// SMTP user name (with --smtp-password).
+    #[arg(long, env = "ORDERWAVE_SMTP_USERNAME")]
+    pub smtp_username: Option<String>,
+
+    /// SMTP password.
+    #[arg(long, env = "ORDERWAVE_SMTP_PASSWORD", hide_env_values = true)]
+    pub smtp_password: Option<String>,
+
+    /// The sender of email.
+    #[arg(
+        long,
+        env = "ORDERWAVE_SMTP_FROM",
+        default_value = "orderwave <no-reply@orderwave.example>"
+    )]
+    pub smtp_from: String,
+
     /// Base URL of a Twilio-style SMS API; without it SMS go through the log transport
     /// (recorded and logged, not sent).
     #[arg(long, env = "ORDERWAVE_SMS_PROVIDER_URL")]
@@ -189,6 +233,12 @@ impl Config {
             customer_service_url: None,
             demo: false,
             no_background: false,
+            smtp_host: None,
+            smtp_port: 587,
+            smtp_tls: SmtpTls::Starttls,
+            smtp_username: None,
+            smtp_password: None,
+            smtp_from: "orderwave <no-reply@orderwave.example>".into(),
             sms_provider_url: None,
             sms_account_sid: String::new(),
             sms_auth_token: String::new(),

@@ -457,3 +457,228 @@ async fn sms_go_to_the_http_provider_with_retries_permanent_failures_and_a_break
     sms_over_the_http_provider(common::Backend::Sqlite).await;
     sms_over_the_http_provider(common::Backend::Postgres).await;
 }
+
+/// A small SMTP server for the tests: speaks enough of the protocol for a client (EHLO, MAIL,
+/// RCPT, DATA, QUIT) and keeps every message it receives.
+mod smtp_sink {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    #[derive(Debug, Clone, Default)]
+    pub struct Mail {
+        pub from: String,
+        pub to: Vec<String>,
+        pub data: String,
+    }
+
+    pub async fn start(mails: Arc<Mutex<Vec<Mail>>>) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(session(stream, mails.clone()));
+            }
+        });
+        port
+    }
+
+    async fn session(stream: tokio::net::TcpStream, mails: Arc<Mutex<Vec<Mail>>>) {
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let _ = write.write_all(b"220 sink ESMTP ready\r\n").await;
+        let mut mail = Mail::default();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let upper = line.to_ascii_uppercase();
+            let answer: &[u8] = if upper.starts_with("EHLO") {
+                b"250-sink\r\n250 8BITMIME\r\n"
+            } else if upper.starts_with("HELO")
+                || upper.starts_with("RSET")
+                || upper.starts_with("NOOP")
+            {
+                b"250 OK\r\n"
+            } else if upper.starts_with("MAIL FROM:") {
+                mail = Mail {
+                    from: line[10..].trim().to_string(),
+                    ..Mail::default()
+                };
+                b"250 OK\r\n"
+            } else if upper.starts_with("RCPT TO:") {
+                mail.to.push(line[8..].trim().to_string());
+                b"250 OK\r\n"
+            } else if upper == "DATA" {
+                let _ = write.write_all(b"354 go ahead\r\n").await;
+                let mut data = String::new();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if line == "." {
+                        break;
+                    }
+                    let line = line
+                        .strip_prefix('.')
+                        .filter(|_| line.starts_with(".."))
+                        .unwrap_or(&line);
+                    data.push_str(line);
+                    data.push('\n');
+                }
+                mail.data = data;
+                mails.lock().unwrap().push(std::mem::take(&mut mail));
+                b"250 OK queued as sink\r\n"
+            } else if upper == "QUIT" {
+                let _ = write.write_all(b"221 bye\r\n").await;
+                return;
+            } else {
+                b"502 not implemented\r\n"
+            };
+            if write.write_all(answer).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The decoded body of each part of a MIME message, with its content type.
+    pub fn parts(data: &str) -> Vec<(String, String)> {
+        use base64::Engine;
+        let boundary = data.split("boundary=").nth(1).map(|rest| {
+            rest.trim_start_matches('"')
+                .split(['"', '\n', ';'])
+                .next()
+                .unwrap()
+                .to_string()
+        });
+        let chunks: Vec<&str> = match &boundary {
+            Some(b) => data.split(&format!("--{b}")).skip(1).collect(),
+            None => vec![data],
+        };
+        chunks
+            .into_iter()
+            .filter_map(|chunk| {
+                let (headers, body) = chunk.split_once("\n\n")?;
+                let lower = headers.to_ascii_lowercase();
+                let content_type = lower
+                    .lines()
+                    .find(|l| l.starts_with("content-type:"))?
+                    .trim_start_matches("content-type:")
+                    .trim()
+                    .to_string();
+                let body = if lower.contains("content-transfer-encoding: base64") {
+                    let joined: String = body.split_whitespace().collect();
+                    String::from_utf8(
+                        base64::engine::general_purpose::STANDARD
+                            .decode(joined)
+                            .ok()?,
+                    )
+                    .ok()?
+                } else if lower.contains("content-transfer-encoding: quoted-printable") {
+                    quoted_printable(body)
+                } else {
+                    body.to_string()
+                };
+                Some((content_type, body))
+            })
+            .collect()
+    }
+
+    fn quoted_printable(text: &str) -> String {
+        let joined = text.replace("=\n", "");
+        let bytes = joined.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'=' && i + 2 < bytes.len() {
+                if let Ok(b) = u8::from_str_radix(&joined[i + 1..i + 3], 16) {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+            }
+            out.push(bytes[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+async fn email_over_smtp(backend: common::Backend) {
+    let mails = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let port = smtp_sink::start(mails.clone()).await;
+    let app = TestApp::spawn_with(backend, |c| {
+        c.smtp_host = Some("127.0.0.1".into());
+        c.smtp_port = port;
+        c.smtp_tls = orderwave::config::SmtpTls::None;
+        c.smtp_from = "orderwave <no-reply@orderwave.example>".into();
+    })
+    .await;
+    let customer = app.new_customer().await;
+    let email: Value = app
+        .get(&format!("/api/v1/customers/{customer}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let address = email["email"].as_str().unwrap().to_string();
+    let order = app.place(&paid_order_body(&customer)).await;
+    let id = order["id"].as_str().unwrap();
+    app.wait_for_status(id, "CONFIRMED").await;
+    eventually("two emails at the SMTP server", async || {
+        mails.lock().unwrap().len() >= 2
+    })
+    .await;
+    let received = mails.lock().unwrap().clone();
+    assert_eq!(received.len(), 2, "placed and confirmed, once each");
+    let confirmed = received
+        .iter()
+        .find(|m| {
+            m.data
+                .contains(&format!("Subject: Your order {id} is confirmed"))
+        })
+        .unwrap_or_else(|| panic!("no confirmation among {received:?}"));
+    assert_eq!(confirmed.from, "<no-reply@orderwave.example>");
+    assert_eq!(confirmed.to, vec![format!("<{address}>")]);
+    assert!(
+        confirmed.data.contains(&format!("To: {address}")),
+        "{}",
+        confirmed.data
+    );
+    assert!(confirmed.data.contains("multipart/alternative"));
+    let parts = smtp_sink::parts(&confirmed.data);
+    let text = parts
+        .iter()
+        .find(|(t, _)| t.starts_with("text/plain"))
+        .unwrap();
+    assert!(
+        text.1.contains(&format!(
+            "Hello Test Customer, your order {id} is confirmed"
+        )),
+        "{parts:?}"
+    );
+    let html = parts
+        .iter()
+        .find(|(t, _)| t.starts_with("text/html"))
+        .unwrap();
+    assert!(html.1.contains("<p>Hello Test Customer,</p>"), "{parts:?}");
+    assert!(html.1.contains("<li>2 × SKU-CHAIR"), "{parts:?}");
+    // Recorded as sent, with the server's answer.
+    eventually("both recorded as sent", async || {
+        notifications_of(&app, id)
+            .await
+            .iter()
+            .filter(|n| n["status"] == "SENT")
+            .count()
+            == 2
+    })
+    .await;
+    let sent = notifications_of(&app, id).await;
+    assert!(
+        sent.iter().all(|n| n["providerRef"]
+            .as_str()
+            .unwrap()
+            .contains("queued as sink")),
+        "{sent:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_goes_out_over_smtp_as_text_and_html() {
+    email_over_smtp(common::Backend::Sqlite).await;
+    email_over_smtp(common::Backend::Postgres).await;
+}

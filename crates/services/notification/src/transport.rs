@@ -139,3 +139,133 @@ impl Transport for TwilioSms {
         .boxed()
     }
 }
+
+/// How the SMTP connection is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpSecurity {
+    /// Plain text (a local relay or a test server).
+    None,
+    /// Plain connection upgraded with STARTTLS (port 587).
+    StartTls,
+    /// TLS from the first byte (port 465).
+    Tls,
+}
+
+/// Where and how email is sent.
+#[derive(Clone)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub security: SmtpSecurity,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// `Name <address>` or an address.
+    pub from: String,
+}
+
+impl std::fmt::Debug for SmtpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        f.debug_struct("SmtpConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("security", &self.security)
+            .field("username", &self.username)
+            .field("from", &self.from)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Email over SMTP (lettre): multipart text and HTML when the template has HTML. A 5xx answer
+/// (an unknown mailbox, a refused sender) is permanent; 4xx answers and connection failures are
+/// worth retrying.
+pub struct SmtpEmail {
+    mailer: lettre::AsyncSmtpTransport<lettre::Tokio1Executor>,
+    from: lettre::message::Mailbox,
+}
+
+impl std::fmt::Debug for SmtpEmail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpEmail")
+            .field("from", &self.from)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SmtpEmail {
+    pub fn new(config: &SmtpConfig) -> Result<Self, String> {
+        use lettre::AsyncSmtpTransport;
+        use lettre::Tokio1Executor;
+        let builder = match config.security {
+            SmtpSecurity::None => {
+                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&config.host)
+            }
+            SmtpSecurity::StartTls => {
+                AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&config.host)
+                    .map_err(|e| e.to_string())?
+            }
+            SmtpSecurity::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&config.host)
+                .map_err(|e| e.to_string())?,
+        };
+        let mut builder = builder
+            .port(config.port)
+            .timeout(Some(std::time::Duration::from_secs(10)));
+        if let (Some(user), Some(password)) = (&config.username, &config.password) {
+            builder =
+                builder.credentials(lettre::transport::smtp::authentication::Credentials::new(
+                    user.clone(),
+                    password.clone(),
+                ));
+        }
+        let from = config
+            .from
+            .parse()
+            .map_err(|e| format!("the sender {:?}: {e}", config.from))?;
+        Ok(Self {
+            mailer: builder.build(),
+            from,
+        })
+    }
+}
+
+impl Transport for SmtpEmail {
+    fn name(&self) -> &'static str {
+        "smtp"
+    }
+
+    fn send<'a>(&'a self, message: &'a Due) -> BoxFuture<'a, Result<String, SendError>> {
+        use lettre::AsyncTransport;
+        use lettre::message::{MultiPart, SinglePart};
+        async move {
+            if !domain::customer::is_email(&message.recipient) {
+                return Err(SendError::Permanent(
+                    "the recipient is not an email address".into(),
+                ));
+            }
+            let to = message
+                .recipient
+                .parse()
+                .map_err(|e| SendError::Permanent(format!("the recipient: {e}")))?;
+            let builder = lettre::Message::builder()
+                .from(self.from.clone())
+                .to(to)
+                .subject(message.subject.clone());
+            let email = match &message.html_body {
+                Some(html) => builder.multipart(MultiPart::alternative_plain_html(
+                    message.text_body.clone(),
+                    html.clone(),
+                )),
+                None => builder.singlepart(SinglePart::plain(message.text_body.clone())),
+            }
+            .map_err(|e| SendError::Permanent(format!("cannot build the email: {e}")))?;
+            match self.mailer.send(email).await {
+                Ok(response) => Ok(response.message().collect::<Vec<_>>().join(" ")),
+                Err(error) if error.is_permanent() => Err(SendError::Permanent(format!(
+                    "the mail server refused: {error}"
+                ))),
+                Err(error) => Err(SendError::Transient(format!("SMTP: {error}"))),
+            }
+        }
+        .boxed()
+    }
+}
