@@ -421,14 +421,16 @@ async fn sms_over_the_http_provider(backend: common::Backend) {
     for i in 0..8 {
         waiting.push(send_sms(&app, "+447911123456", &format!("backlog {i}")).await);
     }
-    eventually("five failures reach the provider", async || {
+    eventually("the first failures reach the provider", async || {
         fake.count() >= before + 5
     })
     .await;
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let during = fake.count() - before;
-    // Without the breaker: 8 deliveries, each retried about every second.
-    assert!(during <= 5 + 3, "{during} calls to a provider that is down");
+    // The first attempts of the 8 go out together, then one probe a second at most. Without
+    // the breaker each of the 8 is retried about every second (25 calls in this time).
+    eprintln!("calls during the outage: {during}");
+    assert!(during <= 8 + 4, "{during} calls to a provider that is down");
     for location in &waiting {
         let n = status(location).await;
         assert_eq!(n["status"], "PENDING", "{n}");
