@@ -1,4 +1,5 @@
-//! Liveness and readiness: ready means every database answers.
+//! Liveness and readiness: ready means every database answers; an open circuit breaker makes
+//! the platform degraded (still ready: only the feature behind it waits).
 
 use axum::Json;
 use axum::extract::State;
@@ -12,11 +13,13 @@ use utoipa::ToSchema;
 #[derive(Clone, Debug, Default)]
 pub struct Readiness {
     pub databases: Vec<(String, Db)>,
+    /// Breakers of optional dependencies (notification providers): open is degraded, not down.
+    pub breakers: Vec<std::sync::Arc<crate::resilience::Policy>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct HealthReport {
-    /// `ok`, or `degraded` when a check failed.
+    /// `ok`; `degraded` when a database is down (503) or a circuit breaker is open (200).
     #[schema(example = "ok")]
     pub status: String,
     pub checks: Vec<HealthCheck>,
@@ -67,6 +70,19 @@ pub async fn ready(State(readiness): State<Readiness>) -> (StatusCode, Json<Heal
             status: if ok { "ok" } else { "down" }.into(),
         });
     }
+    let mut degraded = !healthy;
+    for breaker in &readiness.breakers {
+        let state = match breaker.state() {
+            crate::resilience::BreakerState::Closed => "ok",
+            crate::resilience::BreakerState::HalfOpen => "half-open",
+            crate::resilience::BreakerState::Open => "open",
+        };
+        degraded |= state != "ok";
+        checks.push(HealthCheck {
+            name: format!("breaker:{}", breaker.dependency()),
+            status: state.into(),
+        });
+    }
     let status = if healthy {
         StatusCode::OK
     } else {
@@ -75,7 +91,7 @@ pub async fn ready(State(readiness): State<Readiness>) -> (StatusCode, Json<Heal
     (
         status,
         Json(HealthReport {
-            status: if healthy { "ok" } else { "degraded" }.into(),
+            status: if degraded { "degraded" } else { "ok" }.into(),
             checks,
         }),
     )

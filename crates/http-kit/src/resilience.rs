@@ -90,6 +90,11 @@ impl Policy {
         }
     }
 
+    /// The dependency this policy guards.
+    pub fn dependency(&self) -> &'static str {
+        self.dependency
+    }
+
     pub fn state(&self) -> BreakerState {
         self.breaker
             .lock()

@@ -214,17 +214,18 @@ impl Application {
         )
         .await
         .context("starting the payment service")?;
-        let mut notifications = NotificationService::start(
+        let notifications = NotificationService::start(
             dbs.notifications.clone(),
             Arc::new(InProcessContacts(customers.store.clone())),
             notification_transports(config)?,
+            notification_service::worker::WorkerConfig {
+                backoff_base: Duration::from_millis(config.notification_retry_ms.max(1)),
+                breaker_open_for: Duration::from_secs(config.notification_breaker_secs.max(1)),
+                ..Default::default()
+            },
         )
         .await
         .context("starting the notification service")?;
-        notifications.worker.backoff_base =
-            Duration::from_millis(config.notification_retry_ms.max(1));
-        notifications.worker.breaker_open_for =
-            Duration::from_secs(config.notification_breaker_secs.max(1));
         if config.demo {
             crate::demo::seed(&inventory, &customers)
                 .await
@@ -299,6 +300,7 @@ impl Application {
             ));
         let readiness = Readiness {
             databases: dbs.all(),
+            breakers: notifications.breakers.values().cloned().collect(),
         };
         let router = build_router(
             config,

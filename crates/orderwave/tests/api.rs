@@ -978,11 +978,18 @@ async fn health_metrics_openapi_and_docs_are_served(app: &TestApp) {
     assert_eq!(live.status(), 200);
     let ready: Value = app.get("/health/ready").await.json().await.unwrap();
     assert_eq!(ready["status"], "ok");
-    assert_eq!(
-        ready["checks"].as_array().unwrap().len(),
-        7,
-        "one check per database"
-    );
+    let checks = ready["checks"].as_array().unwrap();
+    let databases = checks
+        .iter()
+        .filter(|c| c["name"].as_str().unwrap().starts_with("database:"))
+        .count();
+    assert_eq!(databases, 7, "one check per database: {checks:?}");
+    let breakers: Vec<&Value> = checks
+        .iter()
+        .filter(|c| c["name"].as_str().unwrap().starts_with("breaker:"))
+        .collect();
+    assert_eq!(breakers.len(), 2, "email and SMS: {checks:?}");
+    assert!(breakers.iter().all(|b| b["status"] == "ok"));
 
     app.place(&order_body(&app.new_customer().await)).await;
     let metrics = app.get("/metrics").await.text().await.unwrap();

@@ -435,6 +435,22 @@ async fn sms_over_the_http_provider(backend: common::Backend) {
         let n = status(location).await;
         assert_eq!(n["status"], "PENDING", "{n}");
     }
+    // Degraded, still ready: orders go on.
+    let ready = app.get("/health/ready").await;
+    assert_eq!(ready.status(), 200);
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    let sms_breaker = ready["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "breaker:notification-sms")
+        .unwrap()
+        .clone();
+    assert_ne!(sms_breaker["status"], "ok", "{ready}");
+    let order = app.place(&paid_order_body(&app.new_customer().await)).await;
+    app.wait_for_status(order["id"].as_str().unwrap(), "CONFIRMED")
+        .await;
 
     // Back up: the next probe closes the breaker and the backlog goes out, nothing lost.
     fake.down.store(false, Ordering::SeqCst);
@@ -444,6 +460,8 @@ async fn sms_over_the_http_provider(backend: common::Backend) {
         })
         .await;
     }
+    let ready: Value = app.get("/health/ready").await.json().await.unwrap();
+    assert_eq!(ready["status"], "ok", "{ready}");
     let dead: Value = app
         .get("/api/v1/notifications?status=DEAD")
         .await

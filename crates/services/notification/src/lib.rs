@@ -24,6 +24,8 @@ pub struct NotificationService {
     pub contacts: Arc<dyn Contacts>,
     /// The transport of each channel (`email`, `sms`).
     pub transports: Arc<HashMap<String, Arc<dyn Transport>>>,
+    /// Each channel's circuit breaker (shared by the worker and readiness).
+    pub breakers: Arc<HashMap<String, Arc<http_kit::resilience::Policy>>>,
     pub worker: worker::WorkerConfig,
 }
 
@@ -41,15 +43,18 @@ impl NotificationService {
         db: Db,
         contacts: Arc<dyn Contacts>,
         transports: HashMap<String, Arc<dyn Transport>>,
+        worker: worker::WorkerConfig,
     ) -> anyhow::Result<Self> {
         db.migrate_service(&MIGRATOR).await?;
         let store = Arc::new(NotificationStore::new(db));
         store.seed_templates().await?;
+        let breakers = worker::breakers(transports.keys().cloned(), &worker);
         Ok(Self {
             store,
             contacts,
             transports: Arc::new(transports),
-            worker: worker::WorkerConfig::default(),
+            breakers: Arc::new(breakers),
+            worker,
         })
     }
 
@@ -82,6 +87,7 @@ impl NotificationService {
         worker::run(
             self.store.clone(),
             self.transports.clone(),
+            self.breakers.clone(),
             self.worker.clone(),
             stop,
         )

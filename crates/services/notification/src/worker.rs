@@ -52,37 +52,42 @@ pub fn backoff(config: &WorkerConfig, attempts: i64) -> Duration {
     half + half.mul_f64(rand::random::<f64>())
 }
 
+/// One circuit breaker per channel: a provider that keeps failing is left alone for a while,
+/// and its deliveries wait (without using up their attempts) instead of hammering it.
+pub fn breakers(
+    channels: impl IntoIterator<Item = String>,
+    config: &WorkerConfig,
+) -> HashMap<String, Arc<Policy>> {
+    channels
+        .into_iter()
+        .map(|channel| {
+            let dependency = match channel.as_str() {
+                "sms" => "notification-sms",
+                _ => "notification-email",
+            };
+            let policy = Policy::new(
+                dependency,
+                PolicyConfig {
+                    timeout: config.send_timeout,
+                    attempts: 1,
+                    failure_threshold: config.breaker_threshold,
+                    open_for: config.breaker_open_for,
+                    ..PolicyConfig::default()
+                },
+            );
+            (channel, Arc::new(policy))
+        })
+        .collect()
+}
+
 /// Runs until `stop` turns true.
 pub async fn run(
     store: Arc<NotificationStore>,
     transports: Arc<HashMap<String, Arc<dyn Transport>>>,
+    breakers: Arc<HashMap<String, Arc<Policy>>>,
     config: WorkerConfig,
     mut stop: watch::Receiver<bool>,
 ) {
-    // One breaker per channel: a provider that keeps failing is left alone for a while, and
-    // its deliveries wait (without using up their attempts) instead of hammering it.
-    let breakers: Arc<HashMap<String, Arc<Policy>>> = Arc::new(
-        transports
-            .keys()
-            .map(|channel| {
-                let dependency = match channel.as_str() {
-                    "sms" => "notification-sms",
-                    _ => "notification-email",
-                };
-                let policy = Policy::new(
-                    dependency,
-                    PolicyConfig {
-                        timeout: config.send_timeout,
-                        attempts: 1,
-                        failure_threshold: config.breaker_threshold,
-                        open_for: config.breaker_open_for,
-                        ..PolicyConfig::default()
-                    },
-                );
-                (channel.clone(), Arc::new(policy))
-            })
-            .collect(),
-    );
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         if *stop.borrow() {
