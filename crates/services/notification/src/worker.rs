@@ -89,29 +89,49 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
+    let batch = usize::try_from(config.batch.max(1)).unwrap_or(64);
     loop {
         if *stop.borrow() {
             break;
         }
         while tasks.try_join_next().is_some() {}
-        match store.claim_due(config.batch).await {
-            Ok(due) => {
-                for message in due {
-                    tasks.spawn(send_one(
-                        store.clone(),
-                        transports.clone(),
-                        breakers.clone(),
-                        config.clone(),
-                        message,
-                    ));
+        // Up to `batch` sends in flight; a backlog is worked through without waiting for the
+        // poll interval between batches.
+        let room = batch.saturating_sub(tasks.len());
+        let mut claimed = 0;
+        if room > 0 {
+            match store
+                .claim_due(u32::try_from(room).unwrap_or(u32::MAX))
+                .await
+            {
+                Ok(due) => {
+                    claimed = due.len();
+                    for message in due {
+                        tasks.spawn(send_one(
+                            store.clone(),
+                            transports.clone(),
+                            breakers.clone(),
+                            config.clone(),
+                            message,
+                        ));
+                    }
                 }
+                Err(error) => tracing::warn!(%error, "cannot read due notifications"),
             }
-            Err(error) => tracing::warn!(%error, "cannot read due notifications"),
         }
-        tokio::select! {
-            () = store.work_due() => {}
-            () = tokio::time::sleep(config.poll_interval) => {}
-            _ = stop.changed() => {}
+        let more_due = room == 0 || (claimed > 0 && claimed == room);
+        if more_due {
+            // Claim again as soon as a send finishes.
+            tokio::select! {
+                _ = tasks.join_next() => {}
+                _ = stop.changed() => {}
+            }
+        } else {
+            tokio::select! {
+                () = store.work_due() => {}
+                () = tokio::time::sleep(config.poll_interval) => {}
+                _ = stop.changed() => {}
+            }
         }
     }
     tasks.abort_all();
