@@ -2,9 +2,12 @@
 //! inbox claim of the event that caused them) and every attempt at sending one.
 
 use crate::templates::{self, TemplateTexts};
+use futures::FutureExt;
 use serde::Serialize;
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
+use std::collections::HashMap;
 use std::time::Duration;
+use storage::group_commit::GroupCommit;
 use storage::page::NewestFirst;
 use storage::{Db, inbox, time};
 use uuid::Uuid;
@@ -125,13 +128,22 @@ fn later(delay: Duration) -> String {
 pub struct NotificationStore {
     db: Db,
     due: tokio::sync::Notify,
+    /// Deliveries and attempts share transactions (group commit): one commit serves many.
+    batches: GroupCommit,
+    /// Templates read in the last `TEMPLATE_TTL` (a PUT in this process replaces its entry at
+    /// once; one in another process is seen within the TTL).
+    templates: std::sync::RwLock<HashMap<String, (std::time::Instant, Template)>>,
 }
+
+const TEMPLATE_TTL: Duration = Duration::from_secs(5);
 
 impl NotificationStore {
     pub fn new(db: Db) -> Self {
         Self {
+            batches: GroupCommit::start(db.clone(), || {}),
             db,
             due: tokio::sync::Notify::new(),
+            templates: std::sync::RwLock::default(),
         }
     }
 
@@ -167,7 +179,24 @@ impl NotificationStore {
         Ok(())
     }
 
+    /// The template `key`, from the cache when read recently.
     pub async fn template(&self, key: &str) -> Result<Option<Template>, StoreError> {
+        if let Some((at, template)) = self.templates.read().ok().and_then(|c| c.get(key).cloned())
+            && at.elapsed() < TEMPLATE_TTL
+        {
+            return Ok(Some(template));
+        }
+        let found = self.read_template(key).await?;
+        if let (Some(template), Ok(mut cache)) = (&found, self.templates.write()) {
+            cache.insert(
+                key.to_string(),
+                (std::time::Instant::now(), template.clone()),
+            );
+        }
+        Ok(found)
+    }
+
+    async fn read_template(&self, key: &str) -> Result<Option<Template>, StoreError> {
         let row = sqlx::query(
             "SELECT template_key, channel, subject, text_body, html_body, version, updated_at \
              FROM notification_templates WHERE template_key = $1",
@@ -212,6 +241,9 @@ impl NotificationStore {
         .bind(time::to_text(time::now()))
         .execute(self.db.writer())
         .await?;
+        if let Ok(mut cache) = self.templates.write() {
+            cache.remove(key);
+        }
         self.template(key)
             .await?
             .ok_or_else(|| StoreError::Db(sqlx::Error::RowNotFound))
@@ -226,18 +258,31 @@ impl NotificationStore {
         message_id: &str,
         deliveries: &[NewDelivery],
     ) -> Result<bool, StoreError> {
-        let mut tx = self.db.begin_write().await?;
-        if !inbox::claim(&mut tx, group, message_id).await? {
-            return Ok(false);
-        }
-        for delivery in deliveries {
-            insert(&mut tx, delivery).await?;
-        }
-        tx.commit().await?;
-        if !deliveries.is_empty() {
+        let (group, message_id, list) = (
+            group.to_string(),
+            message_id.to_string(),
+            deliveries.to_vec(),
+        );
+        let recorded = self
+            .batches
+            .run_as(move |conn| {
+                let (group, message_id, list) = (group.clone(), message_id.clone(), list.clone());
+                async move {
+                    if !inbox::claim(conn, &group, &message_id).await? {
+                        return Ok(false);
+                    }
+                    for delivery in &list {
+                        insert(conn, delivery).await?;
+                    }
+                    Ok::<bool, StoreError>(true)
+                }
+                .boxed()
+            })
+            .await?;
+        if recorded && !deliveries.is_empty() {
             self.due.notify_one();
         }
-        Ok(true)
+        Ok(recorded)
     }
 
     /// An ad-hoc message, sent like any other; returns it.
@@ -278,8 +323,6 @@ impl NotificationStore {
     /// Records an attempt: `sent` (with the provider's reference), `retry` (due again after
     /// `retry_in`), `failed` (refused for good) or `dead` (retries used up).
     pub async fn record_attempt(&self, id: &str, outcome: Outcome<'_>) -> Result<(), StoreError> {
-        let mut tx = self.db.begin_write().await?;
-        let now = time::to_text(time::now());
         let (status, next, detail, reference, error) = match &outcome {
             Outcome::Sent { reference } => ("sent", None, *reference, Some(*reference), None),
             Outcome::Retry { error, retry_in } => (
@@ -292,36 +335,57 @@ impl NotificationStore {
             Outcome::Failed { error } => ("failed", None, *error, None, Some(*error)),
             Outcome::Dead { error } => ("dead", None, *error, None, Some(*error)),
         };
-        let attempt: Option<i64> = sqlx::query(
-            "UPDATE notifications SET status = $1, attempts = attempts + 1, next_attempt_at = $2, \
-             last_error = COALESCE($3, last_error), provider_ref = COALESCE($4, provider_ref), updated_at = $5 \
-             WHERE id = $6 AND status = 'pending' RETURNING attempts",
-        )
-        .bind(status)
-        .bind(next)
-        .bind(error)
-        .bind(reference)
-        .bind(&now)
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .map(|r| r.try_get(0))
-        .transpose()?;
-        let Some(attempt) = attempt else {
-            return Ok(()); // settled by another worker
-        };
-        sqlx::query(
-            "INSERT INTO notification_attempts (notification_id, attempt, at, outcome, detail) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(id)
-        .bind(attempt)
-        .bind(&now)
-        .bind(outcome.name())
-        .bind(detail)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        let id = id.to_string();
+        let name = outcome.name();
+        let (detail, reference, error) = (
+            detail.to_string(),
+            reference.map(str::to_string),
+            error.map(str::to_string),
+        );
+        self.batches
+            .run_as(move |conn| {
+                let (id, next, detail, reference, error) = (
+                    id.clone(),
+                    next.clone(),
+                    detail.clone(),
+                    reference.clone(),
+                    error.clone(),
+                );
+                async move {
+                    let now = time::to_text(time::now());
+                    let attempt: Option<i64> = sqlx::query(
+                        "UPDATE notifications SET status = $1, attempts = attempts + 1, next_attempt_at = $2, \
+                         last_error = COALESCE($3, last_error), provider_ref = COALESCE($4, provider_ref), updated_at = $5 \
+                         WHERE id = $6 AND status = 'pending' RETURNING attempts",
+                    )
+                    .bind(status)
+                    .bind(next)
+                    .bind(error)
+                    .bind(reference)
+                    .bind(&now)
+                    .bind(&id)
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    .map(|r| r.try_get(0))
+                    .transpose()?;
+                    let Some(attempt) = attempt else {
+                        return Ok(()); // settled by another worker
+                    };
+                    sqlx::query(
+                        "INSERT INTO notification_attempts (notification_id, attempt, at, outcome, detail) VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(&id)
+                    .bind(attempt)
+                    .bind(&now)
+                    .bind(name)
+                    .bind(&detail)
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok::<(), StoreError>(())
+                }
+                .boxed()
+            })
+            .await
     }
 
     /// Puts a due delivery off by `delay` without counting an attempt (its channel's breaker
