@@ -90,6 +90,15 @@ impl Policy {
         }
     }
 
+    /// Whether a call now would be refused: open, and not yet due for its probe.
+    pub fn is_holding(&self) -> bool {
+        self.breaker.lock().is_ok_and(|b| {
+            b.state == BreakerState::Open
+                && b.opened_at
+                    .is_some_and(|at| at.elapsed() < self.config.open_for)
+        })
+    }
+
     /// The dependency this policy guards.
     pub fn dependency(&self) -> &'static str {
         self.dependency

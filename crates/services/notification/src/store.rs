@@ -294,17 +294,27 @@ impl NotificationStore {
         self.get(&id).await?.ok_or(StoreError::NotFound)
     }
 
-    /// Takes the deliveries due now (at most `limit`) for `CLAIM`.
-    pub async fn claim_due(&self, limit: u32) -> Result<Vec<Due>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
+    /// Takes the deliveries on `channels` due now (at most `limit`) for `CLAIM`.
+    pub async fn claim_due(&self, limit: u32, channels: &[&str]) -> Result<Vec<Due>, StoreError> {
+        if channels.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders = (0..channels.len())
+            .map(|i| format!("${}", i + 3))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut query = sqlx::query(AssertSqlSafe(format!(
             "UPDATE notifications SET next_attempt_at = $1 WHERE status = 'pending' AND next_attempt_at <= $2 AND id IN \
-             (SELECT id FROM notifications WHERE status = 'pending' AND next_attempt_at <= $2 ORDER BY next_attempt_at LIMIT {limit}) \
+             (SELECT id FROM notifications WHERE status = 'pending' AND next_attempt_at <= $2 AND channel IN ({placeholders}) \
+             ORDER BY next_attempt_at LIMIT {limit}) \
              RETURNING id, channel, recipient, subject, text_body, html_body, attempts"
         )))
         .bind(later(CLAIM))
-        .bind(time::to_text(time::now()))
-        .fetch_all(self.db.writer())
-        .await?;
+        .bind(time::to_text(time::now()));
+        for channel in channels {
+            query = query.bind(channel.to_string());
+        }
+        let rows = query.fetch_all(self.db.writer()).await?;
         rows.iter()
             .map(|r| {
                 Ok(Due {

@@ -99,9 +99,16 @@ pub async fn run(
         // poll interval between batches.
         let room = batch.saturating_sub(tasks.len());
         let mut claimed = 0;
+        // A channel whose breaker holds is not claimed from: its deliveries stay due for
+        // the probe instead of being taken and put off over and over.
+        let usable: Vec<&str> = breakers
+            .iter()
+            .filter(|(_, breaker)| !breaker.is_holding())
+            .map(|(channel, _)| channel.as_str())
+            .collect();
         if room > 0 {
             match store
-                .claim_due(u32::try_from(room).unwrap_or(u32::MAX))
+                .claim_due(u32::try_from(room).unwrap_or(u32::MAX), &usable)
                 .await
             {
                 Ok(due) => {
