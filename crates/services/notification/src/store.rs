@@ -294,25 +294,47 @@ impl NotificationStore {
         self.get(&id).await?.ok_or(StoreError::NotFound)
     }
 
-    /// Takes the deliveries on `channels` due now (at most `limit`) for `CLAIM`.
+    /// Takes the deliveries on `channels` due now (at most `limit`) for `CLAIM`. Candidates are
+    /// read first, so a worker woken with nothing to do writes nothing.
     pub async fn claim_due(&self, limit: u32, channels: &[&str]) -> Result<Vec<Due>, StoreError> {
         if channels.is_empty() {
             return Ok(Vec::new());
         }
+        let now = time::to_text(time::now());
         let placeholders = (0..channels.len())
+            .map(|i| format!("${}", i + 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut candidates = sqlx::query(AssertSqlSafe(format!(
+            "SELECT id FROM notifications WHERE status = 'pending' AND channel IN ({placeholders}) \
+             AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT {limit}"
+        )))
+        .bind(now.clone());
+        for channel in channels {
+            candidates = candidates.bind(channel.to_string());
+        }
+        let ids: Vec<String> = candidates
+            .fetch_all(self.db.reader())
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders = (0..ids.len())
             .map(|i| format!("${}", i + 3))
             .collect::<Vec<_>>()
             .join(", ");
+        // Another process may have taken some meanwhile: the guard leaves those out.
         let mut query = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE notifications SET next_attempt_at = $1 WHERE status = 'pending' AND next_attempt_at <= $2 AND id IN \
-             (SELECT id FROM notifications WHERE status = 'pending' AND next_attempt_at <= $2 AND channel IN ({placeholders}) \
-             ORDER BY next_attempt_at LIMIT {limit}) \
-             RETURNING id, channel, recipient, subject, text_body, html_body, attempts"
+            "UPDATE notifications SET next_attempt_at = $1 WHERE status = 'pending' AND next_attempt_at <= $2 \
+             AND id IN ({placeholders}) RETURNING id, channel, recipient, subject, text_body, html_body, attempts"
         )))
         .bind(later(CLAIM))
-        .bind(time::to_text(time::now()));
-        for channel in channels {
-            query = query.bind(channel.to_string());
+        .bind(now);
+        for id in &ids {
+            query = query.bind(id.clone());
         }
         let rows = query.fetch_all(self.db.writer()).await?;
         rows.iter()
