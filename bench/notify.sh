@@ -25,22 +25,14 @@ trap cleanup EXIT
 
 cargo build --release -q -p orderwave -p bench-notify -p bench-saga
 
-loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# serve NAME ARGS...: starts the platform, sets URL and PID.
+# serve NAME ARGS...: starts the platform on its own data directory, sets URL and PID.
 serve() {
   local name=$1; shift
-  "$BIN/orderwave" serve --listen 127.0.0.1:0 --log-format json --data-dir "$WORK/$name" "$@" \
-    >"$WORK/$name.out" 2>"$WORK/$name.err" &
-  PID=$!
-  PIDS+=("$PID")
-  for _ in $(seq 1 100); do
-    URL=$(grep -o 'http://[0-9.:]*' "$WORK/$name.out" | head -1 || true)
-    [ -n "$URL" ] && return
-    sleep 0.1
-  done
-  echo "$name did not start" >&2; cat "$WORK/$name.err" >&2; exit 1
+  start "$name" "$BIN/orderwave" serve --listen 127.0.0.1:0 --log-format json --data-dir "$WORK/$name" "$@"
 }
 
 stop() { kill "$1"; wait "$1" 2>/dev/null || true; }
@@ -62,13 +54,13 @@ stop "$PID"; stop "$SINK"
 echo "# outage: SMTP down for ${OUTAGE}s while $COUNT emails are posted ($(loadavg))"
 SMTP=$(free_port)
 serve outage --smtp-host 127.0.0.1 --smtp-port "$SMTP" --smtp-tls none
-start=$(date +%s.%N)
+down_since=$(date +%s.%N)
 "$BIN/bench-notify" "$URL" "$COUNT" --no-wait
-left=$(echo "$OUTAGE - ($(date +%s.%N) - $start)" | bc)
+left=$(echo "$OUTAGE - ($(date +%s.%N) - $down_since)" | bc)
 if [ "$(echo "$left > 0" | bc)" = 1 ]; then sleep "$left"; fi
 python3 bench/smtp_sink.py "$SMTP" >"$WORK/sink2.out" 2>&1 &
 SINK=$!; PIDS+=("$SINK")
-echo "{\"smtpDownSeconds\": $(echo "$(date +%s.%N) - $start" | bc)}"
+echo "{\"smtpDownSeconds\": $(echo "$(date +%s.%N) - $down_since" | bc)}"
 "$BIN/bench-notify" "$URL" 0
 echo "(drainSeconds above is counted from the SMTP server's return)"
 stop "$PID"; stop "$SINK"

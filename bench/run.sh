@@ -38,21 +38,8 @@ pg_isready -q -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not running: pg_ctlc
 
 cargo build --release -q -p orderwave -p bench-hello -p bench-saga
 
-loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
-
-# start NAME CMD... : starts a server printing "listening on http://ADDR", sets URL and PID.
-start() {
-  local name=$1; shift
-  "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
-  PID=$!
-  PIDS+=("$PID")
-  for _ in $(seq 1 100); do
-    URL=$(grep -o 'http://[0-9.:]*' "$WORK/$name.out" | head -1 || true)
-    [ -n "$URL" ] && return
-    sleep 0.1
-  done
-  echo "$name did not start:" >&2; cat "$WORK/$name.err" >&2; exit 1
-}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 # rss_watch PID FILE: samples RSS (KiB) every 200 ms until stopped.
 rss_watch() { while kill -0 "$1" 2>/dev/null; do ps -o rss= -p "$1" >>"$2" || true; sleep 0.2; done; }

@@ -897,13 +897,14 @@ async fn lock_payment(
     column: &str,
     value: &str,
 ) -> Result<Option<Payment>, StoreError> {
-    let row = sqlx::query(AssertSqlSafe(format!(
-        "UPDATE payments SET version = version WHERE {column} = $1 RETURNING {PAYMENT_COLUMNS}"
-    )))
-    .bind(value)
-    .fetch_optional(&mut *conn)
-    .await?;
-    row.as_ref().map(payment).transpose()
+    one_payment(
+        conn,
+        format!(
+            "UPDATE payments SET version = version WHERE {column} = $1 RETURNING {PAYMENT_COLUMNS}"
+        ),
+        value,
+    )
+    .await
 }
 
 /// The payment whose `column` (`id` or `order_id`) is `value`, without its refunds.
@@ -912,12 +913,24 @@ async fn payment_where(
     column: &str,
     value: &str,
 ) -> Result<Option<Payment>, StoreError> {
-    let row = sqlx::query(AssertSqlSafe(format!(
-        "SELECT {PAYMENT_COLUMNS} FROM payments WHERE {column} = $1"
-    )))
-    .bind(value)
-    .fetch_optional(&mut *conn)
-    .await?;
+    one_payment(
+        conn,
+        format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE {column} = $1"),
+        value,
+    )
+    .await
+}
+
+/// The payment `sql` (with `value` as `$1`) answers with, if any.
+async fn one_payment(
+    conn: &mut AnyConnection,
+    sql: String,
+    value: &str,
+) -> Result<Option<Payment>, StoreError> {
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(value)
+        .fetch_optional(&mut *conn)
+        .await?;
     row.as_ref().map(payment).transpose()
 }
 
