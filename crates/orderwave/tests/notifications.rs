@@ -479,7 +479,8 @@ async fn sms_go_to_the_http_provider_with_retries_permanent_failures_and_a_break
 }
 
 /// A small SMTP server for the tests: speaks enough of the protocol for a client (EHLO, MAIL,
-/// RCPT, DATA, QUIT) and keeps every message it receives.
+/// RCPT, DATA, QUIT) and keeps every message it receives. A recipient at `nobody@` is refused
+/// for good (550); the next `TEMP_FAILURES` recipients are refused for now (451).
 mod smtp_sink {
     use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -490,6 +491,8 @@ mod smtp_sink {
         pub to: Vec<String>,
         pub data: String,
     }
+
+    pub static TEMP_FAILURES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
     pub async fn start(mails: Arc<Mutex<Vec<Mail>>>) -> u16 {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -522,6 +525,18 @@ mod smtp_sink {
                     ..Mail::default()
                 };
                 b"250 OK\r\n"
+            } else if upper.starts_with("RCPT TO:<NOBODY@") {
+                b"550 5.1.1 no such mailbox\r\n"
+            } else if upper.starts_with("RCPT TO:")
+                && TEMP_FAILURES
+                    .fetch_update(
+                        std::sync::atomic::Ordering::SeqCst,
+                        std::sync::atomic::Ordering::SeqCst,
+                        |n| n.checked_sub(1),
+                    )
+                    .is_ok()
+            {
+                b"451 4.3.0 try again later\r\n"
             } else if upper.starts_with("RCPT TO:") {
                 mail.to.push(line[8..].trim().to_string());
                 b"250 OK\r\n"
@@ -694,6 +709,46 @@ async fn email_over_smtp(backend: common::Backend) {
             .unwrap()
             .contains("queued as sink")),
         "{sent:?}"
+    );
+
+    // 451 is "not now": retried and then delivered; 550 is "never": FAILED after one try.
+    let ad_hoc = async |to: &str| -> String {
+        let response = app
+            .post_json(
+                "/api/v1/notifications",
+                &json!({"channel": "email", "recipient": to, "subject": "Hello", "body": "Hi"}),
+            )
+            .await;
+        assert_eq!(response.status(), 202);
+        response.headers()["location"].to_str().unwrap().to_string()
+    };
+    smtp_sink::TEMP_FAILURES.store(1, std::sync::atomic::Ordering::SeqCst);
+    let later = ad_hoc("later@example.com").await;
+    let mut done = Value::Null;
+    eventually("the 451 retried, then sent", async || {
+        done = app.get(&later).await.json().await.unwrap();
+        done["status"] == "SENT"
+    })
+    .await;
+    assert_eq!(done["attempts"], 2, "{done}");
+    assert_eq!(done["history"][0]["outcome"], "retry", "{done}");
+    assert!(
+        done["history"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("451"),
+        "{done}"
+    );
+    let never = ad_hoc("nobody@example.com").await;
+    eventually("the 550 failed", async || {
+        done = app.get(&never).await.json().await.unwrap();
+        done["status"] == "FAILED"
+    })
+    .await;
+    assert_eq!(done["attempts"], 1, "{done}");
+    assert!(
+        done["lastError"].as_str().unwrap().contains("550"),
+        "{done}"
     );
     app.stop().await;
 }
