@@ -121,17 +121,6 @@ pub enum ChargeResult {
     },
 }
 
-/// A failed charge whose outcome at the provider is unknown.
-#[derive(Debug, Clone)]
-pub struct DueLookup {
-    pub payment_id: String,
-    pub order_id: String,
-    pub amount: Decimal,
-    pub currency: String,
-    pub token: String,
-    pub attempts: i64,
-}
-
 /// How long a charge, refund or lookup is held by the process that took it: no other process
 /// picks it up meanwhile. A process that dies holding one leaves it to the others (or to its
 /// own restart) after this.
@@ -433,27 +422,8 @@ impl PaymentStore {
     /// Takes the charges due now (at most `limit`, oldest first) for `CLAIM`: a charge taken
     /// by another process meanwhile is not returned.
     pub async fn claim_due_charges(&self, limit: u32) -> Result<Vec<DueCharge>, StoreError> {
-        let rows = self
-            .claim_due(
-                "payments",
-                "status = 'authorizing'",
-                "id, order_id, amount, currency, token, deadline_at, attempts",
-                limit,
-            )
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(DueCharge {
-                    payment_id: r.try_get(0)?,
-                    order_id: r.try_get(1)?,
-                    amount: decimal(&r.try_get::<String, _>(2)?)?,
-                    currency: r.try_get(3)?,
-                    token: r.try_get(4)?,
-                    deadline_at: r.try_get(5)?,
-                    attempts: r.try_get(6)?,
-                })
-            })
-            .collect()
+        self.claim_due_payments("status = 'authorizing'", limit)
+            .await
     }
 
     /// Takes the refunds due now (at most `limit`, oldest first) for `CLAIM`.
@@ -479,25 +449,37 @@ impl PaymentStore {
     }
 
     /// Takes the failed charges whose outcome at the provider is unknown and due to be asked
-    /// about now (at most `limit`) for `CLAIM`.
-    pub async fn claim_due_lookups(&self, limit: u32) -> Result<Vec<DueLookup>, StoreError> {
+    /// about now (at most `limit`) for `CLAIM`: the charge as it was made, to ask about.
+    pub async fn claim_due_lookups(&self, limit: u32) -> Result<Vec<DueCharge>, StoreError> {
+        self.claim_due_payments("status = 'failed' AND unresolved = 1", limit)
+            .await
+    }
+
+    /// Takes the payments matching `filter` that are due now, as the charges to make or ask
+    /// about.
+    async fn claim_due_payments(
+        &self,
+        filter: &str,
+        limit: u32,
+    ) -> Result<Vec<DueCharge>, StoreError> {
         let rows = self
             .claim_due(
                 "payments",
-                "status = 'failed' AND unresolved = 1",
-                "id, order_id, amount, currency, token, attempts",
+                filter,
+                "id, order_id, amount, currency, token, COALESCE(deadline_at, ''), attempts",
                 limit,
             )
             .await?;
         rows.iter()
             .map(|r| {
-                Ok(DueLookup {
+                Ok(DueCharge {
                     payment_id: r.try_get(0)?,
                     order_id: r.try_get(1)?,
                     amount: decimal(&r.try_get::<String, _>(2)?)?,
                     currency: r.try_get(3)?,
                     token: r.try_get(4)?,
-                    attempts: r.try_get(5)?,
+                    deadline_at: r.try_get(5)?,
+                    attempts: r.try_get(6)?,
                 })
             })
             .collect()

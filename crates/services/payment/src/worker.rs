@@ -8,7 +8,7 @@
 use crate::provider::{
     ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, RefundRequest,
 };
-use crate::store::{CLAIM, ChargeResult, DueCharge, DueLookup, DueRefund, PaymentStore};
+use crate::store::{CLAIM, ChargeResult, DueCharge, DueRefund, PaymentStore};
 use domain::money::to_minor_units;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -67,7 +67,7 @@ pub async fn run(
         let queued = store.take_queued();
         let mut charges = queued.charges;
         let mut refunds = queued.refunds;
-        let mut lookups: Vec<DueLookup> = Vec::new();
+        let mut lookups: Vec<DueCharge> = Vec::new();
         if last_read.is_none_or(|at| at.elapsed() >= config.poll_interval) {
             last_read = Some(std::time::Instant::now());
             let limit = u32::try_from(config.concurrency).unwrap_or(u32::MAX);
@@ -158,6 +158,18 @@ async fn charge_one(
     done(&in_flight, &id);
 }
 
+/// The provider call for `charge`, keyed by its payment id (a retry or a lookup names the same
+/// charge).
+fn charge_request(charge: &DueCharge, amount_minor: i64) -> ChargeRequest {
+    ChargeRequest {
+        idempotency_key: charge.payment_id.clone(),
+        order_id: charge.order_id.clone(),
+        amount_minor,
+        currency: charge.currency.clone(),
+        token: charge.token.clone(),
+    }
+}
+
 async fn charge_inner(
     store: &PaymentStore,
     provider: &dyn PaymentProvider,
@@ -175,13 +187,7 @@ async fn charge_inner(
             .await?;
         return Ok(());
     };
-    let request = ChargeRequest {
-        idempotency_key: charge.payment_id.clone(),
-        order_id: charge.order_id.clone(),
-        amount_minor,
-        currency: charge.currency.clone(),
-        token: charge.token.clone(),
-    };
+    let request = charge_request(&charge, amount_minor);
     let started = std::time::Instant::now();
     // A call lasts no longer than this process's claim on the charge, so no other process
     // calls for it at the same time; an unanswered call before the deadline is retried.
@@ -252,7 +258,7 @@ async fn lookup_one(
     provider: Arc<dyn PaymentProvider>,
     config: WorkerConfig,
     in_flight: Arc<Mutex<HashSet<String>>>,
-    lookup: DueLookup,
+    lookup: DueCharge,
 ) {
     let id = lookup.payment_id.clone();
     if let Err(error) = lookup_inner(&store, provider.as_ref(), &config, lookup).await {
@@ -267,15 +273,12 @@ async fn lookup_inner(
     store: &PaymentStore,
     provider: &dyn PaymentProvider,
     config: &WorkerConfig,
-    lookup: DueLookup,
+    lookup: DueCharge,
 ) -> Result<(), crate::store::StoreError> {
-    let request = ChargeRequest {
-        idempotency_key: lookup.payment_id.clone(),
-        order_id: lookup.order_id.clone(),
-        amount_minor: to_minor_units(lookup.amount, &lookup.currency).unwrap_or_default(),
-        currency: lookup.currency.clone(),
-        token: lookup.token.clone(),
-    };
+    let request = charge_request(
+        &lookup,
+        to_minor_units(lookup.amount, &lookup.currency).unwrap_or_default(),
+    );
     let answer = tokio::time::timeout(CLAIM, provider.lookup(&request)).await;
     match answer {
         Ok(Ok(Some(ChargeOutcome::Succeeded { reference }))) => {
