@@ -2,7 +2,7 @@
 //! worker only, on SQLite and on PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use payment_service::store::{Intent, PaymentStore};
+use payment_service::store::{ChargeResult, Intent, PaymentStore};
 use rust_decimal::Decimal;
 use std::time::Duration;
 use storage::Db;
@@ -44,6 +44,34 @@ async fn one_worker_takes_each_charge(a: Db, b: Db) {
             .await
             .unwrap();
     }
+
+    // A refund of the charge, due again after a failed attempt: one worker takes it, with the
+    // charge's reference and currency.
+    first
+        .finish_charge(
+            &payment.id,
+            &ChargeResult::Succeeded {
+                reference: "ch_1".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let refund = first
+        .request_refund(&payment.id, None, "test")
+        .await
+        .unwrap();
+    first.take_queued();
+    first
+        .retry_refund_later(&refund.id, Duration::ZERO, "no answer yet")
+        .await
+        .unwrap();
+    let (x, y) = tokio::join!(first.claim_due_refunds(10), second.claim_due_refunds(10));
+    let taken: Vec<_> = x.unwrap().into_iter().chain(y.unwrap()).collect();
+    assert_eq!(taken.len(), 1, "taken by exactly one worker");
+    assert_eq!(taken[0].refund_id, refund.id);
+    assert_eq!(taken[0].charge_reference, "ch_1");
+    assert_eq!(taken[0].currency, "EUR");
+    assert_eq!(taken[0].amount, Decimal::new(1250, 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
