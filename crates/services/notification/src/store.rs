@@ -288,7 +288,10 @@ impl NotificationStore {
     /// An ad-hoc message, sent like any other; returns it.
     pub async fn create(&self, delivery: &NewDelivery) -> Result<Notification, StoreError> {
         let mut conn = self.db.writer().acquire().await?;
-        let id = insert(&mut conn, delivery).await?;
+        // An ad-hoc event id is fresh: it is always inserted.
+        let id = insert(&mut conn, delivery)
+            .await?
+            .ok_or(StoreError::NotFound)?;
         drop(conn);
         self.due.notify_one();
         self.get(&id).await?.ok_or(StoreError::NotFound)
@@ -531,16 +534,15 @@ impl Outcome<'_> {
     }
 }
 
-/// Inserts a delivery unless its event has one on that channel; returns its id (the existing
-/// one's when there was one).
-async fn insert(conn: &mut AnyConnection, d: &NewDelivery) -> Result<String, StoreError> {
+/// Inserts a delivery unless its event has one on that channel; returns its id when inserted.
+async fn insert(conn: &mut AnyConnection, d: &NewDelivery) -> Result<Option<String>, StoreError> {
     let id = Uuid::now_v7().to_string();
     let now = time::to_text(time::now());
-    sqlx::query(
+    let inserted = sqlx::query(
         "INSERT INTO notifications (id, event_id, event_type, channel, recipient, customer_id, order_id, template_key, \
          subject, text_body, html_body, status, attempts, next_attempt_at, created_at, updated_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'pending', 0, $12, $12, $12) \
-         ON CONFLICT (event_id, channel) DO NOTHING",
+         ON CONFLICT (event_id, channel) DO NOTHING RETURNING id",
     )
     .bind(&id)
     .bind(&d.event_id)
@@ -554,16 +556,9 @@ async fn insert(conn: &mut AnyConnection, d: &NewDelivery) -> Result<String, Sto
     .bind(&d.text_body)
     .bind(d.html_body.as_deref())
     .bind(&now)
-    .execute(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
-    let existing: String =
-        sqlx::query("SELECT id FROM notifications WHERE event_id = $1 AND channel = $2")
-            .bind(&d.event_id)
-            .bind(&d.channel)
-            .fetch_one(&mut *conn)
-            .await?
-            .try_get(0)?;
-    Ok(existing)
+    Ok(inserted.map(|r| r.try_get(0)).transpose()?)
 }
 
 fn notification(r: &sqlx::any::AnyRow) -> Result<Notification, StoreError> {
