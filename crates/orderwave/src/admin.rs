@@ -1,10 +1,12 @@
-//! Operator endpoints for the bus: dead letters, listed, redriven or discarded.
+//! Operator endpoints: dead letters (messages a consumer group gave up on, and notifications
+//! whose attempts ran out), listed, redriven or discarded; outbox backlog; consumer lag.
 
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use bus::{Bus, BusError, DeadLetter};
 use http_kit::Problem;
+use notification_service::store::{Notification, NotificationStore, StoreError};
 use std::sync::Arc;
 use storage::Db;
 use utoipa_axum::router::OpenApiRouter;
@@ -13,13 +15,24 @@ use utoipa_axum::routes;
 /// Each service's database, by service name (whose outbox the relay drains).
 pub type Outboxes = Arc<Vec<(String, Db)>>;
 
-pub fn router(bus: Arc<dyn Bus>, outboxes: Outboxes) -> OpenApiRouter {
+/// Where dead letters are kept: the bus's, and the notification service's dead deliveries.
+#[derive(Clone)]
+pub struct DeadLetters {
+    pub bus: Arc<dyn Bus>,
+    pub notifications: Arc<NotificationStore>,
+}
+
+pub fn router(dead: DeadLetters, outboxes: Outboxes) -> OpenApiRouter {
     OpenApiRouter::new()
         .routes(routes!(list_dead_letters))
         .routes(routes!(redrive_dead_letter))
         .routes(routes!(discard_dead_letter))
-        .routes(routes!(consumer_lag))
-        .with_state(bus)
+        .with_state(dead.clone())
+        .merge(
+            OpenApiRouter::new()
+                .routes(routes!(consumer_lag))
+                .with_state(dead.bus),
+        )
         .merge(
             OpenApiRouter::new()
                 .routes(routes!(outbox_report))
@@ -74,16 +87,23 @@ async fn outbox_report(
     })
 }
 
-/// A message a consumer group gave up on after its last attempt.
+/// A message a consumer group gave up on after its last attempt, or a notification whose
+/// attempts ran out (DEAD).
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetterView {
     pub id: String,
-    /// The consumer group that failed it.
+    /// `bus` (a message a consumer group failed) or `notification` (a delivery the provider
+    /// kept refusing).
+    #[schema(example = "bus")]
+    pub source: String,
+    /// The consumer group that failed it (`notification` for a delivery).
     pub group: String,
+    /// The message (for a delivery: the event that caused it).
     pub message_id: String,
+    /// The message's topic (for a delivery: its event type).
     pub topic: String,
-    /// The CloudEvents message as published.
+    /// The CloudEvents message as published, or the notification with its attempts.
     #[schema(value_type = Object)]
     pub message: serde_json::Value,
     /// The last error.
@@ -100,6 +120,7 @@ impl From<DeadLetter> for DeadLetterView {
             message: serde_json::from_str(&d.payload)
                 .unwrap_or(serde_json::Value::String(d.payload.clone())),
             id: d.id,
+            source: "bus".into(),
             group: d.group,
             message_id: d.message_id,
             topic: d.topic,
@@ -111,9 +132,31 @@ impl From<DeadLetter> for DeadLetterView {
     }
 }
 
+impl From<Notification> for DeadLetterView {
+    fn from(n: Notification) -> Self {
+        DeadLetterView {
+            id: n.id.clone(),
+            source: "notification".into(),
+            group: "notification".into(),
+            message_id: n.event_id.clone(),
+            topic: n.event_type.clone(),
+            error: n.last_error.clone().unwrap_or_default(),
+            attempts: n.attempts,
+            failed_at: n.updated_at.clone(),
+            redrive_requested: false,
+            message: serde_json::to_value(n).unwrap_or_default(),
+        }
+    }
+}
+
+fn notification_problem(error: StoreError) -> Problem {
+    tracing::error!(%error, "notification store failed");
+    Problem::unavailable("The notification database is unavailable; retry later.")
+}
+
 fn bus_problem(error: BusError) -> Problem {
     match error {
-        BusError::UnknownDeadLetter(_) => Problem::not_found("No dead letter with this id."),
+        BusError::UnknownDeadLetter(_) => no_dead_letter(),
         BusError::Db(error) => {
             tracing::error!(%error, "bus storage failed");
             Problem::unavailable("The bus is unavailable; retry later.")
@@ -163,10 +206,12 @@ async fn consumer_lag(State(bus): State<Arc<dyn Bus>>) -> Result<Json<Vec<Consum
     ))
 }
 
-/// Dead letters, newest first.
+/// Dead letters, the most recently failed first: messages consumer groups gave up on, and
+/// notifications whose attempts ran out.
 #[utoipa::path(
     get, path = "/api/v1/admin/dead-letters", tag = "admin",
-    params(("group" = Option<String>, Query, description = "Only this consumer group's"),
+    params(("source" = Option<String>, Query, description = "Only `bus` messages or only `notification` deliveries"),
+           ("group" = Option<String>, Query, description = "Only this consumer group's messages"),
            ("limit" = Option<u32>, Query, description = "At most this many, 1-500 (default 100)")),
     responses(
         (status = 200, description = "Dead letters", body = [DeadLetterView]),
@@ -174,29 +219,50 @@ async fn consumer_lag(State(bus): State<Arc<dyn Bus>>) -> Result<Json<Vec<Consum
     )
 )]
 async fn list_dead_letters(
-    State(bus): State<Arc<dyn Bus>>,
+    State(dead): State<DeadLetters>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Vec<DeadLetterView>>, Problem> {
     let mut group = None;
+    let mut source = None;
     let mut limit = 100usize;
     for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match key.as_ref() {
             "group" => group = Some(value.into_owned()),
+            "source" => match value.as_ref() {
+                "bus" | "notification" => source = Some(value.into_owned()),
+                _ => return Err(Problem::field("source", "must be bus or notification")),
+            },
             "limit" => limit = http_kit::cursor::parse_limit(&value, 500)? as usize,
             _ => return Err(Problem::field("query", "unknown query parameter")),
         }
     }
-    let letters = bus
-        .dead_letters(group.as_deref(), limit)
-        .await
-        .map_err(bus_problem)?;
-    Ok(Json(
-        letters.into_iter().map(DeadLetterView::from).collect(),
-    ))
+    let mut letters: Vec<DeadLetterView> = Vec::new();
+    if source.as_deref() != Some("notification") {
+        let messages = dead
+            .bus
+            .dead_letters(group.as_deref(), limit)
+            .await
+            .map_err(bus_problem)?;
+        letters.extend(messages.into_iter().map(DeadLetterView::from));
+    }
+    // A group names a consumer group's messages; deliveries have none.
+    if source.as_deref() != Some("bus") && group.is_none() {
+        let deliveries = dead
+            .notifications
+            .dead(u32::try_from(limit).unwrap_or(500))
+            .await
+            .map_err(notification_problem)?;
+        letters.extend(deliveries.into_iter().map(DeadLetterView::from));
+    }
+    // Both lists come newest first; together, the newest `limit` of both.
+    letters.sort_by(|a, b| (&b.failed_at, &b.id).cmp(&(&a.failed_at, &a.id)));
+    letters.truncate(limit);
+    Ok(Json(letters))
 }
 
-/// Ask the consumer group to process a dead letter again (after a fix). It disappears once the
-/// group processed it; a new failure keeps it with the new error.
+/// Process a dead letter again (after a fix). A message is handed back to its consumer group:
+/// it disappears once the group processed it, and a new failure keeps it with the new error. A
+/// notification is due again at once, with its full number of attempts.
 #[utoipa::path(
     post, path = "/api/v1/admin/dead-letters/{id}/redrive", tag = "admin",
     params(("id" = String, Path, description = "Dead letter id")),
@@ -206,14 +272,25 @@ async fn list_dead_letters(
     )
 )]
 async fn redrive_dead_letter(
-    State(bus): State<Arc<dyn Bus>>,
+    State(dead): State<DeadLetters>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    bus.request_redrive(&id).await.map_err(bus_problem)?;
-    Ok(StatusCode::ACCEPTED)
+    match dead.bus.request_redrive(&id).await {
+        Err(BusError::UnknownDeadLetter(_)) => {}
+        other => return other.map(|()| StatusCode::ACCEPTED).map_err(bus_problem),
+    }
+    if dead
+        .notifications
+        .redrive(&id)
+        .await
+        .map_err(notification_problem)?
+    {
+        return Ok(StatusCode::ACCEPTED);
+    }
+    Err(no_dead_letter())
 }
 
-/// Discard a dead letter for good.
+/// Discard a dead letter for good (a notification stays in its history as FAILED).
 #[utoipa::path(
     delete, path = "/api/v1/admin/dead-letters/{id}", tag = "admin",
     params(("id" = String, Path, description = "Dead letter id")),
@@ -223,9 +300,24 @@ async fn redrive_dead_letter(
     )
 )]
 async fn discard_dead_letter(
-    State(bus): State<Arc<dyn Bus>>,
+    State(dead): State<DeadLetters>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    bus.remove_dead_letter(&id).await.map_err(bus_problem)?;
-    Ok(StatusCode::NO_CONTENT)
+    match dead.bus.remove_dead_letter(&id).await {
+        Err(BusError::UnknownDeadLetter(_)) => {}
+        other => return other.map(|()| StatusCode::NO_CONTENT).map_err(bus_problem),
+    }
+    if dead
+        .notifications
+        .discard(&id)
+        .await
+        .map_err(notification_problem)?
+    {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    Err(no_dead_letter())
+}
+
+fn no_dead_letter() -> Problem {
+    Problem::not_found("No dead letter with this id.")
 }

@@ -282,6 +282,11 @@ impl Application {
                 db: dbs.payments.clone(),
                 commits: payments.store.commits(),
             },
+            Outbox {
+                service: "notification",
+                db: dbs.notifications.clone(),
+                commits: notifications.store.commits(),
+            },
         ];
         let api = OpenApiRouter::with_openapi(ApiDoc::openapi())
             .merge(orders.router())
@@ -290,7 +295,10 @@ impl Application {
             .merge(payments.router())
             .merge(notifications.router())
             .merge(crate::admin::router(
-                bus.clone(),
+                crate::admin::DeadLetters {
+                    bus: bus.clone(),
+                    notifications: notifications.store.clone(),
+                },
                 Arc::new(
                     outboxes
                         .iter()

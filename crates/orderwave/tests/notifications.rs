@@ -230,6 +230,27 @@ async fn ad_hoc_messages_are_validated_and_delivered(app: &TestApp) {
             json!({"channel": "email", "recipient": "a@b.example", "subject": "s", "body": " "}),
             "body",
         ),
+        (
+            json!({"channel": "email", "recipient": "a@b.example", "template": "order.shipped.sms"}),
+            "template",
+        ),
+        (
+            json!({"channel": "email", "recipient": "a@b.example", "template": "order.lost.email"}),
+            "template",
+        ),
+        (
+            json!({"channel": "email", "recipient": "a@b.example", "template": "order.shipped.email", "subject": "s"}),
+            "template",
+        ),
+        // The shipped template needs the order's carrier and tracking number.
+        (
+            json!({"channel": "email", "recipient": "a@b.example", "template": "order.shipped.email", "data": {"order": {"id": "o-1"}}}),
+            "data",
+        ),
+        (
+            json!({"channel": "email", "recipient": "a@b.example", "subject": "s", "body": "b", "data": {}}),
+            "data",
+        ),
     ] {
         let problem =
             expect_problem(app.post_json("/api/v1/notifications", &body).await, 422).await;
@@ -258,11 +279,40 @@ async fn ad_hoc_messages_are_validated_and_delivered(app: &TestApp) {
         409,
     )
     .await;
+
+    // From a stored template, with the customer filled in from their record.
+    let response = app
+        .post_json(
+            "/api/v1/notifications",
+            &json!({
+                "channel": "email",
+                "customerId": customer,
+                "orderId": "o-42",
+                "template": "order.shipped.email",
+                "data": {"order": {"id": "o-42", "shipping": {"carrier": "DHL", "trackingNumber": "JD0123"}}}
+            }),
+        )
+        .await;
+    let created = response.json::<Value>().await.unwrap();
+    assert_eq!(created["templateKey"], "order.shipped.email", "{created}");
+    assert!(
+        created["subject"].as_str().unwrap().contains("o-42"),
+        "{created}"
+    );
+    assert!(
+        created["textBody"]
+            .as_str()
+            .unwrap()
+            .contains("Grace Hopper")
+            && created["textBody"].as_str().unwrap().contains("JD0123"),
+        "{created}"
+    );
+    assert!(created["htmlBody"].as_str().is_some(), "{created}");
 }
 
 /// A local fake of a Twilio-style SMS API: answers 201 with a message SID, 400 for the number
 /// +15005550001 (invalid), 500 to the next `fail_next` requests, 503 to everything while
-/// `down`; records every request.
+/// `down`, nothing while `hang`; records every request.
 mod fake_sms {
     use axum::extract::State;
     use axum::http::{HeaderMap, StatusCode};
@@ -284,6 +334,8 @@ mod fake_sms {
         pub requests: Mutex<Vec<Request>>,
         pub fail_next: AtomicU32,
         pub down: AtomicBool,
+        /// Requests get no answer while this holds (then they are answered as usual).
+        pub hang: AtomicBool,
     }
 
     impl Fake {
@@ -310,6 +362,9 @@ mod fake_sms {
                 .to_string(),
             form: form.clone(),
         });
+        while fake.hang.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         if fake.down.load(Ordering::SeqCst) {
             return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
         }
@@ -469,6 +524,45 @@ async fn sms_over_the_http_provider(backend: common::Backend) {
         .await
         .unwrap();
     assert_eq!(dead["items"], json!([]));
+
+    // The provider hangs: orders are still placed and confirmed, their SMS wait, and they go
+    // out once it answers again.
+    fake.hang.store(true, Ordering::SeqCst);
+    let before = fake.count();
+    let customer = customer_with_sms(&app).await;
+    let mut orders = Vec::new();
+    for _ in 0..10 {
+        let order = app.place(&paid_order_body(&customer)).await;
+        orders.push(order["id"].as_str().unwrap().to_string());
+    }
+    for id in &orders {
+        app.wait_for_status(id, "CONFIRMED").await;
+    }
+    eventually("the SMS calls hanging at the provider", async || {
+        fake.count() > before
+    })
+    .await;
+    let sms_of = async |id: &str| -> Value {
+        notifications_of(&app, id)
+            .await
+            .into_iter()
+            .find(|n| n["channel"] == "sms")
+            .unwrap_or(Value::Null)
+    };
+    for id in &orders {
+        let sms = sms_of(id).await;
+        assert_ne!(
+            sms["status"], "SENT",
+            "sent while the provider hangs: {sms}"
+        );
+    }
+    fake.hang.store(false, Ordering::SeqCst);
+    for id in &orders {
+        eventually("the held SMS sent", async || {
+            sms_of(id).await["status"] == "SENT"
+        })
+        .await;
+    }
     app.stop().await;
 }
 
@@ -641,6 +735,8 @@ async fn email_over_smtp(backend: common::Backend) {
         c.smtp_port = port;
         c.smtp_tls = orderwave::config::SmtpTls::None;
         c.smtp_from = "orderwave <no-reply@orderwave.example>".into();
+        c.notification_retry_ms = 20;
+        c.notification_breaker_secs = 1;
     })
     .await;
     let customer = app.new_customer().await;
@@ -749,6 +845,138 @@ async fn email_over_smtp(backend: common::Backend) {
     assert!(
         done["lastError"].as_str().unwrap().contains("550"),
         "{done}"
+    );
+
+    // Refused for now five times in a row: DEAD, listed with the bus's dead letters, and
+    // redriven through the same API, with five attempts again.
+    smtp_sink::TEMP_FAILURES.store(5, std::sync::atomic::Ordering::SeqCst);
+    let stuck = ad_hoc("stuck@example.com").await;
+    eventually("the delivery dead after its last attempt", async || {
+        done = app.get(&stuck).await.json().await.unwrap();
+        done["status"] == "DEAD"
+    })
+    .await;
+    assert_eq!(done["attempts"], 5, "{done}");
+    let stuck_id = done["id"].as_str().unwrap().to_string();
+    let letters: Value = app
+        .get("/api/v1/admin/dead-letters?source=notification")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let letter = letters
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["id"] == stuck_id.as_str())
+        .unwrap_or_else(|| panic!("not among the dead letters: {letters}"))
+        .clone();
+    assert_eq!(letter["source"], "notification", "{letter}");
+    assert_eq!(letter["attempts"], 5, "{letter}");
+    assert!(
+        letter["error"].as_str().unwrap().contains("451"),
+        "{letter}"
+    );
+    assert_eq!(letter["message"]["recipient"], "stuck@example.com");
+    let bus_only: Value = app
+        .get("/api/v1/admin/dead-letters?source=bus")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        bus_only
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["source"] == "bus"),
+        "{bus_only}"
+    );
+    // Still refused once, then accepted: a redrive has the full five attempts, not one.
+    smtp_sink::TEMP_FAILURES.store(1, std::sync::atomic::Ordering::SeqCst);
+    let redrive = app
+        .post_json(
+            &format!("/api/v1/admin/dead-letters/{stuck_id}/redrive"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(redrive.status(), 202);
+    eventually("the redriven delivery sent", async || {
+        done = app.get(&stuck).await.json().await.unwrap();
+        done["status"] == "SENT"
+    })
+    .await;
+    assert_eq!(done["attempts"], 7, "{done}");
+    assert_eq!(done["history"][5]["outcome"], "retry", "{done}");
+    assert_eq!(done["history"][6]["outcome"], "sent", "{done}");
+
+    // A dead delivery discarded: FAILED for good, off the list; a second discard is 404.
+    smtp_sink::TEMP_FAILURES.store(5, std::sync::atomic::Ordering::SeqCst);
+    let hopeless = ad_hoc("hopeless@example.com").await;
+    eventually("the second delivery dead", async || {
+        done = app.get(&hopeless).await.json().await.unwrap();
+        done["status"] == "DEAD"
+    })
+    .await;
+    let hopeless_id = done["id"].as_str().unwrap().to_string();
+    let discard = app
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/admin/dead-letters/{hopeless_id}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(discard.status(), 204);
+    done = app.get(&hopeless).await.json().await.unwrap();
+    assert_eq!(done["status"], "FAILED", "{done}");
+    assert_eq!(done["history"][5]["outcome"], "discarded", "{done}");
+    let again = app
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/admin/dead-letters/{hopeless_id}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    expect_problem(again, 404).await;
+
+    // Each final outcome is published: sent, failed (550), dead, and sent after the redrive.
+    app.wait_for_outbox_drain().await;
+    let outcomes: Vec<(String, Value)> = app
+        .bus_messages()
+        .await
+        .into_iter()
+        .filter(|(topic, _, _)| topic.starts_with("notification."))
+        .map(|(topic, _, event)| (topic, event["data"].clone()))
+        .collect();
+    let of = |id: &str| -> Vec<(String, String)> {
+        outcomes
+            .iter()
+            .filter(|(_, data)| data["notificationId"] == id)
+            .map(|(topic, data)| (topic.clone(), data["status"].as_str().unwrap().to_string()))
+            .collect()
+    };
+    assert_eq!(
+        of(&stuck_id),
+        vec![
+            ("notification.failed".to_string(), "DEAD".to_string()),
+            ("notification.sent".to_string(), "SENT".to_string()),
+        ]
+    );
+    let never_id = never.rsplit('/').next().unwrap();
+    assert_eq!(
+        of(never_id),
+        vec![("notification.failed".to_string(), "FAILED".to_string())]
+    );
+    let (_, confirmed_sent) = outcomes
+        .iter()
+        .find(|(topic, data)| topic == "notification.sent" && data["orderId"] == id)
+        .unwrap_or_else(|| panic!("no notification.sent for the order: {outcomes:?}"));
+    assert_eq!(confirmed_sent["channel"], "email");
+    assert!(
+        confirmed_sent.get("recipient").is_none(),
+        "no contact data on the bus"
     );
     app.stop().await;
 }

@@ -143,7 +143,8 @@ async fn preview_template(
     Ok(axum::Json(rendered))
 }
 
-/// An ad-hoc message.
+/// An ad-hoc message: written out (`subject` and `body`) or rendered from a stored template
+/// (`template`, with `data` for it).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SendBody {
@@ -158,10 +159,21 @@ pub struct SendBody {
     pub customer_id: Option<String>,
     #[serde(default)]
     pub order_id: Option<String>,
+    /// The subject (email; ignored by SMS). Not with `template`.
+    #[serde(default)]
     #[schema(example = "Your order is delayed")]
-    pub subject: String,
+    pub subject: Option<String>,
+    /// The text. Not with `template`.
+    #[serde(default)]
     #[schema(example = "We are sorry: your order ships tomorrow.")]
-    pub body: String,
+    pub body: Option<String>,
+    /// A template key of this channel (`order.shipped.email`), rendered with `data`.
+    #[serde(default)]
+    pub template: Option<String>,
+    /// What the template sees (`order`, `refund`, ...). With `customerId`, `customer` is
+    /// filled in from the customer's record unless given.
+    #[serde(default)]
+    pub data: Option<Value>,
 }
 
 /// Send an ad-hoc message (recorded and retried like every notification).
@@ -170,49 +182,41 @@ pub struct SendBody {
     request_body = SendBody,
     responses(
         (status = 202, description = "Recorded; sending is under way", body = Notification, headers(("Location" = String))),
-        (status = 422, description = "Invalid message or recipient", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid message, template data or recipient", body = Problem, content_type = "application/problem+json"),
     )
 )]
 async fn send_notification(
     State(service): State<NotificationService>,
     JsonBody(body): JsonBody<SendBody>,
 ) -> Result<Response, Problem> {
-    if !templates::CHANNELS.contains(&body.channel.as_str()) {
+    let channel = body.channel.as_str();
+    if !templates::CHANNELS.contains(&channel) {
         return Err(Problem::field("channel", "must be email or sms"));
     }
-    if body.subject.trim().is_empty() && body.channel == "email" {
-        return Err(Problem::field("subject", "must not be empty"));
-    }
-    if body.body.trim().is_empty() {
-        return Err(Problem::field("body", "must not be empty"));
-    }
-    let recipient = match (&body.recipient, &body.customer_id) {
-        (Some(recipient), None) => recipient.trim().to_string(),
-        (None, Some(customer_id)) => {
-            let contact = service
+    let contact = match (&body.recipient, &body.customer_id) {
+        (Some(_), None) => None,
+        (None, Some(customer_id)) => Some(
+            service
                 .contacts
                 .contact(customer_id)
                 .await
                 .map_err(|_| {
                     Problem::unavailable("The customer service cannot answer; retry later.")
                 })?
-                .ok_or_else(|| Problem::field("customerId", "no such customer"))?;
-            let address = if body.channel == "sms" {
-                contact.phone
-            } else {
-                Some(contact.email)
-            };
-            address
-                .ok_or_else(|| Problem::field("customerId", "the customer has no phone number"))?
-        }
-        _ => {
-            return Err(Problem::field(
-                "recipient",
-                "give either recipient or customerId",
-            ));
-        }
+                .ok_or_else(|| Problem::field("customerId", "no such customer"))?,
+        ),
+        _ => return Err(either_recipient()),
     };
-    let valid = if body.channel == "sms" {
+    let recipient = match (&body.recipient, &contact) {
+        (Some(recipient), _) => recipient.trim().to_string(),
+        (None, Some(contact)) if channel == "sms" => contact
+            .phone
+            .clone()
+            .ok_or_else(|| Problem::field("customerId", "the customer has no phone number"))?,
+        (None, Some(contact)) => contact.email.clone(),
+        (None, None) => None.ok_or_else(either_recipient)?,
+    };
+    let valid = if channel == "sms" {
         domain::customer::is_e164(&recipient)
     } else {
         domain::customer::is_email(&recipient)
@@ -220,13 +224,20 @@ async fn send_notification(
     if !valid {
         return Err(Problem::field(
             "recipient",
-            if body.channel == "sms" {
+            if channel == "sms" {
                 "must be an E.164 phone number such as +447911123456"
             } else {
                 "must be an email address"
             },
         ));
     }
+    let (template_key, message) = match &body.template {
+        Some(key) => (
+            Some(key.clone()),
+            from_template(&service, &body, key, contact.as_ref()).await?,
+        ),
+        None => (None, written_out(&body)?),
+    };
     let event_id = format!("adhoc-{}", uuid::Uuid::now_v7());
     let notification = service
         .store
@@ -237,10 +248,10 @@ async fn send_notification(
             recipient,
             customer_id: body.customer_id.clone(),
             order_id: body.order_id.clone(),
-            template_key: None,
-            subject: body.subject.trim().to_string(),
-            text_body: body.body.clone(),
-            html_body: None,
+            template_key,
+            subject: message.subject,
+            text_body: message.text_body,
+            html_body: message.html_body,
         })
         .await?;
     let location = format!("/api/v1/notifications/{}", notification.id);
@@ -250,6 +261,66 @@ async fn send_notification(
         axum::Json(notification),
     )
         .into_response())
+}
+
+fn either_recipient() -> Problem {
+    Problem::field("recipient", "give either recipient or customerId")
+}
+
+/// The message given as subject and body.
+fn written_out(body: &SendBody) -> Result<Rendered, Problem> {
+    if body.data.is_some() {
+        return Err(Problem::field("data", "only with a template"));
+    }
+    let subject = body.subject.as_deref().unwrap_or_default().trim();
+    if subject.is_empty() && body.channel == "email" {
+        return Err(Problem::field("subject", "must not be empty"));
+    }
+    let text = body.body.as_deref().unwrap_or_default();
+    if text.trim().is_empty() {
+        return Err(Problem::field("body", "give a body or a template"));
+    }
+    Ok(Rendered {
+        subject: subject.to_string(),
+        text_body: text.to_string(),
+        html_body: None,
+    })
+}
+
+/// The message rendered from the template `key` with the body's data (and the customer).
+async fn from_template(
+    service: &NotificationService,
+    body: &SendBody,
+    key: &str,
+    contact: Option<&domain::customer::Contact>,
+) -> Result<Rendered, Problem> {
+    if body.subject.is_some() || body.body.is_some() {
+        return Err(Problem::field(
+            "template",
+            "give either a template or subject and body",
+        ));
+    }
+    let unknown = || Problem::field("template", "no such template");
+    let (_, channel) = templates::parse_key(key).ok_or_else(unknown)?;
+    if channel != body.channel {
+        return Err(Problem::field(
+            "template",
+            format!("is a template for {channel}, not {}", body.channel),
+        ));
+    }
+    let template = service.store.template(key).await?.ok_or_else(unknown)?;
+    let mut data = match &body.data {
+        None => Value::Object(Default::default()),
+        Some(data @ Value::Object(_)) => data.clone(),
+        Some(_) => return Err(Problem::field("data", "must be an object")),
+    };
+    if let Some(contact) = contact
+        && data.get("customer").is_none()
+    {
+        data["customer"] = serde_json::json!({"name": contact.name, "email": contact.email});
+    }
+    templates::render(&template.texts, &data)
+        .map_err(|error| Problem::field("data", format!("the template does not render: {error}")))
 }
 
 /// A page of notifications.

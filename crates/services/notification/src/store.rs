@@ -8,6 +8,7 @@ use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use std::collections::HashMap;
 use std::time::Duration;
 use storage::group_commit::GroupCommit;
+use storage::outbox::{self, CommitSignal, OutboxMessage};
 use storage::page::NewestFirst;
 use storage::{Db, inbox, time};
 use uuid::Uuid;
@@ -54,7 +55,7 @@ pub struct NewDelivery {
 pub struct Attempt {
     pub attempt: i64,
     pub at: String,
-    /// sent, retry, failed or dead.
+    /// sent, retry, failed, dead, or discarded (by an operator, not an attempt at sending).
     pub outcome: String,
     /// The provider's answer or the error.
     pub detail: String,
@@ -103,6 +104,7 @@ pub struct Due {
     pub subject: String,
     pub text_body: String,
     pub html_body: Option<String>,
+    /// Attempts made since the delivery was recorded or last redriven.
     pub attempts: i64,
 }
 
@@ -130,6 +132,8 @@ pub struct NotificationStore {
     due: tokio::sync::Notify,
     /// Deliveries and attempts share transactions (group commit): one commit serves many.
     batches: GroupCommit,
+    /// Changes after commits that wrote outbox rows (notification.sent, notification.failed).
+    committed: CommitSignal,
     /// Templates read in the last `TEMPLATE_TTL` (a PUT in this process replaces its entry at
     /// once; one in another process is seen within the TTL).
     templates: std::sync::RwLock<HashMap<String, (std::time::Instant, Template)>>,
@@ -139,8 +143,11 @@ const TEMPLATE_TTL: Duration = Duration::from_secs(5);
 
 impl NotificationStore {
     pub fn new(db: Db) -> Self {
+        let committed = CommitSignal::default();
+        let signal = committed.clone();
         Self {
-            batches: GroupCommit::start(db.clone(), || {}),
+            batches: GroupCommit::start(db.clone(), move || signal.notify()),
+            committed,
             db,
             due: tokio::sync::Notify::new(),
             templates: std::sync::RwLock::default(),
@@ -149,6 +156,11 @@ impl NotificationStore {
 
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// Changes after commits that may have written outbox rows: wakes the relay.
+    pub fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.subscribe()
     }
 
     /// Resolves when deliveries may have become due.
@@ -332,7 +344,8 @@ impl NotificationStore {
         // Another process may have taken some meanwhile: the guard leaves those out.
         let mut query = sqlx::query(AssertSqlSafe(format!(
             "UPDATE notifications SET next_attempt_at = $1 WHERE status = 'pending' AND next_attempt_at <= $2 \
-             AND id IN ({placeholders}) RETURNING id, channel, recipient, subject, text_body, html_body, attempts"
+             AND id IN ({placeholders}) \
+             RETURNING id, channel, recipient, subject, text_body, html_body, attempts - attempts_before_redrive"
         )))
         .bind(later(CLAIM))
         .bind(now);
@@ -388,24 +401,46 @@ impl NotificationStore {
                 );
                 async move {
                     let now = time::to_text(time::now());
-                    let attempt: Option<i64> = sqlx::query(
+                    let row = sqlx::query(
                         "UPDATE notifications SET status = $1, attempts = attempts + 1, next_attempt_at = $2, \
                          last_error = COALESCE($3, last_error), provider_ref = COALESCE($4, provider_ref), updated_at = $5 \
-                         WHERE id = $6 AND status = 'pending' RETURNING attempts",
+                         WHERE id = $6 AND status = 'pending' \
+                         RETURNING attempts, event_id, event_type, channel, customer_id, order_id, template_key",
                     )
                     .bind(status)
                     .bind(next)
-                    .bind(error)
-                    .bind(reference)
+                    .bind(error.clone())
+                    .bind(reference.clone())
                     .bind(&now)
                     .bind(&id)
                     .fetch_optional(&mut *conn)
-                    .await?
-                    .map(|r| r.try_get(0))
-                    .transpose()?;
-                    let Some(attempt) = attempt else {
+                    .await?;
+                    let Some(row) = row else {
                         return Ok(()); // settled by another worker
                     };
+                    let attempt: i64 = row.try_get(0)?;
+                    if let Some(topic) = outcome_topic(name) {
+                        let data = serde_json::json!({
+                            "notificationId": id,
+                            "eventId": row.try_get::<String, _>(1)?,
+                            "eventType": row.try_get::<String, _>(2)?,
+                            "channel": row.try_get::<String, _>(3)?,
+                            "customerId": row.try_get::<Option<String>, _>(4)?,
+                            "orderId": row.try_get::<Option<String>, _>(5)?,
+                            "templateKey": row.try_get::<Option<String>, _>(6)?,
+                            "status": status.to_ascii_uppercase(),
+                            "attempts": attempt,
+                            "providerRef": reference,
+                            "error": error,
+                        });
+                        // The attempt number orders a delivery's events (a redriven one can
+                        // fail twice).
+                        outbox::enqueue(
+                            conn,
+                            &[OutboxMessage::event("notification", topic, &id, attempt, &now, data)],
+                        )
+                        .await?;
+                    }
                     sqlx::query(
                         "INSERT INTO notification_attempts (notification_id, attempt, at, outcome, detail) VALUES ($1, $2, $3, $4, $5)",
                     )
@@ -436,10 +471,12 @@ impl NotificationStore {
         Ok(())
     }
 
-    /// Sends a DEAD notification again (its attempts start over); false when it is not dead.
+    /// Sends a DEAD notification again (with its full number of attempts); false when it is
+    /// not dead.
     pub async fn redrive(&self, id: &str) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE notifications SET status = 'pending', next_attempt_at = $1, updated_at = $1 WHERE id = $2 AND status = 'dead'",
+            "UPDATE notifications SET status = 'pending', next_attempt_at = $1, updated_at = $1, \
+             attempts_before_redrive = attempts WHERE id = $2 AND status = 'dead'",
         )
         .bind(time::to_text(time::now()))
         .bind(id)
@@ -449,6 +486,56 @@ impl NotificationStore {
             self.due.notify_one();
         }
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Gives a DEAD notification up for good: FAILED, with the operator's decision in its
+    /// history. False when it is not dead.
+    pub async fn discard(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.batches
+            .run_as(move |conn| {
+                let id = id.clone();
+                async move {
+                    let now = time::to_text(time::now());
+                    let attempt: Option<i64> = sqlx::query(
+                        "UPDATE notifications SET status = 'failed', updated_at = $1 \
+                         WHERE id = $2 AND status = 'dead' RETURNING attempts",
+                    )
+                    .bind(&now)
+                    .bind(&id)
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    .map(|r| r.try_get(0))
+                    .transpose()?;
+                    let Some(attempt) = attempt else {
+                        return Ok(false);
+                    };
+                    // Not an attempt at sending: it takes the next number after the last one.
+                    sqlx::query(
+                        "INSERT INTO notification_attempts (notification_id, attempt, at, outcome, detail) VALUES ($1, $2, $3, 'discarded', $4)",
+                    )
+                    .bind(&id)
+                    .bind(attempt + 1)
+                    .bind(&now)
+                    .bind("discarded by an operator")
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok::<bool, StoreError>(true)
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    /// DEAD notifications, the most recently failed first.
+    pub async fn dead(&self, limit: u32) -> Result<Vec<Notification>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM notifications WHERE status = 'dead' ORDER BY updated_at DESC, id DESC LIMIT {}",
+            limit.clamp(1, 1000)
+        )))
+        .fetch_all(self.db.reader())
+        .await?;
+        rows.iter().map(notification).collect()
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<Notification>, StoreError> {
@@ -523,8 +610,17 @@ pub enum Outcome<'a> {
     Dead { error: &'a str },
 }
 
+/// The event an attempt's outcome publishes: none while the delivery is still pending.
+fn outcome_topic(outcome: &str) -> Option<&'static str> {
+    match outcome {
+        "sent" => Some("notification.sent"),
+        "failed" | "dead" => Some("notification.failed"),
+        _ => None,
+    }
+}
+
 impl Outcome<'_> {
-    fn name(&self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             Outcome::Sent { .. } => "sent",
             Outcome::Retry { .. } => "retry",

@@ -200,12 +200,7 @@ async fn send_one(
             retry_in: backoff(&config, message.attempts),
         },
     };
-    let name = match outcome {
-        Outcome::Sent { .. } => "sent",
-        Outcome::Retry { .. } => "retry",
-        Outcome::Failed { .. } => "failed",
-        Outcome::Dead { .. } => "dead",
-    };
+    let name = outcome.name();
     metrics::counter!("notifications_total", "channel" => message.channel.clone(), "outcome" => name)
         .increment(1);
     if let Outcome::Failed { error } | Outcome::Dead { error } = outcome {
