@@ -472,6 +472,14 @@ fn notification_transports(
             username: config.smtp_username.clone(),
             password: config.smtp_password.clone(),
             from: config.smtp_from.clone(),
+            ca_pem: config
+                .smtp_ca_file
+                .as_ref()
+                .map(|path| {
+                    std::fs::read(path)
+                        .with_context(|| format!("reading the SMTP CA file {}", path.display()))
+                })
+                .transpose()?,
         })
         .map_err(|e| anyhow::anyhow!("SMTP client: {e}"))?;
         transports.insert("email".into(), Arc::new(email));

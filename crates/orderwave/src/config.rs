@@ -164,6 +164,11 @@ pub struct Config {
     #[arg(long, env = "ORDERWAVE_SMTP_PASSWORD", hide_env_values = true)]
     pub smtp_password: Option<String>,
 
+    /// A PEM CA certificate to trust for the SMTP server's certificate, besides the public
+    /// roots (a relay whose certificate comes from a private CA).
+    #[arg(long, env = "ORDERWAVE_SMTP_CA_FILE")]
+    pub smtp_ca_file: Option<std::path::PathBuf>,
+
     /// The sender of email.
     #[arg(
         long,
@@ -238,6 +243,7 @@ impl Config {
             smtp_tls: SmtpTls::Starttls,
             smtp_username: None,
             smtp_password: None,
+            smtp_ca_file: None,
             smtp_from: "orderwave <no-reply@orderwave.example>".into(),
             sms_provider_url: None,
             sms_account_sid: String::new(),

@@ -573,41 +573,130 @@ async fn sms_go_to_the_http_provider_with_retries_permanent_failures_and_a_break
 }
 
 /// A small SMTP server for the tests: speaks enough of the protocol for a client (EHLO, MAIL,
-/// RCPT, DATA, QUIT) and keeps every message it receives. A recipient at `nobody@` is refused
-/// for good (550); the next `TEMP_FAILURES` recipients are refused for now (451).
+/// RCPT, DATA, QUIT; STARTTLS or TLS from the first byte, with the certificate of
+/// `fixtures/smtp-tls`, and then AUTH PLAIN) and keeps every message it receives. A recipient
+/// at `nobody@` is refused for good (550); the next `TEMP_FAILURES` recipients are refused for
+/// now (451).
 mod smtp_sink {
     use std::sync::{Arc, Mutex};
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+    use tokio_rustls::TlsAcceptor;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
     #[derive(Debug, Clone, Default)]
     pub struct Mail {
         pub from: String,
         pub to: Vec<String>,
         pub data: String,
+        /// Came over TLS.
+        pub secure: bool,
+        /// `user:password` of AUTH PLAIN, if the client authenticated.
+        pub auth: Option<String>,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Security {
+        Plain,
+        StartTls,
+        Tls,
     }
 
     pub static TEMP_FAILURES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
     pub async fn start(mails: Arc<Mutex<Vec<Mail>>>) -> u16 {
+        start_with(mails, Security::Plain).await
+    }
+
+    pub async fn start_with(mails: Arc<Mutex<Vec<Mail>>>, security: Security) -> u16 {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let acceptor = acceptor();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(session(stream, mails.clone()));
+                let (mails, acceptor) = (mails.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    match security {
+                        Security::Plain => {
+                            session(stream, mails, true, false, false).await;
+                        }
+                        Security::Tls => {
+                            if let Ok(tls) = acceptor.accept(stream).await {
+                                session(tls, mails, true, false, true).await;
+                            }
+                        }
+                        Security::StartTls => {
+                            if let Some(plain) =
+                                session(stream, mails.clone(), true, true, false).await
+                                && let Ok(tls) = acceptor.accept(plain).await
+                            {
+                                session(tls, mails, false, false, true).await;
+                            }
+                        }
+                    }
+                });
             }
         });
         port
     }
 
-    async fn session(stream: tokio::net::TcpStream, mails: Arc<Mutex<Vec<Mail>>>) {
-        let (read, mut write) = stream.into_split();
+    fn acceptor() -> TlsAcceptor {
+        let certs = CertificateDer::pem_slice_iter(include_bytes!("fixtures/smtp-tls/server.pem"))
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key =
+            PrivateKeyDer::from_pem_slice(include_bytes!("fixtures/smtp-tls/server.key")).unwrap();
+        let config = tokio_rustls::rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        TlsAcceptor::from(Arc::new(config))
+    }
+
+    /// One SMTP session on `stream`; the stream back when the client asked for STARTTLS.
+    async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+        stream: S,
+        mails: Arc<Mutex<Vec<Mail>>>,
+        greet: bool,
+        offer_starttls: bool,
+        secure: bool,
+    ) -> Option<S> {
+        let (read, mut write) = tokio::io::split(stream);
         let mut lines = BufReader::new(read).lines();
-        let _ = write.write_all(b"220 sink ESMTP ready\r\n").await;
+        if greet {
+            let _ = write.write_all(b"220 sink ESMTP ready\r\n").await;
+        }
         let mut mail = Mail::default();
+        let mut auth = None;
         while let Ok(Some(line)) = lines.next_line().await {
             let upper = line.to_ascii_uppercase();
+            let ehlo;
             let answer: &[u8] = if upper.starts_with("EHLO") {
-                b"250-sink\r\n250 8BITMIME\r\n"
+                ehlo = format!(
+                    "250-sink\r\n{}{}250 8BITMIME\r\n",
+                    if offer_starttls {
+                        "250-STARTTLS\r\n"
+                    } else {
+                        ""
+                    },
+                    if secure { "250-AUTH PLAIN\r\n" } else { "" },
+                );
+                ehlo.as_bytes()
+            } else if upper == "STARTTLS" && offer_starttls {
+                let _ = write.write_all(b"220 go ahead\r\n").await;
+                let read = lines.into_inner().into_inner();
+                return Some(read.unsplit(write));
+            } else if upper.starts_with("AUTH PLAIN ") && secure {
+                use base64::Engine;
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(line[11..].trim())
+                    .unwrap_or_default();
+                let parts: Vec<String> = String::from_utf8_lossy(&decoded)
+                    .split('\0')
+                    .map(str::to_string)
+                    .collect();
+                auth = Some(parts[1..].join(":"));
+                b"235 2.7.0 authenticated\r\n"
             } else if upper.starts_with("HELO")
                 || upper.starts_with("RSET")
                 || upper.starts_with("NOOP")
@@ -616,6 +705,8 @@ mod smtp_sink {
             } else if upper.starts_with("MAIL FROM:") {
                 mail = Mail {
                     from: line[10..].trim().to_string(),
+                    secure,
+                    auth: auth.clone(),
                     ..Mail::default()
                 };
                 b"250 OK\r\n"
@@ -653,14 +744,15 @@ mod smtp_sink {
                 b"250 OK queued as sink\r\n"
             } else if upper == "QUIT" {
                 let _ = write.write_all(b"221 bye\r\n").await;
-                return;
+                return None;
             } else {
                 b"502 not implemented\r\n"
             };
             if write.write_all(answer).await.is_err() {
-                return;
+                return None;
             }
         }
+        None
     }
 
     /// The decoded body of each part of a MIME message, with its content type.
@@ -985,4 +1077,71 @@ async fn email_over_smtp(backend: common::Backend) {
 async fn email_goes_out_over_smtp_as_text_and_html() {
     email_over_smtp(common::Backend::Sqlite).await;
     email_over_smtp(common::Backend::Postgres).await;
+}
+
+/// Email over STARTTLS and over TLS from the first byte, to a server whose certificate comes
+/// from a private CA (`--smtp-ca-file`), with credentials; without the CA nothing is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_goes_out_over_starttls_and_tls_with_credentials() {
+    use orderwave::config::SmtpTls;
+    use smtp_sink::Security;
+    let ca =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smtp-tls/ca.pem");
+    for (security, mode, trust) in [
+        (Security::StartTls, SmtpTls::Starttls, true),
+        (Security::Tls, SmtpTls::Tls, true),
+        (Security::StartTls, SmtpTls::Starttls, false),
+    ] {
+        let mails = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let port = smtp_sink::start_with(mails.clone(), security).await;
+        let app = TestApp::spawn_with(common::Backend::Sqlite, |c| {
+            c.smtp_host = Some("localhost".into());
+            c.smtp_port = port;
+            c.smtp_tls = mode;
+            c.smtp_ca_file = trust.then(|| ca.clone());
+            c.smtp_username = Some("mailer".into());
+            c.smtp_password = Some("s3cret-pass".into());
+            c.notification_retry_ms = 20;
+        })
+        .await;
+        let response = app
+            .post_json(
+                "/api/v1/notifications",
+                &json!({"channel": "email", "recipient": "tls@example.com", "subject": "Over TLS", "body": "Hi"}),
+            )
+            .await;
+        assert_eq!(response.status(), 202);
+        let location = response.headers()["location"].to_str().unwrap().to_string();
+        let mut done = Value::Null;
+        if trust {
+            eventually("the email sent over TLS", async || {
+                done = app.get(&location).await.json().await.unwrap();
+                done["status"] == "SENT"
+            })
+            .await;
+            let received = mails.lock().unwrap().clone();
+            assert_eq!(received.len(), 1, "{security:?}");
+            assert!(received[0].secure, "{security:?}: sent in the clear");
+            assert_eq!(received[0].auth.as_deref(), Some("mailer:s3cret-pass"));
+            assert_eq!(received[0].to, vec!["<tls@example.com>".to_string()]);
+            assert!(received[0].data.contains("Subject: Over TLS"));
+        } else {
+            eventually("the untrusted server refused", async || {
+                done = app.get(&location).await.json().await.unwrap();
+                done["attempts"].as_i64().unwrap() >= 1
+            })
+            .await;
+            assert_ne!(done["status"], "SENT", "{done}");
+            let detail = done["history"][0]["detail"]
+                .as_str()
+                .unwrap()
+                .to_ascii_lowercase();
+            assert!(detail.contains("certificate"), "{done}");
+            assert!(
+                mails.lock().unwrap().is_empty(),
+                "a mail went to an untrusted server"
+            );
+        }
+        app.stop().await;
+    }
 }

@@ -161,6 +161,9 @@ pub struct SmtpConfig {
     pub password: Option<String>,
     /// `Name <address>` or an address.
     pub from: String,
+    /// A PEM CA certificate trusted for the server's certificate, besides the public roots (a
+    /// relay with a certificate from a private CA).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for SmtpConfig {
@@ -196,18 +199,23 @@ impl SmtpEmail {
     pub fn new(config: &SmtpConfig) -> Result<Self, String> {
         use lettre::AsyncSmtpTransport;
         use lettre::Tokio1Executor;
-        let builder = match config.security {
-            SmtpSecurity::None => {
-                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&config.host)
+        use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+        let tls = || -> Result<TlsParameters, String> {
+            let mut parameters = TlsParameters::builder(config.host.clone());
+            if let Some(pem) = &config.ca_pem {
+                parameters = parameters.add_root_certificate(
+                    Certificate::from_pem(pem).map_err(|e| format!("the SMTP CA file: {e}"))?,
+                );
             }
-            SmtpSecurity::StartTls => {
-                AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&config.host)
-                    .map_err(|e| e.to_string())?
-            }
-            SmtpSecurity::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&config.host)
-                .map_err(|e| e.to_string())?,
+            parameters.build().map_err(|e| e.to_string())
         };
-        let mut builder = builder
+        let tls = match config.security {
+            SmtpSecurity::None => Tls::None,
+            SmtpSecurity::StartTls => Tls::Required(tls()?),
+            SmtpSecurity::Tls => Tls::Wrapper(tls()?),
+        };
+        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&config.host)
+            .tls(tls)
             .port(config.port)
             .timeout(Some(std::time::Duration::from_secs(10)));
         if let (Some(user), Some(password)) = (&config.username, &config.password) {
