@@ -13,11 +13,6 @@ use storage::idempotency::{IdempotencyStore, Reservation, StoredResponse};
 pub const HEADER: &str = "idempotency-key";
 pub const REPLAYED: &str = "idempotent-replayed";
 
-/// Who is calling, as far as scoping keys goes. The gateway's auth sets it; without it every
-/// caller shares the `anonymous` scope.
-#[derive(Debug, Clone)]
-pub struct Caller(pub String);
-
 /// Put in the request's extensions when a key was reserved: the id a creating handler should
 /// give the resource, stable across retries of the same request.
 #[derive(Debug, Clone)]
@@ -69,8 +64,8 @@ pub async fn layer(
     };
     let scope = request
         .extensions()
-        .get::<Caller>()
-        .map_or_else(|| "anonymous".to_string(), |c| c.0.clone());
+        .get::<crate::auth::Caller>()
+        .map_or_else(|| "anonymous".to_string(), crate::auth::Caller::scope);
     let (mut parts, body) = request.into_parts();
     let bytes = match axum::body::to_bytes(body, crate::MAX_BODY_BYTES).await {
         Ok(b) => b,

@@ -1,6 +1,7 @@
 //! HTTP plumbing every service shares: problem+json errors, the JSON body extractor,
 //! idempotency keys, ETags, cursors, request ids, metrics and health endpoints.
 
+pub mod auth;
 pub mod cursor;
 pub mod etag;
 pub mod health;
@@ -10,6 +11,7 @@ pub mod metrics;
 pub mod problem;
 pub mod resilience;
 
+pub use auth::{Caller, Role};
 pub use json::JsonBody;
 pub use problem::{Problem, ProblemField};
 

@@ -161,6 +161,8 @@ pub struct Application {
     orders: OrderService,
     payments: PaymentService,
     notifications: NotificationService,
+    /// An admin token, minted when this start created the signing secret.
+    first_admin_token: Option<String>,
     saga_timeout: Duration,
     /// Relays, consumers and workers run here (not with `--no-background`).
     background: bool,
@@ -174,6 +176,8 @@ struct MetricsState {
 
 impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let keys = crate::auth::load(&config.auth, &config.data_dir, true)
+            .context("loading the token keys")?;
         let dbs = open_databases(config).await?;
         dbs.http
             .migrate(&storage::idempotency::MIGRATOR)
@@ -192,7 +196,7 @@ impl Application {
             .context("starting the customer service")?;
         let directory: Arc<dyn CustomerDirectory> = match &config.customer_service_url {
             Some(url) => Arc::new(
-                HttpCustomerDirectory::new(url)
+                HttpCustomerDirectory::new(url, service_token(&keys, config))
                     .map_err(|e| anyhow::anyhow!("customer service client: {e}"))?,
             ),
             None => Arc::new(InProcessCustomers(customers.store.clone())),
@@ -308,10 +312,30 @@ impl Application {
             ));
         let readiness = Readiness {
             databases: dbs.all(),
-            breakers: notifications.breakers.values().cloned().collect(),
+            breakers: notifications
+                .breakers
+                .values()
+                .cloned()
+                .chain([orders.customers.policy()])
+                .collect(),
         };
+        let first_admin_token = match (&keys.signer, keys.created_secret) {
+            (Some(signer), true) => Some(
+                signer
+                    .mint(
+                        "admin",
+                        http_kit::Role::Admin,
+                        Duration::from_secs(24 * 3600),
+                    )
+                    .map_err(anyhow::Error::msg)?,
+            ),
+            _ => None,
+        };
+        let cors = gateway::limits::cors(&config.auth.cors_origins).map_err(anyhow::Error::msg)?;
         let router = build_router(
             config,
+            keys.verifier,
+            cors,
             api,
             Arc::new(
                 outboxes
@@ -338,6 +362,7 @@ impl Application {
             orders,
             payments,
             notifications,
+            first_admin_token,
             saga_timeout: Duration::from_secs(config.saga_timeout_secs.max(1)),
             background: !config.no_background,
         })
@@ -345,6 +370,12 @@ impl Application {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// An admin token valid for 24 h, when this start created the signing secret (first start
+    /// on this data directory).
+    pub fn first_admin_token(&self) -> Option<&str> {
+        self.first_admin_token.as_deref()
     }
 
     /// Serves until `shutdown` resolves, then finishes in-flight requests, stops the relays and
@@ -397,9 +428,14 @@ impl Application {
         } else {
             Vec::new()
         };
-        let served = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        // The client address keys the rate limit of requests without a valid token.
+        let served = axum::serve(
+            self.listener,
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await;
         // Requests are done; let the background work finish its current step.
         let _ = stop.send(true);
         for task in relays.into_iter().chain(consumers).chain(background) {
@@ -497,6 +533,35 @@ fn notification_transports(
     Ok(transports)
 }
 
+/// What this process sends on its calls to other services: a short-lived service token minted
+/// with its own key (renewed before it expires), or the configured one.
+fn service_token(
+    keys: &crate::auth::Keys,
+    config: &Config,
+) -> order_service::customers::TokenSource {
+    const TTL: Duration = Duration::from_secs(600);
+    let fixed = config.auth.service_token.clone();
+    let signer = keys.signer.clone();
+    let cache: Arc<std::sync::Mutex<Option<(String, std::time::Instant)>>> = Arc::default();
+    Arc::new(move || {
+        let Some(signer) = &signer else {
+            return fixed.clone();
+        };
+        let mut cache = cache.lock().ok()?;
+        if let Some((token, at)) = cache.as_ref()
+            && at.elapsed() < TTL / 2
+        {
+            return Some(token.clone());
+        }
+        let token = signer
+            .mint("orderwave", http_kit::Role::Service, TTL)
+            .map_err(|error| tracing::error!(%error, "cannot mint a service token"))
+            .ok()?;
+        *cache = Some((token.clone(), std::time::Instant::now()));
+        Some(token)
+    })
+}
+
 fn payment_provider(config: &Config) -> anyhow::Result<Arc<dyn PaymentProvider>> {
     Ok(match config.payment_provider {
         PaymentProviderKind::Simulator => Arc::new(Simulator::default()),
@@ -528,6 +593,8 @@ async fn purge_idempotency_keys(store: IdempotencyStore) {
 
 fn build_router(
     config: &Config,
+    verifier: gateway::Verifier,
+    cors: Option<tower_http::cors::CorsLayer>,
     api: OpenApiRouter,
     outboxes: crate::admin::Outboxes,
     idempotency: IdempotencyStore,
@@ -538,6 +605,12 @@ fn build_router(
         outboxes,
     };
     let (api, mut openapi) = api.split_for_parts();
+    crate::openapi_security::require_bearer(&mut openapi);
+    let metrics_token = config
+        .auth
+        .metrics_token
+        .as_deref()
+        .map(gateway::limits::MetricsToken::new);
     let (operations, operations_doc) = OpenApiRouter::new()
         .routes(routes!(health::live))
         .merge(
@@ -548,51 +621,88 @@ fn build_router(
         .merge(
             OpenApiRouter::new()
                 .routes(routes!(render_metrics))
-                .with_state(metrics_state),
+                .with_state(metrics_state)
+                .layer(axum::middleware::from_fn_with_state(
+                    metrics_token,
+                    gateway::limits::metrics_token,
+                )),
         )
         .split_for_parts();
     openapi.merge(operations_doc);
     let docs = SwaggerUi::new("/docs").url("/openapi.json", openapi);
     let request_timeout = Duration::from_secs(config.request_timeout_secs.max(1));
-    api.layer(axum::middleware::from_fn_with_state(
-        idempotency,
-        http_kit::idempotency::layer,
-    ))
-    .merge(operations)
-    .merge(docs)
-    .fallback(not_found)
-    // Innermost first: the timeout's 503 and a panic's 500 pass through the problem+json
-    // mapping, the access log and the metrics like every other answer.
-    .layer(TimeoutLayer::with_status_code(
-        StatusCode::SERVICE_UNAVAILABLE,
-        request_timeout,
-    ))
-    .layer(CatchPanicLayer::new())
-    .layer(axum::middleware::from_fn(
-        http_kit::problem::problem_for_errors,
-    ))
-    .layer(axum::middleware::from_fn(http_kit::metrics::access_log))
-    .layer(axum::middleware::from_fn(http_kit::metrics::track))
-    .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-    .layer(
-        TraceLayer::new_for_http()
-            .make_span_with(|request: &Request| {
-                let request_id = request
-                    .headers()
-                    .get(REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default();
-                tracing::info_span!(
-                    "request",
-                    request_id = %request_id,
-                    method = %request.method(),
-                    path = %request.uri().path(),
-                )
-            })
-            .on_request(())
-            .on_response(()),
-    )
-    .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+    let auth = &config.auth;
+    let gateway = Arc::new(gateway::Gateway {
+        verifier,
+        limiter: gateway::RateLimiter::new(
+            gateway::Limit {
+                per_second: auth.rate_limit_read,
+                burst: auth.rate_limit_read_burst,
+            },
+            gateway::Limit {
+                per_second: auth.rate_limit_write,
+                burst: auth.rate_limit_write_burst,
+            },
+        ),
+    });
+    // Per route, innermost first: idempotency (scoped by the caller the guard found), the
+    // guard (token, rate limit, role), and load shedding before anything else is done.
+    let router = api
+        .layer(axum::middleware::from_fn_with_state(
+            idempotency,
+            http_kit::idempotency::layer,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            gateway,
+            gateway::guard,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            gateway::limits::InFlight::new(auth.max_in_flight),
+            gateway::limits::shed_load,
+        ))
+        .merge(operations)
+        .merge(docs)
+        .fallback(not_found)
+        // Innermost first: the timeout's 503 and a panic's 500 pass through the problem+json
+        // mapping, the access log and the metrics like every other answer.
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            request_timeout,
+        ))
+        .layer(CatchPanicLayer::new())
+        .layer(axum::middleware::from_fn(
+            http_kit::problem::problem_for_errors,
+        ))
+        .layer(axum::middleware::from_fn(http_kit::metrics::access_log))
+        .layer(axum::middleware::from_fn(http_kit::metrics::track))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request| {
+                    let request_id = request
+                        .headers()
+                        .get(REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default();
+                    tracing::info_span!(
+                        "request",
+                        request_id = %request_id,
+                        method = %request.method(),
+                        path = %request.uri().path(),
+                    )
+                })
+                .on_request(())
+                .on_response(()),
+        )
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(axum::middleware::from_fn_with_state(
+            gateway::limits::MaxHeaderBytes(auth.max_header_bytes),
+            gateway::limits::limit_headers,
+        ));
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
 
 async fn not_found() -> Problem {

@@ -26,6 +26,161 @@ pub enum Command {
     Serve(Config),
     /// Apply the database migrations and exit (they also run at every start).
     Migrate(Config),
+    /// Print a bearer token signed with the configured key (the data directory's secret by
+    /// default).
+    Token(TokenArgs),
+}
+
+/// `orderwave token`.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The subject: a customer's id for the customer role, any name for the others.
+    #[arg(long)]
+    pub sub: String,
+
+    /// customer, admin or service.
+    #[arg(long)]
+    pub role: http_kit::Role,
+
+    /// How long the token is valid: seconds, or with a unit (90s, 15m, 24h, 7d).
+    #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+    pub ttl: std::time::Duration,
+
+    /// Directory whose signing secret is used (see serve's --data-dir).
+    #[arg(long, env = "ORDERWAVE_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+/// A duration as seconds, or with a unit: 90s, 15m, 24h, 7d.
+pub fn parse_ttl(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("not a duration: {text:?} (try 3600, 15m, 24h or 7d)"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("unknown unit in {text:?}: s, m, h or d")),
+    };
+    if secs == 0 {
+        return Err("a token must be valid for at least a second".into());
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+/// Authentication, rate limits and the other limits in front of the API.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// HS256 secret tokens are signed with (32 bytes or more). Without it and without public
+    /// keys, a random secret is created in the data directory (`jwt-secret`, mode 0600) at
+    /// first start.
+    #[arg(long, env = "ORDERWAVE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// A public key tokens may be signed with, pinned to its algorithm: `RS256:/path/key.pem`
+    /// or `ES256:/path/key.pem`. Repeatable (comma-separated in the environment).
+    #[arg(
+        long = "jwt-public-key",
+        env = "ORDERWAVE_JWT_PUBLIC_KEYS",
+        value_delimiter = ','
+    )]
+    pub jwt_public_keys: Vec<String>,
+
+    /// A JWKS file of public keys (each with its `alg`, RS256 or ES256, and usually a `kid`).
+    #[arg(long, env = "ORDERWAVE_JWT_JWKS")]
+    pub jwt_jwks: Option<PathBuf>,
+
+    /// A private key to mint tokens with when tokens are verified by public keys:
+    /// `RS256:/path/key.pem` or `ES256:/path/key.pem` (used by `orderwave token` and for this
+    /// process's own calls to other services).
+    #[arg(long, env = "ORDERWAVE_JWT_PRIVATE_KEY")]
+    pub jwt_private_key: Option<String>,
+
+    /// The `iss` every token must carry.
+    #[arg(long, env = "ORDERWAVE_JWT_ISSUER", default_value = "orderwave")]
+    pub jwt_issuer: String,
+
+    /// The `aud` every token must carry.
+    #[arg(long, env = "ORDERWAVE_JWT_AUDIENCE", default_value = "orderwave")]
+    pub jwt_audience: String,
+
+    /// Seconds of clock skew allowed when checking `exp`.
+    #[arg(long, env = "ORDERWAVE_JWT_LEEWAY_SECS", default_value_t = 30)]
+    pub jwt_leeway_secs: u64,
+
+    /// A bearer token this process sends on its calls to other services, when it has no key
+    /// to mint one with.
+    #[arg(long, env = "ORDERWAVE_SERVICE_TOKEN", hide_env_values = true)]
+    pub service_token: Option<String>,
+
+    /// Put /metrics behind this bearer token (it stays open without one).
+    #[arg(long, env = "ORDERWAVE_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+
+    /// Reads (GET) per second per caller, sustained; 0 turns the limit off.
+    #[arg(long, env = "ORDERWAVE_RATE_LIMIT_READ", default_value_t = 50.0)]
+    pub rate_limit_read: f64,
+
+    /// Reads a caller may send at once.
+    #[arg(long, env = "ORDERWAVE_RATE_LIMIT_READ_BURST", default_value_t = 100)]
+    pub rate_limit_read_burst: u32,
+
+    /// Writes (POST, PUT, DELETE) per second per caller, sustained; 0 turns the limit off.
+    #[arg(long, env = "ORDERWAVE_RATE_LIMIT_WRITE", default_value_t = 10.0)]
+    pub rate_limit_write: f64,
+
+    /// Writes a caller may send at once.
+    #[arg(long, env = "ORDERWAVE_RATE_LIMIT_WRITE_BURST", default_value_t = 20)]
+    pub rate_limit_write_burst: u32,
+
+    /// Requests in flight at most; more are answered 503 at once instead of queueing.
+    #[arg(long, env = "ORDERWAVE_MAX_IN_FLIGHT", default_value_t = 512)]
+    pub max_in_flight: usize,
+
+    /// Bytes of request headers at most (431 beyond).
+    #[arg(long, env = "ORDERWAVE_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// Origins browsers may call the API from (CORS), e.g. https://shop.example.com.
+    /// Repeatable (comma-separated in the environment); none: no cross-origin calls.
+    #[arg(
+        long = "cors-origin",
+        env = "ORDERWAVE_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for AuthArgs {
+    fn default() -> Self {
+        AuthArgs {
+            jwt_secret: None,
+            jwt_public_keys: Vec::new(),
+            jwt_jwks: None,
+            jwt_private_key: None,
+            jwt_issuer: "orderwave".into(),
+            jwt_audience: "orderwave".into(),
+            jwt_leeway_secs: 30,
+            service_token: None,
+            metrics_token: None,
+            rate_limit_read: 50.0,
+            rate_limit_read_burst: 100,
+            rate_limit_write: 10.0,
+            rate_limit_write_burst: 20,
+            max_in_flight: 512,
+            max_header_bytes: 16 * 1024,
+            cors_origins: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -213,6 +368,9 @@ pub struct Config {
     )]
     pub notification_breaker_secs: u64,
 
+    #[command(flatten)]
+    pub auth: AuthArgs,
+
     /// Test switch: consumers handle every message twice, as a redelivery would.
     #[arg(long, env = "ORDERWAVE_TEST_DELIVER_TWICE", hide = true)]
     pub test_deliver_twice: bool,
@@ -251,6 +409,7 @@ impl Config {
             sms_from: "+15005550006".into(),
             notification_retry_ms: 500,
             notification_breaker_secs: 10,
+            auth: AuthArgs::default(),
             test_deliver_twice: false,
         }
     }

@@ -3,8 +3,10 @@
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod demo;
+pub mod openapi_security;
 pub mod telemetry;
 
 pub use app::Application;

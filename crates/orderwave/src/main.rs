@@ -17,6 +17,7 @@ async fn main() -> ExitCode {
     let (migrate_only, config) = match cli.command {
         Some(Command::Serve(config)) => (false, config),
         Some(Command::Migrate(config)) => (true, config),
+        Some(Command::Token(args)) => return print_token(&args),
         None => (false, cli.serve),
     };
     let log_guard = telemetry::init(config.log_format);
@@ -43,6 +44,28 @@ async fn main() -> ExitCode {
     }
 }
 
+/// `orderwave token`: the token alone on stdout, so `TOKEN=$(orderwave token ...)` works.
+fn print_token(args: &orderwave::config::TokenArgs) -> ExitCode {
+    let minted = orderwave::auth::load(&args.auth, &args.data_dir, false).and_then(|keys| {
+        let signer = keys.signer.ok_or_else(|| {
+            anyhow::anyhow!("no key to sign with: give --jwt-secret or --jwt-private-key")
+        })?;
+        signer
+            .mint(&args.sub, args.role, args.ttl)
+            .map_err(anyhow::Error::msg)
+    });
+    match minted {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn serve(config: orderwave::Config) -> anyhow::Result<()> {
     // Handlers are installed before the first line saying we listen: a signal sent from then
     // on always means a graceful shutdown.
@@ -51,6 +74,16 @@ async fn serve(config: orderwave::Config) -> anyhow::Result<()> {
     let addr = app.local_addr();
     println!("listening on http://{addr}");
     println!("docs at http://{addr}/docs (OpenAPI at http://{addr}/openapi.json)");
+    match app.first_admin_token() {
+        // Printed for a person at a terminal; never into a log collector's JSON stream.
+        Some(token) if config.log_format == orderwave::config::LogFormat::Pretty => {
+            println!(
+                "admin token (valid 24 h; `orderwave token --sub ID --role admin` mints more):"
+            );
+            println!("{token}");
+        }
+        _ => println!("tokens: `orderwave token --sub ID --role customer|admin|service`"),
+    }
     app.run_until_stopped(shutdown).await
 }
 

@@ -319,7 +319,8 @@ async fn the_same_key_with_another_body_is_422_and_a_key_in_flight_is_409(app: &
     let fingerprint = http_kit::idempotency::fingerprint("POST", "/api/v1/orders", "", b"", &bytes);
     let reserved = store
         .reserve(
-            "anonymous",
+            // Keys are scoped per caller: the test client's admin token.
+            "admin:test-admin",
             "k-busy",
             &fingerprint,
             &uuid::Uuid::now_v7().to_string(),
@@ -336,6 +337,16 @@ async fn the_same_key_with_another_body_is_422_and_a_key_in_flight_is_409(app: &
         .await
         .unwrap();
     expect_problem(response, 409).await;
+    // Another caller's key of the same name is another key.
+    let other = common::token("another-admin", http_kit::Role::Admin);
+    let response = app
+        .request_with(&other, Method::POST, "/api/v1/orders")
+        .header("idempotency-key", "k-busy")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
     db.close().await;
 
     let response = app

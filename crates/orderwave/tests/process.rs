@@ -35,6 +35,7 @@ fn start(data_dir: &Path, database_url: Option<&str>, extra: &[&str]) -> Server 
     command
         .args(["serve", "--demo", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
+        .args(["--jwt-secret", common::TEST_SECRET])
         .args(extra)
         .env_remove("DATABASE_URL")
         .env("RUST_LOG", "info")
@@ -81,7 +82,7 @@ fn signal(child: &Child, name: &str) {
 
 async fn kill_9_after_a_201_loses_no_order(database_url: Option<String>) {
     let dir = tempfile::tempdir().unwrap();
-    let client = reqwest::Client::new();
+    let client = common::admin_client();
     let mut server = start(dir.path(), database_url.as_deref(), &[]);
     let mut placed = Vec::new();
     let bodies: Vec<Value> = (0..5).map(|_| order_body(DEMO_CUSTOMER)).collect();
@@ -187,7 +188,7 @@ async fn kill_9_after_a_201_loses_no_order_on_postgres() {
 async fn sigterm_finishes_in_flight_requests_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = start(dir.path(), None, &[]);
-    let client = reqwest::Client::new();
+    let client = common::admin_client();
     let requests: Vec<_> = (0..20)
         .map(|_| {
             let client = client.clone();
@@ -237,7 +238,7 @@ async fn json_logs_carry_the_request_id_and_no_secret() {
     let database = fresh_pg_database().await;
     let url = format!("{database}?password=hunter2");
     let mut server = start(dir.path(), Some(&url), &["--log-format", "json"]);
-    let client = reqwest::Client::new();
+    let client = common::admin_client();
     // A change is logged at INFO (successful reads only at DEBUG).
     let response = client
         .post(format!("{}/api/v1/orders", server.base))
@@ -343,7 +344,7 @@ async fn poll_json(client: &reqwest::Client, url: &str, done: impl Fn(&Value) ->
 
 async fn kill_9_in_the_middle_of_sagas_every_saga_still_ends(database_url: Option<String>) {
     let dir = tempfile::tempdir().unwrap();
-    let client = reqwest::Client::new();
+    let client = common::admin_client();
     let server = start(dir.path(), database_url.as_deref(), &[]);
     // Half the cards succeed, half are declined; killed right after the last 201, with the
     // sagas in every stage.

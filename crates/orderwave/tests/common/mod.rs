@@ -12,6 +12,31 @@ use tokio::sync::oneshot;
 
 pub use storage::testing::{drop_pg_database, fresh_pg_database};
 
+/// The HS256 secret every test server verifies tokens with.
+pub const TEST_SECRET: &str = "orderwave-test-secret-0123456789abcdef-0123456789";
+
+/// A token for `subject` in `role` (one hour), signed with the test secret.
+pub fn token(subject: &str, role: http_kit::Role) -> String {
+    gateway::Signer::hs256(TEST_SECRET.as_bytes(), "orderwave", "orderwave")
+        .mint(subject, role, std::time::Duration::from_secs(3600))
+        .expect("mint a token")
+}
+
+/// A client that sends an admin token with every request (unless a request sets its own).
+pub fn admin_client() -> Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {}", token("test-admin", http_kit::Role::Admin))
+            .parse()
+            .expect("header"),
+    );
+    Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client")
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
@@ -44,6 +69,10 @@ impl TestApp {
         };
         let mut config = Config::for_tests(dir.path().to_path_buf(), database_url.clone());
         config.demo = true;
+        config.auth.jwt_secret = Some(TEST_SECRET.into());
+        // Tests send bursts no client would; the rate limit tests turn the limits on.
+        config.auth.rate_limit_read = 0.0;
+        config.auth.rate_limit_write = 0.0;
         tweak(&mut config);
         let app = Application::build(&config).await.expect("build app");
         let base = format!("http://{}", app.local_addr());
@@ -53,7 +82,7 @@ impl TestApp {
         }));
         let app = TestApp {
             base,
-            client: Client::new(),
+            client: admin_client(),
             backend,
             data_dir: dir.path().to_path_buf(),
             database_url,
@@ -121,8 +150,21 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
+    /// A request with the admin token.
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
         self.client.request(method, self.url(path))
+    }
+
+    /// A request with `token` instead of the admin's.
+    pub fn request_with(&self, token: &str, method: Method, path: &str) -> RequestBuilder {
+        self.client
+            .request(method, self.url(path))
+            .bearer_auth(token)
+    }
+
+    /// A request with no token at all.
+    pub fn anonymous(&self, method: Method, path: &str) -> RequestBuilder {
+        Client::new().request(method, self.url(path))
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> Response {

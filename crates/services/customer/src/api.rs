@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use domain::DomainError;
 use domain::customer::{Customer, CustomerCommand, validate_contact};
 use http_kit::idempotency::IdempotentRequest;
-use http_kit::{JsonBody, Problem, cursor, etag};
+use http_kit::{Caller, JsonBody, Problem, cursor, etag};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -182,15 +182,26 @@ async fn register_customer(
 )]
 async fn get_customer(
     State(service): State<CustomerService>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
+    let id = own_record(&caller, &id)?;
     let customer = service.store.get(id).await?.ok_or_else(not_found)?;
     if let Some(not_modified) = etag::not_modified_response(&headers, customer.version) {
         return Ok(not_modified);
     }
     Ok(respond(StatusCode::OK, &customer))
+}
+
+/// The customer id in the path, if the caller may see that record: a customer only their
+/// own (another's is 404, like one that does not exist).
+fn own_record(caller: &Caller, id: &str) -> Result<Uuid, Problem> {
+    let id = Uuid::parse_str(id).map_err(|_| not_found())?;
+    if !caller.may_see(Some(&id.to_string())) {
+        return Err(not_found());
+    }
+    Ok(id)
 }
 
 /// Replace a customer's contact data and preferences.
@@ -209,11 +220,12 @@ async fn get_customer(
 )]
 async fn update_customer(
     State(service): State<CustomerService>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<CustomerBody>,
 ) -> Result<Response, Problem> {
-    let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
+    let id = own_record(&caller, &id)?;
     let expected = etag::if_match(&headers)?;
     let contact = contact(&body)?;
     let customer = service

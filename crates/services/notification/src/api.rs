@@ -4,7 +4,7 @@
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use http_kit::{JsonBody, Problem, cursor};
+use http_kit::{Caller, JsonBody, Problem, cursor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -349,6 +349,7 @@ pub struct NotificationPage {
 )]
 async fn list_notifications(
     State(service): State<NotificationService>,
+    caller: Caller,
     RawQuery(query): RawQuery,
 ) -> Result<axum::Json<NotificationPage>, Problem> {
     let mut filter = Filter::default();
@@ -376,6 +377,18 @@ async fn list_notifications(
             _ => return Err(Problem::field("query", "unknown query parameter")),
         }
     }
+    // A customer sees their own notifications only; naming another customer finds nothing.
+    if let Some(me) = caller.customer() {
+        match &filter.customer_id {
+            Some(asked) if asked != me => {
+                return Ok(axum::Json(NotificationPage {
+                    items: Vec::new(),
+                    next_cursor: None,
+                }));
+            }
+            _ => filter.customer_id = Some(me.to_string()),
+        }
+    }
     let (items, more) = service.store.list(&filter, after.as_ref(), limit).await?;
     let next_cursor = match (more, items.last()) {
         (true, Some(last)) => Some(cursor::encode(&[&last.created_at, &last.id])),
@@ -395,11 +408,14 @@ async fn list_notifications(
 )]
 async fn get_notification(
     State(service): State<NotificationService>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Notification>, Problem> {
-    Ok(axum::Json(
-        service.store.get(&id).await?.ok_or_else(not_found)?,
-    ))
+    Ok(axum::Json(caller.visible(
+        service.store.get(&id).await?,
+        |n| n.customer_id.clone(),
+        not_found,
+    )?))
 }
 
 /// Send a DEAD notification again.

@@ -11,7 +11,7 @@ use domain::order::{
     validate_shipping,
 };
 use http_kit::idempotency::IdempotentRequest;
-use http_kit::{JsonBody, Problem, ProblemField, cursor, etag};
+use http_kit::{Caller, JsonBody, Problem, ProblemField, cursor, etag};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
@@ -124,6 +124,23 @@ fn order_not_found() -> Problem {
     Problem::not_found("No order with this id.")
 }
 
+/// 404 unless the caller may see order `id`: a customer sees their own orders only, and
+/// another customer's order is as absent as one that does not exist.
+async fn check_owner(service: &OrderService, caller: &Caller, id: Uuid) -> Result<(), Problem> {
+    if caller.customer().is_none() {
+        return Ok(());
+    }
+    let order = service.store.get(id).await?;
+    caller
+        .visible(order, |o| Some(o.customer_id.to_string()), order_not_found)
+        .map(|_| ())
+}
+
+/// The customer a customer-role caller is, as a UUID (their token's subject).
+fn own_id(caller: &Caller) -> Option<Option<Uuid>> {
+    caller.customer().map(|me| Uuid::parse_str(me).ok())
+}
+
 fn parse_id(id: &str) -> Result<Uuid, Problem> {
     Uuid::parse_str(id).map_err(|_| order_not_found())
 }
@@ -214,6 +231,7 @@ async fn run_command(
 )]
 async fn place_order(
     State(service): State<OrderService>,
+    caller: Caller,
     idempotent: Option<Extension<IdempotentRequest>>,
     JsonBody(body): JsonBody<PlaceOrderBody>,
 ) -> Result<Response, Problem> {
@@ -250,6 +268,13 @@ async fn place_order(
             return Err(Problem::validation(errors));
         }
     };
+    if let Some(me) = own_id(&caller)
+        && me != Some(customer_id)
+    {
+        return Err(http_kit::auth::forbidden(
+            "A customer places orders for themselves only: customerId must be your own id.",
+        ));
+    }
     let customer_verified = match service.customers.check(customer_id).await {
         CustomerCheck::Known => true,
         CustomerCheck::Unknown => {
@@ -299,15 +324,16 @@ async fn place_order(
 )]
 async fn get_order(
     State(service): State<OrderService>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let id = parse_id(&id)?;
-    let snapshot = service
-        .store
-        .snapshot(id)
-        .await?
-        .ok_or_else(order_not_found)?;
+    let snapshot = caller.visible(
+        service.store.snapshot(id).await?,
+        |s| Some(s.order.customer_id.to_string()),
+        order_not_found,
+    )?;
     let version = snapshot.order.version;
     if let Some(not_modified) = etag::not_modified_response(&headers, version) {
         return Ok(not_modified);
@@ -333,12 +359,17 @@ async fn get_order(
 )]
 async fn update_order(
     State(service): State<OrderService>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<UpdateOrderBody>,
 ) -> Result<Response, Problem> {
     let id = parse_id(&id)?;
-    let current = service.store.get(id).await?.ok_or_else(order_not_found)?;
+    let current = caller.visible(
+        service.store.get(id).await?,
+        |o| Some(o.customer_id.to_string()),
+        order_not_found,
+    )?;
     let draft = draft_from(
         &current.currency,
         &body.items,
@@ -432,11 +463,13 @@ async fn set_shipping(
 )]
 async fn cancel_order(
     State(service): State<OrderService>,
+    caller: Caller,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let id = parse_id(&id)?;
+    check_owner(&service, &caller, id).await?;
     let reason = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .find(|(k, _)| k == "reason")
         .map(|(_, v)| v.into_owned());
@@ -455,9 +488,11 @@ async fn cancel_order(
 )]
 async fn order_history(
     State(service): State<OrderService>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<axum::Json<OrderHistory>, Problem> {
     let id = parse_id(&id)?;
+    check_owner(&service, &caller, id).await?;
     let events = service.store.history(id).await?;
     if events.is_empty() {
         return Err(order_not_found());
@@ -486,9 +521,10 @@ async fn order_history(
 )]
 async fn list_orders(
     State(service): State<OrderService>,
+    caller: Caller,
     RawQuery(query): RawQuery,
 ) -> Result<axum::Json<OrderPage>, Problem> {
-    list(&service, query.as_deref(), None).await
+    list(&service, &caller, query.as_deref(), None).await
 }
 
 /// List one customer's orders, newest first.
@@ -510,16 +546,21 @@ async fn list_orders(
 )]
 async fn customer_orders(
     State(service): State<OrderService>,
+    caller: Caller,
     Path(customer_id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<axum::Json<OrderPage>, Problem> {
-    let customer = Uuid::parse_str(&customer_id)
-        .map_err(|_| Problem::not_found("No customer with this id."))?;
-    list(&service, query.as_deref(), Some(customer)).await
+    let no_customer = || Problem::not_found("No customer with this id.");
+    let customer = Uuid::parse_str(&customer_id).map_err(|_| no_customer())?;
+    if !caller.may_see(Some(&customer.to_string())) {
+        return Err(no_customer());
+    }
+    list(&service, &caller, query.as_deref(), Some(customer)).await
 }
 
 async fn list(
     service: &OrderService,
+    caller: &Caller,
     query: Option<&str>,
     customer: Option<Uuid>,
 ) -> Result<axum::Json<OrderPage>, Problem> {
@@ -600,6 +641,19 @@ async fn list(
                 })
                 .collect(),
         ));
+    }
+    // A customer lists their own orders only; naming another customer finds nothing.
+    if let Some(me) = own_id(caller) {
+        match (me, filter.customer_id) {
+            (Some(me), None) => filter.customer_id = Some(me),
+            (Some(me), Some(asked)) if asked == me => {}
+            _ => {
+                return Ok(axum::Json(OrderPage {
+                    items: Vec::new(),
+                    next_cursor: None,
+                }));
+            }
+        }
     }
     let (orders, more) = service.store.list(&filter).await?;
     let next_cursor = match (more, orders.last()) {

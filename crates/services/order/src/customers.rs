@@ -52,6 +52,11 @@ impl CustomerChecker {
         }
     }
 
+    /// The breaker customer checks go through (for readiness and metrics).
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.clone()
+    }
+
     pub async fn check(&self, id: Uuid) -> CustomerCheck {
         match self.policy.call(|| self.directory.exists(id)).await {
             Ok(true) => CustomerCheck::Known,
@@ -69,15 +74,27 @@ impl std::fmt::Debug for CustomerChecker {
     }
 }
 
-/// The customer service over HTTP: `GET {base}/api/v1/customers/{id}` (200 known, 404 unknown).
-#[derive(Debug)]
+/// The customer service over HTTP: `GET {base}/api/v1/customers/{id}` (200 known, 404 unknown),
+/// with this process's service token.
 pub struct HttpCustomerDirectory {
     base_url: String,
     client: reqwest::Client,
+    token: TokenSource,
 }
 
+impl std::fmt::Debug for HttpCustomerDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpCustomerDirectory")
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The bearer token to send on a call to another service, if there is one.
+pub type TokenSource = std::sync::Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 impl HttpCustomerDirectory {
-    pub fn new(base_url: &str) -> Result<Self, String> {
+    pub fn new(base_url: &str, token: TokenSource) -> Result<Self, String> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(1))
             .build()
@@ -85,6 +102,7 @@ impl HttpCustomerDirectory {
         Ok(Self {
             base_url: base_url.trim_end_matches('/').to_string(),
             client,
+            token,
         })
     }
 }
@@ -92,9 +110,13 @@ impl HttpCustomerDirectory {
 impl CustomerDirectory for HttpCustomerDirectory {
     fn exists(&self, id: Uuid) -> BoxFuture<'_, Result<bool, String>> {
         async move {
-            let response = self
+            let mut request = self
                 .client
-                .get(format!("{}/api/v1/customers/{id}", self.base_url))
+                .get(format!("{}/api/v1/customers/{id}", self.base_url));
+            if let Some(token) = (self.token)() {
+                request = request.bearer_auth(token);
+            }
+            let response = request
                 .send()
                 .await
                 .map_err(|e| e.without_url().to_string())?;

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use domain::FieldError;
 use domain::money::{format_amount, parse_amount};
 use domain::payment::validate_payment;
-use http_kit::{JsonBody, Problem, cursor, etag};
+use http_kit::{Caller, JsonBody, Problem, cursor, etag};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -262,6 +262,7 @@ async fn create_payment(
 )]
 async fn list_payments(
     State(service): State<PaymentService>,
+    caller: Caller,
     RawQuery(query): RawQuery,
 ) -> Result<axum::Json<PaymentPage>, Problem> {
     let mut limit = 20u32;
@@ -285,11 +286,22 @@ async fn list_payments(
         }
     }
     if let Some(order_id) = order_id {
-        let found = service.store.get_by_order(&order_id).await?;
+        // Another customer's payment is not there for this caller.
+        let found = service
+            .store
+            .get_by_order(&order_id)
+            .await?
+            .filter(|p| caller.may_see(p.customer_id.as_deref()));
         return Ok(axum::Json(PaymentPage {
             items: found.into_iter().map(PaymentView::from).collect(),
             next_cursor: None,
         }));
+    }
+    if caller.customer().is_some() {
+        return Err(Problem::field(
+            "orderId",
+            "is required for a customer: list the payment of one of your orders",
+        ));
     }
     let (payments, more) = service.store.list(after.as_ref(), limit).await?;
     let next_cursor = match (more, payments.last()) {
@@ -313,9 +325,14 @@ async fn list_payments(
 )]
 async fn get_payment(
     State(service): State<PaymentService>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
-    let payment = service.store.get(&id).await?.ok_or(StoreError::NotFound)?;
+    let payment = caller.visible(
+        service.store.get(&id).await?,
+        |p| p.customer_id.clone(),
+        || StoreError::NotFound.into(),
+    )?;
     Ok(respond(StatusCode::OK, payment))
 }
 
