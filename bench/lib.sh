@@ -15,3 +15,16 @@ start() {
   done
   echo "$name did not start:" >&2; cat "$WORK/$name.err" >&2; exit 1
 }
+
+# Every server a benchmark starts verifies tokens with this secret and has no per-caller rate
+# limits (one load generator is one caller: the benchmarks measure capacity, not the limits).
+export ORDERWAVE_JWT_SECRET="orderwave-bench-secret-0123456789abcdef-0123"
+export ORDERWAVE_RATE_LIMIT_READ=0 ORDERWAVE_RATE_LIMIT_WRITE=0
+
+# bench_auth: mints an admin token into ORDERWAVE_TOKEN (read by bench/saga and bench/notify)
+# and AUTH (a curl header). Needs BIN.
+bench_auth() {
+  ORDERWAVE_TOKEN=$("$BIN/orderwave" token --sub bench --role admin --ttl 24h)
+  export ORDERWAVE_TOKEN
+  AUTH="Authorization: Bearer $ORDERWAVE_TOKEN"
+}

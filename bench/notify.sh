@@ -27,6 +27,7 @@ cargo build --release -q -p orderwave -p bench-notify -p bench-saga
 
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
+bench_auth
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # serve NAME ARGS...: starts the platform on its own data directory, sets URL and PID.
@@ -78,7 +79,7 @@ while True: c.append(s.accept())" &
     serve "saga-$mode" --demo
   fi
   for sku in SKU-CHAIR SKU-LAMP; do
-    curl -sf -X PUT "$URL/api/v1/inventory/$sku" -H 'content-type: application/json' -d '{"onHand":100000000}' >/dev/null
+    curl -sf -H "$AUTH" -X PUT "$URL/api/v1/inventory/$sku" -H 'content-type: application/json' -d '{"onHand":100000000}' >/dev/null
   done
   "$BIN/bench-saga" "$URL" "$SAGA_RATE" "$SAGA_SECONDS" 2>/dev/null
   stop "$PID"

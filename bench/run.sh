@@ -40,6 +40,7 @@ cargo build --release -q -p orderwave -p bench-hello -p bench-saga
 
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
+bench_auth
 
 # rss_watch PID FILE: samples RSS (KiB) every 200 ms until stopped.
 rss_watch() { while kill -0 "$1" 2>/dev/null; do ps -o rss= -p "$1" >>"$2" || true; sleep 0.2; done; }
@@ -65,12 +66,13 @@ cat >"$WORK/post.lua" <<LUA
 wrk.method = "POST"
 wrk.body = '$ORDER_BODY'
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $ORDERWAVE_TOKEN"
 LUA
 
 # stock_up URL: enough chairs and lamps that no order of the run is out of stock.
 stock_up() {
   for sku in SKU-CHAIR SKU-LAMP; do
-    curl -sf -X PUT "$1/api/v1/inventory/$sku" -H 'content-type: application/json' -d '{"onHand":100000000}' >/dev/null
+    curl -sf -H "$AUTH" -X PUT "$1/api/v1/inventory/$sku" -H 'content-type: application/json' -d '{"onHand":100000000}' >/dev/null
   done
 }
 
@@ -86,7 +88,7 @@ PGB_URL=$(fresh_pg pgbench)
 # One real order through the API gives the exact rows (and sizes) the server writes when it
 # answers 201 (no saga behind it: --no-background).
 start sample "$BIN/orderwave" serve --demo --no-background --listen 127.0.0.1:0 --database-url "$PGB_URL" --log-format json
-curl -sf -X POST "$URL/api/v1/orders" -H 'content-type: application/json' -d "$ORDER_BODY" >/dev/null
+curl -sf -H "$AUTH" -X POST "$URL/api/v1/orders" -H 'content-type: application/json' -d "$ORDER_BODY" >/dev/null
 kill "$PID"; wait "$PID" 2>/dev/null || true
 # pgbench would read ":name" inside the JSON as a variable: a space after the colon keeps the
 # bytes' meaning and (within one byte) their size.
@@ -129,23 +131,24 @@ bench_backend() {
   eval "${name}_POST_RPS=\$R_RPS ${name}_POST_P50=\$R_P50 ${name}_POST_P99=\$R_P99 ${name}_POST_ERR=\$R_NON2XX"
   eval "${name}_POST_LOAD=\"\$R_LOAD\""
   # Average group-commit batch during the POST phase.
-  eval "${name}_BATCH=$(curl -sf "$url/metrics" | awk '/^order_store_batch_size_sum/ {s=$2} /^order_store_batch_size_count/ {c=$2} END {if (c > 0) printf "%.1f", s/c; else print "n/a"}')"
+  eval "${name}_BATCH=$(curl -sf -H "$AUTH" "$url/metrics" | awk '/^order_store_batch_size_sum/ {s=$2} /^order_store_batch_size_count/ {c=$2} END {if (c > 0) printf "%.1f", s/c; else print "n/a"}')"
   # The saga's work behind the load (relays, the inventory consumer) drains before GET is
   # measured; how long that takes is a figure of its own.
   local drain_start; drain_start=$(date +%s.%N)
   for _ in $(seq 1 600); do
     local pending lag
-    pending=$(curl -sf "$url/api/v1/admin/outbox" | grep -o '"pending":[0-9]*' | cut -d: -f2 | awk '{s+=$1} END {print s+0}')
-    lag=$(curl -sf "$url/api/v1/admin/consumers" | grep -o '"lag":[0-9]*' | cut -d: -f2 | awk '{s+=$1} END {print s+0}')
+    pending=$(curl -sf -H "$AUTH" "$url/api/v1/admin/outbox" | grep -o '"pending":[0-9]*' | cut -d: -f2 | awk '{s+=$1} END {print s+0}')
+    lag=$(curl -sf -H "$AUTH" "$url/api/v1/admin/consumers" | grep -o '"lag":[0-9]*' | cut -d: -f2 | awk '{s+=$1} END {print s+0}')
     [ "${pending:-0}" = 0 ] && [ "${lag:-0}" = 0 ] && break
     sleep 0.5
   done
   eval "${name}_DRAIN=$(awk -v a="$(date +%s.%N)" -v b="$drain_start" 'BEGIN {printf "%.1f", a - b}')"
   # GET over ids of orders just placed.
-  curl -sf "$url/api/v1/orders?limit=100" | grep -o '"id":"[0-9a-f-]\{36\}"' | cut -d'"' -f4 >"$WORK/$name.ids"
+  curl -sf -H "$AUTH" "$url/api/v1/orders?limit=100" | grep -o '"id":"[0-9a-f-]\{36\}"' | cut -d'"' -f4 >"$WORK/$name.ids"
   {
     echo "ids = {"; sed 's/.*/"&",/' "$WORK/$name.ids"; echo "}"
-    echo 'request = function() return wrk.format("GET", "/api/v1/orders/" .. ids[math.random(#ids)]) end'
+    echo "auth = { [\"Authorization\"] = \"Bearer $ORDERWAVE_TOKEN\" }"
+    echo 'request = function() return wrk.format("GET", "/api/v1/orders/" .. ids[math.random(#ids)], auth) end'
   } >"$WORK/$name-get.lua"
   wrk_run "$name-get" "$url" "$WORK/$name-get.lua"
   eval "${name}_GET_RPS=\$R_RPS ${name}_GET_P50=\$R_P50 ${name}_GET_P99=\$R_P99 ${name}_GET_ERR=\$R_NON2XX"

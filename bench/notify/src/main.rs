@@ -48,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
     let n: usize = count_arg.parse().context("COUNT")?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
+        .default_headers(auth_headers()?)
         .build()?;
     let started = Instant::now();
     let posts = futures::stream::iter(0..n).map(|i| {
@@ -106,4 +107,16 @@ async fn main() -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// `Authorization: Bearer $ORDERWAVE_TOKEN` (bench/lib.sh mints it).
+fn auth_headers() -> anyhow::Result<reqwest::header::HeaderMap> {
+    let token = std::env::var("ORDERWAVE_TOKEN")
+        .context("ORDERWAVE_TOKEN: an admin token (orderwave token --sub bench --role admin)")?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse()?,
+    );
+    Ok(headers)
 }

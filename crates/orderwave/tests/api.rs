@@ -999,7 +999,11 @@ async fn health_metrics_openapi_and_docs_are_served(app: &TestApp) {
         .iter()
         .filter(|c| c["name"].as_str().unwrap().starts_with("breaker:"))
         .collect();
-    assert_eq!(breakers.len(), 2, "email and SMS: {checks:?}");
+    assert_eq!(
+        breakers.len(),
+        3,
+        "email, SMS and the customer check: {checks:?}"
+    );
     assert!(breakers.iter().all(|b| b["status"] == "ok"));
 
     app.place(&order_body(&app.new_customer().await)).await;

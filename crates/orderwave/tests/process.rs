@@ -28,6 +28,16 @@ impl Drop for Server {
 
 /// Starts `orderwave serve` on a free port and waits for its "listening on" line.
 fn start(data_dir: &Path, database_url: Option<&str>, extra: &[&str]) -> Server {
+    start_logging(data_dir, database_url, extra, "info")
+}
+
+/// `start`, logging at `rust_log`.
+fn start_logging(
+    data_dir: &Path,
+    database_url: Option<&str>,
+    extra: &[&str],
+    rust_log: &str,
+) -> Server {
     let stderr_path = data_dir.join(format!("stderr-{}.log", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(data_dir).unwrap();
     let stderr = std::fs::File::create(&stderr_path).unwrap();
@@ -38,7 +48,7 @@ fn start(data_dir: &Path, database_url: Option<&str>, extra: &[&str]) -> Server 
         .args(["--jwt-secret", common::TEST_SECRET])
         .args(extra)
         .env_remove("DATABASE_URL")
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", rust_log)
         .stdout(Stdio::piped())
         .stderr(stderr);
     if let Some(url) = database_url {
@@ -237,8 +247,28 @@ async fn json_logs_carry_the_request_id_and_no_secret() {
     let dir = tempfile::tempdir().unwrap();
     let database = fresh_pg_database().await;
     let url = format!("{database}?password=hunter2");
-    let mut server = start(dir.path(), Some(&url), &["--log-format", "json"]);
+    // At debug level, so whatever logs a request's details is in the scan below.
+    let mut server = start_logging(dir.path(), Some(&url), &["--log-format", "json"], "debug");
     let client = common::admin_client();
+    let admin = common::token("test-admin", http_kit::Role::Admin);
+    let customer = common::token(DEMO_CUSTOMER, http_kit::Role::Customer);
+    let forged = format!("{}.forged-signature", customer.rsplit_once('.').unwrap().0);
+    for (token, status) in [(&customer, 200), (&forged, 401)] {
+        let response = client
+            .get(format!("{}/api/v1/orders", server.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status);
+    }
+    let response = client
+        .get(format!("{}/api/v1/admin/outbox", server.base))
+        .bearer_auth(&customer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
     // A change is logged at INFO (successful reads only at DEBUG).
     let response = client
         .post(format!("{}/api/v1/orders", server.base))
@@ -257,12 +287,162 @@ async fn json_logs_carry_the_request_id_and_no_secret() {
         .collect();
     let access = lines
         .iter()
-        .find(|l| l["span"]["request_id"] == "req-abc-123")
+        .find(|l| l["span"]["request_id"] == "req-abc-123" && !l["fields"]["status"].is_null())
         .unwrap_or_else(|| panic!("no log line with the request id: {logs}"));
     assert_eq!(access["fields"]["status"], 201);
     assert_eq!(access["level"], "INFO");
     assert!(!logs.contains("hunter2"), "a secret leaked into the logs");
+    for (what, secret) in [
+        ("the admin token", admin.as_str()),
+        ("a customer token", customer.as_str()),
+        ("a forged token", forged.as_str()),
+        ("a token's signature", customer.rsplit_once('.').unwrap().1),
+        ("the signing secret", common::TEST_SECRET),
+    ] {
+        assert!(!logs.contains(secret), "{what} leaked into the logs");
+    }
+    assert!(
+        lines.iter().any(|l| l["fields"]["status"] == 401),
+        "the refused request is logged (without its token)"
+    );
     common::drop_pg_database(&database).await;
+}
+
+#[tokio::test]
+async fn the_first_start_creates_a_private_secret_and_prints_an_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    // Without --jwt-secret: the data directory's secret, created now.
+    let run = |dir: &Path| {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .env_remove("DATABASE_URL")
+            .env_remove("ORDERWAVE_JWT_SECRET")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut printed = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            let done = line.starts_with("tokens:") || line.starts_with("ey");
+            printed.push(line);
+            if done {
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        (child, printed)
+    };
+    let (mut first, printed) = run(dir.path());
+    let base = printed[0]
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let token = printed.last().unwrap().clone();
+    assert!(
+        token.starts_with("ey"),
+        "no admin token printed: {printed:?}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("jwt-secret"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the secret is readable by others");
+    }
+    let client = reqwest::Client::new();
+    let outbox = format!("{base}/api/v1/admin/outbox");
+    let status = |token: String| {
+        let (client, outbox) = (client.clone(), outbox.clone());
+        async move {
+            client
+                .get(&outbox)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status(token).await, 200);
+    // `orderwave token` mints from the same secret.
+    let minted = Command::new(BIN)
+        .args([
+            "token",
+            "--sub",
+            "ops",
+            "--role",
+            "admin",
+            "--ttl",
+            "15m",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env_remove("ORDERWAVE_JWT_SECRET")
+        .output()
+        .unwrap();
+    assert!(
+        minted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
+    let minted = String::from_utf8(minted.stdout).unwrap().trim().to_string();
+    assert_eq!(status(minted.clone()).await, 200);
+    let customer = Command::new(BIN)
+        .args([
+            "token",
+            "--sub",
+            DEMO_CUSTOMER,
+            "--role",
+            "customer",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let customer = String::from_utf8(customer.stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(status(customer).await, 403);
+    for bad in [
+        &["--role", "root"][..],
+        &["--role", "admin", "--ttl", "0"][..],
+    ] {
+        let refused = Command::new(BIN)
+            .args(["token", "--sub", "x", "--data-dir"])
+            .arg(dir.path())
+            .args(bad)
+            .output()
+            .unwrap();
+        assert!(!refused.status.success(), "{bad:?}");
+    }
+    signal(&first, "TERM");
+    assert!(first.wait().unwrap().success());
+    // The second start keeps the secret (tokens stay valid) and prints no token.
+    let (mut second, printed) = run(dir.path());
+    assert!(
+        printed.last().unwrap().starts_with("tokens:"),
+        "{printed:?}"
+    );
+    let base = printed[0]
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let response = client
+        .get(format!("{base}/api/v1/admin/outbox"))
+        .bearer_auth(&minted)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    signal(&second, "TERM");
+    assert!(second.wait().unwrap().success());
 }
 
 #[test]
@@ -279,8 +459,14 @@ fn help_explains_every_option_and_its_environment_variable() {
         "DATABASE_URL",
         "--log-format",
         "ORDERWAVE_LOG_FORMAT",
+        "--jwt-secret",
+        "ORDERWAVE_JWT_SECRET",
+        "--jwt-public-key",
+        "--rate-limit-write",
+        "--cors-origin",
         "migrate",
         "serve",
+        "token",
     ] {
         assert!(
             help.contains(word),
