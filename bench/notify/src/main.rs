@@ -4,6 +4,9 @@
 //!
 //! Usage: bench-notify URL COUNT [--no-wait]
 
+#[path = "../../shared/auth.rs"]
+mod auth;
+
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -48,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
     let n: usize = count_arg.parse().context("COUNT")?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
-        .default_headers(auth_headers()?)
+        .default_headers(auth::auth_headers()?)
         .build()?;
     let started = Instant::now();
     let posts = futures::stream::iter(0..n).map(|i| {
@@ -107,16 +110,4 @@ async fn main() -> anyhow::Result<()> {
         })
     );
     Ok(())
-}
-
-/// `Authorization: Bearer $ORDERWAVE_TOKEN` (bench/lib.sh mints it).
-fn auth_headers() -> anyhow::Result<reqwest::header::HeaderMap> {
-    let token = std::env::var("ORDERWAVE_TOKEN")
-        .context("ORDERWAVE_TOKEN: an admin token (orderwave token --sub bench --role admin)")?;
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {token}").parse()?,
-    );
-    Ok(headers)
 }

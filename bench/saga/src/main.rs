@@ -6,6 +6,9 @@
 //!
 //! Usage: bench-saga URL RATE SECONDS
 
+#[path = "../../shared/auth.rs"]
+mod auth;
+
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -66,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
     let seconds: u64 = seconds.parse().context("SECONDS")?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
-        .default_headers(auth_headers()?)
+        .default_headers(auth::auth_headers()?)
         .build()?;
     let body = json!({
         "customerId": "019ab1c2-0000-7000-8000-000000000001",
@@ -221,16 +224,4 @@ async fn main() -> anyhow::Result<()> {
         })
     );
     Ok(())
-}
-
-/// `Authorization: Bearer $ORDERWAVE_TOKEN` (bench/lib.sh mints it).
-fn auth_headers() -> anyhow::Result<reqwest::header::HeaderMap> {
-    let token = std::env::var("ORDERWAVE_TOKEN")
-        .context("ORDERWAVE_TOKEN: an admin token (orderwave token --sub bench --role admin)")?;
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {token}").parse()?,
-    );
-    Ok(headers)
 }

@@ -290,24 +290,9 @@ async fn forged_and_broken_tokens_are_401_with_a_bearer_challenge_and_valid_ones
     app.stop().await;
 }
 
-async fn register(app: &TestApp, name: &str) -> String {
-    let n = uuid::Uuid::now_v7().simple().to_string();
-    let response = app
-        .post_json(
-            "/api/v1/customers",
-            &json!({"name": name, "email": format!("{name}-{n}@example.com")}),
-        )
-        .await;
-    assert_eq!(response.status(), 201);
-    response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 async fn a_customer_sees_and_changes_only_their_own_records(app: &TestApp) {
-    let alice = register(app, "alice").await;
-    let bob = register(app, "bob").await;
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
     let as_alice = token(&alice, Role::Customer);
     let as_bob = token(&bob, Role::Customer);
     let call = async |token: &str, method: Method, path: &str, body: Option<Value>| {
@@ -581,7 +566,7 @@ async fn a_customer_sees_and_changes_only_their_own_records(app: &TestApp) {
 }
 
 async fn fields_a_client_must_not_set_and_hostile_input_change_nothing(app: &TestApp) {
-    let customer = register(app, "mallory").await;
+    let customer = app.register("mallory").await;
     let before: Value = app
         .get("/api/v1/orders?limit=100")
         .await

@@ -108,11 +108,16 @@ impl TestApp {
 
     /// Registers a new customer and returns their id.
     pub async fn new_customer(&self) -> String {
+        self.register("Test Customer").await
+    }
+
+    /// Registers a new customer called `name` (with a fresh email address); returns their id.
+    pub async fn register(&self, name: &str) -> String {
         let n = uuid::Uuid::now_v7().simple().to_string();
         let response = self
             .post_json(
                 "/api/v1/customers",
-                &json!({"name": "Test Customer", "email": format!("c{n}@example.com")}),
+                &json!({"name": name, "email": format!("c{n}@example.com")}),
             )
             .await;
         assert_eq!(response.status(), 201, "registering a customer");
