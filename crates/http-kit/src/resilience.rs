@@ -35,6 +35,105 @@ impl Default for PolicyConfig {
     }
 }
 
+/// Changes to a dependency's policy, from the configuration:
+/// `NAME:timeout=500ms,attempts=2,failures=5,open=10s` (any subset of the keys).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    pub timeout: Option<Duration>,
+    pub attempts: Option<u32>,
+    pub failure_threshold: Option<u32>,
+    pub open_for: Option<Duration>,
+}
+
+impl Overrides {
+    pub fn apply(&self, mut config: PolicyConfig) -> PolicyConfig {
+        if let Some(timeout) = self.timeout {
+            config.timeout = timeout;
+        }
+        if let Some(attempts) = self.attempts {
+            config.attempts = attempts.max(1);
+        }
+        if let Some(failures) = self.failure_threshold {
+            config.failure_threshold = failures.max(1);
+        }
+        if let Some(open_for) = self.open_for {
+            config.open_for = open_for;
+        }
+        config
+    }
+}
+
+/// Every dependency's overrides, by dependency name.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyOverrides(pub std::collections::HashMap<String, Overrides>);
+
+impl PolicyOverrides {
+    /// `defaults` for `dependency`, with what the configuration changes.
+    pub fn for_dependency(&self, dependency: &str, defaults: PolicyConfig) -> PolicyConfig {
+        match self.0.get(dependency) {
+            Some(overrides) => overrides.apply(defaults),
+            None => defaults,
+        }
+    }
+
+    /// Parses `NAME:key=value,...` specs; `known` lists the dependency names there are.
+    pub fn parse(specs: &[String], known: &[&str]) -> Result<Self, String> {
+        let mut all = std::collections::HashMap::new();
+        for spec in specs {
+            let (name, settings) = spec.split_once(':').ok_or_else(|| {
+                format!("{spec:?}: write NAME:timeout=500ms,attempts=2,failures=5,open=10s")
+            })?;
+            if !known.contains(&name) {
+                return Err(format!(
+                    "unknown dependency {name:?}: one of {}",
+                    known.join(", ")
+                ));
+            }
+            let mut overrides = Overrides::default();
+            for setting in settings.split(',').filter(|s| !s.is_empty()) {
+                let (key, value) = setting
+                    .split_once('=')
+                    .ok_or_else(|| format!("{setting:?} in {spec:?}: write key=value"))?;
+                let count = || {
+                    value
+                        .parse::<u32>()
+                        .map_err(|_| format!("{key}={value:?}: a whole number"))
+                };
+                match key {
+                    "timeout" => overrides.timeout = Some(parse_duration(value)?),
+                    "attempts" => overrides.attempts = Some(count()?),
+                    "failures" => overrides.failure_threshold = Some(count()?),
+                    "open" => overrides.open_for = Some(parse_duration(value)?),
+                    other => {
+                        return Err(format!(
+                            "unknown setting {other:?}: timeout, attempts, failures or open"
+                        ));
+                    }
+                }
+            }
+            all.insert(name.to_string(), overrides);
+        }
+        Ok(Self(all))
+    }
+}
+
+/// `250ms`, `2s` or `1m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: a duration such as 250ms, 2s or 1m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{text:?}: a duration such as 250ms, 2s or 1m")),
+    }
+}
+
 /// Why a call through the policy gave no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallError {
@@ -237,6 +336,35 @@ impl Policy {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[test]
+    fn overrides_change_only_what_they_name() {
+        let specs = vec![
+            "customer-service:timeout=250ms,attempts=3".to_string(),
+            "payment-provider:failures=2,open=1m".to_string(),
+        ];
+        let known = ["customer-service", "payment-provider"];
+        let overrides = PolicyOverrides::parse(&specs, &known).unwrap_or_default();
+        let customer = overrides.for_dependency("customer-service", PolicyConfig::default());
+        assert_eq!(customer.timeout, Duration::from_millis(250));
+        assert_eq!(customer.attempts, 3);
+        assert_eq!(customer.failure_threshold, 5);
+        let payment = overrides.for_dependency("payment-provider", PolicyConfig::default());
+        assert_eq!(payment.open_for, Duration::from_secs(60));
+        assert_eq!(payment.failure_threshold, 2);
+        assert_eq!(payment.timeout, Duration::from_secs(2));
+        for bad in [
+            "nobody:timeout=1s",
+            "customer-service:timeout=soon",
+            "customer-service:retries=2",
+            "customer-service",
+        ] {
+            assert!(
+                PolicyOverrides::parse(&[bad.to_string()], &known).is_err(),
+                "{bad}"
+            );
+        }
+    }
 
     fn quick(threshold: u32, attempts: u32) -> PolicyConfig {
         PolicyConfig {

@@ -178,6 +178,12 @@ impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         let keys = crate::auth::load(&config.auth, &config.data_dir, true)
             .context("loading the token keys")?;
+        let policies = http_kit::resilience::PolicyOverrides::parse(
+            &config.dependency_policies,
+            &DEPENDENCIES,
+        )
+        .map_err(anyhow::Error::msg)
+        .context("--dependency-policy")?;
         let dbs = open_databases(config).await?;
         dbs.http
             .migrate(&storage::idempotency::MIGRATOR)
@@ -204,16 +210,20 @@ impl Application {
         let orders = OrderService::start(
             dbs.orders.clone(),
             config.order_cache_mib * 1024 * 1024,
-            CustomerChecker::new(directory, CustomerChecker::default_policy()),
+            CustomerChecker::new(
+                directory,
+                policies.for_dependency("customer-service", CustomerChecker::default_policy()),
+            ),
         )
         .await
         .context("starting the order service")?;
         let inventory = InventoryService::start(dbs.inventory.clone())
             .await
             .context("starting the inventory service")?;
+        let (provider, provider_breaker) = payment_provider(config, &policies)?;
         let payments = PaymentService::start(
             dbs.payments.clone(),
-            payment_provider(config)?,
+            provider,
             Duration::from_secs(config.payment_timeout_secs.max(1)),
         )
         .await
@@ -225,6 +235,7 @@ impl Application {
             notification_service::worker::WorkerConfig {
                 backoff_base: Duration::from_millis(config.notification_retry_ms.max(1)),
                 breaker_open_for: Duration::from_secs(config.notification_breaker_secs.max(1)),
+                policies: policies.clone(),
                 ..Default::default()
             },
         )
@@ -317,6 +328,7 @@ impl Application {
                 .values()
                 .cloned()
                 .chain([orders.customers.policy()])
+                .chain(provider_breaker)
                 .collect(),
         };
         let first_admin_token = match (&keys.signer, keys.created_secret) {
@@ -562,19 +574,43 @@ fn service_token(
     })
 }
 
-fn payment_provider(config: &Config) -> anyhow::Result<Arc<dyn PaymentProvider>> {
+/// The dependencies whose policy `--dependency-policy` may change.
+const DEPENDENCIES: [&str; 4] = [
+    "customer-service",
+    "payment-provider",
+    "notification-email",
+    "notification-sms",
+];
+
+/// The payment provider, and the breaker of a remote one. The embedded simulator is no
+/// outbound call: it has none.
+#[allow(clippy::type_complexity)]
+fn payment_provider(
+    config: &Config,
+    policies: &http_kit::resilience::PolicyOverrides,
+) -> anyhow::Result<(
+    Arc<dyn PaymentProvider>,
+    Option<Arc<http_kit::resilience::Policy>>,
+)> {
     Ok(match config.payment_provider {
-        PaymentProviderKind::Simulator => Arc::new(Simulator::default()),
+        PaymentProviderKind::Simulator => (Arc::new(Simulator::default()), None),
         PaymentProviderKind::Http => {
             let url = config
                 .payment_provider_url
                 .as_deref()
                 .context("--payment-provider http needs --payment-provider-url")?;
             let key = config.payment_provider_key.as_deref().unwrap_or_default();
-            Arc::new(
-                HttpProvider::new(url, key)
-                    .map_err(|e| anyhow::anyhow!("payment provider client: {e}"))?,
-            )
+            let http = HttpProvider::new(url, key)
+                .map_err(|e| anyhow::anyhow!("payment provider client: {e}"))?;
+            let guarded = payment_service::provider::Guarded::new(
+                Arc::new(http),
+                policies.for_dependency(
+                    "payment-provider",
+                    payment_service::provider::Guarded::default_policy(),
+                ),
+            );
+            let breaker = guarded.policy();
+            (Arc::new(guarded), Some(breaker))
         }
     })
 }

@@ -50,6 +50,16 @@ pub struct TokenArgs {
     #[arg(long, env = "ORDERWAVE_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
+    /// Change the resilience policy of a dependency: `NAME:timeout=500ms,attempts=2,failures=5,open=10s`
+    /// (any subset), NAME one of customer-service, payment-provider, notification-email,
+    /// notification-sms. Repeatable (`;`-separated in the environment).
+    #[arg(
+        long = "dependency-policy",
+        env = "ORDERWAVE_DEPENDENCY_POLICIES",
+        value_delimiter = ';'
+    )]
+    pub dependency_policies: Vec<String>,
+
     #[command(flatten)]
     pub auth: AuthArgs,
 }
@@ -368,6 +378,16 @@ pub struct Config {
     )]
     pub notification_breaker_secs: u64,
 
+    /// Change the resilience policy of a dependency: `NAME:timeout=500ms,attempts=2,failures=5,open=10s`
+    /// (any subset), NAME one of customer-service, payment-provider, notification-email,
+    /// notification-sms. Repeatable (`;`-separated in the environment).
+    #[arg(
+        long = "dependency-policy",
+        env = "ORDERWAVE_DEPENDENCY_POLICIES",
+        value_delimiter = ';'
+    )]
+    pub dependency_policies: Vec<String>,
+
     #[command(flatten)]
     pub auth: AuthArgs,
 
@@ -409,6 +429,7 @@ impl Config {
             sms_from: "+15005550006".into(),
             notification_retry_ms: 500,
             notification_breaker_secs: 10,
+            dependency_policies: Vec::new(),
             auth: AuthArgs::default(),
             test_deliver_twice: false,
         }

@@ -703,7 +703,8 @@ async fn with_the_customer_service_down_orders_are_accepted_dead_lettered_and_re
 /// A local fake of a Stripe-style payment API: remembers answers by `Idempotency-Key` as the
 /// real one does, charges `tok_ok`, declines `tok_declined` with a 402 card error, answers 500
 /// to the first attempt of `tok_flaky`, charges `tok_lost` and never answers, finds charges by
-/// `metadata['payment_id']` in its search, and records every request.
+/// `metadata['payment_id']` in its search, answers 503 to everything while `down`, and records
+/// every request.
 mod fake_provider {
     use axum::extract::{Query, State};
     use axum::http::{HeaderMap, StatusCode};
@@ -726,6 +727,8 @@ mod fake_provider {
         pub requests: Mutex<Vec<Request>>,
         answers: Mutex<HashMap<String, (u16, Value)>>,
         pub charges: Mutex<u32>,
+        /// Every call is answered 503 while this holds.
+        pub down: std::sync::atomic::AtomicBool,
     }
 
     async fn handle(
@@ -751,6 +754,13 @@ mod fake_provider {
             authorization: header("authorization"),
             form: form.clone(),
         });
+        if fake.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({"error": {"type": "api_error", "message": "down"}})),
+            )
+                .into_response();
+        }
         if let Some((status, body)) = fake.answers.lock().unwrap().get(&key).cloned() {
             return (StatusCode::from_u16(status).unwrap(), axum::Json(body)).into_response();
         }
@@ -953,4 +963,56 @@ async fn the_http_provider_is_charged_once_per_payment_and_refunded_with_its_ide
         app.stop().await;
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_provider_opens_its_breaker_orders_are_compensated_and_it_closes_again() {
+    use std::sync::atomic::Ordering;
+    let fake = std::sync::Arc::new(fake_provider::Fake::default());
+    fake.down.store(true, Ordering::SeqCst);
+    let url = fake_provider::start(fake.clone()).await;
+    let app = TestApp::spawn_with(common::Backend::Sqlite, |c| {
+        c.payment_provider = orderwave::config::PaymentProviderKind::Http;
+        c.payment_provider_url = Some(url.clone());
+        c.payment_timeout_secs = 2;
+        c.dependency_policies = vec!["payment-provider:failures=3,open=1s".into()];
+    })
+    .await;
+    let breaker = async || -> String {
+        let ready: Value = app.get("/health/ready").await.json().await.unwrap();
+        ready["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "breaker:payment-provider")
+            .map(|c| c["status"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("no payment provider breaker: {ready}"))
+    };
+    assert_eq!(breaker().await, "ok");
+    // The provider is down: charges fail, the breaker opens after 3 failures in a row, and
+    // each order is compensated at its payment deadline (cancelled, its stock released).
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let placed = app.place(&common::paid_order_body(DEMO_CUSTOMER)).await;
+        ids.push(placed["id"].as_str().unwrap().to_string());
+    }
+    eventually("the breaker open", async || breaker().await != "ok").await;
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("circuit_breaker_open{dependency=\"payment-provider\"}"),
+        "the breaker's state is exported"
+    );
+    for id in &ids {
+        let order = app.wait_for_status(id, "CANCELLED").await;
+        assert!(
+            order["cancelReason"].as_str().unwrap().contains("payment"),
+            "{order}"
+        );
+    }
+    // Back up: the next call is the probe, it succeeds, the breaker closes, orders confirm.
+    fake.down.store(false, Ordering::SeqCst);
+    let confirmed = app.place_confirmed(DEMO_CUSTOMER).await;
+    assert_eq!(confirmed["status"], "CONFIRMED");
+    eventually("the breaker closed", async || breaker().await == "ok").await;
+    app.stop().await;
 }

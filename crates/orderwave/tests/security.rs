@@ -1006,3 +1006,91 @@ async fn a_hanging_customer_service_opens_the_breaker_and_orders_go_on() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_answers_configured_origins_only_and_metrics_can_need_a_token() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |c| {
+        c.auth.cors_origins = vec!["https://shop.example.com".into()];
+        c.auth.metrics_token = Some("scrape-me".into());
+    })
+    .await;
+    let preflight = async |origin: &str| {
+        app.anonymous(Method::OPTIONS, "/api/v1/orders")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type",
+            )
+            .send()
+            .await
+            .unwrap()
+    };
+    let allowed = preflight("https://shop.example.com").await;
+    assert!(allowed.status().is_success(), "{}", allowed.status());
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://shop.example.com"
+    );
+    let methods = allowed.headers()["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .to_ascii_uppercase();
+    assert!(methods.contains("POST"), "{methods}");
+    assert!(
+        allowed
+            .headers()
+            .get("access-control-allow-credentials")
+            .is_none()
+    );
+    let other = preflight("https://evil.example.net").await;
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    // A real request from the shop's origin carries the header, and still needs its token.
+    let response = app
+        .request(Method::GET, "/api/v1/products")
+        .header("origin", "https://shop.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "https://shop.example.com"
+    );
+    assert!(
+        response
+            .headers()
+            .contains_key("access-control-expose-headers")
+    );
+    // /metrics behind its token; health stays open.
+    assert_eq!(
+        app.anonymous(Method::GET, "/metrics")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let scraped = app
+        .anonymous(Method::GET, "/metrics")
+        .bearer_auth("scrape-me")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scraped.status(), 200);
+    assert_eq!(
+        app.anonymous(Method::GET, "/health/ready")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    app.stop().await;
+}
+
+#[test]
+fn a_wildcard_cors_origin_is_refused_at_start() {
+    assert!(gateway::limits::cors(&["*".to_string()]).is_err());
+    assert!(gateway::limits::cors(&[]).unwrap().is_none());
+}

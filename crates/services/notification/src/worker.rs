@@ -24,6 +24,9 @@ pub struct WorkerConfig {
     pub breaker_threshold: u32,
     /// How long an open breaker holds that channel's sends before one probe.
     pub breaker_open_for: Duration,
+    /// What the configuration changes in the policies of `notification-email` and
+    /// `notification-sms`.
+    pub policies: http_kit::resilience::PolicyOverrides,
 }
 
 impl Default for WorkerConfig {
@@ -37,6 +40,7 @@ impl Default for WorkerConfig {
             send_timeout: Duration::from_secs(10),
             breaker_threshold: 5,
             breaker_open_for: Duration::from_secs(10),
+            policies: Default::default(),
         }
     }
 }
@@ -65,15 +69,16 @@ pub fn breakers(
                 "sms" => "notification-sms",
                 _ => "notification-email",
             };
+            let defaults = PolicyConfig {
+                timeout: config.send_timeout,
+                attempts: 1,
+                failure_threshold: config.breaker_threshold,
+                open_for: config.breaker_open_for,
+                ..PolicyConfig::default()
+            };
             let policy = Policy::new(
                 dependency,
-                PolicyConfig {
-                    timeout: config.send_timeout,
-                    attempts: 1,
-                    failure_threshold: config.breaker_threshold,
-                    open_for: config.breaker_open_for,
-                    ..PolicyConfig::default()
-                },
+                config.policies.for_dependency(dependency, defaults),
             );
             (channel, Arc::new(policy))
         })

@@ -390,3 +390,90 @@ impl PaymentProvider for HttpProvider {
         .boxed()
     }
 }
+
+/// A remote provider behind the shared resilience policy (timeout, circuit breaker with its
+/// metrics). A decline or a refused request is an answer, not a failure of the provider; a
+/// transient error or no answer counts towards opening the breaker. While it is open, calls
+/// fail at once as transient: the worker retries the charge (same idempotency key) until its
+/// deadline, and a charge never made is then compensated like any unanswered one.
+pub struct Guarded {
+    inner: std::sync::Arc<dyn PaymentProvider>,
+    policy: std::sync::Arc<http_kit::resilience::Policy>,
+}
+
+impl Guarded {
+    /// The policy of a payment provider, before configuration: one attempt per call (the
+    /// worker retries, within the payment's deadline), 10 s, open after 5 failures for 10 s.
+    pub fn default_policy() -> http_kit::resilience::PolicyConfig {
+        http_kit::resilience::PolicyConfig {
+            timeout: Duration::from_secs(10),
+            attempts: 1,
+            failure_threshold: 5,
+            open_for: Duration::from_secs(10),
+            ..Default::default()
+        }
+    }
+
+    pub fn new(
+        inner: std::sync::Arc<dyn PaymentProvider>,
+        config: http_kit::resilience::PolicyConfig,
+    ) -> Self {
+        Self {
+            inner,
+            policy: std::sync::Arc::new(http_kit::resilience::Policy::new(
+                "payment-provider",
+                config,
+            )),
+        }
+    }
+
+    pub fn policy(&self) -> std::sync::Arc<http_kit::resilience::Policy> {
+        self.policy.clone()
+    }
+
+    async fn guarded<'a, T>(
+        &'a self,
+        call: impl Fn() -> BoxFuture<'a, Result<T, ProviderError>>,
+    ) -> Result<T, ProviderError> {
+        let answer = self
+            .policy
+            .call(|| async {
+                match call().await {
+                    Err(ProviderError::Transient(error)) => Err(error),
+                    answer => Ok(answer),
+                }
+            })
+            .await;
+        match answer {
+            Ok(answer) => answer,
+            Err(error) => Err(ProviderError::Transient(error.to_string())),
+        }
+    }
+}
+
+impl PaymentProvider for Guarded {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn charge<'a>(
+        &'a self,
+        request: &'a ChargeRequest,
+    ) -> BoxFuture<'a, Result<ChargeOutcome, ProviderError>> {
+        self.guarded(|| self.inner.charge(request)).boxed()
+    }
+
+    fn refund<'a>(
+        &'a self,
+        request: &'a RefundRequest,
+    ) -> BoxFuture<'a, Result<String, ProviderError>> {
+        self.guarded(|| self.inner.refund(request)).boxed()
+    }
+
+    fn lookup<'a>(
+        &'a self,
+        request: &'a ChargeRequest,
+    ) -> BoxFuture<'a, Result<Option<ChargeOutcome>, ProviderError>> {
+        self.guarded(|| self.inner.lookup(request)).boxed()
+    }
+}
