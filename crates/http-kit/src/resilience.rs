@@ -151,6 +151,17 @@ pub enum CallError {
     },
 }
 
+/// What a breaker lets through now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Closed: every call.
+    All,
+    /// Due for its probe: one call.
+    Probe,
+    /// Open, or its probe is under way: none.
+    Hold,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
     Closed,
@@ -163,7 +174,10 @@ struct Breaker {
     state: BreakerState,
     failures: u32,
     opened_at: Option<Instant>,
-    probing: bool,
+    /// When the probe in flight started. A probe whose caller gave up on it (its future
+    /// dropped) never records an outcome: past the call timeout it no longer counts, so the
+    /// breaker cannot stay stuck waiting for it.
+    probe_since: Option<Instant>,
 }
 
 /// A policy for one dependency. Cheap to share behind an `Arc`.
@@ -184,18 +198,39 @@ impl Policy {
                 state: BreakerState::Closed,
                 failures: 0,
                 opened_at: None,
-                probing: false,
+                probe_since: None,
             }),
         }
     }
 
-    /// Whether a call now would be refused: open, and not yet due for its probe.
+    /// Whether a call now would be refused: open and not yet due for its probe, or its probe
+    /// still under way.
     pub fn is_holding(&self) -> bool {
-        self.breaker.lock().is_ok_and(|b| {
-            b.state == BreakerState::Open
-                && b.opened_at
-                    .is_some_and(|at| at.elapsed() < self.config.open_for)
-        })
+        self.admission() == Admission::Hold
+    }
+
+    /// How many calls would go out now: all (closed), one probe, or none.
+    pub fn admission(&self) -> Admission {
+        let Ok(b) = self.breaker.lock() else {
+            return Admission::All;
+        };
+        match b.state {
+            BreakerState::Closed => Admission::All,
+            BreakerState::Open
+                if b.opened_at
+                    .is_some_and(|at| at.elapsed() < self.config.open_for) =>
+            {
+                Admission::Hold
+            }
+            BreakerState::Open => Admission::Probe,
+            BreakerState::HalfOpen if self.probe_in_flight(&b) => Admission::Hold,
+            BreakerState::HalfOpen => Admission::Probe,
+        }
+    }
+
+    fn probe_in_flight(&self, b: &Breaker) -> bool {
+        b.probe_since
+            .is_some_and(|at| at.elapsed() < self.config.timeout + Duration::from_secs(1))
     }
 
     /// The dependency this policy guards.
@@ -238,17 +273,17 @@ impl Policy {
                     .is_some_and(|at| at.elapsed() >= self.config.open_for)
                 {
                     self.set_state(&mut b, BreakerState::HalfOpen);
-                    b.probing = true;
+                    b.probe_since = Some(Instant::now());
                     true
                 } else {
                     false
                 }
             }
             BreakerState::HalfOpen => {
-                if b.probing {
+                if self.probe_in_flight(&b) {
                     false
                 } else {
-                    b.probing = true;
+                    b.probe_since = Some(Instant::now());
                     true
                 }
             }
@@ -259,7 +294,7 @@ impl Policy {
         let Ok(mut b) = self.breaker.lock() else {
             return;
         };
-        b.probing = false;
+        b.probe_since = None;
         if ok {
             b.failures = 0;
             self.set_state(&mut b, BreakerState::Closed);
@@ -336,6 +371,32 @@ impl Policy {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test]
+    async fn a_probe_whose_caller_gave_up_does_not_hold_the_breaker_forever() {
+        let policy = Policy::new("test-dropped-probe", quick(1, 1));
+        let _ = policy
+            .call(|| async { Err::<(), _>("boom".to_string()) })
+            .await;
+        assert_eq!(policy.admission(), Admission::Hold);
+        tokio::time::sleep(Duration::from_millis(110)).await;
+        assert_eq!(policy.admission(), Admission::Probe);
+        // The probe's caller drops it mid-call.
+        let probe = policy.call(futures::future::pending::<Result<(), String>>);
+        let _ = tokio::time::timeout(Duration::from_millis(5), probe).await;
+        assert_eq!(
+            policy.admission(),
+            Admission::Hold,
+            "the probe counts while it may run"
+        );
+        // Past the call timeout (+1 s) it no longer does: a new probe may go.
+        if let Ok(mut b) = policy.breaker.lock() {
+            b.probe_since = Some(Instant::now() - Duration::from_secs(2));
+        }
+        assert_eq!(policy.admission(), Admission::Probe);
+        assert!(policy.call(|| async { Ok::<_, String>(()) }).await.is_ok());
+        assert_eq!(policy.admission(), Admission::All);
+    }
 
     #[test]
     fn overrides_change_only_what_they_name() {

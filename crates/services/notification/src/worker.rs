@@ -4,7 +4,7 @@
 
 use crate::store::{Due, NotificationStore, Outcome};
 use crate::transport::{SendError, Transport};
-use http_kit::resilience::{CallError, Policy, PolicyConfig};
+use http_kit::resilience::{Admission, CallError, Policy, PolicyConfig};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,33 +103,44 @@ pub async fn run(
         // Up to `batch` sends in flight; a backlog is worked through without waiting for the
         // poll interval between batches.
         let room = batch.saturating_sub(tasks.len());
-        let mut claimed = 0;
         // A channel whose breaker holds is not claimed from: its deliveries stay due for
-        // the probe instead of being taken and put off over and over.
-        let usable: Vec<&str> = breakers
-            .iter()
-            .filter(|(_, breaker)| !breaker.is_holding())
-            .map(|(channel, _)| channel.as_str())
-            .collect();
+        // the probe instead of being taken and put off over and over. A channel due for its
+        // probe gets one delivery, the probe; the rest wait for its outcome.
+        let mut open = Vec::new();
+        let mut probing = Vec::new();
+        for (channel, breaker) in breakers.iter() {
+            match breaker.admission() {
+                Admission::All => open.push(channel.as_str()),
+                Admission::Probe => probing.push(channel.as_str()),
+                Admission::Hold => {}
+            }
+        }
+        let mut due = Vec::new();
         if room > 0 {
-            match store
-                .claim_due(u32::try_from(room).unwrap_or(u32::MAX), &usable)
-                .await
-            {
-                Ok(due) => {
-                    claimed = due.len();
-                    for message in due {
-                        tasks.spawn(send_one(
-                            store.clone(),
-                            transports.clone(),
-                            breakers.clone(),
-                            config.clone(),
-                            message,
-                        ));
-                    }
-                }
+            let limit = u32::try_from(room).unwrap_or(u32::MAX);
+            match store.claim_due(limit, &open).await {
+                Ok(claimed) => due.extend(claimed),
                 Err(error) => tracing::warn!(%error, "cannot read due notifications"),
             }
+            for channel in probing {
+                if due.len() >= room {
+                    break;
+                }
+                match store.claim_due(1, &[channel]).await {
+                    Ok(claimed) => due.extend(claimed),
+                    Err(error) => tracing::warn!(%error, "cannot read due notifications"),
+                }
+            }
+        }
+        let claimed = due.len();
+        for message in due {
+            tasks.spawn(send_one(
+                store.clone(),
+                transports.clone(),
+                breakers.clone(),
+                config.clone(),
+                message,
+            ));
         }
         let more_due = room == 0 || (claimed > 0 && claimed == room);
         if more_due {
@@ -142,6 +153,8 @@ pub async fn run(
             tokio::select! {
                 () = store.work_due() => {}
                 () = tokio::time::sleep(config.poll_interval) => {}
+                // A probe's outcome may open a channel's backlog again.
+                _ = tasks.join_next(), if !tasks.is_empty() => {}
                 _ = stop.changed() => {}
             }
         }
