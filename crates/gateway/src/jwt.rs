@@ -220,6 +220,8 @@ impl Verifier {
             validation.set_audience(&[&self.audience]);
             validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
             validation.leeway = self.leeway.as_secs();
+            // A token not valid yet (`nbf` in the future) is refused too.
+            validation.validate_nbf = true;
             match jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &validation) {
                 Ok(data) => return caller_of(&data.claims),
                 Err(e) => {

@@ -44,7 +44,15 @@ struct Bucket {
 pub struct RateLimiter {
     reads: Limit,
     writes: Limit,
-    buckets: Mutex<HashMap<(String, Class), Bucket>>,
+    buckets: Mutex<Buckets>,
+}
+
+#[derive(Debug)]
+struct Buckets {
+    by_key: HashMap<(String, Class), Bucket>,
+    /// Full buckets are dropped at most once a second, so many callers cannot make every
+    /// request pay for a sweep.
+    swept: Instant,
 }
 
 /// What is left of the caller's quota after this request.
@@ -100,7 +108,10 @@ impl RateLimiter {
         Self {
             reads,
             writes,
-            buckets: Mutex::default(),
+            buckets: Mutex::new(Buckets {
+                by_key: HashMap::new(),
+                swept: Instant::now(),
+            }),
         }
     }
 
@@ -127,8 +138,9 @@ impl RateLimiter {
                 reset: 0,
             });
         };
-        if buckets.len() >= SWEEP_AT {
-            buckets.retain(|(_, class), b| {
+        if buckets.by_key.len() >= SWEEP_AT && buckets.swept.elapsed().as_secs() >= 1 {
+            buckets.swept = now;
+            buckets.by_key.retain(|(_, class), b| {
                 let rate = match class {
                     Class::Read => self.reads,
                     Class::Write => self.writes,
@@ -137,10 +149,13 @@ impl RateLimiter {
                     < f64::from(rate.burst.max(1))
             });
         }
-        let bucket = buckets.entry((key.to_string(), class)).or_insert(Bucket {
-            tokens: capacity,
-            at: now,
-        });
+        let bucket = buckets
+            .by_key
+            .entry((key.to_string(), class))
+            .or_insert(Bucket {
+                tokens: capacity,
+                at: now,
+            });
         bucket.tokens = (bucket.tokens
             + now.duration_since(bucket.at).as_secs_f64() * limit.per_second)
             .min(capacity);
@@ -196,7 +211,10 @@ mod tests {
         assert!(limiter.check("a", Class::Read).is_ok());
         // One second later one more request fits.
         if let Ok(mut buckets) = limiter.buckets.lock() {
-            let bucket = buckets.get_mut(&("a".to_string(), Class::Write)).unwrap();
+            let bucket = buckets
+                .by_key
+                .get_mut(&("a".to_string(), Class::Write))
+                .unwrap();
             bucket.at -= std::time::Duration::from_millis(1_001);
         }
         assert!(limiter.check("a", Class::Write).is_ok());

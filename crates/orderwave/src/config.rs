@@ -88,7 +88,7 @@ pub fn parse_ttl(text: &str) -> Result<std::time::Duration, String> {
 }
 
 /// Authentication, rate limits and the other limits in front of the API.
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct AuthArgs {
     /// HS256 secret tokens are signed with (32 bytes or more). Without it and without public
     /// keys, a random secret is created in the data directory (`jwt-secret`, mode 0600) at
@@ -168,6 +168,21 @@ pub struct AuthArgs {
         value_delimiter = ','
     )]
     pub cors_origins: Vec<String>,
+}
+
+impl std::fmt::Debug for AuthArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret or the tokens.
+        f.debug_struct("AuthArgs")
+            .field("jwt_public_keys", &self.jwt_public_keys)
+            .field("jwt_jwks", &self.jwt_jwks)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("rate_limit_read", &self.rate_limit_read)
+            .field("rate_limit_write", &self.rate_limit_write)
+            .field("cors_origins", &self.cors_origins)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for AuthArgs {

@@ -192,6 +192,14 @@ async fn forged_and_broken_tokens_are_401_with_a_bearer_challenge_and_valid_ones
             Some("invalid_token"),
         ),
         (
+            "not valid before an hour from now",
+            Some(format!(
+                "Bearer {}",
+                hs256(&with(claims(), "nbf", json!(now() + 3600)), secret)
+            )),
+            Some("invalid_token"),
+        ),
+        (
             "another issuer",
             Some(format!(
                 "Bearer {}",
