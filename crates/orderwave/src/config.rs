@@ -50,16 +50,6 @@ pub struct TokenArgs {
     #[arg(long, env = "ORDERWAVE_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
-    /// Change the resilience policy of a dependency: `NAME:timeout=500ms,attempts=2,failures=5,open=10s`
-    /// (any subset), NAME one of customer-service, payment-provider, notification-email,
-    /// notification-sms. Repeatable (`;`-separated in the environment).
-    #[arg(
-        long = "dependency-policy",
-        env = "ORDERWAVE_DEPENDENCY_POLICIES",
-        value_delimiter = ';'
-    )]
-    pub dependency_policies: Vec<String>,
-
     #[command(flatten)]
     pub auth: AuthArgs,
 }

@@ -978,17 +978,7 @@ async fn a_failing_provider_opens_its_breaker_orders_are_compensated_and_it_clos
         c.dependency_policies = vec!["payment-provider:failures=3,open=1s".into()];
     })
     .await;
-    let breaker = async || -> String {
-        let ready: Value = app.get("/health/ready").await.json().await.unwrap();
-        ready["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == "breaker:payment-provider")
-            .map(|c| c["status"].as_str().unwrap().to_string())
-            .unwrap_or_else(|| panic!("no payment provider breaker: {ready}"))
-    };
-    assert_eq!(breaker().await, "ok");
+    assert_eq!(app.breaker("payment-provider").await, "ok");
     // The provider is down: charges fail, the breaker opens after 3 failures in a row, and
     // each order is compensated at its payment deadline (cancelled, its stock released).
     let mut ids = Vec::new();
@@ -996,7 +986,10 @@ async fn a_failing_provider_opens_its_breaker_orders_are_compensated_and_it_clos
         let placed = app.place(&common::paid_order_body(DEMO_CUSTOMER)).await;
         ids.push(placed["id"].as_str().unwrap().to_string());
     }
-    eventually("the breaker open", async || breaker().await != "ok").await;
+    eventually("the breaker open", async || {
+        app.breaker("payment-provider").await != "ok"
+    })
+    .await;
     let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(
         metrics.contains("circuit_breaker_open{dependency=\"payment-provider\"}"),
@@ -1013,6 +1006,9 @@ async fn a_failing_provider_opens_its_breaker_orders_are_compensated_and_it_clos
     fake.down.store(false, Ordering::SeqCst);
     let confirmed = app.place_confirmed(DEMO_CUSTOMER).await;
     assert_eq!(confirmed["status"], "CONFIRMED");
-    eventually("the breaker closed", async || breaker().await == "ok").await;
+    eventually("the breaker closed", async || {
+        app.breaker("payment-provider").await == "ok"
+    })
+    .await;
     app.stop().await;
 }

@@ -192,6 +192,24 @@ impl TestApp {
         self.request(Method::GET, path).send().await.expect("GET")
     }
 
+    /// The status of the circuit breaker of `dependency` in the readiness report.
+    pub async fn breaker(&self, dependency: &str) -> String {
+        let ready: Value = self
+            .get("/health/ready")
+            .await
+            .json()
+            .await
+            .expect("readiness json");
+        ready["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .find(|c| c["name"] == format!("breaker:{dependency}"))
+            .and_then(|c| c["status"].as_str())
+            .unwrap_or_else(|| panic!("no breaker of {dependency}: {ready}"))
+            .to_string()
+    }
+
     /// Places a valid order, waits until the saga took its first step (stock reserved or
     /// refused: version 2 or more) and returns the order then. With `order_body`'s slow
     /// payment it then stays PENDING for the rest of the test.
