@@ -137,10 +137,13 @@ async fn preview_template(
 ) -> Result<axum::Json<Rendered>, Problem> {
     let (event, template) = stored_template(&service, &key).await?;
     let data = body.data.unwrap_or_else(|| templates::sample(&event));
-    let rendered = templates::render(&template.texts, &data).map_err(|error| {
-        Problem::field("data", format!("the template does not render: {error}"))
-    })?;
-    Ok(axum::Json(rendered))
+    Ok(axum::Json(render_with(&template, &data)?))
+}
+
+/// `template` rendered with `data`; 422 on `data` when it does not render.
+fn render_with(template: &Template, data: &Value) -> Result<Rendered, Problem> {
+    templates::render(&template.texts, data)
+        .map_err(|error| Problem::field("data", format!("the template does not render: {error}")))
 }
 
 /// An ad-hoc message: written out (`subject` and `body`) or rendered from a stored template
@@ -319,8 +322,7 @@ async fn from_template(
     {
         data["customer"] = serde_json::json!({"name": contact.name, "email": contact.email});
     }
-    templates::render(&template.texts, &data)
-        .map_err(|error| Problem::field("data", format!("the template does not render: {error}")))
+    render_with(&template, &data)
 }
 
 /// A page of notifications.
