@@ -545,8 +545,8 @@ fn notification_transports(
     Ok(transports)
 }
 
-/// What this process sends on its calls to other services: a short-lived service token minted
-/// with its own key (renewed before it expires), or the configured one.
+/// What this process sends on its calls to other services: the configured service token, or
+/// else a short-lived one minted with its own key (renewed before it expires).
 fn service_token(
     keys: &crate::auth::Keys,
     config: &Config,
@@ -556,7 +556,7 @@ fn service_token(
     let signer = keys.signer.clone();
     let cache: Arc<std::sync::Mutex<Option<(String, std::time::Instant)>>> = Arc::default();
     Arc::new(move || {
-        let Some(signer) = &signer else {
+        let Some(signer) = signer.as_ref().filter(|_| fixed.is_none()) else {
             return fixed.clone();
         };
         let mut cache = cache.lock().ok()?;

@@ -117,8 +117,8 @@ pub struct AuthArgs {
     #[arg(long, env = "ORDERWAVE_JWT_LEEWAY_SECS", default_value_t = 30)]
     pub jwt_leeway_secs: u64,
 
-    /// A bearer token this process sends on its calls to other services, when it has no key
-    /// to mint one with.
+    /// The bearer token this process sends on its calls to other services; without it, it
+    /// mints its own short-lived service token with its key.
     #[arg(long, env = "ORDERWAVE_SERVICE_TOKEN", hide_env_values = true)]
     pub service_token: Option<String>,
 
