@@ -877,33 +877,36 @@ async fn past_the_in_flight_limit_requests_are_shed_with_503() {
         "name": "Slow", "email": format!("slow-{}@example.com", uuid::Uuid::now_v7().simple())
     }))
     .unwrap();
-    let mut slow = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    slow.write_all(
-        format!(
-            "PUT /api/v1/customers/{customer} HTTP/1.1\r\nHost: orderwave\r\nAuthorization: Bearer {}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            token("test-admin", Role::Admin),
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut shed = None;
-    eventually("a request shed while the slot is taken", async || {
-        let response = app.get("/api/v1/products").await;
-        eprintln!("status while the slot is taken: {}", response.status());
-        if response.status() == 503 {
-            shed = Some(response);
-            true
-        } else {
-            false
+    let head = format!(
+        "PUT /api/v1/customers/{customer} HTTP/1.1\r\nHost: orderwave\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        token("test-admin", Role::Admin),
+        body.len()
+    );
+    // A request of ours may hold the slot at the moment the slow one arrives: then the slow one
+    // is the one shed (it is answered at once), and it is sent again.
+    let mut held = None;
+    'attempts: for _ in 0..20 {
+        let mut slow = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        slow.write_all(head.as_bytes()).await.unwrap();
+        for _ in 0..50 {
+            let mut early = [0u8; 64];
+            let answered =
+                tokio::time::timeout(std::time::Duration::from_millis(20), slow.read(&mut early))
+                    .await;
+            if answered.is_ok() {
+                continue 'attempts;
+            }
+            let response = app.get("/api/v1/products").await;
+            if response.status() == 503 {
+                held = Some((slow, response));
+                break 'attempts;
+            }
         }
-    })
-    .await;
-    let shed = shed.unwrap();
+    }
+    let (mut slow, shed) = held.expect("a request shed while the slot is taken");
     assert_eq!(shed.headers()["retry-after"], "1");
     expect_problem(shed, 503).await;
     // The slow request completes; then there is room again.
