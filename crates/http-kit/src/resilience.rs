@@ -151,6 +151,22 @@ pub enum CallError {
     },
 }
 
+/// Gives a probe's slot back if its call is dropped before it ends.
+struct ProbeSlot<'a> {
+    policy: &'a Policy,
+    armed: bool,
+}
+
+impl Drop for ProbeSlot<'_> {
+    fn drop(&mut self) {
+        if self.armed
+            && let Ok(mut b) = self.policy.breaker.lock()
+        {
+            b.probe_since = None;
+        }
+    }
+}
+
 /// What a breaker lets through now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
@@ -261,30 +277,31 @@ impl Policy {
         metrics::gauge!("circuit_breaker_open", "dependency" => self.dependency).set(value);
     }
 
-    /// May a call go out now? An open breaker lets one probe through once `open_for` passed.
-    fn admit(&self) -> bool {
+    /// May a call go out now (`Some`), and is it the probe (`Some(true)`)? An open breaker
+    /// lets one probe through once `open_for` passed.
+    fn admit(&self) -> Option<bool> {
         let Ok(mut b) = self.breaker.lock() else {
-            return true;
+            return Some(false);
         };
         match b.state {
-            BreakerState::Closed => true,
+            BreakerState::Closed => Some(false),
             BreakerState::Open => {
                 if b.opened_at
                     .is_some_and(|at| at.elapsed() >= self.config.open_for)
                 {
                     self.set_state(&mut b, BreakerState::HalfOpen);
                     b.probe_since = Some(Instant::now());
-                    true
+                    Some(true)
                 } else {
-                    false
+                    None
                 }
             }
             BreakerState::HalfOpen => {
                 if self.probe_in_flight(&b) {
-                    false
+                    None
                 } else {
                     b.probe_since = Some(Instant::now());
-                    true
+                    Some(true)
                 }
             }
         }
@@ -331,14 +348,22 @@ impl Policy {
             if attempt > 0 {
                 tokio::time::sleep(self.backoff(attempt - 1)).await;
             }
-            if !self.admit() {
+            let Some(probe) = self.admit() else {
                 metrics::counter!("dependency_calls_total", "dependency" => self.dependency, "outcome" => "rejected")
                     .increment(1);
                 return Err(CallError::Open {
                     dependency: self.dependency,
                 });
-            }
-            match tokio::time::timeout(self.config.timeout, call()).await {
+            };
+            // A probe whose caller stops waiting (drops this future) gives its slot back, so
+            // the next call probes instead of the breaker holding until the probe times out.
+            let mut slot = ProbeSlot {
+                policy: self,
+                armed: probe,
+            };
+            let answer = tokio::time::timeout(self.config.timeout, call()).await;
+            slot.armed = false;
+            match answer {
                 Ok(Ok(value)) => {
                     self.record(true);
                     metrics::counter!("dependency_calls_total", "dependency" => self.dependency, "outcome" => "ok")
@@ -381,15 +406,27 @@ mod tests {
         assert_eq!(policy.admission(), Admission::Hold);
         tokio::time::sleep(Duration::from_millis(110)).await;
         assert_eq!(policy.admission(), Admission::Probe);
-        // The probe's caller drops it mid-call.
-        let probe = policy.call(futures::future::pending::<Result<(), String>>);
-        let _ = tokio::time::timeout(Duration::from_millis(5), probe).await;
+        // While a probe runs, nothing else goes out.
+        let mut probe = Box::pin(policy.call(futures::future::pending::<Result<(), String>>));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(5), probe.as_mut())
+                .await
+                .is_err()
+        );
         assert_eq!(
             policy.admission(),
             Admission::Hold,
-            "the probe counts while it may run"
+            "the probe counts while it runs"
         );
-        // Past the call timeout (+1 s) it no longer does: a new probe may go.
+        // Its caller gives up on it (drops it): the next call may probe at once.
+        drop(probe);
+        assert_eq!(policy.admission(), Admission::Probe);
+        // A probe slot never given back (a leaked future) stops counting after the call
+        // timeout (+1 s).
+        if let Ok(mut b) = policy.breaker.lock() {
+            b.probe_since = Some(Instant::now());
+        }
+        assert_eq!(policy.admission(), Admission::Hold);
         if let Ok(mut b) = policy.breaker.lock() {
             b.probe_since = Some(Instant::now() - Duration::from_secs(2));
         }
