@@ -282,6 +282,9 @@ impl PaymentStore {
             .await?
             .ok_or(StoreError::Exists)?;
         tx.commit().await?;
+        // Read before the worker hears of it: the answer is the payment as created
+        // (AUTHORIZING), not whatever the charge has made of it a moment later.
+        let created = self.get(&id).await?.ok_or(StoreError::NotFound)?;
         self.queue_charge(DueCharge {
             payment_id: id.clone(),
             order_id: intent.order_id.clone(),
@@ -292,7 +295,7 @@ impl PaymentStore {
             attempts: 0,
         });
         self.committed(true);
-        self.get(&id).await?.ok_or(StoreError::NotFound)
+        Ok(created)
     }
 
     /// The stock of `order_id` is reserved: its charge becomes due, to finish by `deadline`.
