@@ -106,162 +106,221 @@ enum Outcome {
 
 /// Runs the group until `shutdown` turns true. A message being retried at shutdown is not
 /// committed, so it is delivered again after a restart.
+///
+/// Messages are fetched as they are published, also while earlier ones are being handled: each
+/// goes to the lane of its key (one key is always handled in log order, in one lane), and an
+/// idle lane starts at once. The group's position is the last message before the oldest one
+/// not yet handled.
 pub async fn run(
     bus: Arc<dyn Bus>,
     config: ConsumerConfig,
     handler: Arc<dyn Handler>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut wakeups = bus.wakeups_for(&config.topics);
-    // Where this runner has handled up to, while it holds the lease (read from the database
-    // when it takes the lease), and what it last wrote there.
-    let mut position: Option<i64> = None;
-    let mut committed: i64 = 0;
-    let mut last_commit = std::time::Instant::now();
     let holder = uuid::Uuid::now_v7().to_string();
     let lease = format!("consumer:{}", config.group);
     tracing::info!(group = %config.group, topics = ?config.topics, "consumer started");
-    // The lease is written when a third of its TTL has passed, not on every pass; redrive
-    // requests are looked for every poll interval.
-    let mut renewed: Option<std::time::Instant> = None;
-    let mut redrives_checked: Option<std::time::Instant> = None;
     let mut redrive_requests = bus.redrive_requests();
     loop {
         if *shutdown.borrow() {
             break;
         }
-        wakeups.borrow_and_update();
-        let holding = if renewed.is_some_and(|at| at.elapsed() < config.lease_ttl / 3) {
-            Ok(true)
-        } else {
-            bus.hold_lease(&lease, &holder, config.lease_ttl).await
-        };
-        match holding {
+        match bus.hold_lease(&lease, &holder, config.lease_ttl).await {
             Ok(true) => {
-                if renewed.is_none_or(|at| at.elapsed() >= config.lease_ttl / 3) {
-                    renewed = Some(std::time::Instant::now());
-                }
-            }
-            Ok(false) => {
-                renewed = None;
-                position = None;
-                // Another process runs this group: stand by.
-                if sleep_or_stop(config.poll_interval, &mut shutdown).await {
+                let ended = hold(
+                    bus.as_ref(),
+                    &config,
+                    handler.as_ref(),
+                    &lease,
+                    &holder,
+                    &mut shutdown,
+                    &mut redrive_requests,
+                )
+                .await;
+                if ended == Held::Stopped {
+                    let _ = bus.release_lease(&lease, &holder).await;
                     break;
                 }
-                continue;
+                tracing::warn!(group = %config.group, "lost the group's lease; standing by");
             }
+            // Another process runs this group: stand by.
+            Ok(false) => {}
             Err(error) => {
-                renewed = None;
-                position = None;
                 tracing::warn!(group = %config.group, %error, "cannot take the group's lease");
-                if sleep_or_stop(config.poll_interval, &mut shutdown).await {
-                    break;
-                }
-                continue;
             }
         }
-        let requested = redrive_requests.has_changed().unwrap_or(false);
-        if requested || redrives_checked.is_none_or(|at| at.elapsed() >= config.poll_interval) {
-            redrive_requests.borrow_and_update();
-            redrives_checked = Some(std::time::Instant::now());
-            redrive(bus.as_ref(), &config, handler.as_ref()).await;
+        if sleep_or_stop(config.poll_interval, &mut shutdown).await {
+            break;
         }
-        let fetched = match bus
-            .fetch(&config.group, &config.topics, position, config.batch_size)
-            .await
-        {
-            Ok(fetched) => fetched,
-            Err(error) => {
-                tracing::warn!(group = %config.group, %error, "cannot fetch messages");
-                if sleep_or_stop(config.poll_interval, &mut shutdown).await {
-                    break;
-                }
-                continue;
-            }
+    }
+    tracing::info!(group = %config.group, "consumer stopped");
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Held {
+    Stopped,
+    LostLease,
+}
+
+/// Runs the group while this runner holds its lease.
+async fn hold(
+    bus: &dyn Bus,
+    config: &ConsumerConfig,
+    handler: &dyn Handler,
+    lease: &str,
+    holder: &str,
+    shutdown: &mut watch::Receiver<bool>,
+    redrive_requests: &mut watch::Receiver<u64>,
+) -> Held {
+    use futures::StreamExt;
+    use std::collections::{BTreeSet, VecDeque};
+    use std::hash::{Hash, Hasher};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let mut wakeups = bus.wakeups_for(&config.topics);
+    let lanes_n = config.concurrency.max(1);
+    let mut queued: Vec<VecDeque<Delivery>> = vec![VecDeque::new(); lanes_n];
+    let mut busy = vec![false; lanes_n];
+    // Fetched and not yet handled, by position.
+    let mut open: BTreeSet<i64> = BTreeSet::new();
+    let lost = AtomicBool::new(false);
+    let mut running = futures::stream::FuturesUnordered::new();
+    let mut renewed = std::time::Instant::now();
+    let mut redrives_checked: Option<std::time::Instant> = None;
+    // Where reading goes on from (the committed position at first), and what was written.
+    let mut read_to: Option<i64> = None;
+    let mut committed: i64 = 0;
+    let mut last_commit = std::time::Instant::now();
+    let mut fetch_now = true;
+    let mut stopping: Option<Held> = None;
+    let capacity = config.batch_size.max(1) * 2;
+    loop {
+        // Up to where every message is handled.
+        let handled_to = match (open.first(), read_to) {
+            (Some(first), _) => Some(first - 1),
+            (None, position) => position,
         };
-        if fetched.deliveries.is_empty() {
-            // Only messages on other topics, or none: move past them (so the group's lag
-            // shows 0) and wait for the next publish.
-            position = Some(fetched.read_to.max(fetched.from));
-            commit_when_due(
-                bus.as_ref(),
-                &config,
-                position,
-                &mut committed,
-                &mut last_commit,
-            )
-            .await;
-            wait_for_work(
-                &config,
-                &mut wakeups,
-                &mut shutdown,
-                committed < fetched.read_to,
-            )
-            .await;
-            continue;
-        }
-        let (done, lost_lease, stopped) = handle_batch(
-            bus.as_ref(),
-            &config,
-            handler.as_ref(),
-            &fetched.deliveries,
-            &lease,
-            &holder,
-            &shutdown,
-        )
-        .await;
-        // Up to where every message of the batch is handled (lanes may stop at different
-        // places).
-        let mut done_to = fetched.from;
-        for delivery in &fetched.deliveries {
-            if !done.contains(&delivery.seq) {
-                break;
-            }
-            done_to = delivery.seq;
-        }
-        if stopped || lost_lease {
+        if let Some(reason) = stopping.as_ref()
+            && running.is_empty()
+        {
             // What was handled is written (never moving the position back); a new holder
             // reads on from there.
-            if done_to > committed {
-                let _ = bus.commit(&config.group, done_to).await;
-                committed = done_to;
+            if let Some(position) = handled_to.filter(|p| *p > committed) {
+                let _ = bus.commit(&config.group, position).await;
             }
-            if stopped {
-                let _ = bus.release_lease(&lease, &holder).await;
-                tracing::info!(group = %config.group, "consumer stopped");
-                return;
+            return match reason {
+                Held::Stopped => Held::Stopped,
+                Held::LostLease => Held::LostLease,
+            };
+        }
+        if stopping.is_none() {
+            if *shutdown.borrow() {
+                stopping = Some(Held::Stopped);
+                continue;
             }
-            renewed = None;
-            position = None;
+            if renewed.elapsed() >= config.lease_ttl / 3 {
+                match bus.hold_lease(lease, holder, config.lease_ttl).await {
+                    Ok(true) => renewed = std::time::Instant::now(),
+                    Ok(false) | Err(_) => {
+                        // The lanes stop taking messages and retrying.
+                        lost.store(true, Ordering::SeqCst);
+                        stopping = Some(Held::LostLease);
+                        continue;
+                    }
+                }
+            }
+            let requested = redrive_requests.has_changed().unwrap_or(false);
+            if requested || redrives_checked.is_none_or(|at| at.elapsed() >= config.poll_interval) {
+                redrive_requests.borrow_and_update();
+                redrives_checked = Some(std::time::Instant::now());
+                redrive(bus, config, handler).await;
+            }
+            if fetch_now && open.len() < capacity {
+                wakeups.borrow_and_update();
+                match bus
+                    .fetch(&config.group, &config.topics, read_to, config.batch_size)
+                    .await
+                {
+                    Ok(fetched) => {
+                        // A full page: more is waiting.
+                        fetch_now = fetched.deliveries.len() >= config.batch_size.clamp(1, 1000);
+                        read_to = Some(fetched.read_to.max(fetched.from));
+                        for delivery in fetched.deliveries {
+                            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                            delivery.message.key.hash(&mut hasher);
+                            let lane =
+                                usize::try_from(hasher.finish() % lanes_n as u64).unwrap_or(0);
+                            open.insert(delivery.seq);
+                            queued[lane].push_back(delivery);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(group = %config.group, %error, "cannot fetch messages");
+                        fetch_now = false;
+                    }
+                }
+            }
+            // Idle lanes take their next message.
+            for (lane, queue) in queued.iter_mut().enumerate() {
+                if busy[lane] {
+                    continue;
+                }
+                if let Some(delivery) = queue.pop_front() {
+                    busy[lane] = true;
+                    let mut stop = shutdown.clone();
+                    let lost = &lost;
+                    running.push(async move {
+                        let outcome =
+                            deliver(bus, config, handler, &delivery, &mut stop, lost).await;
+                        (lane, delivery.seq, outcome)
+                    });
+                }
+            }
+        }
+        let handled_to = match (open.first(), read_to) {
+            (Some(first), _) => Some(first - 1),
+            (None, position) => position,
+        };
+        commit_when_due(bus, config, handled_to, &mut committed, &mut last_commit).await;
+        let behind = handled_to.is_some_and(|p| p > committed);
+        let wait = if behind {
+            config.commit_interval.min(config.poll_interval)
+        } else {
+            config.poll_interval
+        };
+        let renew_in = (config.lease_ttl / 3).saturating_sub(renewed.elapsed());
+        let can_fetch = stopping.is_none() && open.len() < capacity;
+        if fetch_now && can_fetch {
             continue;
         }
-        let read_all = done.len() == fetched.deliveries.len();
-        position = Some(if read_all && fetched.read_to > done_to {
-            fetched.read_to
-        } else {
-            done_to
-        });
-        commit_when_due(
-            bus.as_ref(),
-            &config,
-            position,
-            &mut committed,
-            &mut last_commit,
-        )
-        .await;
-        // A short batch read everything there was: wait for the next publish instead of
-        // reading again at once (a publish meanwhile has already marked the wakeup).
-        if read_all && fetched.deliveries.len() < config.batch_size {
-            let behind = position.is_some_and(|p| p > committed);
-            wait_for_work(&config, &mut wakeups, &mut shutdown, behind).await;
+        tokio::select! {
+            Some((lane, seq, outcome)) = running.next(), if !running.is_empty() => {
+                busy[lane] = false;
+                match outcome {
+                    Outcome::Done | Outcome::DeadLettered => {
+                        open.remove(&seq);
+                    }
+                    Outcome::Stopped => {
+                        stopping.get_or_insert(Held::Stopped);
+                    }
+                    // The group moved to another process: it redelivers from the last commit.
+                    Outcome::Abandoned => {
+                        stopping.get_or_insert(Held::LostLease);
+                    }
+                }
+                if stopping.is_some() {
+                    // Nothing queued starts any more.
+                    for queue in &mut queued {
+                        queue.clear();
+                    }
+                }
+            }
+            _ = wakeups.changed(), if can_fetch => { fetch_now = true; }
+            () = tokio::time::sleep(wait) => { fetch_now = true; }
+            () = tokio::time::sleep(renew_in), if stopping.is_none() => {}
+            _ = shutdown.changed(), if stopping.is_none() => {}
         }
     }
-    if let Some(position) = position.filter(|p| *p > committed) {
-        let _ = bus.commit(&config.group, position).await;
-    }
-    let _ = bus.release_lease(&lease, &holder).await;
-    tracing::info!(group = %config.group, "consumer stopped");
 }
 
 /// Writes the group's position when it moved and `commit_interval` has passed since the last
@@ -288,103 +347,6 @@ async fn commit_when_due(
             tracing::warn!(group = %config.group, %error, "cannot commit the group's position");
         }
     }
-}
-
-/// Waits for a publish on the group's topics, the poll interval, or shutdown; no longer than
-/// the commit interval while the written position is `behind`.
-async fn wait_for_work(
-    config: &ConsumerConfig,
-    wakeups: &mut watch::Receiver<u64>,
-    shutdown: &mut watch::Receiver<bool>,
-    behind: bool,
-) {
-    let wait = if behind {
-        config.commit_interval.min(config.poll_interval)
-    } else {
-        config.poll_interval
-    };
-    tokio::select! {
-        _ = wakeups.changed() => {}
-        () = tokio::time::sleep(wait) => {}
-        _ = shutdown.changed() => {}
-    }
-}
-
-/// Handles a fetched batch in `config.concurrency` lanes (one key always in the same lane, in
-/// order), renewing the group's lease meanwhile. Returns the sequence numbers handled, whether
-/// the lease was lost and whether shutdown stopped the batch.
-async fn handle_batch(
-    bus: &dyn Bus,
-    config: &ConsumerConfig,
-    handler: &dyn Handler,
-    deliveries: &[Delivery],
-    lease: &str,
-    holder: &str,
-    shutdown: &watch::Receiver<bool>,
-) -> (std::collections::HashSet<i64>, bool, bool) {
-    use std::hash::{Hash, Hasher};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let lanes_n = config.concurrency.max(1);
-    let mut lanes: Vec<Vec<&Delivery>> = vec![Vec::new(); lanes_n];
-    for delivery in deliveries {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        delivery.message.key.hash(&mut hasher);
-        let lane = usize::try_from(hasher.finish() % lanes_n as u64).unwrap_or(0);
-        lanes[lane].push(delivery);
-    }
-    let lost = AtomicBool::new(false);
-    let stopped = AtomicBool::new(false);
-    let done = std::sync::Mutex::new(std::collections::HashSet::new());
-    let work = futures::future::join_all(lanes.iter().filter(|l| !l.is_empty()).map(|lane| {
-        let mut shutdown = shutdown.clone();
-        let (lost, stopped, done) = (&lost, &stopped, &done);
-        async move {
-            for delivery in lane {
-                if lost.load(Ordering::SeqCst) || stopped.load(Ordering::SeqCst) {
-                    break;
-                }
-                match deliver(bus, config, handler, delivery, &mut shutdown, lost).await {
-                    Outcome::Stopped => {
-                        stopped.store(true, Ordering::SeqCst);
-                        break;
-                    }
-                    Outcome::Done | Outcome::DeadLettered => {
-                        if let Ok(mut done) = done.lock() {
-                            done.insert(delivery.seq);
-                        }
-                    }
-                    // The group moved to another process: it redelivers from the last commit.
-                    Outcome::Abandoned => break,
-                }
-            }
-        }
-    }));
-    // A long batch (retries with backoff) keeps the group: the lease is renewed every third
-    // of its TTL while the lanes work (polled beside them, so a slow renewal holds up no lane),
-    // and the lanes stop taking messages and retrying once it is lost.
-    let renew = async {
-        loop {
-            tokio::time::sleep(config.lease_ttl / 3).await;
-            if !matches!(
-                bus.hold_lease(lease, holder, config.lease_ttl).await,
-                Ok(true)
-            ) {
-                lost.store(true, Ordering::SeqCst);
-                tracing::warn!(group = %config.group, "lost the group's lease; leaving the batch");
-                futures::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = work => {}
-        () = renew => {}
-    }
-    let handled = done.lock().map(|d| d.clone()).unwrap_or_default();
-    (
-        handled,
-        lost.load(Ordering::SeqCst),
-        stopped.load(Ordering::SeqCst),
-    )
 }
 
 async fn deliver(

@@ -77,8 +77,13 @@ pub enum BusError {
 
 /// What every bus adapter provides.
 pub trait Bus: Send + Sync + 'static {
-    /// Appends the messages durably, in order; a message id already in the log is skipped.
+    /// Appends the messages in order; a message id already in the log is skipped. Consumers
+    /// may see them at once, but they are durable only after [`sync`](Self::sync): a sender
+    /// forgets a message (marks its outbox row sent) only after a sync.
     fn publish<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, Result<(), BusError>>;
+
+    /// Makes everything published before this call durable (one flush for many publishes).
+    fn sync(&self) -> BoxFuture<'_, Result<(), BusError>>;
 
     /// Up to `max` messages on `topics` after position `after` (the group's committed
     /// position when `None`), oldest first, and how far the log was read (committing that

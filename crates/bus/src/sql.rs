@@ -18,6 +18,9 @@ pub static MIGRATOR: storage::Migrator = sqlx::migrate!("./migrations");
 pub struct SqlBus {
     db: Db,
     published: Arc<Wakeups>,
+    /// Publishes of every relay of this process share transactions: one BEGIN/COMMIT and one
+    /// turn on the writer for what the relays publish at the same moment.
+    publishes: storage::group_commit::GroupCommit,
 }
 
 /// Who is woken by a publish: every `wakeups()` receiver, and each `wakeups_for(topics)`
@@ -29,6 +32,7 @@ struct Wakeups {
     all: watch::Sender<u64>,
     /// Changes when a redrive is requested in this process.
     redrives: watch::Sender<u64>,
+    recent: std::sync::Mutex<Recent>,
     by_topics: std::sync::Mutex<Vec<(Vec<String>, watch::Sender<u64>)>>,
 }
 
@@ -38,6 +42,7 @@ impl Wakeups {
             instance: uuid::Uuid::now_v7().to_string(),
             all: watch::Sender::new(0),
             redrives: watch::Sender::new(0),
+            recent: std::sync::Mutex::default(),
             by_topics: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -67,11 +72,88 @@ impl Wakeups {
     }
 }
 
+/// What this process published lately, by position: consumers here read it from memory
+/// instead of the log table. A publish covers a range of positions (ids already in the log
+/// leave theirs unused); a read is served from memory only while the ranges it needs follow
+/// each other without a gap (another process publishing in between leaves one).
+#[derive(Debug, Default)]
+struct Recent {
+    /// First position of each range -> (its last position, the messages it holds).
+    ranges: std::collections::BTreeMap<i64, (i64, Vec<Delivery>)>,
+    messages: usize,
+}
+
+/// Messages kept in memory at most (the oldest ranges go first).
+const RECENT_LIMIT: usize = 2048;
+
+impl Recent {
+    fn add(&mut self, first: i64, last: i64, deliveries: Vec<Delivery>) {
+        self.messages += deliveries.len();
+        self.ranges.insert(first, (last, deliveries));
+        while self.messages > RECENT_LIMIT {
+            match self.ranges.pop_first() {
+                Some((_, (_, dropped))) => self.messages -= dropped.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// The messages on `topics` after `after`, at most `max`, and the position read to; `None`
+    /// when memory does not hold the range right after `after`.
+    fn read(&self, topics: &[String], after: i64, max: usize) -> Option<Fetched> {
+        let mut position = after;
+        let mut deliveries = Vec::new();
+        // The range holding `after + 1` must start at or before it.
+        let ranges = self
+            .ranges
+            .range(..=after + 1)
+            .next_back()
+            .into_iter()
+            .chain(self.ranges.range(after + 2..));
+        let mut any = false;
+        for (first, (last, held)) in ranges {
+            if *first > position + 1 {
+                break; // a gap: not ours
+            }
+            if *last <= position {
+                continue;
+            }
+            any = true;
+            for delivery in held {
+                if delivery.seq <= position {
+                    continue;
+                }
+                if !topics.contains(&delivery.message.topic) {
+                    continue;
+                }
+                if deliveries.len() >= max {
+                    return Some(Fetched {
+                        read_to: deliveries.last().map_or(after, |d: &Delivery| d.seq),
+                        deliveries,
+                        from: after,
+                    });
+                }
+                deliveries.push(delivery.clone());
+            }
+            position = *last;
+        }
+        any.then_some(Fetched {
+            deliveries,
+            read_to: position,
+            from: after,
+        })
+    }
+}
+
 impl SqlBus {
     /// Migrates `db` and opens the bus on it.
     pub async fn start(db: Db) -> Result<Self, storage::DbError> {
         db.migrate(&MIGRATOR).await?;
         Ok(Self {
+            publishes: storage::group_commit::GroupCommit::start(
+                db.clone(),
+                storage::outbox::Handoff::default(),
+            ),
             db,
             published: Arc::new(Wakeups::new()),
         })
@@ -103,73 +185,39 @@ impl SqlBus {
         if messages.is_empty() {
             return Ok(());
         }
-        let mut tx = self.db.begin_write().await?;
-        // Skip ids already in the log (a relay that crashed after publishing, before marking
-        // its outbox rows sent, publishes them again).
-        let mut fresh = Vec::with_capacity(messages.len());
-        for chunk in messages.chunks(500) {
-            let placeholders = (1..=chunk.len())
-                .map(|i| format!("${i}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let mut query = sqlx::query(AssertSqlSafe(format!(
-                "SELECT message_id FROM bus_log WHERE message_id IN ({placeholders})"
-            )));
-            for m in chunk {
-                query = query.bind(m.id.clone());
-            }
-            let known: std::collections::HashSet<String> = query
-                .fetch_all(&mut *tx)
-                .await?
-                .iter()
-                .filter_map(|r| r.try_get::<String, _>(0).ok())
-                .collect();
-            fresh.extend(chunk.iter().filter(|m| !known.contains(&m.id)));
-        }
+        // An id repeated in the batch is published once.
         let mut seen = std::collections::HashSet::new();
-        fresh.retain(|m| seen.insert(m.id.clone()));
-        if fresh.is_empty() {
-            tx.commit().await?;
-            return Ok(());
-        }
-        let count = i64::try_from(fresh.len()).unwrap_or(i64::MAX);
-        // Taking positions locks the sequence row until commit: publishers queue here, so
-        // positions are committed in the order they are handed out.
-        let last: i64 = sqlx::query(
-            "UPDATE bus_sequence SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq",
-        )
-        .bind(count)
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get(0)?;
-        let first = last - count + 1;
-        let now = time::to_text(time::now());
-        let rows: Vec<Vec<Value>> = fresh
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                vec![
-                    Value::Int(first + i64::try_from(i).unwrap_or(0)),
-                    m.id.as_str().into(),
-                    m.topic.as_str().into(),
-                    m.key.as_str().into(),
-                    m.payload.as_str().into(),
-                    now.as_str().into(),
-                ]
-            })
-            .collect();
-        bulk::insert(
-            &mut tx,
-            "INSERT INTO bus_log (seq, message_id, topic, message_key, payload, published_at)",
-            &rows,
-        )
-        .await?;
-        let mut topics: Vec<&str> = fresh.iter().map(|m| m.topic.as_str()).collect();
+        // Shared with the job, which may run more than once: its payloads are not copied again.
+        let fresh: Arc<Vec<Message>> = Arc::new(
+            messages
+                .iter()
+                .filter(|m| seen.insert(&m.id))
+                .cloned()
+                .collect(),
+        );
+        let mut topics: Vec<String> = fresh.iter().map(|m| m.topic.clone()).collect();
         topics.sort_unstable();
         topics.dedup();
-        notify_others(&self.db, &mut tx, &self.published.instance, &topics).await?;
-        tx.commit().await?;
-        metrics::counter!("bus_published_total").increment(fresh.len() as u64);
+        let (db, instance) = (self.db.clone(), self.published.instance.clone());
+        let job_topics = Arc::new(topics.clone());
+        let appended = self
+            .publishes
+            .run_as(move |conn| {
+                let (db, instance, fresh, topics) = (
+                    db.clone(),
+                    instance.clone(),
+                    fresh.clone(),
+                    job_topics.clone(),
+                );
+                async move { append(&db, conn, &instance, &fresh, &topics).await }.boxed()
+            })
+            .await?;
+        metrics::counter!("bus_published_total").increment(appended.deliveries.len() as u64);
+        // Woken consumers find the messages in memory: recorded before the wake.
+        if let Ok(mut recent) = self.published.recent.lock() {
+            recent.add(appended.first, appended.last, appended.deliveries);
+        }
+        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
         self.published.wake(Some(&topics));
         Ok(())
     }
@@ -198,10 +246,18 @@ impl SqlBus {
                 from: offset,
             });
         }
-        let placeholders = (0..topics.len())
-            .map(|i| format!("${}", i + 2))
-            .collect::<Vec<_>>()
-            .join(", ");
+        if let Some(fetched) = self
+            .published
+            .recent
+            .lock()
+            .ok()
+            .and_then(|recent| recent.read(topics, offset, max.clamp(1, 1000)))
+        {
+            metrics::counter!("bus_fetches_total", "from" => "memory").increment(1);
+            return Ok(fetched);
+        }
+        metrics::counter!("bus_fetches_total", "from" => "log").increment(1);
+        let placeholders = bulk::placeholders(2, topics.len());
         // The head and the page in one statement (one snapshot): every message up to the head
         // is committed (positions are handed out under a row lock and committed in order), so
         // a short page covers all of them. Only bound values vary: one prepared statement per
@@ -418,6 +474,78 @@ async fn listen_until_error(
 }
 
 /// Tells other processes' consumers (LISTEN/NOTIFY, delivered at commit) on PostgreSQL.
+/// What a publish appended: its positions, and the messages that were new there.
+#[derive(Debug)]
+struct Appended {
+    first: i64,
+    last: i64,
+    deliveries: Vec<Delivery>,
+}
+
+/// Appends `messages` to the log in the caller's transaction.
+async fn append(
+    db: &Db,
+    conn: &mut sqlx::AnyConnection,
+    instance: &str,
+    messages: &[Message],
+    topics: &[String],
+) -> Result<Appended, sqlx::Error> {
+    let count = i64::try_from(messages.len()).unwrap_or(i64::MAX);
+    // Taking positions locks the sequence row until commit: publishers queue here, so
+    // positions are committed in the order they are handed out.
+    let last: i64 = sqlx::query(
+        "UPDATE bus_sequence SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq",
+    )
+    .bind(count)
+    .fetch_one(&mut *conn)
+    .await?
+    .try_get(0)?;
+    let first = last - count + 1;
+    let now = time::to_text(time::now());
+    let rows: Vec<Vec<Value>> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            vec![
+                Value::Int(first + i64::try_from(i).unwrap_or(0)),
+                m.id.as_str().into(),
+                m.topic.as_str().into(),
+                m.key.as_str().into(),
+                m.payload.as_str().into(),
+                now.as_str().into(),
+            ]
+        })
+        .collect();
+    // Ids already in the log are skipped (a relay that crashed after publishing, before
+    // marking its outbox rows sent, publishes them again); their positions stay unused.
+    let inserted: std::collections::HashSet<i64> = bulk::insert_returning(
+        &mut *conn,
+        "INSERT INTO bus_log (seq, message_id, topic, message_key, payload, published_at)",
+        "ON CONFLICT (message_id) DO NOTHING RETURNING seq",
+        &rows,
+    )
+    .await?
+    .iter()
+    .map(|r| r.try_get::<i64, _>(0))
+    .collect::<Result<_, _>>()?;
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    notify_others(db, conn, instance, &topics).await?;
+    let deliveries = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| Delivery {
+            seq: first + i64::try_from(i).unwrap_or(0),
+            message: m.clone(),
+        })
+        .filter(|d| inserted.contains(&d.seq))
+        .collect();
+    Ok(Appended {
+        first,
+        last,
+        deliveries,
+    })
+}
+
 async fn notify_others(
     db: &Db,
     conn: &mut sqlx::AnyConnection,
@@ -434,6 +562,10 @@ async fn notify_others(
 }
 
 impl Bus for SqlBus {
+    fn sync(&self) -> BoxFuture<'_, Result<(), BusError>> {
+        async move { Ok(self.db.sync().await?) }.boxed()
+    }
+
     fn publish<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, Result<(), BusError>> {
         self.publish_batch(messages).boxed()
     }
@@ -522,5 +654,63 @@ impl Bus for SqlBus {
         error: &'a str,
     ) -> BoxFuture<'a, Result<(), BusError>> {
         self.fail_redrive(id, error).boxed()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn delivery(seq: i64, topic: &str) -> Delivery {
+        Delivery {
+            seq,
+            message: Message {
+                id: format!("m{seq}"),
+                topic: topic.to_string(),
+                key: "k".into(),
+                payload: "{}".into(),
+            },
+        }
+    }
+
+    fn seqs(fetched: &Fetched) -> Vec<i64> {
+        fetched.deliveries.iter().map(|d| d.seq).collect()
+    }
+
+    #[test]
+    fn memory_serves_ranges_that_follow_each_other_and_nothing_across_a_gap() {
+        let topics = vec!["a".to_string()];
+        let mut recent = Recent::default();
+        recent.add(
+            11,
+            13,
+            vec![delivery(11, "a"), delivery(12, "b"), delivery(13, "a")],
+        );
+        // 14 and 15 were a re-published id's unused positions.
+        recent.add(14, 16, vec![delivery(16, "a")]);
+        recent.add(20, 20, vec![delivery(20, "a")]);
+        let all = recent.read(&topics, 10, 100).unwrap();
+        assert_eq!(seqs(&all), vec![11, 13, 16]);
+        assert_eq!(all.read_to, 16, "up to the gap (17-19: another process)");
+        let later = recent.read(&topics, 12, 100).unwrap();
+        assert_eq!(seqs(&later), vec![13, 16]);
+        assert!(recent.read(&topics, 16, 100).is_none(), "17 is not held");
+        assert!(recent.read(&topics, 5, 100).is_none(), "6-10 are not held");
+        let page = recent.read(&topics, 10, 2).unwrap();
+        assert_eq!(seqs(&page), vec![11, 13]);
+        assert_eq!(page.read_to, 13);
+    }
+
+    #[test]
+    fn memory_keeps_the_newest_messages_only() {
+        let mut recent = Recent::default();
+        let n = i64::try_from(RECENT_LIMIT).unwrap_or(0) + 10;
+        for seq in 1..=n {
+            recent.add(seq, seq, vec![delivery(seq, "a")]);
+        }
+        assert!(recent.read(&["a".to_string()], 0, 10).is_none());
+        let tail = recent.read(&["a".to_string()], n - 3, 10).unwrap();
+        assert_eq!(seqs(&tail), vec![n - 2, n - 1, n]);
     }
 }

@@ -25,8 +25,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use storage::Db;
 use storage::idempotency::IdempotencyStore;
+use storage::{Db, Durability};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -94,11 +94,20 @@ impl Databases {
 /// Opens one service database: `<name>.db` in the data directory, or schema `<name>` on
 /// PostgreSQL.
 async fn open(config: &Config, name: &str, max_connections: u32) -> anyhow::Result<Db> {
+    open_with(config, name, max_connections, Durability::EachCommit).await
+}
+
+async fn open_with(
+    config: &Config,
+    name: &str,
+    max_connections: u32,
+    durability: Durability,
+) -> anyhow::Result<Db> {
     match &config.database_url {
-        Some(url) => Db::open_postgres(url, name, max_connections)
+        Some(url) => Db::open_postgres_with(url, name, max_connections, durability)
             .await
             .with_context(|| format!("opening PostgreSQL (schema {name})")),
-        None => Db::open_sqlite(&config.data_dir, name)
+        None => Db::open_sqlite_with(&config.data_dir, name, durability)
             .await
             .with_context(|| format!("opening {}/{name}.db", config.data_dir.display())),
     }
@@ -113,7 +122,9 @@ async fn open_databases(config: &Config) -> anyhow::Result<Databases> {
         payments: open(config, "payments", small).await?,
         notifications: open(config, "notifications", small).await?,
         http: open(config, "http", small).await?,
-        bus: open(config, "bus", small).await?,
+        // The bus log is flushed to disk before a relay marks its messages sent, not on each
+        // publish: until then they are still in the outboxes (see `Bus::sync`).
+        bus: open_with(config, "bus", small, Durability::OnSync).await?,
     })
 }
 
@@ -145,7 +156,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
 struct Outbox {
     service: &'static str,
     db: Db,
-    commits: watch::Receiver<u64>,
+    handoff: storage::outbox::Handoff,
 }
 
 /// A built platform, bound to its address, not yet serving.
@@ -280,27 +291,27 @@ impl Application {
             Outbox {
                 service: "order",
                 db: dbs.orders.clone(),
-                commits: orders.store.commits(),
+                handoff: orders.store.handoff(),
             },
             Outbox {
                 service: "customer",
                 db: dbs.customers.clone(),
-                commits: customers.store.commits(),
+                handoff: customers.store.handoff(),
             },
             Outbox {
                 service: "inventory",
                 db: dbs.inventory.clone(),
-                commits: inventory.store.commits(),
+                handoff: inventory.store.handoff(),
             },
             Outbox {
                 service: "payment",
                 db: dbs.payments.clone(),
-                commits: payments.store.commits(),
+                handoff: payments.store.handoff(),
             },
             Outbox {
                 service: "notification",
                 db: dbs.notifications.clone(),
-                commits: notifications.store.commits(),
+                handoff: notifications.store.handoff(),
             },
         ];
         let api = OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -412,7 +423,7 @@ impl Application {
                     outbox.db,
                     self.bus.clone(),
                     RelayConfig::new(outbox.service),
-                    outbox.commits,
+                    outbox.handoff,
                     stopped.clone(),
                 ))
             })

@@ -28,6 +28,14 @@ impl From<i64> for Value {
     }
 }
 
+/// `$first, $first+1, ...`: `count` numbered placeholders, for an `IN (...)` list.
+pub fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Rows per statement: 500 rows of up to 9 columns stay far below SQLite's 32766 and
 /// PostgreSQL's 65535 parameters.
 const CHUNK: usize = 500;
@@ -39,39 +47,103 @@ pub async fn insert(
     head: &str,
     rows: &[Vec<Value>],
 ) -> Result<(), sqlx::Error> {
+    insert_returning_count(conn, head, "", rows)
+        .await
+        .map(|_| ())
+}
+
+/// Like [`insert`], with `tail` after the values (`ON CONFLICT ... RETURNING ...`); the rows
+/// it returns.
+pub async fn insert_returning(
+    conn: &mut AnyConnection,
+    head: &str,
+    tail: &str,
+    rows: &[Vec<Value>],
+) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
+    let mut returned = Vec::new();
     for chunk in rows.chunks(CHUNK) {
         let Some(width) = chunk.first().map(Vec::len) else {
             continue;
         };
-        let mut sql = String::with_capacity(head.len() + chunk.len() * width * 6);
-        sql.push_str(head);
-        sql.push_str(" VALUES ");
-        let mut n = 0;
-        for (r, _) in chunk.iter().enumerate() {
-            if r > 0 {
+        returned.extend(
+            statement(head, tail, chunk, width)
+                .fetch_all(&mut *conn)
+                .await?,
+        );
+    }
+    Ok(returned)
+}
+
+/// Runs `head (VALUES (...), ...) tail` for `rows` (an `UPDATE ... FROM` a list of values);
+/// how many rows it changed.
+pub async fn update_from_values(
+    conn: &mut AnyConnection,
+    head: &str,
+    tail: &str,
+    rows: &[Vec<Value>],
+) -> Result<u64, sqlx::Error> {
+    insert_returning_count(conn, &format!("{head} ("), &format!(") {tail}"), rows).await
+}
+
+/// `head VALUES (...), ... tail` for `chunk`, with its values bound.
+fn statement<'q>(
+    head: &str,
+    tail: &str,
+    chunk: &'q [Vec<Value>],
+    width: usize,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    let mut sql = String::with_capacity(head.len() + chunk.len() * width * 6);
+    sql.push_str(head);
+    sql.push_str(" VALUES ");
+    let mut n = 0;
+    for (r, _) in chunk.iter().enumerate() {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for c in 0..width {
+            if c > 0 {
                 sql.push_str(", ");
             }
-            sql.push('(');
-            for c in 0..width {
-                if c > 0 {
-                    sql.push_str(", ");
-                }
-                n += 1;
-                sql.push('$');
-                sql.push_str(&n.to_string());
-            }
-            sql.push(')');
+            n += 1;
+            sql.push('$');
+            sql.push_str(&n.to_string());
         }
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for row in chunk {
-            for value in row {
-                query = match value {
-                    Value::Text(t) => query.bind(t.clone()),
-                    Value::Int(i) => query.bind(*i),
-                };
-            }
-        }
-        query.execute(&mut *conn).await?;
+        sql.push(')');
     }
-    Ok(())
+    if !tail.is_empty() {
+        sql.push(' ');
+        sql.push_str(tail);
+    }
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for row in chunk {
+        for value in row {
+            query = match value {
+                Value::Text(t) => query.bind(t.clone()),
+                Value::Int(i) => query.bind(*i),
+            };
+        }
+    }
+    query
+}
+
+/// Like [`insert`], with `tail` after the values (an `ON CONFLICT` clause); how many rows were
+/// inserted.
+pub async fn insert_returning_count(
+    conn: &mut AnyConnection,
+    head: &str,
+    tail: &str,
+    rows: &[Vec<Value>],
+) -> Result<u64, sqlx::Error> {
+    let mut inserted = 0;
+    for chunk in rows.chunks(CHUNK) {
+        let Some(width) = chunk.first().map(Vec::len) else {
+            continue;
+        };
+        inserted += statement(head, tail, chunk, width)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+    }
+    Ok(inserted)
 }

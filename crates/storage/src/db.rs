@@ -36,14 +36,48 @@ pub struct Db {
     backend: Backend,
     writer: AnyPool,
     reader: AnyPool,
+    /// SQLite: the database file (its WAL is `<path>-wal`).
+    path: Option<std::path::PathBuf>,
+    /// Callers of `sync` at the same moment share one flush.
+    syncs: std::sync::Arc<Syncs>,
 }
 
-async fn sqlite_pragmas(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+#[derive(Debug, Default)]
+struct Syncs {
+    /// One flush at a time.
+    running: tokio::sync::Mutex<()>,
+    /// Sync requests so far, and how many of them the last flush covered.
+    requested: std::sync::atomic::AtomicU64,
+    covered: std::sync::atomic::AtomicU64,
+}
+
+/// When an SQLite database's commits reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Every commit is on disk before it returns (`synchronous=FULL`: one fsync per commit).
+    /// What a service's own data needs: an order answered 201 survives a power loss.
+    EachCommit,
+    /// A commit returns once the OS has it (`synchronous=NORMAL`): a crash of the process loses
+    /// nothing, a power loss may lose the last commits (never the file's consistency, and
+    /// always a suffix: what survives is a prefix of the commits). [`Db::sync`] makes
+    /// everything committed so far durable. For the bus log: its messages stay in their
+    /// senders' outboxes until a sync, so a power loss only makes them publish again.
+    OnSync,
+}
+
+async fn sqlite_pragmas(
+    conn: &mut AnyConnection,
+    durability: Durability,
+) -> Result<(), sqlx::Error> {
     // synchronous=FULL: a commit is on disk before we answer, so an accepted order survives
     // power loss, not only a process crash.
-    conn.execute(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=ON;",
-    )
+    let synchronous = match durability {
+        Durability::EachCommit => "FULL",
+        Durability::OnSync => "NORMAL",
+    };
+    conn.execute(AssertSqlSafe(format!(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous={synchronous}; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=ON;"
+    )))
     .await?;
     Ok(())
 }
@@ -116,8 +150,18 @@ fn install_drivers() {
 }
 
 impl Db {
-    /// Opens (creating if needed) `<dir>/<name>.db` in WAL mode.
+    /// Opens (creating if needed) `<dir>/<name>.db` in WAL mode, every commit durable.
     pub async fn open_sqlite(dir: &Path, name: &str) -> Result<Db, DbError> {
+        Self::open_sqlite_with(dir, name, Durability::EachCommit).await
+    }
+
+    /// Opens (creating if needed) `<dir>/<name>.db` in WAL mode, with commits made durable as
+    /// `durability` says.
+    pub async fn open_sqlite_with(
+        dir: &Path,
+        name: &str,
+        durability: Durability,
+    ) -> Result<Db, DbError> {
         install_drivers();
         std::fs::create_dir_all(dir).map_err(|source| DbError::DataDir {
             path: dir.display().to_string(),
@@ -130,9 +174,9 @@ impl Db {
             .max_connections(1)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(30))
-            .after_connect(|conn, _| {
+            .after_connect(move |conn, _| {
                 Box::pin(async move {
-                    sqlite_pragmas(conn).await?;
+                    sqlite_pragmas(conn, durability).await?;
                     // The writer never checkpoints on commit (that stalls the commit for the
                     // whole copy); a background task checkpoints instead, blocking no one.
                     conn.execute("PRAGMA wal_autocheckpoint=0").await?;
@@ -147,9 +191,9 @@ impl Db {
         let reader = AnyPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(Duration::from_secs(30))
-            .after_connect(|conn, _| {
+            .after_connect(move |conn, _| {
                 Box::pin(async move {
-                    sqlite_pragmas(conn).await?;
+                    sqlite_pragmas(conn, durability).await?;
                     conn.execute("PRAGMA cache_size=-1024").await?;
                     Ok(())
                 })
@@ -162,6 +206,8 @@ impl Db {
             backend: Backend::Sqlite,
             writer,
             reader,
+            path: Some(path),
+            syncs: std::sync::Arc::default(),
         })
     }
 
@@ -170,6 +216,21 @@ impl Db {
         url: &str,
         schema: &str,
         max_connections: u32,
+    ) -> Result<Db, DbError> {
+        Self::open_postgres_with(url, schema, max_connections, Durability::EachCommit).await
+    }
+
+    /// Like [`open_postgres`](Self::open_postgres). With [`Durability::OnSync`] the pool's
+    /// commits do not wait for the WAL flush (`synchronous_commit = off`); the next synchronous
+    /// commit on the server flushes them with its own, because PostgreSQL writes one WAL for
+    /// all its databases. The relays' marking their rows sent is such a commit, on the same
+    /// server (one `--database-url` serves every service and the bus), so [`sync`](Self::sync)
+    /// has nothing to do.
+    pub async fn open_postgres_with(
+        url: &str,
+        schema: &str,
+        max_connections: u32,
+        durability: Durability,
     ) -> Result<Db, DbError> {
         install_drivers();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -192,7 +253,12 @@ impl Db {
                 .map_err(DbError::Connect)?;
             setup.close().await;
         }
-        let search_path = format!("SET search_path TO {schema}");
+        let search_path = match durability {
+            Durability::EachCommit => format!("SET search_path TO {schema}"),
+            Durability::OnSync => {
+                format!("SET search_path TO {schema}; SET synchronous_commit TO off")
+            }
+        };
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(30))
@@ -210,6 +276,8 @@ impl Db {
             backend: Backend::Postgres,
             writer: pool.clone(),
             reader: pool,
+            path: None,
+            syncs: std::sync::Arc::default(),
         })
     }
 
@@ -244,6 +312,39 @@ impl Db {
     pub async fn migrate_service(&self, own: &Migrator) -> Result<(), DbError> {
         self.migrate(&crate::SERVICE_MIGRATOR).await?;
         self.migrate(own).await
+    }
+
+    /// Makes every commit that returned before this call durable. Needed only for an SQLite
+    /// database opened with [`Durability::OnSync`]: its WAL is flushed to disk (fdatasync on
+    /// the file, which covers whatever connection wrote it; frames already copied into the
+    /// database file were synced there by the checkpoint). Elsewhere commits are durable when
+    /// they return and this does nothing.
+    pub async fn sync(&self) -> Result<(), sqlx::Error> {
+        use std::sync::atomic::Ordering;
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let request = self.syncs.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let _running = self.syncs.running.lock().await;
+        if self.syncs.covered.load(Ordering::SeqCst) >= request {
+            return Ok(()); // a flush that began after this request finished meanwhile
+        }
+        // Every request made before the flush begins is covered by it.
+        let covers = self.syncs.requested.load(Ordering::SeqCst);
+        let mut wal = path.clone().into_os_string();
+        wal.push("-wal");
+        tokio::task::spawn_blocking(move || match std::fs::File::open(&wal) {
+            Ok(file) => file.sync_data(),
+            // No WAL: everything is in the database file, synced by the checkpoint that
+            // removed it.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(error),
+        })
+        .await
+        .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))?
+        .map_err(sqlx::Error::Io)?;
+        self.syncs.covered.fetch_max(covers, Ordering::SeqCst);
+        Ok(())
     }
 
     /// A round trip to the database, for readiness checks.

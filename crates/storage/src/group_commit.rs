@@ -7,8 +7,12 @@
 //! job gets its error (as it would have alone: the jobs before it had run) and the others run
 //! again together. When BEGIN or COMMIT fails, every job runs again in a transaction of its own.
 //! A job's error reaches its caller as the job returned it, whatever its type.
+//!
+//! Outbox rows a job wrote (returned by [`GroupCommit::run_outbox_as`]) reach the service's
+//! relay through its [`Handoff`] once the batch committed, in commit order.
 
 use crate::Db;
+use crate::outbox::{Handoff, PendingMessage};
 use futures::future::BoxFuture;
 use sqlx::AnyConnection;
 use std::any::Any;
@@ -24,7 +28,15 @@ pub type JobError = Box<dyn std::error::Error + Send + Sync>;
 pub type Job =
     Box<dyn for<'c> FnMut(&'c mut AnyConnection) -> BoxFuture<'c, Result<Output, JobError>> + Send>;
 
-type Request = (Job, oneshot::Sender<Result<Output, JobError>>);
+/// A job as the committer runs it: its output and the outbox rows it wrote.
+type Staged = Box<
+    dyn for<'c> FnMut(
+            &'c mut AnyConnection,
+        ) -> BoxFuture<'c, Result<(Output, Vec<PendingMessage>), JobError>>
+        + Send,
+>;
+
+type Request = (Staged, oneshot::Sender<Result<Output, JobError>>);
 
 /// Where a batch failed.
 enum Failure {
@@ -40,15 +52,48 @@ const MAX_BATCH: usize = 64;
 #[derive(Debug, Clone)]
 pub struct GroupCommit {
     jobs: mpsc::Sender<Request>,
+    commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl GroupCommit {
-    /// Starts the committing task on `db`; `committed` runs after every commit. The task ends
-    /// when every clone of the handle is dropped.
-    pub fn start(db: Db, committed: impl Fn() + Send + 'static) -> Self {
+    /// Starts the committing task on `db`; outbox rows the jobs wrote go to `handoff` after each
+    /// commit. The task ends when every clone of the handle is dropped.
+    pub fn start(db: Db, handoff: Handoff) -> Self {
         let (jobs, receiver) = mpsc::channel(MAX_BATCH * 4);
-        tokio::spawn(run(db, receiver, committed));
-        Self { jobs }
+        let commits = std::sync::Arc::default();
+        tokio::spawn(run(db, receiver, handoff, std::sync::Arc::clone(&commits)));
+        Self { jobs, commits }
+    }
+
+    /// How many transactions committed so far.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Like [`run_as`](Self::run_as), for a job that wrote outbox rows: it returns them with
+    /// its output, and they are handed to the relay once the batch committed.
+    pub async fn run_outbox_as<T, E>(
+        &self,
+        mut job: impl for<'c> FnMut(
+            &'c mut AnyConnection,
+        ) -> BoxFuture<'c, Result<(T, Vec<PendingMessage>), E>>
+        + Send
+        + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: std::error::Error + From<sqlx::Error> + Send + Sync + 'static,
+    {
+        self.submit_as(Box::new(move |conn| {
+            let fut = job(conn);
+            Box::pin(async move {
+                match fut.await {
+                    Ok((value, rows)) => Ok((Box::new(value) as Output, rows)),
+                    Err(error) => Err(Box::new(error) as JobError),
+                }
+            })
+        }))
+        .await
     }
 
     /// Runs `job` in the next batch with its own output and error types; its output once the
@@ -63,16 +108,21 @@ impl GroupCommit {
         T: Send + 'static,
         E: std::error::Error + From<sqlx::Error> + Send + Sync + 'static,
     {
+        self.run_outbox_as(move |conn| {
+            let fut = job(conn);
+            Box::pin(async move { fut.await.map(|value| (value, Vec::new())) })
+        })
+        .await
+    }
+
+    /// Submits a staged job and turns its answer back into the caller's types.
+    async fn submit_as<T, E>(&self, job: Staged) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: std::error::Error + From<sqlx::Error> + Send + Sync + 'static,
+    {
         let output = self
-            .run(Box::new(move |conn| {
-                let fut = job(conn);
-                Box::pin(async move {
-                    match fut.await {
-                        Ok(value) => Ok(Box::new(value) as Output),
-                        Err(error) => Err(Box::new(error) as JobError),
-                    }
-                })
-            }))
+            .submit(job)
             .await
             .map_err(|error| match error.downcast::<E>() {
                 Ok(own) => *own,
@@ -89,7 +139,15 @@ impl GroupCommit {
     }
 
     /// Runs `job` in the next batch; its output once the batch committed.
-    pub async fn run(&self, job: Job) -> Result<Output, JobError> {
+    pub async fn run(&self, mut job: Job) -> Result<Output, JobError> {
+        self.submit(Box::new(move |conn| {
+            let fut = job(conn);
+            Box::pin(async move { fut.await.map(|output| (output, Vec::new())) })
+        }))
+        .await
+    }
+
+    async fn submit(&self, job: Staged) -> Result<Output, JobError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send((job, reply))
@@ -101,7 +159,15 @@ impl GroupCommit {
     }
 }
 
-async fn run(db: Db, mut receiver: mpsc::Receiver<Request>, committed: impl Fn()) {
+async fn run(
+    db: Db,
+    mut receiver: mpsc::Receiver<Request>,
+    handoff: Handoff,
+    commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    let committed = || {
+        commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    };
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
     while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
         loop {
@@ -109,7 +175,7 @@ async fn run(db: Db, mut receiver: mpsc::Receiver<Request>, committed: impl Fn()
             if batch.is_empty() {
                 break;
             }
-            match together(&db, &mut batch).await {
+            match together(&db, &mut batch, &handoff).await {
                 Ok(outputs) => {
                     committed();
                     for ((_, reply), output) in batch.drain(..).zip(outputs) {
@@ -126,7 +192,7 @@ async fn run(db: Db, mut receiver: mpsc::Receiver<Request>, committed: impl Fn()
                     // The database, not a job: each job on its own.
                     tracing::warn!(%error, size = batch.len(), "a grouped transaction failed; running its jobs one by one");
                     for (mut job, reply) in batch.drain(..) {
-                        let result = alone(&db, &mut job).await;
+                        let result = alone(&db, &mut job, &handoff).await;
                         if result.is_ok() {
                             committed();
                         }
@@ -139,19 +205,34 @@ async fn run(db: Db, mut receiver: mpsc::Receiver<Request>, committed: impl Fn()
     }
 }
 
-async fn together(db: &Db, batch: &mut [Request]) -> Result<Vec<Output>, Failure> {
+async fn together(
+    db: &Db,
+    batch: &mut [Request],
+    handoff: &Handoff,
+) -> Result<Vec<Output>, Failure> {
     let mut tx = db.begin_write().await.map_err(Failure::Transaction)?;
     let mut outputs = Vec::with_capacity(batch.len());
+    let mut rows = Vec::new();
     for (index, (job, _)) in batch.iter_mut().enumerate() {
-        outputs.push(job(&mut tx).await.map_err(|e| Failure::Job(index, e))?);
+        let (output, written) = job(&mut tx).await.map_err(|e| Failure::Job(index, e))?;
+        outputs.push(output);
+        rows.extend(written);
     }
+    let ticket = (!rows.is_empty()).then(|| handoff.ticket());
     tx.commit().await.map_err(Failure::Transaction)?;
+    if let Some(ticket) = ticket {
+        ticket.committed(rows);
+    }
     Ok(outputs)
 }
 
-async fn alone(db: &Db, job: &mut Job) -> Result<Output, JobError> {
+async fn alone(db: &Db, job: &mut Staged, handoff: &Handoff) -> Result<Output, JobError> {
     let mut tx = db.begin_write().await?;
-    let output = job(&mut tx).await?;
+    let (output, rows) = job(&mut tx).await?;
+    let ticket = (!rows.is_empty()).then(|| handoff.ticket());
     tx.commit().await?;
+    if let Some(ticket) = ticket {
+        ticket.committed(rows);
+    }
     Ok(output)
 }

@@ -10,13 +10,26 @@ pub async fn claim(
     group: &str,
     message_id: &str,
 ) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "INSERT INTO inbox (group_name, message_id, processed_at) VALUES ($1, $2, $3) ON CONFLICT (group_name, message_id) DO NOTHING",
+    claim_all(conn, &[(group, message_id)]).await
+}
+
+/// Claims every `(group, message_id)` in one statement. `false` when any was processed already
+/// (the caller rolls back and claims them one by one to find which).
+pub async fn claim_all(
+    conn: &mut AnyConnection,
+    claims: &[(&str, &str)],
+) -> Result<bool, sqlx::Error> {
+    let now = crate::time::to_text(crate::time::now());
+    let rows: Vec<Vec<crate::bulk::Value>> = claims
+        .iter()
+        .map(|(group, message_id)| vec![(*group).into(), (*message_id).into(), now.as_str().into()])
+        .collect();
+    let inserted = crate::bulk::insert_returning_count(
+        conn,
+        "INSERT INTO inbox (group_name, message_id, processed_at)",
+        "ON CONFLICT (group_name, message_id) DO NOTHING",
+        &rows,
     )
-    .bind(group)
-    .bind(message_id)
-    .bind(crate::time::to_text(crate::time::now()))
-    .execute(conn)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(inserted == claims.len() as u64)
 }

@@ -22,25 +22,139 @@ pub struct CloudEvent {
     pub data: serde_json::Value,
 }
 
-/// Tells the outbox relay that new rows were committed (it also polls, for other writers).
-#[derive(Debug, Clone)]
-pub struct CommitSignal(std::sync::Arc<tokio::sync::watch::Sender<u64>>);
+/// Hands committed outbox rows to the service's relay in this process, so it publishes them
+/// without reading them back. A transaction that wrote rows takes a [`Ticket`] just before it
+/// commits and hands its rows over with it afterwards; the relay gets them in ticket order. Two
+/// transactions that touch one aggregate are serialized by the database (the single SQLite
+/// writer, PostgreSQL's row locks), and the second takes its ticket after the first committed,
+/// so rows reach the relay in their aggregate's order. Rows written by other processes, and
+/// any the relay could not take, are found by its periodic read of the table.
+#[derive(Debug, Clone, Default)]
+pub struct Handoff(std::sync::Arc<HandoffInner>);
 
-impl Default for CommitSignal {
-    fn default() -> Self {
-        Self(std::sync::Arc::new(tokio::sync::watch::Sender::new(0)))
+#[derive(Debug, Default)]
+struct HandoffInner {
+    state: std::sync::Mutex<HandoffState>,
+    /// Changes when rows become ready.
+    ready: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct HandoffState {
+    next_ticket: u64,
+    /// The oldest ticket not yet released to the relay.
+    next_release: u64,
+    /// Tickets resolved out of order, waiting for their predecessors.
+    resolved: std::collections::BTreeMap<u64, Vec<PendingMessage>>,
+    ready: Vec<PendingMessage>,
+    /// Rows were dropped because nobody took them (no relay in this process, or it is stalled):
+    /// the relay must read the table.
+    overflowed: bool,
+}
+
+/// Rows waiting for the relay at most (a few seconds of a busy service; a process that runs no
+/// relay, `--no-background`, holds no more than this); beyond it they are dropped and the relay
+/// reads the table instead.
+const HANDOFF_LIMIT: usize = 4_096;
+
+/// What the relay takes from a [`Handoff`].
+#[derive(Debug, Default)]
+pub struct Handed {
+    /// In commit order (per aggregate).
+    pub rows: Vec<PendingMessage>,
+    /// Some rows were dropped: read the table.
+    pub overflowed: bool,
+}
+
+impl Handoff {
+    /// Taken by a transaction that wrote outbox rows, after its writes and before its commit.
+    pub fn ticket(&self) -> Ticket {
+        let number = {
+            let mut state = self.lock();
+            let n = state.next_ticket;
+            state.next_ticket += 1;
+            n
+        };
+        Ticket {
+            handoff: self.clone(),
+            number,
+            resolved: false,
+        }
+    }
+
+    /// Everything ready, in order.
+    pub fn take(&self) -> Handed {
+        let mut state = self.lock();
+        Handed {
+            rows: std::mem::take(&mut state.ready),
+            overflowed: std::mem::take(&mut state.overflowed),
+        }
+    }
+
+    /// A receiver that changes when rows become ready.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.ready.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HandoffState> {
+        // A panic while holding the lock leaves consistent state (every update is one step).
+        self.0
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn resolve(&self, number: u64, rows: Vec<PendingMessage>) {
+        let released = {
+            let mut state = self.lock();
+            state.resolved.insert(number, rows);
+            let mut released = false;
+            loop {
+                let next = state.next_release;
+                let Some(rows) = state.resolved.remove(&next) else {
+                    break;
+                };
+                state.next_release += 1;
+                if !rows.is_empty() {
+                    released = true;
+                    if state.ready.len() + rows.len() > HANDOFF_LIMIT {
+                        state.ready.clear();
+                        state.overflowed = true;
+                    } else {
+                        state.ready.extend(rows);
+                    }
+                }
+            }
+            released
+        };
+        if released {
+            self.0.ready.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 }
 
-impl CommitSignal {
-    /// Called after a commit that wrote outbox rows.
-    pub fn notify(&self) {
-        self.0.send_modify(|n| *n = n.wrapping_add(1));
-    }
+/// A transaction's place in the order rows reach the relay. Resolved by
+/// [`committed`](Ticket::committed), or with no rows when dropped (the transaction failed).
+#[derive(Debug)]
+pub struct Ticket {
+    handoff: Handoff,
+    number: u64,
+    resolved: bool,
+}
 
-    /// A receiver that changes after every [`notify`](Self::notify).
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.0.subscribe()
+impl Ticket {
+    /// The transaction committed these rows.
+    pub fn committed(mut self, rows: Vec<PendingMessage>) {
+        self.resolved = true;
+        self.handoff.resolve(self.number, rows);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.resolved {
+            self.handoff.resolve(self.number, Vec::new());
+        }
     }
 }
 
@@ -87,12 +201,14 @@ impl OutboxMessage {
     }
 }
 
-/// Writes messages inside the caller's transaction, in one statement.
+/// Writes messages inside the caller's transaction, in one statement. Returns the rows as the
+/// relay publishes them, for the [`Handoff`] once the transaction committed.
 pub async fn enqueue(
     conn: &mut AnyConnection,
     messages: &[OutboxMessage],
-) -> Result<(), sqlx::Error> {
+) -> Result<Vec<PendingMessage>, sqlx::Error> {
     let mut rows = Vec::with_capacity(messages.len());
+    let mut pending = Vec::with_capacity(messages.len());
     for m in messages {
         let payload =
             serde_json::to_string(&m.envelope).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
@@ -101,16 +217,25 @@ pub async fn enqueue(
             m.aggregate_id.as_str().into(),
             m.aggregate_version.into(),
             m.topic.as_str().into(),
-            payload.into(),
+            payload.as_str().into(),
             m.created_at.as_str().into(),
         ]);
+        pending.push(PendingMessage {
+            id: m.id.clone(),
+            aggregate_id: m.aggregate_id.clone(),
+            aggregate_version: m.aggregate_version,
+            topic: m.topic.clone(),
+            payload,
+            created_at: m.created_at.clone(),
+        });
     }
     bulk::insert(
         conn,
         "INSERT INTO outbox (id, aggregate_id, aggregate_version, topic, payload, created_at)",
         &rows,
     )
-    .await
+    .await?;
+    Ok(pending)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -138,6 +263,7 @@ pub async fn stats(pool: &sqlx::AnyPool) -> Result<OutboxStats, sqlx::Error> {
 pub struct PendingMessage {
     pub id: String,
     pub aggregate_id: String,
+    pub aggregate_version: i64,
     pub topic: String,
     pub payload: String,
     pub created_at: String,
@@ -153,7 +279,7 @@ pub async fn pending(
     // `since` bounds the index range read: on PostgreSQL the entries of rows already sent stay
     // in the partial index until vacuum, and a scan from the start would read all of them.
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT id, aggregate_id, topic, payload, created_at FROM outbox WHERE sent_at IS NULL \
+        "SELECT id, aggregate_id, topic, payload, created_at, aggregate_version FROM outbox WHERE sent_at IS NULL \
          AND created_at >= $1 ORDER BY created_at, aggregate_id, aggregate_version, id LIMIT {}",
         limit.clamp(1, 1000)
     )))
@@ -168,9 +294,59 @@ pub async fn pending(
                 topic: r.try_get(2)?,
                 payload: r.try_get(3)?,
                 created_at: r.try_get(4)?,
+                aggregate_version: r.try_get(5)?,
             })
         })
         .collect()
+}
+
+/// Where a message stands in its aggregate's order (the order the relay publishes in).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Place {
+    pub created_at: String,
+    pub aggregate_version: i64,
+    pub id: String,
+}
+
+impl PendingMessage {
+    pub fn place(&self) -> Place {
+        Place {
+            created_at: self.created_at.clone(),
+            aggregate_version: self.aggregate_version,
+            id: self.id.clone(),
+        }
+    }
+}
+
+/// The unsent messages of `aggregate_ids` (at most `limit`): aggregate and place.
+pub async fn unsent_of(
+    pool: &sqlx::AnyPool,
+    aggregate_ids: &[&str],
+    limit: usize,
+) -> Result<Vec<(String, Place)>, sqlx::Error> {
+    let mut ids = Vec::new();
+    for chunk in aggregate_ids.chunks(500) {
+        let placeholders = crate::bulk::placeholders(1, chunk.len());
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT id, aggregate_id, created_at, aggregate_version FROM outbox \
+             WHERE aggregate_id IN ({placeholders}) AND sent_at IS NULL LIMIT {}",
+            limit.clamp(1, 10_000)
+        )));
+        for id in chunk {
+            query = query.bind(id.to_string());
+        }
+        for row in query.fetch_all(pool).await? {
+            ids.push((
+                row.try_get(1)?,
+                Place {
+                    id: row.try_get(0)?,
+                    created_at: row.try_get(2)?,
+                    aggregate_version: row.try_get(3)?,
+                },
+            ));
+        }
+    }
+    Ok(ids)
 }
 
 /// Whether any of `aggregate_ids` has an unsent message created before `before`: a row
@@ -182,10 +358,7 @@ pub async fn unsent_before(
     before: &str,
 ) -> Result<bool, sqlx::Error> {
     for chunk in aggregate_ids.chunks(500) {
-        let placeholders = (0..chunk.len())
-            .map(|i| format!("${}", i + 2))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let placeholders = crate::bulk::placeholders(2, chunk.len());
         let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT 1 FROM outbox WHERE aggregate_id IN ({placeholders}) AND sent_at IS NULL \
              AND created_at < $1 LIMIT 1"
@@ -205,10 +378,7 @@ pub async fn unsent_before(
 pub async fn mark_sent(pool: &sqlx::AnyPool, ids: &[String]) -> Result<(), sqlx::Error> {
     let now = crate::time::to_text(crate::time::now());
     for chunk in ids.chunks(500) {
-        let placeholders = (0..chunk.len())
-            .map(|i| format!("${}", i + 2))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let placeholders = crate::bulk::placeholders(2, chunk.len());
         let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE outbox SET sent_at = $1 WHERE id IN ({placeholders})"
         )))
@@ -219,4 +389,65 @@ pub async fn mark_sent(pool: &sqlx::AnyPool, ids: &[String]) -> Result<(), sqlx:
         query.execute(pool).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str) -> PendingMessage {
+        PendingMessage {
+            id: id.to_string(),
+            aggregate_id: "a".into(),
+            aggregate_version: 1,
+            topic: "t".into(),
+            payload: "{}".into(),
+            created_at: String::new(),
+        }
+    }
+
+    fn ids(handed: &Handed) -> Vec<&str> {
+        handed.rows.iter().map(|r| r.id.as_str()).collect()
+    }
+
+    #[test]
+    fn rows_reach_the_relay_in_ticket_order_whatever_order_commits_answer_in() {
+        let handoff = Handoff::default();
+        let ready = handoff.subscribe();
+        let first = handoff.ticket();
+        let second = handoff.ticket();
+        let third = handoff.ticket();
+        // The second and third commit first: held back until the first is resolved.
+        third.committed(vec![row("3")]);
+        second.committed(vec![row("2a"), row("2b")]);
+        assert!(handoff.take().rows.is_empty());
+        assert!(!ready.has_changed().is_ok_and(|changed| changed));
+        first.committed(vec![row("1")]);
+        assert!(ready.has_changed().is_ok_and(|changed| changed));
+        assert_eq!(ids(&handoff.take()), vec!["1", "2a", "2b", "3"]);
+    }
+
+    #[test]
+    fn a_transaction_that_fails_releases_its_place() {
+        let handoff = Handoff::default();
+        let failed = handoff.ticket();
+        let next = handoff.ticket();
+        next.committed(vec![row("n")]);
+        drop(failed);
+        let handed = handoff.take();
+        assert_eq!(ids(&handed), vec!["n"]);
+        assert!(!handed.overflowed);
+    }
+
+    #[test]
+    fn rows_nobody_takes_are_dropped_and_the_relay_told_to_read_the_table() {
+        let handoff = Handoff::default();
+        for n in 0..=HANDOFF_LIMIT {
+            handoff.ticket().committed(vec![row(&n.to_string())]);
+        }
+        let handed = handoff.take();
+        assert!(handed.overflowed);
+        assert!(handed.rows.len() <= HANDOFF_LIMIT);
+        assert!(!handoff.take().overflowed, "told once");
+    }
 }

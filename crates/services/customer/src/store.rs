@@ -6,10 +6,9 @@ use domain::customer::{Customer, CustomerCommand, decide, evolve};
 use sqlx::Row;
 use storage::Db;
 use storage::events::{self, AppendError, NewEvent, is_unique_violation};
-use storage::outbox::{self, CommitSignal, OutboxMessage};
+use storage::outbox::{self, Handoff, OutboxMessage};
 use storage::page::NewestFirst;
 use storage::time;
-use tokio::sync::watch;
 use uuid::Uuid;
 
 const SOURCE: &str = "/orderwave/customer-service";
@@ -33,14 +32,24 @@ pub enum StoreError {
 #[derive(Debug)]
 pub struct CustomerStore {
     db: Db,
-    committed: CommitSignal,
+    handoff: Handoff,
+    /// Customers read lately: every order and every notification looks its customer up. A
+    /// change made through this store replaces its entry at once; one made by another process
+    /// is seen within `CACHE_TTL`.
+    cache: moka::sync::Cache<Uuid, Customer>,
 }
+
+const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl CustomerStore {
     pub fn new(db: Db) -> Self {
         Self {
             db,
-            committed: CommitSignal::default(),
+            handoff: Handoff::default(),
+            cache: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(CACHE_TTL)
+                .build(),
         }
     }
 
@@ -48,12 +57,32 @@ impl CustomerStore {
         &self.db
     }
 
-    /// Changes after every commit (so after new outbox rows).
-    pub fn commits(&self) -> watch::Receiver<u64> {
-        self.committed.subscribe()
+    /// Where the relay takes the outbox rows this store commits.
+    pub fn handoff(&self) -> Handoff {
+        self.handoff.clone()
     }
 
+    /// The customer, as read within the last `CACHE_TTL` (see `cache`).
     pub async fn get(&self, id: Uuid) -> Result<Option<Customer>, StoreError> {
+        if let Some(customer) = self.cache.get(&id) {
+            return Ok(Some(customer));
+        }
+        let customer = self.load(id).await?;
+        if let Some(customer) = &customer {
+            // Not over a newer version written meanwhile.
+            if self
+                .cache
+                .get(&id)
+                .is_none_or(|cached| cached.version < customer.version)
+            {
+                self.cache.insert(id, customer.clone());
+            }
+        }
+        Ok(customer)
+    }
+
+    /// The customer as stored now.
+    async fn load(&self, id: Uuid) -> Result<Option<Customer>, StoreError> {
         let row = sqlx::query("SELECT document FROM customers WHERE id = $1")
             .bind(id.to_string())
             .fetch_optional(self.db.reader())
@@ -72,7 +101,7 @@ impl CustomerStore {
         let state = if registering {
             None
         } else {
-            self.get(id).await?
+            self.load(id).await?
         };
         if let (Some(expected), Some(current)) = (expected, &state)
             && current.version != expected
@@ -158,9 +187,11 @@ impl CustomerStore {
             Err(e) if is_unique_violation(&e) => return Err(StoreError::EmailTaken),
             Err(e) => return Err(e.into()),
         }
-        outbox::enqueue(&mut tx, &outbox_rows).await?;
+        let rows = outbox::enqueue(&mut tx, &outbox_rows).await?;
+        let ticket = self.handoff.ticket();
         tx.commit().await?;
-        self.committed.notify();
+        ticket.committed(rows);
+        self.cache.insert(id, customer.clone());
         Ok(customer)
     }
 

@@ -8,9 +8,8 @@ use sqlx::{AssertSqlSafe, Row};
 use std::collections::BTreeMap;
 use storage::events::is_unique_violation;
 use storage::group_commit::GroupCommit;
-use storage::outbox::{self, CommitSignal, OutboxMessage};
+use storage::outbox::{self, Handoff, OutboxMessage, PendingMessage};
 use storage::{Db, inbox, time};
-use tokio::sync::watch;
 
 const SOURCE: &str = "/orderwave/inventory-service";
 /// Available stock under which `inventory.low_stock` is published.
@@ -56,7 +55,8 @@ pub enum Reservation {
 #[derive(Debug)]
 pub struct InventoryStore {
     db: Db,
-    committed: CommitSignal,
+    /// Committed outbox rows go to the relay through it.
+    handoff: Handoff,
     /// Reservations share transactions: a popular product's row is locked and committed once
     /// per batch of orders, not once per order.
     batches: GroupCommit,
@@ -64,12 +64,11 @@ pub struct InventoryStore {
 
 impl InventoryStore {
     pub fn new(db: Db) -> Self {
-        let committed = CommitSignal::default();
-        let signal = committed.clone();
+        let handoff = Handoff::default();
         Self {
-            batches: GroupCommit::start(db.clone(), move || signal.notify()),
+            batches: GroupCommit::start(db.clone(), handoff.clone()),
             db,
-            committed,
+            handoff,
         }
     }
 
@@ -77,8 +76,9 @@ impl InventoryStore {
         &self.db
     }
 
-    pub fn commits(&self) -> watch::Receiver<u64> {
-        self.committed.subscribe()
+    /// Where the relay takes the outbox rows this store commits.
+    pub fn handoff(&self) -> Handoff {
+        self.handoff.clone()
     }
 
     pub async fn create(&self, draft: &ProductDraft) -> Result<Product, StoreError> {
@@ -182,7 +182,7 @@ impl InventoryStore {
             order_id.to_string(),
         );
         self.batches
-            .run_as(move |conn| {
+            .run_outbox_as(move |conn| {
                 let (group, message_id, order_id, lines) = (
                     group.clone(),
                     message_id.clone(),
@@ -209,6 +209,7 @@ impl InventoryStore {
         }
         let held = held_by(&mut tx, order_id).await?;
         let now = time::to_text(time::now());
+        let mut written = Vec::new();
         for (sku, quantity) in &held {
             sqlx::query("UPDATE products SET reserved = reserved - $1, version = version + 1, updated_at = $2 WHERE sku = $3")
                 .bind(*quantity)
@@ -223,7 +224,7 @@ impl InventoryStore {
                 .bind(order_id)
                 .execute(&mut *tx)
                 .await?;
-            outbox::enqueue(
+            written = outbox::enqueue(
                 &mut tx,
                 &[message(
                     "inventory.released",
@@ -234,8 +235,9 @@ impl InventoryStore {
             )
             .await?;
         }
+        let ticket = self.handoff.ticket();
         tx.commit().await?;
-        self.committed.notify();
+        ticket.committed(written);
         Ok(!held.is_empty())
     }
 
@@ -275,16 +277,17 @@ impl InventoryStore {
 }
 
 /// Reserves every line or none on `conn`, with the inbox claim of the message, and writes
-/// `inventory.reserved` or `inventory.rejected` (with what is missing) to the outbox.
+/// `inventory.reserved` or `inventory.rejected` (with what is missing) to the outbox; with the
+/// outbox rows.
 async fn reserve_in(
     conn: &mut sqlx::AnyConnection,
     group: &str,
     message_id: &str,
     order_id: &str,
     lines: &[(String, i64)],
-) -> Result<Reservation, StoreError> {
+) -> Result<(Reservation, Vec<PendingMessage>), StoreError> {
     if !inbox::claim(conn, group, message_id).await? {
-        return Ok(Reservation::Duplicate);
+        return Ok((Reservation::Duplicate, Vec::new()));
     }
     let now = time::to_text(time::now());
     for _ in 0..3 {
@@ -302,7 +305,7 @@ async fn try_reserve(
     order_id: &str,
     lines: &[(String, i64)],
     now: &str,
-) -> Result<Option<Reservation>, StoreError> {
+) -> Result<Option<(Reservation, Vec<PendingMessage>)>, StoreError> {
     let mut left = Vec::with_capacity(lines.len());
     for (sku, quantity) in lines {
         // The guard makes the check and the change one atomic step: never oversold.
@@ -360,7 +363,7 @@ async fn try_reserve(
             })
             .collect::<Vec<_>>()
             .join(", ");
-        outbox::enqueue(
+        let written = outbox::enqueue(
             conn,
             &[message(
                 "inventory.rejected",
@@ -370,7 +373,7 @@ async fn try_reserve(
             )],
         )
         .await?;
-        return Ok(Some(Reservation::Rejected(shortages)));
+        return Ok(Some((Reservation::Rejected(shortages), written)));
     }
     for (sku, quantity) in lines {
         sqlx::query(
@@ -390,8 +393,8 @@ async fn try_reserve(
         serde_json::json!({"orderId": order_id, "lines": lines_json(lines)}),
     )];
     messages.extend(low_stock_messages(&left, now));
-    outbox::enqueue(conn, &messages).await?;
-    Ok(Some(Reservation::Reserved))
+    let written = outbox::enqueue(conn, &messages).await?;
+    Ok(Some((Reservation::Reserved, written)))
 }
 
 /// `inventory.low_stock` for each product whose reservation just crossed the threshold (not

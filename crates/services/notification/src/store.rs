@@ -8,7 +8,7 @@ use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use std::collections::HashMap;
 use std::time::Duration;
 use storage::group_commit::GroupCommit;
-use storage::outbox::{self, CommitSignal, OutboxMessage};
+use storage::outbox::{self, Handoff, OutboxMessage};
 use storage::page::NewestFirst;
 use storage::{Db, inbox, time};
 use uuid::Uuid;
@@ -132,8 +132,8 @@ pub struct NotificationStore {
     due: tokio::sync::Notify,
     /// Deliveries and attempts share transactions (group commit): one commit serves many.
     batches: GroupCommit,
-    /// Changes after commits that wrote outbox rows (notification.sent, notification.failed).
-    committed: CommitSignal,
+    /// Committed outbox rows (notification.sent, notification.failed) go to the relay through it.
+    handoff: Handoff,
     /// Templates read in the last `TEMPLATE_TTL` (a PUT in this process replaces its entry at
     /// once; one in another process is seen within the TTL).
     templates: std::sync::RwLock<HashMap<String, (std::time::Instant, Template)>>,
@@ -143,11 +143,10 @@ const TEMPLATE_TTL: Duration = Duration::from_secs(5);
 
 impl NotificationStore {
     pub fn new(db: Db) -> Self {
-        let committed = CommitSignal::default();
-        let signal = committed.clone();
+        let handoff = Handoff::default();
         Self {
-            batches: GroupCommit::start(db.clone(), move || signal.notify()),
-            committed,
+            batches: GroupCommit::start(db.clone(), handoff.clone()),
+            handoff,
             db,
             due: tokio::sync::Notify::new(),
             templates: std::sync::RwLock::default(),
@@ -158,9 +157,9 @@ impl NotificationStore {
         &self.db
     }
 
-    /// Changes after commits that may have written outbox rows: wakes the relay.
-    pub fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.committed.subscribe()
+    /// Where the relay takes the outbox rows this store commits.
+    pub fn handoff(&self) -> Handoff {
+        self.handoff.clone()
     }
 
     /// Resolves when deliveries may have become due.
@@ -316,10 +315,7 @@ impl NotificationStore {
             return Ok(Vec::new());
         }
         let now = time::to_text(time::now());
-        let placeholders = (0..channels.len())
-            .map(|i| format!("${}", i + 2))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let placeholders = storage::bulk::placeholders(2, channels.len());
         let mut candidates = sqlx::query(AssertSqlSafe(format!(
             "SELECT id FROM notifications WHERE status = 'pending' AND channel IN ({placeholders}) \
              AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT {limit}"
@@ -337,10 +333,7 @@ impl NotificationStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let placeholders = (0..ids.len())
-            .map(|i| format!("${}", i + 3))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let placeholders = storage::bulk::placeholders(3, ids.len());
         // Another process may have taken some meanwhile: the guard leaves those out.
         let mut query = sqlx::query(AssertSqlSafe(format!(
             "UPDATE notifications SET next_attempt_at = $1 WHERE status = 'pending' AND next_attempt_at <= $2 \
@@ -391,7 +384,7 @@ impl NotificationStore {
             error.map(str::to_string),
         );
         self.batches
-            .run_as(move |conn| {
+            .run_outbox_as(move |conn| {
                 let (id, next, detail, reference, error) = (
                     id.clone(),
                     next.clone(),
@@ -416,8 +409,9 @@ impl NotificationStore {
                     .fetch_optional(&mut *conn)
                     .await?;
                     let Some(row) = row else {
-                        return Ok(()); // settled by another worker
+                        return Ok(((), Vec::new())); // settled by another worker
                     };
+                    let mut written = Vec::new();
                     let attempt: i64 = row.try_get(0)?;
                     if let Some(topic) = outcome_topic(name) {
                         let data = serde_json::json!({
@@ -435,7 +429,7 @@ impl NotificationStore {
                         });
                         // The attempt number orders a delivery's events (a redriven one can
                         // fail twice).
-                        outbox::enqueue(
+                        written = outbox::enqueue(
                             conn,
                             &[OutboxMessage::event("notification", topic, &id, attempt, &now, data)],
                         )
@@ -451,7 +445,7 @@ impl NotificationStore {
                     .bind(&detail)
                     .execute(&mut *conn)
                     .await?;
-                    Ok::<(), StoreError>(())
+                    Ok::<_, StoreError>(((), written))
                 }
                 .boxed()
             })

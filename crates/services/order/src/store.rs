@@ -19,10 +19,10 @@ use std::sync::Arc;
 use storage::Db;
 use storage::bulk::{self, Value};
 use storage::events::{self, AppendError, NewEvent};
-use storage::outbox::{self, CommitSignal, OutboxMessage};
+use storage::outbox::{self, Handoff, OutboxMessage};
 use storage::page::NewestFirst;
 use storage::time;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::view::OrderView;
@@ -104,8 +104,8 @@ pub struct OrderStore {
     db: Db,
     cache: Option<Cache<Uuid, Arc<Snapshot>>>,
     writer: mpsc::Sender<Job>,
-    /// Bumped after every commit: wakes the outbox relay.
-    committed: CommitSignal,
+    /// Committed outbox rows go to the relay through it.
+    handoff: Handoff,
 }
 
 const SOURCE: &str = "/orderwave/order-service";
@@ -117,8 +117,8 @@ impl OrderStore {
     /// the writer task, which ends once every clone of the store is dropped.
     pub fn new(db: Db, cache_bytes: u64) -> Self {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
-        let committed = CommitSignal::default();
-        tokio::spawn(write_loop(db.clone(), rx, committed.clone()));
+        let handoff = Handoff::default();
+        tokio::spawn(write_loop(db.clone(), rx, handoff.clone()));
         let cache = (cache_bytes > 0).then(|| {
             Cache::builder()
                 .weigher(|_: &Uuid, s: &Arc<Snapshot>| {
@@ -133,7 +133,7 @@ impl OrderStore {
             db,
             cache,
             writer: tx,
-            committed,
+            handoff,
         }
     }
 
@@ -141,9 +141,9 @@ impl OrderStore {
         &self.db
     }
 
-    /// Changes after every commit (so after new outbox rows).
-    pub fn commits(&self) -> watch::Receiver<u64> {
-        self.committed.subscribe()
+    /// Where the relay takes the outbox rows this store commits.
+    pub fn handoff(&self) -> Handoff {
+        self.handoff.clone()
     }
 
     /// Keeps `snapshot` unless the cache already holds the same or a newer version.
@@ -393,7 +393,7 @@ fn prepare(
 /// The writer task: takes every write waiting, commits them in one transaction, answers each.
 /// If a grouped transaction fails (one write's version conflict), each write is retried on its
 /// own so only the conflicting one fails.
-async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>, committed: CommitSignal) {
+async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>, handoff: Handoff) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // A caller that gave up (request timed out, client gone) was not answered 2xx: its
@@ -404,9 +404,8 @@ async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>, committed: CommitSign
         }
         metrics::histogram!("order_store_batch_size").record(batch.len() as f64);
         let writes: Vec<&Write> = batch.iter().map(|(w, _)| w).collect();
-        match commit(&db, &writes).await {
+        match commit(&db, &writes, &handoff).await {
             Ok(()) => {
-                committed.notify();
                 for (_, reply) in batch.drain(..) {
                     let _ = reply.send(Ok(()));
                 }
@@ -416,10 +415,7 @@ async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>, committed: CommitSign
             Err(StoreError::Conflict | StoreError::Duplicate) if batch.len() > 1 => {
                 for (write, reply) in batch.drain(..) {
                     if !reply.is_closed() {
-                        let result = commit(&db, &[&write]).await;
-                        if result.is_ok() {
-                            committed.notify();
-                        }
+                        let result = commit(&db, &[&write], &handoff).await;
                         let _ = reply.send(result);
                     }
                 }
@@ -448,13 +444,16 @@ fn shared_error(error: &StoreError) -> StoreError {
     }
 }
 
-/// One transaction for all `writes`.
-async fn commit(db: &Db, writes: &[&Write]) -> Result<(), StoreError> {
+/// One transaction for all `writes`; their outbox rows go to `handoff` once it committed.
+async fn commit(db: &Db, writes: &[&Write], handoff: &Handoff) -> Result<(), StoreError> {
     let mut tx = db.begin_write().await?;
-    for (group, message_id) in writes.iter().filter_map(|w| w.cause.as_ref()) {
-        if !storage::inbox::claim(&mut tx, group, message_id).await? {
-            return Err(StoreError::Duplicate);
-        }
+    let claims: Vec<(&str, &str)> = writes
+        .iter()
+        .filter_map(|w| w.cause.as_ref())
+        .map(|(group, message_id)| (group.as_str(), message_id.as_str()))
+        .collect();
+    if !storage::inbox::claim_all(&mut tx, &claims).await? {
+        return Err(StoreError::Duplicate);
     }
     let events: Vec<NewEvent> = writes
         .iter()
@@ -467,6 +466,7 @@ async fn commit(db: &Db, writes: &[&Write]) -> Result<(), StoreError> {
             AppendError::Db(e) => StoreError::Db(e),
         })?;
     let mut created_rows = Vec::new();
+    let mut updated_rows = Vec::new();
     let mut item_rows = Vec::new();
     for w in writes {
         let o = &w.order;
@@ -485,17 +485,14 @@ async fn commit(db: &Db, writes: &[&Write]) -> Result<(), StoreError> {
                 w.document.as_str().into(),
             ]);
         } else {
-            sqlx::query(
-                "UPDATE orders SET status = $1, total = $2, version = $3, updated_at = $4, document = $5 WHERE id = $6",
-            )
-            .bind(o.status.as_str())
-            .bind(o.total.to_string())
-            .bind(version)
-            .bind(updated_at)
-            .bind(&w.document)
-            .bind(o.id.to_string())
-            .execute(&mut *tx)
-            .await?;
+            updated_rows.push(vec![
+                Value::from(o.id.to_string()),
+                o.status.as_str().into(),
+                o.total.to_string().into(),
+                version.into(),
+                updated_at.into(),
+                w.document.as_str().into(),
+            ]);
         }
         if w.replace_items {
             if !w.created {
@@ -521,6 +518,7 @@ async fn commit(db: &Db, writes: &[&Write]) -> Result<(), StoreError> {
         &created_rows,
     )
     .await?;
+    update_orders(&mut tx, &updated_rows).await?;
     bulk::insert(
         &mut tx,
         "INSERT INTO order_items (order_id, line_no, sku, quantity, unit_price)",
@@ -531,8 +529,41 @@ async fn commit(db: &Db, writes: &[&Write]) -> Result<(), StoreError> {
         .iter()
         .flat_map(|w| w.messages.iter().cloned())
         .collect();
-    outbox::enqueue(&mut tx, &messages).await?;
+    let rows = outbox::enqueue(&mut tx, &messages).await?;
+    let ticket = handoff.ticket();
     tx.commit().await?;
+    ticket.committed(rows);
+    Ok(())
+}
+
+/// Updates orders from rows of (id, status, total, version, updated_at, document): one
+/// statement for the batch (`UPDATE ... FROM (VALUES ...)`, whose columns are `column1`... on
+/// SQLite and PostgreSQL alike), or one per row when an order appears twice.
+async fn update_orders(
+    conn: &mut sqlx::AnyConnection,
+    rows: &[Vec<Value>],
+) -> Result<(), sqlx::Error> {
+    let mut ids = std::collections::HashSet::new();
+    let distinct = rows.iter().all(|r| match r.first() {
+        Some(Value::Text(id)) => ids.insert(id.as_str()),
+        _ => false,
+    });
+    // One statement for all, or one per row when an order appears twice.
+    let per_statement = if distinct { rows.len().max(1) } else { 1 };
+    let mut updated = 0;
+    for chunk in rows.chunks(per_statement) {
+        updated += bulk::update_from_values(
+            conn,
+            "UPDATE orders SET status = v.column2, total = v.column3, version = v.column4, \
+             updated_at = v.column5, document = v.column6 FROM",
+            "AS v WHERE orders.id = v.column1",
+            chunk,
+        )
+        .await?;
+    }
+    if updated != rows.len() as u64 {
+        return Err(sqlx::Error::RowNotFound);
+    }
     Ok(())
 }
 

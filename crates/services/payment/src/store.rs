@@ -11,9 +11,9 @@ use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use std::str::FromStr;
 use std::time::Duration;
 use storage::group_commit::GroupCommit;
-use storage::outbox::{self, CommitSignal, OutboxMessage};
+use storage::outbox::{self, Handoff, OutboxMessage, PendingMessage};
 use storage::{Db, inbox, time};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 const SOURCE: &str = "/orderwave/payment-service";
@@ -145,7 +145,8 @@ pub struct Queued {
 #[derive(Debug)]
 pub struct PaymentStore {
     db: Db,
-    committed: CommitSignal,
+    /// Committed outbox rows go to the relay through it.
+    handoff: Handoff,
     /// Wakes the worker when a charge or refund becomes due.
     due: Notify,
     queued: std::sync::Mutex<Queued>,
@@ -173,12 +174,11 @@ fn later(delay: Duration) -> String {
 
 impl PaymentStore {
     pub fn new(db: Db) -> Self {
-        let committed = CommitSignal::default();
-        let signal = committed.clone();
+        let handoff = Handoff::default();
         Self {
-            batches: GroupCommit::start(db.clone(), move || signal.notify()),
+            batches: GroupCommit::start(db.clone(), handoff.clone()),
             db,
-            committed,
+            handoff,
             due: Notify::new(),
             queued: std::sync::Mutex::new(Queued::default()),
         }
@@ -200,6 +200,18 @@ impl PaymentStore {
         + 'static,
     ) -> Result<T, StoreError> {
         self.batches.run_as(job).await
+    }
+
+    /// Like `batched`, for a job that wrote outbox rows (returned with its result).
+    async fn batched_outbox<T: Send + 'static>(
+        &self,
+        job: impl for<'c> FnMut(
+            &'c mut AnyConnection,
+        ) -> BoxFuture<'c, Result<(T, Vec<PendingMessage>), StoreError>>
+        + Send
+        + 'static,
+    ) -> Result<T, StoreError> {
+        self.batches.run_outbox_as(job).await
     }
 
     fn queue_charge(&self, charge: DueCharge) {
@@ -229,8 +241,9 @@ impl PaymentStore {
         &self.db
     }
 
-    pub fn commits(&self) -> watch::Receiver<u64> {
-        self.committed.subscribe()
+    /// Where the relay takes the outbox rows this store commits.
+    pub fn handoff(&self) -> Handoff {
+        self.handoff.clone()
     }
 
     /// Resolves when a charge or refund may have become due.
@@ -238,8 +251,8 @@ impl PaymentStore {
         self.due.notified().await;
     }
 
+    /// After a commit: wakes the worker when it made work due.
     fn committed(&self, work: bool) {
-        self.committed.notify();
         if work {
             self.due.notify_one();
         }
@@ -266,7 +279,6 @@ impl PaymentStore {
                 .boxed()
             })
             .await?;
-        self.committed(false);
         Ok(inserted)
     }
 
@@ -309,11 +321,11 @@ impl PaymentStore {
         let cause = owned(cause);
         let order_id = order_id.to_string();
         let due = self
-            .batched(move |conn| {
+            .batched_outbox(move |conn| {
                 let (cause, order_id) = (cause.clone(), order_id.clone());
                 async move {
                     if !claim(conn, borrowed(&cause)).await? {
-                        return Ok(None);
+                        return Ok((None, Vec::new()));
                     }
                     charge_due(conn, &order_id, deadline).await
                 }
@@ -522,7 +534,7 @@ impl PaymentStore {
         let id = payment_id.to_string();
         let result = result.clone();
         let settled = self
-            .batched(move |conn| {
+            .batched_outbox(move |conn| {
                 let (id, result) = (id.clone(), result.clone());
                 async move { settle_charge(conn, &id, &result).await }.boxed()
             })
@@ -615,6 +627,7 @@ impl PaymentStore {
     ) -> Result<bool, StoreError> {
         let mut tx = self.db.begin_write().await?;
         let now = time::to_text(time::now());
+        let mut written = Vec::new();
         if !settle(&mut tx, "refunds", refund_id, result, &now).await? {
             return Ok(false);
         }
@@ -638,7 +651,7 @@ impl PaymentStore {
             .bind(&payment.id)
             .execute(&mut *tx)
             .await?;
-            outbox::enqueue(
+            written = outbox::enqueue(
                 &mut tx,
                 &[message(
                     "payment.refunded",
@@ -658,8 +671,9 @@ impl PaymentStore {
             )
             .await?;
         }
+        let ticket = self.handoff.ticket();
         tx.commit().await?;
-        self.committed(false);
+        ticket.committed(written);
         Ok(true)
     }
 
@@ -763,11 +777,12 @@ fn borrowed(cause: &Option<(String, String)>) -> Claim<'_> {
 
 /// Marks the payment of `order_id` due for charging by `deadline`. An order without payment
 /// details fails at once (`payment.failed`), so its saga still ends.
+/// Returns the outbox rows it wrote beside.
 async fn charge_due(
     conn: &mut AnyConnection,
     order_id: &str,
     deadline: Duration,
-) -> Result<Option<DueCharge>, StoreError> {
+) -> Result<(Option<DueCharge>, Vec<PendingMessage>), StoreError> {
     let now = time::to_text(time::now());
     let deadline_at = later(deadline);
     let charged = sqlx::query(
@@ -783,7 +798,7 @@ async fn charge_due(
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(row) = charged {
-        return Ok(Some(DueCharge {
+        let due = DueCharge {
             payment_id: row.try_get(0)?,
             order_id: order_id.to_string(),
             amount: decimal(&row.try_get::<String, _>(1)?)?,
@@ -791,11 +806,13 @@ async fn charge_due(
             token: row.try_get(3)?,
             deadline_at,
             attempts: 0,
-        }));
+        };
+        return Ok((Some(due), Vec::new()));
     }
+    let mut written = Vec::new();
     if payment_where(conn, "order_id", order_id).await?.is_none() {
         let reason = "no payment details were given for the order";
-        outbox::enqueue(
+        written = outbox::enqueue(
             conn,
             &[message(
                 "payment.failed",
@@ -806,17 +823,17 @@ async fn charge_due(
         )
         .await?;
     }
-    Ok(None)
+    Ok((None, written))
 }
 
 /// Records how a charge ended and publishes it; a charge that succeeded after its order was
 /// cancelled gets a refund at once. `None` when another worker recorded it first, else whether
-/// a refund became due.
+/// a refund became due; with the outbox rows it wrote.
 async fn settle_charge(
     conn: &mut AnyConnection,
     payment_id: &str,
     result: &ChargeResult,
-) -> Result<Option<bool>, StoreError> {
+) -> Result<(Option<bool>, Vec<PendingMessage>), StoreError> {
     let now = time::to_text(time::now());
     let outcome = match result {
         ChargeResult::Succeeded { reference } => Ok(reference.as_str()),
@@ -825,7 +842,7 @@ async fn settle_charge(
         }
     };
     if !settle(conn, "payments", payment_id, outcome, &now).await? {
-        return Ok(None);
+        return Ok((None, Vec::new()));
     }
     if matches!(result, ChargeResult::Unanswered { .. }) {
         // Asked about after a short while: an answer on its way may still arrive first.
@@ -871,8 +888,8 @@ async fn settle_charge(
             }),
         ),
     };
-    outbox::enqueue(conn, &[data]).await?;
-    Ok(Some(refund_due))
+    let written = outbox::enqueue(conn, &[data]).await?;
+    Ok((Some(refund_due), written))
 }
 
 /// The payment whose `column` (`id` or `order_id`) is `value`, locked until the transaction
