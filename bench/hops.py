@@ -40,3 +40,11 @@ t0=min(r[0] for r in rows)
 for r in rows:
     w[int((r[0]-t0)/2000)].append(r[11]-r[0])
 print(' '.join(f"{k*2}s:{pct(v,.5):.0f}/{pct(v,.99):.0f}" for k,v in sorted(w.items())))
+# Each hop's p99 per 10 s window: shows which hop grows if the total does.
+spans=[(name,a,b) for name,a,b in spec if not name.startswith('  ')]
+print('p99 per 10 s window:', ' | '.join(n.strip() for n,_,_ in spans))
+w=collections.defaultdict(list)
+for r in rows:
+    w[int((r[0]-t0)/10000)].append(r)
+for k,rs in sorted(w.items()):
+    print(f"{k*10:3d}s", ' '.join(f"{pct([r[b]-r[a] for r in rs if r[a] and r[b]],.99):6.1f}" for _,a,b in spans))

@@ -145,26 +145,45 @@ async fn main() -> anyhow::Result<()> {
     let mut first_placed: Option<DateTime<Utc>> = None;
     let mut last_confirmed: Option<DateTime<Utc>> = None;
     let mut not_confirmed = 0u64;
-    let histories = futures::future::join_all(ids.chunks(64).map(|chunk| {
+    // 64 readers at a time (each reads its share in turn): under the server's cap on requests in
+    // flight, which answers 503 beyond it.
+    let share = ids.len().div_ceil(64).max(1);
+    let histories = futures::future::join_all(ids.chunks(share).map(|chunk| {
         let client = client.clone();
         async move {
             let mut out = Vec::new();
             for id in chunk {
-                let history: Option<Value> = match client
-                    .get(format!("{url}/api/v1/orders/{id}/history"))
-                    .send()
-                    .await
-                {
-                    Ok(r) => r.json().await.ok(),
-                    Err(_) => None,
-                };
+                // A read that fails is tried again: an order whose history cannot be read is
+                // reported as such, not as unconfirmed.
+                let mut history: Option<Value> = None;
+                for attempt in 0..5 {
+                    let answer = client
+                        .get(format!("{url}/api/v1/orders/{id}/history"))
+                        .send()
+                        .await;
+                    match answer {
+                        Ok(r) if r.status().is_success() => {
+                            history = r.json().await.ok();
+                            if history.is_some() {
+                                break;
+                            }
+                        }
+                        Ok(r) => eprintln!("history of {id}: {} (attempt {attempt})", r.status()),
+                        Err(e) => eprintln!("history of {id}: {e} (attempt {attempt})"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 out.push(history);
             }
             out
         }
     }))
     .await;
+    let mut unreadable = 0u64;
     for history in histories.into_iter().flatten() {
+        if history.is_none() {
+            unreadable += 1;
+        }
         let entries = history
             .as_ref()
             .and_then(|h| h["entries"].as_array().cloned())
@@ -210,6 +229,7 @@ async fn main() -> anyhow::Result<()> {
             "postP99Ms": percentile(&post, 99.0),
             "confirmed": saga_ms.len(),
             "notConfirmed": not_confirmed,
+            "historiesUnreadable": unreadable,
             "confirmedPerSecond": saga_ms.len() as f64 / span,
             "sagaP50Ms": percentile(&saga_ms, 50.0),
             "sagaP99Ms": percentile(&saga_ms, 99.0),

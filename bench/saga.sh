@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The saga alone, at a fixed rate, on one backend, with the per-hop split on SQLite: the quick
+# loop for latency work (bench/run.sh is the full report).
+#
+# Usage: bench/saga.sh sqlite|pg [SECONDS=60] [RATE=200]
+#   BIN=dir   uses the binaries in dir (default: builds them in $CARGO_TARGET_DIR/release)
+#   KEEP=dir  keeps the SQLite data directory there (for bench/hops.py)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BACKEND="${1:?usage: bench/saga.sh sqlite|pg [SECONDS] [RATE]}"
+SECONDS_="${2:-60}"
+RATE="${3:-200}"
+PG_ADMIN="${PG_ADMIN:-postgres://postgres@127.0.0.1:5432/postgres}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/orderwave-target}"
+if [ -z "${BIN:-}" ]; then
+  cargo build --release -q -p orderwave -p bench-saga
+  BIN="$CARGO_TARGET_DIR/release"
+fi
+WORK="$(mktemp -d)"
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+bench_auth
+
+DATA="${KEEP:-$WORK/data}"
+case "$BACKEND" in
+  sqlite) rm -rf "$DATA"; STORE=(--data-dir "$DATA") ;;
+  pg)
+    psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS ow_bench_saga WITH (FORCE)" -c "CREATE DATABASE ow_bench_saga"
+    STORE=(--database-url "${PG_ADMIN%/*}/ow_bench_saga") ;;
+  *) echo "backend: sqlite or pg" >&2; exit 2 ;;
+esac
+start saga "$BIN/orderwave" serve --demo --listen 127.0.0.1:0 --log-format json "${STORE[@]}"
+for sku in SKU-CHAIR SKU-LAMP; do
+  curl -sf -H "$AUTH" -X PUT "$URL/api/v1/inventory/$sku" -H 'content-type: application/json' -d '{"onHand":100000000}' >/dev/null
+done
+BEFORE=$(loadavg)
+"$BIN/bench-saga" "$URL" "$RATE" "$SECONDS_" 2>"$WORK/saga.err"
+grep -av '^t=' "$WORK/saga.err" | tail -5 >&2 || true
+echo "load average: $BEFORE -> $(loadavg); $(nproc) cores; commit $(git rev-parse --short HEAD)"
+if [ "$BACKEND" = sqlite ]; then
+  kill "$PID"; wait "$PID" 2>/dev/null || true
+  python3 bench/hops.py "$DATA"
+fi
