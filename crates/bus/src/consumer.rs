@@ -128,9 +128,9 @@ pub async fn run(
         match bus.hold_lease(&lease, &holder, config.lease_ttl).await {
             Ok(true) => {
                 let ended = hold(
-                    bus.as_ref(),
+                    &bus,
                     &config,
-                    handler.as_ref(),
+                    &handler,
                     &lease,
                     &holder,
                     &mut shutdown,
@@ -163,16 +163,19 @@ enum Held {
 }
 
 /// Runs the group while this runner holds its lease.
+///
+/// Each message is handled in a task of its own, so handling goes on while this loop waits on
+/// the bus (a handler that holds a connection the loop also needs, such as the bus's writer
+/// while it dead-letters, can always finish).
 async fn hold(
-    bus: &dyn Bus,
+    bus: &Arc<dyn Bus>,
     config: &ConsumerConfig,
-    handler: &dyn Handler,
+    handler: &Arc<dyn Handler>,
     lease: &str,
     holder: &str,
     shutdown: &mut watch::Receiver<bool>,
     redrive_requests: &mut watch::Receiver<u64>,
 ) -> Held {
-    use futures::StreamExt;
     use std::collections::{BTreeSet, VecDeque};
     use std::hash::{Hash, Hasher};
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -183,8 +186,9 @@ async fn hold(
     let mut busy = vec![false; lanes_n];
     // Fetched and not yet handled, by position.
     let mut open: BTreeSet<i64> = BTreeSet::new();
-    let lost = AtomicBool::new(false);
-    let mut running = futures::stream::FuturesUnordered::new();
+    let lost = Arc::new(AtomicBool::new(false));
+    let shared_config = Arc::new(config.clone());
+    let mut running: tokio::task::JoinSet<(usize, i64, Outcome)> = tokio::task::JoinSet::new();
     let mut renewed = std::time::Instant::now();
     let mut redrives_checked: Option<std::time::Instant> = None;
     // Where reading goes on from (the committed position at first), and what was written.
@@ -233,7 +237,7 @@ async fn hold(
             if requested || redrives_checked.is_none_or(|at| at.elapsed() >= config.poll_interval) {
                 redrive_requests.borrow_and_update();
                 redrives_checked = Some(std::time::Instant::now());
-                redrive(bus, config, handler).await;
+                redrive(bus.as_ref(), config, handler.as_ref()).await;
             }
             if fetch_now && open.len() < capacity {
                 wakeups.borrow_and_update();
@@ -268,10 +272,19 @@ async fn hold(
                 if let Some(delivery) = queue.pop_front() {
                     busy[lane] = true;
                     let mut stop = shutdown.clone();
-                    let lost = &lost;
-                    running.push(async move {
-                        let outcome =
-                            deliver(bus, config, handler, &delivery, &mut stop, lost).await;
+                    let lost = lost.clone();
+                    let (bus, config, handler) =
+                        (bus.clone(), shared_config.clone(), handler.clone());
+                    running.spawn(async move {
+                        let outcome = deliver(
+                            bus.as_ref(),
+                            &config,
+                            handler.as_ref(),
+                            &delivery,
+                            &mut stop,
+                            &lost,
+                        )
+                        .await;
                         (lane, delivery.seq, outcome)
                     });
                 }
@@ -281,7 +294,14 @@ async fn hold(
             (Some(first), _) => Some(first - 1),
             (None, position) => position,
         };
-        commit_when_due(bus, config, handled_to, &mut committed, &mut last_commit).await;
+        commit_when_due(
+            bus.as_ref(),
+            config,
+            handled_to,
+            &mut committed,
+            &mut last_commit,
+        )
+        .await;
         let behind = handled_to.is_some_and(|p| p > committed);
         let wait = if behind {
             config.commit_interval.min(config.poll_interval)
@@ -294,7 +314,16 @@ async fn hold(
             continue;
         }
         tokio::select! {
-            Some((lane, seq, outcome)) = running.next(), if !running.is_empty() => {
+            Some(joined) = running.join_next(), if !running.is_empty() => {
+                let Ok((lane, seq, outcome)) = joined else {
+                    // Only a panic outside the handler gets here (a handler's own panic
+                    // dead-letters its message): stop holding; the message is delivered
+                    // again from the group's position.
+                    tracing::error!(group = %config.group, "a delivery task failed; releasing the group");
+                    lost.store(true, Ordering::SeqCst);
+                    stopping.get_or_insert(Held::LostLease);
+                    continue;
+                };
                 busy[lane] = false;
                 match outcome {
                     Outcome::Done | Outcome::DeadLettered => {
@@ -363,9 +392,9 @@ async fn deliver(
             return Outcome::Abandoned;
         }
         attempt += 1;
-        let mut result = handler.handle(delivery).await;
+        let mut result = handle_once(handler, delivery).await;
         if config.deliver_twice && result.is_ok() {
-            result = handler.handle(delivery).await;
+            result = handle_once(handler, delivery).await;
         }
         let error = match result {
             Ok(()) => {
@@ -407,6 +436,28 @@ async fn deliver(
     }
 }
 
+/// One call of the handler; a panic in it is a permanent failure of the message (it is
+/// dead-lettered with the panic's text) instead of the end of the group's runner.
+async fn handle_once(handler: &dyn Handler, delivery: &Delivery) -> Result<(), HandlerError> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(handler.handle(delivery))
+        .catch_unwind()
+        .await
+    {
+        Ok(result) => result,
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(HandlerError::permanent(format!(
+                "the handler panicked: {text}"
+            )))
+        }
+    }
+}
+
 /// Processes dead letters an operator asked to redrive: gone on success, kept with the new error
 /// on failure.
 async fn redrive(bus: &dyn Bus, config: &ConsumerConfig, handler: &dyn Handler) {
@@ -419,7 +470,7 @@ async fn redrive(bus: &dyn Bus, config: &ConsumerConfig, handler: &dyn Handler) 
     };
     for letter in letters {
         let delivery = as_delivery(&letter);
-        let result = match handler.handle(&delivery).await {
+        let result = match handle_once(handler, &delivery).await {
             Ok(()) => bus.remove_dead_letter(&letter.id).await,
             Err(error) => bus.redrive_failed(&letter.id, &error.message).await,
         };

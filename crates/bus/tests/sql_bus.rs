@@ -620,6 +620,133 @@ async fn handed_rows_are_published_at_once_and_after_older_rows_of_their_aggrega
     s.finish().await;
 }
 
+/// Holds the bus's only SQLite writer connection while it handles the message keyed "slow",
+/// and lets the others finish only once it holds it (or after a second).
+struct WriterHolder {
+    bus_db: Db,
+    holding: std::sync::atomic::AtomicBool,
+    handled: AtomicU32,
+}
+
+impl Handler for WriterHolder {
+    fn handle<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<(), HandlerError>> {
+        async move {
+            if delivery.message.key == "slow" {
+                let connection = self.bus_db.writer().acquire().await.unwrap();
+                self.holding.store(true, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                drop(connection);
+            } else {
+                // Bounded: a quick message that shares the slow one's lane comes before it.
+                let start = Instant::now();
+                while !self.holding.load(Ordering::SeqCst)
+                    && start.elapsed() < Duration::from_secs(1)
+                {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            self.handled.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+/// A handler may hold a connection the runner needs too (the bus's writer, which dead-lettering
+/// takes): the runner writing the group's position meanwhile waits for it instead of stopping
+/// the handler that holds it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_holding_the_bus_writer_does_not_stall_its_group() {
+    let s = Setup::new(false).await;
+    let bus: Arc<dyn Bus> = Arc::new(s.bus.clone());
+    let handler = Arc::new(WriterHolder {
+        bus_db: s.bus.db().clone(),
+        holding: std::sync::atomic::AtomicBool::new(false),
+        handled: AtomicU32::new(0),
+    });
+    let mut config = fast("g", &["t"]);
+    config.concurrency = 64;
+    config.commit_interval = Duration::ZERO;
+    // Quick messages first: once they are handled the runner writes its position while the
+    // slow one, last in the log, holds the writer.
+    let mut messages: Vec<Message> = (0..8)
+        .map(|i| {
+            let mut m = message(i, "t");
+            m.key = format!("quick-{i}");
+            m
+        })
+        .collect();
+    let mut slow = message(8, "t");
+    slow.key = "slow".into();
+    messages.push(slow);
+    bus.publish(&messages).await.unwrap();
+    let (stop, stopped) = watch::channel(false);
+    let runner = tokio::spawn(consumer::run(bus.clone(), config, handler.clone(), stopped));
+    wait_until("all nine messages", Duration::from_secs(5), async || {
+        handler.handled.load(Ordering::SeqCst) == 9
+    })
+    .await;
+    stop.send(true).unwrap();
+    runner.await.unwrap();
+    s.finish().await;
+}
+
+/// Panics on messages whose payload says so.
+struct Panicker {
+    seen: Mutex<Vec<String>>,
+}
+
+impl Handler for Panicker {
+    fn handle<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<(), HandlerError>> {
+        async move {
+            assert!(
+                !delivery.message.payload.contains("panic"),
+                "cannot handle {}",
+                delivery.message.id
+            );
+            self.seen.lock().await.push(delivery.message.id.clone());
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+async fn a_handler_that_panics_dead_letters_its_message_and_the_group_goes_on(postgres: bool) {
+    let s = Setup::new(postgres).await;
+    let bus: Arc<dyn Bus> = Arc::new(s.bus.clone());
+    let handler = Arc::new(Panicker {
+        seen: Mutex::new(Vec::new()),
+    });
+    let (stop, stopped) = watch::channel(false);
+    let runner = tokio::spawn(consumer::run(
+        bus.clone(),
+        fast("g", &["t"]),
+        handler.clone(),
+        stopped,
+    ));
+    let mut bad = message(1, "t");
+    bad.payload = "{\"panic\":true}".into();
+    bus.publish(&[bad, message(2, "t")]).await.unwrap();
+    wait_until(
+        "the message behind it",
+        Duration::from_secs(5),
+        async || handler.seen.lock().await.contains(&"m-t-2".to_string()),
+    )
+    .await;
+    let letters = bus.dead_letters(Some("g"), 10).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].message_id, "m-t-1");
+    assert_eq!(letters[0].attempts, 1, "a panic is not retried");
+    assert!(
+        letters[0].error.contains("panicked: cannot handle m-t-1"),
+        "{}",
+        letters[0].error
+    );
+    stop.send(true).unwrap();
+    runner.await.unwrap();
+    s.finish().await;
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         mod sqlite { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(false).await } )* }
@@ -631,6 +758,7 @@ on_both!(
     groups_read_in_order_at_their_own_offsets_and_duplicates_are_stored_once,
     a_consumer_is_woken_by_a_publish_and_retries_transient_failures,
     a_poison_message_is_dead_lettered_then_redriven_after_the_fix,
+    a_handler_that_panics_dead_letters_its_message_and_the_group_goes_on,
     handed_rows_are_published_at_once_and_after_older_rows_of_their_aggregate,
     the_relay_publishes_the_outbox_in_order_and_only_one_relay_holds_the_lease,
     a_row_committed_after_the_relay_read_past_its_time_is_still_published_first,
