@@ -1,15 +1,13 @@
 #!/usr/bin/env python3
-"""Per-hop saga latency from an embedded data directory after a bench-saga run:
-   python3 bench/hops.py DATA_DIR
-Reads the outbox, bus log and inbox timestamps of orders.db, inventory.db, payments.db and bus.db
+"""Per-hop saga latency after a bench-saga run, from an embedded data directory or the
+PostgreSQL database it ran on:
+   python3 bench/hops.py DATA_DIR|postgres://URL
+Reads the outbox, bus log and inbox timestamps of the order, inventory, payment and bus stores
 and prints p50/p90/p99 (ms) of each hop of the place-order saga."""
-import sqlite3, sys, datetime
+import sqlite3, sys, datetime, subprocess
 if len(sys.argv) != 2:
-    sys.exit("usage: bench/hops.py DATA_DIR")
+    sys.exit("usage: bench/hops.py DATA_DIR|postgres://URL")
 d=sys.argv[1]
-c=sqlite3.connect(d+'/orders.db')
-for n in ['inventory','payments','bus']:
-    c.execute(f"ATTACH '{d}/{n}.db' AS {n}")
 def t(s):
     return datetime.datetime.fromisoformat(s.replace('Z','+00:00')).timestamp()*1000 if s else None
 q="""
@@ -26,7 +24,17 @@ JOIN bus.bus_log bl3 ON bl3.message_id=po.id
 JOIN main.inbox oi ON oi.message_id=po.id
 WHERE o.topic='order.created'
 """
-rows=[[t(x) for x in r] for r in c.execute(q)]
+if d.startswith('postgres'):
+    # One schema per service in the database: main is the order service's.
+    out=subprocess.run(['psql','-At','-F','|',d,'-c',q.replace('main.','orders.')],
+                       check=True,capture_output=True,text=True).stdout
+    raw=[line.split('|') for line in out.splitlines() if line]
+else:
+    c=sqlite3.connect(d+'/orders.db')
+    for n in ['inventory','payments','bus']:
+        c.execute(f"ATTACH '{d}/{n}.db' AS {n}")
+    raw=c.execute(q)
+rows=[[t(x) for x in r] for r in raw]
 print(len(rows),'orders')
 def pct(v,p):
     v=sorted(v); return v[min(len(v)-1,int(len(v)*p))]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The saga alone, at a fixed rate, on one backend, with the per-hop split on SQLite: the quick
+# The saga alone, at a fixed rate, on one backend, with the per-hop split (bench/hops.py): the quick
 # loop for latency work (bench/run.sh is the full report).
 #
 # Usage: bench/saga.sh sqlite|pg [SECONDS=60] [RATE=200]
@@ -40,7 +40,9 @@ BEFORE=$(loadavg)
 "$BIN/bench-saga" "$URL" "$RATE" "$SECONDS_" 2>"$WORK/saga.err"
 grep -av '^t=' "$WORK/saga.err" | tail -5 >&2 || true
 echo "load average: $BEFORE -> $(loadavg); $(nproc) cores; commit $(git rev-parse --short HEAD)"
+kill "$PID"; wait "$PID" 2>/dev/null || true
 if [ "$BACKEND" = sqlite ]; then
-  kill "$PID"; wait "$PID" 2>/dev/null || true
   python3 bench/hops.py "$DATA"
+else
+  python3 bench/hops.py "${PG_ADMIN%/*}/ow_bench_saga"
 fi
