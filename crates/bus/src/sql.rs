@@ -200,22 +200,30 @@ impl SqlBus {
         topics.dedup();
         let (db, instance) = (self.db.clone(), self.published.instance.clone());
         let job_topics = Arc::new(topics.clone());
-        let appended = self
-            .publishes
-            .run_as(move |conn| {
-                let (db, instance, fresh, topics) = (
-                    db.clone(),
-                    instance.clone(),
-                    fresh.clone(),
-                    job_topics.clone(),
-                );
-                async move { append(&db, conn, &instance, &fresh, &topics).await }.boxed()
-            })
-            .await?;
-        metrics::counter!("bus_published_total").increment(appended.deliveries.len() as u64);
+        let appended = if self.db.backend() == storage::Backend::Postgres {
+            append_postgres(&self.db, &instance, &fresh, &topics).await?
+        } else {
+            self.publishes
+                .run_as(move |conn| {
+                    let (db, instance, fresh, topics) = (
+                        db.clone(),
+                        instance.clone(),
+                        fresh.clone(),
+                        job_topics.clone(),
+                    );
+                    async move { append(&db, conn, &instance, &fresh, &topics).await }.boxed()
+                })
+                .await
+                .map(|appended| vec![appended])?
+        };
+        metrics::counter!("bus_published_total")
+            .increment(appended.iter().map(|a| a.deliveries.len() as u64).sum());
         // Woken consumers find the messages in memory: recorded before the wake.
         if let Ok(mut recent) = self.published.recent.lock() {
-            recent.add(appended.first, appended.last, appended.deliveries);
+            // Each statement's positions on their own: another publish may fall between them.
+            for a in appended {
+                recent.add(a.first, a.last, a.deliveries);
+            }
         }
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
         self.published.wake(Some(&topics));
@@ -473,7 +481,6 @@ async fn listen_until_error(
     }
 }
 
-/// Tells other processes' consumers (LISTEN/NOTIFY, delivered at commit) on PostgreSQL.
 /// What a publish appended: its positions, and the messages that were new there.
 #[derive(Debug)]
 struct Appended {
@@ -546,6 +553,86 @@ async fn append(
     })
 }
 
+/// Appends `messages` on PostgreSQL in one statement per [`bulk::CHUNK`] (its own transaction,
+/// its own range of positions):
+/// positions, rows and the NOTIFY in one round trip instead of five. The bus commits there
+/// asynchronously, so holding the sequence row costs no disk flush (see `Db::sync`).
+async fn append_postgres(
+    db: &Db,
+    instance: &str,
+    messages: &[Message],
+    topics: &[String],
+) -> Result<Vec<Appended>, sqlx::Error> {
+    let now = time::to_text(time::now());
+    let notice = format!("{instance} {}", topics.join(","));
+    let mut appended = Vec::new();
+    for chunk in messages.chunks(bulk::CHUNK) {
+        let rows: Vec<Vec<Value>> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                vec![
+                    Value::Int(i64::try_from(i).unwrap_or(0) + 1),
+                    m.id.as_str().into(),
+                    m.topic.as_str().into(),
+                    m.key.as_str().into(),
+                    m.payload.as_str().into(),
+                    now.as_str().into(),
+                ]
+            })
+            .collect();
+        let count = i64::try_from(chunk.len()).unwrap_or(i64::MAX);
+        let params = rows.len() * 6;
+        // Taking positions locks the sequence row until this statement commits: positions are
+        // committed in the order they are handed out. Ids already in the log are skipped
+        // (their positions stay unused).
+        let tail = format!(
+            "), s AS (UPDATE bus_sequence SET last_seq = last_seq + ${count_param} WHERE id = 1 RETURNING last_seq), \
+             n AS (SELECT pg_notify('orderwave_bus', ${notice_param})), \
+             ins AS (INSERT INTO bus_log (seq, message_id, topic, message_key, payload, published_at) \
+                     SELECT s.last_seq - ${count_param} + v.i, v.message_id, v.topic, v.message_key, v.payload, v.published_at \
+                     FROM s, v ORDER BY v.i \
+                     ON CONFLICT (message_id) DO NOTHING RETURNING seq) \
+             SELECT s.last_seq, ins.seq FROM s CROSS JOIN n LEFT JOIN ins ON true",
+            count_param = params + 1,
+            notice_param = params + 2,
+        );
+        let returned = bulk::values_statement(
+            "WITH v (i, message_id, topic, message_key, payload, published_at) AS (",
+            &tail,
+            &rows,
+        )
+        .bind(count)
+        .bind(notice.as_str())
+        .fetch_all(db.writer())
+        .await?;
+        let mut last = 0;
+        let mut inserted = std::collections::HashSet::new();
+        for row in &returned {
+            last = row.try_get::<i64, _>(0)?;
+            if let Some(seq) = row.try_get::<Option<i64>, _>(1)? {
+                inserted.insert(seq);
+            }
+        }
+        let first = last - count + 1;
+        appended.push(Appended {
+            first,
+            last,
+            deliveries: chunk
+                .iter()
+                .enumerate()
+                .map(|(i, m)| Delivery {
+                    seq: first + i64::try_from(i).unwrap_or(0),
+                    message: m.clone(),
+                })
+                .filter(|d| inserted.contains(&d.seq))
+                .collect(),
+        });
+    }
+    Ok(appended)
+}
+
+/// Tells other processes' consumers (LISTEN/NOTIFY, delivered at commit) on PostgreSQL.
 async fn notify_others(
     db: &Db,
     conn: &mut sqlx::AnyConnection,

@@ -620,6 +620,37 @@ async fn handed_rows_are_published_at_once_and_after_older_rows_of_their_aggrega
     s.finish().await;
 }
 
+/// A publish larger than one statement's rows (500) keeps its order and every message, read
+/// back from memory by a consumer of this process and from the table by a fresh bus.
+async fn a_large_publish_keeps_every_message_in_order(postgres: bool) {
+    let s = Setup::new(postgres).await;
+    let batch: Vec<Message> = (0..1_234).map(|i| message(i, "t")).collect();
+    s.bus.publish(&batch).await.unwrap();
+    let expected: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
+    let read = async |bus: &SqlBus| {
+        let mut ids = Vec::new();
+        let mut seqs = Vec::new();
+        let mut after = None;
+        loop {
+            let fetched = bus.fetch("g", &topics(&["t"]), after, 1_000).await.unwrap();
+            if fetched.deliveries.is_empty() {
+                break;
+            }
+            after = Some(fetched.read_to);
+            for d in fetched.deliveries {
+                seqs.push(d.seq);
+                ids.push(d.message.id);
+            }
+        }
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "positions in order");
+        ids
+    };
+    assert_eq!(read(&s.bus).await, expected, "from this process's memory");
+    let fresh = SqlBus::start(s.bus.db().clone()).await.unwrap();
+    assert_eq!(read(&fresh).await, expected, "from the table");
+    s.finish().await;
+}
+
 /// Holds the bus's only SQLite writer connection while it handles the message keyed "slow",
 /// and lets the others finish only once it holds it (or after a second).
 struct WriterHolder {
@@ -759,6 +790,7 @@ on_both!(
     a_consumer_is_woken_by_a_publish_and_retries_transient_failures,
     a_poison_message_is_dead_lettered_then_redriven_after_the_fix,
     a_handler_that_panics_dead_letters_its_message_and_the_group_goes_on,
+    a_large_publish_keeps_every_message_in_order,
     handed_rows_are_published_at_once_and_after_older_rows_of_their_aggregate,
     the_relay_publishes_the_outbox_in_order_and_only_one_relay_holds_the_lease,
     a_row_committed_after_the_relay_read_past_its_time_is_still_published_first,

@@ -38,7 +38,7 @@ pub fn placeholders(first: usize, count: usize) -> String {
 
 /// Rows per statement: 500 rows of up to 9 columns stay far below SQLite's 32766 and
 /// PostgreSQL's 65535 parameters.
-const CHUNK: usize = 500;
+pub const CHUNK: usize = 500;
 
 /// Runs `head VALUES (...), (...)` for `rows`, each of `head`'s column count, in the caller's
 /// transaction.
@@ -83,6 +83,16 @@ pub async fn update_from_values(
     rows: &[Vec<Value>],
 ) -> Result<u64, sqlx::Error> {
     insert_returning_count(conn, &format!("{head} ("), &format!(") {tail}"), rows).await
+}
+
+/// `head VALUES (...), ... tail` for `rows` (at most [`CHUNK`], all as wide as the first), with
+/// their values bound as `$1...`; more parameters of `tail` are bound after them.
+pub fn values_statement<'q>(
+    head: &str,
+    tail: &str,
+    rows: &'q [Vec<Value>],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    statement(head, tail, rows, rows.first().map_or(0, Vec::len))
 }
 
 /// `head VALUES (...), ... tail` for `chunk`, with its values bound.
