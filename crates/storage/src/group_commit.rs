@@ -10,6 +10,11 @@
 //!
 //! Outbox rows a job wrote (returned by [`GroupCommit::run_outbox_as`]) reach the service's
 //! relay through its [`Handoff`] once the batch committed, in commit order.
+//!
+//! On PostgreSQL a store may run several committers ([`GroupCommit::start_lanes`]): while one
+//! batch waits for its commit, the next runs on another connection. Only for jobs that lock
+//! the rows they decide on (two jobs about one row then wait for each other, in commit order)
+//! and that never lock two such rows (which could deadlock across batches).
 
 use crate::Db;
 use crate::outbox::{Handoff, PendingMessage};
@@ -59,9 +64,28 @@ impl GroupCommit {
     /// Starts the committing task on `db`; outbox rows the jobs wrote go to `handoff` after each
     /// commit. The task ends when every clone of the handle is dropped.
     pub fn start(db: Db, handoff: Handoff) -> Self {
+        Self::start_lanes(db, handoff, 1)
+    }
+
+    /// Like [`start`](Self::start), with `lanes` committing tasks taking batches side by side
+    /// (one on SQLite, which has one writer).
+    pub fn start_lanes(db: Db, handoff: Handoff, lanes: usize) -> Self {
+        let lanes = if db.backend() == crate::Backend::Sqlite {
+            1
+        } else {
+            lanes.max(1)
+        };
         let (jobs, receiver) = mpsc::channel(MAX_BATCH * 4);
-        let commits = std::sync::Arc::default();
-        tokio::spawn(run(db, receiver, handoff, std::sync::Arc::clone(&commits)));
+        let receiver = std::sync::Arc::new(tokio::sync::Mutex::new(receiver));
+        let commits: std::sync::Arc<std::sync::atomic::AtomicU64> = std::sync::Arc::default();
+        for _ in 0..lanes {
+            tokio::spawn(run(
+                db.clone(),
+                receiver.clone(),
+                handoff.clone(),
+                std::sync::Arc::clone(&commits),
+            ));
+        }
         Self { jobs, commits }
     }
 
@@ -161,7 +185,7 @@ impl GroupCommit {
 
 async fn run(
     db: Db,
-    mut receiver: mpsc::Receiver<Request>,
+    receiver: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Request>>>,
     handoff: Handoff,
     commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) {
@@ -169,7 +193,8 @@ async fn run(
         commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     };
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
-    while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    // A lane holds the receiver only while it takes a batch.
+    while receiver.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
         loop {
             batch.retain(|(_, reply)| !reply.is_closed());
             if batch.is_empty() {

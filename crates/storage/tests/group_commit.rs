@@ -1,5 +1,5 @@
 //! Group commit on a real SQLite file: a failing job gets its own error back, typed, and the
-//! jobs it was batched with still commit.
+//! jobs it was batched with still commit. On PostgreSQL, lanes commit side by side.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use futures::FutureExt;
@@ -7,6 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use storage::Db;
 use storage::group_commit::{GroupCommit, Job, JobError};
+
+// The crate's test support (a fresh PostgreSQL database), compiled into this test.
+#[path = "../src/testing.rs"]
+mod testing;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[error("job {0} refuses")]
@@ -86,4 +90,47 @@ async fn a_failing_job_gets_its_own_error_and_the_rest_of_its_batch_commits() {
     assert_eq!(runs[3].load(Ordering::SeqCst), 1);
     // The gate's batch and the eight's: every job ran in a shared transaction.
     assert_eq!(group.commits(), 2);
+}
+
+/// On PostgreSQL a second lane commits a batch while the first lane's batch is still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_second_lane_commits_while_the_first_batch_is_open() {
+    let url = testing::fresh_pg_database().await;
+    let db = Db::open_postgres(&url, "lanes", 4).await.unwrap();
+    sqlx::query("CREATE TABLE items (n BIGINT PRIMARY KEY)")
+        .execute(db.writer())
+        .await
+        .unwrap();
+    let group = GroupCommit::start_lanes(db.clone(), storage::outbox::Handoff::default(), 2);
+    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let mut gate = Some((started_tx, released));
+    let held: Job = Box::new(move |_conn| {
+        let taken = gate.take();
+        async move {
+            if let Some((started_tx, released)) = taken {
+                let _ = started_tx.send(());
+                let _ = released.await;
+            }
+            Ok(Box::new(()) as storage::group_commit::Output)
+        }
+        .boxed()
+    });
+    let holding = tokio::spawn({
+        let group = group.clone();
+        async move { group.run(held).await.is_ok() }
+    });
+    started.await.unwrap();
+    let other = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        group.run(insert_job(1, Arc::default())),
+    )
+    .await
+    .expect("the second lane did not commit while the first batch was open");
+    assert_eq!(*other.unwrap().downcast::<usize>().unwrap(), 1);
+    release.send(()).unwrap();
+    assert!(holding.await.unwrap());
+    assert_eq!(group.commits(), 2);
+    db.close().await;
+    testing::drop_pg_database(&url).await;
 }

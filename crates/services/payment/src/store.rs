@@ -176,7 +176,9 @@ impl PaymentStore {
     pub fn new(db: Db) -> Self {
         let handoff = Handoff::default();
         Self {
-            batches: GroupCommit::start(db.clone(), handoff.clone()),
+            // Every job locks the one payment it decides on (see `lock_payment`): on
+            // PostgreSQL batches commit side by side.
+            batches: GroupCommit::start_lanes(db.clone(), handoff.clone(), 4),
             db,
             handoff,
             due: Notify::new(),
