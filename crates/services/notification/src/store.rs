@@ -145,7 +145,9 @@ impl NotificationStore {
     pub fn new(db: Db) -> Self {
         let handoff = Handoff::default();
         Self {
-            batches: GroupCommit::start(db.clone(), handoff.clone()),
+            // Every job changes at most one notification (guarded by its status) besides rows
+            // it inserts: on PostgreSQL batches commit side by side.
+            batches: GroupCommit::start_lanes(db.clone(), handoff.clone(), 4),
             handoff,
             db,
             due: tokio::sync::Notify::new(),
