@@ -219,12 +219,6 @@ async fn mark(db: &Db, bus: &dyn Bus, ids: &[String]) -> Result<(), crate::BusEr
     Ok(())
 }
 
-/// How often the relay marks what it published at most. A mark is a flush of the bus and a
-/// committed write to the service's database: one per this interval instead of one per
-/// publish keeps disk flushes for the stores' own commits. Rows stay in flight (skipped by
-/// reads) meanwhile; after a crash they are published again and the bus skips them.
-const MARK_EVERY: Duration = Duration::from_millis(50);
-
 /// Marks what the relay published, in batches: everything waiting at once shares one sync of
 /// the bus and one write. A row that cannot be marked leaves the in-flight set anyway, so it is
 /// read and published again (the bus skips it, knowing its id).
@@ -236,16 +230,7 @@ async fn mark_published(
     in_flight: Arc<InFlight>,
 ) {
     let mut batches = Vec::new();
-    let mut last_mark: Option<std::time::Instant> = None;
     while published.recv_many(&mut batches, 64).await > 0 {
-        if let Some(wait) = last_mark.map(|at| MARK_EVERY.saturating_sub(at.elapsed())) {
-            // What is published meanwhile joins this mark.
-            tokio::time::sleep(wait).await;
-            while let Ok(more) = published.try_recv() {
-                batches.push(more);
-            }
-        }
-        last_mark = Some(std::time::Instant::now());
         let ids: Vec<String> = batches.drain(..).flatten().collect();
         if let Err(error) = mark(&db, bus.as_ref(), &ids).await {
             tracing::warn!(%service, %error, "cannot mark relayed rows sent; they will be published again");
