@@ -5,6 +5,9 @@
 # Usage: bench/saga.sh sqlite|pg [SECONDS=60] [RATE=200]
 #   BIN=dir   uses the binaries in dir (default: builds them in $CARGO_TARGET_DIR/release)
 #   KEEP=dir  keeps the SQLite data directory there (for bench/hops.py)
+#   VACUUM_EVERY=seconds (pg, default 60): the bench database is vacuumed this often while the
+#             load runs, as autovacuum would; 0 leaves it alone. Checked: a server with
+#             autovacuum on needs no help (SHOW autovacuum).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BACKEND="${1:?usage: bench/saga.sh sqlite|pg [SECONDS] [RATE]}"
@@ -37,10 +40,24 @@ for sku in SKU-CHAIR SKU-LAMP; do
   curl -sf -H "$AUTH" -X PUT "$URL/api/v1/inventory/$sku" -H 'content-type: application/json' -d '{"onHand":100000000}' >/dev/null
 done
 BEFORE=$(loadavg)
+VACUUMING=""
+if [ "$BACKEND" = pg ] && [ "${VACUUM_EVERY:-60}" -gt 0 ] &&
+  [ "$(psql -Atc 'SHOW autovacuum' "$PG_ADMIN")" = off ]; then
+  # This server runs without autovacuum: dead rows of the outboxes, payments and notifications
+  # would pile up in their indexes for the whole run and slow every lookup. What autovacuum
+  # (naptime 1 min) would do, the bench does.
+  (while sleep "${VACUUM_EVERY:-60}"; do
+    psql -q "${PG_ADMIN%/*}/ow_bench_saga" -c "VACUUM (ANALYZE)" 2>/dev/null || true
+  done) &
+  VACUUMING=$!
+  PIDS+=("$VACUUMING")
+  echo "autovacuum is off on this server: the bench vacuums its database every ${VACUUM_EVERY:-60} s" >&2
+fi
 "$BIN/bench-saga" "$URL" "$RATE" "$SECONDS_" 2>"$WORK/saga.err"
 grep -av '^t=' "$WORK/saga.err" | tail -5 >&2 || true
 echo "load average: $BEFORE -> $(loadavg); $(nproc) cores; commit $(git rev-parse --short HEAD)"
 kill "$PID"; wait "$PID" 2>/dev/null || true
+if [ -n "$VACUUMING" ]; then kill "$VACUUMING" 2>/dev/null || true; fi
 if [ "$BACKEND" = sqlite ]; then
   python3 bench/hops.py "$DATA"
 else

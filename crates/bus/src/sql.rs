@@ -508,21 +508,7 @@ async fn append(
     .await?
     .try_get(0)?;
     let first = last - count + 1;
-    let now = time::to_text(time::now());
-    let rows: Vec<Vec<Value>> = messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            vec![
-                Value::Int(first + i64::try_from(i).unwrap_or(0)),
-                m.id.as_str().into(),
-                m.topic.as_str().into(),
-                m.key.as_str().into(),
-                m.payload.as_str().into(),
-                now.as_str().into(),
-            ]
-        })
-        .collect();
+    let rows = log_rows(messages, first, &time::to_text(time::now()));
     // Ids already in the log are skipped (a relay that crashed after publishing, before
     // marking its outbox rows sent, publishes them again); their positions stay unused.
     let inserted: std::collections::HashSet<i64> = bulk::insert_returning(
@@ -537,7 +523,39 @@ async fn append(
     .collect::<Result<_, _>>()?;
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     notify_others(db, conn, instance, &topics).await?;
-    let deliveries = messages
+    Ok(Appended {
+        first,
+        last,
+        deliveries: new_deliveries(messages, first, &inserted),
+    })
+}
+
+/// The log's columns for `messages` at positions from `first` on (`first` is 1 for a
+/// statement that adds its position to the sequence itself).
+fn log_rows(messages: &[Message], first: i64, now: &str) -> Vec<Vec<Value>> {
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            vec![
+                Value::Int(first + i64::try_from(i).unwrap_or(0)),
+                m.id.as_str().into(),
+                m.topic.as_str().into(),
+                m.key.as_str().into(),
+                m.payload.as_str().into(),
+                now.into(),
+            ]
+        })
+        .collect()
+}
+
+/// The messages at positions from `first` on that were `inserted` (not already in the log).
+fn new_deliveries(
+    messages: &[Message],
+    first: i64,
+    inserted: &std::collections::HashSet<i64>,
+) -> Vec<Delivery> {
+    messages
         .iter()
         .enumerate()
         .map(|(i, m)| Delivery {
@@ -545,17 +563,12 @@ async fn append(
             message: m.clone(),
         })
         .filter(|d| inserted.contains(&d.seq))
-        .collect();
-    Ok(Appended {
-        first,
-        last,
-        deliveries,
-    })
+        .collect()
 }
 
 /// Appends `messages` on PostgreSQL in one statement per [`bulk::CHUNK`] (its own transaction,
-/// its own range of positions):
-/// positions, rows and the NOTIFY in one round trip instead of five. The bus commits there
+/// its own range of positions): positions, rows and the NOTIFY in one round trip instead of
+/// five. The bus commits there
 /// asynchronously, so holding the sequence row costs no disk flush (see `Db::sync`).
 async fn append_postgres(
     db: &Db,
@@ -567,20 +580,8 @@ async fn append_postgres(
     let notice = format!("{instance} {}", topics.join(","));
     let mut appended = Vec::new();
     for chunk in messages.chunks(bulk::CHUNK) {
-        let rows: Vec<Vec<Value>> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                vec![
-                    Value::Int(i64::try_from(i).unwrap_or(0) + 1),
-                    m.id.as_str().into(),
-                    m.topic.as_str().into(),
-                    m.key.as_str().into(),
-                    m.payload.as_str().into(),
-                    now.as_str().into(),
-                ]
-            })
-            .collect();
+        // Numbered from 1 here: the statement adds them to the sequence it takes.
+        let rows = log_rows(chunk, 1, &now);
         let count = i64::try_from(chunk.len()).unwrap_or(i64::MAX);
         let params = rows.len() * 6;
         // Taking positions locks the sequence row until this statement commits: positions are
@@ -618,15 +619,7 @@ async fn append_postgres(
         appended.push(Appended {
             first,
             last,
-            deliveries: chunk
-                .iter()
-                .enumerate()
-                .map(|(i, m)| Delivery {
-                    seq: first + i64::try_from(i).unwrap_or(0),
-                    message: m.clone(),
-                })
-                .filter(|d| inserted.contains(&d.seq))
-                .collect(),
+            deliveries: new_deliveries(chunk, first, &inserted),
         });
     }
     Ok(appended)

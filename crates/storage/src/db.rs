@@ -317,8 +317,9 @@ impl Db {
     /// Makes every commit that returned before this call durable. Needed only for an SQLite
     /// database opened with [`Durability::OnSync`]: its WAL is flushed to disk (fdatasync on
     /// the file, which covers whatever connection wrote it; frames already copied into the
-    /// database file were synced there by the checkpoint). Elsewhere commits are durable when
-    /// they return and this does nothing.
+    /// database file were synced there by the checkpoint). Elsewhere it does nothing: commits
+    /// are durable when they return, or on PostgreSQL with `OnSync` made durable by the next
+    /// synchronous commit on the server (see [`open_postgres_with`](Self::open_postgres_with)).
     pub async fn sync(&self) -> Result<(), sqlx::Error> {
         use std::sync::atomic::Ordering;
         let Some(path) = &self.path else {

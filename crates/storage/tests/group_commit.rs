@@ -33,6 +33,36 @@ fn insert_job(n: usize, runs: Arc<AtomicUsize>) -> Job {
     })
 }
 
+/// Runs a job that keeps its batch's transaction open until the returned sender fires; returns
+/// once it runs (the task answers whether it committed).
+async fn hold_a_batch(
+    group: &GroupCommit,
+) -> (
+    tokio::task::JoinHandle<bool>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let mut gate = Some((started_tx, released));
+    let held: Job = Box::new(move |_conn| {
+        let taken = gate.take();
+        async move {
+            if let Some((started_tx, released)) = taken {
+                let _ = started_tx.send(());
+                let _ = released.await;
+            }
+            Ok(Box::new(()) as storage::group_commit::Output)
+        }
+        .boxed()
+    });
+    let task = tokio::spawn({
+        let group = group.clone();
+        async move { group.run(held).await.is_ok() }
+    });
+    started.await.unwrap();
+    (task, release)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_job_gets_its_own_error_and_the_rest_of_its_batch_commits() {
     let dir = tempfile::tempdir().unwrap();
@@ -43,27 +73,7 @@ async fn a_failing_job_gets_its_own_error_and_the_rest_of_its_batch_commits() {
         .unwrap();
     let group = GroupCommit::start(db.clone(), storage::outbox::Handoff::default());
     // A first job holds the committer until the eight are queued, so they form one batch.
-    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
-    let (release, released) = tokio::sync::oneshot::channel::<()>();
-    let gate: Job = {
-        let mut gate = Some((started_tx, released));
-        Box::new(move |_conn| {
-            let taken = gate.take();
-            async move {
-                if let Some((started_tx, released)) = taken {
-                    let _ = started_tx.send(());
-                    let _ = released.await;
-                }
-                Ok(Box::new(()) as storage::group_commit::Output)
-            }
-            .boxed()
-        })
-    };
-    let gated = tokio::spawn({
-        let group = group.clone();
-        async move { group.run(gate).await.is_ok() }
-    });
-    started.await.unwrap();
+    let (gated, release) = hold_a_batch(&group).await;
     let runs: Vec<Arc<AtomicUsize>> = (0..8).map(|_| Arc::default()).collect();
     let all = futures::future::join_all((0..8).map(|n| group.run(insert_job(n, runs[n].clone()))));
     futures::pin_mut!(all);
@@ -102,25 +112,7 @@ async fn on_postgres_a_second_lane_commits_while_the_first_batch_is_open() {
         .await
         .unwrap();
     let group = GroupCommit::start_lanes(db.clone(), storage::outbox::Handoff::default(), 2);
-    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
-    let (release, released) = tokio::sync::oneshot::channel::<()>();
-    let mut gate = Some((started_tx, released));
-    let held: Job = Box::new(move |_conn| {
-        let taken = gate.take();
-        async move {
-            if let Some((started_tx, released)) = taken {
-                let _ = started_tx.send(());
-                let _ = released.await;
-            }
-            Ok(Box::new(()) as storage::group_commit::Output)
-        }
-        .boxed()
-    });
-    let holding = tokio::spawn({
-        let group = group.clone();
-        async move { group.run(held).await.is_ok() }
-    });
-    started.await.unwrap();
+    let (holding, release) = hold_a_batch(&group).await;
     let other = tokio::time::timeout(
         std::time::Duration::from_secs(5),
         group.run(insert_job(1, Arc::default())),
