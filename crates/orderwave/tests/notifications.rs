@@ -575,8 +575,8 @@ async fn sms_go_to_the_http_provider_with_retries_permanent_failures_and_a_break
 /// A small SMTP server for the tests: speaks enough of the protocol for a client (EHLO, MAIL,
 /// RCPT, DATA, QUIT; STARTTLS or TLS from the first byte, with the certificate of
 /// `fixtures/smtp-tls`, and then AUTH PLAIN) and keeps every message it receives. A recipient
-/// at `nobody@` is refused for good (550); the next `TEMP_FAILURES` recipients are refused for
-/// now (451).
+/// at `nobody@` is refused for good (550); the next `TEMP_FAILURES` recipients at `later@`,
+/// `stuck@` or `hopeless@` are refused for now (451).
 mod smtp_sink {
     use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
@@ -603,6 +603,9 @@ mod smtp_sink {
     }
 
     pub static TEMP_FAILURES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    /// The recipients `TEMP_FAILURES` applies to: mail of tests running beside the one that
+    /// set it (shared by every sink of this binary) is never refused by accident.
+    const RETRIED: [&str; 3] = ["RCPT TO:<LATER@", "RCPT TO:<STUCK@", "RCPT TO:<HOPELESS@"];
 
     pub async fn start(mails: Arc<Mutex<Vec<Mail>>>) -> u16 {
         start_with(mails, Security::Plain).await
@@ -713,6 +716,7 @@ mod smtp_sink {
             } else if upper.starts_with("RCPT TO:<NOBODY@") {
                 b"550 5.1.1 no such mailbox\r\n"
             } else if upper.starts_with("RCPT TO:")
+                && RETRIED.iter().any(|r| upper.starts_with(r))
                 && TEMP_FAILURES
                     .fetch_update(
                         std::sync::atomic::Ordering::SeqCst,

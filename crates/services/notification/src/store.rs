@@ -134,6 +134,13 @@ pub struct NotificationStore {
     batches: GroupCommit,
     /// Committed outbox rows (notification.sent, notification.failed) go to the relay through it.
     handoff: Handoff,
+    /// Deliveries this process recorded from events, claimed at insert: the worker takes them
+    /// from here without reading them back. One left here past half its claim is dropped and
+    /// found in the table once the claim ends.
+    queued: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, Due)>>,
+    /// When rows in the table become due without a wake-up (a retry, a put-off delivery), or
+    /// now (a redriven or ad-hoc delivery): the worker reads the table then, besides its poll.
+    table_due: std::sync::Mutex<std::collections::BTreeSet<std::time::Instant>>,
     /// Templates read in the last `TEMPLATE_TTL` (a PUT in this process replaces its entry at
     /// once; one in another process is seen within the TTL).
     templates: std::sync::RwLock<HashMap<String, (std::time::Instant, Template)>>,
@@ -151,6 +158,8 @@ impl NotificationStore {
             handoff,
             db,
             due: tokio::sync::Notify::new(),
+            queued: std::sync::Mutex::default(),
+            table_due: std::sync::Mutex::default(),
             templates: std::sync::RwLock::default(),
         }
     }
@@ -167,6 +176,52 @@ impl NotificationStore {
     /// Resolves when deliveries may have become due.
     pub async fn work_due(&self) {
         self.due.notified().await;
+    }
+
+    /// Rows of the table become due in `delay`: the worker reads it then.
+    fn table_due_in(&self, delay: Duration) {
+        if let Ok(mut due) = self.table_due.lock() {
+            due.insert(std::time::Instant::now() + delay);
+        }
+        self.due.notify_one();
+    }
+
+    /// Whether rows of the table have become due without a wake-up (forgotten once asked).
+    pub fn table_due(&self) -> bool {
+        let Ok(mut due) = self.table_due.lock() else {
+            return true;
+        };
+        let later = due.split_off(&std::time::Instant::now());
+        let come = !due.is_empty();
+        *due = later;
+        come
+    }
+
+    /// The next moment rows of the table become due without a wake-up (left for
+    /// [`table_due`](Self::table_due) to take).
+    pub fn next_table_due(&self) -> Option<std::time::Instant> {
+        self.table_due.lock().ok()?.first().copied()
+    }
+
+    /// Takes up to `limit` deliveries recorded by this process on `channels`, oldest first.
+    /// Deliveries on other channels stay; one waiting longer than half its claim is dropped
+    /// (the table has it, due once the claim ends).
+    pub fn take_queued(&self, channels: &[&str], limit: usize) -> Vec<Due> {
+        let Ok(mut queued) = self.queued.lock() else {
+            return Vec::new();
+        };
+        queued.retain(|(at, _)| at.elapsed() < CLAIM / 2);
+        let mut taken = Vec::new();
+        let mut kept = std::collections::VecDeque::with_capacity(queued.len());
+        for (at, due) in queued.drain(..) {
+            if taken.len() < limit && channels.contains(&due.channel.as_str()) {
+                taken.push(due);
+            } else {
+                kept.push_back((at, due));
+            }
+        }
+        *queued = kept;
+        taken
     }
 
     /// Writes the default template of every event and channel that has none.
@@ -282,31 +337,51 @@ impl NotificationStore {
                 let (group, message_id, list) = (group.clone(), message_id.clone(), list.clone());
                 async move {
                     if !inbox::claim(conn, &group, &message_id).await? {
-                        return Ok(false);
+                        return Ok(None);
                     }
+                    // Claimed by this process at once: its worker gets them from memory.
+                    let claimed_until = later(CLAIM);
+                    let mut due = Vec::new();
                     for delivery in &list {
-                        insert(conn, delivery).await?;
+                        if let Some(id) = insert(conn, delivery, &claimed_until).await? {
+                            due.push(Due {
+                                id,
+                                channel: delivery.channel.clone(),
+                                recipient: delivery.recipient.clone(),
+                                subject: delivery.subject.clone(),
+                                text_body: delivery.text_body.clone(),
+                                html_body: delivery.html_body.clone(),
+                                attempts: 0,
+                            });
+                        }
                     }
-                    Ok::<bool, StoreError>(true)
+                    Ok::<Option<Vec<Due>>, StoreError>(Some(due))
                 }
                 .boxed()
             })
             .await?;
-        if recorded && !deliveries.is_empty() {
+        let Some(due) = recorded else {
+            return Ok(false);
+        };
+        if !due.is_empty() {
+            if let Ok(mut queued) = self.queued.lock() {
+                let now = std::time::Instant::now();
+                queued.extend(due.into_iter().map(|d| (now, d)));
+            }
             self.due.notify_one();
         }
-        Ok(recorded)
+        Ok(true)
     }
 
     /// An ad-hoc message, sent like any other; returns it.
     pub async fn create(&self, delivery: &NewDelivery) -> Result<Notification, StoreError> {
         let mut conn = self.db.writer().acquire().await?;
-        // An ad-hoc event id is fresh: it is always inserted.
-        let id = insert(&mut conn, delivery)
+        // An ad-hoc event id is fresh: it is always inserted, due now.
+        let id = insert(&mut conn, delivery, &time::to_text(time::now()))
             .await?
             .ok_or(StoreError::NotFound)?;
         drop(conn);
-        self.due.notify_one();
+        self.table_due_in(Duration::ZERO);
         self.get(&id).await?.ok_or(StoreError::NotFound)
     }
 
@@ -380,6 +455,10 @@ impl NotificationStore {
         };
         let id = id.to_string();
         let name = outcome.name();
+        let retry_in = match outcome {
+            Outcome::Retry { retry_in, .. } => Some(retry_in),
+            _ => None,
+        };
         let (detail, reference, error) = (
             detail.to_string(),
             reference.map(str::to_string),
@@ -451,7 +530,11 @@ impl NotificationStore {
                 }
                 .boxed()
             })
-            .await
+            .await?;
+        if let Some(delay) = retry_in {
+            self.table_due_in(delay);
+        }
+        Ok(())
     }
 
     /// Puts a due delivery off by `delay` without counting an attempt (its channel's breaker
@@ -464,6 +547,7 @@ impl NotificationStore {
         .bind(id)
         .execute(self.db.writer())
         .await?;
+        self.table_due_in(delay);
         Ok(())
     }
 
@@ -479,7 +563,7 @@ impl NotificationStore {
         .execute(self.db.writer())
         .await?;
         if done.rows_affected() == 1 {
-            self.due.notify_one();
+            self.table_due_in(Duration::ZERO);
         }
         Ok(done.rows_affected() == 1)
     }
@@ -627,13 +711,17 @@ impl Outcome<'_> {
 }
 
 /// Inserts a delivery unless its event has one on that channel; returns its id when inserted.
-async fn insert(conn: &mut AnyConnection, d: &NewDelivery) -> Result<Option<String>, StoreError> {
+async fn insert(
+    conn: &mut AnyConnection,
+    d: &NewDelivery,
+    next_attempt_at: &str,
+) -> Result<Option<String>, StoreError> {
     let id = Uuid::now_v7().to_string();
     let now = time::to_text(time::now());
     let inserted = sqlx::query(
         "INSERT INTO notifications (id, event_id, event_type, channel, recipient, customer_id, order_id, template_key, \
          subject, text_body, html_body, status, attempts, next_attempt_at, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'pending', 0, $12, $12, $12) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'pending', 0, $13, $12, $12) \
          ON CONFLICT (event_id, channel) DO NOTHING RETURNING id",
     )
     .bind(&id)
@@ -648,6 +736,7 @@ async fn insert(conn: &mut AnyConnection, d: &NewDelivery) -> Result<Option<Stri
     .bind(&d.text_body)
     .bind(d.html_body.as_deref())
     .bind(&now)
+    .bind(next_attempt_at)
     .fetch_optional(&mut *conn)
     .await?;
     Ok(inserted.map(|r| r.try_get(0)).transpose()?)

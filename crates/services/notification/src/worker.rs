@@ -95,6 +95,11 @@ pub async fn run(
 ) {
     let mut tasks = tokio::task::JoinSet::new();
     let batch = usize::try_from(config.batch.max(1)).unwrap_or(64);
+    // The table is read every poll interval (deliveries other processes recorded, claims that
+    // ended), when rows became due there (a retry, a redrive, an ad-hoc message), and again at
+    // once while a read comes back full. New deliveries of this process come from memory.
+    let mut last_table_read: Option<std::time::Instant> = None;
+    let mut table_more = false;
     loop {
         if *stop.borrow() {
             break;
@@ -117,19 +122,37 @@ pub async fn run(
         }
         let mut due = Vec::new();
         if room > 0 {
-            let limit = u32::try_from(room).unwrap_or(u32::MAX);
-            match store.claim_due(limit, &open).await {
-                Ok(claimed) => due.extend(claimed),
-                Err(error) => tracing::warn!(%error, "cannot read due notifications"),
+            due.extend(store.take_queued(&open, room));
+            let read_table = store.table_due()
+                || table_more
+                || last_table_read.is_none_or(|at| at.elapsed() >= config.poll_interval);
+            if read_table {
+                last_table_read = Some(std::time::Instant::now());
+                table_more = false;
+            }
+            if read_table && due.len() < room {
+                let left = room - due.len();
+                let limit = u32::try_from(left).unwrap_or(u32::MAX);
+                match store.claim_due(limit, &open).await {
+                    Ok(claimed) => {
+                        table_more = claimed.len() >= left;
+                        due.extend(claimed);
+                    }
+                    Err(error) => tracing::warn!(%error, "cannot read due notifications"),
+                }
             }
             for channel in probing {
                 if due.len() >= room {
                     break;
                 }
-                match store.claim_due(1, &[channel]).await {
-                    Ok(claimed) => due.extend(claimed),
-                    Err(error) => tracing::warn!(%error, "cannot read due notifications"),
+                let mut probe = store.take_queued(&[channel], 1);
+                if probe.is_empty() && read_table {
+                    match store.claim_due(1, &[channel]).await {
+                        Ok(claimed) => probe = claimed,
+                        Err(error) => tracing::warn!(%error, "cannot read due notifications"),
+                    }
                 }
+                due.extend(probe);
             }
         }
         let claimed = due.len();
@@ -150,9 +173,16 @@ pub async fn run(
                 _ = stop.changed() => {}
             }
         } else {
+            let now = std::time::Instant::now();
+            let poll = config
+                .poll_interval
+                .saturating_sub(last_table_read.map_or(Duration::ZERO, |at| at.elapsed()));
+            let wait = store
+                .next_table_due()
+                .map_or(poll, |at| poll.min(at.saturating_duration_since(now)));
             tokio::select! {
                 () = store.work_due() => {}
-                () = tokio::time::sleep(config.poll_interval) => {}
+                () = tokio::time::sleep(wait) => {}
                 // A probe's outcome may open a channel's backlog again.
                 _ = tasks.join_next(), if !tasks.is_empty() => {}
                 _ = stop.changed() => {}
