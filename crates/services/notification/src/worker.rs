@@ -123,14 +123,14 @@ pub async fn run(
         let mut due = Vec::new();
         if room > 0 {
             due.extend(store.take_queued(&open, room));
-            let read_table = store.table_due()
-                || table_more
-                || last_table_read.is_none_or(|at| at.elapsed() >= config.poll_interval);
+            // Only with room left: a moment that came stays until a read can take its rows.
+            let read_table = due.len() < room
+                && (table_more
+                    || last_table_read.is_none_or(|at| at.elapsed() >= config.poll_interval)
+                    || store.table_due());
             if read_table {
                 last_table_read = Some(std::time::Instant::now());
                 table_more = false;
-            }
-            if read_table && due.len() < room {
                 let left = room - due.len();
                 let limit = u32::try_from(left).unwrap_or(u32::MAX);
                 match store.claim_due(limit, &open).await {
