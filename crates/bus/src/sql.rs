@@ -18,9 +18,10 @@ pub static MIGRATOR: storage::Migrator = sqlx::migrate!("./migrations");
 pub struct SqlBus {
     db: Db,
     published: Arc<Wakeups>,
-    /// Publishes of every relay of this process share transactions: one BEGIN/COMMIT and one
-    /// turn on the writer for what the relays publish at the same moment.
-    publishes: storage::group_commit::GroupCommit,
+    /// On SQLite, publishes of every relay of this process share transactions: one
+    /// BEGIN/COMMIT and one turn on the writer for what the relays publish at the same moment.
+    /// None on PostgreSQL, where a publish is one statement of its own.
+    publishes: Option<storage::group_commit::GroupCommit>,
 }
 
 /// Who is woken by a publish: every `wakeups()` receiver, and each `wakeups_for(topics)`
@@ -150,10 +151,12 @@ impl SqlBus {
     pub async fn start(db: Db) -> Result<Self, storage::DbError> {
         db.migrate(&MIGRATOR).await?;
         Ok(Self {
-            publishes: storage::group_commit::GroupCommit::start(
-                db.clone(),
-                storage::outbox::Handoff::default(),
-            ),
+            publishes: (db.backend() == storage::Backend::Sqlite).then(|| {
+                storage::group_commit::GroupCommit::start(
+                    db.clone(),
+                    storage::outbox::Handoff::default(),
+                )
+            }),
             db,
             published: Arc::new(Wakeups::new()),
         })
@@ -198,23 +201,15 @@ impl SqlBus {
         let mut topics: Vec<String> = fresh.iter().map(|m| m.topic.clone()).collect();
         topics.sort_unstable();
         topics.dedup();
-        let (db, instance) = (self.db.clone(), self.published.instance.clone());
-        let job_topics = Arc::new(topics.clone());
-        let appended = if self.db.backend() == storage::Backend::Postgres {
-            append_postgres(&self.db, &instance, &fresh, &topics).await?
-        } else {
-            self.publishes
+        let appended = match &self.publishes {
+            Some(publishes) => publishes
                 .run_as(move |conn| {
-                    let (db, instance, fresh, topics) = (
-                        db.clone(),
-                        instance.clone(),
-                        fresh.clone(),
-                        job_topics.clone(),
-                    );
-                    async move { append(&db, conn, &instance, &fresh, &topics).await }.boxed()
+                    let fresh = fresh.clone();
+                    async move { append(conn, &fresh).await }.boxed()
                 })
                 .await
-                .map(|appended| vec![appended])?
+                .map(|appended| vec![appended])?,
+            None => append_postgres(&self.db, &self.published.instance, &fresh, &topics).await?,
         };
         metrics::counter!("bus_published_total")
             .increment(appended.iter().map(|a| a.deliveries.len() as u64).sum());
@@ -489,13 +484,11 @@ struct Appended {
     deliveries: Vec<Delivery>,
 }
 
-/// Appends `messages` to the log in the caller's transaction.
+/// Appends `messages` to the log in the caller's transaction (SQLite: no other process is woken;
+/// they poll).
 async fn append(
-    db: &Db,
     conn: &mut sqlx::AnyConnection,
-    instance: &str,
     messages: &[Message],
-    topics: &[String],
 ) -> Result<Appended, sqlx::Error> {
     let count = i64::try_from(messages.len()).unwrap_or(i64::MAX);
     // Taking positions locks the sequence row until commit: publishers queue here, so
@@ -521,8 +514,6 @@ async fn append(
     .iter()
     .map(|r| r.try_get::<i64, _>(0))
     .collect::<Result<_, _>>()?;
-    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-    notify_others(db, conn, instance, &topics).await?;
     Ok(Appended {
         first,
         last,
@@ -623,22 +614,6 @@ async fn append_postgres(
         });
     }
     Ok(appended)
-}
-
-/// Tells other processes' consumers (LISTEN/NOTIFY, delivered at commit) on PostgreSQL.
-async fn notify_others(
-    db: &Db,
-    conn: &mut sqlx::AnyConnection,
-    instance: &str,
-    topics: &[&str],
-) -> Result<(), sqlx::Error> {
-    if db.backend() == storage::Backend::Postgres {
-        sqlx::query("SELECT pg_notify('orderwave_bus', $1)")
-            .bind(format!("{instance} {}", topics.join(",")))
-            .execute(conn)
-            .await?;
-    }
-    Ok(())
 }
 
 impl Bus for SqlBus {

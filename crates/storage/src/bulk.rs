@@ -62,11 +62,8 @@ pub async fn insert_returning(
 ) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
     let mut returned = Vec::new();
     for chunk in rows.chunks(CHUNK) {
-        let Some(width) = chunk.first().map(Vec::len) else {
-            continue;
-        };
         returned.extend(
-            statement(head, tail, chunk, width)
+            values_statement(head, tail, chunk)
                 .fetch_all(&mut *conn)
                 .await?,
         );
@@ -85,23 +82,14 @@ pub async fn update_from_values(
     insert_returning_count(conn, &format!("{head} ("), &format!(") {tail}"), rows).await
 }
 
-/// `head VALUES (...), ... tail` for `rows` (at most [`CHUNK`], all as wide as the first), with
-/// their values bound as `$1...`; more parameters of `tail` are bound after them.
+/// `head VALUES (...), ... tail` for `chunk` (at most [`CHUNK`] rows, all as wide as the first),
+/// with their values bound as `$1...`; more parameters of `tail` are bound after them.
 pub fn values_statement<'q>(
     head: &str,
     tail: &str,
-    rows: &'q [Vec<Value>],
-) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
-    statement(head, tail, rows, rows.first().map_or(0, Vec::len))
-}
-
-/// `head VALUES (...), ... tail` for `chunk`, with its values bound.
-fn statement<'q>(
-    head: &str,
-    tail: &str,
     chunk: &'q [Vec<Value>],
-    width: usize,
 ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    let width = chunk.first().map_or(0, Vec::len);
     let mut sql = String::with_capacity(head.len() + chunk.len() * width * 6);
     sql.push_str(head);
     sql.push_str(" VALUES ");
@@ -147,10 +135,7 @@ pub async fn insert_returning_count(
 ) -> Result<u64, sqlx::Error> {
     let mut inserted = 0;
     for chunk in rows.chunks(CHUNK) {
-        let Some(width) = chunk.first().map(Vec::len) else {
-            continue;
-        };
-        inserted += statement(head, tail, chunk, width)
+        inserted += values_statement(head, tail, chunk)
             .execute(&mut *conn)
             .await?
             .rows_affected();
