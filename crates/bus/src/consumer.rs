@@ -199,11 +199,7 @@ async fn hold(
     let mut stopping: Option<Held> = None;
     let capacity = config.batch_size.max(1) * 2;
     loop {
-        // Up to where every message is handled.
-        let handled_to = match (open.first(), read_to) {
-            (Some(first), _) => Some(first - 1),
-            (None, position) => position,
-        };
+        let handled_to = handled_up_to(&open, read_to);
         if let Some(reason) = stopping.as_ref()
             && running.is_empty()
         {
@@ -290,10 +286,7 @@ async fn hold(
                 }
             }
         }
-        let handled_to = match (open.first(), read_to) {
-            (Some(first), _) => Some(first - 1),
-            (None, position) => position,
-        };
+        let handled_to = handled_up_to(&open, read_to);
         commit_when_due(
             bus.as_ref(),
             config,
@@ -349,6 +342,15 @@ async fn hold(
             () = tokio::time::sleep(renew_in), if stopping.is_none() => {}
             _ = shutdown.changed(), if stopping.is_none() => {}
         }
+    }
+}
+
+/// Up to where every message is handled: just before the oldest one still open, or as far as
+/// reading went when none is.
+fn handled_up_to(open: &std::collections::BTreeSet<i64>, read_to: Option<i64>) -> Option<i64> {
+    match open.first() {
+        Some(first) => Some(first - 1),
+        None => read_to,
     }
 }
 
