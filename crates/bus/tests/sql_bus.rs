@@ -531,9 +531,7 @@ async fn commit_handed(
 ) {
     let mut tx = db.begin_write().await.unwrap();
     let rows = storage::outbox::enqueue(&mut tx, messages).await.unwrap();
-    let ticket = handoff.ticket();
-    tx.commit().await.unwrap();
-    ticket.committed(rows);
+    handoff.commit(tx, rows).await.unwrap();
 }
 
 async fn handed_rows_are_published_at_once_and_after_older_rows_of_their_aggregate(postgres: bool) {

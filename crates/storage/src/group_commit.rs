@@ -243,21 +243,16 @@ async fn together(
         outputs.push(output);
         rows.extend(written);
     }
-    let ticket = (!rows.is_empty()).then(|| handoff.ticket());
-    tx.commit().await.map_err(Failure::Transaction)?;
-    if let Some(ticket) = ticket {
-        ticket.committed(rows);
-    }
+    handoff
+        .commit(tx, rows)
+        .await
+        .map_err(Failure::Transaction)?;
     Ok(outputs)
 }
 
 async fn alone(db: &Db, job: &mut Staged, handoff: &Handoff) -> Result<Output, JobError> {
     let mut tx = db.begin_write().await?;
     let (output, rows) = job(&mut tx).await?;
-    let ticket = (!rows.is_empty()).then(|| handoff.ticket());
-    tx.commit().await?;
-    if let Some(ticket) = ticket {
-        ticket.committed(rows);
-    }
+    handoff.commit(tx, rows).await?;
     Ok(output)
 }

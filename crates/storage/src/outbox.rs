@@ -82,6 +82,21 @@ impl Handoff {
         }
     }
 
+    /// Commits `tx` and hands over the `rows` it wrote: a ticket is taken after the writes and
+    /// before the commit (see [`Handoff`]).
+    pub async fn commit(
+        &self,
+        tx: sqlx::Transaction<'_, sqlx::Any>,
+        rows: Vec<PendingMessage>,
+    ) -> Result<(), sqlx::Error> {
+        let ticket = (!rows.is_empty()).then(|| self.ticket());
+        tx.commit().await?;
+        if let Some(ticket) = ticket {
+            ticket.committed(rows);
+        }
+        Ok(())
+    }
+
     /// Everything ready, in order.
     pub fn take(&self) -> Handed {
         let mut state = self.lock();

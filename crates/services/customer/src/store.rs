@@ -188,9 +188,7 @@ impl CustomerStore {
             Err(e) => return Err(e.into()),
         }
         let rows = outbox::enqueue(&mut tx, &outbox_rows).await?;
-        let ticket = self.handoff.ticket();
-        tx.commit().await?;
-        ticket.committed(rows);
+        self.handoff.commit(tx, rows).await?;
         self.cache.insert(id, customer.clone());
         Ok(customer)
     }

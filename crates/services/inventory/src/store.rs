@@ -235,9 +235,7 @@ impl InventoryStore {
             )
             .await?;
         }
-        let ticket = self.handoff.ticket();
-        tx.commit().await?;
-        ticket.committed(written);
+        self.handoff.commit(tx, written).await?;
         Ok(!held.is_empty())
     }
 

@@ -530,9 +530,7 @@ async fn commit(db: &Db, writes: &[&Write], handoff: &Handoff) -> Result<(), Sto
         .flat_map(|w| w.messages.iter().cloned())
         .collect();
     let rows = outbox::enqueue(&mut tx, &messages).await?;
-    let ticket = handoff.ticket();
-    tx.commit().await?;
-    ticket.committed(rows);
+    handoff.commit(tx, rows).await?;
     Ok(())
 }
 

@@ -673,9 +673,7 @@ impl PaymentStore {
             )
             .await?;
         }
-        let ticket = self.handoff.ticket();
-        tx.commit().await?;
-        ticket.committed(written);
+        self.handoff.commit(tx, written).await?;
         Ok(true)
     }
 
