@@ -89,12 +89,22 @@ pub fn values_statement<'q>(
     tail: &str,
     chunk: &'q [Vec<Value>],
 ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
-    let width = chunk.first().map_or(0, Vec::len);
-    let mut sql = String::with_capacity(head.len() + chunk.len() * width * 6);
+    let mut sql = String::with_capacity(head.len() + chunk.len() * 48);
     sql.push_str(head);
+    push_values(&mut sql, &mut 0, chunk);
+    if !tail.is_empty() {
+        sql.push(' ');
+        sql.push_str(tail);
+    }
+    bind_all(sqlx::query(AssertSqlSafe(sql)), [chunk])
+}
+
+/// Appends ` VALUES ($n+1, ...), (...)` for `rows` (each as wide as the first) to `sql`,
+/// numbering on from `*n`.
+fn push_values(sql: &mut String, n: &mut usize, rows: &[Vec<Value>]) {
+    let width = rows.first().map_or(0, Vec::len);
     sql.push_str(" VALUES ");
-    let mut n = 0;
-    for (r, _) in chunk.iter().enumerate() {
+    for r in 0..rows.len() {
         if r > 0 {
             sql.push_str(", ");
         }
@@ -103,19 +113,21 @@ pub fn values_statement<'q>(
             if c > 0 {
                 sql.push_str(", ");
             }
-            n += 1;
+            *n += 1;
             sql.push('$');
             sql.push_str(&n.to_string());
         }
         sql.push(')');
     }
-    if !tail.is_empty() {
-        sql.push(' ');
-        sql.push_str(tail);
-    }
-    let mut query = sqlx::query(AssertSqlSafe(sql));
-    for row in chunk {
-        for value in row {
+}
+
+/// Binds every value of `parts`, in order.
+fn bind_all<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    parts: impl IntoIterator<Item = &'q [Vec<Value>]>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    for rows in parts {
+        for value in rows.iter().flatten() {
             query = match value {
                 Value::Text(t) => query.bind(t.clone()),
                 Value::Int(i) => query.bind(*i),
@@ -123,6 +135,123 @@ pub fn values_statement<'q>(
         }
     }
     query
+}
+
+/// Several writes of one transaction sent as one statement on PostgreSQL: each is a
+/// data-modifying `WITH` part, and the statement returns how many rows each part wrote. One
+/// round trip and one statement for the server to parse and plan, where the writes one by one
+/// would take one each. On SQLite (in process, no round trips, and no writes inside `WITH`)
+/// the parts run one after the other.
+///
+/// The parts of one statement all see the database as it was before it: no part may read or
+/// write a row another part writes (two parts inserting into different tables, or an update
+/// of rows no other part touches, are fine).
+#[derive(Debug, Default)]
+pub struct Script {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug)]
+struct Part {
+    /// Before the values (`INSERT INTO t (a, b)`, or `UPDATE t SET ... FROM (`).
+    head: String,
+    /// After them (`ON CONFLICT ...`, or `) AS v WHERE ...`).
+    tail: String,
+    rows: Vec<Vec<Value>>,
+}
+
+/// Bound values one statement of a [`Script`] holds at most (PostgreSQL's limit is 65,535).
+const SCRIPT_PARAMETERS: usize = 30_000;
+
+impl Script {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `head VALUES (...), ... tail` for `rows`; the index of its count in what
+    /// [`run`](Self::run) returns.
+    pub fn insert(&mut self, head: &str, tail: &str, rows: Vec<Vec<Value>>) -> usize {
+        self.parts.push(Part {
+            head: head.to_string(),
+            tail: tail.to_string(),
+            rows,
+        });
+        self.parts.len() - 1
+    }
+
+    /// Adds `head (VALUES (...), ...) tail` for `rows` (an `UPDATE ... FROM` a list of values,
+    /// as [`update_from_values`]); the index of its count in what [`run`](Self::run) returns.
+    pub fn update_from_values(&mut self, head: &str, tail: &str, rows: Vec<Vec<Value>>) -> usize {
+        self.insert(&format!("{head} ("), &format!(") {tail}"), rows)
+    }
+
+    /// Runs the parts on `conn` (in the caller's transaction); how many rows each wrote, in
+    /// the order they were added. A part without rows runs nowhere and wrote 0.
+    pub async fn run(
+        &self,
+        conn: &mut AnyConnection,
+        backend: crate::Backend,
+    ) -> Result<Vec<u64>, sqlx::Error> {
+        let parameters: usize = self
+            .parts
+            .iter()
+            .map(|p| p.rows.iter().map(Vec::len).sum::<usize>())
+            .sum();
+        let one_statement = backend == crate::Backend::Postgres
+            && parameters <= SCRIPT_PARAMETERS
+            && self.parts.iter().all(|p| p.rows.len() <= CHUNK);
+        if !one_statement {
+            let mut counts = Vec::with_capacity(self.parts.len());
+            for part in &self.parts {
+                counts
+                    .push(insert_returning_count(conn, &part.head, &part.tail, &part.rows).await?);
+            }
+            return Ok(counts);
+        }
+        let written: Vec<(usize, &Part)> = self
+            .parts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !p.rows.is_empty())
+            .collect();
+        if written.is_empty() {
+            return Ok(vec![0; self.parts.len()]);
+        }
+        let mut sql = String::from("WITH ");
+        let mut n = 0;
+        for (i, (index, part)) in written.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("p{index} AS ("));
+            sql.push_str(&part.head);
+            push_values(&mut sql, &mut n, &part.rows);
+            if !part.tail.is_empty() {
+                sql.push(' ');
+                sql.push_str(&part.tail);
+            }
+            sql.push_str(" RETURNING 1)");
+        }
+        sql.push_str(" SELECT ");
+        for (i, (index, _)) in written.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("(SELECT COUNT(*) FROM p{index})"));
+        }
+        let row = bind_all(
+            sqlx::query(AssertSqlSafe(sql)),
+            written.iter().map(|(_, p)| p.rows.as_slice()),
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        let mut counts = vec![0; self.parts.len()];
+        for (column, (index, _)) in written.iter().enumerate() {
+            let count: i64 = sqlx::Row::try_get(&row, column)?;
+            counts[*index] = u64::try_from(count).unwrap_or(0);
+        }
+        Ok(counts)
+    }
 }
 
 /// Like [`insert`], with `tail` after the values (an `ON CONFLICT` clause); how many rows were

@@ -40,7 +40,43 @@ pub fn is_unique_violation(error: &sqlx::Error) -> bool {
 /// Appends events inside the caller's transaction, in one statement. A version some writer
 /// appended first is a [`AppendError::Conflict`].
 pub async fn append(conn: &mut AnyConnection, events: &[NewEvent]) -> Result<(), AppendError> {
-    let rows: Vec<Vec<Value>> = events
+    bulk::insert(conn, INSERT, &rows(events))
+        .await
+        .map_err(|error| append_error(error, events))
+}
+
+/// The events as a part of `script`; an error of the script goes through [`append_error`].
+pub fn stage(script: &mut bulk::Script, events: &[NewEvent]) -> usize {
+    script.insert(INSERT, "", rows(events))
+}
+
+/// What an error of a write that appended `events` means: a unique violation of the event
+/// store is a version another writer appended first.
+pub fn append_error(error: sqlx::Error, events: &[NewEvent]) -> AppendError {
+    let of_events = match &error {
+        sqlx::Error::Database(e) if e.is_unique_violation() => {
+            // PostgreSQL names the constraint; SQLite names the columns in its message.
+            e.constraint().is_some_and(|c| c.starts_with("events"))
+                || e.message().contains("events.")
+        }
+        _ => false,
+    };
+    if of_events {
+        AppendError::Conflict {
+            aggregate_id: events
+                .first()
+                .map(|e| e.aggregate_id.clone())
+                .unwrap_or_default(),
+        }
+    } else {
+        AppendError::Db(error)
+    }
+}
+
+const INSERT: &str = "INSERT INTO events (aggregate_id, version, event_type, payload, occurred_at)";
+
+fn rows(events: &[NewEvent]) -> Vec<Vec<Value>> {
+    events
         .iter()
         .map(|e| {
             vec![
@@ -51,23 +87,7 @@ pub async fn append(conn: &mut AnyConnection, events: &[NewEvent]) -> Result<(),
                 e.occurred_at.as_str().into(),
             ]
         })
-        .collect();
-    match bulk::insert(
-        conn,
-        "INSERT INTO events (aggregate_id, version, event_type, payload, occurred_at)",
-        &rows,
-    )
-    .await
-    {
-        Ok(()) => Ok(()),
-        Err(err) if is_unique_violation(&err) => Err(AppendError::Conflict {
-            aggregate_id: events
-                .first()
-                .map(|e| e.aggregate_id.clone())
-                .unwrap_or_default(),
-        }),
-        Err(err) => Err(err.into()),
-    }
+        .collect()
 }
 
 /// All events of one aggregate, oldest first.

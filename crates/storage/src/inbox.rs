@@ -19,17 +19,27 @@ pub async fn claim_all(
     conn: &mut AnyConnection,
     claims: &[(&str, &str)],
 ) -> Result<bool, sqlx::Error> {
+    let inserted =
+        crate::bulk::insert_returning_count(conn, CLAIM.0, CLAIM.1, &claim_rows(claims)).await?;
+    Ok(inserted == claims.len() as u64)
+}
+
+/// The claims as a part of `script`: every one was new when its count (at the index returned)
+/// is `claims.len()`.
+pub fn stage_claims(script: &mut crate::bulk::Script, claims: &[(&str, &str)]) -> usize {
+    script.insert(CLAIM.0, CLAIM.1, claim_rows(claims))
+}
+
+/// The claiming statement around its values.
+const CLAIM: (&str, &str) = (
+    "INSERT INTO inbox (group_name, message_id, processed_at)",
+    "ON CONFLICT (group_name, message_id) DO NOTHING",
+);
+
+fn claim_rows(claims: &[(&str, &str)]) -> Vec<Vec<crate::bulk::Value>> {
     let now = crate::time::to_text(crate::time::now());
-    let rows: Vec<Vec<crate::bulk::Value>> = claims
+    claims
         .iter()
         .map(|(group, message_id)| vec![(*group).into(), (*message_id).into(), now.as_str().into()])
-        .collect();
-    let inserted = crate::bulk::insert_returning_count(
-        conn,
-        "INSERT INTO inbox (group_name, message_id, processed_at)",
-        "ON CONFLICT (group_name, message_id) DO NOTHING",
-        &rows,
-    )
-    .await?;
-    Ok(inserted == claims.len() as u64)
+        .collect()
 }

@@ -222,6 +222,26 @@ pub async fn enqueue(
     conn: &mut AnyConnection,
     messages: &[OutboxMessage],
 ) -> Result<Vec<PendingMessage>, sqlx::Error> {
+    let (rows, pending) = rows(messages)?;
+    bulk::insert(conn, INSERT, &rows).await?;
+    Ok(pending)
+}
+
+/// The messages as a part of `script`; the rows as the relay publishes them.
+pub fn stage(
+    script: &mut bulk::Script,
+    messages: &[OutboxMessage],
+) -> Result<Vec<PendingMessage>, sqlx::Error> {
+    let (rows, pending) = rows(messages)?;
+    script.insert(INSERT, "", rows);
+    Ok(pending)
+}
+
+const INSERT: &str =
+    "INSERT INTO outbox (id, aggregate_id, aggregate_version, topic, payload, created_at)";
+
+/// The values to insert, and the rows as the relay publishes them.
+fn rows(messages: &[OutboxMessage]) -> Result<(Vec<Vec<Value>>, Vec<PendingMessage>), sqlx::Error> {
     let mut rows = Vec::with_capacity(messages.len());
     let mut pending = Vec::with_capacity(messages.len());
     for m in messages {
@@ -244,13 +264,7 @@ pub async fn enqueue(
             created_at: m.created_at.clone(),
         });
     }
-    bulk::insert(
-        conn,
-        "INSERT INTO outbox (id, aggregate_id, aggregate_version, topic, payload, created_at)",
-        &rows,
-    )
-    .await?;
-    Ok(pending)
+    Ok((rows, pending))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -17,7 +17,7 @@ use moka::sync::Cache;
 use sqlx::Row;
 use std::sync::Arc;
 use storage::Db;
-use storage::bulk::{self, Value};
+use storage::bulk::{self, Script, Value};
 use storage::events::{self, AppendError, NewEvent};
 use storage::outbox::{self, Handoff, OutboxMessage};
 use storage::page::NewestFirst;
@@ -444,7 +444,8 @@ fn shared_error(error: &StoreError) -> StoreError {
     }
 }
 
-/// One transaction for all `writes`; their outbox rows go to `handoff` once it committed.
+/// One transaction for all `writes`; their outbox rows go to `handoff` once it committed. On
+/// PostgreSQL its writes (inbox claims, events, order rows, items, outbox) are one statement.
 async fn commit(db: &Db, writes: &[&Write], handoff: &Handoff) -> Result<(), StoreError> {
     let mut tx = db.begin_write().await?;
     let claims: Vec<(&str, &str)> = writes
@@ -452,19 +453,10 @@ async fn commit(db: &Db, writes: &[&Write], handoff: &Handoff) -> Result<(), Sto
         .filter_map(|w| w.cause.as_ref())
         .map(|(group, message_id)| (group.as_str(), message_id.as_str()))
         .collect();
-    if !storage::inbox::claim_all(&mut tx, &claims).await? {
-        return Err(StoreError::Duplicate);
-    }
     let events: Vec<NewEvent> = writes
         .iter()
         .flat_map(|w| w.events.iter().cloned())
         .collect();
-    events::append(&mut tx, &events)
-        .await
-        .map_err(|e| match e {
-            AppendError::Conflict { .. } => StoreError::Conflict,
-            AppendError::Db(e) => StoreError::Db(e),
-        })?;
     let mut created_rows = Vec::new();
     let mut updated_rows = Vec::new();
     let mut item_rows = Vec::new();
@@ -496,6 +488,7 @@ async fn commit(db: &Db, writes: &[&Write], handoff: &Handoff) -> Result<(), Sto
         }
         if w.replace_items {
             if !w.created {
+                // Before the script: its parts could not delete and insert one row.
                 sqlx::query("DELETE FROM order_items WHERE order_id = $1")
                     .bind(o.id.to_string())
                     .execute(&mut *tx)
@@ -512,57 +505,80 @@ async fn commit(db: &Db, writes: &[&Write], handoff: &Handoff) -> Result<(), Sto
             }
         }
     }
-    bulk::insert(
-        &mut tx,
+    let mut script = Script::new();
+    let claimed = storage::inbox::stage_claims(&mut script, &claims);
+    events::stage(&mut script, &events);
+    script.insert(
         "INSERT INTO orders (id, customer_id, status, currency, total, version, created_at, updated_at, document)",
-        &created_rows,
-    )
-    .await?;
-    update_orders(&mut tx, &updated_rows).await?;
-    bulk::insert(
-        &mut tx,
+        "",
+        created_rows,
+    );
+    let mut updates = None;
+    if distinct_orders(&updated_rows) {
+        updates = Some((
+            script.update_from_values(UPDATE_ORDERS.0, UPDATE_ORDERS.1, updated_rows),
+            writes.iter().filter(|w| !w.created).count(),
+        ));
+    } else {
+        // An order twice: one statement each, in order, before the script.
+        for row in &updated_rows {
+            if bulk::update_from_values(
+                &mut tx,
+                UPDATE_ORDERS.0,
+                UPDATE_ORDERS.1,
+                std::slice::from_ref(row),
+            )
+            .await?
+                != 1
+            {
+                return Err(StoreError::Db(sqlx::Error::RowNotFound));
+            }
+        }
+    }
+    script.insert(
         "INSERT INTO order_items (order_id, line_no, sku, quantity, unit_price)",
-        &item_rows,
-    )
-    .await?;
+        "",
+        item_rows,
+    );
     let messages: Vec<OutboxMessage> = writes
         .iter()
         .flat_map(|w| w.messages.iter().cloned())
         .collect();
-    let rows = outbox::enqueue(&mut tx, &messages).await?;
+    let rows = outbox::stage(&mut script, &messages)?;
+    let counts =
+        script.run(&mut tx, db.backend()).await.map_err(|e| {
+            match events::append_error(e, &events) {
+                AppendError::Conflict { .. } => StoreError::Conflict,
+                AppendError::Db(e) => StoreError::Db(e),
+            }
+        })?;
+    if counts[claimed] != claims.len() as u64 {
+        return Err(StoreError::Duplicate);
+    }
+    if let Some((index, expected)) = updates
+        && counts[index] != expected as u64
+    {
+        return Err(StoreError::Db(sqlx::Error::RowNotFound));
+    }
     handoff.commit(tx, rows).await?;
     Ok(())
 }
 
-/// Updates orders from rows of (id, status, total, version, updated_at, document): one
-/// statement for the batch (`UPDATE ... FROM (VALUES ...)`, whose columns are `column1`... on
-/// SQLite and PostgreSQL alike), or one per row when an order appears twice.
-async fn update_orders(
-    conn: &mut sqlx::AnyConnection,
-    rows: &[Vec<Value>],
-) -> Result<(), sqlx::Error> {
+/// Updates orders from rows of (id, status, total, version, updated_at, document), as
+/// `UPDATE ... FROM (VALUES ...)`, whose columns are `column1`... on SQLite and PostgreSQL alike.
+const UPDATE_ORDERS: (&str, &str) = (
+    "UPDATE orders SET status = v.column2, total = v.column3, version = v.column4, \
+     updated_at = v.column5, document = v.column6 FROM",
+    "AS v WHERE orders.id = v.column1",
+);
+
+/// No order appears twice in `rows` (one statement may update them all).
+fn distinct_orders(rows: &[Vec<Value>]) -> bool {
     let mut ids = std::collections::HashSet::new();
-    let distinct = rows.iter().all(|r| match r.first() {
+    rows.iter().all(|r| match r.first() {
         Some(Value::Text(id)) => ids.insert(id.as_str()),
         _ => false,
-    });
-    // One statement for all, or one per row when an order appears twice.
-    let per_statement = if distinct { rows.len().max(1) } else { 1 };
-    let mut updated = 0;
-    for chunk in rows.chunks(per_statement) {
-        updated += bulk::update_from_values(
-            conn,
-            "UPDATE orders SET status = v.column2, total = v.column3, version = v.column4, \
-             updated_at = v.column5, document = v.column6 FROM",
-            "AS v WHERE orders.id = v.column1",
-            chunk,
-        )
-        .await?;
-    }
-    if updated != rows.len() as u64 {
-        return Err(sqlx::Error::RowNotFound);
-    }
-    Ok(())
+    })
 }
 
 fn decode_document(text: &str) -> Result<Order, StoreError> {

@@ -1,0 +1,200 @@
+//! A script of writes: on PostgreSQL one statement (every part sees one statement timestamp),
+//! on SQLite one statement per part; the same counts and rows on both, and a failing part
+//! leaves nothing once its transaction rolls back.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use storage::bulk::{Script, Value};
+use storage::events::{self, AppendError, NewEvent};
+use storage::{Backend, Db};
+
+// The crate's test support (a fresh PostgreSQL database), compiled into this test.
+#[path = "../src/testing.rs"]
+mod testing;
+
+async fn setup(db: &Db) {
+    db.migrate(&storage::SERVICE_MIGRATOR).await.unwrap();
+    let stamp = match db.backend() {
+        Backend::Postgres => "TEXT NOT NULL DEFAULT (statement_timestamp()::text)",
+        Backend::Sqlite => "TEXT",
+    };
+    for sql in [
+        format!("CREATE TABLE parents (id TEXT PRIMARY KEY, n BIGINT NOT NULL, at {stamp})"),
+        format!(
+            "CREATE TABLE children (parent TEXT NOT NULL REFERENCES parents (id), n BIGINT NOT NULL, at {stamp})"
+        ),
+        "INSERT INTO parents (id, n) VALUES ('old', 1)".to_string(),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(db.writer())
+            .await
+            .unwrap();
+    }
+}
+
+fn rows(values: &[(&str, i64)]) -> Vec<Vec<Value>> {
+    values
+        .iter()
+        .map(|(id, n)| vec![Value::from(*id), (*n).into()])
+        .collect()
+}
+
+async fn count(db: &Db, table: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+        .fetch_one(db.reader())
+        .await
+        .unwrap()
+}
+
+async fn parts_count_their_rows_and_children_see_their_new_parents(db: &Db) {
+    setup(db).await;
+    let mut script = Script::new();
+    let parents = script.insert(
+        "INSERT INTO parents (id, n)",
+        "",
+        rows(&[("a", 1), ("b", 2)]),
+    );
+    // A child of a parent written by the same script: its foreign key holds.
+    let children = script.insert(
+        "INSERT INTO children (parent, n)",
+        "",
+        rows(&[("a", 10), ("b", 20), ("old", 30)]),
+    );
+    let claims = storage::inbox::stage_claims(&mut script, &[("g", "m1"), ("g", "m1")]);
+    let updated = script.update_from_values(
+        "UPDATE parents SET n = v.column2 FROM",
+        "AS v WHERE parents.id = v.column1",
+        rows(&[("old", 7), ("missing", 8)]),
+    );
+    let empty = script.insert("INSERT INTO parents (id, n)", "", Vec::new());
+    let mut tx = db.begin_write().await.unwrap();
+    let counts = script.run(&mut tx, db.backend()).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(counts[parents], 2);
+    assert_eq!(counts[children], 3);
+    assert_eq!(counts[claims], 1, "one claim of two identical ones is new");
+    assert_eq!(counts[updated], 1, "one of two rows to update exists");
+    assert_eq!(counts[empty], 0);
+    let stored: Vec<(String, i64)> = sqlx::query_as("SELECT id, n FROM parents ORDER BY id")
+        .fetch_all(db.reader())
+        .await
+        .unwrap();
+    assert_eq!(
+        stored,
+        vec![("a".into(), 1), ("b".into(), 2), ("old".into(), 7)]
+    );
+    assert_eq!(count(db, "children").await, 3);
+    if db.backend() == Backend::Postgres {
+        // One statement: every row it wrote has its one statement timestamp.
+        let stamps: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT at FROM (SELECT at FROM parents WHERE id <> 'old' UNION ALL SELECT at FROM children) s",
+        )
+        .fetch_all(db.reader())
+        .await
+        .unwrap();
+        assert_eq!(
+            stamps.len(),
+            1,
+            "the script ran as {} statements",
+            stamps.len()
+        );
+    }
+}
+
+async fn a_failing_part_leaves_nothing_and_an_event_clash_is_a_conflict(db: &Db) {
+    setup(db).await;
+    let event = NewEvent {
+        aggregate_id: "agg".into(),
+        version: 1,
+        event_type: "Happened".into(),
+        payload: "{}".into(),
+        occurred_at: "2026-11-26T00:00:00Z".into(),
+    };
+    events::append(
+        &mut *db.writer().acquire().await.unwrap(),
+        std::slice::from_ref(&event),
+    )
+    .await
+    .unwrap();
+    let mut script = Script::new();
+    script.insert("INSERT INTO parents (id, n)", "", rows(&[("c", 3)]));
+    events::stage(&mut script, std::slice::from_ref(&event));
+    let mut tx = db.begin_write().await.unwrap();
+    let error = script.run(&mut tx, db.backend()).await.unwrap_err();
+    drop(tx);
+    assert!(matches!(
+        events::append_error(error, std::slice::from_ref(&event)),
+        AppendError::Conflict { .. }
+    ));
+    assert_eq!(
+        count(db, "parents").await,
+        1,
+        "the parent row was rolled back"
+    );
+    // A unique violation of another table is not an event conflict.
+    let mut script = Script::new();
+    script.insert("INSERT INTO parents (id, n)", "", rows(&[("old", 3)]));
+    let mut tx = db.begin_write().await.unwrap();
+    let error = script.run(&mut tx, db.backend()).await.unwrap_err();
+    assert!(matches!(
+        events::append_error(error, &[event]),
+        AppendError::Db(_)
+    ));
+}
+
+async fn a_script_too_large_for_one_statement_still_writes_every_row(db: &Db) {
+    setup(db).await;
+    let ids: Vec<String> = (0..20_000).map(|i| format!("p{i:05}")).collect();
+    let values: Vec<(&str, i64)> = ids.iter().map(|id| (id.as_str(), 1)).collect();
+    let mut script = Script::new();
+    let parents = script.insert("INSERT INTO parents (id, n)", "", rows(&values));
+    let mut tx = db.begin_write().await.unwrap();
+    let counts = script.run(&mut tx, db.backend()).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(counts[parents], 20_000);
+    assert_eq!(count(db, "parents").await, 20_001);
+}
+
+async fn on_sqlite(test: impl AsyncFnOnce(&Db)) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open_sqlite(dir.path(), "script").await.unwrap();
+    test(&db).await;
+    db.close().await;
+}
+
+async fn on_postgres(test: impl AsyncFnOnce(&Db)) {
+    let url = testing::fresh_pg_database().await;
+    let db = Db::open_postgres(&url, "script", 4).await.unwrap();
+    test(&db).await;
+    db.close().await;
+    testing::drop_pg_database(&url).await;
+}
+
+#[tokio::test]
+async fn sqlite_parts_count_their_rows() {
+    on_sqlite(parts_count_their_rows_and_children_see_their_new_parents).await;
+}
+
+#[tokio::test]
+async fn postgres_parts_count_their_rows_in_one_statement() {
+    on_postgres(parts_count_their_rows_and_children_see_their_new_parents).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_failing_part_leaves_nothing() {
+    on_sqlite(a_failing_part_leaves_nothing_and_an_event_clash_is_a_conflict).await;
+}
+
+#[tokio::test]
+async fn postgres_a_failing_part_leaves_nothing() {
+    on_postgres(a_failing_part_leaves_nothing_and_an_event_clash_is_a_conflict).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_large_script_writes_every_row() {
+    on_sqlite(a_script_too_large_for_one_statement_still_writes_every_row).await;
+}
+
+#[tokio::test]
+async fn postgres_a_large_script_writes_every_row() {
+    on_postgres(a_script_too_large_for_one_statement_still_writes_every_row).await;
+}
