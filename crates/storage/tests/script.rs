@@ -110,7 +110,7 @@ async fn a_failing_part_leaves_nothing_and_an_event_clash_is_a_conflict(db: &Db)
         occurred_at: "2026-11-26T00:00:00Z".into(),
     };
     events::append(
-        &mut *db.writer().acquire().await.unwrap(),
+        &mut db.writer().acquire().await.unwrap(),
         std::slice::from_ref(&event),
     )
     .await
