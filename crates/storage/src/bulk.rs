@@ -160,6 +160,11 @@ struct Part {
     rows: Vec<Vec<Value>>,
 }
 
+/// The connection is to PostgreSQL (else SQLite).
+pub fn is_postgres(conn: &AnyConnection) -> bool {
+    conn.backend_name() == <sqlx::Postgres as sqlx::Database>::NAME
+}
+
 /// Bound values one statement of a [`Script`] holds at most (PostgreSQL's limit is 65,535).
 const SCRIPT_PARAMETERS: usize = 30_000;
 
@@ -187,17 +192,13 @@ impl Script {
 
     /// Runs the parts on `conn` (in the caller's transaction); how many rows each wrote, in
     /// the order they were added. A part without rows runs nowhere and wrote 0.
-    pub async fn run(
-        &self,
-        conn: &mut AnyConnection,
-        backend: crate::Backend,
-    ) -> Result<Vec<u64>, sqlx::Error> {
+    pub async fn run(&self, conn: &mut AnyConnection) -> Result<Vec<u64>, sqlx::Error> {
         let parameters: usize = self
             .parts
             .iter()
             .map(|p| p.rows.iter().map(Vec::len).sum::<usize>())
             .sum();
-        let one_statement = backend == crate::Backend::Postgres
+        let one_statement = is_postgres(conn)
             && parameters <= SCRIPT_PARAMETERS
             && self.parts.iter().all(|p| p.rows.len() <= CHUNK);
         if !one_statement {

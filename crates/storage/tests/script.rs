@@ -67,7 +67,7 @@ async fn parts_count_their_rows_and_children_see_their_new_parents(db: &Db) {
     );
     let empty = script.insert("INSERT INTO parents (id, n)", "", Vec::new());
     let mut tx = db.begin_write().await.unwrap();
-    let counts = script.run(&mut tx, db.backend()).await.unwrap();
+    let counts = script.run(&mut tx).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(counts[parents], 2);
     assert_eq!(counts[children], 3);
@@ -119,7 +119,7 @@ async fn a_failing_part_leaves_nothing_and_an_event_clash_is_a_conflict(db: &Db)
     script.insert("INSERT INTO parents (id, n)", "", rows(&[("c", 3)]));
     events::stage(&mut script, std::slice::from_ref(&event));
     let mut tx = db.begin_write().await.unwrap();
-    let error = script.run(&mut tx, db.backend()).await.unwrap_err();
+    let error = script.run(&mut tx).await.unwrap_err();
     drop(tx);
     assert!(matches!(
         events::append_error(error, std::slice::from_ref(&event)),
@@ -134,7 +134,7 @@ async fn a_failing_part_leaves_nothing_and_an_event_clash_is_a_conflict(db: &Db)
     let mut script = Script::new();
     script.insert("INSERT INTO parents (id, n)", "", rows(&[("old", 3)]));
     let mut tx = db.begin_write().await.unwrap();
-    let error = script.run(&mut tx, db.backend()).await.unwrap_err();
+    let error = script.run(&mut tx).await.unwrap_err();
     assert!(matches!(
         events::append_error(error, &[event]),
         AppendError::Db(_)
@@ -148,7 +148,7 @@ async fn a_script_too_large_for_one_statement_still_writes_every_row(db: &Db) {
     let mut script = Script::new();
     let parents = script.insert("INSERT INTO parents (id, n)", "", rows(&values));
     let mut tx = db.begin_write().await.unwrap();
-    let counts = script.run(&mut tx, db.backend()).await.unwrap();
+    let counts = script.run(&mut tx).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(counts[parents], 20_000);
     assert_eq!(count(db, "parents").await, 20_001);

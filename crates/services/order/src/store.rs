@@ -546,7 +546,7 @@ async fn commit(db: &Db, writes: &[&Write], handoff: &Handoff) -> Result<(), Sto
         .collect();
     let rows = outbox::stage(&mut script, &messages)?;
     let counts =
-        script.run(&mut tx, db.backend()).await.map_err(|e| {
+        script.run(&mut tx).await.map_err(|e| {
             match events::append_error(e, &events) {
                 AppendError::Conflict { .. } => StoreError::Conflict,
                 AppendError::Db(e) => StoreError::Db(e),
