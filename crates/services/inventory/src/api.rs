@@ -98,6 +98,8 @@ impl From<StoreError> for Problem {
             StoreError::Conflict => {
                 Problem::precondition_failed("The product changed meanwhile; reload it and retry.")
             }
+            // Only message handling meets it (never an API request).
+            StoreError::Duplicate => Problem::conflict("Already done."),
             StoreError::Db(error) => {
                 tracing::error!(%error, "inventory store failed");
                 Problem::unavailable("The inventory database is unavailable; retry later.")

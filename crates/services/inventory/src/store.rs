@@ -6,6 +6,7 @@ use futures::FutureExt;
 use serde::Serialize;
 use sqlx::{AssertSqlSafe, Row};
 use std::collections::BTreeMap;
+use storage::bulk::{Script, Value};
 use storage::events::is_unique_violation;
 use storage::group_commit::GroupCommit;
 use storage::outbox::{self, Handoff, OutboxMessage, PendingMessage};
@@ -25,6 +26,9 @@ pub enum StoreError {
     BelowReserved { reserved: i64 },
     #[error("the product was changed at the same time")]
     Conflict,
+    /// The message was handled before: the transaction that found it out rolls back.
+    #[error("the message was handled before")]
+    Duplicate,
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
 }
@@ -181,7 +185,8 @@ impl InventoryStore {
             message_id.to_string(),
             order_id.to_string(),
         );
-        self.batches
+        let outcome = self
+            .batches
             .run_outbox_as(move |conn| {
                 let (group, message_id, order_id, lines) = (
                     group.clone(),
@@ -192,7 +197,11 @@ impl InventoryStore {
                 async move { reserve_in(conn, &group, &message_id, &order_id, &lines).await }
                     .boxed()
             })
-            .await
+            .await;
+        match outcome {
+            Err(StoreError::Duplicate) => Ok(Reservation::Duplicate),
+            other => other,
+        }
     }
 
     /// Releases what `order_id` holds (once per message). Returns whether anything was held.
@@ -276,7 +285,9 @@ impl InventoryStore {
 
 /// Reserves every line or none on `conn`, with the inbox claim of the message, and writes
 /// `inventory.reserved` or `inventory.rejected` (with what is missing) to the outbox; with the
-/// outbox rows.
+/// outbox rows. The claim goes last, with the rows written (one statement on PostgreSQL): a
+/// message handled before is [`StoreError::Duplicate`], and the batch rolls back what this job
+/// did.
 async fn reserve_in(
     conn: &mut sqlx::AnyConnection,
     group: &str,
@@ -284,26 +295,51 @@ async fn reserve_in(
     order_id: &str,
     lines: &[(String, i64)],
 ) -> Result<(Reservation, Vec<PendingMessage>), StoreError> {
-    if !inbox::claim(conn, group, message_id).await? {
-        return Ok((Reservation::Duplicate, Vec::new()));
-    }
     let now = time::to_text(time::now());
     for _ in 0..3 {
-        if let Some(reservation) = try_reserve(conn, order_id, lines, &now).await? {
-            return Ok(reservation);
+        if let Some(decision) = try_reserve(conn, order_id, lines, &now).await? {
+            let mut script = Script::new();
+            let claimed = inbox::stage_claims(&mut script, &[(group, message_id)]);
+            // A redelivered message finds its reservations: not an error of their own, the
+            // claim tells.
+            let expected = decision.reservations.len() as u64;
+            let reserved = script.insert(
+                "INSERT INTO reservations (order_id, sku, quantity, state, created_at, updated_at)",
+                "ON CONFLICT (order_id, sku) DO NOTHING",
+                decision.reservations,
+            );
+            let written = outbox::stage(&mut script, &decision.messages)?;
+            let counts = script.run(conn).await?;
+            if counts[claimed] != 1 {
+                return Err(StoreError::Duplicate);
+            }
+            if counts[reserved] != expected {
+                // Another message reserved for this order before.
+                return Err(StoreError::Conflict);
+            }
+            return Ok((decision.reservation, written));
         }
         // Stock was released between the guarded update and the read: try again.
     }
     Err(StoreError::Conflict)
 }
 
-/// One attempt of [`reserve_in`]: `None` when it failed but nothing is missing any more.
+/// What one attempt decided, once the stock is updated: the reservation rows and messages to
+/// write.
+struct Decision {
+    reservation: Reservation,
+    reservations: Vec<Vec<Value>>,
+    messages: Vec<OutboxMessage>,
+}
+
+/// One attempt of [`reserve_in`]: the stock is updated, the rows to write are returned. `None`
+/// when it failed but nothing is missing any more.
 async fn try_reserve(
     conn: &mut sqlx::AnyConnection,
     order_id: &str,
     lines: &[(String, i64)],
     now: &str,
-) -> Result<Option<(Reservation, Vec<PendingMessage>)>, StoreError> {
+) -> Result<Option<Decision>, StoreError> {
     let mut left = Vec::with_capacity(lines.len());
     for (sku, quantity) in lines {
         // The guard makes the check and the change one atomic step: never oversold.
@@ -361,29 +397,31 @@ async fn try_reserve(
             })
             .collect::<Vec<_>>()
             .join(", ");
-        let written = outbox::enqueue(
-            conn,
-            &[message(
-                "inventory.rejected",
-                order_id,
-                now,
-                serde_json::json!({"orderId": order_id, "reason": format!("out of stock: {reason}"), "shortages": shortages}),
-            )],
-        )
-        .await?;
-        return Ok(Some((Reservation::Rejected(shortages), written)));
+        let messages = vec![message(
+            "inventory.rejected",
+            order_id,
+            now,
+            serde_json::json!({"orderId": order_id, "reason": format!("out of stock: {reason}"), "shortages": shortages}),
+        )];
+        return Ok(Some(Decision {
+            reservation: Reservation::Rejected(shortages),
+            reservations: Vec::new(),
+            messages,
+        }));
     }
-    for (sku, quantity) in lines {
-        sqlx::query(
-            "INSERT INTO reservations (order_id, sku, quantity, state, created_at, updated_at) VALUES ($1, $2, $3, 'reserved', $4, $4)",
-        )
-        .bind(order_id)
-        .bind(sku)
-        .bind(*quantity)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-    }
+    let reservations = lines
+        .iter()
+        .map(|(sku, quantity)| {
+            vec![
+                Value::from(order_id),
+                sku.as_str().into(),
+                (*quantity).into(),
+                "reserved".into(),
+                now.into(),
+                now.into(),
+            ]
+        })
+        .collect();
     let mut messages = vec![message(
         "inventory.reserved",
         order_id,
@@ -391,8 +429,11 @@ async fn try_reserve(
         serde_json::json!({"orderId": order_id, "lines": lines_json(lines)}),
     )];
     messages.extend(low_stock_messages(&left, now));
-    let written = outbox::enqueue(conn, &messages).await?;
-    Ok(Some((Reservation::Reserved, written)))
+    Ok(Some(Decision {
+        reservation: Reservation::Reserved,
+        reservations,
+        messages,
+    }))
 }
 
 /// `inventory.low_stock` for each product whose reservation just crossed the threshold (not

@@ -545,12 +545,12 @@ async fn commit(db: &Db, writes: &[&Write], handoff: &Handoff) -> Result<(), Sto
         .flat_map(|w| w.messages.iter().cloned())
         .collect();
     let rows = outbox::stage(&mut script, &messages)?;
-    let counts =
-        script.run(&mut tx).await.map_err(|e| {
-            match events::append_error(e, &events) {
-                AppendError::Conflict { .. } => StoreError::Conflict,
-                AppendError::Db(e) => StoreError::Db(e),
-            }
+    let counts = script
+        .run(&mut tx)
+        .await
+        .map_err(|e| match events::append_error(e, &events) {
+            AppendError::Conflict { .. } => StoreError::Conflict,
+            AppendError::Db(e) => StoreError::Db(e),
         })?;
     if counts[claimed] != claims.len() as u64 {
         return Err(StoreError::Duplicate);
