@@ -8,6 +8,14 @@ use sqlx::{AnyConnection, AssertSqlSafe};
 pub enum Value {
     Text(String),
     Int(i64),
+    /// NULL (bound as text).
+    Null,
+}
+
+impl From<Option<String>> for Value {
+    fn from(v: Option<String>) -> Self {
+        v.map_or(Value::Null, Value::Text)
+    }
 }
 
 impl From<String> for Value {
@@ -131,6 +139,7 @@ fn bind_all<'q>(
             query = match value {
                 Value::Text(t) => query.bind(t.clone()),
                 Value::Int(i) => query.bind(*i),
+                Value::Null => query.bind(None::<String>),
             };
         }
     }

@@ -7,6 +7,7 @@ use serde::Serialize;
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use std::collections::HashMap;
 use std::time::Duration;
+use storage::bulk::{self, Script, Value};
 use storage::group_commit::GroupCommit;
 use storage::outbox::{self, Handoff, OutboxMessage};
 use storage::page::NewestFirst;
@@ -19,6 +20,9 @@ pub enum StoreError {
     NotFound,
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// The message was handled before: the transaction that found it out rolls back.
+    #[error("the message was handled before")]
+    Duplicate,
 }
 
 /// A stored template.
@@ -336,30 +340,54 @@ impl NotificationStore {
             .run_as(move |conn| {
                 let (group, message_id, list) = (group.clone(), message_id.clone(), list.clone());
                 async move {
-                    if !inbox::claim(conn, &group, &message_id).await? {
-                        return Ok(None);
-                    }
                     // Claimed by this process at once: its worker gets them from memory.
                     let claimed_until = later(CLAIM);
-                    let mut due = Vec::new();
-                    for delivery in &list {
-                        if let Some(id) = insert(conn, delivery, &claimed_until).await? {
-                            due.push(Due {
-                                id,
-                                channel: delivery.channel.clone(),
-                                recipient: delivery.recipient.clone(),
-                                subject: delivery.subject.clone(),
-                                text_body: delivery.text_body.clone(),
-                                html_body: delivery.html_body.clone(),
-                                attempts: 0,
-                            });
-                        }
+                    let mut script = Script::new();
+                    let claimed = inbox::stage_claims(&mut script, &[(&group, &message_id)]);
+                    let rows: Vec<(String, Vec<Value>)> = list
+                        .iter()
+                        .map(|d| delivery_row(d, &claimed_until))
+                        .collect();
+                    let inserted = script.insert(
+                        INSERT_DELIVERY.0,
+                        INSERT_DELIVERY.1,
+                        rows.iter().map(|(_, row)| row.clone()).collect(),
+                    );
+                    let counts = script.run(conn).await?;
+                    if counts[claimed] != 1 {
+                        return Err(StoreError::Duplicate);
                     }
+                    let ids: Vec<String> = rows.into_iter().map(|(id, _)| id).collect();
+                    // Some were stored before (same event and channel): which of ours are in.
+                    let stored = if counts[inserted] == ids.len() as u64 {
+                        None
+                    } else {
+                        Some(stored_of(conn, &ids).await?)
+                    };
+                    let due = list
+                        .iter()
+                        .zip(ids)
+                        .filter(|(_, id)| stored.as_ref().is_none_or(|s| s.contains(id)))
+                        .map(|(delivery, id)| Due {
+                            id,
+                            channel: delivery.channel.clone(),
+                            recipient: delivery.recipient.clone(),
+                            subject: delivery.subject.clone(),
+                            text_body: delivery.text_body.clone(),
+                            html_body: delivery.html_body.clone(),
+                            attempts: 0,
+                        })
+                        .collect();
                     Ok::<Option<Vec<Due>>, StoreError>(Some(due))
                 }
                 .boxed()
             })
-            .await?;
+            .await;
+        let recorded = match recorded {
+            // Seen before: its job rolled back.
+            Err(StoreError::Duplicate) => None,
+            other => other?,
+        };
         let Some(due) = recorded else {
             return Ok(false);
         };
@@ -494,6 +522,19 @@ impl NotificationStore {
                     };
                     let mut written = Vec::new();
                     let attempt: i64 = row.try_get(0)?;
+                    // The attempt and the message in one script (one statement on PostgreSQL).
+                    let mut script = Script::new();
+                    script.insert(
+                        "INSERT INTO notification_attempts (notification_id, attempt, at, outcome, detail)",
+                        "",
+                        vec![vec![
+                            Value::from(id.as_str()),
+                            attempt.into(),
+                            now.as_str().into(),
+                            name.into(),
+                            detail.as_str().into(),
+                        ]],
+                    );
                     if let Some(topic) = outcome_topic(name) {
                         let data = serde_json::json!({
                             "notificationId": id,
@@ -510,22 +551,12 @@ impl NotificationStore {
                         });
                         // The attempt number orders a delivery's events (a redriven one can
                         // fail twice).
-                        written = outbox::enqueue(
-                            conn,
+                        written = outbox::stage(
+                            &mut script,
                             &[OutboxMessage::event("notification", topic, &id, attempt, &now, data)],
-                        )
-                        .await?;
+                        )?;
                     }
-                    sqlx::query(
-                        "INSERT INTO notification_attempts (notification_id, attempt, at, outcome, detail) VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .bind(&id)
-                    .bind(attempt)
-                    .bind(&now)
-                    .bind(name)
-                    .bind(&detail)
-                    .execute(&mut *conn)
-                    .await?;
+                    script.run(conn).await?;
                     Ok::<_, StoreError>(((), written))
                 }
                 .boxed()
@@ -716,30 +747,63 @@ async fn insert(
     d: &NewDelivery,
     next_attempt_at: &str,
 ) -> Result<Option<String>, StoreError> {
+    let (id, row) = delivery_row(d, next_attempt_at);
+    let inserted =
+        bulk::insert_returning_count(conn, INSERT_DELIVERY.0, INSERT_DELIVERY.1, &[row]).await?;
+    Ok((inserted == 1).then_some(id))
+}
+
+/// Stores deliveries (rows of [`delivery_row`]); one for an event and channel stored before
+/// is left out.
+const INSERT_DELIVERY: (&str, &str) = (
+    "INSERT INTO notifications (id, event_id, event_type, channel, recipient, customer_id, order_id, template_key, \
+     subject, text_body, html_body, status, attempts, next_attempt_at, created_at, updated_at)",
+    "ON CONFLICT (event_id, channel) DO NOTHING",
+);
+
+/// A new delivery's id and row for [`INSERT_DELIVERY`], pending and due at `next_attempt_at`.
+fn delivery_row(d: &NewDelivery, next_attempt_at: &str) -> (String, Vec<Value>) {
     let id = Uuid::now_v7().to_string();
     let now = time::to_text(time::now());
-    let inserted = sqlx::query(
-        "INSERT INTO notifications (id, event_id, event_type, channel, recipient, customer_id, order_id, template_key, \
-         subject, text_body, html_body, status, attempts, next_attempt_at, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'pending', 0, $13, $12, $12) \
-         ON CONFLICT (event_id, channel) DO NOTHING RETURNING id",
-    )
-    .bind(&id)
-    .bind(&d.event_id)
-    .bind(&d.event_type)
-    .bind(&d.channel)
-    .bind(&d.recipient)
-    .bind(d.customer_id.as_deref())
-    .bind(d.order_id.as_deref())
-    .bind(d.template_key.as_deref())
-    .bind(&d.subject)
-    .bind(&d.text_body)
-    .bind(d.html_body.as_deref())
-    .bind(&now)
-    .bind(next_attempt_at)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(inserted.map(|r| r.try_get(0)).transpose()?)
+    let row = vec![
+        Value::from(id.as_str()),
+        d.event_id.as_str().into(),
+        d.event_type.as_str().into(),
+        d.channel.as_str().into(),
+        d.recipient.as_str().into(),
+        d.customer_id.clone().into(),
+        d.order_id.clone().into(),
+        d.template_key.clone().into(),
+        d.subject.as_str().into(),
+        d.text_body.as_str().into(),
+        d.html_body.clone().into(),
+        "pending".into(),
+        0.into(),
+        next_attempt_at.into(),
+        now.as_str().into(),
+        now.into(),
+    ];
+    (id, row)
+}
+
+/// Which of `ids` are stored.
+async fn stored_of(
+    conn: &mut AnyConnection,
+    ids: &[String],
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    let mut query = sqlx::query(AssertSqlSafe(format!(
+        "SELECT id FROM notifications WHERE id IN ({})",
+        bulk::placeholders(1, ids.len())
+    )));
+    for id in ids {
+        query = query.bind(id.clone());
+    }
+    query
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect()
 }
 
 fn notification(r: &sqlx::any::AnyRow) -> Result<Notification, StoreError> {

@@ -10,6 +10,7 @@ use serde::Serialize;
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use std::str::FromStr;
 use std::time::Duration;
+use storage::bulk::{self, Script, Value};
 use storage::group_commit::GroupCommit;
 use storage::outbox::{self, Handoff, OutboxMessage, PendingMessage};
 use storage::{Db, inbox, time};
@@ -30,6 +31,9 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// The message was handled before: the transaction that found it out rolls back.
+    #[error("the message was handled before")]
+    Duplicate,
 }
 
 /// What pays for an order, as the order told us.
@@ -273,15 +277,27 @@ impl PaymentStore {
             .batched(move |conn| {
                 let (cause, intent) = (cause.clone(), intent.clone());
                 async move {
-                    if !claim(conn, borrowed(&cause)).await? {
-                        return Ok(false);
+                    // The claim and the payment in one script (one statement on PostgreSQL).
+                    let mut script = Script::new();
+                    let claimed = cause.as_ref().map(|(g, m)| {
+                        inbox::stage_claims(&mut script, &[(g.as_str(), m.as_str())])
+                    });
+                    let (_, row) = payment_row(&intent, "pending", None);
+                    let inserted = script.insert(INSERT_PAYMENT.0, INSERT_PAYMENT.1, vec![row]);
+                    let counts = script.run(conn).await?;
+                    if claimed.is_some_and(|c| counts[c] != 1) {
+                        return Err(StoreError::Duplicate);
                     }
-                    Ok(insert(conn, &intent, "pending", None).await?.is_some())
+                    Ok(counts[inserted] == 1)
                 }
                 .boxed()
             })
-            .await?;
-        Ok(inserted)
+            .await;
+        match inserted {
+            // Seen before: its job rolled back.
+            Err(StoreError::Duplicate) => Ok(false),
+            other => other,
+        }
     }
 
     /// A payment asked for through the API: recorded and charged at once.
@@ -630,15 +646,9 @@ impl PaymentStore {
         let mut tx = self.db.begin_write().await?;
         let now = time::to_text(time::now());
         let mut written = Vec::new();
-        if !settle(&mut tx, "refunds", refund_id, result, &now).await? {
+        let Some(row) = settle(&mut tx, "refunds", refund_id, result, &now).await? else {
             return Ok(false);
-        }
-        let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {REFUND_COLUMNS} FROM refunds WHERE id = $1"
-        )))
-        .bind(refund_id)
-        .fetch_one(&mut *tx)
-        .await?;
+        };
         let refund = refund(&row)?;
         if result.is_ok() {
             let payment = lock_payment(&mut tx, "id", &refund.payment_id)
@@ -841,9 +851,9 @@ async fn settle_charge(
             Err(reason.as_str())
         }
     };
-    if !settle(conn, "payments", payment_id, outcome, &now).await? {
+    let Some(settled) = settle(conn, "payments", payment_id, outcome, &now).await? else {
         return Ok((None, Vec::new()));
-    }
+    };
     if matches!(result, ChargeResult::Unanswered { .. }) {
         // Asked about after a short while: an answer on its way may still arrive first.
         sqlx::query("UPDATE payments SET unresolved = 1, next_attempt_at = $1 WHERE id = $2")
@@ -852,9 +862,7 @@ async fn settle_charge(
             .execute(&mut *conn)
             .await?;
     }
-    let payment = payment_where(conn, "id", payment_id)
-        .await?
-        .ok_or(StoreError::NotFound)?;
+    let payment = payment(&settled)?;
     let mut refund_due = false;
     let data = match result {
         ChargeResult::Succeeded { reference } => {
@@ -939,35 +947,35 @@ async fn one_payment(
 }
 
 /// Records how a due charge (`payments`, due while 'authorizing') or refund (`refunds`, due
-/// while 'pending') ended, unless another worker recorded it first (false).
+/// while 'pending') ended, unless another worker recorded it first (`None`); the row as it is
+/// now (its table's columns).
 async fn settle(
     conn: &mut AnyConnection,
     table: &str,
     id: &str,
     outcome: Result<&str, &str>,
     now: &str,
-) -> Result<bool, sqlx::Error> {
-    let (due, versioned) = if table == "payments" {
-        ("authorizing", "version = version + 1, ")
+) -> Result<Option<sqlx::any::AnyRow>, sqlx::Error> {
+    let (due, versioned, columns) = if table == "payments" {
+        ("authorizing", "version = version + 1, ", PAYMENT_COLUMNS)
     } else {
-        ("pending", "")
+        ("pending", "", REFUND_COLUMNS)
     };
     let (status, reference, reason) = match outcome {
         Ok(reference) => ("succeeded", Some(reference), None),
         Err(reason) => ("failed", None, Some(reason)),
     };
-    let done = sqlx::query(AssertSqlSafe(format!(
+    sqlx::query(AssertSqlSafe(format!(
         "UPDATE {table} SET status = $1, provider_ref = $2, failure_reason = $3, next_attempt_at = NULL, \
-         {versioned}updated_at = $4 WHERE id = $5 AND status = '{due}'"
+         {versioned}updated_at = $4 WHERE id = $5 AND status = '{due}' RETURNING {columns}"
     )))
     .bind(status)
     .bind(reference)
     .bind(reason)
     .bind(now)
     .bind(id)
-    .execute(&mut *conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    .fetch_optional(&mut *conn)
+    .await
 }
 
 /// Inserts a payment unless the order has one; returns its id when inserted.
@@ -977,28 +985,44 @@ async fn insert(
     status: &str,
     deadline_at: Option<String>,
 ) -> Result<Option<String>, StoreError> {
+    let (id, row) = payment_row(intent, status, deadline_at);
+    let inserted =
+        bulk::insert_returning_count(conn, INSERT_PAYMENT.0, INSERT_PAYMENT.1, &[row]).await?;
+    Ok((inserted == 1).then_some(id))
+}
+
+/// Inserts payments (rows of [`payment_row`]) unless their order has one.
+const INSERT_PAYMENT: (&str, &str) = (
+    "INSERT INTO payments (id, order_id, customer_id, amount, currency, method, token, status, refunded, \
+     cancel_requested, attempts, deadline_at, next_attempt_at, version, created_at, updated_at)",
+    "ON CONFLICT (order_id) DO NOTHING",
+);
+
+/// A new payment's id and row for [`INSERT_PAYMENT`].
+fn payment_row(intent: &Intent, status: &str, deadline_at: Option<String>) -> (String, Vec<Value>) {
     let id = Uuid::now_v7().to_string();
     let now = time::to_text(time::now());
-    let done = sqlx::query(
-        "INSERT INTO payments (id, order_id, customer_id, amount, currency, method, token, status, refunded, \
-         cancel_requested, attempts, deadline_at, next_attempt_at, version, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '0', 0, 0, $9, $11, 1, $10, $10) ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(&id)
-    .bind(&intent.order_id)
-    .bind(intent.customer_id.as_deref())
-    .bind(intent.amount.to_string())
-    .bind(&intent.currency)
-    .bind(&intent.method)
-    .bind(&intent.token)
-    .bind(status)
-    .bind(deadline_at)
-    .bind(&now)
-    // This process charges it at once (the worker's queue); others wait for the claim to end.
-    .bind(later(CLAIM))
-    .execute(&mut *conn)
-    .await?;
-    Ok((done.rows_affected() == 1).then_some(id))
+    let row = vec![
+        Value::from(id.as_str()),
+        intent.order_id.as_str().into(),
+        intent.customer_id.clone().into(),
+        intent.amount.to_string().into(),
+        intent.currency.as_str().into(),
+        intent.method.as_str().into(),
+        intent.token.as_str().into(),
+        status.into(),
+        "0".into(),
+        0.into(),
+        0.into(),
+        deadline_at.into(),
+        // This process charges it at once (the worker's queue); others wait for the claim to
+        // end.
+        later(CLAIM).into(),
+        1.into(),
+        now.as_str().into(),
+        now.into(),
+    ];
+    (id, row)
 }
 
 /// What of a succeeded payment is neither refunded nor being refunded.
