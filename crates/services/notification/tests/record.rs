@@ -1,0 +1,93 @@
+//! Deliveries recorded from events, on SQLite and PostgreSQL: a new event's deliveries are
+//! stored and handed to the worker; the same message again records nothing; the same event
+//! under another message stores no second delivery for a channel it has, only the new one.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use notification_service::store::{NewDelivery, NotificationStore};
+use storage::Db;
+
+fn delivery(event_id: &str, channel: &str) -> NewDelivery {
+    NewDelivery {
+        event_id: event_id.into(),
+        event_type: "order.confirmed".into(),
+        channel: channel.into(),
+        recipient: "ada@example.com".into(),
+        customer_id: None,
+        order_id: Some("order-1".into()),
+        template_key: Some("order.confirmed.email".into()),
+        subject: "Confirmed".into(),
+        text_body: "Your order is confirmed.".into(),
+        html_body: None,
+    }
+}
+
+async fn each_delivery_is_stored_once(db: Db) {
+    db.migrate_service(&notification_service::MIGRATOR)
+        .await
+        .unwrap();
+    let store = NotificationStore::new(db.clone());
+    let channels = ["email", "sms"];
+    assert!(
+        store
+            .record("notification", "m1", &[delivery("e1", "email")])
+            .await
+            .unwrap()
+    );
+    let queued = store.take_queued(&channels, 10);
+    assert_eq!(queued.len(), 1);
+    // The same message again: nothing recorded, nothing queued.
+    assert!(
+        !store
+            .record("notification", "m1", &[delivery("e1", "email")])
+            .await
+            .unwrap()
+    );
+    assert!(store.take_queued(&channels, 10).is_empty());
+    // The same event under another message: its email is stored already, its SMS is new.
+    assert!(
+        store
+            .record(
+                "notification",
+                "m2",
+                &[delivery("e1", "email"), delivery("e1", "sms")]
+            )
+            .await
+            .unwrap()
+    );
+    let queued = store.take_queued(&channels, 10);
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    assert_eq!(queued[0].channel, "sms");
+    let stored: Vec<(String, String)> =
+        sqlx::query_as("SELECT event_id, channel FROM notifications ORDER BY channel")
+            .fetch_all(db.reader())
+            .await
+            .unwrap();
+    assert_eq!(
+        stored,
+        vec![
+            ("e1".to_string(), "email".to_string()),
+            ("e1".to_string(), "sms".to_string())
+        ]
+    );
+    let claims: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inbox")
+        .fetch_one(db.reader())
+        .await
+        .unwrap();
+    assert_eq!(claims, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_delivery_is_stored_once_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open_sqlite(dir.path(), "notifications").await.unwrap();
+    each_delivery_is_stored_once(db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_delivery_is_stored_once_on_postgres() {
+    let url = storage::testing::fresh_pg_database().await;
+    let db = Db::open_postgres(&url, "notifications", 4).await.unwrap();
+    each_delivery_is_stored_once(db.clone()).await;
+    db.close().await;
+    storage::testing::drop_pg_database(&url).await;
+}
