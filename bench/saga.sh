@@ -39,6 +39,11 @@ start saga "$BIN/orderwave" serve --demo --listen 127.0.0.1:0 --log-format json 
 for sku in SKU-CHAIR SKU-LAMP; do
   curl -sf -H "$AUTH" -X PUT "$URL/api/v1/inventory/$sku" -H 'content-type: application/json' -d '{"onHand":100000000}' >/dev/null
 done
+if [ "$BACKEND" = pg ]; then
+  # Every run starts from a fresh checkpoint: one falling inside the load (another run's WAL)
+  # would stall it for seconds.
+  psql -q "$PG_ADMIN" -c CHECKPOINT
+fi
 BEFORE=$(loadavg)
 VACUUMING=""
 if [ "$BACKEND" = pg ] && [ "${VACUUM_EVERY:-60}" -gt 0 ] &&
