@@ -169,7 +169,8 @@ async fn publish(
 /// Publishes rows handed over by the service's stores in this process, without reading them
 /// back. `None` (nothing published) when one of their aggregates has an unsent row that was
 /// not handed over and comes first (written by another process, or an older row the relay
-/// has not published yet): the table must be read instead.
+/// has not published yet): the table must be read instead. Rows written when their aggregate
+/// had no other unsent row ([`PendingMessage::clear`], known on PostgreSQL) need no look.
 async fn publish_handed(
     db: &Db,
     bus: &dyn Bus,
@@ -180,6 +181,10 @@ async fn publish_handed(
     rows.retain(|r| !in_flight.contains(&r.id));
     if rows.is_empty() {
         return Ok(Some(Vec::new()));
+    }
+    if rows.iter().all(|r| r.clear) {
+        // No row of their aggregates was waiting when they were written: none can come first.
+        return Ok(Some(publish(bus, config, rows).await?));
     }
     // Each aggregate's first handed row: any unsent row of the aggregate placed before it must
     // be published first.

@@ -158,6 +158,8 @@ fn bind_all<'q>(
 #[derive(Debug, Default)]
 pub struct Script {
     parts: Vec<Part>,
+    /// Counts [`run`](Self::run) returns: one per part, and one more per flagged part.
+    slots: usize,
 }
 
 #[derive(Debug)]
@@ -167,6 +169,11 @@ struct Part {
     /// After them (`ON CONFLICT ...`, or `) AS v WHERE ...`).
     tail: String,
     rows: Vec<Vec<Value>>,
+    /// Where its count goes.
+    slot: usize,
+    /// A condition on each row written (over the part's table), and where the count of the rows
+    /// it was true for goes (as one statement only; else every row written counts).
+    flag: Option<(String, usize)>,
 }
 
 /// The connection is to PostgreSQL (else SQLite).
@@ -185,12 +192,43 @@ impl Script {
     /// Adds `head VALUES (...), ... tail` for `rows`; the index of its count in what
     /// [`run`](Self::run) returns.
     pub fn insert(&mut self, head: &str, tail: &str, rows: Vec<Vec<Value>>) -> usize {
+        self.add(head, tail, rows, None).0
+    }
+
+    /// Like [`insert`](Self::insert), also counting the rows written for which `flag` (an SQL
+    /// condition in the `RETURNING` clause: it sees the database as it was before the
+    /// statement, not the rows the statement writes) holds: the indexes of both counts. Only
+    /// PostgreSQL runs the condition; on SQLite every row written counts as flagged.
+    pub fn insert_flagged(
+        &mut self,
+        head: &str,
+        tail: &str,
+        rows: Vec<Vec<Value>>,
+        flag: &str,
+    ) -> (usize, usize) {
+        let (slot, flagged) = self.add(head, tail, rows, Some(flag));
+        (slot, flagged.unwrap_or(slot))
+    }
+
+    fn add(
+        &mut self,
+        head: &str,
+        tail: &str,
+        rows: Vec<Vec<Value>>,
+        flag: Option<&str>,
+    ) -> (usize, Option<usize>) {
+        let slot = self.slots;
+        let flag = flag.map(|f| (f.to_string(), slot + 1));
+        let flagged = flag.as_ref().map(|(_, s)| *s);
+        self.slots += 1 + usize::from(flag.is_some());
         self.parts.push(Part {
             head: head.to_string(),
             tail: tail.to_string(),
             rows,
+            slot,
+            flag,
         });
-        self.parts.len() - 1
+        (slot, flagged)
     }
 
     /// Adds `head (VALUES (...), ...) tail` for `rows` (an `UPDATE ... FROM` a list of values,
@@ -199,8 +237,9 @@ impl Script {
         self.insert(&format!("{head} ("), &format!(") {tail}"), rows)
     }
 
-    /// Runs the parts on `conn` (in the caller's transaction); how many rows each wrote, in
-    /// the order they were added. A part without rows runs nowhere and wrote 0.
+    /// Runs the parts on `conn` (in the caller's transaction); the counts, at the indexes the
+    /// parts were added with (how many rows each wrote, and how many of them were flagged). A
+    /// part without rows runs nowhere and wrote 0.
     pub async fn run(&self, conn: &mut AnyConnection) -> Result<Vec<u64>, sqlx::Error> {
         let parameters: usize = self
             .parts
@@ -210,55 +249,67 @@ impl Script {
         let one_statement = is_postgres(conn)
             && parameters <= SCRIPT_PARAMETERS
             && self.parts.iter().all(|p| p.rows.len() <= CHUNK);
+        let mut counts = vec![0; self.slots];
         if !one_statement {
-            let mut counts = Vec::with_capacity(self.parts.len());
             for part in &self.parts {
-                counts
-                    .push(insert_returning_count(conn, &part.head, &part.tail, &part.rows).await?);
+                let written =
+                    insert_returning_count(conn, &part.head, &part.tail, &part.rows).await?;
+                counts[part.slot] = written;
+                if let Some((_, flagged)) = &part.flag {
+                    counts[*flagged] = written;
+                }
             }
             return Ok(counts);
         }
-        let written: Vec<(usize, &Part)> = self
-            .parts
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| !p.rows.is_empty())
-            .collect();
+        let written: Vec<&Part> = self.parts.iter().filter(|p| !p.rows.is_empty()).collect();
         if written.is_empty() {
-            return Ok(vec![0; self.parts.len()]);
+            return Ok(counts);
         }
         let mut sql = String::from("WITH ");
         let mut n = 0;
-        for (i, (index, part)) in written.iter().enumerate() {
+        for (i, part) in written.iter().enumerate() {
             if i > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!("p{index} AS ("));
+            sql.push_str(&format!("p{} AS (", part.slot));
             sql.push_str(&part.head);
             push_values(&mut sql, &mut n, &part.rows);
             if !part.tail.is_empty() {
                 sql.push(' ');
                 sql.push_str(&part.tail);
             }
-            sql.push_str(" RETURNING 1)");
+            match &part.flag {
+                Some((flag, _)) => sql.push_str(&format!(" RETURNING ({flag}) AS flag)")),
+                None => sql.push_str(" RETURNING 1)"),
+            }
         }
         sql.push_str(" SELECT ");
-        for (i, (index, _)) in written.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
+        let mut columns = Vec::new();
+        for part in &written {
+            columns.push((part.slot, format!("(SELECT COUNT(*) FROM p{})", part.slot)));
+            if let Some((_, flagged)) = &part.flag {
+                columns.push((
+                    *flagged,
+                    format!("(SELECT COUNT(*) FROM p{} WHERE flag)", part.slot),
+                ));
             }
-            sql.push_str(&format!("(SELECT COUNT(*) FROM p{index})"));
         }
+        sql.push_str(
+            &columns
+                .iter()
+                .map(|(_, c)| c.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
         let row = bind_all(
             sqlx::query(AssertSqlSafe(sql)),
-            written.iter().map(|(_, p)| p.rows.as_slice()),
+            written.iter().map(|p| p.rows.as_slice()),
         )
         .fetch_one(&mut *conn)
         .await?;
-        let mut counts = vec![0; self.parts.len()];
-        for (column, (index, _)) in written.iter().enumerate() {
+        for (column, (slot, _)) in columns.iter().enumerate() {
             let count: i64 = sqlx::Row::try_get(&row, column)?;
-            counts[*index] = u64::try_from(count).unwrap_or(0);
+            counts[*slot] = u64::try_from(count).unwrap_or(0);
         }
         Ok(counts)
     }

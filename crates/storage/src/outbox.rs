@@ -222,20 +222,48 @@ pub async fn enqueue(
     conn: &mut AnyConnection,
     messages: &[OutboxMessage],
 ) -> Result<Vec<PendingMessage>, sqlx::Error> {
-    let (rows, pending) = rows(messages)?;
-    bulk::insert(conn, INSERT, &rows).await?;
-    Ok(pending)
+    let mut script = bulk::Script::new();
+    let staged = stage(&mut script, messages)?;
+    let counts = script.run(conn).await?;
+    Ok(staged.rows(&counts))
 }
 
-/// The messages as a part of `script`; the rows as the relay publishes them.
-pub fn stage(
-    script: &mut bulk::Script,
-    messages: &[OutboxMessage],
-) -> Result<Vec<PendingMessage>, sqlx::Error> {
+/// The messages as a part of `script`; once it ran, [`Staged::rows`] gives the rows as the
+/// relay publishes them.
+pub fn stage(script: &mut bulk::Script, messages: &[OutboxMessage]) -> Result<Staged, sqlx::Error> {
     let (rows, pending) = rows(messages)?;
-    script.insert(INSERT, "", rows);
-    Ok(pending)
+    let (_, behind) = script.insert_flagged(INSERT, "", rows, OTHER_UNSENT);
+    Ok(Staged {
+        rows: pending,
+        behind,
+    })
 }
+
+/// Outbox rows added to a [`bulk::Script`].
+#[derive(Debug)]
+#[must_use]
+pub struct Staged {
+    rows: Vec<PendingMessage>,
+    /// Where the script counts the rows whose aggregate had another unsent row.
+    behind: usize,
+}
+
+impl Staged {
+    /// The rows as the relay publishes them, from the counts of the script that wrote them:
+    /// [`PendingMessage::clear`] when none of their aggregates had another unsent row.
+    pub fn rows(mut self, counts: &[u64]) -> Vec<PendingMessage> {
+        let clear = counts.get(self.behind) == Some(&0);
+        for row in &mut self.rows {
+            row.clear = clear;
+        }
+        self.rows
+    }
+}
+
+/// True for an inserted row when its aggregate has another unsent row, committed before the
+/// statement or written earlier in its transaction (the statement's own rows are not seen).
+const OTHER_UNSENT: &str = "EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate_id = outbox.aggregate_id \
+     AND COALESCE(o.sent_at, '') = '')";
 
 const INSERT: &str =
     "INSERT INTO outbox (id, aggregate_id, aggregate_version, topic, payload, created_at)";
@@ -262,6 +290,7 @@ fn rows(messages: &[OutboxMessage]) -> Result<(Vec<Vec<Value>>, Vec<PendingMessa
             topic: m.topic.clone(),
             payload,
             created_at: m.created_at.clone(),
+            clear: false,
         });
     }
     Ok((rows, pending))
@@ -296,6 +325,9 @@ pub struct PendingMessage {
     pub topic: String,
     pub payload: String,
     pub created_at: String,
+    /// When it was written (on PostgreSQL), no other row of its aggregate was waiting: the
+    /// relay, handed it by the writer, publishes it without looking for older ones.
+    pub clear: bool,
 }
 
 /// The oldest unsent messages, in the order they must be published: by creation, and by
@@ -324,6 +356,8 @@ pub async fn pending(
                 payload: r.try_get(3)?,
                 created_at: r.try_get(4)?,
                 aggregate_version: r.try_get(5)?,
+                // Read from the table: the relay orders it among the rows it reads.
+                clear: false,
             })
         })
         .collect()
@@ -438,6 +472,7 @@ mod tests {
             topic: "t".into(),
             payload: "{}".into(),
             created_at: String::new(),
+            clear: false,
         }
     }
 

@@ -198,3 +198,56 @@ async fn sqlite_a_large_script_writes_every_row() {
 async fn postgres_a_large_script_writes_every_row() {
     on_postgres(a_script_too_large_for_one_statement_still_writes_every_row).await;
 }
+
+/// An outbox row written while no other row of its aggregate waits is clear (PostgreSQL
+/// tells; on SQLite the relay always looks).
+async fn outbox_rows_know_whether_their_aggregate_had_a_row_waiting(db: &Db) {
+    setup(db).await;
+    let message = |aggregate: &str, version: i64| {
+        storage::outbox::OutboxMessage::event(
+            "/test",
+            "t",
+            aggregate,
+            version,
+            &storage::time::to_text(storage::time::now()),
+            serde_json::json!({}),
+        )
+    };
+    let write = async |messages: &[storage::outbox::OutboxMessage]| -> Vec<bool> {
+        let mut tx = db.begin_write().await.unwrap();
+        let rows = storage::outbox::enqueue(&mut tx, messages).await.unwrap();
+        tx.commit().await.unwrap();
+        rows.iter().map(|r| r.clear).collect()
+    };
+    let on_postgres = db.backend() == Backend::Postgres;
+    let a1 = message("a", 1);
+    // Two rows of one aggregate in one statement: neither waits for an older one.
+    assert_eq!(
+        write(&[a1.clone(), message("a", 2)]).await,
+        [on_postgres; 2]
+    );
+    assert_eq!(write(&[message("a", 3)]).await, [false], "a1 and a2 wait");
+    assert_eq!(write(&[message("b", 1)]).await, [on_postgres]);
+    let waiting: Vec<String> = sqlx::query_scalar("SELECT id FROM outbox WHERE aggregate_id = 'a'")
+        .fetch_all(db.reader())
+        .await
+        .unwrap();
+    storage::outbox::mark_sent(db.writer(), &waiting)
+        .await
+        .unwrap();
+    assert_eq!(
+        write(&[message("a", 4)]).await,
+        [on_postgres],
+        "all of a sent"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_outbox_rows_are_never_clear() {
+    on_sqlite(outbox_rows_know_whether_their_aggregate_had_a_row_waiting).await;
+}
+
+#[tokio::test]
+async fn postgres_outbox_rows_know_whether_their_aggregate_had_a_row_waiting() {
+    on_postgres(outbox_rows_know_whether_their_aggregate_had_a_row_waiting).await;
+}

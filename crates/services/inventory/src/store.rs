@@ -308,7 +308,7 @@ async fn reserve_in(
                 "ON CONFLICT (order_id, sku) DO NOTHING",
                 decision.reservations,
             );
-            let written = outbox::stage(&mut script, &decision.messages)?;
+            let staged = outbox::stage(&mut script, &decision.messages)?;
             let counts = script.run(conn).await?;
             if counts[claimed] != 1 {
                 return Err(StoreError::Duplicate);
@@ -317,7 +317,7 @@ async fn reserve_in(
                 // Another message reserved for this order before.
                 return Err(StoreError::Conflict);
             }
-            return Ok((decision.reservation, written));
+            return Ok((decision.reservation, staged.rows(&counts)));
         }
         // Stock was released between the guarded update and the read: try again.
     }

@@ -520,7 +520,7 @@ impl NotificationStore {
                     let Some(row) = row else {
                         return Ok(((), Vec::new())); // settled by another worker
                     };
-                    let mut written = Vec::new();
+                    let mut staged = None;
                     let attempt: i64 = row.try_get(0)?;
                     // The attempt and the message in one script (one statement on PostgreSQL).
                     let mut script = Script::new();
@@ -551,12 +551,13 @@ impl NotificationStore {
                         });
                         // The attempt number orders a delivery's events (a redriven one can
                         // fail twice).
-                        written = outbox::stage(
+                        staged = Some(outbox::stage(
                             &mut script,
                             &[OutboxMessage::event("notification", topic, &id, attempt, &now, data)],
-                        )?;
+                        )?);
                     }
-                    script.run(conn).await?;
+                    let counts = script.run(conn).await?;
+                    let written = staged.map(|s| s.rows(&counts)).unwrap_or_default();
                     Ok::<_, StoreError>(((), written))
                 }
                 .boxed()

@@ -544,7 +544,7 @@ async fn commit(db: &Db, writes: &[&Write], handoff: &Handoff) -> Result<(), Sto
         .iter()
         .flat_map(|w| w.messages.iter().cloned())
         .collect();
-    let rows = outbox::stage(&mut script, &messages)?;
+    let staged = outbox::stage(&mut script, &messages)?;
     let counts = script
         .run(&mut tx)
         .await
@@ -560,7 +560,7 @@ async fn commit(db: &Db, writes: &[&Write], handoff: &Handoff) -> Result<(), Sto
     {
         return Err(StoreError::Db(sqlx::Error::RowNotFound));
     }
-    handoff.commit(tx, rows).await?;
+    handoff.commit(tx, staged.rows(&counts)).await?;
     Ok(())
 }
 
