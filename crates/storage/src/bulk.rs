@@ -174,6 +174,8 @@ struct Part {
     /// A condition on each row written (over the part's table), and where the count of the rows
     /// it was true for goes (as one statement only; else every row written counts).
     flag: Option<(String, usize)>,
+    /// The part (its count's index) that must write a row for this one to write anything.
+    guard: Option<usize>,
 }
 
 /// The connection is to PostgreSQL (else SQLite).
@@ -193,6 +195,33 @@ impl Script {
     /// [`run`](Self::run) returns.
     pub fn insert(&mut self, head: &str, tail: &str, rows: Vec<Vec<Value>>) -> usize {
         self.add(head, tail, rows, None).0
+    }
+
+    /// Like [`insert`](Self::insert), writing only if the part at `guard` (added before) wrote
+    /// a row: an inbox claim guards the effects of its message, so a message handled before
+    /// writes nothing, even as a statement of its own (no transaction to roll back).
+    pub fn insert_if(
+        &mut self,
+        guard: usize,
+        head: &str,
+        tail: &str,
+        rows: Vec<Vec<Value>>,
+    ) -> usize {
+        let slot = self.insert(head, tail, rows);
+        if let Some(part) = self.parts.last_mut() {
+            part.guard = Some(guard);
+        }
+        slot
+    }
+
+    /// Whether, on PostgreSQL, [`run`](Self::run) sends one statement (atomic on its own).
+    pub fn is_one_statement(&self) -> bool {
+        let parameters: usize = self
+            .parts
+            .iter()
+            .map(|p| p.rows.iter().map(Vec::len).sum::<usize>())
+            .sum();
+        parameters <= SCRIPT_PARAMETERS && self.parts.iter().all(|p| p.rows.len() <= CHUNK)
     }
 
     /// Like [`insert`](Self::insert), also counting the rows written for which `flag` (an SQL
@@ -227,6 +256,7 @@ impl Script {
             rows,
             slot,
             flag,
+            guard: None,
         });
         (slot, flagged)
     }
@@ -241,17 +271,12 @@ impl Script {
     /// parts were added with (how many rows each wrote, and how many of them were flagged). A
     /// part without rows runs nowhere and wrote 0.
     pub async fn run(&self, conn: &mut AnyConnection) -> Result<Vec<u64>, sqlx::Error> {
-        let parameters: usize = self
-            .parts
-            .iter()
-            .map(|p| p.rows.iter().map(Vec::len).sum::<usize>())
-            .sum();
-        let one_statement = is_postgres(conn)
-            && parameters <= SCRIPT_PARAMETERS
-            && self.parts.iter().all(|p| p.rows.len() <= CHUNK);
         let mut counts = vec![0; self.slots];
-        if !one_statement {
+        if !(is_postgres(conn) && self.is_one_statement()) {
             for part in &self.parts {
+                if part.guard.is_some_and(|guard| counts[guard] == 0) {
+                    continue;
+                }
                 let written =
                     insert_returning_count(conn, &part.head, &part.tail, &part.rows).await?;
                 counts[part.slot] = written;
@@ -261,7 +286,15 @@ impl Script {
             }
             return Ok(counts);
         }
-        let written: Vec<&Part> = self.parts.iter().filter(|p| !p.rows.is_empty()).collect();
+        // Parts without rows are left out, and so are those they guard.
+        let mut present = vec![false; self.slots];
+        let mut written: Vec<&Part> = Vec::new();
+        for part in &self.parts {
+            if !part.rows.is_empty() && part.guard.is_none_or(|guard| present[guard]) {
+                present[part.slot] = true;
+                written.push(part);
+            }
+        }
         if written.is_empty() {
             return Ok(counts);
         }
@@ -273,7 +306,14 @@ impl Script {
             }
             sql.push_str(&format!("p{} AS (", part.slot));
             sql.push_str(&part.head);
-            push_values(&mut sql, &mut n, &part.rows);
+            match part.guard {
+                Some(guard) => {
+                    sql.push_str(" SELECT * FROM (");
+                    push_values(&mut sql, &mut n, &part.rows);
+                    sql.push_str(&format!(") AS v WHERE EXISTS (SELECT 1 FROM p{guard})"));
+                }
+                None => push_values(&mut sql, &mut n, &part.rows),
+            }
             if !part.tail.is_empty() {
                 sql.push(' ');
                 sql.push_str(&part.tail);

@@ -41,7 +41,14 @@ type Staged = Box<
         + Send,
 >;
 
-type Request = (Staged, oneshot::Sender<Result<Output, JobError>>);
+/// What a caller hands over: a job, or a script of writes (which PostgreSQL may run alone as
+/// one statement, without BEGIN and COMMIT).
+enum Work {
+    Job(Staged),
+    Script(crate::bulk::Script),
+}
+
+type Request = (Work, oneshot::Sender<Result<Output, JobError>>);
 
 /// Where a batch failed.
 enum Failure {
@@ -108,7 +115,7 @@ impl GroupCommit {
         T: Send + 'static,
         E: std::error::Error + From<sqlx::Error> + Send + Sync + 'static,
     {
-        self.submit_as(Box::new(move |conn| {
+        self.submit_as(Work::Job(Box::new(move |conn| {
             let fut = job(conn);
             Box::pin(async move {
                 match fut.await {
@@ -116,7 +123,7 @@ impl GroupCommit {
                     Err(error) => Err(Box::new(error) as JobError),
                 }
             })
-        }))
+        })))
         .await
     }
 
@@ -139,8 +146,19 @@ impl GroupCommit {
         .await
     }
 
-    /// Submits a staged job and turns its answer back into the caller's types.
-    async fn submit_as<T, E>(&self, job: Staged) -> Result<T, E>
+    /// Runs `script` in the next batch; its counts ([`Script::run`](crate::bulk::Script::run)).
+    /// On PostgreSQL a script alone in its batch runs as one statement on its own, without
+    /// BEGIN and COMMIT: a script that must write nothing in some case says so with
+    /// [`insert_if`](crate::bulk::Script::insert_if), not by failing.
+    pub async fn run_script<E>(&self, script: crate::bulk::Script) -> Result<Vec<u64>, E>
+    where
+        E: std::error::Error + From<sqlx::Error> + Send + Sync + 'static,
+    {
+        self.submit_as(Work::Script(script)).await
+    }
+
+    /// Submits work and turns its answer back into the caller's types.
+    async fn submit_as<T, E>(&self, job: Work) -> Result<T, E>
     where
         T: Send + 'static,
         E: std::error::Error + From<sqlx::Error> + Send + Sync + 'static,
@@ -164,14 +182,14 @@ impl GroupCommit {
 
     /// Runs `job` in the next batch; its output once the batch committed.
     pub async fn run(&self, mut job: Job) -> Result<Output, JobError> {
-        self.submit(Box::new(move |conn| {
+        self.submit(Work::Job(Box::new(move |conn| {
             let fut = job(conn);
             Box::pin(async move { fut.await.map(|output| (output, Vec::new())) })
-        }))
+        })))
         .await
     }
 
-    async fn submit(&self, job: Staged) -> Result<Output, JobError> {
+    async fn submit(&self, job: Work) -> Result<Output, JobError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send((job, reply))
@@ -198,6 +216,27 @@ async fn run(
         loop {
             batch.retain(|(_, reply)| !reply.is_closed());
             if batch.is_empty() {
+                break;
+            }
+            if let [(Work::Script(script), _)] = batch.as_slice()
+                && db.backend() == crate::Backend::Postgres
+                && script.is_one_statement()
+            {
+                // One statement is a transaction of its own: no BEGIN and COMMIT around it.
+                let result = match db.writer().acquire().await {
+                    Ok(mut conn) => script.run(&mut conn).await,
+                    Err(error) => Err(error),
+                };
+                if result.is_ok() {
+                    committed();
+                }
+                if let Some((_, reply)) = batch.pop() {
+                    let _ = reply.send(
+                        result
+                            .map(|counts| Box::new(counts) as Output)
+                            .map_err(|e| Box::new(e) as JobError),
+                    );
+                }
                 break;
             }
             match together(&db, &mut batch, &handoff).await {
@@ -238,8 +277,10 @@ async fn together(
     let mut tx = db.begin_write().await.map_err(Failure::Transaction)?;
     let mut outputs = Vec::with_capacity(batch.len());
     let mut rows = Vec::new();
-    for (index, (job, _)) in batch.iter_mut().enumerate() {
-        let (output, written) = job(&mut tx).await.map_err(|e| Failure::Job(index, e))?;
+    for (index, (work, _)) in batch.iter_mut().enumerate() {
+        let (output, written) = perform(work, &mut tx)
+            .await
+            .map_err(|e| Failure::Job(index, e))?;
         outputs.push(output);
         rows.extend(written);
     }
@@ -250,9 +291,23 @@ async fn together(
     Ok(outputs)
 }
 
-async fn alone(db: &Db, job: &mut Staged, handoff: &Handoff) -> Result<Output, JobError> {
+/// Runs a job or script on `conn`: its output and the outbox rows it wrote.
+async fn perform(
+    work: &mut Work,
+    conn: &mut AnyConnection,
+) -> Result<(Output, Vec<PendingMessage>), JobError> {
+    match work {
+        Work::Job(job) => job(conn).await,
+        Work::Script(script) => {
+            let counts = script.run(conn).await?;
+            Ok((Box::new(counts) as Output, Vec::new()))
+        }
+    }
+}
+
+async fn alone(db: &Db, job: &mut Work, handoff: &Handoff) -> Result<Output, JobError> {
     let mut tx = db.begin_write().await?;
-    let (output, rows) = job(&mut tx).await?;
+    let (output, rows) = perform(job, &mut tx).await?;
     handoff.commit(tx, rows).await?;
     Ok(output)
 }

@@ -126,3 +126,47 @@ async fn on_postgres_a_second_lane_commits_while_the_first_batch_is_open() {
     db.close().await;
     testing::drop_pg_database(&url).await;
 }
+
+/// On PostgreSQL a script alone in its batch commits on its own (as one statement, without
+/// BEGIN and COMMIT: the bench's statement log shows it); scripts batched together share the
+/// batch's transaction (one `now()`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_scripts_commit_alone_or_in_a_shared_batch() {
+    let url = testing::fresh_pg_database().await;
+    let db = Db::open_postgres(&url, "scripts", 4).await.unwrap();
+    sqlx::query(
+        "CREATE TABLE stamped (n BIGINT PRIMARY KEY, began TEXT NOT NULL DEFAULT (now()::text))",
+    )
+    .execute(db.writer())
+    .await
+    .unwrap();
+    let group = GroupCommit::start(db.clone(), storage::outbox::Handoff::default());
+    let script = |n: i64| {
+        let mut script = storage::bulk::Script::new();
+        script.insert("INSERT INTO stamped (n)", "", vec![vec![n.into()]]);
+        script
+    };
+    let counts = group.run_script::<sqlx::Error>(script(1)).await.unwrap();
+    assert_eq!(counts, vec![1]);
+    // Behind a batch held open, two scripts share the next one.
+    let (held, release) = hold_a_batch(&group).await;
+    let both = futures::future::join(
+        group.run_script::<sqlx::Error>(script(2)),
+        group.run_script::<sqlx::Error>(script(3)),
+    );
+    futures::pin_mut!(both);
+    assert!(futures::poll!(&mut both).is_pending());
+    release.send(()).unwrap();
+    assert!(held.await.unwrap());
+    let (two, three) = both.await;
+    assert_eq!((two.unwrap(), three.unwrap()), (vec![1], vec![1]));
+    let began: Vec<String> = sqlx::query_scalar("SELECT began FROM stamped ORDER BY n")
+        .fetch_all(db.reader())
+        .await
+        .unwrap();
+    assert_ne!(began[0], began[1], "the lone script shared a transaction");
+    assert_eq!(began[1], began[2], "the batched scripts did not share one");
+    assert_eq!(group.commits(), 3);
+    db.close().await;
+    testing::drop_pg_database(&url).await;
+}

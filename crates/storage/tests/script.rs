@@ -251,3 +251,47 @@ async fn sqlite_outbox_rows_are_never_clear() {
 async fn postgres_outbox_rows_know_whether_their_aggregate_had_a_row_waiting() {
     on_postgres(outbox_rows_know_whether_their_aggregate_had_a_row_waiting).await;
 }
+
+/// A part guarded by a claim writes only when the claim did: a message handled before writes
+/// nothing, with or without a transaction around the script.
+async fn a_guarded_part_writes_only_after_its_claim(db: &Db) {
+    setup(db).await;
+    let script = || {
+        let mut script = Script::new();
+        let claimed = storage::inbox::stage_claims(&mut script, &[("g", "m1")]);
+        let guarded = script.insert_if(
+            claimed,
+            "INSERT INTO parents (id, n)",
+            "ON CONFLICT (id) DO NOTHING",
+            rows(&[("x", 1), ("y", 2)]),
+        );
+        (script, claimed, guarded)
+    };
+    let mut conn = db.writer().acquire().await.unwrap();
+    let (first, claimed, guarded) = script();
+    let counts = first.run(&mut conn).await.unwrap();
+    assert_eq!((counts[claimed], counts[guarded]), (1, 2));
+    sqlx::query("DELETE FROM parents")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let (again, claimed, guarded) = script();
+    let counts = again.run(&mut conn).await.unwrap();
+    assert_eq!((counts[claimed], counts[guarded]), (0, 0));
+    drop(conn);
+    assert_eq!(
+        count(db, "parents").await,
+        0,
+        "the claimed message wrote again"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_a_guarded_part_writes_only_after_its_claim() {
+    on_sqlite(a_guarded_part_writes_only_after_its_claim).await;
+}
+
+#[tokio::test]
+async fn postgres_a_guarded_part_writes_only_after_its_claim() {
+    on_postgres(a_guarded_part_writes_only_after_its_claim).await;
+}

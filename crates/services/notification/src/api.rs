@@ -29,8 +29,6 @@ impl From<StoreError> for Problem {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::NotFound => not_found(),
-            // Only message handling meets it (never an API request).
-            StoreError::Duplicate => Problem::conflict("Already done."),
             StoreError::Db(error) => {
                 tracing::error!(%error, "notification store failed");
                 Problem::unavailable("The notification database is unavailable; retry later.")

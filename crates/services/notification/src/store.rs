@@ -20,9 +20,6 @@ pub enum StoreError {
     NotFound,
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
-    /// The message was handled before: the transaction that found it out rolls back.
-    #[error("the message was handled before")]
-    Duplicate,
 }
 
 /// A stored template.
@@ -330,63 +327,48 @@ impl NotificationStore {
         message_id: &str,
         deliveries: &[NewDelivery],
     ) -> Result<bool, StoreError> {
-        let (group, message_id, list) = (
-            group.to_string(),
-            message_id.to_string(),
-            deliveries.to_vec(),
+        // Claimed by this process at once: its worker gets them from memory.
+        let claimed_until = later(CLAIM);
+        let mut script = Script::new();
+        let claimed = inbox::stage_claims(&mut script, &[(group, message_id)]);
+        let rows: Vec<(String, Vec<Value>)> = deliveries
+            .iter()
+            .map(|d| delivery_row(d, &claimed_until))
+            .collect();
+        // Nothing is stored for a message handled before.
+        let inserted = script.insert_if(
+            claimed,
+            INSERT_DELIVERY.0,
+            INSERT_DELIVERY.1,
+            rows.iter().map(|(_, row)| row.clone()).collect(),
         );
-        let recorded = self
-            .batches
-            .run_as(move |conn| {
-                let (group, message_id, list) = (group.clone(), message_id.clone(), list.clone());
-                async move {
-                    // Claimed by this process at once: its worker gets them from memory.
-                    let claimed_until = later(CLAIM);
-                    let mut script = Script::new();
-                    let claimed = inbox::stage_claims(&mut script, &[(&group, &message_id)]);
-                    let rows: Vec<(String, Vec<Value>)> = list
-                        .iter()
-                        .map(|d| delivery_row(d, &claimed_until))
-                        .collect();
-                    let inserted = script.insert(
-                        INSERT_DELIVERY.0,
-                        INSERT_DELIVERY.1,
-                        rows.iter().map(|(_, row)| row.clone()).collect(),
-                    );
-                    let counts = script.run(conn).await?;
-                    if counts[claimed] != 1 {
-                        return Err(StoreError::Duplicate);
-                    }
-                    let ids: Vec<String> = rows.into_iter().map(|(id, _)| id).collect();
-                    // Some were stored before (same event and channel): which of ours are in.
-                    let stored = if counts[inserted] == ids.len() as u64 {
-                        None
-                    } else {
-                        Some(stored_of(conn, &ids).await?)
-                    };
-                    let due = list
-                        .iter()
-                        .zip(ids)
-                        .filter(|(_, id)| stored.as_ref().is_none_or(|s| s.contains(id)))
-                        .map(|(delivery, id)| Due {
-                            id,
-                            channel: delivery.channel.clone(),
-                            recipient: delivery.recipient.clone(),
-                            subject: delivery.subject.clone(),
-                            text_body: delivery.text_body.clone(),
-                            html_body: delivery.html_body.clone(),
-                            attempts: 0,
-                        })
-                        .collect();
-                    Ok::<Option<Vec<Due>>, StoreError>(Some(due))
-                }
-                .boxed()
-            })
-            .await;
-        let recorded = match recorded {
-            // Seen before: its job rolled back.
-            Err(StoreError::Duplicate) => None,
-            other => other?,
+        let counts = self.batches.run_script::<StoreError>(script).await?;
+        let recorded = if counts[claimed] == 1 {
+            let ids: Vec<String> = rows.into_iter().map(|(id, _)| id).collect();
+            // Some were stored before (same event and channel): which of ours are in.
+            let stored = if counts[inserted] == ids.len() as u64 {
+                None
+            } else {
+                Some(stored_of(self.db.reader(), &ids).await?)
+            };
+            Some(
+                deliveries
+                    .iter()
+                    .zip(ids)
+                    .filter(|(_, id)| stored.as_ref().is_none_or(|s| s.contains(id)))
+                    .map(|(delivery, id)| Due {
+                        id,
+                        channel: delivery.channel.clone(),
+                        recipient: delivery.recipient.clone(),
+                        subject: delivery.subject.clone(),
+                        text_body: delivery.text_body.clone(),
+                        html_body: delivery.html_body.clone(),
+                        attempts: 0,
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        } else {
+            None
         };
         let Some(due) = recorded else {
             return Ok(false);
@@ -789,7 +771,7 @@ fn delivery_row(d: &NewDelivery, next_attempt_at: &str) -> (String, Vec<Value>) 
 
 /// Which of `ids` are stored.
 async fn stored_of(
-    conn: &mut AnyConnection,
+    pool: &sqlx::AnyPool,
     ids: &[String],
 ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
     let mut query = sqlx::query(AssertSqlSafe(format!(
@@ -800,7 +782,7 @@ async fn stored_of(
         query = query.bind(id.clone());
     }
     query
-        .fetch_all(&mut *conn)
+        .fetch_all(pool)
         .await?
         .iter()
         .map(|r| r.try_get(0))

@@ -172,8 +172,6 @@ impl From<StoreError> for Problem {
             StoreError::Exists => Problem::conflict("The order has a payment already."),
             StoreError::NotFound => Problem::not_found("No such payment."),
             StoreError::NotRefundable(detail) => Problem::conflict(detail),
-            // Only message handling meets it (never an API request).
-            StoreError::Duplicate => Problem::conflict("Already done."),
             StoreError::Db(_) | StoreError::Corrupt(_) => {
                 tracing::error!(%error, "payment store failed");
                 Problem::unavailable("The payment database is unavailable; retry later.")

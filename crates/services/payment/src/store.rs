@@ -31,9 +31,6 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
-    /// The message was handled before: the transaction that found it out rolls back.
-    #[error("the message was handled before")]
-    Duplicate,
 }
 
 /// What pays for an order, as the order told us.
@@ -198,17 +195,8 @@ impl PaymentStore {
             .unwrap_or_default()
     }
 
-    /// Runs `job` in the next shared transaction; its result once that committed.
-    async fn batched<T: Send + 'static>(
-        &self,
-        job: impl for<'c> FnMut(&'c mut AnyConnection) -> BoxFuture<'c, Result<T, StoreError>>
-        + Send
-        + 'static,
-    ) -> Result<T, StoreError> {
-        self.batches.run_as(job).await
-    }
-
-    /// Like `batched`, for a job that wrote outbox rows (returned with its result).
+    /// Runs `job` in the next shared transaction, with the outbox rows it wrote (handed to the
+    /// relay); its result once that committed.
     async fn batched_outbox<T: Send + 'static>(
         &self,
         job: impl for<'c> FnMut(
@@ -271,33 +259,20 @@ impl PaymentStore {
         cause: Claim<'_>,
         intent: &Intent,
     ) -> Result<bool, StoreError> {
-        let cause = owned(cause);
-        let intent = intent.clone();
-        let inserted = self
-            .batched(move |conn| {
-                let (cause, intent) = (cause.clone(), intent.clone());
-                async move {
-                    // The claim and the payment in one script (one statement on PostgreSQL).
-                    let mut script = Script::new();
-                    let claimed = cause.as_ref().map(|(g, m)| {
-                        inbox::stage_claims(&mut script, &[(g.as_str(), m.as_str())])
-                    });
-                    let (_, row) = payment_row(&intent, "pending", None);
-                    let inserted = script.insert(INSERT_PAYMENT.0, INSERT_PAYMENT.1, vec![row]);
-                    let counts = script.run(conn).await?;
-                    if claimed.is_some_and(|c| counts[c] != 1) {
-                        return Err(StoreError::Duplicate);
-                    }
-                    Ok(counts[inserted] == 1)
-                }
-                .boxed()
-            })
-            .await;
-        match inserted {
-            // Seen before: its job rolled back.
-            Err(StoreError::Duplicate) => Ok(false),
-            other => other,
-        }
+        // The claim and the payment in one script (one statement on PostgreSQL); nothing is
+        // stored for a message handled before.
+        let mut script = Script::new();
+        let claimed = cause
+            .map(|(group, message_id)| inbox::stage_claims(&mut script, &[(group, message_id)]));
+        let (_, row) = payment_row(intent, "pending", None);
+        let inserted = match claimed {
+            Some(claimed) => {
+                script.insert_if(claimed, INSERT_PAYMENT.0, INSERT_PAYMENT.1, vec![row])
+            }
+            None => script.insert(INSERT_PAYMENT.0, INSERT_PAYMENT.1, vec![row]),
+        };
+        let counts = self.batches.run_script::<StoreError>(script).await?;
+        Ok(counts[inserted] == 1)
     }
 
     /// A payment asked for through the API: recorded and charged at once.
