@@ -149,7 +149,8 @@ impl GroupCommit {
     /// Runs `script` in the next batch; its counts ([`Script::run`](crate::bulk::Script::run)).
     /// On PostgreSQL a script alone in its batch runs as one statement on its own, without
     /// BEGIN and COMMIT: a script that must write nothing in some case says so with
-    /// [`insert_if`](crate::bulk::Script::insert_if), not by failing.
+    /// [`insert_if`](crate::bulk::Script::insert_if), not by failing. Outbox rows a script
+    /// writes are not handed to the relay (its table read finds them): write them in a job.
     pub async fn run_script<E>(&self, script: crate::bulk::Script) -> Result<Vec<u64>, E>
     where
         E: std::error::Error + From<sqlx::Error> + Send + Sync + 'static,
