@@ -331,48 +331,36 @@ impl NotificationStore {
         let claimed_until = later(CLAIM);
         let mut script = Script::new();
         let claimed = inbox::stage_claims(&mut script, &[(group, message_id)]);
-        let rows: Vec<(String, Vec<Value>)> = deliveries
+        let (ids, rows): (Vec<String>, Vec<Vec<Value>>) = deliveries
             .iter()
             .map(|d| delivery_row(d, &claimed_until))
-            .collect();
+            .unzip();
         // Nothing is stored for a message handled before.
-        let inserted = script.insert_if(
-            claimed,
-            INSERT_DELIVERY.0,
-            INSERT_DELIVERY.1,
-            rows.iter().map(|(_, row)| row.clone()).collect(),
-        );
+        let inserted = script.insert_if(claimed, INSERT_DELIVERY.0, INSERT_DELIVERY.1, rows);
         let counts = self.batches.run_script::<StoreError>(script).await?;
-        let recorded = if counts[claimed] == 1 {
-            let ids: Vec<String> = rows.into_iter().map(|(id, _)| id).collect();
-            // Some were stored before (same event and channel): which of ours are in.
-            let stored = if counts[inserted] == ids.len() as u64 {
-                None
-            } else {
-                Some(stored_of(self.db.reader(), &ids).await?)
-            };
-            Some(
-                deliveries
-                    .iter()
-                    .zip(ids)
-                    .filter(|(_, id)| stored.as_ref().is_none_or(|s| s.contains(id)))
-                    .map(|(delivery, id)| Due {
-                        id,
-                        channel: delivery.channel.clone(),
-                        recipient: delivery.recipient.clone(),
-                        subject: delivery.subject.clone(),
-                        text_body: delivery.text_body.clone(),
-                        html_body: delivery.html_body.clone(),
-                        attempts: 0,
-                    })
-                    .collect::<Vec<_>>(),
-            )
-        } else {
-            None
-        };
-        let Some(due) = recorded else {
+        if counts[claimed] != 1 {
             return Ok(false);
+        }
+        // Some were stored before (same event and channel): which of ours are in.
+        let stored = if counts[inserted] == ids.len() as u64 {
+            None
+        } else {
+            Some(stored_of(self.db.reader(), &ids).await?)
         };
+        let due: Vec<Due> = deliveries
+            .iter()
+            .zip(ids)
+            .filter(|(_, id)| stored.as_ref().is_none_or(|s| s.contains(id)))
+            .map(|(delivery, id)| Due {
+                id,
+                channel: delivery.channel.clone(),
+                recipient: delivery.recipient.clone(),
+                subject: delivery.subject.clone(),
+                text_body: delivery.text_body.clone(),
+                html_body: delivery.html_body.clone(),
+                attempts: 0,
+            })
+            .collect();
         if !due.is_empty() {
             if let Ok(mut queued) = self.queued.lock() {
                 let now = std::time::Instant::now();
