@@ -260,10 +260,26 @@ impl Staged {
     }
 }
 
+/// "Unsent", written so that it cannot use the partial index of unsent rows: on PostgreSQL that
+/// index keeps an entry for every row sent since the last vacuum, and a lookup by aggregate
+/// through it read all of them (the cost grew with every message until autovacuum came). The
+/// aggregate's own index reads its few rows. A macro, so constant statements can embed it.
+macro_rules! unsent_by_aggregate {
+    () => {
+        "COALESCE(sent_at, '') = ''"
+    };
+}
+
+const UNSENT_BY_AGGREGATE: &str = unsent_by_aggregate!();
+
 /// True for an inserted row when its aggregate has another unsent row, committed before the
 /// statement or written earlier in its transaction (the statement's own rows are not seen).
-const OTHER_UNSENT: &str = "EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate_id = outbox.aggregate_id \
-     AND COALESCE(o.sent_at, '') = '')";
+/// Its `sent_at` (unqualified) is the subquery's own row's.
+const OTHER_UNSENT: &str = concat!(
+    "EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate_id = outbox.aggregate_id AND ",
+    unsent_by_aggregate!(),
+    ")"
+);
 
 const INSERT: &str =
     "INSERT INTO outbox (id, aggregate_id, aggregate_version, topic, payload, created_at)";
@@ -380,12 +396,6 @@ impl PendingMessage {
         }
     }
 }
-
-/// "Unsent", written so that it cannot use the partial index of unsent rows: on PostgreSQL that
-/// index keeps an entry for every row sent since the last vacuum, and a lookup by aggregate
-/// through it read all of them (the cost grew with every message until autovacuum came). The
-/// aggregate's own index reads its few rows.
-const UNSENT_BY_AGGREGATE: &str = "COALESCE(sent_at, '') = ''";
 
 /// The unsent messages of `aggregate_ids` (at most `limit`): aggregate and place.
 pub async fn unsent_of(
