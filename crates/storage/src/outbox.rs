@@ -260,26 +260,12 @@ impl Staged {
     }
 }
 
-/// "Unsent", written so that it cannot use the partial index of unsent rows: on PostgreSQL that
-/// index keeps an entry for every row sent since the last vacuum, and a lookup by aggregate
-/// through it read all of them (the cost grew with every message until autovacuum came). The
-/// aggregate's own index reads its few rows. A macro, so constant statements can embed it.
-macro_rules! unsent_by_aggregate {
-    () => {
-        "COALESCE(sent_at, '') = ''"
-    };
-}
-
-const UNSENT_BY_AGGREGATE: &str = unsent_by_aggregate!();
-
 /// True for an inserted row when its aggregate has another unsent row, committed before the
 /// statement or written earlier in its transaction (the statement's own rows are not seen).
-/// Its `sent_at` (unqualified) is the subquery's own row's.
-const OTHER_UNSENT: &str = concat!(
-    "EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate_id = outbox.aggregate_id AND ",
-    unsent_by_aggregate!(),
-    ")"
-);
+/// Like the lookups by aggregate below, it reads the index of unsent rows by aggregate
+/// (`outbox_unsent_by_aggregate`): a few entries, whatever the planner's statistics say.
+const OTHER_UNSENT: &str = "EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate_id = outbox.aggregate_id \
+     AND o.sent_at IS NULL)";
 
 const INSERT: &str =
     "INSERT INTO outbox (id, aggregate_id, aggregate_version, topic, payload, created_at)";
@@ -408,7 +394,7 @@ pub async fn unsent_of(
         let placeholders = crate::bulk::placeholders(1, chunk.len());
         let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT id, aggregate_id, created_at, aggregate_version FROM outbox \
-             WHERE aggregate_id IN ({placeholders}) AND {UNSENT_BY_AGGREGATE} LIMIT {}",
+             WHERE aggregate_id IN ({placeholders}) AND sent_at IS NULL LIMIT {}",
             limit.clamp(1, 10_000)
         )));
         for id in chunk {
@@ -439,7 +425,7 @@ pub async fn unsent_before(
     for chunk in aggregate_ids.chunks(500) {
         let placeholders = crate::bulk::placeholders(2, chunk.len());
         let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT 1 FROM outbox WHERE aggregate_id IN ({placeholders}) AND {UNSENT_BY_AGGREGATE} \
+            "SELECT 1 FROM outbox WHERE aggregate_id IN ({placeholders}) AND sent_at IS NULL \
              AND created_at < $1 LIMIT 1"
         )))
         .bind(before.to_string());

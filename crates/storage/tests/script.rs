@@ -295,3 +295,65 @@ async fn sqlite_a_guarded_part_writes_only_after_its_claim() {
 async fn postgres_a_guarded_part_writes_only_after_its_claim() {
     on_postgres(a_guarded_part_writes_only_after_its_claim).await;
 }
+
+/// The insert's look for another waiting row of each aggregate reads the index of unsent rows,
+/// even before the planner has statistics of a large outbox (it read the whole table per
+/// insert through the index of all rows by aggregate).
+#[tokio::test]
+async fn postgres_the_look_for_waiting_rows_reads_an_index_not_the_outbox() {
+    on_postgres(async |db: &Db| {
+        setup(db).await;
+        let now = storage::time::to_text(storage::time::now());
+        let messages = |from: usize, to: usize| -> Vec<storage::outbox::OutboxMessage> {
+            (from..to)
+                .map(|i| {
+                    storage::outbox::OutboxMessage::event(
+                        "/test",
+                        "t",
+                        &format!("aggregate-{}", i % 1_000),
+                        i64::try_from(i).unwrap(),
+                        &now,
+                        serde_json::json!({}),
+                    )
+                })
+                .collect()
+        };
+        let mut sent = Vec::new();
+        for from in (0..3_000).step_by(500) {
+            let mut tx = db.begin_write().await.unwrap();
+            let rows = storage::outbox::enqueue(&mut tx, &messages(from, from + 500))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            sent.extend(rows.into_iter().map(|r| r.id));
+        }
+        storage::outbox::mark_sent(db.writer(), &sent)
+            .await
+            .unwrap();
+        // The backend's counts of scans not yet reported include its earlier transactions':
+        // the difference is this insert's.
+        let scans = async |tx: &mut sqlx::Transaction<'static, sqlx::Any>| -> (i64, i64) {
+            sqlx::query_as(
+                "SELECT seq_scan, COALESCE(idx_scan, 0) FROM pg_stat_xact_user_tables \
+                 WHERE relname = 'outbox' AND schemaname = current_schema()",
+            )
+            .fetch_one(&mut **tx)
+            .await
+            .unwrap()
+        };
+        let mut tx = db.begin_write().await.unwrap();
+        let before = scans(&mut tx).await;
+        let rows = storage::outbox::enqueue(&mut tx, &messages(3_000, 3_005))
+            .await
+            .unwrap();
+        assert!(rows.iter().all(|r| r.clear), "every older row was sent");
+        let after = scans(&mut tx).await;
+        tx.rollback().await.unwrap();
+        assert_eq!(after.0 - before.0, 0, "the outbox was read whole");
+        assert!(
+            after.1 - before.1 >= 5,
+            "one index lookup per row: {before:?} {after:?}"
+        );
+    })
+    .await;
+}
