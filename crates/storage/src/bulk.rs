@@ -194,7 +194,7 @@ impl Script {
     /// Adds `head VALUES (...), ... tail` for `rows`; the index of its count in what
     /// [`run`](Self::run) returns.
     pub fn insert(&mut self, head: &str, tail: &str, rows: Vec<Vec<Value>>) -> usize {
-        self.add(head, tail, rows, None).0
+        self.add(head, tail, rows, None, None).0
     }
 
     /// Like [`insert`](Self::insert), writing only if the part at `guard` (added before) wrote
@@ -207,11 +207,7 @@ impl Script {
         tail: &str,
         rows: Vec<Vec<Value>>,
     ) -> usize {
-        let slot = self.insert(head, tail, rows);
-        if let Some(part) = self.parts.last_mut() {
-            part.guard = Some(guard);
-        }
-        slot
+        self.add(head, tail, rows, None, Some(guard)).0
     }
 
     /// Whether, on PostgreSQL, [`run`](Self::run) sends one statement (atomic on its own).
@@ -235,7 +231,20 @@ impl Script {
         rows: Vec<Vec<Value>>,
         flag: &str,
     ) -> (usize, usize) {
-        let (slot, flagged) = self.add(head, tail, rows, Some(flag));
+        self.insert_flagged_if(None, head, tail, rows, flag)
+    }
+
+    /// [`insert_flagged`](Self::insert_flagged), guarded like [`insert_if`](Self::insert_if)
+    /// when `guard` is given.
+    pub fn insert_flagged_if(
+        &mut self,
+        guard: Option<usize>,
+        head: &str,
+        tail: &str,
+        rows: Vec<Vec<Value>>,
+        flag: &str,
+    ) -> (usize, usize) {
+        let (slot, flagged) = self.add(head, tail, rows, Some(flag), guard);
         (slot, flagged.unwrap_or(slot))
     }
 
@@ -245,6 +254,7 @@ impl Script {
         tail: &str,
         rows: Vec<Vec<Value>>,
         flag: Option<&str>,
+        guard: Option<usize>,
     ) -> (usize, Option<usize>) {
         let slot = self.slots;
         let flag = flag.map(|f| (f.to_string(), slot + 1));
@@ -256,7 +266,7 @@ impl Script {
             rows,
             slot,
             flag,
-            guard: None,
+            guard,
         });
         (slot, flagged)
     }

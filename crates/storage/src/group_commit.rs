@@ -45,7 +45,8 @@ type Staged = Box<
 /// one statement, without BEGIN and COMMIT).
 enum Work {
     Job(Staged),
-    Script(crate::bulk::Script),
+    /// With the outbox rows it writes, if any.
+    Script(crate::bulk::Script, Option<crate::outbox::Staged>),
 }
 
 type Request = (Work, oneshot::Sender<Result<Output, JobError>>);
@@ -149,13 +150,31 @@ impl GroupCommit {
     /// Runs `script` in the next batch; its counts ([`Script::run`](crate::bulk::Script::run)).
     /// On PostgreSQL a script alone in its batch runs as one statement on its own, without
     /// BEGIN and COMMIT: a script that must write nothing in some case says so with
-    /// [`insert_if`](crate::bulk::Script::insert_if), not by failing. Outbox rows a script
-    /// writes are not handed to the relay (its table read finds them): write them in a job.
+    /// [`insert_if`](crate::bulk::Script::insert_if), not by failing.
     pub async fn run_script<E>(&self, script: crate::bulk::Script) -> Result<Vec<u64>, E>
     where
         E: std::error::Error + From<sqlx::Error> + Send + Sync + 'static,
     {
-        self.submit_as(Work::Script(script)).await
+        self.submit_as(Work::Script(script, None)).await
+    }
+
+    /// [`run_script`](Self::run_script) for a script that writes the outbox rows `staged`
+    /// ([`crate::outbox::stage_if`]): they are handed to the relay once they committed.
+    ///
+    /// The parts of one statement share one snapshot, taken before it waited for any row
+    /// lock: whether an aggregate had an older unsent row is what was committed when the
+    /// statement began. So the rows must be guarded by a change to a row that every other
+    /// writer of their aggregate changes too (a status the statement checks): a statement
+    /// that waited for such a writer then finds its guard false and writes no rows.
+    pub async fn run_script_outbox<E>(
+        &self,
+        script: crate::bulk::Script,
+        staged: crate::outbox::Staged,
+    ) -> Result<Vec<u64>, E>
+    where
+        E: std::error::Error + From<sqlx::Error> + Send + Sync + 'static,
+    {
+        self.submit_as(Work::Script(script, Some(staged))).await
     }
 
     /// Submits work and turns its answer back into the caller's types.
@@ -219,17 +238,23 @@ async fn run(
             if batch.is_empty() {
                 break;
             }
-            if let [(Work::Script(script), _)] = batch.as_slice()
+            if let [(Work::Script(script, staged), _)] = batch.as_slice()
                 && db.backend() == crate::Backend::Postgres
                 && script.is_one_statement()
             {
-                // One statement is a transaction of its own: no BEGIN and COMMIT around it.
+                // One statement is a transaction of its own: no BEGIN and COMMIT around it. Its
+                // outbox rows take their place for the relay before it runs (it commits as it
+                // ends).
+                let ticket = staged.as_ref().map(|_| handoff.ticket());
                 let result = match db.writer().acquire().await {
                     Ok(mut conn) => script.run(&mut conn).await,
                     Err(error) => Err(error),
                 };
-                if result.is_ok() {
+                if let Ok(counts) = &result {
                     committed();
+                    if let (Some(ticket), Some(staged)) = (ticket, staged) {
+                        ticket.committed(staged.rows(counts));
+                    }
                 }
                 if let Some((_, reply)) = batch.pop() {
                     let _ = reply.send(
@@ -299,9 +324,13 @@ async fn perform(
 ) -> Result<(Output, Vec<PendingMessage>), JobError> {
     match work {
         Work::Job(job) => job(conn).await,
-        Work::Script(script) => {
+        Work::Script(script, staged) => {
             let counts = script.run(conn).await?;
-            Ok((Box::new(counts) as Output, Vec::new()))
+            let rows = staged
+                .as_ref()
+                .map(|staged| staged.rows(&counts))
+                .unwrap_or_default();
+            Ok((Box::new(counts) as Output, rows))
         }
     }
 }

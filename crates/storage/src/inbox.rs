@@ -30,6 +30,17 @@ pub fn stage_claims(script: &mut crate::bulk::Script, claims: &[(&str, &str)]) -
     script.insert(CLAIM.0, CLAIM.1, claim_rows(claims))
 }
 
+/// Like [`stage_claims`], claiming only if the part at `guard` wrote a row (see
+/// [`crate::bulk::Script::insert_if`]): for a handler whose effect is a guarded change that a
+/// redelivered message cannot make again.
+pub fn stage_claims_if(
+    script: &mut crate::bulk::Script,
+    guard: usize,
+    claims: &[(&str, &str)],
+) -> usize {
+    script.insert_if(guard, CLAIM.0, CLAIM.1, claim_rows(claims))
+}
+
 /// The claiming statement around its values.
 const CLAIM: (&str, &str) = (
     "INSERT INTO inbox (group_name, message_id, processed_at)",

@@ -231,10 +231,21 @@ pub async fn enqueue(
 /// The messages as a part of `script`; once it ran, [`Staged::rows`] gives the rows as the
 /// relay publishes them.
 pub fn stage(script: &mut bulk::Script, messages: &[OutboxMessage]) -> Result<Staged, sqlx::Error> {
+    stage_if(script, None, messages)
+}
+
+/// [`stage`], written only if the part at `guard` wrote a row (see
+/// [`bulk::Script::insert_if`]).
+pub fn stage_if(
+    script: &mut bulk::Script,
+    guard: Option<usize>,
+    messages: &[OutboxMessage],
+) -> Result<Staged, sqlx::Error> {
     let (rows, pending) = rows(messages)?;
-    let (_, behind) = script.insert_flagged(INSERT, "", rows, OTHER_UNSENT);
+    let (written, behind) = script.insert_flagged_if(guard, INSERT, "", rows, OTHER_UNSENT);
     Ok(Staged {
         rows: pending,
+        written,
         behind,
     })
 }
@@ -244,6 +255,8 @@ pub fn stage(script: &mut bulk::Script, messages: &[OutboxMessage]) -> Result<St
 #[must_use]
 pub struct Staged {
     rows: Vec<PendingMessage>,
+    /// Where the script counts the rows it wrote (none when their guard wrote nothing).
+    written: usize,
     /// Where the script counts the rows whose aggregate had another unsent row.
     behind: usize,
 }
@@ -251,12 +264,18 @@ pub struct Staged {
 impl Staged {
     /// The rows as the relay publishes them, from the counts of the script that wrote them:
     /// [`PendingMessage::clear`] when none of their aggregates had another unsent row.
-    pub fn rows(mut self, counts: &[u64]) -> Vec<PendingMessage> {
-        let clear = counts.get(self.behind) == Some(&0);
-        for row in &mut self.rows {
-            row.clear = clear;
+    pub fn rows(&self, counts: &[u64]) -> Vec<PendingMessage> {
+        if counts.get(self.written).is_none_or(|n| *n == 0) {
+            return Vec::new(); // guarded, and the guard wrote nothing
         }
+        let clear = counts.get(self.behind) == Some(&0);
         self.rows
+            .iter()
+            .map(|row| PendingMessage {
+                clear,
+                ..row.clone()
+            })
+            .collect()
     }
 }
 

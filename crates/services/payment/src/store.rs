@@ -87,6 +87,7 @@ pub struct Payment {
 pub struct DueCharge {
     pub payment_id: String,
     pub order_id: String,
+    pub customer_id: Option<String>,
     pub amount: Decimal,
     pub currency: String,
     pub token: String,
@@ -151,6 +152,10 @@ pub struct PaymentStore {
     /// Wakes the worker when a charge or refund becomes due.
     due: Notify,
     queued: std::sync::Mutex<Queued>,
+    /// The charges of the payments this process recorded from `order.created` and has not yet
+    /// asked for, by order: what the worker needs once the stock is reserved, without reading
+    /// the payment back (see `request_charge`).
+    intents: std::sync::Mutex<std::collections::HashMap<String, DueCharge>>,
     /// The consumers' and the worker's changes share transactions (group commit).
     batches: GroupCommit,
 }
@@ -184,6 +189,7 @@ impl PaymentStore {
             handoff,
             due: Notify::new(),
             queued: std::sync::Mutex::new(Queued::default()),
+            intents: std::sync::Mutex::default(),
         }
     }
 
@@ -264,7 +270,7 @@ impl PaymentStore {
         let mut script = Script::new();
         let claimed = cause
             .map(|(group, message_id)| inbox::stage_claims(&mut script, &[(group, message_id)]));
-        let (_, row) = payment_row(intent, "pending", None);
+        let (payment_id, row) = payment_row(intent, "pending", None);
         let inserted = match claimed {
             Some(claimed) => {
                 script.insert_if(claimed, INSERT_PAYMENT.0, INSERT_PAYMENT.1, vec![row])
@@ -272,7 +278,30 @@ impl PaymentStore {
             None => script.insert(INSERT_PAYMENT.0, INSERT_PAYMENT.1, vec![row]),
         };
         let counts = self.batches.run_script::<StoreError>(script).await?;
-        Ok(counts[inserted] == 1)
+        if counts[inserted] != 1 {
+            return Ok(false);
+        }
+        if let Ok(mut intents) = self.intents.lock() {
+            if intents.len() >= MAX_INTENTS {
+                // Orders whose stock never came (their payments are cancelled through the
+                // table): the next requests take the full path.
+                intents.clear();
+            }
+            intents.insert(
+                intent.order_id.clone(),
+                DueCharge {
+                    payment_id,
+                    order_id: intent.order_id.clone(),
+                    customer_id: intent.customer_id.clone(),
+                    amount: intent.amount,
+                    currency: intent.currency.clone(),
+                    token: intent.token.clone(),
+                    deadline_at: String::new(),
+                    attempts: 0,
+                },
+            );
+        }
+        Ok(true)
     }
 
     /// A payment asked for through the API: recorded and charged at once.
@@ -293,6 +322,7 @@ impl PaymentStore {
         self.queue_charge(DueCharge {
             payment_id: id.clone(),
             order_id: intent.order_id.clone(),
+            customer_id: intent.customer_id.clone(),
             amount: intent.amount,
             currency: intent.currency.clone(),
             token: intent.token.clone(),
@@ -311,6 +341,16 @@ impl PaymentStore {
         order_id: &str,
         deadline: Duration,
     ) -> Result<(), StoreError> {
+        let recorded = self
+            .intents
+            .lock()
+            .ok()
+            .and_then(|mut intents| intents.remove(order_id));
+        if let Some(charge) = recorded
+            && self.authorize_plainly(cause, charge, deadline).await?
+        {
+            return Ok(());
+        }
         let cause = owned(cause);
         let order_id = order_id.to_string();
         let due = self
@@ -333,6 +373,42 @@ impl PaymentStore {
         Ok(())
     }
 
+    /// The usual start of a charge, for a payment this process recorded: one script (one
+    /// statement on PostgreSQL, without BEGIN and COMMIT) moves it from pending to authorizing,
+    /// with the message's claim guarded by that move. False, with nothing written, when the
+    /// payment was not pending (a redelivered message, an order cancelled first): the full
+    /// path decides.
+    async fn authorize_plainly(
+        &self,
+        cause: Claim<'_>,
+        mut charge: DueCharge,
+        deadline: Duration,
+    ) -> Result<bool, StoreError> {
+        charge.deadline_at = later(deadline);
+        let mut script = Script::new();
+        let authorizing = script.update_from_values(
+            START_CHARGE.0,
+            START_CHARGE.1,
+            vec![vec![
+                Value::from(charge.order_id.as_str()),
+                charge.deadline_at.as_str().into(),
+                // Claimed by this process, whose worker gets it through the queue.
+                later(CLAIM).into(),
+                time::to_text(time::now()).into(),
+            ]],
+        );
+        if let Some(cause) = cause {
+            inbox::stage_claims_if(&mut script, authorizing, &[cause]);
+        }
+        let counts = self.batches.run_script::<StoreError>(script).await?;
+        if counts[authorizing] != 1 {
+            return Ok(false);
+        }
+        self.queue_charge(charge);
+        self.committed(true);
+        Ok(true)
+    }
+
     /// The order was cancelled: a payment not yet charged is cancelled, one being charged is
     /// refunded once the charge succeeds, a succeeded one is refunded in full.
     pub async fn cancel_for_order(
@@ -341,6 +417,9 @@ impl PaymentStore {
         order_id: &str,
         reason: &str,
     ) -> Result<(), StoreError> {
+        if let Ok(mut intents) = self.intents.lock() {
+            intents.remove(order_id);
+        }
         let mut tx = self.db.begin_write().await?;
         if !claim(&mut tx, cause).await? {
             return Ok(());
@@ -476,7 +555,7 @@ impl PaymentStore {
             .claim_due(
                 "payments",
                 filter,
-                "id, order_id, amount, currency, token, COALESCE(deadline_at, ''), attempts",
+                "id, order_id, amount, currency, token, COALESCE(deadline_at, ''), attempts, customer_id",
                 limit,
             )
             .await?;
@@ -485,6 +564,7 @@ impl PaymentStore {
                 Ok(DueCharge {
                     payment_id: r.try_get(0)?,
                     order_id: r.try_get(1)?,
+                    customer_id: r.try_get(7)?,
                     amount: decimal(&r.try_get::<String, _>(2)?)?,
                     currency: r.try_get(3)?,
                     token: r.try_get(4)?,
@@ -521,9 +601,13 @@ impl PaymentStore {
     /// was cancelled is refunded at once. Returns false when another worker recorded it first.
     pub async fn finish_charge(
         &self,
-        payment_id: &str,
+        charge: &DueCharge,
         result: &ChargeResult,
     ) -> Result<bool, StoreError> {
+        if self.settle_plainly(charge, result).await? {
+            return Ok(true);
+        }
+        let payment_id = charge.payment_id.as_str();
         let id = payment_id.to_string();
         let result = result.clone();
         let settled = self
@@ -540,6 +624,50 @@ impl PaymentStore {
         }
         self.committed(refund_due);
         Ok(true)
+    }
+
+    /// The usual end of a charge as one script (one statement on PostgreSQL, without BEGIN
+    /// and COMMIT): the payment moves from authorizing to its outcome, and its message goes to
+    /// the outbox, guarded by that move. False, with nothing written, when the payment was not
+    /// plainly authorizing (recorded by another worker, or its order cancelled meanwhile, which
+    /// needs a refund) or the charge went unanswered: [`finish_charge`](Self::finish_charge)
+    /// then takes the full path.
+    async fn settle_plainly(
+        &self,
+        charge: &DueCharge,
+        result: &ChargeResult,
+    ) -> Result<bool, StoreError> {
+        let (status, reference, reason) = match result {
+            ChargeResult::Succeeded { reference } => ("succeeded", Some(reference), None),
+            ChargeResult::Failed { reason } => ("failed", None, Some(reason)),
+            ChargeResult::Unanswered { .. } => return Ok(false),
+        };
+        let now = time::to_text(time::now());
+        let mut script = Script::new();
+        let settled = script.update_from_values(
+            SETTLE_AUTHORIZING.0,
+            SETTLE_AUTHORIZING.1,
+            vec![vec![
+                Value::from(charge.payment_id.as_str()),
+                status.into(),
+                reference.cloned().into(),
+                reason.cloned().into(),
+                now.as_str().into(),
+            ]],
+        );
+        let facts = ChargeFacts {
+            payment_id: &charge.payment_id,
+            order_id: &charge.order_id,
+            customer_id: charge.customer_id.as_deref(),
+            amount: charge.amount,
+            currency: &charge.currency,
+        };
+        let staged = outbox::stage_if(&mut script, Some(settled), &[facts.message(result, &now)])?;
+        let counts = self
+            .batches
+            .run_script_outbox::<StoreError>(script, staged)
+            .await?;
+        Ok(counts[settled] == 1)
     }
 
     /// What the provider said about a charge whose outcome was unknown: `Some(reference)` when
@@ -773,7 +901,7 @@ async fn charge_due(
     let charged = sqlx::query(
         "UPDATE payments SET status = 'authorizing', deadline_at = $1, next_attempt_at = $4, \
          version = version + 1, updated_at = $2 WHERE order_id = $3 AND status = 'pending' \
-         RETURNING id, amount, currency, token",
+         RETURNING id, amount, currency, token, customer_id",
     )
     .bind(&deadline_at)
     .bind(&now)
@@ -786,6 +914,7 @@ async fn charge_due(
         let due = DueCharge {
             payment_id: row.try_get(0)?,
             order_id: order_id.to_string(),
+            customer_id: row.try_get(4)?,
             amount: decimal(&row.try_get::<String, _>(1)?)?,
             currency: row.try_get(2)?,
             token: row.try_get(3)?,
@@ -839,40 +968,81 @@ async fn settle_charge(
     }
     let payment = payment(&settled)?;
     let mut refund_due = false;
-    let data = match result {
-        ChargeResult::Succeeded { reference } => {
-            if payment.cancel_requested {
-                insert_refund(conn, &payment, payment.amount, "order cancelled").await?;
-                refund_due = true;
-            }
-            message(
-                "payment.succeeded",
-                &payment.order_id,
-                &now,
-                serde_json::json!({
-                    "orderId": payment.order_id,
-                    "customerId": payment.customer_id,
-                    "paymentId": payment.id,
-                    "amount": payment.amount.to_string(),
-                    "currency": payment.currency,
-                    "providerRef": reference,
-                }),
-            )
-        }
-        ChargeResult::Failed { reason } | ChargeResult::Unanswered { reason } => message(
-            "payment.failed",
-            &payment.order_id,
-            &now,
-            serde_json::json!({
-                "orderId": payment.order_id,
-                "customerId": payment.customer_id,
-                "paymentId": payment.id,
-                "reason": reason,
-            }),
-        ),
-    };
+    if matches!(result, ChargeResult::Succeeded { .. }) && payment.cancel_requested {
+        insert_refund(conn, &payment, payment.amount, "order cancelled").await?;
+        refund_due = true;
+    }
+    let data = ChargeFacts {
+        payment_id: &payment.id,
+        order_id: &payment.order_id,
+        customer_id: payment.customer_id.as_deref(),
+        amount: payment.amount,
+        currency: &payment.currency,
+    }
+    .message(result, &now);
     let written = outbox::enqueue(conn, &[data]).await?;
     Ok((Some(refund_due), written))
+}
+
+/// Moves the pending payment of an order to authorizing, from rows of (order_id, deadline_at,
+/// next_attempt_at, updated_at).
+const START_CHARGE: (&str, &str) = (
+    "UPDATE payments SET status = 'authorizing', deadline_at = v.column2, next_attempt_at = v.column3, \
+     version = version + 1, updated_at = v.column4 FROM",
+    "AS v WHERE payments.order_id = v.column1 AND payments.status = 'pending'",
+);
+
+/// Payments recorded and not yet charged that a store keeps in memory at most.
+const MAX_INTENTS: usize = 100_000;
+
+/// Moves an authorizing payment whose order was not cancelled to its charge's outcome, from
+/// rows of (id, status, provider_ref, failure_reason, updated_at).
+const SETTLE_AUTHORIZING: (&str, &str) = (
+    "UPDATE payments SET status = v.column2, provider_ref = v.column3, failure_reason = v.column4, \
+     next_attempt_at = NULL, version = version + 1, updated_at = v.column5 FROM",
+    "AS v WHERE payments.id = v.column1 AND payments.status = 'authorizing' \
+     AND payments.cancel_requested = 0",
+);
+
+/// What a charge's message tells of its payment.
+struct ChargeFacts<'a> {
+    payment_id: &'a str,
+    order_id: &'a str,
+    customer_id: Option<&'a str>,
+    amount: Decimal,
+    currency: &'a str,
+}
+
+impl ChargeFacts<'_> {
+    /// `payment.succeeded` or `payment.failed`, as the charge ended.
+    fn message(&self, result: &ChargeResult, now: &str) -> OutboxMessage {
+        match result {
+            ChargeResult::Succeeded { reference } => message(
+                "payment.succeeded",
+                self.order_id,
+                now,
+                serde_json::json!({
+                    "orderId": self.order_id,
+                    "customerId": self.customer_id,
+                    "paymentId": self.payment_id,
+                    "amount": self.amount.to_string(),
+                    "currency": self.currency,
+                    "providerRef": reference,
+                }),
+            ),
+            ChargeResult::Failed { reason } | ChargeResult::Unanswered { reason } => message(
+                "payment.failed",
+                self.order_id,
+                now,
+                serde_json::json!({
+                    "orderId": self.order_id,
+                    "customerId": self.customer_id,
+                    "paymentId": self.payment_id,
+                    "reason": reason,
+                }),
+            ),
+        }
+    }
 }
 
 /// The payment whose `column` (`id` or `order_id`) is `value`, locked until the transaction

@@ -183,7 +183,7 @@ async fn charge_inner(
     let Some(amount_minor) = to_minor_units(charge.amount, &charge.currency) else {
         let reason = format!("{} {} cannot be charged", charge.amount, charge.currency);
         store
-            .finish_charge(&charge.payment_id, &ChargeResult::Failed { reason })
+            .finish_charge(&charge, &ChargeResult::Failed { reason })
             .await?;
         return Ok(());
     };
@@ -249,7 +249,7 @@ async fn charge_inner(
     if let ChargeResult::Failed { reason } | ChargeResult::Unanswered { reason } = &result {
         tracing::info!(payment_id = %charge.payment_id, order_id = %charge.order_id, %reason, "payment failed");
     }
-    store.finish_charge(&charge.payment_id, &result).await?;
+    store.finish_charge(&charge, &result).await?;
     Ok(())
 }
 

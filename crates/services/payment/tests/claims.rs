@@ -28,7 +28,9 @@ async fn one_worker_takes_each_charge(a: Db, b: Db) {
         .create_and_charge(&intent(), Duration::from_secs(30))
         .await
         .unwrap();
-    assert_eq!(first.take_queued().charges.len(), 1);
+    let queued = first.take_queued().charges;
+    assert_eq!(queued.len(), 1);
+    let charge = queued[0].clone();
     assert!(second.claim_due_charges(10).await.unwrap().is_empty());
     // Retried later: due to whoever polls first, and to one of them only.
     first
@@ -47,15 +49,20 @@ async fn one_worker_takes_each_charge(a: Db, b: Db) {
 
     // A refund of the charge, due again after a failed attempt: one worker takes it, with the
     // charge's reference and currency.
-    first
-        .finish_charge(
-            &payment.id,
-            &ChargeResult::Succeeded {
-                reference: "ch_1".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let succeeded = ChargeResult::Succeeded {
+        reference: "ch_1".into(),
+    };
+    assert!(first.finish_charge(&charge, &succeeded).await.unwrap());
+    // The same answer recorded by the other worker too: nothing changes, nothing is published
+    // twice.
+    assert!(!second.finish_charge(&charge, &succeeded).await.unwrap());
+    let published: Vec<String> =
+        sqlx::query_scalar("SELECT topic FROM outbox WHERE aggregate_id = $1")
+            .bind(&payment.order_id)
+            .fetch_all(first.db().reader())
+            .await
+            .unwrap();
+    assert_eq!(published, ["payment.succeeded"]);
     let refund = first
         .request_refund(&payment.id, None, "test")
         .await
