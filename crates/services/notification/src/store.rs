@@ -107,6 +107,20 @@ pub struct Due {
     pub html_body: Option<String>,
     /// Attempts made since the delivery was recorded or last redriven.
     pub attempts: i64,
+    /// What its outcome's message tells, and all the attempts it has had (its row's count).
+    pub facts: DeliveryFacts,
+}
+
+/// What a delivery's `notification.sent` / `notification.failed` message tells of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryFacts {
+    pub event_id: String,
+    pub event_type: String,
+    pub customer_id: Option<String>,
+    pub order_id: Option<String>,
+    pub template_key: Option<String>,
+    /// Every attempt so far, redriven or not (the row's `attempts`).
+    pub attempts_made: i64,
 }
 
 /// Filters of the notification list.
@@ -359,6 +373,14 @@ impl NotificationStore {
                 text_body: delivery.text_body.clone(),
                 html_body: delivery.html_body.clone(),
                 attempts: 0,
+                facts: DeliveryFacts {
+                    event_id: delivery.event_id.clone(),
+                    event_type: delivery.event_type.clone(),
+                    customer_id: delivery.customer_id.clone(),
+                    order_id: delivery.order_id.clone(),
+                    template_key: delivery.template_key.clone(),
+                    attempts_made: 0,
+                },
             })
             .collect();
         if !due.is_empty() {
@@ -413,7 +435,8 @@ impl NotificationStore {
         let mut query = sqlx::query(AssertSqlSafe(format!(
             "UPDATE notifications SET next_attempt_at = $1 WHERE status = 'pending' AND next_attempt_at <= $2 \
              AND id IN ({placeholders}) \
-             RETURNING id, channel, recipient, subject, text_body, html_body, attempts - attempts_before_redrive"
+             RETURNING id, channel, recipient, subject, text_body, html_body, attempts - attempts_before_redrive, \
+             event_id, event_type, customer_id, order_id, template_key, attempts"
         )))
         .bind(later(CLAIM))
         .bind(now);
@@ -431,46 +454,78 @@ impl NotificationStore {
                     text_body: r.try_get(4)?,
                     html_body: r.try_get(5)?,
                     attempts: r.try_get(6)?,
+                    facts: DeliveryFacts {
+                        event_id: r.try_get(7)?,
+                        event_type: r.try_get(8)?,
+                        customer_id: r.try_get(9)?,
+                        order_id: r.try_get(10)?,
+                        template_key: r.try_get(11)?,
+                        attempts_made: r.try_get(12)?,
+                    },
                 })
             })
             .collect()
     }
 
-    /// Records an attempt: `sent` (with the provider's reference), `retry` (due again after
-    /// `retry_in`), `failed` (refused for good) or `dead` (retries used up).
-    pub async fn record_attempt(&self, id: &str, outcome: Outcome<'_>) -> Result<(), StoreError> {
-        let (status, next, detail, reference, error) = match &outcome {
-            Outcome::Sent { reference } => ("sent", None, *reference, Some(*reference), None),
-            Outcome::Retry { error, retry_in } => (
-                "pending",
-                Some(later(*retry_in)),
-                *error,
-                None,
-                Some(*error),
-            ),
-            Outcome::Failed { error } => ("failed", None, *error, None, Some(*error)),
-            Outcome::Dead { error } => ("dead", None, *error, None, Some(*error)),
-        };
-        let id = id.to_string();
-        let name = outcome.name();
-        let retry_in = match outcome {
-            Outcome::Retry { retry_in, .. } => Some(retry_in),
-            _ => None,
-        };
-        let (detail, reference, error) = (
-            detail.to_string(),
-            reference.map(str::to_string),
-            error.map(str::to_string),
+    /// Records an attempt at `due`: `sent` (with the provider's reference), `retry` (due again
+    /// after `retry_in`), `failed` (refused for good) or `dead` (retries used up). Usually one
+    /// script (one statement on PostgreSQL, without BEGIN and COMMIT): the delivery's change,
+    /// guarded by the attempts it had when it was taken, then its attempt and message. A
+    /// delivery changed meanwhile (settled by another worker, discarded) takes the full path,
+    /// which reads what it is now.
+    pub async fn record_attempt(&self, due: &Due, outcome: Outcome<'_>) -> Result<(), StoreError> {
+        let attempt = AttemptRecord::of(&outcome);
+        if !self.record_plainly(due, &attempt).await? {
+            self.record_read_first(&due.id, attempt.clone()).await?;
+        }
+        if let Some(delay) = attempt.retry_in {
+            self.table_due_in(delay);
+        }
+        Ok(())
+    }
+
+    async fn record_plainly(&self, due: &Due, attempt: &AttemptRecord) -> Result<bool, StoreError> {
+        let now = time::to_text(time::now());
+        let made = due.facts.attempts_made + 1;
+        let mut script = Script::new();
+        let changed = script.update_from_values(
+            RECORD_ATTEMPT.0,
+            RECORD_ATTEMPT.1,
+            vec![vec![
+                Value::from(due.id.as_str()),
+                attempt.status.into(),
+                made.into(),
+                attempt.next.clone().into(),
+                attempt.error.clone().into(),
+                attempt.reference.clone().into(),
+                now.as_str().into(),
+                due.facts.attempts_made.into(),
+            ]],
         );
+        script.insert_if(
+            changed,
+            INSERT_ATTEMPT.0,
+            INSERT_ATTEMPT.1,
+            vec![attempt.row(&due.id, made, &now)],
+        );
+        let counts = match attempt.message(&due.id, &due.channel, &due.facts, made, &now) {
+            Some(message) => {
+                let staged = outbox::stage_if(&mut script, Some(changed), &[message])?;
+                self.batches
+                    .run_script_outbox::<StoreError>(script, staged)
+                    .await?
+            }
+            None => self.batches.run_script::<StoreError>(script).await?,
+        };
+        Ok(counts[changed] == 1)
+    }
+
+    /// Records an attempt at delivery `id` as it is now, if it is still pending.
+    async fn record_read_first(&self, id: &str, attempt: AttemptRecord) -> Result<(), StoreError> {
+        let id = id.to_string();
         self.batches
             .run_outbox_as(move |conn| {
-                let (id, next, detail, reference, error) = (
-                    id.clone(),
-                    next.clone(),
-                    detail.clone(),
-                    reference.clone(),
-                    error.clone(),
-                );
+                let (id, attempt) = (id.clone(), attempt.clone());
                 async move {
                     let now = time::to_text(time::now());
                     let row = sqlx::query(
@@ -479,10 +534,10 @@ impl NotificationStore {
                          WHERE id = $6 AND status = 'pending' \
                          RETURNING attempts, event_id, event_type, channel, customer_id, order_id, template_key",
                     )
-                    .bind(status)
-                    .bind(next)
-                    .bind(error.clone())
-                    .bind(reference.clone())
+                    .bind(attempt.status)
+                    .bind(attempt.next.clone())
+                    .bind(attempt.error.clone())
+                    .bind(attempt.reference.clone())
                     .bind(&now)
                     .bind(&id)
                     .fetch_optional(&mut *conn)
@@ -490,53 +545,34 @@ impl NotificationStore {
                     let Some(row) = row else {
                         return Ok(((), Vec::new())); // settled by another worker
                     };
-                    let mut staged = None;
-                    let attempt: i64 = row.try_get(0)?;
+                    let made: i64 = row.try_get(0)?;
+                    let channel: String = row.try_get(3)?;
+                    let facts = DeliveryFacts {
+                        event_id: row.try_get(1)?,
+                        event_type: row.try_get(2)?,
+                        customer_id: row.try_get(4)?,
+                        order_id: row.try_get(5)?,
+                        template_key: row.try_get(6)?,
+                        attempts_made: made,
+                    };
                     // The attempt and the message in one script (one statement on PostgreSQL).
                     let mut script = Script::new();
                     script.insert(
-                        "INSERT INTO notification_attempts (notification_id, attempt, at, outcome, detail)",
-                        "",
-                        vec![vec![
-                            Value::from(id.as_str()),
-                            attempt.into(),
-                            now.as_str().into(),
-                            name.into(),
-                            detail.as_str().into(),
-                        ]],
+                        INSERT_ATTEMPT.0,
+                        INSERT_ATTEMPT.1,
+                        vec![attempt.row(&id, made, &now)],
                     );
-                    if let Some(topic) = outcome_topic(name) {
-                        let data = serde_json::json!({
-                            "notificationId": id,
-                            "eventId": row.try_get::<String, _>(1)?,
-                            "eventType": row.try_get::<String, _>(2)?,
-                            "channel": row.try_get::<String, _>(3)?,
-                            "customerId": row.try_get::<Option<String>, _>(4)?,
-                            "orderId": row.try_get::<Option<String>, _>(5)?,
-                            "templateKey": row.try_get::<Option<String>, _>(6)?,
-                            "status": status.to_ascii_uppercase(),
-                            "attempts": attempt,
-                            "providerRef": reference,
-                            "error": error,
-                        });
-                        // The attempt number orders a delivery's events (a redriven one can
-                        // fail twice).
-                        staged = Some(outbox::stage(
-                            &mut script,
-                            &[OutboxMessage::event("notification", topic, &id, attempt, &now, data)],
-                        )?);
-                    }
+                    let staged = attempt
+                        .message(&id, &channel, &facts, made, &now)
+                        .map(|message| outbox::stage(&mut script, &[message]))
+                        .transpose()?;
                     let counts = script.run(conn).await?;
                     let written = staged.map(|s| s.rows(&counts)).unwrap_or_default();
                     Ok::<_, StoreError>(((), written))
                 }
                 .boxed()
             })
-            .await?;
-        if let Some(delay) = retry_in {
-            self.table_due_in(delay);
-        }
-        Ok(())
+            .await
     }
 
     /// Puts a due delivery off by `delay` without counting an attempt (its channel's breaker
@@ -690,6 +726,108 @@ pub enum Outcome<'a> {
     Retry { error: &'a str, retry_in: Duration },
     Failed { error: &'a str },
     Dead { error: &'a str },
+}
+
+/// Moves a pending delivery that has had `column8` attempts to its attempt's outcome, from
+/// rows of (id, status, attempts, next_attempt_at, last_error, provider_ref, updated_at,
+/// attempts before).
+const RECORD_ATTEMPT: (&str, &str) = (
+    "UPDATE notifications SET status = v.column2, attempts = v.column3, next_attempt_at = v.column4, \
+     last_error = COALESCE(v.column5, notifications.last_error), \
+     provider_ref = COALESCE(v.column6, notifications.provider_ref), updated_at = v.column7 FROM",
+    "AS v WHERE notifications.id = v.column1 AND notifications.status = 'pending' \
+     AND notifications.attempts = v.column8",
+);
+
+/// Inserts attempts, from rows of (notification_id, attempt, at, outcome, detail).
+const INSERT_ATTEMPT: (&str, &str) = (
+    "INSERT INTO notification_attempts (notification_id, attempt, at, outcome, detail)",
+    "",
+);
+
+/// An attempt's outcome as the store records it.
+#[derive(Debug, Clone)]
+struct AttemptRecord {
+    name: &'static str,
+    /// The delivery's status after it.
+    status: &'static str,
+    next: Option<String>,
+    detail: String,
+    reference: Option<String>,
+    error: Option<String>,
+    retry_in: Option<Duration>,
+}
+
+impl AttemptRecord {
+    fn of(outcome: &Outcome<'_>) -> Self {
+        let (status, next, detail, reference, error, retry_in) = match outcome {
+            Outcome::Sent { reference } => ("sent", None, *reference, Some(*reference), None, None),
+            Outcome::Retry { error, retry_in } => (
+                "pending",
+                Some(later(*retry_in)),
+                *error,
+                None,
+                Some(*error),
+                Some(*retry_in),
+            ),
+            Outcome::Failed { error } => ("failed", None, *error, None, Some(*error), None),
+            Outcome::Dead { error } => ("dead", None, *error, None, Some(*error), None),
+        };
+        Self {
+            name: outcome.name(),
+            status,
+            next,
+            detail: detail.to_string(),
+            reference: reference.map(str::to_string),
+            error: error.map(str::to_string),
+            retry_in,
+        }
+    }
+
+    /// Its row of [`INSERT_ATTEMPT`], as attempt number `made` of delivery `id`.
+    fn row(&self, id: &str, made: i64, now: &str) -> Vec<Value> {
+        vec![
+            Value::from(id),
+            made.into(),
+            now.into(),
+            self.name.into(),
+            self.detail.as_str().into(),
+        ]
+    }
+
+    /// The message it publishes, if its outcome is one (sent, failed, dead).
+    fn message(
+        &self,
+        id: &str,
+        channel: &str,
+        facts: &DeliveryFacts,
+        made: i64,
+        now: &str,
+    ) -> Option<OutboxMessage> {
+        let topic = outcome_topic(self.name)?;
+        let data = serde_json::json!({
+            "notificationId": id,
+            "eventId": facts.event_id,
+            "eventType": facts.event_type,
+            "channel": channel,
+            "customerId": facts.customer_id,
+            "orderId": facts.order_id,
+            "templateKey": facts.template_key,
+            "status": self.status.to_ascii_uppercase(),
+            "attempts": made,
+            "providerRef": self.reference,
+            "error": self.error,
+        });
+        // The attempt number orders a delivery's events (a redriven one can fail twice).
+        Some(OutboxMessage::event(
+            "notification",
+            topic,
+            id,
+            made,
+            now,
+            data,
+        ))
+    }
 }
 
 /// The event an attempt's outcome publishes: none while the delivery is still pending.

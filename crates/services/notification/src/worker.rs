@@ -205,7 +205,7 @@ async fn send_one(
     ) else {
         let error = format!("no transport for channel {}", message.channel);
         if let Err(e) = store
-            .record_attempt(&message.id, Outcome::Failed { error: &error })
+            .record_attempt(&message, Outcome::Failed { error: &error })
             .await
         {
             tracing::warn!(notification_id = %message.id, error = %e, "cannot record a notification attempt");
@@ -254,7 +254,7 @@ async fn send_one(
     if let Outcome::Failed { error } | Outcome::Dead { error } = outcome {
         tracing::warn!(notification_id = %message.id, channel = %message.channel, %error, outcome = name, "notification not delivered");
     }
-    if let Err(error) = store.record_attempt(&message.id, outcome).await {
+    if let Err(error) = store.record_attempt(&message, outcome).await {
         tracing::warn!(notification_id = %message.id, %error, "cannot record a notification attempt; it is sent again after its claim");
     }
 }

@@ -1,9 +1,11 @@
 //! Deliveries recorded from events, on SQLite and PostgreSQL: a new event's deliveries are
 //! stored and handed to the worker; the same message again records nothing; the same event
 //! under another message stores no second delivery for a channel it has, only the new one.
+//! Attempts at a delivery are recorded once each, and its outcome is published.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use notification_service::store::{NewDelivery, NotificationStore};
+use notification_service::store::{NewDelivery, NotificationStore, Outcome};
+use std::time::Duration;
 use storage::Db;
 
 fn delivery(event_id: &str, channel: &str) -> NewDelivery {
@@ -88,6 +90,103 @@ async fn each_delivery_is_stored_once_on_postgres() {
     let url = storage::testing::fresh_pg_database().await;
     let db = Db::open_postgres(&url, "notifications", 4).await.unwrap();
     each_delivery_is_stored_once(db.clone()).await;
+    db.close().await;
+    storage::testing::drop_pg_database(&url).await;
+}
+
+/// The messages of delivery `id`, oldest first: (topic, data).
+async fn published(db: &Db, id: &str) -> Vec<(String, serde_json::Value)> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT topic, payload FROM outbox WHERE aggregate_id = $1 ORDER BY aggregate_version",
+    )
+    .bind(id)
+    .fetch_all(db.reader())
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(topic, payload)| {
+            let event: serde_json::Value = serde_json::from_str(&payload).unwrap();
+            (topic, event["data"].clone())
+        })
+        .collect()
+}
+
+/// Attempts at a delivery taken from memory and from the table: each is recorded once, with
+/// its number, and the outcome is published with what the delivery is about.
+async fn attempts_are_recorded_once(db: Db) {
+    db.migrate_service(&notification_service::MIGRATOR)
+        .await
+        .unwrap();
+    let store = NotificationStore::new(db.clone());
+    let channels = ["email"];
+    store
+        .record("notification", "m1", &[delivery("e1", "email")])
+        .await
+        .unwrap();
+    let due = store.take_queued(&channels, 10).pop().unwrap();
+    // Failed once: due again at once, nothing published.
+    store
+        .record_attempt(
+            &due,
+            Outcome::Retry {
+                error: "smtp 451",
+                retry_in: Duration::ZERO,
+            },
+        )
+        .await
+        .unwrap();
+    let stored = store.get(&due.id).await.unwrap().unwrap();
+    assert_eq!((stored.status.as_str(), stored.attempts), ("PENDING", 1));
+    assert_eq!(stored.last_error.as_deref(), Some("smtp 451"));
+    assert!(published(&db, &due.id).await.is_empty());
+    // Taken again from the table, and sent.
+    let again = store.claim_due(10, &channels).await.unwrap().pop().unwrap();
+    assert_eq!(again.id, due.id);
+    assert_eq!(again.attempts, 1);
+    store
+        .record_attempt(&again, Outcome::Sent { reference: "msg-7" })
+        .await
+        .unwrap();
+    let stored = store.get(&due.id).await.unwrap().unwrap();
+    assert_eq!((stored.status.as_str(), stored.attempts), ("SENT", 2));
+    assert_eq!(stored.provider_ref.as_deref(), Some("msg-7"));
+    assert_eq!(stored.last_error.as_deref(), Some("smtp 451"), "kept");
+    let history: Vec<(i64, String)> = stored
+        .history
+        .iter()
+        .map(|a| (a.attempt, a.outcome.clone()))
+        .collect();
+    assert_eq!(history, [(1, "retry".to_string()), (2, "sent".to_string())]);
+    let messages = published(&db, &due.id).await;
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].0, "notification.sent");
+    assert_eq!(messages[0].1["eventId"], "e1");
+    assert_eq!(messages[0].1["orderId"], "order-1");
+    assert_eq!(messages[0].1["templateKey"], "order.confirmed.email");
+    assert_eq!(messages[0].1["status"], "SENT");
+    assert_eq!(messages[0].1["attempts"], 2);
+    assert_eq!(messages[0].1["providerRef"], "msg-7");
+    // A late answer for the sent delivery changes nothing.
+    store
+        .record_attempt(&again, Outcome::Failed { error: "bounced" })
+        .await
+        .unwrap();
+    assert_eq!(store.get(&due.id).await.unwrap().unwrap().status, "SENT");
+    assert_eq!(published(&db, &due.id).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_are_recorded_once_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open_sqlite(dir.path(), "notifications").await.unwrap();
+    attempts_are_recorded_once(db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_are_recorded_once_on_postgres() {
+    let url = storage::testing::fresh_pg_database().await;
+    let db = Db::open_postgres(&url, "notifications", 4).await.unwrap();
+    attempts_are_recorded_once(db.clone()).await;
     db.close().await;
     storage::testing::drop_pg_database(&url).await;
 }
