@@ -85,6 +85,19 @@ pub trait Bus: Send + Sync + 'static {
     /// Makes everything published before this call durable (one flush for many publishes).
     fn sync(&self) -> BoxFuture<'_, Result<(), BusError>>;
 
+    /// Publishes like [`publish`](Self::publish) and, where this bus can, marks the messages
+    /// sent in the outbox of `service` (its database) in the same transaction: true when it
+    /// did, so the sender has nothing left to do for them; false when the sender must
+    /// [`sync`](Self::sync) and mark them itself.
+    fn publish_and_mark<'a>(
+        &'a self,
+        messages: &'a [Message],
+        service: &'a storage::Db,
+    ) -> BoxFuture<'a, Result<bool, BusError>> {
+        let _ = service;
+        Box::pin(async move { self.publish(messages).await.map(|()| false) })
+    }
+
     /// Up to `max` messages on `topics` after position `after` (the group's committed
     /// position when `None`), oldest first, and how far the log was read (committing that
     /// skips messages on other topics).

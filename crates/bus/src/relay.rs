@@ -89,7 +89,7 @@ pub async fn relay_once(
     let in_flight = InFlight::default();
     let published = publish_pending(db, bus, config, None, &in_flight).await?;
     mark(db, bus, &published.ids).await?;
-    Ok(Some(published.ids.len()))
+    Ok(Some(published.count))
 }
 
 /// How far back from the newest message it published the relay reads the outbox. A row
@@ -100,6 +100,9 @@ const FULL_READ_EVERY: Duration = Duration::from_secs(5);
 
 /// What one pass published.
 struct Published {
+    /// How many rows.
+    count: usize,
+    /// The rows still to mark sent (none when the bus marked them as it published them).
     ids: Vec<String>,
     /// The creation time of the newest row read.
     newest: Option<String>,
@@ -136,8 +139,10 @@ async fn publish_pending(
     let read = rows.len();
     rows.retain(|r| !in_flight.contains(&r.id));
     let skipped = rows.len() < read;
-    let ids = publish(bus, config, rows).await?;
+    let count = rows.len();
+    let ids = publish(db, bus, config, rows).await?;
     Ok(Published {
+        count,
         ids,
         newest,
         skipped,
@@ -145,8 +150,10 @@ async fn publish_pending(
     })
 }
 
-/// Publishes rows in the order given; their ids.
+/// Publishes rows in the order given; the ids still to mark sent (none when the bus marked
+/// them with the publish, see [`Bus::publish_and_mark`]).
 async fn publish(
+    db: &Db,
     bus: &dyn Bus,
     config: &RelayConfig,
     rows: Vec<PendingMessage>,
@@ -160,9 +167,12 @@ async fn publish(
             payload: r.payload,
         })
         .collect();
-    bus.publish(&messages).await?;
+    let marked = bus.publish_and_mark(&messages, db).await?;
     metrics::counter!("outbox_relayed_total", "service" => config.service.clone())
         .increment(messages.len() as u64);
+    if marked {
+        return Ok(Vec::new());
+    }
     Ok(messages.into_iter().map(|m| m.id).collect())
 }
 
@@ -184,7 +194,7 @@ async fn publish_handed(
     }
     if rows.iter().all(|r| r.clear) {
         // No row of their aggregates was waiting when they were written: none can come first.
-        return Ok(Some(publish(bus, config, rows).await?));
+        return Ok(Some(publish(db, bus, config, rows).await?));
     }
     // Each aggregate's first handed row: any unsent row of the aggregate placed before it must
     // be published first.
@@ -211,7 +221,7 @@ async fn publish_handed(
             .increment(1);
         return Ok(None);
     }
-    Ok(Some(publish(bus, config, rows).await?))
+    Ok(Some(publish(db, bus, config, rows).await?))
 }
 
 /// Marks published rows sent, once the bus has them on disk.
@@ -336,7 +346,7 @@ pub async fn run(
                                 }
                             }
                             // A full page: read on.
-                            read_table = published.full && !published.ids.is_empty();
+                            read_table = published.full && published.count > 0;
                             (published.ids, read_table, published.skipped)
                         })
                 } else {

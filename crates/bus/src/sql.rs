@@ -184,7 +184,13 @@ impl SqlBus {
         });
     }
 
-    async fn publish_batch(&self, messages: &[Message]) -> Result<(), BusError> {
+    /// Publishes `messages`; on PostgreSQL marks them sent in `outbox` too (a table of the
+    /// bus's database) when given.
+    async fn publish_batch(
+        &self,
+        messages: &[Message],
+        outbox: Option<&str>,
+    ) -> Result<(), BusError> {
         if messages.is_empty() {
             return Ok(());
         }
@@ -209,7 +215,9 @@ impl SqlBus {
                 })
                 .await
                 .map(|appended| vec![appended])?,
-            None => append_postgres(&self.db, &self.published.instance, &fresh, &topics).await?,
+            None => {
+                append_postgres(&self.db, &self.published.instance, &fresh, &topics, outbox).await?
+            }
         };
         metrics::counter!("bus_published_total")
             .increment(appended.iter().map(|a| a.deliveries.len() as u64).sum());
@@ -561,11 +569,16 @@ fn new_deliveries(
 /// its own range of positions): positions, rows and the NOTIFY in one round trip instead of
 /// five. The bus commits there
 /// asynchronously, so holding the sequence row costs no disk flush (see `Db::sync`).
+///
+/// With `outbox` (a sender's outbox in this database) the statement marks the messages sent
+/// there too: published and marked commit together, or neither does (and the relay sends them
+/// again), so the mark needs no flush of its own either.
 async fn append_postgres(
     db: &Db,
     instance: &str,
     messages: &[Message],
     topics: &[String],
+    outbox: Option<&str>,
 ) -> Result<Vec<Appended>, sqlx::Error> {
     let now = time::to_text(time::now());
     let notice = format!("{instance} {}", topics.join(","));
@@ -575,12 +588,17 @@ async fn append_postgres(
         let rows = log_rows(chunk, 1, &now);
         let count = i64::try_from(chunk.len()).unwrap_or(i64::MAX);
         let params = rows.len() * 6;
+        let mark = outbox.map_or_else(String::new, |outbox| {
+            format!(
+                "m AS (UPDATE {outbox} SET sent_at = v.published_at FROM v WHERE {outbox}.id = v.message_id), "
+            )
+        });
         // Taking positions locks the sequence row until this statement commits: positions are
         // committed in the order they are handed out. Ids already in the log are skipped
         // (their positions stay unused).
         let tail = format!(
             "), s AS (UPDATE bus_sequence SET last_seq = last_seq + ${count_param} WHERE id = 1 RETURNING last_seq), \
-             n AS (SELECT pg_notify('orderwave_bus', ${notice_param})), \
+             n AS (SELECT pg_notify('orderwave_bus', ${notice_param})), {mark}\
              ins AS (INSERT INTO bus_log (seq, message_id, topic, message_key, payload, published_at) \
                      SELECT s.last_seq - ${count_param} + v.i, v.message_id, v.topic, v.message_key, v.payload, v.published_at \
                      FROM s, v ORDER BY v.i \
@@ -622,7 +640,21 @@ impl Bus for SqlBus {
     }
 
     fn publish<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, Result<(), BusError>> {
-        self.publish_batch(messages).boxed()
+        self.publish_batch(messages, None).boxed()
+    }
+
+    fn publish_and_mark<'a>(
+        &'a self,
+        messages: &'a [Message],
+        service: &'a Db,
+    ) -> BoxFuture<'a, Result<bool, BusError>> {
+        async move {
+            // Only on PostgreSQL, where the log and the outbox share a database.
+            let outbox = service.table_seen_from(&self.db, "outbox");
+            self.publish_batch(messages, outbox.as_deref()).await?;
+            Ok(outbox.is_some())
+        }
+        .boxed()
     }
 
     fn fetch<'a>(

@@ -376,6 +376,18 @@ async fn the_relay_publishes_the_outbox_in_order_and_only_one_relay_holds_the_le
         .unwrap()
         .get(0);
     assert_eq!(sent, 5);
+    if s.pg.is_some() {
+        // On PostgreSQL the bus marked them sent in the statement that published them.
+        let together: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM outbox o JOIN bus.bus_log l ON l.message_id = o.id \
+             WHERE l.published_at = o.sent_at",
+        )
+        .fetch_one(s.service_db.reader())
+        .await
+        .unwrap()
+        .get(0);
+        assert_eq!(together, 5);
+    }
     s.finish().await;
 }
 

@@ -38,6 +38,8 @@ pub struct Db {
     reader: AnyPool,
     /// SQLite: the database file (its WAL is `<path>-wal`).
     path: Option<std::path::PathBuf>,
+    /// PostgreSQL: the database's URL and this pool's schema.
+    postgres: Option<(String, String)>,
     /// Callers of `sync` at the same moment share one flush.
     syncs: std::sync::Arc<Syncs>,
 }
@@ -207,6 +209,7 @@ impl Db {
             writer,
             reader,
             path: Some(path),
+            postgres: None,
             syncs: std::sync::Arc::default(),
         })
     }
@@ -223,9 +226,11 @@ impl Db {
     /// Like [`open_postgres`](Self::open_postgres). With [`Durability::OnSync`] the pool's
     /// commits do not wait for the WAL flush (`synchronous_commit = off`); the next synchronous
     /// commit on the server flushes them with its own, because PostgreSQL writes one WAL for
-    /// all its databases. The relays' marking their rows sent is such a commit, on the same
-    /// server (one `--database-url` serves every service and the bus), so [`sync`](Self::sync)
-    /// has nothing to do.
+    /// all its databases, so [`sync`](Self::sync) has nothing to do. For the bus: a relay on
+    /// the same database marks its rows sent in the statement that publishes them (lost
+    /// together or kept together); one on another database of the same server (one
+    /// `--database-url` serves every service and the bus) marks them with a synchronous commit
+    /// of its own, which flushes the publish before it.
     pub async fn open_postgres_with(
         url: &str,
         schema: &str,
@@ -277,12 +282,25 @@ impl Db {
             writer: pool.clone(),
             reader: pool,
             path: None,
+            postgres: Some((url.to_string(), schema)),
             syncs: std::sync::Arc::default(),
         })
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// On PostgreSQL, `table` of this pool's schema as a statement on a pool of `other`
+    /// (another schema of the same database, opened with the same URL) names it: the two can
+    /// then write in one statement. `None` on SQLite or another database.
+    pub fn table_seen_from(&self, other: &Db, table: &str) -> Option<String> {
+        match (&self.postgres, &other.postgres) {
+            (Some((url, schema)), Some((other_url, _))) if url == other_url => {
+                Some(format!("{schema}.{table}"))
+            }
+            _ => None,
+        }
     }
 
     pub fn writer(&self) -> &AnyPool {
