@@ -53,3 +53,27 @@ pub async fn drop_pg_database(url: &str) {
             .await;
     }
 }
+
+/// The outbox messages of `aggregate_id` in `pool`'s schema, oldest first: (topic, the
+/// CloudEvent's data).
+#[allow(clippy::expect_used)]
+pub async fn published(
+    pool: &sqlx::AnyPool,
+    aggregate_id: &str,
+) -> Vec<(String, serde_json::Value)> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT topic, payload FROM outbox WHERE aggregate_id = $1 \
+         ORDER BY created_at, aggregate_version, id",
+    )
+    .bind(aggregate_id)
+    .fetch_all(pool)
+    .await
+    .expect("the outbox is readable");
+    rows.into_iter()
+        .map(|(topic, payload)| {
+            let event: serde_json::Value =
+                serde_json::from_str(&payload).expect("an outbox payload is JSON");
+            (topic, event["data"].clone())
+        })
+        .collect()
+}

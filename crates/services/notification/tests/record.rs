@@ -7,6 +7,7 @@
 use notification_service::store::{NewDelivery, NotificationStore, Outcome};
 use std::time::Duration;
 use storage::Db;
+use storage::testing::published;
 
 fn delivery(event_id: &str, channel: &str) -> NewDelivery {
     NewDelivery {
@@ -94,23 +95,6 @@ async fn each_delivery_is_stored_once_on_postgres() {
     storage::testing::drop_pg_database(&url).await;
 }
 
-/// The messages of delivery `id`, oldest first: (topic, data).
-async fn published(db: &Db, id: &str) -> Vec<(String, serde_json::Value)> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT topic, payload FROM outbox WHERE aggregate_id = $1 ORDER BY aggregate_version",
-    )
-    .bind(id)
-    .fetch_all(db.reader())
-    .await
-    .unwrap();
-    rows.into_iter()
-        .map(|(topic, payload)| {
-            let event: serde_json::Value = serde_json::from_str(&payload).unwrap();
-            (topic, event["data"].clone())
-        })
-        .collect()
-}
-
 /// Attempts at a delivery taken from memory and from the table: each is recorded once, with
 /// its number, and the outcome is published with what the delivery is about.
 async fn attempts_are_recorded_once(db: Db) {
@@ -138,7 +122,7 @@ async fn attempts_are_recorded_once(db: Db) {
     let stored = store.get(&due.id).await.unwrap().unwrap();
     assert_eq!((stored.status.as_str(), stored.attempts), ("PENDING", 1));
     assert_eq!(stored.last_error.as_deref(), Some("smtp 451"));
-    assert!(published(&db, &due.id).await.is_empty());
+    assert!(published(db.reader(), &due.id).await.is_empty());
     // Taken again from the table, and sent.
     let again = store.claim_due(10, &channels).await.unwrap().pop().unwrap();
     assert_eq!(again.id, due.id);
@@ -157,7 +141,7 @@ async fn attempts_are_recorded_once(db: Db) {
         .map(|a| (a.attempt, a.outcome.clone()))
         .collect();
     assert_eq!(history, [(1, "retry".to_string()), (2, "sent".to_string())]);
-    let messages = published(&db, &due.id).await;
+    let messages = published(db.reader(), &due.id).await;
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].0, "notification.sent");
     assert_eq!(messages[0].1["eventId"], "e1");
@@ -172,7 +156,7 @@ async fn attempts_are_recorded_once(db: Db) {
         .await
         .unwrap();
     assert_eq!(store.get(&due.id).await.unwrap().unwrap().status, "SENT");
-    assert_eq!(published(&db, &due.id).await.len(), 1);
+    assert_eq!(published(db.reader(), &due.id).await.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ use rust_decimal::Decimal;
 use std::time::Duration;
 use storage::Db;
 use storage::Row;
+use storage::testing::published;
 
 async fn charging(store: &PaymentStore) -> DueCharge {
     let intent = Intent {
@@ -24,23 +25,6 @@ async fn charging(store: &PaymentStore) -> DueCharge {
         .await
         .unwrap();
     store.take_queued().charges.pop().unwrap()
-}
-
-/// The messages of `order_id`, oldest first: (topic, data).
-async fn published(store: &PaymentStore, order_id: &str) -> Vec<(String, serde_json::Value)> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT topic, payload FROM outbox WHERE aggregate_id = $1 ORDER BY created_at, id",
-    )
-    .bind(order_id)
-    .fetch_all(store.db().reader())
-    .await
-    .unwrap();
-    rows.into_iter()
-        .map(|(topic, payload)| {
-            let event: serde_json::Value = serde_json::from_str(&payload).unwrap();
-            (topic, event["data"].clone())
-        })
-        .collect()
 }
 
 async fn answers_are_recorded_once_with_what_the_saga_needs(db: Db) {
@@ -62,7 +46,7 @@ async fn answers_are_recorded_once_with_what_the_saga_needs(db: Db) {
         payment.version, 2,
         "created authorizing (the API's charge), then succeeded"
     );
-    let messages = published(&store, &charge.order_id).await;
+    let messages = published(store.db().reader(), &charge.order_id).await;
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].0, "payment.succeeded");
     assert_eq!(
@@ -85,7 +69,7 @@ async fn answers_are_recorded_once_with_what_the_saga_needs(db: Db) {
         payment.failure_reason.as_deref(),
         Some("payment declined: card_declined")
     );
-    let messages = published(&store, &charge.order_id).await;
+    let messages = published(store.db().reader(), &charge.order_id).await;
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].0, "payment.failed");
     assert_eq!(messages[0].1["reason"], "payment declined: card_declined");
@@ -93,7 +77,10 @@ async fn answers_are_recorded_once_with_what_the_saga_needs(db: Db) {
         !store.finish_charge(&charge, &ok).await.unwrap(),
         "recorded before"
     );
-    assert_eq!(published(&store, &charge.order_id).await.len(), 1);
+    assert_eq!(
+        published(store.db().reader(), &charge.order_id).await.len(),
+        1
+    );
 
     // The order cancelled while the charge was on its way: it succeeds, is published, and is
     // refunded in full at once.
@@ -108,7 +95,7 @@ async fn answers_are_recorded_once_with_what_the_saga_needs(db: Db) {
     let refunds = store.take_queued().refunds;
     assert_eq!(refunds.len(), 1, "the charge is refunded");
     assert_eq!(refunds[0].amount, Decimal::new(1999, 2));
-    let topics: Vec<String> = published(&store, &charge.order_id)
+    let topics: Vec<String> = published(store.db().reader(), &charge.order_id)
         .await
         .into_iter()
         .map(|(topic, _)| topic)
@@ -127,7 +114,7 @@ async fn answers_are_recorded_once_with_what_the_saga_needs(db: Db) {
     let payment = store.get(&charge.payment_id).await.unwrap().unwrap();
     assert_eq!(payment.status, "failed");
     assert!(payment.unresolved);
-    let messages = published(&store, &charge.order_id).await;
+    let messages = published(store.db().reader(), &charge.order_id).await;
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].0, "payment.failed");
 }
@@ -244,7 +231,7 @@ async fn a_reserved_order_is_charged_once(a: Db, b: Db) {
         .await
         .unwrap();
     assert!(first.take_queued().charges.is_empty());
-    let messages = published(&first, &order_id).await;
+    let messages = published(first.db().reader(), &order_id).await;
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].0, "payment.failed");
 }
