@@ -228,6 +228,9 @@ async fn outbox_rows_know_whether_their_aggregate_had_a_row_waiting(db: &Db) {
     );
     assert_eq!(write(&[message("a", 3)]).await, [false], "a1 and a2 wait");
     assert_eq!(write(&[message("b", 1)]).await, [on_postgres]);
+    let of_b = testing::published(db.reader(), "b").await;
+    assert_eq!(of_b.len(), 1);
+    assert_eq!(of_b[0].0, "t");
     let waiting: Vec<String> = sqlx::query_scalar("SELECT id FROM outbox WHERE aggregate_id = 'a'")
         .fetch_all(db.reader())
         .await
