@@ -180,6 +180,17 @@ impl InventoryStore {
         lines: &[(String, i64)],
     ) -> Result<Reservation, StoreError> {
         let lines = merge_lines(lines.iter().map(|(s, q)| (s.as_str(), *q)));
+        if let [(sku, quantity)] = lines.as_slice() {
+            match self
+                .reserve_plainly(group, message_id, order_id, sku, *quantity)
+                .await
+            {
+                Ok(true) => return Ok(Reservation::Reserved),
+                // The full path decides, and says what went wrong if anything still does.
+                Ok(false) | Err(StoreError::Db(_)) => {}
+                Err(other) => return Err(other),
+            }
+        }
         let (group, message_id, order_id) = (
             group.to_string(),
             message_id.to_string(),
@@ -202,6 +213,56 @@ impl InventoryStore {
             Err(StoreError::Duplicate) => Ok(Reservation::Duplicate),
             other => other,
         }
+    }
+
+    /// The usual reservation of a one-line order as one script (one statement on PostgreSQL,
+    /// without BEGIN and COMMIT): the guarded stock update, for a message not handled before
+    /// and only while the product stays above the low-stock mark, then the claim, the
+    /// reservation and `inventory.reserved`, guarded by that update. False, with nothing
+    /// written, when the guard did not hold (too little stock, the mark crossed, the message
+    /// seen). A redelivery handled at the same moment elsewhere finds the reservation taken and
+    /// fails as a whole (its insert has no conflict clause), and the full path then decides.
+    async fn reserve_plainly(
+        &self,
+        group: &str,
+        message_id: &str,
+        order_id: &str,
+        sku: &str,
+        quantity: i64,
+    ) -> Result<bool, StoreError> {
+        let now = time::to_text(time::now());
+        let mut script = Script::new();
+        let taken = script.update_from_values(
+            TAKE_STOCK.0,
+            TAKE_STOCK.1,
+            vec![vec![
+                Value::from(sku),
+                quantity.into(),
+                now.as_str().into(),
+                LOW_STOCK.into(),
+                group.into(),
+                message_id.into(),
+            ]],
+        );
+        inbox::stage_claims_if(&mut script, taken, &[(group, message_id)]);
+        script.insert_if(
+            taken,
+            INSERT_RESERVATION,
+            "",
+            vec![reservation_row(order_id, sku, quantity, &now)],
+        );
+        let reserved = message(
+            "inventory.reserved",
+            order_id,
+            &now,
+            serde_json::json!({"orderId": order_id, "lines": lines_json(&[(sku.to_string(), quantity)])}),
+        );
+        let staged = outbox::stage_if(&mut script, Some(taken), &[reserved])?;
+        let counts = self
+            .batches
+            .run_script_outbox::<StoreError>(script, staged)
+            .await?;
+        Ok(counts[taken] == 1)
     }
 
     /// Releases what `order_id` holds (once per message). Returns whether anything was held.
@@ -304,7 +365,7 @@ async fn reserve_in(
             // claim tells.
             let expected = decision.reservations.len() as u64;
             let reserved = script.insert(
-                "INSERT INTO reservations (order_id, sku, quantity, state, created_at, updated_at)",
+                INSERT_RESERVATION,
                 "ON CONFLICT (order_id, sku) DO NOTHING",
                 decision.reservations,
             );
@@ -411,16 +472,7 @@ async fn try_reserve(
     }
     let reservations = lines
         .iter()
-        .map(|(sku, quantity)| {
-            vec![
-                Value::from(order_id),
-                sku.as_str().into(),
-                (*quantity).into(),
-                "reserved".into(),
-                now.into(),
-                now.into(),
-            ]
-        })
+        .map(|(sku, quantity)| reservation_row(order_id, sku, *quantity, now))
         .collect();
     let mut messages = vec![message(
         "inventory.reserved",
@@ -434,6 +486,30 @@ async fn try_reserve(
         reservations,
         messages,
     }))
+}
+
+/// Takes `column2` of product `column1` for the message (`column5`, `column6`) if it was not
+/// handled before and the product keeps at least `column4` available, from rows of (sku,
+/// quantity, updated_at, low-stock mark, group, message id).
+const TAKE_STOCK: (&str, &str) = (
+    "UPDATE products SET reserved = reserved + v.column2, version = version + 1, updated_at = v.column3 FROM",
+    "AS v WHERE products.sku = v.column1 AND products.on_hand - products.reserved - v.column2 >= v.column4 \
+     AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.group_name = v.column5 AND inbox.message_id = v.column6)",
+);
+
+const INSERT_RESERVATION: &str =
+    "INSERT INTO reservations (order_id, sku, quantity, state, created_at, updated_at)";
+
+/// A reservation in force, for [`INSERT_RESERVATION`].
+fn reservation_row(order_id: &str, sku: &str, quantity: i64, now: &str) -> Vec<Value> {
+    vec![
+        Value::from(order_id),
+        sku.into(),
+        quantity.into(),
+        "reserved".into(),
+        now.into(),
+        now.into(),
+    ]
 }
 
 /// `inventory.low_stock` for each product whose reservation just crossed the threshold (not
