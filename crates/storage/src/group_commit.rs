@@ -243,11 +243,14 @@ async fn run(
                 && script.is_one_statement()
             {
                 // One statement is a transaction of its own: no BEGIN and COMMIT around it. Its
-                // outbox rows take their place for the relay before it runs (it commits as it
-                // ends).
-                let ticket = staged.as_ref().map(|_| handoff.ticket());
+                // outbox rows take their place for the relay just before it runs (it commits as
+                // it ends), not while it waits for a connection.
+                let mut ticket = None;
                 let result = match db.writer().acquire().await {
-                    Ok(mut conn) => script.run(&mut conn).await,
+                    Ok(mut conn) => {
+                        ticket = staged.as_ref().map(|_| handoff.ticket());
+                        script.run(&mut conn).await
+                    }
                     Err(error) => Err(error),
                 };
                 if let Ok(counts) = &result {
