@@ -242,22 +242,10 @@ async fn run(
                 && db.backend() == crate::Backend::Postgres
                 && script.is_one_statement()
             {
-                // One statement is a transaction of its own: no BEGIN and COMMIT around it. Its
-                // outbox rows take their place for the relay just before it runs (it commits as
-                // it ends), not while it waits for a connection.
-                let mut ticket = None;
-                let result = match db.writer().acquire().await {
-                    Ok(mut conn) => {
-                        ticket = staged.as_ref().map(|_| handoff.ticket());
-                        script.run(&mut conn).await
-                    }
-                    Err(error) => Err(error),
-                };
-                if let Ok(counts) = &result {
+                // One statement is a transaction of its own: no BEGIN and COMMIT around it.
+                let result = handoff.run_alone(&db, script, staged.as_ref()).await;
+                if result.is_ok() {
                     committed();
-                    if let (Some(ticket), Some(staged)) = (ticket, staged) {
-                        ticket.committed(staged.rows(counts));
-                    }
                 }
                 if let Some((_, reply)) = batch.pop() {
                     let _ = reply.send(

@@ -566,11 +566,10 @@ async fn commit(db: &Db, writes: &[&Write], handoff: &Handoff) -> Result<(), Sto
         && db.backend() == storage::Backend::Postgres
         && script.is_one_statement()
     {
-        // Its rows take their place for the relay just before it runs (it commits as it ends).
-        let mut conn = db.writer().acquire().await?;
-        let ticket = handoff.ticket();
-        let counts = script.run(&mut conn).await.map_err(failed)?;
-        ticket.committed(staged.rows(&counts));
+        handoff
+            .run_alone(db, &script, Some(&staged))
+            .await
+            .map_err(failed)?;
         return Ok(());
     }
     let mut tx = match tx {
