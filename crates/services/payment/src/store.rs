@@ -95,6 +95,22 @@ pub struct DueCharge {
     pub attempts: i64,
 }
 
+impl DueCharge {
+    /// The first charge of payment `payment_id`, made as `intent` says, due by `deadline_at`.
+    fn first(payment_id: &str, intent: &Intent, deadline_at: String) -> Self {
+        DueCharge {
+            payment_id: payment_id.to_string(),
+            order_id: intent.order_id.clone(),
+            customer_id: intent.customer_id.clone(),
+            amount: intent.amount,
+            currency: intent.currency.clone(),
+            token: intent.token.clone(),
+            deadline_at,
+            attempts: 0,
+        }
+    }
+}
+
 /// A refund the worker has to make.
 #[derive(Debug, Clone)]
 pub struct DueRefund {
@@ -287,18 +303,10 @@ impl PaymentStore {
                 // table): the next requests take the full path.
                 intents.clear();
             }
+            // Its deadline is set when the charge is asked for.
             intents.insert(
                 intent.order_id.clone(),
-                DueCharge {
-                    payment_id,
-                    order_id: intent.order_id.clone(),
-                    customer_id: intent.customer_id.clone(),
-                    amount: intent.amount,
-                    currency: intent.currency.clone(),
-                    token: intent.token.clone(),
-                    deadline_at: String::new(),
-                    attempts: 0,
-                },
+                DueCharge::first(&payment_id, intent, String::new()),
             );
         }
         Ok(true)
@@ -319,16 +327,7 @@ impl PaymentStore {
         // Read before the worker hears of it: the answer is the payment as created
         // (AUTHORIZING), not whatever the charge has made of it a moment later.
         let created = self.get(&id).await?.ok_or(StoreError::NotFound)?;
-        self.queue_charge(DueCharge {
-            payment_id: id.clone(),
-            order_id: intent.order_id.clone(),
-            customer_id: intent.customer_id.clone(),
-            amount: intent.amount,
-            currency: intent.currency.clone(),
-            token: intent.token.clone(),
-            deadline_at,
-            attempts: 0,
-        });
+        self.queue_charge(DueCharge::first(&id, intent, deadline_at));
         self.committed(true);
         Ok(created)
     }
