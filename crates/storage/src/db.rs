@@ -151,6 +151,31 @@ fn install_drivers() {
     ONCE.call_once(sqlx::any::install_default_drivers);
 }
 
+/// A PostgreSQL connection idle for longer than this is pinged before it is handed out.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(5);
+
+/// Pool options shared by every pool. sqlx pings each idle connection before handing it out
+/// (`test_before_acquire`): one more round trip, and one more wake-up of the server's process,
+/// for every statement and transaction. A SQLite connection cannot go stale, so it is never
+/// pinged; a PostgreSQL one is pinged only after [`PING_AFTER_IDLE`] (a server restart or an
+/// idle timeout in between). One that broke more recently fails its statement, which the
+/// caller sees as any other database error (consumers retry it, a request answers 503), and the
+/// pool replaces it.
+fn pool_options(backend: Backend) -> AnyPoolOptions {
+    let options = AnyPoolOptions::new().test_before_acquire(false);
+    match backend {
+        Backend::Sqlite => options,
+        Backend::Postgres => options.before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > PING_AFTER_IDLE {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        }),
+    }
+}
+
 impl Db {
     /// Opens (creating if needed) `<dir>/<name>.db` in WAL mode, every commit durable.
     pub async fn open_sqlite(dir: &Path, name: &str) -> Result<Db, DbError> {
@@ -172,7 +197,7 @@ impl Db {
         let path = dir.join(format!("{name}.db"));
         let url = format!("sqlite://{}?mode=rwc", path.display());
         let options = AnyConnectOptions::from_str(&url).map_err(DbError::Connect)?;
-        let writer = AnyPoolOptions::new()
+        let writer = pool_options(Backend::Sqlite)
             .max_connections(1)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(30))
@@ -190,7 +215,7 @@ impl Db {
             .map_err(DbError::Connect)?;
         // Readers are few and small: hot orders are served from the service's cache, so a
         // reader's page cache is 1 MiB instead of SQLite's 2 MiB.
-        let reader = AnyPoolOptions::new()
+        let reader = pool_options(Backend::Sqlite)
             .max_connections(2)
             .acquire_timeout(Duration::from_secs(30))
             .after_connect(move |conn, _| {
@@ -264,7 +289,7 @@ impl Db {
                 format!("SET search_path TO {schema}; SET synchronous_commit TO off")
             }
         };
-        let pool = AnyPoolOptions::new()
+        let pool = pool_options(Backend::Postgres)
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(30))
             .after_connect(move |conn, _| {
