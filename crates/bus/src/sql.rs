@@ -22,6 +22,9 @@ pub struct SqlBus {
     /// BEGIN/COMMIT and one turn on the writer for what the relays publish at the same moment.
     /// None on PostgreSQL, where a publish is one statement of its own.
     publishes: Option<storage::group_commit::GroupCommit>,
+    /// On PostgreSQL, the connection publishes go through. Publishes wait for each other on the
+    /// sequence row anyway; one kept connection spares each a pool round trip.
+    publisher: Arc<tokio::sync::Mutex<storage::HeldWriter>>,
 }
 
 /// Who is woken by a publish: every `wakeups()` receiver, and each `wakeups_for(topics)`
@@ -157,6 +160,7 @@ impl SqlBus {
                     storage::outbox::Handoff::default(),
                 )
             }),
+            publisher: Arc::new(tokio::sync::Mutex::new(db.held_writer())),
             db,
             published: Arc::new(Wakeups::new()),
         })
@@ -216,7 +220,17 @@ impl SqlBus {
                 .await
                 .map(|appended| vec![appended])?,
             None => {
-                append_postgres(&self.db, &self.published.instance, &fresh, &topics, outbox).await?
+                let mut publisher = self.publisher.lock().await;
+                let appended = append_postgres(
+                    &mut publisher,
+                    &self.published.instance,
+                    &fresh,
+                    &topics,
+                    outbox,
+                )
+                .await;
+                publisher.done(appended.is_ok());
+                appended?
             }
         };
         metrics::counter!("bus_published_total")
@@ -574,7 +588,7 @@ fn new_deliveries(
 /// there too: published and marked commit together, or neither does (and the relay sends them
 /// again), so the mark needs no flush of its own either.
 async fn append_postgres(
-    db: &Db,
+    publisher: &mut storage::HeldWriter,
     instance: &str,
     messages: &[Message],
     topics: &[String],
@@ -614,7 +628,7 @@ async fn append_postgres(
         )
         .bind(count)
         .bind(notice.as_str())
-        .fetch_all(db.writer())
+        .fetch_all(publisher.conn().await?)
         .await?;
         let mut last = 0;
         let mut inserted = std::collections::HashSet::new();

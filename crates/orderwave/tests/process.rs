@@ -194,10 +194,24 @@ async fn kill_9_after_a_201_loses_no_order_on_postgres() {
     kill_9_after_a_201_loses_no_order(Some(fresh_pg_database().await)).await;
 }
 
-#[tokio::test]
-async fn sigterm_finishes_in_flight_requests_and_exits_0() {
+/// Waits for `child` to exit, failing if it takes longer than `limit` (a shutdown that hangs).
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "orderwave did not exit within {limit:?} of the signal"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn sigterm_finishes_in_flight_requests_and_exits_0(database_url: Option<String>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = start(dir.path(), None, &[]);
+    let mut server = start(dir.path(), database_url.as_deref(), &[]);
     let client = common::admin_client();
     let requests: Vec<_> = (0..20)
         .map(|_| {
@@ -224,11 +238,11 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
             answered += 1;
         }
     }
-    let status = server.child.wait().unwrap();
+    let status = wait_exit(&mut server.child, Duration::from_secs(20));
     assert!(status.success(), "exit status {status}");
 
     // Every 201 is there after a restart.
-    let mut server = start(dir.path(), None, &[]);
+    let mut server = start(dir.path(), database_url.as_deref(), &[]);
     let page: Value = client
         .get(format!("{}/api/v1/orders?limit=100", server.base))
         .send()
@@ -239,7 +253,21 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
         .unwrap();
     assert_eq!(page["items"].as_array().unwrap().len(), answered);
     signal(&server.child, "INT");
-    assert!(server.child.wait().unwrap().success());
+    assert!(wait_exit(&mut server.child, Duration::from_secs(20)).success());
+    if let Some(url) = &database_url {
+        common::drop_pg_database(url).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_and_exits_0_on_sqlite() {
+    sigterm_finishes_in_flight_requests_and_exits_0(None).await;
+}
+
+/// Its stores' writers keep their connections between batches: they must not hold up the exit.
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_and_exits_0_on_postgres() {
+    sigterm_finishes_in_flight_requests_and_exits_0(Some(fresh_pg_database().await)).await;
 }
 
 #[tokio::test]

@@ -347,6 +347,16 @@ impl Db {
         }
     }
 
+    /// A write connection for a task that writes all the time (a group-commit lane, a store's
+    /// write loop), kept between its batches; see [`HeldWriter`].
+    pub fn held_writer(&self) -> HeldWriter {
+        HeldWriter {
+            db: self.clone(),
+            pooled: None,
+            own: None,
+        }
+    }
+
     pub async fn migrate(&self, migrator: &Migrator) -> Result<(), DbError> {
         migrator.run(&self.writer).await.map_err(DbError::Migrate)
     }
@@ -402,5 +412,68 @@ impl Db {
     pub async fn close(&self) {
         self.writer.close().await;
         self.reader.close().await;
+    }
+}
+
+/// A write connection a task keeps between its batches, on PostgreSQL. A pool connection given
+/// back costs a round trip: sqlx pings it on release, and the server process wakes for it. A
+/// task that writes all the time keeps its own connection instead, taken out of the pool (which
+/// may open another in its place, so a pool's limit does not count it), and replaces it after an
+/// error. Being out of the pool, it does not hold up [`Db::close`]; it closes when the task
+/// drops it. On SQLite the connection goes back after every batch: the writer pool has one
+/// connection, which the whole process shares.
+#[derive(Debug)]
+pub struct HeldWriter {
+    db: Db,
+    /// SQLite: the pool's writer, during a batch.
+    pooled: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+    /// PostgreSQL: this task's own connection.
+    own: Option<AnyConnection>,
+}
+
+impl HeldWriter {
+    /// The connection, taken from the pool if not held.
+    pub async fn conn(&mut self) -> Result<&mut AnyConnection, sqlx::Error> {
+        match self.db.backend {
+            Backend::Sqlite => {
+                if self.pooled.is_none() {
+                    self.pooled = Some(self.db.writer.acquire().await?);
+                }
+                match &mut self.pooled {
+                    Some(conn) => Ok(&mut **conn),
+                    None => Err(sqlx::Error::PoolClosed),
+                }
+            }
+            Backend::Postgres => {
+                if self.own.is_none() {
+                    self.own = Some(self.db.writer.acquire().await?.detach());
+                }
+                self.own.as_mut().ok_or(sqlx::Error::PoolClosed)
+            }
+        }
+    }
+
+    /// Begins a write transaction on the connection ([`Db::begin_write`]'s kind).
+    pub async fn begin(&mut self) -> Result<sqlx::Transaction<'_, sqlx::Any>, sqlx::Error> {
+        let backend = self.db.backend;
+        let conn = self.conn().await?;
+        match backend {
+            Backend::Sqlite => sqlx::Connection::begin_with(conn, "BEGIN IMMEDIATE").await,
+            Backend::Postgres => sqlx::Connection::begin(conn).await,
+        }
+    }
+
+    /// Ends a batch. On SQLite the connection goes back to the pool. After an error a
+    /// PostgreSQL one is dropped (it may be broken; a rolled-back transaction's ROLLBACK is
+    /// still queued on it) and the next batch takes a fresh one.
+    pub fn done(&mut self, ok: bool) {
+        self.pooled = None;
+        if !ok {
+            self.own = None;
+        }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
     }
 }

@@ -16,8 +16,8 @@
 //! the rows they decide on (two jobs about one row then wait for each other, in commit order)
 //! and that never lock two such rows (which could deadlock across batches).
 
-use crate::Db;
 use crate::outbox::{Handoff, PendingMessage};
+use crate::{Db, HeldWriter};
 use futures::future::BoxFuture;
 use sqlx::AnyConnection;
 use std::any::Any;
@@ -231,6 +231,7 @@ async fn run(
         commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     };
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
+    let mut writer = db.held_writer();
     // A lane holds the receiver only while it takes a batch.
     while receiver.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
         loop {
@@ -243,7 +244,10 @@ async fn run(
                 && script.is_one_statement()
             {
                 // One statement is a transaction of its own: no BEGIN and COMMIT around it.
-                let result = handoff.run_alone(&db, script, staged.as_ref()).await;
+                let result = handoff
+                    .run_alone(&mut writer, script, staged.as_ref())
+                    .await;
+                writer.done(result.is_ok());
                 if result.is_ok() {
                     committed();
                 }
@@ -256,7 +260,9 @@ async fn run(
                 }
                 break;
             }
-            match together(&db, &mut batch, &handoff).await {
+            let result = together(&mut writer, &mut batch, &handoff).await;
+            writer.done(result.is_ok());
+            match result {
                 Ok(outputs) => {
                     committed();
                     for ((_, reply), output) in batch.drain(..).zip(outputs) {
@@ -273,7 +279,8 @@ async fn run(
                     // The database, not a job: each job on its own.
                     tracing::warn!(%error, size = batch.len(), "a grouped transaction failed; running its jobs one by one");
                     for (mut job, reply) in batch.drain(..) {
-                        let result = alone(&db, &mut job, &handoff).await;
+                        let result = alone(&mut writer, &mut job, &handoff).await;
+                        writer.done(result.is_ok());
                         if result.is_ok() {
                             committed();
                         }
@@ -287,11 +294,11 @@ async fn run(
 }
 
 async fn together(
-    db: &Db,
+    writer: &mut HeldWriter,
     batch: &mut [Request],
     handoff: &Handoff,
 ) -> Result<Vec<Output>, Failure> {
-    let mut tx = db.begin_write().await.map_err(Failure::Transaction)?;
+    let mut tx = writer.begin().await.map_err(Failure::Transaction)?;
     let mut outputs = Vec::with_capacity(batch.len());
     let mut rows = Vec::new();
     for (index, (work, _)) in batch.iter_mut().enumerate() {
@@ -326,8 +333,12 @@ async fn perform(
     }
 }
 
-async fn alone(db: &Db, job: &mut Work, handoff: &Handoff) -> Result<Output, JobError> {
-    let mut tx = db.begin_write().await?;
+async fn alone(
+    writer: &mut HeldWriter,
+    job: &mut Work,
+    handoff: &Handoff,
+) -> Result<Output, JobError> {
+    let mut tx = writer.begin().await?;
     let (output, rows) = perform(job, &mut tx).await?;
     handoff.commit(tx, rows).await?;
     Ok(output)

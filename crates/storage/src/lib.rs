@@ -17,7 +17,7 @@ pub mod page;
 pub mod testing;
 pub mod time;
 
-pub use db::{Backend, Db, DbError, Durability};
+pub use db::{Backend, Db, DbError, Durability, HeldWriter};
 
 /// The tables every service has (events, outbox, inbox, leases). A service runs these and then
 /// its own; both tolerate the other's versions in the shared migrations table.

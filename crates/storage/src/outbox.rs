@@ -97,19 +97,19 @@ impl Handoff {
         Ok(())
     }
 
-    /// Runs `script` on `db` as a statement of its own (PostgreSQL, where it commits as it
-    /// ends; see [`bulk::Script::is_one_statement`]) and hands over the rows `staged` it wrote.
-    /// Their ticket is taken once the connection is in hand, just before the statement runs,
-    /// so a wait for a connection holds back no other rows.
+    /// Runs `script` on `writer`'s connection as a statement of its own (PostgreSQL, where it
+    /// commits as it ends; see [`bulk::Script::is_one_statement`]) and hands over the rows
+    /// `staged` it wrote. Their ticket is taken once the connection is in hand, just before the
+    /// statement runs, so a wait for a connection holds back no other rows.
     pub async fn run_alone(
         &self,
-        db: &crate::Db,
+        writer: &mut crate::HeldWriter,
         script: &bulk::Script,
         staged: Option<&Staged>,
     ) -> Result<Vec<u64>, sqlx::Error> {
-        let mut conn = db.writer().acquire().await?;
+        let conn = writer.conn().await?;
         let ticket = staged.map(|_| self.ticket());
-        let counts = script.run(&mut conn).await?;
+        let counts = script.run(conn).await?;
         if let (Some(ticket), Some(staged)) = (ticket, staged) {
             ticket.committed(staged.rows(&counts));
         }

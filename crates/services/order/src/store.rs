@@ -16,12 +16,12 @@ use moka::ops::compute::Op;
 use moka::sync::Cache;
 use sqlx::Row;
 use std::sync::Arc;
-use storage::Db;
 use storage::bulk::{self, Script, Value};
 use storage::events::{self, AppendError, NewEvent};
 use storage::outbox::{self, Handoff, OutboxMessage};
 use storage::page::NewestFirst;
 use storage::time;
+use storage::{Db, HeldWriter};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -395,6 +395,7 @@ fn prepare(
 /// own so only the conflicting one fails.
 async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>, handoff: Handoff) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut writer = db.held_writer();
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // A caller that gave up (request timed out, client gone) was not answered 2xx: its
         // write must not happen behind its back.
@@ -404,7 +405,9 @@ async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>, handoff: Handoff) {
         }
         metrics::histogram!("order_store_batch_size").record(batch.len() as f64);
         let writes: Vec<&Write> = batch.iter().map(|(w, _)| w).collect();
-        match commit(&db, &writes, &handoff).await {
+        let result = commit(&mut writer, &writes, &handoff).await;
+        writer.done(result.is_ok());
+        match result {
             Ok(()) => {
                 for (_, reply) in batch.drain(..) {
                     let _ = reply.send(Ok(()));
@@ -415,7 +418,8 @@ async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>, handoff: Handoff) {
             Err(StoreError::Conflict | StoreError::Duplicate) if batch.len() > 1 => {
                 for (write, reply) in batch.drain(..) {
                     if !reply.is_closed() {
-                        let result = commit(&db, &[&write], &handoff).await;
+                        let result = commit(&mut writer, &[&write], &handoff).await;
+                        writer.done(result.is_ok());
                         let _ = reply.send(result);
                     }
                 }
@@ -448,9 +452,12 @@ fn shared_error(error: &StoreError) -> StoreError {
 /// PostgreSQL its writes (inbox claims, events, order rows, items, outbox) are one statement,
 /// and a batch of new orders (placed through the API) is that statement alone, without BEGIN
 /// and COMMIT: it has nothing to check after its writes that could need a rollback.
-async fn commit(db: &Db, writes: &[&Write], handoff: &Handoff) -> Result<(), StoreError> {
-    // Begun for the statements some batches run before the script.
-    let mut tx: Option<sqlx::Transaction<'static, sqlx::Any>> = None;
+async fn commit(
+    writer: &mut HeldWriter,
+    writes: &[&Write],
+    handoff: &Handoff,
+) -> Result<(), StoreError> {
+    let backend = writer.db().backend();
     let claims: Vec<(&str, &str)> = writes
         .iter()
         .filter_map(|w| w.cause.as_ref())
@@ -490,17 +497,6 @@ async fn commit(db: &Db, writes: &[&Write], handoff: &Handoff) -> Result<(), Sto
             ]);
         }
         if w.replace_items {
-            if !w.created {
-                let tx = match &mut tx {
-                    Some(tx) => tx,
-                    None => tx.insert(db.begin_write().await?),
-                };
-                // Before the script: its parts could not delete and insert one row.
-                sqlx::query("DELETE FROM order_items WHERE order_id = $1")
-                    .bind(o.id.to_string())
-                    .execute(&mut **tx)
-                    .await?;
-            }
             for (i, item) in o.items.iter().enumerate() {
                 item_rows.push(vec![
                     Value::from(o.id.to_string()),
@@ -520,31 +516,23 @@ async fn commit(db: &Db, writes: &[&Write], handoff: &Handoff) -> Result<(), Sto
         "",
         created_rows,
     );
+    // Statements some batches run before the script, in its transaction.
+    let replaced: Vec<String> = writes
+        .iter()
+        .filter(|w| w.replace_items && !w.created)
+        .map(|w| w.order.id.to_string())
+        .collect();
+    let one_by_one = !distinct_orders(&updated_rows);
     let mut updates = None;
-    if distinct_orders(&updated_rows) {
+    if !one_by_one {
         updates = Some((
-            script.update_from_values(UPDATE_ORDERS.0, UPDATE_ORDERS.1, updated_rows),
-            writes.iter().filter(|w| !w.created).count(),
-        ));
-    } else {
-        // An order twice: one statement each, in order, before the script.
-        let tx = match &mut tx {
-            Some(tx) => tx,
-            None => tx.insert(db.begin_write().await?),
-        };
-        for row in &updated_rows {
-            if bulk::update_from_values(
-                tx,
+            script.update_from_values(
                 UPDATE_ORDERS.0,
                 UPDATE_ORDERS.1,
-                std::slice::from_ref(row),
-            )
-            .await?
-                != 1
-            {
-                return Err(StoreError::Db(sqlx::Error::RowNotFound));
-            }
-        }
+                std::mem::take(&mut updated_rows),
+            ),
+            writes.iter().filter(|w| !w.created).count(),
+        ));
     }
     script.insert(
         "INSERT INTO order_items (order_id, line_no, sku, quantity, unit_price)",
@@ -560,22 +548,41 @@ async fn commit(db: &Db, writes: &[&Write], handoff: &Handoff) -> Result<(), Sto
         AppendError::Conflict { .. } => StoreError::Conflict,
         AppendError::Db(e) => StoreError::Db(e),
     };
-    if tx.is_none()
+    if replaced.is_empty()
+        && !one_by_one
         && claims.is_empty()
         && writes.iter().all(|w| w.created)
-        && db.backend() == storage::Backend::Postgres
+        && backend == storage::Backend::Postgres
         && script.is_one_statement()
     {
         handoff
-            .run_alone(db, &script, Some(&staged))
+            .run_alone(writer, &script, Some(&staged))
             .await
             .map_err(failed)?;
         return Ok(());
     }
-    let mut tx = match tx {
-        Some(tx) => tx,
-        None => db.begin_write().await?,
-    };
+    let mut tx = writer.begin().await?;
+    // Before the script: its parts could not delete and insert one row.
+    for id in &replaced {
+        sqlx::query("DELETE FROM order_items WHERE order_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    // An order twice: one statement each, in order, before the script.
+    for row in &updated_rows {
+        if bulk::update_from_values(
+            &mut tx,
+            UPDATE_ORDERS.0,
+            UPDATE_ORDERS.1,
+            std::slice::from_ref(row),
+        )
+        .await?
+            != 1
+        {
+            return Err(StoreError::Db(sqlx::Error::RowNotFound));
+        }
+    }
     let counts = script.run(&mut tx).await.map_err(failed)?;
     if counts[claimed] != claims.len() as u64 {
         return Err(StoreError::Duplicate);
