@@ -548,9 +548,8 @@ async fn commit(
         AppendError::Conflict { .. } => StoreError::Conflict,
         AppendError::Db(e) => StoreError::Db(e),
     };
-    if replaced.is_empty()
-        && !one_by_one
-        && claims.is_empty()
+    // Only new orders: nothing to run before the script.
+    if claims.is_empty()
         && writes.iter().all(|w| w.created)
         && backend == storage::Backend::Postgres
         && script.is_one_statement()
