@@ -1,5 +1,6 @@
 //! Group commit on a real SQLite file: a failing job gets its own error back, typed, and the
-//! jobs it was batched with still commit. On PostgreSQL, lanes commit side by side.
+//! jobs it was batched with still commit. On PostgreSQL, lanes commit side by side, and a lane
+//! whose kept connection died takes a new one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use futures::FutureExt;
@@ -168,5 +169,53 @@ async fn on_postgres_scripts_commit_alone_or_in_a_shared_batch() {
     assert_eq!(began[1], began[2], "the batched scripts did not share one");
     assert_eq!(group.commits(), 3);
     db.close().await;
+    testing::drop_pg_database(&url).await;
+}
+
+/// A lane keeps its PostgreSQL connection between batches (`HeldWriter`); when that connection
+/// dies (a server restart, an administrator's `pg_terminate_backend`), the batch that finds it
+/// dead fails and the next one runs on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_lane_whose_connection_died_takes_a_new_one() {
+    let url = testing::fresh_pg_database().await;
+    let db = Db::open_postgres(&url, "scripts", 4).await.unwrap();
+    sqlx::query("CREATE TABLE stamped (n BIGINT PRIMARY KEY)")
+        .execute(db.writer())
+        .await
+        .unwrap();
+    let group = GroupCommit::start(db.clone(), storage::outbox::Handoff::default());
+    let script = |n: i64| {
+        let mut script = storage::bulk::Script::new();
+        script.insert("INSERT INTO stamped (n)", "", vec![vec![n.into()]]);
+        script
+    };
+    group.run_script::<sqlx::Error>(script(1)).await.unwrap();
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(db.writer())
+    .await
+    .unwrap();
+    assert!(!killed.is_empty(), "the lane's connection was not found");
+    // The lane finds its connection dead (or not, if the kill raced ahead of nothing) ...
+    let second = group.run_script::<sqlx::Error>(script(2)).await;
+    // ... and the batch after that runs on a new one.
+    group
+        .run_script::<sqlx::Error>(script(3))
+        .await
+        .expect("the lane kept a dead connection");
+    let check = Db::open_postgres(&url, "scripts", 1).await.unwrap();
+    let stored: Vec<i64> = sqlx::query_scalar("SELECT n FROM stamped ORDER BY n")
+        .fetch_all(check.reader())
+        .await
+        .unwrap();
+    let expected = if second.is_ok() {
+        vec![1, 2, 3]
+    } else {
+        vec![1, 3]
+    };
+    assert_eq!(stored, expected);
+    check.close().await;
     testing::drop_pg_database(&url).await;
 }
