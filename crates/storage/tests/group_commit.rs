@@ -103,16 +103,28 @@ async fn a_failing_job_gets_its_own_error_and_the_rest_of_its_batch_commits() {
     assert_eq!(group.commits(), 2);
 }
 
+/// A fresh PostgreSQL database with `table` created in `schema`, and a group commit of `lanes`
+/// lanes on it.
+async fn on_postgres(schema: &str, table: &'static str, lanes: usize) -> (String, Db, GroupCommit) {
+    let url = testing::fresh_pg_database().await;
+    let db = Db::open_postgres(&url, schema, 4).await.unwrap();
+    sqlx::query(table).execute(db.writer()).await.unwrap();
+    let group = GroupCommit::start_lanes(db.clone(), storage::outbox::Handoff::default(), lanes);
+    (url, db, group)
+}
+
+/// A script inserting `n` into `stamped`.
+fn stamp(n: i64) -> storage::bulk::Script {
+    let mut script = storage::bulk::Script::new();
+    script.insert("INSERT INTO stamped (n)", "", vec![vec![n.into()]]);
+    script
+}
+
 /// On PostgreSQL a second lane commits a batch while the first lane's batch is still open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_a_second_lane_commits_while_the_first_batch_is_open() {
-    let url = testing::fresh_pg_database().await;
-    let db = Db::open_postgres(&url, "lanes", 4).await.unwrap();
-    sqlx::query("CREATE TABLE items (n BIGINT PRIMARY KEY)")
-        .execute(db.writer())
-        .await
-        .unwrap();
-    let group = GroupCommit::start_lanes(db.clone(), storage::outbox::Handoff::default(), 2);
+    let (url, db, group) =
+        on_postgres("lanes", "CREATE TABLE items (n BIGINT PRIMARY KEY)", 2).await;
     let (holding, release) = hold_a_batch(&group).await;
     let other = tokio::time::timeout(
         std::time::Duration::from_secs(5),
@@ -133,27 +145,19 @@ async fn on_postgres_a_second_lane_commits_while_the_first_batch_is_open() {
 /// batch's transaction (one `now()`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_scripts_commit_alone_or_in_a_shared_batch() {
-    let url = testing::fresh_pg_database().await;
-    let db = Db::open_postgres(&url, "scripts", 4).await.unwrap();
-    sqlx::query(
+    let (url, db, group) = on_postgres(
+        "scripts",
         "CREATE TABLE stamped (n BIGINT PRIMARY KEY, began TEXT NOT NULL DEFAULT (now()::text))",
+        1,
     )
-    .execute(db.writer())
-    .await
-    .unwrap();
-    let group = GroupCommit::start(db.clone(), storage::outbox::Handoff::default());
-    let script = |n: i64| {
-        let mut script = storage::bulk::Script::new();
-        script.insert("INSERT INTO stamped (n)", "", vec![vec![n.into()]]);
-        script
-    };
-    let counts = group.run_script::<sqlx::Error>(script(1)).await.unwrap();
+    .await;
+    let counts = group.run_script::<sqlx::Error>(stamp(1)).await.unwrap();
     assert_eq!(counts, vec![1]);
     // Behind a batch held open, two scripts share the next one.
     let (held, release) = hold_a_batch(&group).await;
     let both = futures::future::join(
-        group.run_script::<sqlx::Error>(script(2)),
-        group.run_script::<sqlx::Error>(script(3)),
+        group.run_script::<sqlx::Error>(stamp(2)),
+        group.run_script::<sqlx::Error>(stamp(3)),
     );
     futures::pin_mut!(both);
     assert!(futures::poll!(&mut both).is_pending());
@@ -177,19 +181,9 @@ async fn on_postgres_scripts_commit_alone_or_in_a_shared_batch() {
 /// dead fails and the next one runs on a new connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_a_lane_whose_connection_died_takes_a_new_one() {
-    let url = testing::fresh_pg_database().await;
-    let db = Db::open_postgres(&url, "scripts", 4).await.unwrap();
-    sqlx::query("CREATE TABLE stamped (n BIGINT PRIMARY KEY)")
-        .execute(db.writer())
-        .await
-        .unwrap();
-    let group = GroupCommit::start(db.clone(), storage::outbox::Handoff::default());
-    let script = |n: i64| {
-        let mut script = storage::bulk::Script::new();
-        script.insert("INSERT INTO stamped (n)", "", vec![vec![n.into()]]);
-        script
-    };
-    group.run_script::<sqlx::Error>(script(1)).await.unwrap();
+    let (url, db, group) =
+        on_postgres("scripts", "CREATE TABLE stamped (n BIGINT PRIMARY KEY)", 1).await;
+    group.run_script::<sqlx::Error>(stamp(1)).await.unwrap();
     let killed: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
          WHERE datname = current_database() AND pid <> pg_backend_pid()",
@@ -199,10 +193,10 @@ async fn on_postgres_a_lane_whose_connection_died_takes_a_new_one() {
     .unwrap();
     assert!(!killed.is_empty(), "the lane's connection was not found");
     // The lane finds its connection dead (or not, if the kill raced ahead of nothing) ...
-    let second = group.run_script::<sqlx::Error>(script(2)).await;
+    let second = group.run_script::<sqlx::Error>(stamp(2)).await;
     // ... and the batch after that runs on a new one.
     group
-        .run_script::<sqlx::Error>(script(3))
+        .run_script::<sqlx::Error>(stamp(3))
         .await
         .expect("the lane kept a dead connection");
     let check = Db::open_postgres(&url, "scripts", 1).await.unwrap();
