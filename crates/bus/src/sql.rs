@@ -18,13 +18,20 @@ pub static MIGRATOR: storage::Migrator = sqlx::migrate!("./migrations");
 pub struct SqlBus {
     db: Db,
     published: Arc<Wakeups>,
+    /// How publishes reach the log.
+    publishes: Publishes,
+}
+
+/// How a bus's publishes reach its log, by backend.
+#[derive(Clone, Debug)]
+enum Publishes {
     /// On SQLite, publishes of every relay of this process share transactions: one
     /// BEGIN/COMMIT and one turn on the writer for what the relays publish at the same moment.
-    /// None on PostgreSQL, where a publish is one statement of its own.
-    publishes: Option<storage::group_commit::GroupCommit>,
-    /// On PostgreSQL, the connection publishes go through. Publishes wait for each other on the
-    /// sequence row anyway; one kept connection spares each a pool round trip.
-    publisher: Arc<tokio::sync::Mutex<storage::HeldWriter>>,
+    Grouped(storage::group_commit::GroupCommit),
+    /// On PostgreSQL a publish is one statement of its own, on the connection kept here.
+    /// Publishes wait for each other on the sequence row anyway; one kept connection spares
+    /// each a pool round trip.
+    Kept(Arc<tokio::sync::Mutex<storage::HeldWriter>>),
 }
 
 /// Who is woken by a publish: every `wakeups()` receiver, and each `wakeups_for(topics)`
@@ -154,13 +161,17 @@ impl SqlBus {
     pub async fn start(db: Db) -> Result<Self, storage::DbError> {
         db.migrate(&MIGRATOR).await?;
         Ok(Self {
-            publishes: (db.backend() == storage::Backend::Sqlite).then(|| {
-                storage::group_commit::GroupCommit::start(
-                    db.clone(),
-                    storage::outbox::Handoff::default(),
-                )
-            }),
-            publisher: Arc::new(tokio::sync::Mutex::new(db.held_writer())),
+            publishes: match db.backend() {
+                storage::Backend::Sqlite => {
+                    Publishes::Grouped(storage::group_commit::GroupCommit::start(
+                        db.clone(),
+                        storage::outbox::Handoff::default(),
+                    ))
+                }
+                storage::Backend::Postgres => {
+                    Publishes::Kept(Arc::new(tokio::sync::Mutex::new(db.held_writer())))
+                }
+            },
             db,
             published: Arc::new(Wakeups::new()),
         })
@@ -212,15 +223,15 @@ impl SqlBus {
         topics.sort_unstable();
         topics.dedup();
         let appended = match &self.publishes {
-            Some(publishes) => publishes
+            Publishes::Grouped(publishes) => publishes
                 .run_as(move |conn| {
                     let fresh = fresh.clone();
                     async move { append(conn, &fresh).await }.boxed()
                 })
                 .await
                 .map(|appended| vec![appended])?,
-            None => {
-                let mut publisher = self.publisher.lock().await;
+            Publishes::Kept(publisher) => {
+                let mut publisher = publisher.lock().await;
                 let appended = append_postgres(
                     &mut publisher,
                     &self.published.instance,
