@@ -104,9 +104,13 @@ async fn open_with(
     durability: Durability,
 ) -> anyhow::Result<Db> {
     match &config.database_url {
-        Some(url) => Db::open_postgres_with(url, name, max_connections, durability)
-            .await
-            .with_context(|| format!("opening PostgreSQL (schema {name})")),
+        Some(url) => {
+            let db = Db::open_postgres_with(url, name, max_connections, durability)
+                .await
+                .with_context(|| format!("opening PostgreSQL (schema {name})"))?;
+            storage::statistics::keep_current(&db);
+            Ok(db)
+        }
         None => Db::open_sqlite_with(&config.data_dir, name, durability)
             .await
             .with_context(|| format!("opening {}/{name}.db", config.data_dir.display())),

@@ -328,6 +328,11 @@ impl Db {
         }
     }
 
+    /// PostgreSQL: this pool's schema.
+    pub fn schema(&self) -> Option<&str> {
+        self.postgres.as_ref().map(|(_, schema)| schema.as_str())
+    }
+
     pub fn writer(&self) -> &AnyPool {
         &self.writer
     }

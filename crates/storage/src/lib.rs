@@ -13,6 +13,7 @@ pub mod inbox;
 pub mod lease;
 pub mod outbox;
 pub mod page;
+pub mod statistics;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod time;
