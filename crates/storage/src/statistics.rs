@@ -2,21 +2,22 @@
 //! them.
 //!
 //! PostgreSQL plans a prepared statement once for all (its generic plan) after five runs, from
-//! the table sizes it sees then, and keeps that plan until one of its tables is analyzed. A table
-//! created empty and never analyzed is planned as ten pages. So a statement that looks rows up by
-//! key from a list of values (the relay's "mark these sent", the "is another row of this
-//! aggregate waiting" check) gets a sequential scan or a hash of the whole table, cheapest for a
-//! few hundred rows, and keeps it once the table holds thousands: every run then reads the whole
-//! outbox.
+//! the table sizes it sees then, and keeps that plan until one of its tables is analyzed. A
+//! table never analyzed and smaller than ten pages is planned as ten pages. So a statement that
+//! looks rows up by key from a list of values (the relay's "mark these sent", the "is another
+//! row of this aggregate waiting" check) gets a sequential scan or a hash of the whole table,
+//! cheapest for a few hundred rows, and keeps it once the table holds thousands: every run then
+//! reads the whole outbox.
 //!
 //! autovacuum analyzes a table about a minute after its first changes, and again each time a
 //! tenth of it has changed. A server running without autovacuum never does, and even with it
-//! on, a new database serves its first minute on plans made for empty tables. Each service
+//! on, a new database serves its first minute on plans made for small tables. Each service
 //! therefore analyzes a table of its own when it holds [`BASE`] rows and has not been analyzed
 //! yet, and again each time it has grown [`GROWTH`]-fold since. Growth is what turns a plan
 //! wrong; rows updated in place (the bus's sequence row, a product's stock) leave the plans
 //! right, and analyzing would only make every connection plan its statements again.
-//! Where autovacuum runs it usually gets there first, and this does nothing.
+//! Where autovacuum runs it analyzes at every tenth of growth, so this adds an analysis only in
+//! a new table's first minute, before autovacuum's first look.
 
 use crate::Db;
 use sqlx::{AssertSqlSafe, Row};
@@ -29,8 +30,8 @@ pub const BASE: i64 = 500;
 /// ...and how many times the rows it had at its last analysis before the next.
 pub const GROWTH: i64 = 4;
 
-/// On PostgreSQL, analyzes the tables of `db`'s schema as they grow, until the pool is closed. Nothing on SQLite, whose planner prefers an index without
-/// statistics.
+/// On PostgreSQL, analyzes the tables of `db`'s schema as they grow, until the pool is closed.
+/// Nothing on SQLite, whose planner prefers an index without statistics.
 pub fn keep_current(db: &Db) {
     let Some(schema) = db.schema() else {
         return;
