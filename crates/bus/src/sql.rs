@@ -240,7 +240,7 @@ impl SqlBus {
                     outbox,
                 )
                 .await;
-                publisher.done(appended.is_ok());
+                publisher.done(appended.is_ok()).await;
                 appended?
             }
         };

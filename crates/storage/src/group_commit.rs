@@ -247,7 +247,7 @@ async fn run(
                 let result = handoff
                     .run_alone(&mut writer, script, staged.as_ref())
                     .await;
-                writer.done(result.is_ok());
+                writer.done(result.is_ok()).await;
                 if result.is_ok() {
                     committed();
                 }
@@ -261,7 +261,7 @@ async fn run(
                 break;
             }
             let result = together(&mut writer, &mut batch, &handoff).await;
-            writer.done(result.is_ok());
+            writer.done(result.is_ok()).await;
             match result {
                 Ok(outputs) => {
                     committed();
@@ -280,7 +280,7 @@ async fn run(
                     tracing::warn!(%error, size = batch.len(), "a grouped transaction failed; running its jobs one by one");
                     for (mut job, reply) in batch.drain(..) {
                         let result = alone(&mut writer, &mut job, &handoff).await;
-                        writer.done(result.is_ok());
+                        writer.done(result.is_ok()).await;
                         if result.is_ok() {
                             committed();
                         }

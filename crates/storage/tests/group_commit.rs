@@ -213,3 +213,32 @@ async fn on_postgres_a_lane_whose_connection_died_takes_a_new_one() {
     check.close().await;
     testing::drop_pg_database(&url).await;
 }
+
+/// On PostgreSQL a script the database refuses (here a duplicate key) leaves the lane's
+/// connection healthy, and the lane keeps it: the next script runs in the same server process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_lane_keeps_its_connection_after_a_refused_script() {
+    let (url, db, group) = on_postgres(
+        "refusals",
+        "CREATE TABLE stamped (n BIGINT PRIMARY KEY, pid INT NOT NULL DEFAULT pg_backend_pid())",
+        1,
+    )
+    .await;
+    group.run_script::<sqlx::Error>(stamp(1)).await.unwrap();
+    for _ in 0..3 {
+        let refused = group.run_script::<sqlx::Error>(stamp(1)).await;
+        assert!(refused.is_err(), "a second row 1 is refused");
+    }
+    group.run_script::<sqlx::Error>(stamp(2)).await.unwrap();
+    let pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM stamped ORDER BY n")
+        .fetch_all(db.reader())
+        .await
+        .unwrap();
+    assert_eq!(pids.len(), 2);
+    assert_eq!(
+        pids[0], pids[1],
+        "the lane opened a new connection after a refusal"
+    );
+    db.close().await;
+    testing::drop_pg_database(&url).await;
+}

@@ -406,7 +406,7 @@ async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>, handoff: Handoff) {
         metrics::histogram!("order_store_batch_size").record(batch.len() as f64);
         let writes: Vec<&Write> = batch.iter().map(|(w, _)| w).collect();
         let result = commit(&mut writer, &writes, &handoff).await;
-        writer.done(result.is_ok());
+        writer.done(result.is_ok()).await;
         match result {
             Ok(()) => {
                 for (_, reply) in batch.drain(..) {
@@ -419,7 +419,7 @@ async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>, handoff: Handoff) {
                 for (write, reply) in batch.drain(..) {
                     if !reply.is_closed() {
                         let result = commit(&mut writer, &[&write], &handoff).await;
-                        writer.done(result.is_ok());
+                        writer.done(result.is_ok()).await;
                         let _ = reply.send(result);
                     }
                 }
