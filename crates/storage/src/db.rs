@@ -420,12 +420,15 @@ impl Db {
     }
 }
 
+/// How long a kept connection has to answer the ping after a failed batch.
+const PING_AFTER_ERROR: Duration = Duration::from_secs(2);
+
 /// A write connection a task keeps between its batches, on PostgreSQL. A pool connection given
 /// back costs a round trip: sqlx pings it on release, and the server process wakes for it. A
 /// task that writes all the time keeps its own connection instead, taken out of the pool (which
 /// may open another in its place, so a pool's limit does not count it), and replaces it when an
-/// error leaves it broken. Being out of the pool, it does not hold up [`Db::close`]; it closes when the task
-/// drops it. On SQLite the connection goes back after every batch: the writer pool has one
+/// error leaves it broken. Being out of the pool, it does not hold up [`Db::close`]; it closes
+/// when the task drops it. On SQLite the connection goes back after every batch: the writer pool has one
 /// connection, which the whole process shares.
 #[derive(Debug)]
 pub struct HeldWriter {
@@ -469,20 +472,22 @@ impl HeldWriter {
     }
 
     /// Ends a batch. On SQLite the connection goes back to the pool. After an error a
-    /// PostgreSQL connection is kept only if it still answers a ping, which also runs the
-    /// ROLLBACK a failed transaction left queued on it. A job the database refused (a
-    /// duplicate, a stale version) leaves a healthy connection, kept: a run of refusals does
-    /// not open a connection each. A broken one is dropped and the next batch takes a fresh
-    /// one.
+    /// PostgreSQL connection is kept only if it answers a ping within 2 s;
+    /// the ping also runs the ROLLBACK a failed transaction left queued on it. A job the
+    /// database refused (a duplicate, a stale version) leaves a healthy connection, kept: a run
+    /// of refusals does not open a connection each. A broken one is dropped and the next batch
+    /// takes a fresh one.
     pub async fn done(&mut self, ok: bool) {
         self.pooled = None;
         if ok {
             return;
         }
-        if let Some(conn) = self.own.as_mut()
-            && sqlx::Connection::ping(conn).await.is_err()
-        {
-            self.own = None;
+        if let Some(conn) = self.own.as_mut() {
+            let answered =
+                tokio::time::timeout(PING_AFTER_ERROR, sqlx::Connection::ping(conn)).await;
+            if !matches!(answered, Ok(Ok(()))) {
+                self.own = None;
+            }
         }
     }
 
