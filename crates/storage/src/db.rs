@@ -428,8 +428,8 @@ const PING_AFTER_ERROR: Duration = Duration::from_secs(2);
 /// task that writes all the time keeps its own connection instead, taken out of the pool (which
 /// may open another in its place, so a pool's limit does not count it), and replaces it when an
 /// error leaves it broken. Being out of the pool, it does not hold up [`Db::close`]; it closes
-/// when the task drops it. On SQLite the connection goes back after every batch: the writer pool has one
-/// connection, which the whole process shares.
+/// when the task drops it. On SQLite the connection goes back after every batch: the writer
+/// pool has one connection, which the whole process shares.
 #[derive(Debug)]
 pub struct HeldWriter {
     db: Db,
@@ -472,11 +472,11 @@ impl HeldWriter {
     }
 
     /// Ends a batch. On SQLite the connection goes back to the pool. After an error a
-    /// PostgreSQL connection is kept only if it answers a ping within 2 s;
-    /// the ping also runs the ROLLBACK a failed transaction left queued on it. A job the
-    /// database refused (a duplicate, a stale version) leaves a healthy connection, kept: a run
-    /// of refusals does not open a connection each. A broken one is dropped and the next batch
-    /// takes a fresh one.
+    /// PostgreSQL connection is kept only if it answers a ping within 2 s; the ping also runs
+    /// the ROLLBACK a failed transaction left queued on it. A job the database refused (a
+    /// duplicate, a stale version) leaves a healthy connection, kept: a run of refusals does
+    /// not open a connection each. A broken one is dropped and the next batch takes a fresh
+    /// one.
     pub async fn done(&mut self, ok: bool) {
         self.pooled = None;
         if ok {

@@ -24,7 +24,7 @@ use sqlx::{AssertSqlSafe, Row};
 use std::time::Duration;
 
 /// How often the schema's tables are looked at.
-pub const EVERY: Duration = Duration::from_secs(2);
+const EVERY: Duration = Duration::from_secs(2);
 /// Rows a table holds before its first analysis...
 pub const BASE: i64 = 500;
 /// ...and how many times the rows it had at its last analysis before the next.
