@@ -359,6 +359,32 @@ impl Db {
             db: self.clone(),
             pooled: None,
             own: None,
+            flush: Flush::Wait,
+        }
+    }
+
+    /// A held writer for a consumer's handler transactions (its effects and the inbox claim
+    /// of the message that caused them). On PostgreSQL their commits do not wait for the WAL
+    /// flush (`synchronous_commit = off` on its connection); on SQLite it is
+    /// [`held_writer`](Self::held_writer).
+    ///
+    /// Why that loses nothing: PostgreSQL writes one WAL for the whole server, in commit
+    /// order, and a crash keeps a prefix of it. A handler's commit that did not reach the disk
+    /// is lost together with everything after it: the group's position (committed after the
+    /// handler), so the message is delivered and handled again, and whatever read the lost
+    /// effects. Anything that acted on them outside the database (a charge asked of the
+    /// provider, an email, an answer to a client) did so after a synchronous commit of its own,
+    /// which flushed the WAL up to that point, so their cause was on disk.
+    ///
+    /// So only for handlers whose bus log is on the same server (in orderwave every schema is
+    /// on one `--database-url`) and that act outside the database only after such a commit.
+    pub fn handler_writer(&self) -> HeldWriter {
+        HeldWriter {
+            flush: match self.backend {
+                Backend::Sqlite => Flush::Wait,
+                Backend::Postgres => Flush::DoNotWait,
+            },
+            ..self.held_writer()
         }
     }
 
@@ -437,6 +463,15 @@ pub struct HeldWriter {
     pooled: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
     /// PostgreSQL: this task's own connection.
     own: Option<AnyConnection>,
+    flush: Flush,
+}
+
+/// Whether a held writer's commits wait for the WAL flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flush {
+    Wait,
+    /// PostgreSQL, `synchronous_commit = off` on the connection (see [`Db::handler_writer`]).
+    DoNotWait,
 }
 
 impl HeldWriter {
@@ -454,7 +489,12 @@ impl HeldWriter {
             }
             Backend::Postgres => {
                 if self.own.is_none() {
-                    self.own = Some(self.db.writer.acquire().await?.detach());
+                    let mut conn = self.db.writer.acquire().await?.detach();
+                    if self.flush == Flush::DoNotWait {
+                        // Out of the pool, so the setting stays with this writer.
+                        conn.execute("SET synchronous_commit TO off").await?;
+                    }
+                    self.own = Some(conn);
                 }
                 self.own.as_mut().ok_or(sqlx::Error::PoolClosed)
             }

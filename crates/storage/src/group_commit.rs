@@ -78,6 +78,17 @@ impl GroupCommit {
     /// Like [`start`](Self::start), with `lanes` committing tasks taking batches side by side
     /// (one on SQLite, which has one writer).
     pub fn start_lanes(db: Db, handoff: Handoff, lanes: usize) -> Self {
+        Self::start_with(db, handoff, lanes, Db::held_writer)
+    }
+
+    /// Like [`start_lanes`](Self::start_lanes), for consumers' handler transactions only: on
+    /// PostgreSQL their commits do not wait for the WAL flush ([`Db::handler_writer`] says when
+    /// that is safe).
+    pub fn start_for_handlers(db: Db, handoff: Handoff, lanes: usize) -> Self {
+        Self::start_with(db, handoff, lanes, Db::handler_writer)
+    }
+
+    fn start_with(db: Db, handoff: Handoff, lanes: usize, writer: fn(&Db) -> HeldWriter) -> Self {
         let lanes = if db.backend() == crate::Backend::Sqlite {
             1
         } else {
@@ -89,6 +100,7 @@ impl GroupCommit {
         for _ in 0..lanes {
             tokio::spawn(run(
                 db.clone(),
+                writer(&db),
                 receiver.clone(),
                 handoff.clone(),
                 std::sync::Arc::clone(&commits),
@@ -223,6 +235,7 @@ impl GroupCommit {
 
 async fn run(
     db: Db,
+    mut writer: HeldWriter,
     receiver: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Request>>>,
     handoff: Handoff,
     commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -231,7 +244,6 @@ async fn run(
         commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     };
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
-    let mut writer = db.held_writer();
     // A lane holds the receiver only while it takes a batch.
     while receiver.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
         loop {

@@ -242,3 +242,69 @@ async fn on_postgres_a_lane_keeps_its_connection_after_a_refused_script() {
     db.close().await;
     testing::drop_pg_database(&url).await;
 }
+
+/// On PostgreSQL the lanes of `start_for_handlers` commit without waiting for the WAL flush
+/// (`synchronous_commit` off on their connections, also on one taken after the first died);
+/// other lanes and the pool's connections wait for it. Each row records the setting of the
+/// session that wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_handler_lanes_alone_commit_without_waiting_for_the_flush() {
+    let (url, db, waiting) = on_postgres(
+        "flushes",
+        "CREATE TABLE stamped (n BIGINT PRIMARY KEY, \
+         mode TEXT NOT NULL DEFAULT current_setting('synchronous_commit'))",
+        1,
+    )
+    .await;
+    let handlers =
+        GroupCommit::start_for_handlers(db.clone(), storage::outbox::Handoff::default(), 1);
+    waiting.run_script::<sqlx::Error>(stamp(1)).await.unwrap();
+    handlers.run_script::<sqlx::Error>(stamp(2)).await.unwrap();
+    // The handler lane's connection dies; the one it takes next is set up the same way.
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .execute(db.writer())
+    .await
+    .unwrap();
+    let _ = handlers.run_script::<sqlx::Error>(stamp(3)).await;
+    handlers.run_script::<sqlx::Error>(stamp(4)).await.unwrap();
+    // Two scripts in one batch (a transaction with BEGIN and COMMIT).
+    let (held, release) = hold_a_batch(&handlers).await;
+    let both = futures::future::join(
+        handlers.run_script::<sqlx::Error>(stamp(5)),
+        handlers.run_script::<sqlx::Error>(stamp(6)),
+    );
+    futures::pin_mut!(both);
+    assert!(futures::poll!(&mut both).is_pending());
+    release.send(()).unwrap();
+    assert!(held.await.unwrap());
+    let (five, six) = both.await;
+    assert_eq!((five.unwrap(), six.unwrap()), (vec![1], vec![1]));
+    let check = Db::open_postgres(&url, "flushes", 1).await.unwrap();
+    sqlx::query("INSERT INTO stamped (n) VALUES (7)")
+        .execute(check.writer())
+        .await
+        .unwrap();
+    let rows: Vec<(i64, String)> =
+        sqlx::query_as("SELECT n, mode FROM stamped WHERE n <> 3 ORDER BY n")
+            .fetch_all(check.reader())
+            .await
+            .unwrap();
+    let modes: Vec<(i64, &str)> = rows.iter().map(|(n, m)| (*n, m.as_str())).collect();
+    assert_eq!(
+        modes,
+        vec![
+            (1, "on"),
+            (2, "off"),
+            (4, "off"),
+            (5, "off"),
+            (6, "off"),
+            (7, "on")
+        ]
+    );
+    check.close().await;
+    db.close().await;
+    testing::drop_pg_database(&url).await;
+}
