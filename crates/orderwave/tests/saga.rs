@@ -1028,3 +1028,76 @@ async fn a_failing_provider_opens_its_breaker_orders_are_compensated_and_it_clos
     .await;
     app.stop().await;
 }
+
+/// On PostgreSQL the saga's steps that stay in the database (the payment's intent, the
+/// reservation, the order's confirmation) commit without waiting for the WAL flush, and what a
+/// client or the provider acts on waits for it: the placed order, the payment moved to
+/// authorizing before the provider is asked, a cancel through the API. Triggers record the `synchronous_commit` of each write's session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_saga_steps_do_not_wait_for_the_flush_and_what_acts_outside_does() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let url = app.database_url.clone().unwrap();
+    let db = storage::Db::open_postgres(&url, "orders", 1).await.unwrap();
+    for statement in [
+        "CREATE TABLE public.commit_modes (seen BIGSERIAL, tbl TEXT, status TEXT, mode TEXT)",
+        "CREATE FUNCTION public.note_mode() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           INSERT INTO public.commit_modes (tbl, status, mode) VALUES (TG_TABLE_NAME, \
+             coalesce(to_jsonb(NEW)->>'status', to_jsonb(NEW)->>'state'), \
+             current_setting('synchronous_commit')); \
+           RETURN NEW; END $$",
+        "CREATE TRIGGER note_mode AFTER INSERT OR UPDATE ON orders.orders \
+         FOR EACH ROW EXECUTE FUNCTION public.note_mode()",
+        "CREATE TRIGGER note_mode AFTER INSERT ON inventory.reservations \
+         FOR EACH ROW EXECUTE FUNCTION public.note_mode()",
+        "CREATE TRIGGER note_mode AFTER INSERT OR UPDATE ON payments.payments \
+         FOR EACH ROW EXECUTE FUNCTION public.note_mode()",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(db.writer())
+            .await
+            .unwrap();
+    }
+    let placed = app
+        .place(&body_with(
+            "tok_ok",
+            json!([{"sku": "SKU-DESK", "quantity": 1, "unitPrice": "249.00"}]),
+        ))
+        .await;
+    let id = placed["id"].as_str().unwrap();
+    app.wait_for_status(id, "CONFIRMED").await;
+    app.request(Method::DELETE, &format!("/api/v1/orders/{id}"))
+        .send()
+        .await
+        .unwrap();
+    eventually("the refund", async || {
+        payment_of(&app, id).await["status"] == "REFUNDED"
+    })
+    .await;
+    let rows: Vec<(String, Option<String>, String)> =
+        sqlx::query_as("SELECT tbl, status, mode FROM public.commit_modes ORDER BY seen")
+            .fetch_all(db.reader())
+            .await
+            .unwrap();
+    let of = |table: &str| -> Vec<(String, String)> {
+        rows.iter()
+            .filter(|(t, _, _)| t == table)
+            .map(|(_, s, m)| (s.clone().unwrap_or_default(), m.clone()))
+            .collect()
+    };
+    let pair = |s: &str, m: &str| (s.to_string(), m.to_string());
+    let orders = of("orders");
+    assert_eq!(orders.first(), Some(&pair("PENDING", "on")), "{rows:?}");
+    assert!(orders.contains(&pair("CONFIRMED", "off")), "{rows:?}");
+    assert!(!orders.contains(&pair("CONFIRMED", "on")), "{rows:?}");
+    let cancelled = orders.iter().find(|(s, _)| s == "CANCELLED");
+    assert_eq!(cancelled, Some(&pair("CANCELLED", "on")), "{rows:?}");
+    let reservations = of("reservations");
+    assert!(!reservations.is_empty(), "{rows:?}");
+    assert!(reservations.iter().all(|(_, m)| m == "off"), "{rows:?}");
+    let payments = of("payments");
+    assert_eq!(payments.first(), Some(&pair("pending", "off")), "{rows:?}");
+    assert!(payments.iter().any(|(s, _)| s == "authorizing"), "{rows:?}");
+    assert!(payments[1..].iter().all(|(_, m)| m == "on"), "{rows:?}");
+    db.close().await;
+    app.stop().await;
+}

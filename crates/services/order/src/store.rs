@@ -21,7 +21,7 @@ use storage::events::{self, AppendError, NewEvent};
 use storage::outbox::{self, Handoff, OutboxMessage};
 use storage::page::NewestFirst;
 use storage::time;
-use storage::{Db, HeldWriter};
+use storage::{Backend, Db, HeldWriter};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -104,6 +104,11 @@ pub struct OrderStore {
     db: Db,
     cache: Option<Cache<Uuid, Arc<Snapshot>>>,
     writer: mpsc::Sender<Job>,
+    /// Writes caused by bus messages (the saga's steps). On PostgreSQL a writer task of their
+    /// own commits them without waiting for the WAL flush ([`Db::handler_writer`] says why
+    /// that loses nothing); on SQLite it is `writer`. Placed orders and other API writes wait
+    /// for the flush before they are answered.
+    handler_writer: mpsc::Sender<Job>,
     /// Committed outbox rows go to the relay through it.
     handoff: Handoff,
 }
@@ -114,11 +119,19 @@ const MAX_BATCH: usize = 128;
 
 impl OrderStore {
     /// A store on `db` with a cache of at most `cache_bytes` of orders (0: no cache). Spawns
-    /// the writer task, which ends once every clone of the store is dropped.
+    /// the writer tasks, which end once every clone of the store is dropped.
     pub fn new(db: Db, cache_bytes: u64) -> Self {
-        let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
         let handoff = Handoff::default();
-        tokio::spawn(write_loop(db.clone(), rx, handoff.clone()));
+        let start = |writer: HeldWriter| {
+            let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
+            tokio::spawn(write_loop(writer, rx, handoff.clone()));
+            tx
+        };
+        let writer = start(db.held_writer());
+        let handler_writer = match db.backend() {
+            Backend::Sqlite => writer.clone(),
+            Backend::Postgres => start(db.handler_writer()),
+        };
         let cache = (cache_bytes > 0).then(|| {
             Cache::builder()
                 .weigher(|_: &Uuid, s: &Arc<Snapshot>| {
@@ -132,7 +145,8 @@ impl OrderStore {
         Self {
             db,
             cache,
-            writer: tx,
+            writer,
+            handler_writer,
             handoff,
         }
     }
@@ -222,7 +236,12 @@ impl OrderStore {
             write.cause = cause.clone();
             let order = write.order.clone();
             let (reply, answer) = oneshot::channel();
-            self.writer
+            let writer = if cause.is_some() {
+                &self.handler_writer
+            } else {
+                &self.writer
+            };
+            writer
                 .send((write, reply))
                 .await
                 .map_err(|_| StoreError::Closed)?;
@@ -393,9 +412,8 @@ fn prepare(
 /// The writer task: takes every write waiting, commits them in one transaction, answers each.
 /// If a grouped transaction fails (one write's version conflict), each write is retried on its
 /// own so only the conflicting one fails.
-async fn write_loop(db: Db, mut jobs: mpsc::Receiver<Job>, handoff: Handoff) {
+async fn write_loop(mut writer: HeldWriter, mut jobs: mpsc::Receiver<Job>, handoff: Handoff) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    let mut writer = db.held_writer();
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // A caller that gave up (request timed out, client gone) was not answered 2xx: its
         // write must not happen behind its back.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use storage::bulk::{self, Script, Value};
 use storage::group_commit::GroupCommit;
 use storage::outbox::{self, Handoff, OutboxMessage, PendingMessage};
-use storage::{Db, inbox, time};
+use storage::{Backend, Db, inbox, time};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -174,6 +174,12 @@ pub struct PaymentStore {
     intents: std::sync::Mutex<std::collections::HashMap<String, DueCharge>>,
     /// The consumers' and the worker's changes share transactions (group commit).
     batches: GroupCommit,
+    /// The payments recorded from `order.created`, in transactions of their own that on
+    /// PostgreSQL do not wait for the WAL flush (`GroupCommit::start_for_handlers`): nothing
+    /// outside acts on a pending payment, and the provider is asked only after the commit that
+    /// moves it to authorizing, which waits for the flush and so takes the intent with it.
+    /// On SQLite, `batches`.
+    intent_batches: GroupCommit,
 }
 
 /// The message (group, id) a change is caused by, claimed in the change's transaction.
@@ -197,10 +203,17 @@ fn later(delay: Duration) -> String {
 impl PaymentStore {
     pub fn new(db: Db) -> Self {
         let handoff = Handoff::default();
+        // Every job locks the one payment it decides on (see `lock_payment`): on PostgreSQL
+        // batches commit side by side.
+        let batches = GroupCommit::start_lanes(db.clone(), handoff.clone(), 4);
         Self {
-            // Every job locks the one payment it decides on (see `lock_payment`): on
-            // PostgreSQL batches commit side by side.
-            batches: GroupCommit::start_lanes(db.clone(), handoff.clone(), 4),
+            intent_batches: match db.backend() {
+                Backend::Sqlite => batches.clone(),
+                Backend::Postgres => {
+                    GroupCommit::start_for_handlers(db.clone(), handoff.clone(), 2)
+                }
+            },
+            batches,
             db,
             handoff,
             due: Notify::new(),
@@ -293,7 +306,12 @@ impl PaymentStore {
             }
             None => script.insert(INSERT_PAYMENT.0, INSERT_PAYMENT.1, vec![row]),
         };
-        let counts = self.batches.run_script::<StoreError>(script).await?;
+        let batches = if cause.is_some() {
+            &self.intent_batches
+        } else {
+            &self.batches
+        };
+        let counts = batches.run_script::<StoreError>(script).await?;
         if counts[inserted] != 1 {
             return Ok(false);
         }
