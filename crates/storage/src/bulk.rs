@@ -277,6 +277,18 @@ impl Script {
         self.insert(&format!("{head} ("), &format!(") {tail}"), rows)
     }
 
+    /// Like [`update_from_values`](Self::update_from_values), updating only if the part at
+    /// `guard` (added before) wrote a row, as [`insert_if`](Self::insert_if).
+    pub fn update_from_values_if(
+        &mut self,
+        guard: usize,
+        head: &str,
+        tail: &str,
+        rows: Vec<Vec<Value>>,
+    ) -> usize {
+        self.insert_if(guard, &format!("{head} ("), &format!(") {tail}"), rows)
+    }
+
     /// Runs the parts on `conn` (in the caller's transaction); the counts, at the indexes the
     /// parts were added with (how many rows each wrote, and how many of them were flagged). A
     /// part without rows runs nowhere and wrote 0.

@@ -50,6 +50,12 @@ pub fn stage(script: &mut bulk::Script, events: &[NewEvent]) -> usize {
     script.insert(INSERT, "", rows(events))
 }
 
+/// Like [`stage`], appending only if the part at `guard` wrote a row
+/// ([`bulk::Script::insert_if`]).
+pub fn stage_if(script: &mut bulk::Script, guard: usize, events: &[NewEvent]) -> usize {
+    script.insert_if(guard, INSERT, "", rows(events))
+}
+
 /// What an error of a write that appended `events` means: a unique violation of the event
 /// store is a version another writer appended first.
 pub fn append_error(error: sqlx::Error, events: &[NewEvent]) -> AppendError {

@@ -299,6 +299,66 @@ async fn postgres_a_guarded_part_writes_only_after_its_claim() {
     on_postgres(a_guarded_part_writes_only_after_its_claim).await;
 }
 
+/// An update guarded by a claim changes rows only when the claim was written, and a part
+/// guarded by that update writes only when it changed a row.
+async fn a_guarded_update_changes_rows_only_after_its_claim(db: &Db) {
+    setup(db).await;
+    sqlx::query("INSERT INTO parents (id, n) VALUES ('z', 0)")
+        .execute(db.writer())
+        .await
+        .unwrap();
+    let script = |message: &str, n: i64| {
+        let mut script = Script::new();
+        let claimed = storage::inbox::stage_claims(&mut script, &[("g", message)]);
+        let updated = script.update_from_values_if(
+            claimed,
+            "UPDATE parents SET n = v.column2 FROM",
+            "AS v WHERE parents.id = v.column1",
+            rows(&[("z", n)]),
+        );
+        let inserted = script.insert_if(
+            updated,
+            "INSERT INTO parents (id, n)",
+            "",
+            rows(&[(&format!("after-{message}"), n)]),
+        );
+        (script, claimed, updated, inserted)
+    };
+    let mut conn = db.writer().acquire().await.unwrap();
+    let (first, claimed, updated, inserted) = script("m1", 7);
+    let counts = first.run(&mut conn).await.unwrap();
+    assert_eq!(
+        (counts[claimed], counts[updated], counts[inserted]),
+        (1, 1, 1)
+    );
+    let (again, claimed, updated, inserted) = script("m1", 8);
+    let counts = again.run(&mut conn).await.unwrap();
+    assert_eq!(
+        (counts[claimed], counts[updated], counts[inserted]),
+        (0, 0, 0)
+    );
+    drop(conn);
+    let stored: Vec<(String, i64)> =
+        sqlx::query_as("SELECT id, n FROM parents WHERE id = 'z' OR id LIKE 'after-%' ORDER BY id")
+            .fetch_all(db.reader())
+            .await
+            .unwrap();
+    assert_eq!(
+        stored,
+        vec![("after-m1".to_string(), 7), ("z".to_string(), 7)]
+    );
+}
+
+#[tokio::test]
+async fn sqlite_a_guarded_update_changes_rows_only_after_its_claim() {
+    on_sqlite(a_guarded_update_changes_rows_only_after_its_claim).await;
+}
+
+#[tokio::test]
+async fn postgres_a_guarded_update_changes_rows_only_after_its_claim() {
+    on_postgres(a_guarded_update_changes_rows_only_after_its_claim).await;
+}
+
 /// The insert's look for another waiting row of each aggregate reads the index of unsent rows,
 /// even before the planner has statistics of a large outbox (it read the whole table per
 /// insert through the index of all rows by aggregate).

@@ -526,6 +526,25 @@ async fn commit(
             }
         }
     }
+    let messages: Vec<OutboxMessage> = writes
+        .iter()
+        .flat_map(|w| w.messages.iter().cloned())
+        .collect();
+    let failed = |e| match events::append_error(e, &events) {
+        AppendError::Conflict { .. } => StoreError::Conflict,
+        AppendError::Db(e) => StoreError::Db(e),
+    };
+    if let ([write], [claim], [row]) = (writes, claims.as_slice(), updated_rows.as_slice())
+        && backend == storage::Backend::Postgres
+        && !write.replace_items
+    {
+        return step_alone(writer, handoff, *claim, &events, row.clone(), &messages)
+            .await
+            .map_err(|e| match e {
+                StoreError::Db(e) => failed(e),
+                other => other,
+            });
+    }
     let mut script = Script::new();
     let claimed = storage::inbox::stage_claims(&mut script, &claims);
     events::stage(&mut script, &events);
@@ -557,15 +576,7 @@ async fn commit(
         "",
         item_rows,
     );
-    let messages: Vec<OutboxMessage> = writes
-        .iter()
-        .flat_map(|w| w.messages.iter().cloned())
-        .collect();
     let staged = outbox::stage(&mut script, &messages)?;
-    let failed = |e| match events::append_error(e, &events) {
-        AppendError::Conflict { .. } => StoreError::Conflict,
-        AppendError::Db(e) => StoreError::Db(e),
-    };
     // Only new orders: nothing to run before the script.
     if claims.is_empty()
         && writes.iter().all(|w| w.created)
@@ -610,6 +621,40 @@ async fn commit(
         return Err(StoreError::Db(sqlx::Error::RowNotFound));
     }
     handoff.commit(tx, staged.rows(&counts)).await?;
+    Ok(())
+}
+
+/// A saga step on PostgreSQL (one order changed by one message, its items unchanged) as one
+/// statement without BEGIN and COMMIT: the claim, then the order's row guarded by it, then the
+/// events and outbox rows guarded by that update. A message handled before writes nothing
+/// (`Duplicate`); a version another writer appended first fails the whole statement.
+async fn step_alone(
+    writer: &mut HeldWriter,
+    handoff: &Handoff,
+    claim: (&str, &str),
+    events: &[NewEvent],
+    row: Vec<Value>,
+    messages: &[OutboxMessage],
+) -> Result<(), StoreError> {
+    let mut script = Script::new();
+    let claimed = storage::inbox::stage_claims(&mut script, &[claim]);
+    let updated =
+        script.update_from_values_if(claimed, UPDATE_ORDERS.0, UPDATE_ORDERS.1, vec![row]);
+    events::stage_if(&mut script, updated, events);
+    let staged = outbox::stage_if(&mut script, Some(updated), messages)?;
+    if !script.is_one_statement() {
+        return Err(StoreError::Failed(
+            "a saga step too large for one statement".into(),
+        ));
+    }
+    let counts = handoff.run_alone(writer, &script, Some(&staged)).await?;
+    if counts[claimed] != 1 {
+        return Err(StoreError::Duplicate);
+    }
+    if counts[updated] != 1 {
+        // Only the claim was written: the order's row is gone, which nothing does.
+        return Err(StoreError::Db(sqlx::Error::RowNotFound));
+    }
     Ok(())
 }
 
