@@ -469,7 +469,8 @@ fn shared_error(error: &StoreError) -> StoreError {
 /// One transaction for all `writes`; their outbox rows go to `handoff` once it committed. On
 /// PostgreSQL its writes (inbox claims, events, order rows, items, outbox) are one statement,
 /// and a batch of new orders (placed through the API) is that statement alone, without BEGIN
-/// and COMMIT: it has nothing to check after its writes that could need a rollback.
+/// and COMMIT: it has nothing to check after its writes that could need a rollback. So is a
+/// saga step alone in its batch ([`step_alone`]).
 async fn commit(
     writer: &mut HeldWriter,
     writes: &[&Write],
