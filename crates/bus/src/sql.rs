@@ -28,10 +28,37 @@ enum Publishes {
     /// On SQLite, publishes of every relay of this process share transactions: one
     /// BEGIN/COMMIT and one turn on the writer for what the relays publish at the same moment.
     Grouped(storage::group_commit::GroupCommit),
-    /// On PostgreSQL a publish is one statement of its own, on the connection kept here.
-    /// Publishes wait for each other on the sequence row anyway; one kept connection spares
-    /// each a pool round trip.
-    Kept(Arc<tokio::sync::Mutex<storage::HeldWriter>>),
+    /// On PostgreSQL publishes go through the connection kept here (sparing each a pool round
+    /// trip): they would wait for each other on the sequence row anyway. Publishes that arrive
+    /// while it is busy wait together and share the next statement (see [`Publisher`]).
+    Kept(Arc<Publisher>),
+}
+
+/// The kept connection of the PostgreSQL bus, and the publishes waiting for it. Whoever takes
+/// the connection publishes everything waiting at that moment in one statement (as group commit
+/// does with transactions): under load the relays' publishes arrive while one runs, and the
+/// next statement carries all of them, so the statements per message fall as the load rises.
+/// Each relay waits for its publish before the next, so one outbox's messages never share a
+/// statement out of order.
+#[derive(Debug)]
+struct Publisher {
+    conn: tokio::sync::Mutex<storage::HeldWriter>,
+    waiting: std::sync::Mutex<Vec<Waiting>>,
+    /// Every outbox a publish marked so far, in the order first seen: each statement marks in
+    /// all of them (a message names its own by its index here), so the statements differ only
+    /// by their number of rows and stay few (each is prepared once per connection).
+    outboxes: std::sync::Mutex<Vec<String>>,
+    /// Statements run so far.
+    statements: std::sync::atomic::AtomicU64,
+}
+
+/// A publish waiting for the kept connection.
+#[derive(Debug)]
+struct Waiting {
+    messages: Arc<Vec<Message>>,
+    outbox: Option<String>,
+    topics: Vec<String>,
+    done: tokio::sync::oneshot::Sender<Result<(), BusError>>,
 }
 
 /// Who is woken by a publish: every `wakeups()` receiver, and each `wakeups_for(topics)`
@@ -48,6 +75,21 @@ struct Wakeups {
 }
 
 impl Wakeups {
+    /// Keeps what was `appended` for the consumers here, then wakes those of `topics`.
+    fn record(&self, appended: Vec<Appended>, topics: &[String]) {
+        metrics::counter!("bus_published_total")
+            .increment(appended.iter().map(|a| a.deliveries.len() as u64).sum());
+        // Woken consumers find the messages in memory: recorded before the wake.
+        if let Ok(mut recent) = self.recent.lock() {
+            // Each statement's positions on their own: another publish may fall between them.
+            for a in appended {
+                recent.add(a.first, a.last, a.deliveries);
+            }
+        }
+        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+        self.wake(Some(&topics));
+    }
+
     fn new() -> Self {
         Self {
             instance: uuid::Uuid::now_v7().to_string(),
@@ -168,9 +210,12 @@ impl SqlBus {
                         storage::outbox::Handoff::default(),
                     ))
                 }
-                storage::Backend::Postgres => {
-                    Publishes::Kept(Arc::new(tokio::sync::Mutex::new(db.held_writer())))
-                }
+                storage::Backend::Postgres => Publishes::Kept(Arc::new(Publisher {
+                    conn: tokio::sync::Mutex::new(db.held_writer()),
+                    waiting: std::sync::Mutex::default(),
+                    outboxes: std::sync::Mutex::default(),
+                    statements: std::sync::atomic::AtomicU64::new(0),
+                })),
             },
             db,
             published: Arc::new(Wakeups::new()),
@@ -179,6 +224,19 @@ impl SqlBus {
 
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// PostgreSQL: how many statements have published so far (publishes waiting together
+    /// share one). None on SQLite, where publishes share transactions instead.
+    pub fn publish_statements(&self) -> Option<u64> {
+        match &self.publishes {
+            Publishes::Kept(publisher) => Some(
+                publisher
+                    .statements
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            Publishes::Grouped(_) => None,
+        }
     }
 
     /// On PostgreSQL: also wake this process's consumers when another process publishes
@@ -222,39 +280,128 @@ impl SqlBus {
         let mut topics: Vec<String> = fresh.iter().map(|m| m.topic.clone()).collect();
         topics.sort_unstable();
         topics.dedup();
-        let appended = match &self.publishes {
-            Publishes::Grouped(publishes) => publishes
-                .run_as(move |conn| {
-                    let fresh = fresh.clone();
-                    async move { append(conn, &fresh).await }.boxed()
-                })
-                .await
-                .map(|appended| vec![appended])?,
-            Publishes::Kept(publisher) => {
-                let mut publisher = publisher.lock().await;
-                let appended = append_postgres(
-                    &mut publisher,
-                    &self.published.instance,
-                    &fresh,
-                    &topics,
-                    outbox,
-                )
-                .await;
-                publisher.done(appended.is_ok()).await;
-                appended?
+        match &self.publishes {
+            Publishes::Grouped(publishes) => {
+                let appended = publishes
+                    .run_as(move |conn| {
+                        let fresh = fresh.clone();
+                        async move { append(conn, &fresh).await }.boxed()
+                    })
+                    .await?;
+                self.published.record(vec![appended], &topics);
+                Ok(())
             }
-        };
-        metrics::counter!("bus_published_total")
-            .increment(appended.iter().map(|a| a.deliveries.len() as u64).sum());
-        // Woken consumers find the messages in memory: recorded before the wake.
-        if let Ok(mut recent) = self.published.recent.lock() {
-            // Each statement's positions on their own: another publish may fall between them.
-            for a in appended {
-                recent.add(a.first, a.last, a.deliveries);
+            Publishes::Kept(publisher) => {
+                let (done, answer) = tokio::sync::oneshot::channel();
+                lock(&publisher.waiting).push(Waiting {
+                    messages: fresh,
+                    outbox: outbox.map(str::to_string),
+                    topics,
+                    done,
+                });
+                tokio::pin!(answer);
+                tokio::select! {
+                    biased;
+                    // Published by whoever held the connection when it was taken.
+                    answered = &mut answer => return answered.unwrap_or(Err(BusError::Db(sqlx::Error::PoolClosed))),
+                    mut conn = publisher.conn.lock() => {
+                        let waiting = std::mem::take(&mut *lock(&publisher.waiting));
+                        self.publish_waiting(publisher, &mut conn, waiting).await;
+                    }
+                }
+                answer.await.unwrap_or(Err(BusError::Db(sqlx::Error::PoolClosed)))
             }
         }
-        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-        self.published.wake(Some(&topics));
+    }
+
+    /// Publishes `waiting` on the kept connection, as few statements as [`bulk::CHUNK`] allows,
+    /// and answers each. When a shared statement fails, each publish of it is tried alone, so
+    /// an error reaches only the publish it belongs to.
+    async fn publish_waiting(
+        &self,
+        publisher: &Publisher,
+        conn: &mut storage::HeldWriter,
+        waiting: Vec<Waiting>,
+    ) {
+        let outboxes = {
+            let mut known = lock(&publisher.outboxes);
+            for outbox in waiting.iter().filter_map(|w| w.outbox.as_ref()) {
+                if !known.contains(outbox) {
+                    known.push(outbox.clone());
+                }
+            }
+            known.clone()
+        };
+        let mut rest = waiting.into_iter().peekable();
+        while rest.peek().is_some() {
+            // Whole publishes up to CHUNK rows share a statement (a bigger one goes alone).
+            let mut group = Vec::new();
+            let mut rows = 0;
+            while let Some(next) = rest.next_if(|w| {
+                group.is_empty() || rows + w.messages.len() <= bulk::CHUNK
+            }) {
+                rows += next.messages.len();
+                group.push(next);
+            }
+            let result = self.append_group(publisher, conn, &group, &outboxes).await;
+            if result.is_ok() || group.len() == 1 {
+                let error = result.err().map(|e| e.to_string());
+                for w in group {
+                    let _ = w.done.send(match &error {
+                        None => Ok(()),
+                        Some(error) => Err(BusError::Db(sqlx::Error::Protocol(error.clone()))),
+                    });
+                }
+                continue;
+            }
+            for w in group {
+                let alone = self
+                    .append_group(publisher, conn, std::slice::from_ref(&w), &outboxes)
+                    .await;
+                let _ = w.done.send(alone);
+            }
+        }
+    }
+
+    /// One statement per [`bulk::CHUNK`] rows of `group`, then its messages recorded for the
+    /// consumers here and woken.
+    async fn append_group(
+        &self,
+        publisher: &Publisher,
+        conn: &mut storage::HeldWriter,
+        group: &[Waiting],
+        outboxes: &[String],
+    ) -> Result<(), BusError> {
+        let mut messages = Vec::new();
+        let mut boxes = Vec::new();
+        let mut topics = Vec::new();
+        for w in group {
+            let at = w
+                .outbox
+                .as_ref()
+                .and_then(|outbox| outboxes.iter().position(|known| known == outbox));
+            messages.extend(w.messages.iter().cloned());
+            boxes.extend(std::iter::repeat_n(at, w.messages.len()));
+            topics.extend(w.topics.iter().cloned());
+        }
+        topics.sort_unstable();
+        topics.dedup();
+        let appended = append_postgres(
+            conn,
+            &self.published.instance,
+            &messages,
+            &boxes,
+            &topics,
+            outboxes,
+        )
+        .await;
+        conn.done(appended.is_ok()).await;
+        let appended = appended?;
+        publisher.statements.fetch_add(
+            appended.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.published.record(appended, &topics);
         Ok(())
     }
 
@@ -592,38 +739,49 @@ fn new_deliveries(
 
 /// Appends `messages` on PostgreSQL in one statement per [`bulk::CHUNK`] (its own transaction,
 /// its own range of positions): positions, rows and the NOTIFY in one round trip instead of
-/// five. The bus commits there
-/// asynchronously, so holding the sequence row costs no disk flush (see `Db::sync`).
+/// five. The bus commits there asynchronously, so holding the sequence row costs no disk flush
+/// (see `Db::sync`).
 ///
-/// With `outbox` (a sender's outbox in this database) the statement marks the messages sent
-/// there too: published and marked commit together, or neither does (and the relay sends them
-/// again), so the mark needs no flush of its own either.
+/// A message whose entry in `boxes` names one of `outboxes` (a sender's outbox in this
+/// database) is marked sent there in the same statement: published and marked commit together,
+/// or neither does (and the relay sends it again), so the mark needs no flush of its own either.
 async fn append_postgres(
     publisher: &mut storage::HeldWriter,
     instance: &str,
     messages: &[Message],
+    boxes: &[Option<usize>],
     topics: &[String],
-    outbox: Option<&str>,
+    outboxes: &[String],
 ) -> Result<Vec<Appended>, sqlx::Error> {
     let now = time::to_text(time::now());
     let notice = format!("{instance} {}", topics.join(","));
-    let mut appended = Vec::new();
-    for chunk in messages.chunks(bulk::CHUNK) {
-        // Numbered from 1 here: the statement adds them to the sequence it takes.
-        let rows = log_rows(chunk, 1, &now);
-        let count = i64::try_from(chunk.len()).unwrap_or(i64::MAX);
-        let params = rows.len() * 6;
-        let mark = outbox.map_or_else(String::new, |outbox| {
+    // Marks in every known outbox, each for the rows naming it (-1: none).
+    let marks: String = outboxes
+        .iter()
+        .enumerate()
+        .map(|(at, outbox)| {
             format!(
-                "m AS (UPDATE {outbox} SET sent_at = v.published_at FROM v WHERE {outbox}.id = v.message_id), "
+                "m{at} AS (UPDATE {outbox} SET sent_at = v.published_at FROM v \
+                 WHERE v.outbox_at = {at} AND {outbox}.id = v.message_id), "
             )
-        });
+        })
+        .collect();
+    let mut appended = Vec::new();
+    for (chunk, chunk_boxes) in messages.chunks(bulk::CHUNK).zip(boxes.chunks(bulk::CHUNK)) {
+        // Numbered from 1 here: the statement adds them to the sequence it takes.
+        let mut rows = log_rows(chunk, 1, &now);
+        for (row, at) in rows.iter_mut().zip(chunk_boxes) {
+            let at = at.and_then(|at| i64::try_from(at).ok()).unwrap_or(-1);
+            row.push(Value::Int(at));
+        }
+        let count = i64::try_from(chunk.len()).unwrap_or(i64::MAX);
+        let params = rows.len() * 7;
         // Taking positions locks the sequence row until this statement commits: positions are
         // committed in the order they are handed out. Ids already in the log are skipped
         // (their positions stay unused).
         let tail = format!(
             "), s AS (UPDATE bus_sequence SET last_seq = last_seq + ${count_param} WHERE id = 1 RETURNING last_seq), \
-             n AS (SELECT pg_notify('orderwave_bus', ${notice_param})), {mark}\
+             n AS (SELECT pg_notify('orderwave_bus', ${notice_param})), {marks}\
              ins AS (INSERT INTO bus_log (seq, message_id, topic, message_key, payload, published_at) \
                      SELECT s.last_seq - ${count_param} + v.i, v.message_id, v.topic, v.message_key, v.payload, v.published_at \
                      FROM s, v ORDER BY v.i \
@@ -633,7 +791,7 @@ async fn append_postgres(
             notice_param = params + 2,
         );
         let returned = bulk::values_statement(
-            "WITH v (i, message_id, topic, message_key, payload, published_at) AS (",
+            "WITH v (i, message_id, topic, message_key, payload, published_at, outbox_at) AS (",
             &tail,
             &rows,
         )
@@ -657,6 +815,11 @@ async fn append_postgres(
         });
     }
     Ok(appended)
+}
+
+/// `mutex`, whatever a panic left in it (every change under it is one step).
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Bus for SqlBus {

@@ -661,6 +661,95 @@ async fn a_large_publish_keeps_every_message_in_order(postgres: bool) {
     s.finish().await;
 }
 
+/// Publishes that arrive while one runs wait together and share the next statement: each
+/// message lands once, each publish's messages in their order, and each is marked sent in
+/// its own outbox (three services' outboxes here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_publishes_waiting_together_share_a_statement_and_mark_each_outbox() {
+    let s = Setup::new(true).await;
+    let url = s.pg.clone().unwrap();
+    let mut services = vec![s.service_db.clone()];
+    for schema in ["svc2", "svc3"] {
+        let db = Db::open_postgres(&url, schema, 2).await.unwrap();
+        db.migrate(&storage::SERVICE_MIGRATOR).await.unwrap();
+        services.push(db);
+    }
+    // Ten publishes per service, of three messages each, written to its outbox first.
+    let mut publishes = Vec::new();
+    for (n, db) in services.iter().enumerate() {
+        for p in 0..10 {
+            let rows: Vec<storage::outbox::OutboxMessage> = (0..3)
+                .map(|v| {
+                    storage::outbox::OutboxMessage::event(
+                        "/test",
+                        "t",
+                        &format!("agg-{n}-{p}"),
+                        v,
+                        &storage::time::to_text(storage::time::now()),
+                        serde_json::json!({}),
+                    )
+                })
+                .collect();
+            let mut tx = db.begin_write().await.unwrap();
+            let pending = storage::outbox::enqueue(&mut tx, &rows).await.unwrap();
+            tx.commit().await.unwrap();
+            let messages: Vec<Message> = pending
+                .into_iter()
+                .map(|r| Message {
+                    id: r.id,
+                    topic: r.topic,
+                    key: r.aggregate_id,
+                    payload: r.payload,
+                })
+                .collect();
+            publishes.push((db.clone(), messages));
+        }
+    }
+    let before = s.bus.publish_statements().unwrap();
+    let bus = Arc::new(s.bus.clone());
+    let tasks: Vec<_> = publishes
+        .iter()
+        .cloned()
+        .map(|(db, messages)| {
+            let bus = bus.clone();
+            tokio::spawn(async move { bus.publish_and_mark(&messages, &db).await.unwrap() })
+        })
+        .collect();
+    for task in tasks {
+        assert!(task.await.unwrap(), "marked in the same statement");
+    }
+    let statements = s.bus.publish_statements().unwrap() - before;
+    assert!(
+        statements <= 10,
+        "30 publishes made at once took {statements} statements"
+    );
+    let log: Vec<String> = s
+        .bus
+        .fetch("g", &topics(&["t"]), None, 1_000)
+        .await
+        .unwrap()
+        .deliveries
+        .into_iter()
+        .map(|d| d.message.id)
+        .collect();
+    assert_eq!(log.len(), 90, "every message once");
+    for (_, messages) in &publishes {
+        let at: Vec<usize> = messages
+            .iter()
+            .map(|m| log.iter().position(|id| *id == m.id).unwrap())
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "a publish keeps its order");
+    }
+    for db in &services {
+        let stats = storage::outbox::stats(db.reader()).await.unwrap();
+        assert_eq!(stats.pending, 0, "marked sent in {:?}", db.schema());
+    }
+    for db in &services[1..] {
+        db.close().await;
+    }
+    s.finish().await;
+}
+
 /// Holds the bus's only SQLite writer connection while it handles the message keyed "slow",
 /// and lets the others finish only once it holds it (or after a second).
 struct WriterHolder {
