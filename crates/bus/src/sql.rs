@@ -309,7 +309,9 @@ impl SqlBus {
                         self.publish_waiting(publisher, &mut conn, waiting).await;
                     }
                 }
-                answer.await.unwrap_or(Err(BusError::Db(sqlx::Error::PoolClosed)))
+                answer
+                    .await
+                    .unwrap_or(Err(BusError::Db(sqlx::Error::PoolClosed)))
             }
         }
     }
@@ -337,9 +339,9 @@ impl SqlBus {
             // Whole publishes up to CHUNK rows share a statement (a bigger one goes alone).
             let mut group = Vec::new();
             let mut rows = 0;
-            while let Some(next) = rest.next_if(|w| {
-                group.is_empty() || rows + w.messages.len() <= bulk::CHUNK
-            }) {
+            while let Some(next) =
+                rest.next_if(|w| group.is_empty() || rows + w.messages.len() <= bulk::CHUNK)
+            {
                 rows += next.messages.len();
                 group.push(next);
             }
@@ -397,10 +399,9 @@ impl SqlBus {
         .await;
         conn.done(appended.is_ok()).await;
         let appended = appended?;
-        publisher.statements.fetch_add(
-            appended.len() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        publisher
+            .statements
+            .fetch_add(appended.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.published.record(appended, &topics);
         Ok(())
     }
@@ -819,7 +820,9 @@ async fn append_postgres(
 
 /// `mutex`, whatever a panic left in it (every change under it is one step).
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Bus for SqlBus {

@@ -738,7 +738,10 @@ async fn on_postgres_publishes_waiting_together_share_a_statement_and_mark_each_
             .iter()
             .map(|m| log.iter().position(|id| *id == m.id).unwrap())
             .collect();
-        assert!(at.windows(2).all(|w| w[0] < w[1]), "a publish keeps its order");
+        assert!(
+            at.windows(2).all(|w| w[0] < w[1]),
+            "a publish keeps its order"
+        );
     }
     for db in &services {
         let stats = storage::outbox::stats(db.reader()).await.unwrap();
