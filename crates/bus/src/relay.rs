@@ -18,6 +18,10 @@ pub struct RelayConfig {
     pub lease_ttl: Duration,
     pub poll_interval: Duration,
     pub batch_size: usize,
+    /// How long rows handed over wait for more before they are published: zero for messages
+    /// the next saga step waits for; for a service whose messages nobody waits for, a short
+    /// wait lets one statement carry what would take many.
+    pub linger: Duration,
 }
 
 impl RelayConfig {
@@ -34,6 +38,7 @@ impl RelayConfig {
             lease_ttl: Duration::from_secs(3),
             poll_interval: Duration::from_millis(200),
             batch_size: 500,
+            linger: Duration::ZERO,
         }
     }
 }
@@ -388,7 +393,14 @@ pub async fn run(
             None => config.poll_interval,
         };
         tokio::select! {
-            _ = handed_rows.changed(), if pass.is_some() => {}
+            _ = handed_rows.changed(), if pass.is_some() => {
+                if !config.linger.is_zero() {
+                    tokio::select! {
+                        () = tokio::time::sleep(config.linger) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+            }
             () = &mut marked, if waiting_on_marks => {}
             () = tokio::time::sleep(next_read) => {}
             _ = shutdown.changed() => {}

@@ -630,6 +630,73 @@ async fn handed_rows_are_published_at_once_and_after_older_rows_of_their_aggrega
     s.finish().await;
 }
 
+/// A relay with a linger lets rows handed over soon after each other gather: on PostgreSQL
+/// they are published together, in one statement, once the linger has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_lingering_relay_publishes_rows_handed_close_together_in_one_statement() {
+    let s = Setup::new(true).await;
+    let handoff = storage::outbox::Handoff::default();
+    let mut config = RelayConfig::new("notification");
+    config.poll_interval = Duration::from_secs(3600); // only the read at start
+    config.linger = Duration::from_millis(300);
+    let (stop, stopped) = watch::channel(false);
+    let relay = tokio::spawn(relay::run(
+        s.service_db.clone(),
+        Arc::new(s.bus.clone()),
+        config,
+        handoff.clone(),
+        stopped,
+    ));
+    tokio::time::sleep(Duration::from_millis(100)).await; // past the read at start
+    let before = s.bus.publish_statements().unwrap();
+    let first_handed = Instant::now();
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let row = storage::outbox::OutboxMessage::event(
+            "/test",
+            "notification.sent",
+            &format!("n-{n}"),
+            1,
+            &storage::time::to_text(storage::time::now()),
+            serde_json::json!({}),
+        );
+        ids.push(row.id.clone());
+        commit_handed(&s.service_db, &handoff, std::slice::from_ref(&row)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = async || -> Vec<String> {
+        s.bus
+            .fetch("x", &topics(&["notification.sent"]), None, 100)
+            .await
+            .unwrap()
+            .deliveries
+            .into_iter()
+            .map(|d| d.message.id)
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while log().await.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the handed rows were not published"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        first_handed.elapsed() >= Duration::from_millis(300),
+        "published before the linger passed"
+    );
+    assert_eq!(log().await, ids);
+    assert_eq!(
+        s.bus.publish_statements().unwrap() - before,
+        1,
+        "three rows handed within the linger share one statement"
+    );
+    stop.send(true).unwrap();
+    relay.await.unwrap();
+    s.finish().await;
+}
+
 /// A publish larger than one statement's rows (500) keeps its order and every message, read
 /// back from memory by a consumer of this process and from the table by a fresh bus.
 async fn a_large_publish_keeps_every_message_in_order(postgres: bool) {
