@@ -155,14 +155,14 @@ fn bind_all<'q>(
 /// The parts of one statement all see the database as it was before it: no part may read or
 /// write a row another part writes (two parts inserting into different tables, or an update
 /// of rows no other part touches, are fine).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Script {
     parts: Vec<Part>,
     /// Counts [`run`](Self::run) returns: one per part, and one more per flagged part.
     slots: usize,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Part {
     /// Before the values (`INSERT INTO t (a, b)`, or `UPDATE t SET ... FROM (`).
     head: String,
@@ -208,6 +208,32 @@ impl Script {
         rows: Vec<Vec<Value>>,
     ) -> usize {
         self.add(head, tail, rows, None, Some(guard)).0
+    }
+
+    /// How many counts [`run`](Self::run) returns.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Adds the parts of `other` after this script's, to run as one statement with them on
+    /// PostgreSQL; where `other`'s counts start in what [`run`](Self::run) returns. Only for
+    /// scripts that touch different rows (see [`Script`]): two messages' claims and effects,
+    /// say, never two changes of one row.
+    pub fn append(&mut self, other: &Script) -> usize {
+        let offset = self.slots;
+        self.parts.extend(other.parts.iter().map(|part| {
+            Part {
+                slot: part.slot + offset,
+                flag: part
+                    .flag
+                    .as_ref()
+                    .map(|(flag, slot)| (flag.clone(), slot + offset)),
+                guard: part.guard.map(|guard| guard + offset),
+                ..part.clone()
+            }
+        }));
+        self.slots += other.slots;
+        offset
     }
 
     /// Whether, on PostgreSQL, [`run`](Self::run) sends one statement (atomic on its own).

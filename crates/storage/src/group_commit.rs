@@ -21,6 +21,7 @@ use crate::{Db, HeldWriter};
 use futures::future::BoxFuture;
 use sqlx::AnyConnection;
 use std::any::Any;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// What a job gives back to its caller.
@@ -88,7 +89,28 @@ impl GroupCommit {
         Self::start_with(db, handoff, lanes, Db::handler_writer)
     }
 
+    /// Like [`start_lanes`](Self::start_lanes), for a store whose scripts never touch a row
+    /// another script of it touches at the same time (each writes rows of its own message or
+    /// delivery): on PostgreSQL a lane waits `linger` for more work once it has some, and the
+    /// scripts of its batch run as one statement ([`Script::append`](crate::bulk::Script::append)),
+    /// without BEGIN and COMMIT. Many changes, one round trip and one commit, for work nobody
+    /// waits on closely (a batch that cannot run so runs as usual).
+    pub fn start_merging(db: Db, handoff: Handoff, lanes: usize, linger: Duration) -> Self {
+        let merge = (db.backend() == crate::Backend::Postgres).then_some(linger);
+        Self::start_with_merge(db, handoff, lanes, Db::held_writer, merge)
+    }
+
     fn start_with(db: Db, handoff: Handoff, lanes: usize, writer: fn(&Db) -> HeldWriter) -> Self {
+        Self::start_with_merge(db, handoff, lanes, writer, None)
+    }
+
+    fn start_with_merge(
+        db: Db,
+        handoff: Handoff,
+        lanes: usize,
+        writer: fn(&Db) -> HeldWriter,
+        merge: Option<Duration>,
+    ) -> Self {
         let lanes = if db.backend() == crate::Backend::Sqlite {
             1
         } else {
@@ -104,6 +126,7 @@ impl GroupCommit {
                 receiver.clone(),
                 handoff.clone(),
                 std::sync::Arc::clone(&commits),
+                merge,
             ));
         }
         Self { jobs, commits }
@@ -239,17 +262,45 @@ async fn run(
     receiver: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Request>>>,
     handoff: Handoff,
     commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    merge: Option<Duration>,
 ) {
     let committed = || {
         commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     };
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
     // A lane holds the receiver only while it takes a batch.
-    while receiver.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    while take(&receiver, &mut batch, merge).await {
         loop {
             batch.retain(|(_, reply)| !reply.is_closed());
             if batch.is_empty() {
                 break;
+            }
+            let scripts: Option<Vec<_>> = batch
+                .iter()
+                .map(|(work, _)| match work {
+                    Work::Script(script, staged) => Some((script, staged.as_ref())),
+                    Work::Job(_) => None,
+                })
+                .collect();
+            if let (Some(_), Some(scripts)) = (merge, scripts.filter(|s| s.len() > 1)) {
+                match merged(&mut writer, &scripts, &handoff).await {
+                    Ok(Some(counts)) => {
+                        writer.done(true).await;
+                        committed();
+                        for ((_, reply), counts) in batch.drain(..).zip(counts) {
+                            let _ = reply.send(Ok(Box::new(counts) as Output));
+                        }
+                        break;
+                    }
+                    // Not scripts only, or too big for one statement: as usual.
+                    Ok(None) => {}
+                    Err(error) => {
+                        // Nothing of it was written: the batch goes again the usual way,
+                        // where a script that fails gets its own error.
+                        tracing::debug!(%error, size = batch.len(), "a merged statement failed");
+                        writer.done(false).await;
+                    }
+                }
             }
             if let [(Work::Script(script, staged), _)] = batch.as_slice()
                 && db.backend() == crate::Backend::Postgres
@@ -303,6 +354,64 @@ async fn run(
             }
         }
     }
+}
+
+/// Waits for work and takes what is queued (with `merge`, also what comes within its linger);
+/// false once every handle is dropped.
+async fn take(
+    receiver: &tokio::sync::Mutex<mpsc::Receiver<Request>>,
+    batch: &mut Vec<Request>,
+    merge: Option<Duration>,
+) -> bool {
+    let mut receiver = receiver.lock().await;
+    if receiver.recv_many(batch, MAX_BATCH).await == 0 {
+        return false;
+    }
+    if let Some(linger) = merge
+        && batch.len() < MAX_BATCH
+    {
+        tokio::time::sleep(linger).await;
+        while batch.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+    }
+    true
+}
+
+/// Runs a batch of scripts (with the outbox rows each stages) as one statement (see
+/// [`GroupCommit::start_merging`]): each script's counts, in batch order; `None` when they are
+/// too big for one statement.
+async fn merged(
+    writer: &mut HeldWriter,
+    batch: &[(&crate::bulk::Script, Option<&crate::outbox::Staged>)],
+    handoff: &Handoff,
+) -> Result<Option<Vec<Vec<u64>>>, sqlx::Error> {
+    let mut script = crate::bulk::Script::new();
+    let places: Vec<(usize, usize)> = batch
+        .iter()
+        .map(|(one, _)| (script.append(one), one.slots()))
+        .collect();
+    if !script.is_one_statement() {
+        return Ok(None);
+    }
+    let conn = writer.conn().await?;
+    // Taken just before the statement, as for a script alone (Handoff::run_alone).
+    let ticket = handoff.ticket();
+    let counts = script.run(conn).await?;
+    let mut rows = Vec::new();
+    let mut each = Vec::with_capacity(batch.len());
+    for ((_, staged), (first, slots)) in batch.iter().zip(places) {
+        let own = counts[first..first + slots].to_vec();
+        if let Some(staged) = staged {
+            rows.extend(staged.rows(&own));
+        }
+        each.push(own);
+    }
+    ticket.committed(rows);
+    Ok(Some(each))
 }
 
 async fn together(

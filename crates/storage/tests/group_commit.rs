@@ -308,3 +308,93 @@ async fn on_postgres_handler_lanes_alone_commit_without_waiting_for_the_flush() 
     db.close().await;
     testing::drop_pg_database(&url).await;
 }
+
+/// A claim of message `id` and, guarded by it, its effect (`effect` as the effect's key).
+fn claimed(id: &str, effect: &str) -> storage::bulk::Script {
+    let mut script = storage::bulk::Script::new();
+    let claim = script.insert(
+        "INSERT INTO claims (id)",
+        "ON CONFLICT (id) DO NOTHING",
+        vec![vec![id.into()]],
+    );
+    script.insert_if(
+        claim,
+        "INSERT INTO effects (id)",
+        "",
+        vec![vec![effect.into()]],
+    );
+    script
+}
+
+/// On PostgreSQL the lanes of `start_merging` wait a moment for more scripts and run what
+/// gathered as one statement: each script gets its own counts (a message claimed before writes
+/// nothing), and a script that fails gets its error while the others still commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_merging_lanes_run_the_scripts_that_gather_as_one_statement() {
+    let url = testing::fresh_pg_database().await;
+    let db = Db::open_postgres(&url, "merging", 4).await.unwrap();
+    for table in [
+        "CREATE TABLE claims (id TEXT PRIMARY KEY)",
+        "CREATE TABLE effects (id TEXT PRIMARY KEY, at TEXT NOT NULL DEFAULT (statement_timestamp()::text))",
+        "INSERT INTO claims (id) VALUES ('seen')",
+    ] {
+        sqlx::query(table).execute(db.writer()).await.unwrap();
+    }
+    let group = GroupCommit::start_merging(
+        db.clone(),
+        storage::outbox::Handoff::default(),
+        1,
+        std::time::Duration::from_millis(200),
+    );
+    let run = |script| {
+        let group = group.clone();
+        tokio::spawn(async move { group.run_script::<sqlx::Error>(script).await })
+    };
+    let mut tasks: Vec<_> = (0..10)
+        .map(|n| run(claimed(&format!("m{n}"), &format!("e{n}"))))
+        .collect();
+    tasks.push(run(claimed("seen", "e-seen")));
+    let mut counts = Vec::new();
+    for task in tasks {
+        counts.push(task.await.unwrap().unwrap());
+    }
+    assert!(counts[..10].iter().all(|c| *c == vec![1, 1]), "{counts:?}");
+    assert_eq!(counts[10], vec![0, 0], "a message claimed before wrote");
+    assert_eq!(
+        group.commits(),
+        1,
+        "the scripts that gathered took more than one commit"
+    );
+    let statements: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT at) FROM effects")
+        .fetch_one(db.reader())
+        .await
+        .unwrap();
+    assert_eq!(statements, 1, "the scripts ran as more than one statement");
+    // A script that fails (its effect's key is taken) in a gathering: only it fails.
+    let mut tasks: Vec<_> = (10..13)
+        .map(|n| run(claimed(&format!("m{n}"), &format!("e{n}"))))
+        .collect();
+    tasks.push(run(claimed("m-fails", "e0")));
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    assert!(
+        results[..3]
+            .iter()
+            .all(|r| r.as_ref().is_ok_and(|c| *c == vec![1, 1]))
+    );
+    assert!(results[3].is_err(), "the failing script was not told");
+    let effects: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM effects")
+        .fetch_one(db.reader())
+        .await
+        .unwrap();
+    assert_eq!(effects, 13);
+    let failed_claim: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM claims WHERE id = 'm-fails'")
+        .fetch_one(db.reader())
+        .await
+        .unwrap();
+    assert_eq!(failed_claim, 0, "the failing script's claim stayed");
+    db.close().await;
+    testing::drop_pg_database(&url).await;
+}

@@ -18,7 +18,9 @@ pub const GROUP: &str = "notification";
 
 pub fn config() -> ConsumerConfig {
     let mut config = ConsumerConfig::new(GROUP, &NOTIFIABLE_EVENTS);
-    config.concurrency = 16;
+    // Each message's record waits for its store's linger (on PostgreSQL): enough lanes that
+    // the group still handles a few thousand messages a second.
+    config.concurrency = 64;
     config
 }
 
