@@ -236,6 +236,25 @@ impl Script {
         offset
     }
 
+    /// What decides the text of the statement [`run`](Self::run) sends on PostgreSQL (its
+    /// parts, their guards and their numbers of rows): scripts of one shape share a prepared
+    /// statement and its plan.
+    pub fn shape(&self) -> Vec<(&str, &str, Option<usize>, bool, usize, usize)> {
+        self.parts
+            .iter()
+            .map(|p| {
+                (
+                    p.head.as_str(),
+                    p.tail.as_str(),
+                    p.guard,
+                    p.flag.is_some(),
+                    p.rows.len(),
+                    p.rows.first().map_or(0, Vec::len),
+                )
+            })
+            .collect()
+    }
+
     /// Whether, on PostgreSQL, [`run`](Self::run) sends one statement (atomic on its own).
     pub fn is_one_statement(&self) -> bool {
         let parameters: usize = self

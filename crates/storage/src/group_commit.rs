@@ -63,6 +63,10 @@ enum Failure {
 /// Jobs in one transaction at most.
 const MAX_BATCH: usize = 64;
 
+/// Scripts in one merged statement at most: few enough that the statements a store sends
+/// repeat (each is planned once) and each stays quick to plan.
+const MAX_MERGED: usize = 4;
+
 #[derive(Debug, Clone)]
 pub struct GroupCommit {
     jobs: mpsc::Sender<Request>,
@@ -92,9 +96,11 @@ impl GroupCommit {
     /// Like [`start_lanes`](Self::start_lanes), for a store whose scripts never touch a row
     /// another script of it touches at the same time (each writes rows of its own message or
     /// delivery): on PostgreSQL a lane waits `linger` for more work once it has some, and the
-    /// scripts of its batch run as one statement ([`Script::append`](crate::bulk::Script::append)),
-    /// without BEGIN and COMMIT. Many changes, one round trip and one commit, for work nobody
-    /// waits on closely (a batch that cannot run so runs as usual).
+    /// scripts of its batch (up to [`MAX_MERGED`]) run as one statement
+    /// ([`Script::append`](crate::bulk::Script::append)), without BEGIN and COMMIT. Several
+    /// changes, one round trip and one commit, for work nobody waits on closely (a batch that
+    /// cannot run so runs as usual). Not more at once: every new combination of scripts is a
+    /// new statement for PostgreSQL to plan, and 64 merged scripts took 50-90 ms to plan.
     pub fn start_merging(db: Db, handoff: Handoff, lanes: usize, linger: Duration) -> Self {
         let merge = (db.backend() == crate::Backend::Postgres).then_some(linger);
         Self::start_with_merge(db, handoff, lanes, Db::held_writer, merge)
@@ -364,14 +370,19 @@ async fn take(
     merge: Option<Duration>,
 ) -> bool {
     let mut receiver = receiver.lock().await;
-    if receiver.recv_many(batch, MAX_BATCH).await == 0 {
+    let most = if merge.is_some() {
+        MAX_MERGED
+    } else {
+        MAX_BATCH
+    };
+    if receiver.recv_many(batch, most).await == 0 {
         return false;
     }
     if let Some(linger) = merge
-        && batch.len() < MAX_BATCH
+        && batch.len() < MAX_MERGED
     {
         tokio::time::sleep(linger).await;
-        while batch.len() < MAX_BATCH {
+        while batch.len() < MAX_MERGED {
             match receiver.try_recv() {
                 Ok(request) => batch.push(request),
                 Err(_) => break,
@@ -389,11 +400,16 @@ async fn merged(
     batch: &[(&crate::bulk::Script, Option<&crate::outbox::Staged>)],
     handoff: &Handoff,
 ) -> Result<Option<Vec<Vec<u64>>>, sqlx::Error> {
+    // In the order of their shapes: the same scripts make the same statement, which
+    // PostgreSQL then plans once (a statement of many parts takes long to plan).
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    order.sort_by_cached_key(|&i| batch[i].0.shape());
     let mut script = crate::bulk::Script::new();
-    let places: Vec<(usize, usize)> = batch
-        .iter()
-        .map(|(one, _)| (script.append(one), one.slots()))
-        .collect();
+    let mut places = vec![(0, 0); batch.len()];
+    for i in order {
+        let one = batch[i].0;
+        places[i] = (script.append(one), one.slots());
+    }
     if !script.is_one_statement() {
         return Ok(None);
     }

@@ -350,7 +350,8 @@ async fn on_postgres_merging_lanes_run_the_scripts_that_gather_as_one_statement(
         let group = group.clone();
         tokio::spawn(async move { group.run_script::<sqlx::Error>(script).await })
     };
-    let mut tasks: Vec<_> = (0..10)
+    // Four scripts at once: as many as one statement takes.
+    let mut tasks: Vec<_> = (0..3)
         .map(|n| run(claimed(&format!("m{n}"), &format!("e{n}"))))
         .collect();
     tasks.push(run(claimed("seen", "e-seen")));
@@ -358,8 +359,8 @@ async fn on_postgres_merging_lanes_run_the_scripts_that_gather_as_one_statement(
     for task in tasks {
         counts.push(task.await.unwrap().unwrap());
     }
-    assert!(counts[..10].iter().all(|c| *c == vec![1, 1]), "{counts:?}");
-    assert_eq!(counts[10], vec![0, 0], "a message claimed before wrote");
+    assert!(counts[..3].iter().all(|c| *c == vec![1, 1]), "{counts:?}");
+    assert_eq!(counts[3], vec![0, 0], "a message claimed before wrote");
     assert_eq!(
         group.commits(),
         1,
@@ -389,7 +390,7 @@ async fn on_postgres_merging_lanes_run_the_scripts_that_gather_as_one_statement(
         .fetch_one(db.reader())
         .await
         .unwrap();
-    assert_eq!(effects, 13);
+    assert_eq!(effects, 6);
     let failed_claim: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM claims WHERE id = 'm-fails'")
         .fetch_one(db.reader())
         .await
