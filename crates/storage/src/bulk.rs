@@ -178,6 +178,10 @@ struct Part {
     guard: Option<usize>,
 }
 
+/// A part of a [`Script`] as its statement's text depends on it: head, tail, guard, whether
+/// it is flagged, rows, and values per row.
+pub type PartShape<'a> = (&'a str, &'a str, Option<usize>, bool, usize, usize);
+
 /// The connection is to PostgreSQL (else SQLite).
 pub fn is_postgres(conn: &AnyConnection) -> bool {
     conn.backend_name() == <sqlx::Postgres as sqlx::Database>::NAME
@@ -239,7 +243,7 @@ impl Script {
     /// What decides the text of the statement [`run`](Self::run) sends on PostgreSQL (its
     /// parts, their guards and their numbers of rows): scripts of one shape share a prepared
     /// statement and its plan.
-    pub fn shape(&self) -> Vec<(&str, &str, Option<usize>, bool, usize, usize)> {
+    pub fn shape(&self) -> Vec<PartShape<'_>> {
         self.parts
             .iter()
             .map(|p| {
