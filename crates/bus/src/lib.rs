@@ -26,6 +26,18 @@ pub struct Message {
     pub payload: String,
 }
 
+/// An outbox row as the relay publishes it: keyed by its aggregate.
+impl From<storage::outbox::PendingMessage> for Message {
+    fn from(row: storage::outbox::PendingMessage) -> Self {
+        Message {
+            id: row.id,
+            topic: row.topic,
+            key: row.aggregate_id,
+            payload: row.payload,
+        }
+    }
+}
+
 /// A message as a group receives it, with its position in the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {

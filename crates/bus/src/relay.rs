@@ -163,15 +163,7 @@ async fn publish(
     config: &RelayConfig,
     rows: Vec<PendingMessage>,
 ) -> Result<Vec<String>, crate::BusError> {
-    let messages: Vec<Message> = rows
-        .into_iter()
-        .map(|r| Message {
-            id: r.id,
-            topic: r.topic,
-            key: r.aggregate_id,
-            payload: r.payload,
-        })
-        .collect();
+    let messages: Vec<Message> = rows.into_iter().map(Message::from).collect();
     let marked = bus.publish_and_mark(&messages, db).await?;
     metrics::counter!("outbox_relayed_total", "service" => config.service.clone())
         .increment(messages.len() as u64);

@@ -536,6 +536,34 @@ async fn a_row_committed_after_the_relay_read_past_its_time_is_still_published_f
 
 /// Commits `messages` to the service's outbox as a store does: a ticket before the commit, the
 /// rows handed over after it.
+/// A relay of the setup's service database, fed by `handoff`; stopped through the sender.
+fn spawn_relay(
+    s: &Setup,
+    config: RelayConfig,
+    handoff: &storage::outbox::Handoff,
+) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let (stop, stopped) = watch::channel(false);
+    let relay = tokio::spawn(relay::run(
+        s.service_db.clone(),
+        Arc::new(s.bus.clone()),
+        config,
+        handoff.clone(),
+        stopped,
+    ));
+    (stop, relay)
+}
+
+/// The ids of the first 100 messages on `topic` in the log, in log order.
+async fn ids_in_log(bus: &SqlBus, topic: &str) -> Vec<String> {
+    bus.fetch("x", &topics(&[topic]), None, 100)
+        .await
+        .unwrap()
+        .deliveries
+        .into_iter()
+        .map(|d| d.message.id)
+        .collect()
+}
+
 async fn commit_handed(
     db: &storage::Db,
     handoff: &storage::outbox::Handoff,
@@ -553,24 +581,8 @@ async fn handed_rows_are_published_at_once_and_after_older_rows_of_their_aggrega
     // The table is read once, at start: whatever is published later came through the handoff
     // (or through a read the handoff asked for).
     config.poll_interval = Duration::from_secs(3600);
-    let (stop, stopped) = watch::channel(false);
-    let relay = tokio::spawn(relay::run(
-        s.service_db.clone(),
-        Arc::new(s.bus.clone()),
-        config,
-        handoff.clone(),
-        stopped,
-    ));
-    let log = async || -> Vec<String> {
-        s.bus
-            .fetch("x", &topics(&["order.updated"]), None, 100)
-            .await
-            .unwrap()
-            .deliveries
-            .into_iter()
-            .map(|d| d.message.id)
-            .collect()
-    };
+    let (stop, relay) = spawn_relay(&s, config, &handoff);
+    let log = async || ids_in_log(&s.bus, "order.updated").await;
     let message = |aggregate: &str, version: i64, at: chrono::DateTime<chrono::Utc>| {
         storage::outbox::OutboxMessage::event(
             "/test",
@@ -639,14 +651,7 @@ async fn on_postgres_a_lingering_relay_publishes_rows_handed_close_together_in_o
     let mut config = RelayConfig::new("notification");
     config.poll_interval = Duration::from_secs(3600); // only the read at start
     config.linger = Duration::from_millis(300);
-    let (stop, stopped) = watch::channel(false);
-    let relay = tokio::spawn(relay::run(
-        s.service_db.clone(),
-        Arc::new(s.bus.clone()),
-        config,
-        handoff.clone(),
-        stopped,
-    ));
+    let (stop, relay) = spawn_relay(&s, config, &handoff);
     tokio::time::sleep(Duration::from_millis(100)).await; // past the read at start
     let before = s.bus.publish_statements().unwrap();
     let first_handed = Instant::now();
@@ -664,16 +669,7 @@ async fn on_postgres_a_lingering_relay_publishes_rows_handed_close_together_in_o
         commit_handed(&s.service_db, &handoff, std::slice::from_ref(&row)).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let log = async || -> Vec<String> {
-        s.bus
-            .fetch("x", &topics(&["notification.sent"]), None, 100)
-            .await
-            .unwrap()
-            .deliveries
-            .into_iter()
-            .map(|d| d.message.id)
-            .collect()
-    };
+    let log = async || ids_in_log(&s.bus, "notification.sent").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while log().await.len() < 3 {
         assert!(
@@ -760,15 +756,7 @@ async fn on_postgres_publishes_waiting_together_share_a_statement_and_mark_each_
             let mut tx = db.begin_write().await.unwrap();
             let pending = storage::outbox::enqueue(&mut tx, &rows).await.unwrap();
             tx.commit().await.unwrap();
-            let messages: Vec<Message> = pending
-                .into_iter()
-                .map(|r| Message {
-                    id: r.id,
-                    topic: r.topic,
-                    key: r.aggregate_id,
-                    payload: r.payload,
-                })
-                .collect();
+            let messages: Vec<Message> = pending.into_iter().map(Message::from).collect();
             publishes.push((db.clone(), messages));
         }
     }
@@ -790,15 +778,7 @@ async fn on_postgres_publishes_waiting_together_share_a_statement_and_mark_each_
         statements <= 10,
         "30 publishes made at once took {statements} statements"
     );
-    let log: Vec<String> = s
-        .bus
-        .fetch("g", &topics(&["t"]), None, 1_000)
-        .await
-        .unwrap()
-        .deliveries
-        .into_iter()
-        .map(|d| d.message.id)
-        .collect();
+    let log = ids_in_log(&s.bus, "t").await;
     assert_eq!(log.len(), 90, "every message once");
     for (_, messages) in &publishes {
         let at: Vec<usize> = messages
