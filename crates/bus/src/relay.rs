@@ -19,9 +19,12 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     pub batch_size: usize,
     /// How long rows handed over wait for more before they are published: zero for messages
-    /// the next saga step waits for; for a service whose messages nobody waits for, a short
-    /// wait lets one statement carry what would take many.
+    /// the next saga step waits for; for messages nobody waits for closely, a short wait lets
+    /// one statement carry what would take many.
     pub linger: Duration,
+    /// The topics whose rows linger (all when `None`). A row on another topic is published at
+    /// once, with whatever lingers.
+    pub linger_topics: Option<Vec<String>>,
 }
 
 impl RelayConfig {
@@ -39,6 +42,34 @@ impl RelayConfig {
             poll_interval: Duration::from_millis(200),
             batch_size: 500,
             linger: Duration::ZERO,
+            linger_topics: None,
+        }
+    }
+}
+
+/// Lets the rows handed over wait for `config.linger`, while all of them are on topics that
+/// linger (a row on another topic ends the wait) and until shutdown.
+async fn linger(
+    config: &RelayConfig,
+    handoff: &Handoff,
+    handed_rows: &mut watch::Receiver<u64>,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    if config.linger.is_zero() {
+        return;
+    }
+    let may_wait = |topic: &str| {
+        config
+            .linger_topics
+            .as_ref()
+            .is_none_or(|topics| topics.iter().any(|t| t == topic))
+    };
+    let until = tokio::time::Instant::now() + config.linger;
+    while handoff.ready_only(may_wait) {
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => return,
+            changed = handed_rows.changed() => if changed.is_err() { return },
+            _ = shutdown.changed() => return,
         }
     }
 }
@@ -386,12 +417,7 @@ pub async fn run(
         };
         tokio::select! {
             _ = handed_rows.changed(), if pass.is_some() => {
-                if !config.linger.is_zero() {
-                    tokio::select! {
-                        () = tokio::time::sleep(config.linger) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                }
+                linger(&config, &handoff, &mut handed_rows, &mut shutdown).await;
             }
             () = &mut marked, if waiting_on_marks => {}
             () = tokio::time::sleep(next_read) => {}

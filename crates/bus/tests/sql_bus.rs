@@ -693,6 +693,73 @@ async fn on_postgres_a_lingering_relay_publishes_rows_handed_close_together_in_o
     s.finish().await;
 }
 
+/// Only the topics named linger: a row on another topic is published at once and takes the
+/// lingering ones with it, in the order they were handed over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_row_on_a_topic_that_does_not_linger_ends_the_wait() {
+    let s = Setup::new(true).await;
+    let handoff = storage::outbox::Handoff::default();
+    let mut config = RelayConfig::new("order");
+    config.poll_interval = Duration::from_secs(3600); // only the read at start
+    config.linger = Duration::from_secs(30);
+    config.linger_topics = Some(vec!["order.confirmed".to_string()]);
+    let (stop, relay) = spawn_relay(&s, config, &handoff);
+    tokio::time::sleep(Duration::from_millis(100)).await; // past the read at start
+    let row = |topic: &str, aggregate: &str| {
+        storage::outbox::OutboxMessage::event(
+            "/test",
+            topic,
+            aggregate,
+            1,
+            &storage::time::to_text(storage::time::now()),
+            serde_json::json!({}),
+        )
+    };
+    let confirmed = row("order.confirmed", "a");
+    commit_handed(&s.service_db, &handoff, std::slice::from_ref(&confirmed)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        ids_in_log(&s.bus, "order.confirmed").await.is_empty(),
+        "a lingering row was published before the linger"
+    );
+    let before = s.bus.publish_statements().unwrap();
+    let created = row("order.created", "b");
+    commit_handed(&s.service_db, &handoff, std::slice::from_ref(&created)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log = async || -> Vec<String> {
+        s.bus
+            .fetch(
+                "y",
+                &topics(&["order.confirmed", "order.created"]),
+                None,
+                10,
+            )
+            .await
+            .unwrap()
+            .deliveries
+            .into_iter()
+            .map(|d| d.message.id)
+            .collect()
+    };
+    while log().await.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the row that does not linger did not end the wait"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.bus.publish_statements().unwrap() - before, 1);
+    let log = log().await;
+    assert_eq!(
+        log,
+        vec![confirmed.id, created.id],
+        "in the order handed over"
+    );
+    stop.send(true).unwrap();
+    relay.await.unwrap();
+    s.finish().await;
+}
+
 /// A publish larger than one statement's rows (500) keeps its order and every message, read
 /// back from memory by a consumer of this process and from the table by a fresh bus.
 async fn a_large_publish_keeps_every_message_in_order(postgres: bool) {

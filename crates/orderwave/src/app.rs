@@ -156,16 +156,19 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How long the notification service's relay lets its messages gather.
-const NOTIFICATION_LINGER: Duration = Duration::from_millis(100);
+/// How long a relay lets messages nobody waits on closely gather (all of the notification
+/// service's, the order's milestones that only notifications follow).
+const RELAY_LINGER: Duration = Duration::from_millis(100);
 
 /// A service's outbox, drained to the bus by a relay.
 struct Outbox {
     service: &'static str,
     db: Db,
     handoff: storage::outbox::Handoff,
-    /// How long its relay lets handed rows wait for more (see `RelayConfig::linger`).
+    /// How long its relay lets handed rows wait for more, and on which topics (see
+    /// `RelayConfig::linger`).
     linger: Duration,
+    linger_topics: Option<&'static [&'static str]>,
 }
 
 /// A built platform, bound to its address, not yet serving.
@@ -299,25 +302,31 @@ impl Application {
         let outboxes = vec![
             Outbox {
                 service: "order",
-                linger: Duration::ZERO,
+                // What the saga and the compensations wait for goes at once; the milestones
+                // only notifications follow ride along with the next of those.
+                linger: RELAY_LINGER,
+                linger_topics: Some(&["order.confirmed", "order.delivered"]),
                 db: dbs.orders.clone(),
                 handoff: orders.store.handoff(),
             },
             Outbox {
                 service: "customer",
                 linger: Duration::ZERO,
+                linger_topics: None,
                 db: dbs.customers.clone(),
                 handoff: customers.store.handoff(),
             },
             Outbox {
                 service: "inventory",
                 linger: Duration::ZERO,
+                linger_topics: None,
                 db: dbs.inventory.clone(),
                 handoff: inventory.store.handoff(),
             },
             Outbox {
                 service: "payment",
                 linger: Duration::ZERO,
+                linger_topics: None,
                 db: dbs.payments.clone(),
                 handoff: payments.store.handoff(),
             },
@@ -326,7 +335,8 @@ impl Application {
                 // Nothing in the saga waits for notification.sent and notification.failed:
                 // published a tenth of a second later, many to a statement, instead of each in
                 // a statement of its own (two per order).
-                linger: NOTIFICATION_LINGER,
+                linger: RELAY_LINGER,
+                linger_topics: None,
                 db: dbs.notifications.clone(),
                 handoff: notifications.store.handoff(),
             },
@@ -441,6 +451,9 @@ impl Application {
                     self.bus.clone(),
                     RelayConfig {
                         linger: outbox.linger,
+                        linger_topics: outbox
+                            .linger_topics
+                            .map(|topics| topics.iter().map(|t| t.to_string()).collect()),
                         ..RelayConfig::new(outbox.service)
                     },
                     outbox.handoff,

@@ -298,7 +298,7 @@ async fn run(
                         }
                         break;
                     }
-                    // Not scripts only, or too big for one statement: as usual.
+                    // Too big for one statement: as usual.
                     Ok(None) => {}
                     Err(error) => {
                         // Nothing of it was written: the batch goes again the usual way,

@@ -125,6 +125,11 @@ impl Handoff {
         }
     }
 
+    /// Whether every row ready now is on a topic `may_wait` accepts (true when none is ready).
+    pub fn ready_only(&self, may_wait: impl Fn(&str) -> bool) -> bool {
+        self.lock().ready.iter().all(|row| may_wait(&row.topic))
+    }
+
     /// A receiver that changes when rows become ready.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.0.ready.subscribe()
