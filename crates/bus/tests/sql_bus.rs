@@ -534,14 +534,19 @@ async fn a_row_committed_after_the_relay_read_past_its_time_is_still_published_f
     s.finish().await;
 }
 
-/// Commits `messages` to the service's outbox as a store does: a ticket before the commit, the
-/// rows handed over after it.
-/// A relay of the setup's service database, fed by `handoff`; stopped through the sender.
-fn spawn_relay(
+/// A relay of the setup's service database fed by a handoff, started and past its read of the
+/// table at start (it reads the table only then: whatever it publishes later came through the
+/// handoff, or through a read the handoff asked for). Stopped through the sender.
+async fn handed_relay(
     s: &Setup,
-    config: RelayConfig,
-    handoff: &storage::outbox::Handoff,
-) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    mut config: RelayConfig,
+) -> (
+    storage::outbox::Handoff,
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    config.poll_interval = Duration::from_secs(3600);
+    let handoff = storage::outbox::Handoff::default();
     let (stop, stopped) = watch::channel(false);
     let relay = tokio::spawn(relay::run(
         s.service_db.clone(),
@@ -550,7 +555,8 @@ fn spawn_relay(
         handoff.clone(),
         stopped,
     ));
-    (stop, relay)
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (handoff, stop, relay)
 }
 
 /// The ids of the first 100 messages on `topic` in the log, in log order.
@@ -564,6 +570,8 @@ async fn ids_in_log(bus: &SqlBus, topic: &str) -> Vec<String> {
         .collect()
 }
 
+/// Commits `messages` to the service's outbox as a store does: a ticket before the commit, the
+/// rows handed over after it.
 async fn commit_handed(
     db: &storage::Db,
     handoff: &storage::outbox::Handoff,
@@ -576,12 +584,7 @@ async fn commit_handed(
 
 async fn handed_rows_are_published_at_once_and_after_older_rows_of_their_aggregate(postgres: bool) {
     let s = Setup::new(postgres).await;
-    let handoff = storage::outbox::Handoff::default();
-    let mut config = RelayConfig::new("order");
-    // The table is read once, at start: whatever is published later came through the handoff
-    // (or through a read the handoff asked for).
-    config.poll_interval = Duration::from_secs(3600);
-    let (stop, relay) = spawn_relay(&s, config, &handoff);
+    let (handoff, stop, relay) = handed_relay(&s, RelayConfig::new("order")).await;
     let log = async || ids_in_log(&s.bus, "order.updated").await;
     let message = |aggregate: &str, version: i64, at: chrono::DateTime<chrono::Utc>| {
         storage::outbox::OutboxMessage::event(
@@ -593,7 +596,6 @@ async fn handed_rows_are_published_at_once_and_after_older_rows_of_their_aggrega
             serde_json::json!({}),
         )
     };
-    tokio::time::sleep(Duration::from_millis(100)).await; // past the read at start
     let deadline = Instant::now() + Duration::from_secs(10);
     let a1 = message("a", 1, storage::time::now());
     commit_handed(&s.service_db, &handoff, std::slice::from_ref(&a1)).await;
@@ -647,12 +649,9 @@ async fn handed_rows_are_published_at_once_and_after_older_rows_of_their_aggrega
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_a_lingering_relay_publishes_rows_handed_close_together_in_one_statement() {
     let s = Setup::new(true).await;
-    let handoff = storage::outbox::Handoff::default();
     let mut config = RelayConfig::new("notification");
-    config.poll_interval = Duration::from_secs(3600); // only the read at start
     config.linger = Duration::from_millis(300);
-    let (stop, relay) = spawn_relay(&s, config, &handoff);
-    tokio::time::sleep(Duration::from_millis(100)).await; // past the read at start
+    let (handoff, stop, relay) = handed_relay(&s, config).await;
     let before = s.bus.publish_statements().unwrap();
     let first_handed = Instant::now();
     let mut ids = Vec::new();
@@ -698,13 +697,10 @@ async fn on_postgres_a_lingering_relay_publishes_rows_handed_close_together_in_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_a_row_on_a_topic_that_does_not_linger_ends_the_wait() {
     let s = Setup::new(true).await;
-    let handoff = storage::outbox::Handoff::default();
     let mut config = RelayConfig::new("order");
-    config.poll_interval = Duration::from_secs(3600); // only the read at start
     config.linger = Duration::from_secs(30);
     config.linger_topics = Some(vec!["order.confirmed".to_string()]);
-    let (stop, relay) = spawn_relay(&s, config, &handoff);
-    tokio::time::sleep(Duration::from_millis(100)).await; // past the read at start
+    let (handoff, stop, relay) = handed_relay(&s, config).await;
     let row = |topic: &str, aggregate: &str| {
         storage::outbox::OutboxMessage::event(
             "/test",
