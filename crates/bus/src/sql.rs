@@ -57,7 +57,6 @@ struct Publisher {
 struct Waiting {
     messages: Arc<Vec<Message>>,
     outbox: Option<String>,
-    topics: Vec<String>,
     done: tokio::sync::oneshot::Sender<Result<(), BusError>>,
 }
 
@@ -277,11 +276,9 @@ impl SqlBus {
                 .cloned()
                 .collect(),
         );
-        let mut topics: Vec<String> = fresh.iter().map(|m| m.topic.clone()).collect();
-        topics.sort_unstable();
-        topics.dedup();
         match &self.publishes {
             Publishes::Grouped(publishes) => {
+                let topics = topics_of(&fresh);
                 let appended = publishes
                     .run_as(move |conn| {
                         let fresh = fresh.clone();
@@ -296,7 +293,6 @@ impl SqlBus {
                 lock(&publisher.waiting).push(Waiting {
                     messages: fresh,
                     outbox: outbox.map(str::to_string),
-                    topics,
                     done,
                 });
                 tokio::pin!(answer);
@@ -346,13 +342,16 @@ impl SqlBus {
                 group.push(next);
             }
             let result = self.append_group(publisher, conn, &group, &outboxes).await;
-            if result.is_ok() || group.len() == 1 {
-                let error = result.err().map(|e| e.to_string());
+            // A publish alone gets its own answer, error and all.
+            if group.len() == 1
+                && let Some(w) = group.pop()
+            {
+                let _ = w.done.send(result);
+                continue;
+            }
+            if result.is_ok() {
                 for w in group {
-                    let _ = w.done.send(match &error {
-                        None => Ok(()),
-                        Some(error) => Err(BusError::Db(sqlx::Error::Protocol(error.clone()))),
-                    });
+                    let _ = w.done.send(Ok(()));
                 }
                 continue;
             }
@@ -376,7 +375,6 @@ impl SqlBus {
     ) -> Result<(), BusError> {
         let mut messages = Vec::new();
         let mut boxes = Vec::new();
-        let mut topics = Vec::new();
         for w in group {
             let at = w
                 .outbox
@@ -384,10 +382,8 @@ impl SqlBus {
                 .and_then(|outbox| outboxes.iter().position(|known| known == outbox));
             messages.extend(w.messages.iter().cloned());
             boxes.extend(std::iter::repeat_n(at, w.messages.len()));
-            topics.extend(w.topics.iter().cloned());
         }
-        topics.sort_unstable();
-        topics.dedup();
+        let topics = topics_of(&messages);
         let appended = append_postgres(
             conn,
             &self.published.instance,
@@ -816,6 +812,14 @@ async fn append_postgres(
         });
     }
     Ok(appended)
+}
+
+/// The topics of `messages`, each once.
+fn topics_of(messages: &[Message]) -> Vec<String> {
+    let mut topics: Vec<String> = messages.iter().map(|m| m.topic.clone()).collect();
+    topics.sort_unstable();
+    topics.dedup();
+    topics
 }
 
 /// `mutex`, whatever a panic left in it (every change under it is one step).

@@ -83,14 +83,14 @@ impl GroupCommit {
     /// Like [`start`](Self::start), with `lanes` committing tasks taking batches side by side
     /// (one on SQLite, which has one writer).
     pub fn start_lanes(db: Db, handoff: Handoff, lanes: usize) -> Self {
-        Self::start_with(db, handoff, lanes, Db::held_writer)
+        Self::start_with(db, handoff, lanes, Db::held_writer, None)
     }
 
     /// Like [`start_lanes`](Self::start_lanes), for consumers' handler transactions only: on
     /// PostgreSQL their commits do not wait for the WAL flush ([`Db::handler_writer`] says when
     /// that is safe).
     pub fn start_for_handlers(db: Db, handoff: Handoff, lanes: usize) -> Self {
-        Self::start_with(db, handoff, lanes, Db::handler_writer)
+        Self::start_with(db, handoff, lanes, Db::handler_writer, None)
     }
 
     /// Like [`start_lanes`](Self::start_lanes), for a store whose scripts never touch a row
@@ -103,14 +103,12 @@ impl GroupCommit {
     /// new statement for PostgreSQL to plan, and 64 merged scripts took 50-90 ms to plan.
     pub fn start_merging(db: Db, handoff: Handoff, lanes: usize, linger: Duration) -> Self {
         let merge = (db.backend() == crate::Backend::Postgres).then_some(linger);
-        Self::start_with_merge(db, handoff, lanes, Db::held_writer, merge)
+        Self::start_with(db, handoff, lanes, Db::held_writer, merge)
     }
 
-    fn start_with(db: Db, handoff: Handoff, lanes: usize, writer: fn(&Db) -> HeldWriter) -> Self {
-        Self::start_with_merge(db, handoff, lanes, writer, None)
-    }
-
-    fn start_with_merge(
+    /// `lanes` committing tasks on connections of `writer`; with `merge`, scripts merge after
+    /// that linger (see [`start_merging`](Self::start_merging)).
+    fn start_with(
         db: Db,
         handoff: Handoff,
         lanes: usize,
