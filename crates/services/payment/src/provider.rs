@@ -5,7 +5,7 @@
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -72,14 +72,75 @@ pub trait PaymentProvider: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct Simulator {
     /// Answers by idempotency key, as a real provider keeps them.
-    charges: Mutex<HashMap<String, ChargeOutcome>>,
-    flaky_seen: Mutex<HashMap<String, u32>>,
+    charges: Mutex<Remembered<ChargeOutcome>>,
+    flaky_seen: Mutex<Remembered<u32>>,
 }
 
 impl Simulator {
-    /// How many distinct charges were made (one per idempotency key).
+    /// How many distinct charges it remembers (one per idempotency key, the newest
+    /// [`REMEMBERED`]).
     pub fn charges_made(&self) -> usize {
-        self.charges.lock().map_or(0, |c| c.len())
+        self.charges.lock().map_or(0, |c| c.by_key.len())
+    }
+}
+
+/// Idempotency keys the simulator remembers at most, the oldest forgotten first. A real
+/// provider keeps its answers for a while (Stripe: 24 hours); the simulator lives in the
+/// platform's process, and remembering every charge ever made grew it by about 300 bytes an
+/// order for as long as it ran. A key matters while its payment may still call again: retries
+/// within the payment's deadline (30 s by default), a lookup after a lost answer. 32,768 keys
+/// (about 9 MiB) cover 2.7 minutes of charges at 200 orders/s, five times that deadline.
+pub const REMEMBERED: usize = 32_768;
+
+/// Values by key, keeping the newest [`REMEMBERED`] keys.
+#[derive(Debug)]
+struct Remembered<V> {
+    by_key: HashMap<String, V>,
+    /// Keys in the order first seen.
+    order: VecDeque<String>,
+    limit: usize,
+}
+
+impl<V> Default for Remembered<V> {
+    fn default() -> Self {
+        Self::with_limit(REMEMBERED)
+    }
+}
+
+impl<V> Remembered<V> {
+    fn with_limit(limit: usize) -> Self {
+        Self {
+            by_key: HashMap::new(),
+            order: VecDeque::new(),
+            limit,
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&V> {
+        self.by_key.get(key)
+    }
+
+    /// The value of `key`, made with `V::default()` when new (forgetting the oldest key if
+    /// that makes one too many).
+    fn entry(&mut self, key: &str) -> &mut V
+    where
+        V: Default,
+    {
+        if !self.by_key.contains_key(key) {
+            self.insert(key.to_string(), V::default());
+        }
+        self.by_key.entry(key.to_string()).or_default()
+    }
+
+    fn insert(&mut self, key: String, value: V) {
+        if self.by_key.insert(key.clone(), value).is_none() {
+            self.order.push_back(key);
+            while self.order.len() > self.limit {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.by_key.remove(&oldest);
+                }
+            }
+        }
     }
 }
 
@@ -131,7 +192,7 @@ impl PaymentProvider for Simulator {
                         .flaky_seen
                         .lock()
                         .map_err(|_| ProviderError::Transient("simulator poisoned".into()))?;
-                    let n = seen.entry(request.idempotency_key.clone()).or_default();
+                    let n = seen.entry(&request.idempotency_key);
                     *n += 1;
                     if *n == 1 {
                         return Err(ProviderError::Transient("simulated network failure".into()));
@@ -475,5 +536,65 @@ impl PaymentProvider for Guarded {
         request: &'a ChargeRequest,
     ) -> BoxFuture<'a, Result<Option<ChargeOutcome>, ProviderError>> {
         self.guarded(|| self.inner.lookup(request)).boxed()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn request(key: &str, token: &str) -> ChargeRequest {
+        ChargeRequest {
+            idempotency_key: key.into(),
+            order_id: format!("order-{key}"),
+            amount_minor: 4990,
+            currency: "EUR".into(),
+            token: token.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_simulator_answers_a_repeated_key_as_before_and_charges_once() {
+        let simulator = Simulator::default();
+        let first = simulator.charge(&request("pay-1", "tok_ok")).await.unwrap();
+        // The same key with another token: the provider answers what it answered.
+        let again = simulator
+            .charge(&request("pay-1", "tok_declined"))
+            .await
+            .unwrap();
+        assert_eq!(first, again);
+        assert!(matches!(first, ChargeOutcome::Succeeded { .. }));
+        assert_eq!(simulator.charges_made(), 1);
+        assert_eq!(
+            simulator.lookup(&request("pay-1", "tok_ok")).await.unwrap(),
+            Some(first)
+        );
+        assert_eq!(
+            simulator.lookup(&request("pay-2", "tok_ok")).await.unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn remembered_keys_are_bounded_and_the_oldest_go_first() {
+        let mut kept = Remembered::with_limit(3);
+        for key in ["a", "b", "c"] {
+            kept.insert(key.to_string(), key.len());
+        }
+        // A key seen again is not counted twice.
+        kept.insert("a".to_string(), 9);
+        assert_eq!(kept.order.len(), 3);
+        assert_eq!(kept.get("a"), Some(&9));
+        *kept.entry("d") += 1;
+        assert_eq!(kept.get("a"), None, "the oldest key is forgotten");
+        assert_eq!(kept.get("d"), Some(&1));
+        assert_eq!((kept.by_key.len(), kept.order.len()), (3, 3));
+        let mut many = Remembered::default();
+        for n in 0..REMEMBERED + 10 {
+            many.insert(n.to_string(), ());
+        }
+        assert_eq!(many.by_key.len(), REMEMBERED);
+        assert!(many.get("9").is_none() && many.get("10").is_some());
     }
 }
