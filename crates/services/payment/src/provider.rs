@@ -120,18 +120,7 @@ impl<V> Remembered<V> {
         self.by_key.get(key)
     }
 
-    /// The value of `key`, made with `V::default()` when new (forgetting the oldest key if
-    /// that makes one too many).
-    fn entry(&mut self, key: &str) -> &mut V
-    where
-        V: Default,
-    {
-        if !self.by_key.contains_key(key) {
-            self.insert(key.to_string(), V::default());
-        }
-        self.by_key.entry(key.to_string()).or_default()
-    }
-
+    /// Keeps `value` for `key`; a new key past the limit forgets the oldest one.
     fn insert(&mut self, key: String, value: V) {
         if self.by_key.insert(key.clone(), value).is_none() {
             self.order.push_back(key);
@@ -192,9 +181,9 @@ impl PaymentProvider for Simulator {
                         .flaky_seen
                         .lock()
                         .map_err(|_| ProviderError::Transient("simulator poisoned".into()))?;
-                    let n = seen.entry(&request.idempotency_key);
-                    *n += 1;
-                    if *n == 1 {
+                    let n = seen.get(&request.idempotency_key).map_or(1, |n| n + 1);
+                    seen.insert(request.idempotency_key.clone(), n);
+                    if n == 1 {
                         return Err(ProviderError::Transient("simulated network failure".into()));
                     }
                     ChargeOutcome::Succeeded {
@@ -574,6 +563,16 @@ mod tests {
             simulator.lookup(&request("pay-2", "tok_ok")).await.unwrap(),
             None
         );
+        // A flaky card fails its key's first call only.
+        let flaky = request("pay-3", "tok_flaky");
+        assert!(matches!(
+            simulator.charge(&flaky).await,
+            Err(ProviderError::Transient(_))
+        ));
+        assert!(matches!(
+            simulator.charge(&flaky).await,
+            Ok(ChargeOutcome::Succeeded { .. })
+        ));
     }
 
     #[test]
@@ -586,7 +585,7 @@ mod tests {
         kept.insert("a".to_string(), 9);
         assert_eq!(kept.order.len(), 3);
         assert_eq!(kept.get("a"), Some(&9));
-        *kept.entry("d") += 1;
+        kept.insert("d".to_string(), 1);
         assert_eq!(kept.get("a"), None, "the oldest key is forgotten");
         assert_eq!(kept.get("d"), Some(&1));
         assert_eq!((kept.by_key.len(), kept.order.len()), (3, 3));
