@@ -559,9 +559,26 @@ async fn handed_relay(
     (handoff, stop, relay)
 }
 
-/// The ids of the first 100 messages on `topic` in the log, in log order.
-async fn ids_in_log(bus: &SqlBus, topic: &str) -> Vec<String> {
-    bus.fetch("x", &topics(&[topic]), None, 100)
+/// An outbox row of `aggregate` at `version`, written at `at`, with an empty payload.
+fn outbox_row(
+    topic: &str,
+    aggregate: &str,
+    version: i64,
+    at: chrono::DateTime<chrono::Utc>,
+) -> storage::outbox::OutboxMessage {
+    storage::outbox::OutboxMessage::event(
+        "/test",
+        topic,
+        aggregate,
+        version,
+        &storage::time::to_text(at),
+        serde_json::json!({}),
+    )
+}
+
+/// The ids of the first 100 messages on `wanted` topics in the log, in log order.
+async fn ids_in_log(bus: &SqlBus, wanted: &[&str]) -> Vec<String> {
+    bus.fetch("x", &topics(wanted), None, 100)
         .await
         .unwrap()
         .deliveries
@@ -585,17 +602,9 @@ async fn commit_handed(
 async fn handed_rows_are_published_at_once_and_after_older_rows_of_their_aggregate(postgres: bool) {
     let s = Setup::new(postgres).await;
     let (handoff, stop, relay) = handed_relay(&s, RelayConfig::new("order")).await;
-    let log = async || ids_in_log(&s.bus, "order.updated").await;
-    let message = |aggregate: &str, version: i64, at: chrono::DateTime<chrono::Utc>| {
-        storage::outbox::OutboxMessage::event(
-            "/test",
-            "order.updated",
-            aggregate,
-            version,
-            &storage::time::to_text(at),
-            serde_json::json!({}),
-        )
-    };
+    let log = async || ids_in_log(&s.bus, &["order.updated"]).await;
+    let message =
+        |aggregate: &str, version: i64, at| outbox_row("order.updated", aggregate, version, at);
     let deadline = Instant::now() + Duration::from_secs(10);
     let a1 = message("a", 1, storage::time::now());
     commit_handed(&s.service_db, &handoff, std::slice::from_ref(&a1)).await;
@@ -656,19 +665,17 @@ async fn on_postgres_a_lingering_relay_publishes_rows_handed_close_together_in_o
     let first_handed = Instant::now();
     let mut ids = Vec::new();
     for n in 0..3 {
-        let row = storage::outbox::OutboxMessage::event(
-            "/test",
+        let row = outbox_row(
             "notification.sent",
             &format!("n-{n}"),
             1,
-            &storage::time::to_text(storage::time::now()),
-            serde_json::json!({}),
+            storage::time::now(),
         );
         ids.push(row.id.clone());
         commit_handed(&s.service_db, &handoff, std::slice::from_ref(&row)).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let log = async || ids_in_log(&s.bus, "notification.sent").await;
+    let log = async || ids_in_log(&s.bus, &["notification.sent"]).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while log().await.len() < 3 {
         assert!(
@@ -701,42 +708,19 @@ async fn on_postgres_a_row_on_a_topic_that_does_not_linger_ends_the_wait() {
     config.linger = Duration::from_secs(30);
     config.linger_topics = Some(vec!["order.confirmed".to_string()]);
     let (handoff, stop, relay) = handed_relay(&s, config).await;
-    let row = |topic: &str, aggregate: &str| {
-        storage::outbox::OutboxMessage::event(
-            "/test",
-            topic,
-            aggregate,
-            1,
-            &storage::time::to_text(storage::time::now()),
-            serde_json::json!({}),
-        )
-    };
+    let row = |topic: &str, aggregate: &str| outbox_row(topic, aggregate, 1, storage::time::now());
     let confirmed = row("order.confirmed", "a");
     commit_handed(&s.service_db, &handoff, std::slice::from_ref(&confirmed)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        ids_in_log(&s.bus, "order.confirmed").await.is_empty(),
+        ids_in_log(&s.bus, &["order.confirmed"]).await.is_empty(),
         "a lingering row was published before the linger"
     );
     let before = s.bus.publish_statements().unwrap();
     let created = row("order.created", "b");
     commit_handed(&s.service_db, &handoff, std::slice::from_ref(&created)).await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    let log = async || -> Vec<String> {
-        s.bus
-            .fetch(
-                "y",
-                &topics(&["order.confirmed", "order.created"]),
-                None,
-                10,
-            )
-            .await
-            .unwrap()
-            .deliveries
-            .into_iter()
-            .map(|d| d.message.id)
-            .collect()
-    };
+    let log = async || ids_in_log(&s.bus, &["order.confirmed", "order.created"]).await;
     while log().await.len() < 2 {
         assert!(
             Instant::now() < deadline,
@@ -805,16 +789,7 @@ async fn on_postgres_publishes_waiting_together_share_a_statement_and_mark_each_
     for (n, db) in services.iter().enumerate() {
         for p in 0..10 {
             let rows: Vec<storage::outbox::OutboxMessage> = (0..3)
-                .map(|v| {
-                    storage::outbox::OutboxMessage::event(
-                        "/test",
-                        "t",
-                        &format!("agg-{n}-{p}"),
-                        v,
-                        &storage::time::to_text(storage::time::now()),
-                        serde_json::json!({}),
-                    )
-                })
+                .map(|v| outbox_row("t", &format!("agg-{n}-{p}"), v, storage::time::now()))
                 .collect();
             let mut tx = db.begin_write().await.unwrap();
             let pending = storage::outbox::enqueue(&mut tx, &rows).await.unwrap();
@@ -841,7 +816,7 @@ async fn on_postgres_publishes_waiting_together_share_a_statement_and_mark_each_
         statements <= 10,
         "30 publishes made at once took {statements} statements"
     );
-    let log = ids_in_log(&s.bus, "t").await;
+    let log = ids_in_log(&s.bus, &["t"]).await;
     assert_eq!(log.len(), 90, "every message once");
     for (_, messages) in &publishes {
         let at: Vec<usize> = messages

@@ -346,19 +346,33 @@ async fn on_postgres_merging_lanes_run_the_scripts_that_gather_as_one_statement(
         1,
         std::time::Duration::from_millis(200),
     );
-    let run = |script| {
-        let group = group.clone();
-        tokio::spawn(async move { group.run_script::<sqlx::Error>(script).await })
+    // Four scripts at once, as many as one statement takes: three fresh messages from `first`
+    // on, then `last`. Their results, in that order.
+    let gather = |first: usize, last| {
+        let mut scripts: Vec<_> = (first..first + 3)
+            .map(|n| claimed(&format!("m{n}"), &format!("e{n}")))
+            .collect();
+        scripts.push(last);
+        let tasks: Vec<_> = scripts
+            .into_iter()
+            .map(|script| {
+                let group = group.clone();
+                tokio::spawn(async move { group.run_script::<sqlx::Error>(script).await })
+            })
+            .collect();
+        async move {
+            let mut results = Vec::new();
+            for task in tasks {
+                results.push(task.await.unwrap());
+            }
+            results
+        }
     };
-    // Four scripts at once: as many as one statement takes.
-    let mut tasks: Vec<_> = (0..3)
-        .map(|n| run(claimed(&format!("m{n}"), &format!("e{n}"))))
+    let counts: Vec<_> = gather(0, claimed("seen", "e-seen"))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
         .collect();
-    tasks.push(run(claimed("seen", "e-seen")));
-    let mut counts = Vec::new();
-    for task in tasks {
-        counts.push(task.await.unwrap().unwrap());
-    }
     assert!(counts[..3].iter().all(|c| *c == vec![1, 1]), "{counts:?}");
     assert_eq!(counts[3], vec![0, 0], "a message claimed before wrote");
     assert_eq!(
@@ -372,14 +386,7 @@ async fn on_postgres_merging_lanes_run_the_scripts_that_gather_as_one_statement(
         .unwrap();
     assert_eq!(statements, 1, "the scripts ran as more than one statement");
     // A script that fails (its effect's key is taken) in a gathering: only it fails.
-    let mut tasks: Vec<_> = (10..13)
-        .map(|n| run(claimed(&format!("m{n}"), &format!("e{n}"))))
-        .collect();
-    tasks.push(run(claimed("m-fails", "e0")));
-    let mut results = Vec::new();
-    for task in tasks {
-        results.push(task.await.unwrap());
-    }
+    let results = gather(10, claimed("m-fails", "e0")).await;
     assert!(
         results[..3]
             .iter()
