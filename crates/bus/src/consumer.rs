@@ -1,8 +1,10 @@
-//! The consumer runner: feeds a group's messages to its handler in log order, retries failures
-//! with exponential backoff and jitter, parks a message in dead letters after its last attempt,
-//! and processes the dead letters an operator redrives.
+//! The consumer runner: feeds a group's deliveries to its handler (one key's in order, different
+//! keys side by side), acknowledges each after the handler committed, retries failures with
+//! exponential backoff and jitter, parks a message in dead letters after its last attempt, and
+//! processes the dead letters an operator redrives. The same on every adapter.
 
-use crate::{Bus, DeadLetter, Delivery, Message};
+use crate::dead_letters::DeadLetters;
+use crate::{DeadLetter, Delivery, Message, NoAck, Subscriber};
 use futures::future::BoxFuture;
 use rand::Rng;
 use std::sync::Arc;
@@ -55,6 +57,9 @@ pub struct ConsumerConfig {
     /// One runner per group is active across processes; a standby takes over when the active
     /// one stops renewing for this long.
     pub lease_ttl: Duration,
+    /// Brokers: a delivery neither acknowledged nor reported in progress for this long is
+    /// delivered again (a consumer that died before its ack).
+    pub ack_wait: Duration,
     /// Messages handled at the same time. Messages with the same key (the aggregate they are
     /// about) are always handled one after the other, in log order; different keys run side
     /// by side in this many lanes.
@@ -79,6 +84,7 @@ impl ConsumerConfig {
             poll_interval: Duration::from_millis(500),
             batch_size: 100,
             lease_ttl: Duration::from_secs(15),
+            ack_wait: Duration::from_secs(30),
             concurrency: 1,
             deliver_twice: false,
             commit_interval: Duration::from_millis(100),
@@ -96,57 +102,47 @@ pub fn backoff(config: &ConsumerConfig, attempt: u32) -> Duration {
     half + half.mul_f64(rand::rng().random::<f64>())
 }
 
+#[derive(Debug, PartialEq, Eq)]
 enum Outcome {
     Done,
     DeadLettered,
+    /// Shutdown came during a retry: the message was let go, to be delivered again.
     Stopped,
-    /// The lease was lost: the message is left for the group's new holder.
-    Abandoned,
 }
 
-/// Runs the group until `shutdown` turns true. A message being retried at shutdown is not
-/// committed, so it is delivered again after a restart.
-///
-/// Messages are fetched as they are published, also while earlier ones are being handled: each
-/// goes to the lane of its key (one key is always handled in log order, in one lane), and an
-/// idle lane starts at once. The group's position is the last message before the oldest one
-/// not yet handled.
+/// Runs the group until `shutdown` turns true: subscribes, and subscribes again whenever the
+/// adapter ends the subscription (another process took the group over, the broker went away).
 pub async fn run(
-    bus: Arc<dyn Bus>,
+    subscriber: Arc<dyn Subscriber>,
+    dead_letters: DeadLetters,
     config: ConsumerConfig,
     handler: Arc<dyn Handler>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let holder = uuid::Uuid::now_v7().to_string();
-    let lease = format!("consumer:{}", config.group);
     tracing::info!(group = %config.group, topics = ?config.topics, "consumer started");
-    let mut redrive_requests = bus.redrive_requests();
+    let mut redrive_requests = dead_letters.redrive_requests();
     loop {
         if *shutdown.borrow() {
             break;
         }
-        match bus.hold_lease(&lease, &holder, config.lease_ttl).await {
-            Ok(true) => {
-                let ended = hold(
-                    &bus,
+        match subscriber.subscribe(&config).await {
+            Ok(subscription) => {
+                let stopped = consume(
+                    subscription,
+                    &dead_letters,
                     &config,
                     &handler,
-                    &lease,
-                    &holder,
                     &mut shutdown,
                     &mut redrive_requests,
                 )
                 .await;
-                if ended == Held::Stopped {
-                    let _ = bus.release_lease(&lease, &holder).await;
+                if stopped {
                     break;
                 }
-                tracing::warn!(group = %config.group, "lost the group's lease; standing by");
+                tracing::warn!(group = %config.group, "subscription ended; subscribing again");
             }
-            // Another process runs this group: stand by.
-            Ok(false) => {}
             Err(error) => {
-                tracing::warn!(group = %config.group, %error, "cannot take the group's lease");
+                tracing::warn!(group = %config.group, %error, "cannot subscribe");
             }
         }
         if sleep_or_stop(config.poll_interval, &mut shutdown).await {
@@ -156,285 +152,169 @@ pub async fn run(
     tracing::info!(group = %config.group, "consumer stopped");
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Held {
-    Stopped,
-    LostLease,
-}
-
-/// Runs the group while this runner holds its lease.
-///
-/// Each message is handled in a task of its own, so handling goes on while this loop waits on
-/// the bus (a handler that holds a connection the loop also needs, such as the bus's writer
-/// while it dead-letters, can always finish).
-async fn hold(
-    bus: &Arc<dyn Bus>,
+/// Handles a subscription's deliveries until shutdown (true) or until the adapter ends it
+/// (false). Each delivery is handled in a task of its own in the lane of its key; a lane takes
+/// its next delivery when the one before is settled, so one key's messages never overtake.
+async fn consume(
+    mut subscription: crate::Subscription,
+    dead_letters: &DeadLetters,
     config: &ConsumerConfig,
     handler: &Arc<dyn Handler>,
-    lease: &str,
-    holder: &str,
     shutdown: &mut watch::Receiver<bool>,
     redrive_requests: &mut watch::Receiver<u64>,
-) -> Held {
-    use std::collections::{BTreeSet, VecDeque};
+) -> bool {
+    use std::collections::VecDeque;
     use std::hash::{Hash, Hasher};
-    use std::sync::atomic::{AtomicBool, Ordering};
 
-    let mut wakeups = bus.wakeups_for(&config.topics);
     let lanes_n = config.concurrency.max(1);
-    let mut queued: Vec<VecDeque<Delivery>> = vec![VecDeque::new(); lanes_n];
+    let mut queued: Vec<VecDeque<Delivery>> = (0..lanes_n).map(|_| VecDeque::new()).collect();
     let mut busy = vec![false; lanes_n];
-    // Fetched and not yet handled, by position.
-    let mut open: BTreeSet<i64> = BTreeSet::new();
-    let lost = Arc::new(AtomicBool::new(false));
-    let shared_config = Arc::new(config.clone());
-    let mut running: tokio::task::JoinSet<(usize, i64, Outcome)> = tokio::task::JoinSet::new();
-    let mut renewed = std::time::Instant::now();
-    let mut redrives_checked: Option<std::time::Instant> = None;
-    // Where reading goes on from (the committed position at first), and what was written.
-    let mut read_to: Option<i64> = None;
-    let mut committed: i64 = 0;
-    let mut last_commit = std::time::Instant::now();
-    let mut fetch_now = true;
-    let mut stopping: Option<Held> = None;
+    // Deliveries taken from the subscription and not yet settled.
+    let mut in_hand = 0usize;
     let capacity = config.batch_size.max(1) * 2;
+    let shared_config = Arc::new(config.clone());
+    let mut running: tokio::task::JoinSet<(usize, Outcome)> = tokio::task::JoinSet::new();
+    let mut redrives = tokio::time::interval(config.poll_interval);
+    redrives.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stopping: Option<bool> = None;
     loop {
-        let handled_to = handled_up_to(&open, read_to);
-        if let Some(reason) = stopping.as_ref()
-            && running.is_empty()
-        {
-            // What was handled is written (never moving the position back); a new holder
-            // reads on from there.
-            if let Some(position) = handled_to.filter(|p| *p > committed) {
-                let _ = bus.commit(&config.group, position).await;
+        if let Some(stopped) = stopping {
+            // Nothing queued starts any more: let it go at once for whoever reads on.
+            for delivery in queued.iter_mut().flat_map(|q| q.drain(..)) {
+                in_hand -= 1;
+                let _ = delivery.nack(Duration::ZERO).await;
             }
-            return match reason {
-                Held::Stopped => Held::Stopped,
-                Held::LostLease => Held::LostLease,
-            };
+            if running.is_empty() {
+                return stopped;
+            }
         }
-        if stopping.is_none() {
-            if *shutdown.borrow() {
-                stopping = Some(Held::Stopped);
+        for (lane, queue) in queued.iter_mut().enumerate() {
+            if busy[lane] {
                 continue;
             }
-            if renewed.elapsed() >= config.lease_ttl / 3 {
-                match bus.hold_lease(lease, holder, config.lease_ttl).await {
-                    Ok(true) => renewed = std::time::Instant::now(),
-                    Ok(false) | Err(_) => {
-                        // The lanes stop taking messages and retrying.
-                        lost.store(true, Ordering::SeqCst);
-                        stopping = Some(Held::LostLease);
-                        continue;
-                    }
-                }
+            if let Some(delivery) = queue.pop_front() {
+                busy[lane] = true;
+                let mut stop = shutdown.clone();
+                let (dead, config, handler) =
+                    (dead_letters.clone(), shared_config.clone(), handler.clone());
+                running.spawn(async move {
+                    let outcome =
+                        deliver(&dead, &config, handler.as_ref(), delivery, &mut stop).await;
+                    (lane, outcome)
+                });
             }
-            let requested = redrive_requests.has_changed().unwrap_or(false);
-            if requested || redrives_checked.is_none_or(|at| at.elapsed() >= config.poll_interval) {
-                redrive_requests.borrow_and_update();
-                redrives_checked = Some(std::time::Instant::now());
-                redrive(bus.as_ref(), config, handler.as_ref()).await;
-            }
-            if fetch_now && open.len() < capacity {
-                wakeups.borrow_and_update();
-                match bus
-                    .fetch(&config.group, &config.topics, read_to, config.batch_size)
-                    .await
-                {
-                    Ok(fetched) => {
-                        // A full page: more is waiting.
-                        fetch_now = fetched.deliveries.len() >= config.batch_size.clamp(1, 1000);
-                        read_to = Some(fetched.read_to.max(fetched.from));
-                        for delivery in fetched.deliveries {
-                            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-                            delivery.message.key.hash(&mut hasher);
-                            let lane =
-                                usize::try_from(hasher.finish() % lanes_n as u64).unwrap_or(0);
-                            open.insert(delivery.seq);
-                            queued[lane].push_back(delivery);
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(group = %config.group, %error, "cannot fetch messages");
-                        fetch_now = false;
-                    }
-                }
-            }
-            // Idle lanes take their next message.
-            for (lane, queue) in queued.iter_mut().enumerate() {
-                if busy[lane] {
-                    continue;
-                }
-                if let Some(delivery) = queue.pop_front() {
-                    busy[lane] = true;
-                    let mut stop = shutdown.clone();
-                    let lost = lost.clone();
-                    let (bus, config, handler) =
-                        (bus.clone(), shared_config.clone(), handler.clone());
-                    running.spawn(async move {
-                        let outcome = deliver(
-                            bus.as_ref(),
-                            &config,
-                            handler.as_ref(),
-                            &delivery,
-                            &mut stop,
-                            &lost,
-                        )
-                        .await;
-                        (lane, delivery.seq, outcome)
-                    });
-                }
-            }
-        }
-        let handled_to = handled_up_to(&open, read_to);
-        commit_when_due(
-            bus.as_ref(),
-            config,
-            handled_to,
-            &mut committed,
-            &mut last_commit,
-        )
-        .await;
-        let behind = handled_to.is_some_and(|p| p > committed);
-        let wait = if behind {
-            config.commit_interval.min(config.poll_interval)
-        } else {
-            config.poll_interval
-        };
-        let renew_in = (config.lease_ttl / 3).saturating_sub(renewed.elapsed());
-        let can_fetch = stopping.is_none() && open.len() < capacity;
-        if fetch_now && can_fetch {
-            continue;
         }
         tokio::select! {
             Some(joined) = running.join_next(), if !running.is_empty() => {
-                let Ok((lane, seq, outcome)) = joined else {
+                in_hand -= 1;
+                match joined {
+                    Ok((lane, outcome)) => {
+                        busy[lane] = false;
+                        if outcome == Outcome::Stopped {
+                            stopping.get_or_insert(true);
+                        }
+                    }
                     // Only a panic outside the handler gets here (a handler's own panic
-                    // dead-letters its message): stop holding; the message is delivered
-                    // again from the group's position.
-                    tracing::error!(group = %config.group, "a delivery task failed; releasing the group");
-                    lost.store(true, Ordering::SeqCst);
-                    stopping.get_or_insert(Held::LostLease);
-                    continue;
-                };
-                busy[lane] = false;
-                match outcome {
-                    Outcome::Done | Outcome::DeadLettered => {
-                        open.remove(&seq);
-                    }
-                    Outcome::Stopped => {
-                        stopping.get_or_insert(Held::Stopped);
-                    }
-                    // The group moved to another process: it redelivers from the last commit.
-                    Outcome::Abandoned => {
-                        stopping.get_or_insert(Held::LostLease);
-                    }
-                }
-                if stopping.is_some() {
-                    // Nothing queued starts any more.
-                    for queue in &mut queued {
-                        queue.clear();
+                    // dead-letters its message): its delivery was never acknowledged and comes
+                    // again; subscribe anew.
+                    Err(_) => {
+                        tracing::error!(group = %config.group, "a delivery task failed; subscribing again");
+                        stopping.get_or_insert(false);
                     }
                 }
             }
-            _ = wakeups.changed(), if can_fetch => { fetch_now = true; }
-            () = tokio::time::sleep(wait) => { fetch_now = true; }
-            () = tokio::time::sleep(renew_in), if stopping.is_none() => {}
-            _ = shutdown.changed(), if stopping.is_none() => {}
+            next = subscription.next(), if stopping.is_none() && in_hand < capacity => match next {
+                Some(delivery) => {
+                    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                    delivery.message.key.hash(&mut hasher);
+                    let lane = usize::try_from(hasher.finish() % lanes_n as u64).unwrap_or(0);
+                    in_hand += 1;
+                    queued[lane].push_back(delivery);
+                }
+                None => {
+                    stopping = Some(false);
+                }
+            },
+            _ = redrives.tick(), if stopping.is_none() => {
+                redrive(dead_letters, config, handler.as_ref()).await;
+            }
+            _ = redrive_requests.changed(), if stopping.is_none() => {
+                redrive(dead_letters, config, handler.as_ref()).await;
+            }
+            _ = shutdown.changed(), if stopping.is_none() => {
+                if *shutdown.borrow() {
+                    stopping = Some(true);
+                }
+            }
         }
     }
 }
 
-/// Up to where every message is handled: just before the oldest one still open, or as far as
-/// reading went when none is.
-fn handled_up_to(open: &std::collections::BTreeSet<i64>, read_to: Option<i64>) -> Option<i64> {
-    match open.first() {
-        Some(first) => Some(first - 1),
-        None => read_to,
-    }
-}
-
-/// Writes the group's position when it moved and `commit_interval` has passed since the last
-/// write.
-async fn commit_when_due(
-    bus: &dyn Bus,
-    config: &ConsumerConfig,
-    position: Option<i64>,
-    committed: &mut i64,
-    last_commit: &mut std::time::Instant,
-) {
-    let Some(position) = position.filter(|p| *p > *committed) else {
-        return;
-    };
-    if last_commit.elapsed() < config.commit_interval {
-        return;
-    }
-    match bus.commit(&config.group, position).await {
-        Ok(()) => {
-            *committed = position;
-            *last_commit = std::time::Instant::now();
-        }
-        Err(error) => {
-            tracing::warn!(group = %config.group, %error, "cannot commit the group's position");
-        }
-    }
-}
-
+/// Handles one delivery to its end: acknowledged when handled or dead-lettered, let go when
+/// shutdown interrupts its retries.
 async fn deliver(
-    bus: &dyn Bus,
+    dead_letters: &DeadLetters,
     config: &ConsumerConfig,
     handler: &dyn Handler,
-    delivery: &Delivery,
+    delivery: Delivery,
     shutdown: &mut watch::Receiver<bool>,
-    lost: &std::sync::atomic::AtomicBool,
 ) -> Outcome {
-    let mut attempt: u32 = 0;
+    // Deliveries before this one (a consumer that died or let go) count as attempts.
+    let mut attempt: u32 = delivery.delivered.saturating_sub(1);
     loop {
-        if lost.load(std::sync::atomic::Ordering::SeqCst) {
-            return Outcome::Abandoned;
-        }
         attempt += 1;
-        let mut result = handle_once(handler, delivery).await;
+        let mut result = handle_once(handler, &delivery).await;
         if config.deliver_twice && result.is_ok() {
-            result = handle_once(handler, delivery).await;
+            result = handle_once(handler, &delivery).await;
         }
         let error = match result {
             Ok(()) => {
                 metrics::counter!("bus_consumed_total", "group" => config.group.clone())
                     .increment(1);
+                settle(config, delivery.ack().await);
                 return Outcome::Done;
             }
             Err(error) => error,
         };
         metrics::counter!("bus_handler_failures_total", "group" => config.group.clone())
             .increment(1);
-        if lost.load(std::sync::atomic::Ordering::SeqCst) {
-            return Outcome::Abandoned;
-        }
         if error.permanent || attempt >= config.max_attempts {
             tracing::error!(
                 group = %config.group, topic = %delivery.message.topic, message_id = %delivery.message.id,
                 attempts = attempt, error = %error, "message dead-lettered"
             );
             let attempts = i64::from(attempt);
-            while let Err(db_error) = bus
-                .dead_letter(&config.group, delivery, &error.message, attempts)
+            while let Err(db_error) = dead_letters
+                .park(&config.group, &delivery, &error.message, attempts)
                 .await
             {
                 tracing::warn!(group = %config.group, error = %db_error, "cannot dead-letter; retrying");
                 if sleep_or_stop(config.poll_interval, shutdown).await {
+                    settle(config, delivery.nack(Duration::ZERO).await);
                     return Outcome::Stopped;
                 }
             }
+            settle(config, delivery.ack().await);
             return Outcome::DeadLettered;
         }
         tracing::warn!(
             group = %config.group, topic = %delivery.message.topic, message_id = %delivery.message.id,
             attempt, error = %error, "handler failed; retrying"
         );
+        // The broker must not hand it to another consumer while this one waits to retry.
+        settle(config, delivery.in_progress().await);
         if sleep_or_stop(backoff(config, attempt), shutdown).await {
+            settle(config, delivery.nack(Duration::ZERO).await);
             return Outcome::Stopped;
         }
+    }
+}
+
+/// An acknowledgement that did not reach the adapter: the message comes again, and the inbox of
+/// its handler absorbs the repeat.
+fn settle(config: &ConsumerConfig, result: Result<(), crate::BusError>) {
+    if let Err(error) = result {
+        tracing::warn!(group = %config.group, %error, "cannot settle a delivery; it will come again");
     }
 }
 
@@ -462,8 +342,8 @@ async fn handle_once(handler: &dyn Handler, delivery: &Delivery) -> Result<(), H
 
 /// Processes dead letters an operator asked to redrive: gone on success, kept with the new error
 /// on failure.
-async fn redrive(bus: &dyn Bus, config: &ConsumerConfig, handler: &dyn Handler) {
-    let letters = match bus.redrives(&config.group).await {
+async fn redrive(dead_letters: &DeadLetters, config: &ConsumerConfig, handler: &dyn Handler) {
+    let letters = match dead_letters.redrives(&config.group).await {
         Ok(letters) => letters,
         Err(error) => {
             tracing::warn!(group = %config.group, %error, "cannot read redrive requests");
@@ -473,8 +353,8 @@ async fn redrive(bus: &dyn Bus, config: &ConsumerConfig, handler: &dyn Handler) 
     for letter in letters {
         let delivery = as_delivery(&letter);
         let result = match handle_once(handler, &delivery).await {
-            Ok(()) => bus.remove_dead_letter(&letter.id).await,
-            Err(error) => bus.redrive_failed(&letter.id, &error.message).await,
+            Ok(()) => dead_letters.remove(&letter.id).await,
+            Err(error) => dead_letters.redrive_failed(&letter.id, &error.message).await,
         };
         if let Err(error) = result {
             tracing::warn!(group = %config.group, %error, "cannot settle a redriven dead letter");
@@ -483,15 +363,13 @@ async fn redrive(bus: &dyn Bus, config: &ConsumerConfig, handler: &dyn Handler) 
 }
 
 fn as_delivery(letter: &DeadLetter) -> Delivery {
-    Delivery {
-        seq: letter.seq,
-        message: Message {
-            id: letter.message_id.clone(),
-            topic: letter.topic.clone(),
-            key: String::new(),
-            payload: letter.payload.clone(),
-        },
-    }
+    let message = Message {
+        id: letter.message_id.clone(),
+        topic: letter.topic.clone(),
+        key: String::new(),
+        payload: letter.payload.clone(),
+    };
+    Delivery::new(message, letter.seq, 1, NoAck)
 }
 
 /// Sleeps, or returns `true` early when shutdown is requested.

@@ -1,17 +1,20 @@
-//! The event bus. A [`Bus`] is a durable log that consumer groups read at their own pace:
-//! publish a batch, fetch what a group has not processed yet, commit the group's position, and
-//! park what a group could not process in dead letters.
+//! The event bus, shaped like a broker: a [`Publisher`] returns once the broker holds a batch
+//! durably, a [`Subscriber`] joins a named consumer group to topics and yields [`Delivery`]s to
+//! acknowledge after the handler's transaction commits.
 //!
 //! Adapters: [`sql::SqlBus`], the embedded default (a log table in `bus.db` on SQLite or in a
-//! `bus` schema on PostgreSQL). [`relay`] moves a service's outbox to the bus; [`consumer`]
-//! runs a group's handler with retries, backoff and dead letters.
+//! `bus` schema on PostgreSQL), and NATS JetStream behind the `nats` feature. [`relay`] moves a
+//! service's outbox to a publisher; [`consumer`] runs a group's handler with retries, backoff
+//! and [`dead_letters`], which live in the platform's database whatever the broker.
 
 pub mod consumer;
+pub mod dead_letters;
 pub mod relay;
 pub mod sql;
 
 use futures::future::BoxFuture;
 use serde::Serialize;
+use std::time::Duration;
 
 pub use storage::outbox::CloudEvent;
 
@@ -38,29 +41,109 @@ impl From<storage::outbox::PendingMessage> for Message {
     }
 }
 
-/// A message as a group receives it, with its position in the log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A message as a consumer group receives it. Acknowledge it once the handler's effects are
+/// committed ([`ack`](Self::ack)); one that is neither acknowledged nor let go is delivered again
+/// after the adapter's acknowledgement deadline.
 pub struct Delivery {
-    pub seq: i64,
     pub message: Message,
+    /// The message's position where the adapter keeps it (the sql log's sequence, the JetStream
+    /// stream sequence): for dead letters and logs, never for ordering.
+    pub seq: i64,
+    /// How many times the adapter has delivered it, this time included.
+    pub delivered: u32,
+    acker: Box<dyn Acker>,
 }
 
-/// What a fetch returned.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Fetched {
-    pub deliveries: Vec<Delivery>,
-    /// Every message the group subscribes to up to this position is in `deliveries`.
-    pub read_to: i64,
-    /// The position read from: every delivery is after it.
-    pub from: i64,
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .field("seq", &self.seq)
+            .field("delivered", &self.delivered)
+            .finish_non_exhaustive()
+    }
 }
 
-/// How far the log and each consumer group are.
+/// How an adapter settles one delivery.
+pub trait Acker: Send + Sync + 'static {
+    /// Done with the message: it is not delivered to the group again.
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BusError>>;
+    /// Let the message go: delivered again, not before `retry_after`.
+    fn nack(self: Box<Self>, retry_after: Duration) -> BoxFuture<'static, Result<(), BusError>>;
+    /// Still working on it: pushes the acknowledgement deadline back.
+    fn in_progress(&self) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Settles nothing: a delivery made outside any subscription (a redriven dead letter, a test).
+pub struct NoAck;
+
+impl Acker for NoAck {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BusError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn nack(self: Box<Self>, _: Duration) -> BoxFuture<'static, Result<(), BusError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl Delivery {
+    pub fn new(message: Message, seq: i64, delivered: u32, acker: impl Acker) -> Self {
+        Self {
+            message,
+            seq,
+            delivered,
+            acker: Box::new(acker),
+        }
+    }
+
+    pub async fn ack(self) -> Result<(), BusError> {
+        self.acker.ack().await
+    }
+
+    pub async fn nack(self, retry_after: Duration) -> Result<(), BusError> {
+        self.acker.nack(retry_after).await
+    }
+
+    pub async fn in_progress(&self) -> Result<(), BusError> {
+        self.acker.in_progress().await
+    }
+}
+
+/// A consumer group's stream of deliveries, fed by a task of the adapter. Dropping it leaves
+/// the group (unacknowledged deliveries are delivered again).
+pub struct Subscription {
+    deliveries: tokio::sync::mpsc::Receiver<Delivery>,
+}
+
+impl Subscription {
+    /// A subscription fed through `deliveries`; the feeding task stops when the sender finds
+    /// the receiver gone (`Sender::closed`).
+    pub fn new(deliveries: tokio::sync::mpsc::Receiver<Delivery>) -> Self {
+        Self { deliveries }
+    }
+
+    /// The next delivery; `None` when the adapter ended the subscription (subscribe again).
+    pub async fn next(&mut self) -> Option<Delivery> {
+        self.deliveries.recv().await
+    }
+}
+
+/// How far a consumer group is behind, in the adapter's own terms.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Positions {
+pub struct GroupLag {
+    pub group: String,
+    /// Messages on the group's topics not yet acknowledged by it.
+    pub lag: i64,
+    /// Where the group is: the sql log position it committed, the JetStream ack floor.
+    pub position: i64,
+    /// The newest position of what the group reads (the log's head, the stream's last sequence).
     pub head: i64,
-    pub groups: Vec<(String, i64)>,
+    /// Where the figures come from: `sql` or the stream or queue the broker reports on.
+    pub source: String,
 }
 
 /// A message a group gave up on.
@@ -81,26 +164,43 @@ pub struct DeadLetter {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    #[error("bus storage error: {0}")]
-    Db(#[from] sqlx::Error),
+    /// The broker or the database behind the adapter failed or cannot be reached.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
     #[error("no dead letter with id {0}")]
     UnknownDeadLetter(String),
+    #[error("bus configuration: {0}")]
+    Config(String),
 }
 
-/// What every bus adapter provides.
-pub trait Bus: Send + Sync + 'static {
-    /// Appends the messages in order; a message id already in the log is skipped. Consumers
-    /// may see them at once, but they are durable only after [`sync`](Self::sync): a sender
-    /// forgets a message (marks its outbox row sent) only after a sync.
+impl From<sqlx::Error> for BusError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Unavailable(error.to_string())
+    }
+}
+
+impl From<storage::DbError> for BusError {
+    fn from(error: storage::DbError) -> Self {
+        Self::Unavailable(error.to_string())
+    }
+}
+
+/// The sending side of a bus.
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes the messages in order, keyed by [`Message::key`]; a message id the bus has
+    /// seen lately is stored once. Returns once the broker confirmed every message (see
+    /// [`sync`](Self::sync) for the one adapter that confirms later).
     fn publish<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, Result<(), BusError>>;
 
-    /// Makes everything published before this call durable (one flush for many publishes).
-    fn sync(&self) -> BoxFuture<'_, Result<(), BusError>>;
+    /// Makes everything published before this call durable. Brokers confirm in `publish` and
+    /// have nothing to do; the embedded log on SQLite flushes many publishes at once here.
+    fn sync(&self) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async { Ok(()) })
+    }
 
-    /// Publishes like [`publish`](Self::publish) and, where this bus can, marks the messages
-    /// sent in the outbox of `service` (its database) in the same transaction: true when it
-    /// did, so the sender has nothing left to do for them; false when the sender must
-    /// [`sync`](Self::sync) and mark them itself.
+    /// Publishes like [`publish`](Self::publish) and, where the bus shares the service's
+    /// database, marks the messages sent in its outbox in the same transaction: true when it
+    /// did, so the sender has nothing left to do for them.
     fn publish_and_mark<'a>(
         &'a self,
         messages: &'a [Message],
@@ -109,85 +209,23 @@ pub trait Bus: Send + Sync + 'static {
         let _ = service;
         Box::pin(async move { self.publish(messages).await.map(|()| false) })
     }
-
-    /// Up to `max` messages on `topics` after position `after` (the group's committed
-    /// position when `None`), oldest first, and how far the log was read (committing that
-    /// skips messages on other topics).
-    fn fetch<'a>(
-        &'a self,
-        group: &'a str,
-        topics: &'a [String],
-        after: Option<i64>,
-        max: usize,
-    ) -> BoxFuture<'a, Result<Fetched, BusError>>;
-
-    /// Takes or renews the lease `name` for `holder`; `true` while the caller holds it.
-    fn hold_lease<'a>(
-        &'a self,
-        name: &'a str,
-        holder: &'a str,
-        ttl: std::time::Duration,
-    ) -> BoxFuture<'a, Result<bool, BusError>>;
-
-    /// Gives a lease up.
-    fn release_lease<'a>(
-        &'a self,
-        name: &'a str,
-        holder: &'a str,
-    ) -> BoxFuture<'a, Result<(), BusError>>;
-
-    /// The head of the log and each group's committed position.
-    fn positions(&self) -> BoxFuture<'_, Result<Positions, BusError>>;
-
-    /// Records that the group is done with everything up to and including `seq`.
-    fn commit<'a>(&'a self, group: &'a str, seq: i64) -> BoxFuture<'a, Result<(), BusError>>;
-
-    /// A receiver that changes whenever something is published (or a redrive is requested).
-    /// A consumer marks it seen before fetching, so a publish during the fetch still wakes it.
-    fn wakeups(&self) -> tokio::sync::watch::Receiver<u64>;
-
-    /// Like `wakeups`, but changes only when one of `topics` is published (or a redrive is
-    /// requested), so a consumer is not woken for messages it skips.
-    fn wakeups_for(&self, topics: &[String]) -> tokio::sync::watch::Receiver<u64> {
-        let _ = topics;
-        self.wakeups()
-    }
-
-    /// Changes when a redrive is requested through this bus handle (other processes' requests
-    /// are found by polling).
-    fn redrive_requests(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.wakeups()
-    }
-
-    /// Parks a delivery the group gave up on.
-    fn dead_letter<'a>(
-        &'a self,
-        group: &'a str,
-        delivery: &'a Delivery,
-        error: &'a str,
-        attempts: i64,
-    ) -> BoxFuture<'a, Result<(), BusError>>;
-
-    /// Dead letters, newest first; of one group if given.
-    fn dead_letters<'a>(
-        &'a self,
-        group: Option<&'a str>,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, BusError>>;
-
-    /// Asks the owning group to process a dead letter again.
-    fn request_redrive<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BusError>>;
-
-    /// The group's dead letters an operator asked to redrive.
-    fn redrives<'a>(&'a self, group: &'a str) -> BoxFuture<'a, Result<Vec<DeadLetter>, BusError>>;
-
-    /// Deletes a dead letter (discarded, or redriven successfully).
-    fn remove_dead_letter<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BusError>>;
-
-    /// A redrive failed again: keep the letter with the new error, no longer requested.
-    fn redrive_failed<'a>(
-        &'a self,
-        id: &'a str,
-        error: &'a str,
-    ) -> BoxFuture<'a, Result<(), BusError>>;
 }
+
+/// The receiving side of a bus.
+pub trait Subscriber: Send + Sync + 'static {
+    /// Joins `config.group` on `config.topics`. Messages with one key arrive in the order they
+    /// were published; every group gets every message; processes subscribing with one group
+    /// share it (as the adapter arranges: one active at a time, or partitions).
+    fn subscribe<'a>(
+        &'a self,
+        config: &'a consumer::ConsumerConfig,
+    ) -> BoxFuture<'a, Result<Subscription, BusError>>;
+
+    /// Each known group's lag.
+    fn lag(&self) -> BoxFuture<'_, Result<Vec<GroupLag>, BusError>>;
+}
+
+/// A whole bus: what the platform publishes to and subscribes on.
+pub trait Bus: Publisher + Subscriber {}
+
+impl<T: Publisher + Subscriber> Bus for T {}

@@ -2,7 +2,7 @@
 //! rows sent only after the bus accepted them. One relay per service is active at a time (a
 //! lease in the service's database); a standby takes over when the lease expires.
 
-use crate::{Bus, Message};
+use crate::{Message, Publisher};
 use std::sync::Arc;
 use std::time::Duration;
 use storage::outbox::{Handoff, PendingMessage};
@@ -109,7 +109,7 @@ impl InFlight {
 /// were published, or `None` without the lease.
 pub async fn relay_once(
     db: &Db,
-    bus: &dyn Bus,
+    bus: &dyn Publisher,
     config: &RelayConfig,
 ) -> Result<Option<usize>, crate::BusError> {
     if !lease::acquire(
@@ -152,7 +152,7 @@ struct Published {
 /// still in flight.
 async fn publish_pending(
     db: &Db,
-    bus: &dyn Bus,
+    bus: &dyn Publisher,
     config: &RelayConfig,
     since: Option<&str>,
     in_flight: &InFlight,
@@ -187,10 +187,10 @@ async fn publish_pending(
 }
 
 /// Publishes rows in the order given; the ids still to mark sent (none when the bus marked
-/// them with the publish, see [`Bus::publish_and_mark`]).
+/// them with the publish, see [`Publisher::publish_and_mark`]).
 async fn publish(
     db: &Db,
-    bus: &dyn Bus,
+    bus: &dyn Publisher,
     config: &RelayConfig,
     rows: Vec<PendingMessage>,
 ) -> Result<Vec<String>, crate::BusError> {
@@ -211,7 +211,7 @@ async fn publish(
 /// had no other unsent row ([`PendingMessage::clear`], known on PostgreSQL) need no look.
 async fn publish_handed(
     db: &Db,
-    bus: &dyn Bus,
+    bus: &dyn Publisher,
     config: &RelayConfig,
     mut rows: Vec<PendingMessage>,
     in_flight: &InFlight,
@@ -253,7 +253,7 @@ async fn publish_handed(
 }
 
 /// Marks published rows sent, once the bus has them on disk.
-async fn mark(db: &Db, bus: &dyn Bus, ids: &[String]) -> Result<(), crate::BusError> {
+async fn mark(db: &Db, bus: &dyn Publisher, ids: &[String]) -> Result<(), crate::BusError> {
     if ids.is_empty() {
         return Ok(());
     }
@@ -267,7 +267,7 @@ async fn mark(db: &Db, bus: &dyn Bus, ids: &[String]) -> Result<(), crate::BusEr
 /// read and published again (the bus skips it, knowing its id).
 async fn mark_published(
     db: Db,
-    bus: Arc<dyn Bus>,
+    bus: Arc<dyn Publisher>,
     service: String,
     mut published: tokio::sync::mpsc::UnboundedReceiver<Vec<String>>,
     in_flight: Arc<InFlight>,
@@ -288,7 +288,7 @@ async fn mark_published(
 /// to come first.
 pub async fn run(
     db: Db,
-    bus: Arc<dyn Bus>,
+    bus: Arc<dyn Publisher>,
     config: RelayConfig,
     handoff: Handoff,
     mut shutdown: watch::Receiver<bool>,

@@ -1,6 +1,7 @@
 //! The embedded bus: a log table with per-group offsets, on SQLite or PostgreSQL.
 
-use crate::{Bus, BusError, DeadLetter, Delivery, Fetched, Message, Positions};
+use crate::consumer::ConsumerConfig;
+use crate::{Acker, BusError, Delivery, GroupLag, Message, Publisher, Subscriber, Subscription};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use sqlx::{AssertSqlSafe, Row};
@@ -11,6 +12,30 @@ use storage::time;
 use tokio::sync::watch;
 
 pub static MIGRATOR: storage::Migrator = sqlx::migrate!("./migrations");
+
+/// A message at its position in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub seq: i64,
+    pub message: Message,
+}
+
+/// What a fetch returned.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fetched {
+    pub deliveries: Vec<Entry>,
+    /// Every message the group subscribes to up to this position is in `deliveries`.
+    pub read_to: i64,
+    /// The position read from: every delivery is after it.
+    pub from: i64,
+}
+
+/// How far the log and each consumer group are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Positions {
+    pub head: i64,
+    pub groups: Vec<(String, i64)>,
+}
 
 /// The `sql` bus. Consumers in this process are woken the moment something is published; other
 /// processes see new messages on their next poll.
@@ -30,8 +55,8 @@ enum Publishes {
     Grouped(storage::group_commit::GroupCommit),
     /// On PostgreSQL publishes go through the connection kept here (sparing each a pool round
     /// trip): they would wait for each other on the sequence row anyway. Publishes that arrive
-    /// while it is busy wait together and share the next statement (see [`Publisher`]).
-    Kept(Arc<Publisher>),
+    /// while it is busy wait together and share the next statement (see [`KeptPublisher`]).
+    Kept(Arc<KeptPublisher>),
 }
 
 /// The kept connection of the PostgreSQL bus, and the publishes waiting for it. Whoever takes
@@ -41,7 +66,7 @@ enum Publishes {
 /// Each relay waits for its publish before the next, so one outbox's messages never share a
 /// statement out of order.
 #[derive(Debug)]
-struct Publisher {
+struct KeptPublisher {
     conn: tokio::sync::Mutex<storage::HeldWriter>,
     waiting: std::sync::Mutex<Vec<Waiting>>,
     /// Every outbox a publish marked so far, in the order first seen: each statement marks in
@@ -67,8 +92,6 @@ struct Wakeups {
     /// This bus instance, so its own NOTIFY is not taken for another process's.
     instance: String,
     all: watch::Sender<u64>,
-    /// Changes when a redrive is requested in this process.
-    redrives: watch::Sender<u64>,
     recent: std::sync::Mutex<Recent>,
     by_topics: std::sync::Mutex<Vec<(Vec<String>, watch::Sender<u64>)>>,
 }
@@ -93,7 +116,6 @@ impl Wakeups {
         Self {
             instance: uuid::Uuid::now_v7().to_string(),
             all: watch::Sender::new(0),
-            redrives: watch::Sender::new(0),
             recent: std::sync::Mutex::default(),
             by_topics: std::sync::Mutex::new(Vec::new()),
         }
@@ -131,7 +153,7 @@ impl Wakeups {
 #[derive(Debug, Default)]
 struct Recent {
     /// First position of each range -> (its last position, the messages it holds).
-    ranges: std::collections::BTreeMap<i64, (i64, Vec<Delivery>)>,
+    ranges: std::collections::BTreeMap<i64, (i64, Vec<Entry>)>,
     messages: usize,
 }
 
@@ -139,7 +161,7 @@ struct Recent {
 const RECENT_LIMIT: usize = 2048;
 
 impl Recent {
-    fn add(&mut self, first: i64, last: i64, deliveries: Vec<Delivery>) {
+    fn add(&mut self, first: i64, last: i64, deliveries: Vec<Entry>) {
         self.messages += deliveries.len();
         self.ranges.insert(first, (last, deliveries));
         while self.messages > RECENT_LIMIT {
@@ -180,7 +202,7 @@ impl Recent {
                 }
                 if deliveries.len() >= max {
                     return Some(Fetched {
-                        read_to: deliveries.last().map_or(after, |d: &Delivery| d.seq),
+                        read_to: deliveries.last().map_or(after, |d: &Entry| d.seq),
                         deliveries,
                         from: after,
                     });
@@ -209,7 +231,7 @@ impl SqlBus {
                         storage::outbox::Handoff::default(),
                     ))
                 }
-                storage::Backend::Postgres => Publishes::Kept(Arc::new(Publisher {
+                storage::Backend::Postgres => Publishes::Kept(Arc::new(KeptPublisher {
                     conn: tokio::sync::Mutex::new(db.held_writer()),
                     waiting: std::sync::Mutex::default(),
                     outboxes: std::sync::Mutex::default(),
@@ -299,7 +321,7 @@ impl SqlBus {
                 tokio::select! {
                     biased;
                     // Published by whoever held the connection when it was taken.
-                    answered = &mut answer => return answered.unwrap_or(Err(BusError::Db(sqlx::Error::PoolClosed))),
+                    answered = &mut answer => return answered.unwrap_or(Err(sqlx::Error::PoolClosed.into())),
                     mut conn = publisher.conn.lock() => {
                         let waiting = std::mem::take(&mut *lock(&publisher.waiting));
                         self.publish_waiting(publisher, &mut conn, waiting).await;
@@ -307,7 +329,7 @@ impl SqlBus {
                 }
                 answer
                     .await
-                    .unwrap_or(Err(BusError::Db(sqlx::Error::PoolClosed)))
+                    .unwrap_or(Err(sqlx::Error::PoolClosed.into()))
             }
         }
     }
@@ -317,7 +339,7 @@ impl SqlBus {
     /// an error reaches only the publish it belongs to.
     async fn publish_waiting(
         &self,
-        publisher: &Publisher,
+        publisher: &KeptPublisher,
         conn: &mut storage::HeldWriter,
         waiting: Vec<Waiting>,
     ) {
@@ -368,7 +390,7 @@ impl SqlBus {
     /// consumers here and woken.
     async fn append_group(
         &self,
-        publisher: &Publisher,
+        publisher: &KeptPublisher,
         conn: &mut storage::HeldWriter,
         group: &[Waiting],
         outboxes: &[String],
@@ -402,7 +424,10 @@ impl SqlBus {
         Ok(())
     }
 
-    async fn fetch_batch(
+    /// Up to `max` messages on `topics` after position `after` (the group's committed position
+    /// when `None`), oldest first, and how far the log was read (committing that skips messages
+    /// on other topics).
+    pub async fn fetch(
         &self,
         group: &str,
         topics: &[String],
@@ -462,7 +487,7 @@ impl SqlBus {
             let Some(seq) = r.try_get::<Option<i64>, _>(1)? else {
                 continue; // the head alone: nothing new
             };
-            deliveries.push(Delivery {
+            deliveries.push(Entry {
                 seq,
                 message: Message {
                     id: r.try_get(2)?,
@@ -484,7 +509,49 @@ impl SqlBus {
         })
     }
 
-    async fn read_positions(&self) -> Result<Positions, BusError> {
+    /// The message at `seq`, if the log holds one there.
+    pub async fn entry(&self, seq: i64) -> Result<Option<Entry>, BusError> {
+        let row = sqlx::query(
+            "SELECT message_id, topic, message_key, payload FROM bus_log WHERE seq = $1",
+        )
+        .bind(seq)
+        .fetch_optional(self.db.reader())
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        Ok(Some(Entry {
+            seq,
+            message: Message {
+                id: r.try_get(0)?,
+                topic: r.try_get(1)?,
+                key: r.try_get(2)?,
+                payload: r.try_get(3)?,
+            },
+        }))
+    }
+
+    /// Takes or renews the lease `name` for `holder`; `true` while the caller holds it.
+    pub async fn hold_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, BusError> {
+        Ok(storage::lease::acquire(self.db.writer(), name, holder, ttl).await?)
+    }
+
+    /// Gives a lease up.
+    pub async fn release_lease(&self, name: &str, holder: &str) -> Result<(), BusError> {
+        Ok(storage::lease::release(self.db.writer(), name, holder).await?)
+    }
+
+    /// A receiver that changes whenever one of `topics` is published in this process (or, with
+    /// [`listen_postgres`](Self::listen_postgres), in another).
+    pub fn wakeups_for(&self, topics: &[String]) -> watch::Receiver<u64> {
+        self.published.subscribe(topics)
+    }
+
+    /// The head of the log and each group's committed position.
+    pub async fn positions(&self) -> Result<Positions, BusError> {
         let head: i64 = sqlx::query("SELECT last_seq FROM bus_sequence WHERE id = 1")
             .fetch_one(self.db.reader())
             .await?
@@ -499,122 +566,14 @@ impl SqlBus {
         Ok(Positions { head, groups })
     }
 
-    async fn commit_offset(&self, group: &str, seq: i64) -> Result<(), BusError> {
+    /// Records that the group is done with everything up to and including `seq`.
+    pub async fn commit(&self, group: &str, seq: i64) -> Result<(), BusError> {
         sqlx::query(
             "INSERT INTO bus_offsets (group_name, last_seq) VALUES ($1, $2) \
              ON CONFLICT (group_name) DO UPDATE SET last_seq = excluded.last_seq WHERE bus_offsets.last_seq < excluded.last_seq",
         )
         .bind(group)
         .bind(seq)
-        .execute(self.db.writer())
-        .await?;
-        Ok(())
-    }
-
-    async fn park(
-        &self,
-        group: &str,
-        delivery: &Delivery,
-        error: &str,
-        attempts: i64,
-    ) -> Result<(), BusError> {
-        sqlx::query(
-            "INSERT INTO bus_dead_letters (id, group_name, seq, message_id, topic, payload, error, attempts, failed_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(uuid::Uuid::now_v7().to_string())
-        .bind(group)
-        .bind(delivery.seq)
-        .bind(&delivery.message.id)
-        .bind(&delivery.message.topic)
-        .bind(&delivery.message.payload)
-        .bind(error)
-        .bind(attempts)
-        .bind(time::to_text(time::now()))
-        .execute(self.db.writer())
-        .await?;
-        metrics::counter!("bus_dead_letters_total", "group" => group.to_string()).increment(1);
-        Ok(())
-    }
-
-    async fn list_dead(
-        &self,
-        group: Option<&str>,
-        redrive_only: bool,
-        limit: usize,
-    ) -> Result<Vec<DeadLetter>, BusError> {
-        let mut sql = String::from(
-            "SELECT id, group_name, seq, message_id, topic, payload, error, attempts, failed_at, redrive_requested_at \
-             FROM bus_dead_letters WHERE 1 = 1",
-        );
-        if group.is_some() {
-            sql.push_str(" AND group_name = $1");
-        }
-        if redrive_only {
-            sql.push_str(" AND redrive_requested_at IS NOT NULL");
-        }
-        sql.push_str(&format!(
-            " ORDER BY failed_at DESC, id DESC LIMIT {}",
-            limit.clamp(1, 1000)
-        ));
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        if let Some(group) = group {
-            query = query.bind(group.to_string());
-        }
-        let rows = query.fetch_all(self.db.reader()).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(DeadLetter {
-                    id: r.try_get(0)?,
-                    group: r.try_get(1)?,
-                    seq: r.try_get(2)?,
-                    message_id: r.try_get(3)?,
-                    topic: r.try_get(4)?,
-                    payload: r.try_get(5)?,
-                    error: r.try_get(6)?,
-                    attempts: r.try_get(7)?,
-                    failed_at: r.try_get(8)?,
-                    redrive_requested: r.try_get::<Option<String>, _>(9)?.is_some(),
-                })
-            })
-            .collect()
-    }
-
-    async fn set_redrive(&self, id: &str) -> Result<(), BusError> {
-        let done =
-            sqlx::query("UPDATE bus_dead_letters SET redrive_requested_at = $1 WHERE id = $2")
-                .bind(time::to_text(time::now()))
-                .bind(id)
-                .execute(self.db.writer())
-                .await?;
-        if done.rows_affected() == 0 {
-            return Err(BusError::UnknownDeadLetter(id.to_string()));
-        }
-        self.published
-            .redrives
-            .send_modify(|v| *v = v.wrapping_add(1));
-        self.published.wake(None);
-        Ok(())
-    }
-
-    async fn delete_dead(&self, id: &str) -> Result<(), BusError> {
-        let done = sqlx::query("DELETE FROM bus_dead_letters WHERE id = $1")
-            .bind(id)
-            .execute(self.db.writer())
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(BusError::UnknownDeadLetter(id.to_string()));
-        }
-        Ok(())
-    }
-
-    async fn fail_redrive(&self, id: &str, error: &str) -> Result<(), BusError> {
-        sqlx::query(
-            "UPDATE bus_dead_letters SET redrive_requested_at = NULL, error = $1, attempts = attempts + 1, failed_at = $2 WHERE id = $3",
-        )
-        .bind(error)
-        .bind(time::to_text(time::now()))
-        .bind(id)
         .execute(self.db.writer())
         .await?;
         Ok(())
@@ -658,7 +617,7 @@ async fn listen_until_error(
 struct Appended {
     first: i64,
     last: i64,
-    deliveries: Vec<Delivery>,
+    deliveries: Vec<Entry>,
 }
 
 /// Appends `messages` to the log in the caller's transaction (SQLite: no other process is woken;
@@ -722,11 +681,11 @@ fn new_deliveries(
     messages: &[Message],
     first: i64,
     inserted: &std::collections::HashSet<i64>,
-) -> Vec<Delivery> {
+) -> Vec<Entry> {
     messages
         .iter()
         .enumerate()
-        .map(|(i, m)| Delivery {
+        .map(|(i, m)| Entry {
             seq: first + i64::try_from(i).unwrap_or(0),
             message: m.clone(),
         })
@@ -829,7 +788,7 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl Bus for SqlBus {
+impl Publisher for SqlBus {
     fn sync(&self) -> BoxFuture<'_, Result<(), BusError>> {
         async move { Ok(self.db.sync().await?) }.boxed()
     }
@@ -851,91 +810,264 @@ impl Bus for SqlBus {
         }
         .boxed()
     }
+}
 
-    fn fetch<'a>(
+impl Subscriber for SqlBus {
+    fn subscribe<'a>(
         &'a self,
-        group: &'a str,
-        topics: &'a [String],
-        after: Option<i64>,
-        max: usize,
-    ) -> BoxFuture<'a, Result<Fetched, BusError>> {
-        self.fetch_batch(group, topics, after, max).boxed()
+        config: &'a ConsumerConfig,
+    ) -> BoxFuture<'a, Result<Subscription, BusError>> {
+        let (deliveries, receiver) = tokio::sync::mpsc::channel(config.batch_size.max(1));
+        tokio::spawn(feed(self.clone(), config.clone(), deliveries));
+        Box::pin(async move { Ok(Subscription::new(receiver)) })
     }
 
-    fn hold_lease<'a>(
-        &'a self,
-        name: &'a str,
-        holder: &'a str,
-        ttl: std::time::Duration,
-    ) -> BoxFuture<'a, Result<bool, BusError>> {
-        async move { Ok(storage::lease::acquire(self.db.writer(), name, holder, ttl).await?) }
-            .boxed()
+    fn lag(&self) -> BoxFuture<'_, Result<Vec<GroupLag>, BusError>> {
+        async move {
+            let positions = self.positions().await?;
+            Ok(positions
+                .groups
+                .into_iter()
+                .map(|(group, position)| GroupLag {
+                    group,
+                    lag: positions.head - position,
+                    position,
+                    head: positions.head,
+                    source: "sql".into(),
+                })
+                .collect())
+        }
+        .boxed()
+    }
+}
+
+/// How a subscriber settled a delivery of the sql bus.
+enum Settled {
+    Ack(i64),
+    Nack(i64, std::time::Duration),
+}
+
+struct SqlAck {
+    seq: i64,
+    settled: tokio::sync::mpsc::UnboundedSender<Settled>,
+}
+
+impl Acker for SqlAck {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BusError>> {
+        // A subscription already gone: the message is read again from the group's position.
+        let _ = self.settled.send(Settled::Ack(self.seq));
+        Box::pin(async { Ok(()) })
     }
 
-    fn release_lease<'a>(
-        &'a self,
-        name: &'a str,
-        holder: &'a str,
-    ) -> BoxFuture<'a, Result<(), BusError>> {
-        async move { Ok(storage::lease::release(self.db.writer(), name, holder).await?) }.boxed()
+    fn nack(self: Box<Self>, retry_after: std::time::Duration) -> BoxFuture<'static, Result<(), BusError>> {
+        let _ = self.settled.send(Settled::Nack(self.seq, retry_after));
+        Box::pin(async { Ok(()) })
     }
+}
 
-    fn positions(&self) -> BoxFuture<'_, Result<Positions, BusError>> {
-        self.read_positions().boxed()
+/// Feeds a subscription while its receiver lives: the group is read by one process at a time
+/// (a lease on the bus); a standby takes over when the holder stops renewing.
+async fn feed(bus: SqlBus, config: ConsumerConfig, deliveries: tokio::sync::mpsc::Sender<Delivery>) {
+    let holder = uuid::Uuid::now_v7().to_string();
+    let lease = format!("consumer:{}", config.group);
+    let (settle, mut settled) = tokio::sync::mpsc::unbounded_channel();
+    loop {
+        match bus.hold_lease(&lease, &holder, config.lease_ttl).await {
+            Ok(true) => {
+                let held = hold(&bus, &config, &lease, &holder, &deliveries, &settle, &mut settled).await;
+                if held == Held::Closed {
+                    let _ = bus.release_lease(&lease, &holder).await;
+                    return;
+                }
+                tracing::warn!(group = %config.group, "lost the group's lease; standing by");
+            }
+            // Another process reads this group: stand by.
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(group = %config.group, %error, "cannot take the group's lease");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(config.poll_interval) => {}
+            () = deliveries.closed() => return,
+        }
     }
+}
 
-    fn commit<'a>(&'a self, group: &'a str, seq: i64) -> BoxFuture<'a, Result<(), BusError>> {
-        self.commit_offset(group, seq).boxed()
+#[derive(Debug, PartialEq, Eq)]
+enum Held {
+    Closed,
+    LostLease,
+}
+
+/// Reads the group while this process holds its lease: fetches as messages are published, also
+/// while earlier ones are being handled, and writes the group's position (the last message
+/// before the oldest one not yet acknowledged) every `commit_interval`.
+async fn hold(
+    bus: &SqlBus,
+    config: &ConsumerConfig,
+    lease: &str,
+    holder: &str,
+    deliveries: &tokio::sync::mpsc::Sender<Delivery>,
+    settle: &tokio::sync::mpsc::UnboundedSender<Settled>,
+    settled: &mut tokio::sync::mpsc::UnboundedReceiver<Settled>,
+) -> Held {
+    use std::collections::{BTreeSet, VecDeque};
+    let mut wakeups = bus.wakeups_for(&config.topics);
+    // Fetched and not yet acknowledged, by position.
+    let mut open: BTreeSet<i64> = BTreeSet::new();
+    // Fetched and not yet taken by the subscriber.
+    let mut ready: VecDeque<Entry> = VecDeque::new();
+    // Let go, to be read again from the log when due.
+    let mut again: Vec<(tokio::time::Instant, i64)> = Vec::new();
+    let mut renewed = std::time::Instant::now();
+    let mut read_to: Option<i64> = None;
+    let mut committed: i64 = 0;
+    let mut last_commit = std::time::Instant::now();
+    let mut fetch_now = true;
+    let capacity = config.batch_size.max(1) * 2;
+    let delivery = |entry: Entry| {
+        Delivery::new(
+            entry.message,
+            entry.seq,
+            1,
+            SqlAck {
+                seq: entry.seq,
+                settled: settle.clone(),
+            },
+        )
+    };
+    loop {
+        if renewed.elapsed() >= config.lease_ttl / 3 {
+            match bus.hold_lease(lease, holder, config.lease_ttl).await {
+                Ok(true) => renewed = std::time::Instant::now(),
+                Ok(false) | Err(_) => return Held::LostLease,
+            }
+        }
+        if fetch_now && open.len() < capacity {
+            wakeups.borrow_and_update();
+            match bus
+                .fetch(&config.group, &config.topics, read_to, config.batch_size)
+                .await
+            {
+                Ok(fetched) => {
+                    // A full page: more is waiting.
+                    fetch_now = fetched.deliveries.len() >= config.batch_size.clamp(1, 1000);
+                    read_to = Some(fetched.read_to.max(fetched.from));
+                    for entry in fetched.deliveries {
+                        open.insert(entry.seq);
+                        ready.push_back(entry);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(group = %config.group, %error, "cannot fetch messages");
+                    fetch_now = false;
+                }
+            }
+        }
+        // Hand over what the subscriber can take now.
+        while let Some(entry) = ready.pop_front() {
+            match deliveries.try_reserve() {
+                Ok(permit) => permit.send(delivery(entry)),
+                Err(_) => {
+                    ready.push_front(entry);
+                    break;
+                }
+            }
+        }
+        let handled_to = handled_up_to(&open, read_to);
+        commit_when_due(bus, config, handled_to, &mut committed, &mut last_commit).await;
+        if fetch_now && open.len() < capacity {
+            continue;
+        }
+        let behind = handled_to.is_some_and(|p| p > committed);
+        let wait = if behind {
+            config.commit_interval.min(config.poll_interval)
+        } else {
+            config.poll_interval
+        };
+        let renew_in = (config.lease_ttl / 3).saturating_sub(renewed.elapsed());
+        let next_again = again.iter().map(|(at, _)| *at).min();
+        tokio::select! {
+            biased;
+            Some(settled) = settled.recv() => match settled {
+                Settled::Ack(seq) => {
+                    open.remove(&seq);
+                }
+                Settled::Nack(seq, after) => again.push((tokio::time::Instant::now() + after, seq)),
+            },
+            permit = deliveries.reserve(), if !ready.is_empty() => {
+                if let (Ok(permit), Some(entry)) = (permit, ready.pop_front()) {
+                    permit.send(delivery(entry));
+                }
+            }
+            () = deliveries.closed() => {
+                // What was handled is written (never moving the position back); whoever reads
+                // the group next goes on from there.
+                while let Ok(Settled::Ack(seq)) = settled.try_recv() {
+                    open.remove(&seq);
+                }
+                if let Some(position) = handled_up_to(&open, read_to).filter(|p| *p > committed) {
+                    let _ = bus.commit(&config.group, position).await;
+                }
+                return Held::Closed;
+            }
+            () = tokio::time::sleep_until(next_again.unwrap_or_else(tokio::time::Instant::now)), if next_again.is_some() => {
+                let now = tokio::time::Instant::now();
+                let due: Vec<i64> = again.iter().filter(|(at, _)| *at <= now).map(|(_, seq)| *seq).collect();
+                again.retain(|(at, _)| *at > now);
+                for seq in due {
+                    match bus.entry(seq).await {
+                        Ok(Some(entry)) => ready.push_back(entry),
+                        Ok(None) => {
+                            open.remove(&seq);
+                        }
+                        Err(error) => {
+                            tracing::warn!(group = %config.group, %error, "cannot read a message let go");
+                            again.push((now + config.poll_interval, seq));
+                        }
+                    }
+                }
+            }
+            _ = wakeups.changed(), if open.len() < capacity => { fetch_now = true; }
+            () = tokio::time::sleep(wait) => { fetch_now = true; }
+            () = tokio::time::sleep(renew_in) => {}
+        }
     }
+}
 
-    fn wakeups(&self) -> watch::Receiver<u64> {
-        self.published.all.subscribe()
+/// Up to where every message is handled: just before the oldest one still open, or as far as
+/// reading went when none is.
+fn handled_up_to(open: &std::collections::BTreeSet<i64>, read_to: Option<i64>) -> Option<i64> {
+    match open.first() {
+        Some(first) => Some(first - 1),
+        None => read_to,
     }
+}
 
-    fn wakeups_for(&self, topics: &[String]) -> watch::Receiver<u64> {
-        self.published.subscribe(topics)
+/// Writes the group's position when it moved and `commit_interval` has passed since the last
+/// write.
+async fn commit_when_due(
+    bus: &SqlBus,
+    config: &ConsumerConfig,
+    position: Option<i64>,
+    committed: &mut i64,
+    last_commit: &mut std::time::Instant,
+) {
+    let Some(position) = position.filter(|p| *p > *committed) else {
+        return;
+    };
+    if last_commit.elapsed() < config.commit_interval {
+        return;
     }
-
-    fn redrive_requests(&self) -> watch::Receiver<u64> {
-        self.published.redrives.subscribe()
-    }
-
-    fn dead_letter<'a>(
-        &'a self,
-        group: &'a str,
-        delivery: &'a Delivery,
-        error: &'a str,
-        attempts: i64,
-    ) -> BoxFuture<'a, Result<(), BusError>> {
-        self.park(group, delivery, error, attempts).boxed()
-    }
-
-    fn dead_letters<'a>(
-        &'a self,
-        group: Option<&'a str>,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<DeadLetter>, BusError>> {
-        self.list_dead(group, false, limit).boxed()
-    }
-
-    fn request_redrive<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BusError>> {
-        self.set_redrive(id).boxed()
-    }
-
-    fn redrives<'a>(&'a self, group: &'a str) -> BoxFuture<'a, Result<Vec<DeadLetter>, BusError>> {
-        self.list_dead(Some(group), true, 100).boxed()
-    }
-
-    fn remove_dead_letter<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), BusError>> {
-        self.delete_dead(id).boxed()
-    }
-
-    fn redrive_failed<'a>(
-        &'a self,
-        id: &'a str,
-        error: &'a str,
-    ) -> BoxFuture<'a, Result<(), BusError>> {
-        self.fail_redrive(id, error).boxed()
+    match bus.commit(&config.group, position).await {
+        Ok(()) => {
+            *committed = position;
+            *last_commit = std::time::Instant::now();
+        }
+        Err(error) => {
+            tracing::warn!(group = %config.group, %error, "cannot commit the group's position");
+        }
     }
 }
 
@@ -944,8 +1076,8 @@ impl Bus for SqlBus {
 mod tests {
     use super::*;
 
-    fn delivery(seq: i64, topic: &str) -> Delivery {
-        Delivery {
+    fn delivery(seq: i64, topic: &str) -> Entry {
+        Entry {
             seq,
             message: Message {
                 id: format!("m{seq}"),
