@@ -185,6 +185,7 @@ async fn consume(
                 let _ = delivery.nack(Duration::ZERO).await;
             }
             if running.is_empty() {
+                subscription.close().await;
                 return stopped;
             }
         }

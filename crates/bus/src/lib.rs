@@ -116,18 +116,37 @@ impl Delivery {
 /// the group (unacknowledged deliveries are delivered again).
 pub struct Subscription {
     deliveries: tokio::sync::mpsc::Receiver<Delivery>,
+    feeder: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Subscription {
-    /// A subscription fed through `deliveries`; the feeding task stops when the sender finds
-    /// the receiver gone (`Sender::closed`).
-    pub fn new(deliveries: tokio::sync::mpsc::Receiver<Delivery>) -> Self {
-        Self { deliveries }
+    /// A subscription fed through `deliveries` by the task `feeder`, which stops when the
+    /// sender finds the receiver gone (`Sender::closed`).
+    pub fn new(
+        deliveries: tokio::sync::mpsc::Receiver<Delivery>,
+        feeder: tokio::task::JoinHandle<()>,
+    ) -> Self {
+        Self {
+            deliveries,
+            feeder: Some(feeder),
+        }
     }
 
     /// The next delivery; `None` when the adapter ended the subscription (subscribe again).
     pub async fn next(&mut self) -> Option<Delivery> {
         self.deliveries.recv().await
+    }
+
+    /// Leaves the group and waits for the adapter to settle what was acknowledged (the sql bus
+    /// writes the group's position then).
+    pub async fn close(mut self) {
+        self.deliveries.close();
+        // Undelivered messages go back with the receiver.
+        while self.deliveries.try_recv().is_ok() {}
+        drop(self.deliveries);
+        if let Some(feeder) = self.feeder.take() {
+            let _ = feeder.await;
+        }
     }
 }
 

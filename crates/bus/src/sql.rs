@@ -818,8 +818,8 @@ impl Subscriber for SqlBus {
         config: &'a ConsumerConfig,
     ) -> BoxFuture<'a, Result<Subscription, BusError>> {
         let (deliveries, receiver) = tokio::sync::mpsc::channel(config.batch_size.max(1));
-        tokio::spawn(feed(self.clone(), config.clone(), deliveries));
-        Box::pin(async move { Ok(Subscription::new(receiver)) })
+        let feeder = tokio::spawn(feed(self.clone(), config.clone(), deliveries));
+        Box::pin(async move { Ok(Subscription::new(receiver, feeder)) })
     }
 
     fn lag(&self) -> BoxFuture<'_, Result<Vec<GroupLag>, BusError>> {

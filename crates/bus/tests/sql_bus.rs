@@ -4,7 +4,8 @@
 use bus::consumer::{self, ConsumerConfig, Handler, HandlerError};
 use bus::relay::{self, RelayConfig};
 use bus::sql::SqlBus;
-use bus::{Bus, Delivery, Message};
+use bus::dead_letters::DeadLetters;
+use bus::{Bus, Delivery, Message, Publisher};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use sqlx::Row;
@@ -18,6 +19,7 @@ use tokio::sync::{Mutex, watch};
 /// A bus on a fresh SQLite directory or PostgreSQL database, and a "service" database beside it.
 struct Setup {
     bus: SqlBus,
+    dead: DeadLetters,
     service_db: Db,
     _dir: tempfile::TempDir,
     pg: Option<String>,
@@ -47,7 +49,8 @@ impl Setup {
             .await
             .unwrap();
         Setup {
-            bus: SqlBus::start(bus_db).await.unwrap(),
+            bus: SqlBus::start(bus_db.clone()).await.unwrap(),
+            dead: DeadLetters::new(bus_db),
             service_db,
             _dir: dir,
             pg,
@@ -233,6 +236,7 @@ async fn a_consumer_is_woken_by_a_publish_and_retries_transient_failures(postgre
     let (stop, stopped) = watch::channel(false);
     let runner = tokio::spawn(consumer::run(
         bus.clone(),
+        s.dead.clone(),
         fast("g", &["t"]),
         handler.clone(),
         stopped,
@@ -257,7 +261,7 @@ async fn a_consumer_is_woken_by_a_publish_and_retries_transient_failures(postgre
     stop.send(true).unwrap();
     runner.await.unwrap();
     assert!(
-        bus.fetch("g", &topics(&["t"]), None, 10)
+        s.bus.fetch("g", &topics(&["t"]), None, 10)
             .await
             .unwrap()
             .deliveries
@@ -274,6 +278,7 @@ async fn a_poison_message_is_dead_lettered_then_redriven_after_the_fix(postgres:
     let (stop, stopped) = watch::channel(false);
     let runner = tokio::spawn(consumer::run(
         bus.clone(),
+        s.dead.clone(),
         fast("g", &["t"]),
         handler.clone(),
         stopped,
@@ -286,14 +291,14 @@ async fn a_poison_message_is_dead_lettered_then_redriven_after_the_fix(postgres:
         handler.seen.lock().await.contains(&"m-t-2".to_string())
     })
     .await;
-    let letters = bus.dead_letters(Some("g"), 10).await.unwrap();
+    let letters = s.dead.list(Some("g"), 10).await.unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].message_id, "m-t-1");
     assert_eq!(letters[0].attempts, 5);
     assert!(letters[0].error.contains("poison"));
 
     handler.poison_fails.store(false, Ordering::SeqCst); // the fix ships
-    bus.request_redrive(&letters[0].id).await.unwrap();
+    s.dead.request_redrive(&letters[0].id).await.unwrap();
     wait_until("the redriven message", Duration::from_secs(5), async || {
         handler.seen.lock().await.contains(&"m-t-1".to_string())
     })
@@ -301,11 +306,11 @@ async fn a_poison_message_is_dead_lettered_then_redriven_after_the_fix(postgres:
     wait_until(
         "the dead letter to go",
         Duration::from_secs(5),
-        async || bus.dead_letters(Some("g"), 10).await.unwrap().is_empty(),
+        async || s.dead.list(Some("g"), 10).await.unwrap().is_empty(),
     )
     .await;
     assert!(matches!(
-        bus.request_redrive("nope").await,
+        s.dead.request_redrive("nope").await,
         Err(bus::BusError::UnknownDeadLetter(_))
     ));
     stop.send(true).unwrap();
@@ -404,6 +409,7 @@ async fn on_postgres_a_publish_in_another_process_wakes_the_consumer_at_once() {
     let (stop, stopped) = watch::channel(false);
     let runner = tokio::spawn(consumer::run(
         Arc::new(theirs.clone()),
+        s.dead.clone(),
         fast("g", &["t"]),
         handler.clone(),
         stopped,
@@ -438,12 +444,14 @@ async fn two_processes_running_one_group_handle_each_message_once(postgres: bool
     config.poll_interval = Duration::from_millis(50);
     let first = tokio::spawn(consumer::run(
         Arc::new(s.bus.clone()),
+        s.dead.clone(),
         config.clone(),
         handler.clone(),
         stopped.clone(),
     ));
     let second = tokio::spawn(consumer::run(
         Arc::new(other.clone()),
+        s.dead.clone(),
         config,
         handler.clone(),
         stopped,
@@ -899,7 +907,7 @@ async fn a_handler_holding_the_bus_writer_does_not_stall_its_group() {
     messages.push(slow);
     bus.publish(&messages).await.unwrap();
     let (stop, stopped) = watch::channel(false);
-    let runner = tokio::spawn(consumer::run(bus.clone(), config, handler.clone(), stopped));
+    let runner = tokio::spawn(consumer::run(bus.clone(), s.dead.clone(), config, handler.clone(), stopped));
     wait_until("all nine messages", Duration::from_secs(5), async || {
         handler.handled.load(Ordering::SeqCst) == 9
     })
@@ -938,6 +946,7 @@ async fn a_handler_that_panics_dead_letters_its_message_and_the_group_goes_on(po
     let (stop, stopped) = watch::channel(false);
     let runner = tokio::spawn(consumer::run(
         bus.clone(),
+        s.dead.clone(),
         fast("g", &["t"]),
         handler.clone(),
         stopped,
@@ -951,7 +960,7 @@ async fn a_handler_that_panics_dead_letters_its_message_and_the_group_goes_on(po
         async || handler.seen.lock().await.contains(&"m-t-2".to_string()),
     )
     .await;
-    let letters = bus.dead_letters(Some("g"), 10).await.unwrap();
+    let letters = s.dead.list(Some("g"), 10).await.unwrap();
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].message_id, "m-t-1");
     assert_eq!(letters[0].attempts, 1, "a panic is not retried");

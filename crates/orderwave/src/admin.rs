@@ -5,6 +5,7 @@ use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use bus::{Bus, BusError, DeadLetter};
+use bus::dead_letters::DeadLetters as BusDeadLetters;
 use http_kit::Problem;
 use notification_service::store::{Notification, NotificationStore, StoreError};
 use std::sync::Arc;
@@ -15,14 +16,15 @@ use utoipa_axum::routes;
 /// Each service's database, by service name (whose outbox the relay drains).
 pub type Outboxes = Arc<Vec<(String, Db)>>;
 
-/// Where dead letters are kept: the bus's, and the notification service's dead deliveries.
+/// Where dead letters are kept: the consumer groups', and the notification service's dead
+/// deliveries.
 #[derive(Clone)]
 pub struct DeadLetters {
-    pub bus: Arc<dyn Bus>,
+    pub bus: BusDeadLetters,
     pub notifications: Arc<NotificationStore>,
 }
 
-pub fn router(dead: DeadLetters, outboxes: Outboxes) -> OpenApiRouter {
+pub fn router(dead: DeadLetters, bus: Arc<dyn Bus>, outboxes: Outboxes) -> OpenApiRouter {
     OpenApiRouter::new()
         .routes(routes!(list_dead_letters))
         .routes(routes!(redrive_dead_letter))
@@ -31,7 +33,7 @@ pub fn router(dead: DeadLetters, outboxes: Outboxes) -> OpenApiRouter {
         .merge(
             OpenApiRouter::new()
                 .routes(routes!(consumer_lag))
-                .with_state(dead.bus),
+                .with_state(bus),
         )
         .merge(
             OpenApiRouter::new()
@@ -157,25 +159,30 @@ fn notification_problem(error: StoreError) -> Problem {
 fn bus_problem(error: BusError) -> Problem {
     match error {
         BusError::UnknownDeadLetter(_) => no_dead_letter(),
-        BusError::Db(error) => {
-            tracing::error!(%error, "bus storage failed");
+        error @ (BusError::Unavailable(_) | BusError::Config(_)) => {
+            tracing::error!(%error, "bus failed");
             Problem::unavailable("The bus is unavailable; retry later.")
         }
     }
 }
 
-/// How far a consumer group is behind the bus.
+/// How far a consumer group is behind the bus, in the bus's own terms.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConsumerLag {
     pub group: String,
-    /// Last position the group committed.
+    /// Where the group is: the sql log position it committed, the JetStream ack floor.
     pub position: i64,
-    /// Last position in the log.
+    /// The newest position of what the group reads: the sql log's head, the stream's last
+    /// sequence.
     pub head: i64,
-    /// Messages published after the group's position (on any topic, until the group reads past
-    /// them).
+    /// Messages the group has not acknowledged yet (sql: published after its position, on any
+    /// topic, until it reads past them; JetStream: pending plus unacknowledged; RabbitMQ: ready
+    /// in its queue).
     pub lag: i64,
+    /// Where the figures come from: `sql`, or the stream or queue the broker reports on.
+    #[schema(example = "sql")]
+    pub source: String,
 }
 
 /// Each consumer group's position and lag.
@@ -187,19 +194,18 @@ pub struct ConsumerLag {
     )
 )]
 async fn consumer_lag(State(bus): State<Arc<dyn Bus>>) -> Result<Json<Vec<ConsumerLag>>, Problem> {
-    let positions = bus.positions().await.map_err(bus_problem)?;
+    let lags = bus.lag().await.map_err(bus_problem)?;
     Ok(Json(
-        positions
-            .groups
-            .into_iter()
-            .map(|(group, position)| {
-                metrics::gauge!("bus_consumer_lag", "group" => group.clone())
-                    .set((positions.head - position) as f64);
+        lags.into_iter()
+            .map(|lag| {
+                metrics::gauge!("bus_consumer_lag", "group" => lag.group.clone(), "source" => lag.source.clone())
+                    .set(lag.lag as f64);
                 ConsumerLag {
-                    lag: positions.head - position,
-                    group,
-                    position,
-                    head: positions.head,
+                    group: lag.group,
+                    position: lag.position,
+                    head: lag.head,
+                    lag: lag.lag,
+                    source: lag.source,
                 }
             })
             .collect(),
@@ -240,7 +246,7 @@ async fn list_dead_letters(
     if source.as_deref() != Some("notification") {
         let messages = dead
             .bus
-            .dead_letters(group.as_deref(), limit)
+            .list(group.as_deref(), limit)
             .await
             .map_err(bus_problem)?;
         letters.extend(messages.into_iter().map(DeadLetterView::from));
@@ -303,7 +309,7 @@ async fn discard_dead_letter(
     State(dead): State<DeadLetters>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    match dead.bus.remove_dead_letter(&id).await {
+    match dead.bus.remove(&id).await {
         Err(BusError::UnknownDeadLetter(_)) => {}
         other => return other.map(|()| StatusCode::NO_CONTENT).map_err(bus_problem),
     }

@@ -156,6 +156,60 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The bus `--bus` names, its tables migrated in `bus_db` (dead letters live there on every bus).
+async fn open_bus(config: &Config, bus_db: &Db) -> anyhow::Result<Arc<dyn Bus>> {
+    let url = config.bus.as_str();
+    if url == "sql" {
+        let sql_bus = SqlBus::start(bus_db.clone())
+            .await
+            .context("starting the bus")?;
+        if let Some(url) = &config.database_url {
+            // Other processes publishing on the same database wake our consumers at once.
+            sql_bus.listen_postgres(url);
+        }
+        return Ok(Arc::new(sql_bus));
+    }
+    bus_db
+        .migrate(&bus::sql::MIGRATOR)
+        .await
+        .context("migrating the bus tables")?;
+    let scheme = url.split("://").next().unwrap_or_default();
+    match scheme {
+        #[cfg(feature = "nats")]
+        "nats" => {
+            let nats = bus::nats::NatsBus::connect(
+                url,
+                bus::nats::NatsConfig {
+                    subject_prefix: config.bus_prefix.clone(),
+                    stream_prefix: config.bus_prefix.to_uppercase().replace(['.', '-'], "_"),
+                    ..Default::default()
+                },
+            )
+            .await
+            .context("connecting to NATS")?;
+            Ok(Arc::new(nats))
+        }
+        #[cfg(feature = "rabbitmq")]
+        "amqp" | "amqps" => {
+            let rabbit = bus::rabbitmq::RabbitBus::connect(
+                url,
+                bus::rabbitmq::RabbitConfig {
+                    prefix: config.bus_prefix.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .context("connecting to RabbitMQ")?;
+            Ok(Arc::new(rabbit))
+        }
+        _ => anyhow::bail!(
+            "--bus: `{scheme}` is not a bus this build knows (sql{}{})",
+            if cfg!(feature = "nats") { ", nats://HOST:PORT" } else { "" },
+            if cfg!(feature = "rabbitmq") { ", amqp://USER:PASS@HOST:PORT/VHOST" } else { "" },
+        ),
+    }
+}
+
 /// How long a relay lets messages nobody waits on closely gather (all of the notification
 /// service's, the order's milestones that only notifications follow).
 const RELAY_LINGER: Duration = Duration::from_millis(100);
@@ -181,6 +235,7 @@ pub struct Application {
     outboxes: Vec<Outbox>,
     consumers: Vec<(ConsumerConfig, Arc<dyn Handler>)>,
     bus: Arc<dyn Bus>,
+    dead_letters: bus::dead_letters::DeadLetters,
     orders: OrderService,
     payments: PaymentService,
     notifications: NotificationService,
@@ -212,14 +267,9 @@ impl Application {
             .migrate(&storage::idempotency::MIGRATOR)
             .await
             .context("migrating the http database")?;
-        let sql_bus = SqlBus::start(dbs.bus.clone())
-            .await
-            .context("starting the bus")?;
-        if let Some(url) = &config.database_url {
-            // Other processes publishing on the same database wake our consumers at once.
-            sql_bus.listen_postgres(url);
-        }
-        let bus: Arc<dyn Bus> = Arc::new(sql_bus);
+        let bus = open_bus(config, &dbs.bus).await?;
+        // Whatever the broker, the groups' dead letters stay in the platform's own database.
+        let dead_letters = bus::dead_letters::DeadLetters::new(dbs.bus.clone());
         let customers = CustomerService::start(dbs.customers.clone())
             .await
             .context("starting the customer service")?;
@@ -349,9 +399,10 @@ impl Application {
             .merge(notifications.router())
             .merge(crate::admin::router(
                 crate::admin::DeadLetters {
-                    bus: bus.clone(),
+                    bus: dead_letters.clone(),
                     notifications: notifications.store.clone(),
                 },
+                bus.clone(),
                 Arc::new(
                     outboxes
                         .iter()
@@ -409,6 +460,7 @@ impl Application {
             outboxes,
             consumers,
             bus,
+            dead_letters,
             orders,
             payments,
             notifications,
@@ -466,6 +518,7 @@ impl Application {
             .map(|(config, handler)| {
                 tokio::spawn(bus::consumer::run(
                     self.bus.clone(),
+                    self.dead_letters.clone(),
                     config,
                     handler,
                     stopped.clone(),

@@ -241,6 +241,16 @@ pub struct Config {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// The bus events travel on: `sql` (the embedded log in the platform's database),
+    /// `nats://HOST:PORT` (NATS JetStream) or `amqp://USER:PASS@HOST:PORT/VHOST` (RabbitMQ).
+    #[arg(long, env = "ORDERWAVE_BUS", default_value = "sql", hide_env_values = true)]
+    pub bus: String,
+
+    /// Prefix of the broker's streams, subjects, exchanges and queues (created at start when
+    /// missing), so several deployments can share one broker.
+    #[arg(long, env = "ORDERWAVE_BUS_PREFIX", default_value = "orderwave")]
+    pub bus_prefix: String,
+
     /// Maximum connections per PostgreSQL pool.
     #[arg(long, env = "ORDERWAVE_DB_MAX_CONNECTIONS", default_value_t = 32)]
     pub db_max_connections: u32,
@@ -408,6 +418,8 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir,
             database_url,
+            bus: "sql".into(),
+            bus_prefix: "orderwave".into(),
             db_max_connections: 4,
             log_format: LogFormat::Pretty,
             idempotency_ttl_hours: 24,

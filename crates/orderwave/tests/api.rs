@@ -894,7 +894,7 @@ async fn every_event_reaches_the_bus_once_as_a_cloudevent_in_order(app: &TestApp
 }
 
 async fn dead_letters_are_listed_redriven_and_discarded_by_an_operator(app: &TestApp) {
-    use bus::Bus;
+    use bus::Publisher;
     let db = app.bus_db().await;
     let second = bus::sql::SqlBus::start(db.clone()).await.unwrap();
     let message = bus::Message {
@@ -908,7 +908,7 @@ async fn dead_letters_are_listed_redriven_and_discarded_by_an_operator(app: &Tes
         .publish(std::slice::from_ref(&message))
         .await
         .unwrap();
-    let delivery = second
+    let entry = second
         .fetch("test-group", &["test.poison".to_string()], None, 10)
         .await
         .unwrap()
@@ -916,9 +916,10 @@ async fn dead_letters_are_listed_redriven_and_discarded_by_an_operator(app: &Tes
         .into_iter()
         .find(|d| d.message.id == "m-poison")
         .unwrap();
-    second
+    let delivery = bus::Delivery::new(entry.message, entry.seq, 1, bus::NoAck);
+    bus::dead_letters::DeadLetters::new(db.clone())
         // A group no running consumer owns: nothing redrives it behind the test's back.
-        .dead_letter("test-group", &delivery, "no such sku", 5)
+        .park("test-group", &delivery, "no such sku", 5)
         .await
         .unwrap();
 
