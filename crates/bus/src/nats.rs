@@ -83,9 +83,16 @@ impl NatsBus {
         let jetstream = jetstream::ContextBuilder::new()
             .backpressure_on_inflight(false)
             .build(client);
-        jetstream.query_account().await.map_err(|error| {
-            BusError::Unavailable(format!("JetStream is not available at {url}: {error}"))
-        })?;
+        // Read as plain JSON: the client's account type wants fields NATS 2.9 does not send.
+        let account: jetstream::response::Response<serde_json::Value> =
+            jetstream.request("INFO", &()).await.map_err(|error| {
+                BusError::Unavailable(format!("JetStream is not available at {url}: {error}"))
+            })?;
+        if let jetstream::response::Response::Err { error } = account {
+            return Err(BusError::Unavailable(format!(
+                "JetStream is not available at {url}: {error}"
+            )));
+        }
         Ok(NatsBus {
             jetstream,
             config: Arc::new(config),
@@ -177,30 +184,30 @@ impl NatsBus {
             return Ok(store);
         }
         let bucket = format!("{}_leases", self.config.stream_prefix);
-        let store = match self.jetstream.get_key_value(&bucket).await {
-            Ok(store) => store,
-            Err(_) => {
-                let created = self
-                    .jetstream
-                    .create_key_value(kv::Config {
-                        bucket: bucket.clone(),
-                        description: "orderwave consumer group leases".into(),
-                        history: 1,
-                        max_age: lease_ttl,
-                        storage: stream::StorageType::File,
-                        num_replicas: self.config.replicas,
-                        ..Default::default()
-                    })
-                    .await;
-                match created {
-                    Ok(store) => store,
-                    // Another process created it meanwhile.
-                    Err(error) => self.jetstream.get_key_value(&bucket).await.map_err(|_| {
-                        BusError::Unavailable(format!("leases bucket {bucket}: {error}"))
-                    })?,
-                }
-            }
-        };
+        // The bucket's stream made by hand: the client's `create_key_value` first reads the
+        // account info, which it cannot parse from NATS 2.9.
+        self.jetstream
+            .get_or_create_stream(stream::Config {
+                name: format!("KV_{bucket}"),
+                description: Some("orderwave consumer group leases".into()),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: 1,
+                max_age: lease_ttl,
+                storage: stream::StorageType::File,
+                num_replicas: self.config.replicas,
+                discard: stream::DiscardPolicy::New,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| BusError::Unavailable(format!("leases bucket {bucket}: {error}")))?;
+        let store = self
+            .jetstream
+            .get_key_value(&bucket)
+            .await
+            .map_err(|error| BusError::Unavailable(format!("leases bucket {bucket}: {error}")))?;
         *self.cached_leases() = Some(store.clone());
         Ok(store)
     }
@@ -522,6 +529,8 @@ async fn hold(
             Ok(consumer) => consumer
                 .stream()
                 .max_messages_per_batch(batch)
+                // A lost connection shows as missed heartbeats: the consumers are set up again.
+                .heartbeat(Duration::from_secs(5))
                 .messages()
                 .await
                 .map_err(unavailable),
