@@ -47,16 +47,30 @@ impl Setup {
     fn stream(&self, family: &str) -> String {
         format!("{}_{}", self.stream_prefix, family.to_uppercase())
     }
+}
 
-    /// Deletes this test's streams and leases bucket.
-    async fn finish(self) {
-        let names: Vec<String> = self.jetstream.stream_names().try_collect().await.unwrap();
-        let leases = format!("KV_{}_leases", self.stream_prefix);
-        for name in names {
-            if name.starts_with(&format!("{}_", self.stream_prefix)) || name == leases {
-                self.jetstream.delete_stream(&name).await.unwrap();
-            }
-        }
+/// Deletes the test's streams and leases bucket, also when it failed.
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let prefix = self.stream_prefix.clone();
+        // The test's runtime may be unwinding: delete from a thread with a runtime of its own.
+        let deleting = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let jetstream = jetstream::new(async_nats::connect(URL).await.unwrap());
+                let names: Vec<String> = jetstream.stream_names().try_collect().await.unwrap();
+                let leases = format!("KV_{prefix}_leases");
+                for name in names {
+                    if name.starts_with(&format!("{prefix}_")) || name == leases {
+                        jetstream.delete_stream(&name).await.unwrap();
+                    }
+                }
+            });
+        });
+        let _ = deleting.join();
     }
 }
 
@@ -178,7 +192,6 @@ async fn publishing_then_subscribing_delivers_every_message_once_with_key_seq_an
     assert_eq!(ids.len(), published.len());
     assert_quiet(&mut subscription, Duration::from_millis(500)).await;
     drop(subscription);
-    setup.finish().await;
 }
 
 #[tokio::test]
@@ -210,7 +223,6 @@ async fn publishing_the_same_message_id_twice_stores_it_once() {
     assert_eq!(ack_all(take(&mut subscription, 1).await).await, ["dup-1"]);
     assert_quiet(&mut subscription, Duration::from_millis(500)).await;
     drop(subscription);
-    setup.finish().await;
 }
 
 #[tokio::test]
@@ -239,7 +251,6 @@ async fn an_unacknowledged_delivery_comes_again_to_a_new_subscription_once_ack_w
     assert_eq!(second[0].delivered, 2);
     ack_all(second).await;
     drop(again);
-    setup.finish().await;
 }
 
 #[tokio::test]
@@ -286,7 +297,6 @@ async fn one_subscription_of_a_group_receives_while_another_stands_by_and_takes_
         .unwrap();
     assert_eq!(ack_all(take(&mut standby, 1).await).await, ["b1"]);
     drop(standby);
-    setup.finish().await;
 }
 
 #[tokio::test]
@@ -307,7 +317,6 @@ async fn two_groups_each_receive_every_message() {
         assert_eq!(ids, ["g1", "g2", "g3"]);
     }
     drop((left, right));
-    setup.finish().await;
 }
 
 #[tokio::test]
@@ -339,7 +348,6 @@ async fn a_topic_of_the_family_the_group_did_not_ask_for_is_not_delivered() {
     })
     .await;
     drop(subscription);
-    setup.finish().await;
 }
 
 #[tokio::test]
@@ -378,7 +386,6 @@ async fn lag_reports_the_pending_count() {
     })
     .await;
     drop(subscription);
-    setup.finish().await;
 }
 
 #[tokio::test]
@@ -421,7 +428,6 @@ async fn a_lease_left_by_a_crashed_holder_expires_and_a_standby_takes_over() {
         "taken before the lease expired"
     );
     drop((other, standby));
-    setup.finish().await;
 }
 
 #[tokio::test]
@@ -457,7 +463,6 @@ async fn subscribing_again_with_other_settings_updates_the_groups_consumer() {
     assert_eq!(info.config.max_deliver, -1);
     assert_eq!(info.config.description.as_deref(), Some("tuned"));
     drop(subscription);
-    setup.finish().await;
 }
 
 #[tokio::test]
@@ -481,7 +486,6 @@ async fn a_let_go_delivery_comes_again_not_before_its_retry_delay() {
     assert_eq!((again.message.id.as_str(), again.delivered), ("n1", 2));
     again.ack().await.unwrap();
     drop(subscription);
-    setup.finish().await;
 }
 
 #[tokio::test]
@@ -504,5 +508,4 @@ async fn a_delivery_reported_in_progress_is_not_delivered_again_after_ack_wait()
     delivery.ack().await.unwrap();
     assert_quiet(&mut subscription, Duration::from_millis(1500)).await;
     drop(subscription);
-    setup.finish().await;
 }
