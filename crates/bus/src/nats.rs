@@ -14,15 +14,14 @@ use tokio::sync::mpsc;
 /// The header carrying [`Message::key`].
 const KEY_HEADER: &str = "Orderwave-Key";
 
-/// PubAcks awaited at most at once by one publish: the context's in-flight limit (5,000) is
-/// shared by every publish, and a batch must never wait on its own unawaited acks.
+/// PubAcks in flight per publish, well under the context's shared limit of 5,000.
 const PUBLISH_WINDOW: usize = 1000;
 
 #[derive(Debug, Clone)]
 pub struct NatsConfig {
     /// A message on topic `t` has the subject `{subject_prefix}.{t}`.
     pub subject_prefix: String,
-    /// The stream of family `f` is `{stream_prefix}_{F}`; the leases bucket `{stream_prefix}_leases`.
+    /// Family `f`'s stream is `{stream_prefix}_{F}`; the leases bucket `{stream_prefix}_leases`.
     pub stream_prefix: String,
     pub replicas: usize,
     /// How long a stream keeps a message, acknowledged or not.
@@ -184,8 +183,7 @@ impl NatsBus {
             return Ok(store);
         }
         let bucket = format!("{}_leases", self.config.stream_prefix);
-        // The bucket's stream made by hand: the client's `create_key_value` first reads the
-        // account info, which it cannot parse from NATS 2.9.
+        // By hand: the client's `create_key_value` reads account info it cannot parse from 2.9.
         self.jetstream
             .get_or_create_stream(stream::Config {
                 name: format!("KV_{bucket}"),
@@ -216,18 +214,23 @@ impl NatsBus {
         self.leases.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes the group's lease when nobody holds it (or this holder already does): its
-    /// revision, or `None` while another process holds it.
-    async fn take_lease(&self, lease: &Lease) -> Result<Option<Lease>, BusError> {
-        let store = self.leases(lease.ttl).await?;
-        let taken = store.create(&lease.key, lease.holder.clone().into()).await;
+    /// The group's lease if nobody else holds it; `None` while another process does.
+    async fn take_lease(
+        &self,
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, BusError> {
+        let store = self.leases(ttl).await?;
+        let taken = store.create(key, holder.to_string().into()).await;
         let revision = match taken {
             Ok(revision) => revision,
             Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
-                let entry = store.entry(lease.key.clone()).await.map_err(unavailable)?;
+                let entry = store.entry(key).await.map_err(unavailable)?;
                 match entry {
-                    Some(entry) if entry.value == lease.holder.as_bytes() => store
-                        .update(&lease.key, lease.holder.clone().into(), entry.revision)
+                    // Still ours from before a failed read: renew it.
+                    Some(entry) if entry.value == holder.as_bytes() => store
+                        .update(key, holder.to_string().into(), entry.revision)
                         .await
                         .map_err(unavailable)?,
                     _ => return Ok(None),
@@ -242,15 +245,16 @@ impl NatsBus {
         let bucket_age = store.stream.cached_info().config.max_age;
         // A bucket made for a shorter lease_ttl expires leases sooner: renew within its age.
         let renew_every = if bucket_age.is_zero() {
-            lease.ttl / 3
+            ttl / 3
         } else {
-            lease.ttl.min(bucket_age) / 3
+            ttl.min(bucket_age) / 3
         };
         Ok(Some(Lease {
+            key: key.to_string(),
+            holder: holder.to_string(),
             revision,
             renew_every: renew_every.max(Duration::from_millis(10)),
-            store: Some(store),
-            ..lease.clone()
+            store,
         }))
     }
 
@@ -328,6 +332,54 @@ impl NatsBus {
         }
         Ok(lags)
     }
+
+    /// The delivery of a pulled message, or `None` (acknowledged at once) for an unwanted topic.
+    async fn delivery(
+        &self,
+        config: &ConsumerConfig,
+        message: jetstream::Message,
+    ) -> Option<Delivery> {
+        let (seq, delivered) = match message.info() {
+            Ok(info) => (
+                as_i64(info.stream_sequence),
+                u32::try_from(info.delivered).unwrap_or(u32::MAX),
+            ),
+            Err(error) => {
+                tracing::warn!(group = %config.group, %error, "a pulled message without JetStream metadata");
+                (0, 1)
+            }
+        };
+        let (message, acker) = message.split();
+        let topic = message
+            .subject
+            .as_str()
+            .strip_prefix(&self.config.subject_prefix)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .unwrap_or(message.subject.as_str())
+            .to_string();
+        if !config.topics.contains(&topic) {
+            if let Err(error) = acker.ack().await {
+                tracing::warn!(group = %config.group, %error, "cannot acknowledge a skipped message");
+            }
+            return None;
+        }
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get(name))
+                .map(|value| value.as_str().to_string())
+        };
+        let id = header(async_nats::header::NATS_MESSAGE_ID.as_ref())
+            .unwrap_or_else(|| format!("{}-{seq}", self.config.stream_prefix));
+        let message = Message {
+            id,
+            key: header(KEY_HEADER).unwrap_or_default(),
+            payload: String::from_utf8_lossy(&message.payload).into_owned(),
+            topic,
+        };
+        Some(Delivery::new(message, seq, delivered, NatsAck(acker)))
+    }
 }
 
 fn as_i64(n: u64) -> i64 {
@@ -360,8 +412,7 @@ fn is_token(s: &str, dots: bool) -> bool {
         && (dots || !s.contains('.'))
 }
 
-/// A NATS consumer name (and lease key) for a group: its name with what NATS forbids replaced
-/// by '_', plus a hash of the original when anything was replaced so two groups never collide.
+/// A group's consumer name and lease key: '_' for what NATS forbids, and a hash against collisions.
 fn nats_name(group: &str) -> String {
     let clean: String = group
         .chars()
@@ -423,24 +474,19 @@ impl Subscriber for NatsBus {
     }
 }
 
-/// A group's lease in the leases bucket, as this subscription holds it.
-#[derive(Clone)]
+/// A group's lease in the leases bucket, held by this subscription.
 struct Lease {
     key: String,
     holder: String,
-    ttl: Duration,
     revision: u64,
     renew_every: Duration,
-    store: Option<kv::Store>,
+    store: kv::Store,
 }
 
 impl Lease {
     async fn renew(&mut self) -> Result<(), BusError> {
-        let store = self
+        self.revision = self
             .store
-            .as_ref()
-            .ok_or_else(|| BusError::Unavailable("lease not held".into()))?;
-        self.revision = store
             .update(&self.key, self.holder.clone().into(), self.revision)
             .await
             .map_err(unavailable)?;
@@ -448,11 +494,12 @@ impl Lease {
     }
 
     async fn release(&self) {
-        if let Some(store) = &self.store
-            && let Err(error) = store
-                .delete_expect_revision(&self.key, Some(self.revision))
-                .await
-        {
+        // Only our own revision: a lease another process took meanwhile stays.
+        let released = self
+            .store
+            .delete_expect_revision(&self.key, Some(self.revision))
+            .await;
+        if let Err(error) = released {
             tracing::debug!(lease = %self.key, %error, "cannot release the group's lease");
         }
     }
@@ -465,19 +512,12 @@ enum Held {
     Failed,
 }
 
-/// Feeds a subscription while its receiver lives: one process at a time reads the group (a
-/// lease in the leases bucket); a standby takes over when the holder stops renewing.
+/// Feeds a subscription while its receiver lives, reading only while it holds the group's lease.
 async fn feed(bus: NatsBus, config: ConsumerConfig, deliveries: mpsc::Sender<Delivery>) {
-    let wanted = Lease {
-        key: nats_name(&config.group),
-        holder: uuid::Uuid::now_v7().to_string(),
-        ttl: config.lease_ttl,
-        revision: 0,
-        renew_every: config.lease_ttl / 3,
-        store: None,
-    };
+    let key = nats_name(&config.group);
+    let holder = uuid::Uuid::now_v7().to_string();
     loop {
-        match bus.take_lease(&wanted).await {
+        match bus.take_lease(&key, &holder, config.lease_ttl).await {
             Ok(Some(mut lease)) => {
                 let held = hold(&bus, &config, &mut lease, &deliveries).await;
                 match held {
@@ -584,57 +624,6 @@ async fn hold(
                 None => return Held::Failed,
             },
         }
-    }
-}
-
-impl NatsBus {
-    /// The delivery of a pulled message, or `None` (acknowledged at once) when its topic is one
-    /// of the family's the group did not ask for.
-    async fn delivery(
-        &self,
-        config: &ConsumerConfig,
-        message: jetstream::Message,
-    ) -> Option<Delivery> {
-        let (seq, delivered) = match message.info() {
-            Ok(info) => (
-                as_i64(info.stream_sequence),
-                u32::try_from(info.delivered).unwrap_or(u32::MAX),
-            ),
-            Err(error) => {
-                tracing::warn!(group = %config.group, %error, "a pulled message without JetStream metadata");
-                (0, 1)
-            }
-        };
-        let (message, acker) = message.split();
-        let topic = message
-            .subject
-            .as_str()
-            .strip_prefix(&self.config.subject_prefix)
-            .and_then(|rest| rest.strip_prefix('.'))
-            .unwrap_or(message.subject.as_str())
-            .to_string();
-        if !config.topics.contains(&topic) {
-            if let Err(error) = acker.ack().await {
-                tracing::warn!(group = %config.group, %error, "cannot acknowledge a skipped message");
-            }
-            return None;
-        }
-        let header = |name: &str| {
-            message
-                .headers
-                .as_ref()
-                .and_then(|headers| headers.get(name))
-                .map(|value| value.as_str().to_string())
-        };
-        let id = header(async_nats::header::NATS_MESSAGE_ID.as_ref())
-            .unwrap_or_else(|| format!("{}-{seq}", self.config.stream_prefix));
-        let message = Message {
-            id,
-            key: header(KEY_HEADER).unwrap_or_default(),
-            payload: String::from_utf8_lossy(&message.payload).into_owned(),
-            topic,
-        };
-        Some(Delivery::new(message, seq, delivered, NatsAck(acker)))
     }
 }
 
