@@ -9,6 +9,8 @@
 
 pub mod consumer;
 pub mod dead_letters;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod relay;
 pub mod sql;
 

@@ -112,6 +112,34 @@ async fn sql_postgres() -> Harness {
     .await
 }
 
+#[cfg(feature = "nats")]
+async fn nats() -> Harness {
+    use bus::nats::{NatsBus, NatsConfig};
+    const URL: &str = "nats://127.0.0.1:4222";
+    let unique = uuid::Uuid::now_v7().simple().to_string();
+    let config = NatsConfig {
+        subject_prefix: format!("c{unique}"),
+        stream_prefix: format!("C{unique}"),
+        ..NatsConfig::default()
+    };
+    let connect = async || {
+        NatsBus::connect(URL, config.clone()).await.unwrap_or_else(|error| {
+            panic!(
+                "NATS is not running on {URL} ({error}); start it with: start-stop-daemon --start \
+                 --oknodo --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js \
+                 -sd /var/lib/nats-server -l /var/log/nats-server.log"
+            )
+        })
+    };
+    let bus = connect().await;
+    let other = connect().await;
+    let mut harness = Harness::around(Arc::new(bus.clone()), Arc::new(other)).await;
+    harness.cleanup = Some(Box::pin(async move {
+        bus.delete_streams().await.unwrap();
+    }));
+    harness
+}
+
 fn message(i: usize, topic: &str, key: &str) -> Message {
     Message {
         id: format!("m-{}-{i}", uuid::Uuid::now_v7().simple()),
@@ -289,12 +317,7 @@ async fn published_messages_are_each_handled_once_in_order_per_key(h: Harness) {
 async fn two_groups_each_get_every_message(h: Harness) {
     let (a, b) = (Recorder::new(0), Recorder::new(0));
     let group_a = Running::start(&h.bus, &h.dead, fast("a", &["order.created"]), a.clone());
-    let group_b = Running::start(
-        &h.other,
-        &h.dead,
-        fast("b", &["order.created"]),
-        b.clone(),
-    );
+    let group_b = Running::start(&h.other, &h.dead, fast("b", &["order.created"]), b.clone());
     let messages = batch(12);
     h.bus.publish(&messages).await.unwrap();
     wait_until("both groups", DEADLINE, async || {
@@ -367,7 +390,10 @@ async fn competing_consumers_of_one_group_handle_each_message_once_in_key_order(
     for chunk in messages.chunks(8) {
         h.bus.publish(chunk).await.unwrap();
     }
-    wait_until("40 messages", DEADLINE, async || seen.lock().await.len() >= 40).await;
+    wait_until("40 messages", DEADLINE, async || {
+        seen.lock().await.len() >= 40
+    })
+    .await;
     {
         let seen = seen.lock().await;
         assert_eq!(seen.len(), 40, "each once");
@@ -566,7 +592,11 @@ async fn lag_counts_what_a_group_has_not_acknowledged(h: Harness) {
     h.bus.publish(&batch(5)).await.unwrap();
     wait_until("a lag of 5", DEADLINE, async || {
         let lags = h.bus.lag().await.unwrap();
-        lags.iter().filter(|l| l.group == "g").map(|l| l.lag).sum::<i64>() == 5
+        lags.iter()
+            .filter(|l| l.group == "g")
+            .map(|l| l.lag)
+            .sum::<i64>()
+            == 5
     })
     .await;
     h.finish().await;
@@ -620,8 +650,7 @@ macro_rules! conformance {
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_crash_between_commit_and_ack_repeats_the_message_and_the_inbox_absorbs_it()
-            {
+            async fn a_crash_between_commit_and_ack_repeats_the_message_and_the_inbox_absorbs_it() {
                 super::a_crash_between_commit_and_ack_repeats_the_message_and_the_inbox_absorbs_it(
                     harness().await,
                 )
@@ -646,3 +675,5 @@ macro_rules! conformance {
 
 conformance!(sql_sqlite);
 conformance!(sql_postgres);
+#[cfg(feature = "nats")]
+conformance!(nats);

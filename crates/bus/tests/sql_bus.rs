@@ -2,9 +2,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bus::consumer::{self, ConsumerConfig, Handler, HandlerError};
+use bus::dead_letters::DeadLetters;
 use bus::relay::{self, RelayConfig};
 use bus::sql::SqlBus;
-use bus::dead_letters::DeadLetters;
 use bus::{Bus, Delivery, Message, Publisher};
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -261,7 +261,8 @@ async fn a_consumer_is_woken_by_a_publish_and_retries_transient_failures(postgre
     stop.send(true).unwrap();
     runner.await.unwrap();
     assert!(
-        s.bus.fetch("g", &topics(&["t"]), None, 10)
+        s.bus
+            .fetch("g", &topics(&["t"]), None, 10)
             .await
             .unwrap()
             .deliveries
@@ -907,7 +908,13 @@ async fn a_handler_holding_the_bus_writer_does_not_stall_its_group() {
     messages.push(slow);
     bus.publish(&messages).await.unwrap();
     let (stop, stopped) = watch::channel(false);
-    let runner = tokio::spawn(consumer::run(bus.clone(), s.dead.clone(), config, handler.clone(), stopped));
+    let runner = tokio::spawn(consumer::run(
+        bus.clone(),
+        s.dead.clone(),
+        config,
+        handler.clone(),
+        stopped,
+    ));
     wait_until("all nine messages", Duration::from_secs(5), async || {
         handler.handled.load(Ordering::SeqCst) == 9
     })

@@ -4,8 +4,8 @@
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
-use bus::{Bus, BusError, DeadLetter};
 use bus::dead_letters::DeadLetters as BusDeadLetters;
+use bus::{Bus, BusError, DeadLetter};
 use http_kit::Problem;
 use notification_service::store::{Notification, NotificationStore, StoreError};
 use std::sync::Arc;

@@ -204,8 +204,16 @@ async fn open_bus(config: &Config, bus_db: &Db) -> anyhow::Result<Arc<dyn Bus>> 
         }
         _ => anyhow::bail!(
             "--bus: `{scheme}` is not a bus this build knows (sql{}{})",
-            if cfg!(feature = "nats") { ", nats://HOST:PORT" } else { "" },
-            if cfg!(feature = "rabbitmq") { ", amqp://USER:PASS@HOST:PORT/VHOST" } else { "" },
+            if cfg!(feature = "nats") {
+                ", nats://HOST:PORT"
+            } else {
+                ""
+            },
+            if cfg!(feature = "rabbitmq") {
+                ", amqp://USER:PASS@HOST:PORT/VHOST"
+            } else {
+                ""
+            },
         ),
     }
 }

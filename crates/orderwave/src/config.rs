@@ -243,7 +243,12 @@ pub struct Config {
 
     /// The bus events travel on: `sql` (the embedded log in the platform's database),
     /// `nats://HOST:PORT` (NATS JetStream) or `amqp://USER:PASS@HOST:PORT/VHOST` (RabbitMQ).
-    #[arg(long, env = "ORDERWAVE_BUS", default_value = "sql", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "ORDERWAVE_BUS",
+        default_value = "sql",
+        hide_env_values = true
+    )]
     pub bus: String,
 
     /// Prefix of the broker's streams, subjects, exchanges and queues (created at start when

@@ -1,0 +1,710 @@
+//! The NATS JetStream adapter: one stream per topic family, one durable pull consumer per group.
+
+use crate::consumer::ConsumerConfig;
+use crate::{Acker, BusError, Delivery, GroupLag, Message, Publisher, Subscriber, Subscription};
+use async_nats::jetstream::{self, consumer, kv, stream};
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, SelectAll};
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// The header carrying [`Message::key`].
+const KEY_HEADER: &str = "Orderwave-Key";
+
+/// PubAcks in flight per publish, well under the context's shared limit of 5,000.
+const PUBLISH_WINDOW: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// A message on topic `t` has the subject `{subject_prefix}.{t}`.
+    pub subject_prefix: String,
+    /// Family `f`'s stream is `{stream_prefix}_{F}`; the leases bucket `{stream_prefix}_leases`.
+    pub stream_prefix: String,
+    pub replicas: usize,
+    /// How long a stream keeps a message, acknowledged or not.
+    pub max_age: Duration,
+    /// How long a message id is remembered for deduplication.
+    pub duplicate_window: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            subject_prefix: "orderwave".into(),
+            stream_prefix: "ORDERWAVE".into(),
+            replicas: 1,
+            max_age: Duration::from_secs(7 * 24 * 60 * 60),
+            duplicate_window: Duration::from_secs(2 * 60),
+        }
+    }
+}
+
+/// A bus on NATS JetStream; clones share one connection.
+#[derive(Clone)]
+pub struct NatsBus {
+    jetstream: jetstream::Context,
+    config: Arc<NatsConfig>,
+    /// Families whose stream is known to exist, so the hot path does not ask the server again.
+    streams: Arc<Mutex<HashSet<String>>>,
+    leases: Arc<Mutex<Option<kv::Store>>>,
+}
+
+impl std::fmt::Debug for NatsBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBus")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(error: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(error.to_string())
+}
+
+impl NatsBus {
+    /// Connects to the server at `url` (`nats://host:4222`) and checks that JetStream is on.
+    pub async fn connect(url: &str, config: NatsConfig) -> Result<NatsBus, BusError> {
+        if !is_token(&config.subject_prefix, true) || !is_token(&config.stream_prefix, false) {
+            return Err(BusError::Config(format!(
+                "invalid NATS prefixes {:?} / {:?}",
+                config.subject_prefix, config.stream_prefix
+            )));
+        }
+        let client = async_nats::ConnectOptions::new()
+            .name("orderwave-bus")
+            .connect(url)
+            .await
+            .map_err(|error| BusError::Unavailable(format!("cannot connect to {url}: {error}")))?;
+        // Fail fast rather than wait when the in-flight PubAck limit is reached.
+        let jetstream = jetstream::ContextBuilder::new()
+            .backpressure_on_inflight(false)
+            .build(client);
+        // Read as plain JSON: the client's account type wants fields NATS 2.9 does not send.
+        let account: jetstream::response::Response<serde_json::Value> =
+            jetstream.request("INFO", &()).await.map_err(|error| {
+                BusError::Unavailable(format!("JetStream is not available at {url}: {error}"))
+            })?;
+        if let jetstream::response::Response::Err { error } = account {
+            return Err(BusError::Unavailable(format!(
+                "JetStream is not available at {url}: {error}"
+            )));
+        }
+        Ok(NatsBus {
+            jetstream,
+            config: Arc::new(config),
+            streams: Arc::default(),
+            leases: Arc::default(),
+        })
+    }
+
+    fn subject(&self, topic: &str) -> String {
+        format!("{}.{}", self.config.subject_prefix, topic)
+    }
+
+    fn family_filter(&self, family: &str) -> String {
+        format!("{}.{}.>", self.config.subject_prefix, family)
+    }
+
+    fn stream_name(&self, family: &str) -> String {
+        format!("{}_{}", self.config.stream_prefix, family.to_uppercase())
+    }
+
+    /// Creates the family's stream unless this bus already saw it; returns its name.
+    async fn ensure_stream(&self, family: &str) -> Result<String, BusError> {
+        let name = self.stream_name(family);
+        if self.known_streams().contains(family) {
+            return Ok(name);
+        }
+        self.jetstream
+            .get_or_create_stream(stream::Config {
+                name: name.clone(),
+                subjects: vec![self.family_filter(family)],
+                storage: stream::StorageType::File,
+                num_replicas: self.config.replicas,
+                max_age: self.config.max_age,
+                duplicate_window: self.config.duplicate_window,
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| BusError::Unavailable(format!("stream {name}: {error}")))?;
+        self.known_streams().insert(family.to_string());
+        Ok(name)
+    }
+
+    fn known_streams(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn publish_all(&self, messages: &[Message]) -> Result<(), BusError> {
+        let mut families: Vec<&str> = Vec::new();
+        for message in messages {
+            let family = family(&message.topic)?;
+            if !families.contains(&family) {
+                families.push(family);
+            }
+        }
+        for family in &families {
+            self.ensure_stream(family).await?;
+        }
+        // Sent on one connection before any ack is awaited: the server stores them in order.
+        let mut acks = VecDeque::with_capacity(messages.len().min(PUBLISH_WINDOW));
+        for message in messages {
+            if acks.len() >= PUBLISH_WINDOW
+                && let Some(ack) = acks.pop_front()
+            {
+                confirm(ack).await?;
+            }
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, message.id.as_str());
+            headers.insert(KEY_HEADER, message.key.as_str());
+            let ack = self
+                .jetstream
+                .publish_with_headers(
+                    self.subject(&message.topic),
+                    headers,
+                    message.payload.clone().into(),
+                )
+                .await
+                .map_err(unavailable)?;
+            acks.push_back(ack);
+        }
+        for ack in acks {
+            confirm(ack).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every stream of this bus's prefix and its leases bucket: what a test or a
+    /// deployment that goes away leaves behind.
+    pub async fn delete_streams(&self) -> Result<(), BusError> {
+        use futures::TryStreamExt;
+        let unavailable =
+            |error: String| BusError::Unavailable(format!("deleting streams: {error}"));
+        let names: Vec<String> = self
+            .jetstream
+            .stream_names()
+            .try_collect()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let prefix = format!("{}_", self.config.stream_prefix);
+        let leases = format!("KV_{}_leases", self.config.stream_prefix);
+        for name in names {
+            if name.starts_with(&prefix) || name == leases {
+                self.jetstream
+                    .delete_stream(&name)
+                    .await
+                    .map_err(|e| unavailable(e.to_string()))?;
+            }
+        }
+        self.known_streams().clear();
+        *self.cached_leases() = None;
+        Ok(())
+    }
+
+    /// The leases bucket; the first subscriber to need it creates it with its `lease_ttl`.
+    async fn leases(&self, lease_ttl: Duration) -> Result<kv::Store, BusError> {
+        if let Some(store) = self.cached_leases().clone() {
+            return Ok(store);
+        }
+        let bucket = format!("{}_leases", self.config.stream_prefix);
+        // By hand: the client's `create_key_value` reads account info it cannot parse from 2.9.
+        self.jetstream
+            .get_or_create_stream(stream::Config {
+                name: format!("KV_{bucket}"),
+                description: Some("orderwave consumer group leases".into()),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: 1,
+                max_age: lease_ttl,
+                storage: stream::StorageType::File,
+                num_replicas: self.config.replicas,
+                discard: stream::DiscardPolicy::New,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| BusError::Unavailable(format!("leases bucket {bucket}: {error}")))?;
+        let store = self
+            .jetstream
+            .get_key_value(&bucket)
+            .await
+            .map_err(|error| BusError::Unavailable(format!("leases bucket {bucket}: {error}")))?;
+        *self.cached_leases() = Some(store.clone());
+        Ok(store)
+    }
+
+    fn cached_leases(&self) -> std::sync::MutexGuard<'_, Option<kv::Store>> {
+        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The group's lease if nobody else holds it; `None` while another process does.
+    async fn take_lease(
+        &self,
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, BusError> {
+        let store = self.leases(ttl).await?;
+        let taken = store.create(key, holder.to_string().into()).await;
+        let revision = match taken {
+            Ok(revision) => revision,
+            Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let entry = store.entry(key).await.map_err(unavailable)?;
+                match entry {
+                    // Still ours from before a failed read: renew it.
+                    Some(entry) if entry.value == holder.as_bytes() => store
+                        .update(key, holder.to_string().into(), entry.revision)
+                        .await
+                        .map_err(unavailable)?,
+                    _ => return Ok(None),
+                }
+            }
+            Err(error) => {
+                // The bucket may be gone: look it up again next time.
+                *self.cached_leases() = None;
+                return Err(unavailable(error));
+            }
+        };
+        let bucket_age = store.stream.cached_info().config.max_age;
+        // A bucket made for a shorter lease_ttl expires leases sooner: renew within its age.
+        let renew_every = if bucket_age.is_zero() {
+            ttl / 3
+        } else {
+            ttl.min(bucket_age) / 3
+        };
+        Ok(Some(Lease {
+            key: key.to_string(),
+            holder: holder.to_string(),
+            revision,
+            renew_every: renew_every.max(Duration::from_millis(10)),
+            store,
+        }))
+    }
+
+    /// The durable consumer of `group` on the family's stream, created or brought to `config`.
+    async fn consumer(
+        &self,
+        config: &ConsumerConfig,
+        family: &str,
+    ) -> Result<consumer::PullConsumer, BusError> {
+        let stream = self.ensure_stream(family).await?;
+        let batch = i64::try_from(config.batch_size.max(1)).unwrap_or(i64::MAX / 2);
+        self.jetstream
+            .create_consumer_on_stream(
+                consumer::pull::Config {
+                    durable_name: Some(nats_name(&config.group)),
+                    description: Some(config.group.clone()),
+                    filter_subject: self.family_filter(family),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: config.ack_wait,
+                    // The consumer runner dead-letters a message itself after its last attempt.
+                    max_deliver: -1,
+                    max_ack_pending: batch.saturating_mul(2),
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ..Default::default()
+                },
+                &stream,
+            )
+            .await
+            .map_err(|error| {
+                BusError::Unavailable(format!("consumer {} on {stream}: {error}", config.group))
+            })
+    }
+
+    /// One figure per (group, stream) of this bus's streams.
+    async fn lags(&self) -> Result<Vec<GroupLag>, BusError> {
+        let name_prefix = format!("{}_", self.config.stream_prefix);
+        let subject_prefix = format!("{}.", self.config.subject_prefix);
+        let infos: Vec<stream::Info> = self
+            .jetstream
+            .streams()
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let mut lags = Vec::new();
+        for info in infos {
+            let ours = info.config.name.starts_with(&name_prefix)
+                && info
+                    .config
+                    .subjects
+                    .iter()
+                    .all(|subject| subject.starts_with(&subject_prefix));
+            if !ours {
+                continue;
+            }
+            let handle = self
+                .jetstream
+                .get_stream_no_info(&info.config.name)
+                .await
+                .map_err(unavailable)?;
+            let consumers: Vec<consumer::Info> = handle
+                .consumers()
+                .try_collect()
+                .await
+                .map_err(unavailable)?;
+            for consumer in consumers {
+                lags.push(GroupLag {
+                    group: consumer.config.description.clone().unwrap_or(consumer.name),
+                    lag: as_i64(consumer.num_pending)
+                        .saturating_add(as_i64(consumer.num_ack_pending as u64)),
+                    position: as_i64(consumer.ack_floor.stream_sequence),
+                    head: as_i64(info.state.last_sequence),
+                    source: info.config.name.clone(),
+                });
+            }
+        }
+        Ok(lags)
+    }
+
+    /// The delivery of a pulled message, or `None` (acknowledged at once) for an unwanted topic.
+    async fn delivery(
+        &self,
+        config: &ConsumerConfig,
+        message: jetstream::Message,
+    ) -> Option<Delivery> {
+        let (seq, delivered) = match message.info() {
+            Ok(info) => (
+                as_i64(info.stream_sequence),
+                u32::try_from(info.delivered).unwrap_or(u32::MAX),
+            ),
+            Err(error) => {
+                tracing::warn!(group = %config.group, %error, "a pulled message without JetStream metadata");
+                (0, 1)
+            }
+        };
+        let (message, acker) = message.split();
+        let topic = message
+            .subject
+            .as_str()
+            .strip_prefix(&self.config.subject_prefix)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .unwrap_or(message.subject.as_str())
+            .to_string();
+        if !config.topics.contains(&topic) {
+            if let Err(error) = acker.ack().await {
+                tracing::warn!(group = %config.group, %error, "cannot acknowledge a skipped message");
+            }
+            return None;
+        }
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get(name))
+                .map(|value| value.as_str().to_string())
+        };
+        let id = header(async_nats::header::NATS_MESSAGE_ID.as_ref())
+            .unwrap_or_else(|| format!("{}-{seq}", self.config.stream_prefix));
+        let message = Message {
+            id,
+            key: header(KEY_HEADER).unwrap_or_default(),
+            payload: String::from_utf8_lossy(&message.payload).into_owned(),
+            topic,
+        };
+        Some(Delivery::new(message, seq, delivered, NatsAck(acker)))
+    }
+}
+
+fn as_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+async fn confirm(ack: jetstream::context::PublishAckFuture) -> Result<(), BusError> {
+    ack.await.map(|_| ()).map_err(unavailable)
+}
+
+/// The family of a topic: the part before its first '.' (`order.created` -> `order`).
+fn family(topic: &str) -> Result<&str, BusError> {
+    match topic.split_once('.') {
+        Some((family, rest)) if is_token(family, false) && is_token(rest, true) => Ok(family),
+        _ => Err(BusError::Config(format!(
+            "topic {topic:?} is not `family.event` in letters, digits, '-' and '_'"
+        ))),
+    }
+}
+
+/// Whether `s` can go into a subject (dots allowed between non-empty tokens) or a name.
+fn is_token(s: &str, dots: bool) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+        && (dots || !s.contains('.'))
+}
+
+/// A group's consumer name and lease key: '_' for what NATS forbids, and a hash against collisions.
+fn nats_name(group: &str) -> String {
+    let clean: String = group
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean == group {
+        return clean;
+    }
+    // FNV-1a: stable across processes and Rust versions, unlike the std hasher.
+    let hash = group.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{clean}_{:08x}", hash as u32)
+}
+
+impl Publisher for NatsBus {
+    fn publish<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, Result<(), BusError>> {
+        async move {
+            let result = self.publish_all(messages).await;
+            if result.is_err() {
+                // A stream deleted behind our back is created again on the next publish.
+                let mut known = self.known_streams();
+                for message in messages {
+                    if let Ok(family) = family(&message.topic) {
+                        known.remove(family);
+                    }
+                }
+            }
+            result
+        }
+        .boxed()
+    }
+}
+
+impl Subscriber for NatsBus {
+    fn subscribe<'a>(
+        &'a self,
+        config: &'a ConsumerConfig,
+    ) -> BoxFuture<'a, Result<Subscription, BusError>> {
+        async move {
+            for topic in &config.topics {
+                family(topic)?;
+            }
+            let (deliveries, receiver) = mpsc::channel(config.batch_size.max(1));
+            let feeder = tokio::spawn(feed(self.clone(), config.clone(), deliveries));
+            Ok(Subscription::new(receiver, feeder))
+        }
+        .boxed()
+    }
+
+    fn lag(&self) -> BoxFuture<'_, Result<Vec<GroupLag>, BusError>> {
+        self.lags().boxed()
+    }
+}
+
+/// A group's lease in the leases bucket, held by this subscription.
+struct Lease {
+    key: String,
+    holder: String,
+    revision: u64,
+    renew_every: Duration,
+    store: kv::Store,
+}
+
+impl Lease {
+    async fn renew(&mut self) -> Result<(), BusError> {
+        self.revision = self
+            .store
+            .update(&self.key, self.holder.clone().into(), self.revision)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn release(&self) {
+        // Only our own revision: a lease another process took meanwhile stays.
+        let released = self
+            .store
+            .delete_expect_revision(&self.key, Some(self.revision))
+            .await;
+        if let Err(error) = released {
+            tracing::debug!(lease = %self.key, %error, "cannot release the group's lease");
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Held {
+    Closed,
+    LostLease,
+    Failed,
+}
+
+/// Feeds a subscription while its receiver lives, reading only while it holds the group's lease.
+async fn feed(bus: NatsBus, config: ConsumerConfig, deliveries: mpsc::Sender<Delivery>) {
+    let key = nats_name(&config.group);
+    let holder = uuid::Uuid::now_v7().to_string();
+    loop {
+        match bus.take_lease(&key, &holder, config.lease_ttl).await {
+            Ok(Some(mut lease)) => {
+                let held = hold(&bus, &config, &mut lease, &deliveries).await;
+                match held {
+                    Held::Closed => {
+                        lease.release().await;
+                        return;
+                    }
+                    Held::LostLease => {
+                        tracing::warn!(group = %config.group, "lost the group's lease; standing by");
+                    }
+                    // The lease is still ours: taken again below.
+                    Held::Failed => {}
+                }
+            }
+            // Another process reads this group: stand by.
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(group = %config.group, %error, "cannot take the group's lease");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(config.poll_interval) => {}
+            () = deliveries.closed() => return,
+        }
+    }
+}
+
+type Pulled = Result<jetstream::Message, consumer::pull::MessagesError>;
+
+/// Reads the group's consumers while this process holds the lease, renewing it.
+async fn hold(
+    bus: &NatsBus,
+    config: &ConsumerConfig,
+    lease: &mut Lease,
+    deliveries: &mpsc::Sender<Delivery>,
+) -> Held {
+    let mut families: Vec<&str> = Vec::new();
+    for topic in &config.topics {
+        if let Ok(family) = family(topic)
+            && !families.contains(&family)
+        {
+            families.push(family);
+        }
+    }
+    let batch = config.batch_size.max(1);
+    let mut pulled: SelectAll<BoxStream<'static, Pulled>> = SelectAll::new();
+    for family in families {
+        let messages = match bus.consumer(config, family).await {
+            Ok(consumer) => consumer
+                .stream()
+                .max_messages_per_batch(batch)
+                // A lost connection shows as missed heartbeats: the consumers are set up again.
+                .heartbeat(Duration::from_secs(5))
+                .messages()
+                .await
+                .map_err(unavailable),
+            Err(error) => Err(error),
+        };
+        match messages {
+            Ok(messages) => pulled.push(messages.boxed()),
+            Err(error) => {
+                tracing::warn!(group = %config.group, family, %error, "cannot read the group's consumer");
+                return Held::Failed;
+            }
+        }
+    }
+    let mut renew = tokio::time::interval_at(
+        tokio::time::Instant::now() + lease.renew_every,
+        lease.renew_every,
+    );
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Pulled and not yet taken by the subscriber.
+    let mut waiting: Option<Delivery> = None;
+    loop {
+        tokio::select! {
+            biased;
+            () = deliveries.closed() => {
+                // Never handed over: let it go at once for whoever reads the group next.
+                if let Some(delivery) = waiting.take() {
+                    let _ = delivery.nack(Duration::ZERO).await;
+                }
+                return Held::Closed;
+            }
+            _ = renew.tick() => {
+                if let Err(error) = lease.renew().await {
+                    tracing::warn!(group = %config.group, %error, "cannot renew the group's lease");
+                    if let Some(delivery) = waiting.take() {
+                        let _ = delivery.nack(Duration::ZERO).await;
+                    }
+                    return Held::LostLease;
+                }
+            }
+            permit = deliveries.reserve(), if waiting.is_some() => {
+                if let (Ok(permit), Some(delivery)) = (permit, waiting.take()) {
+                    permit.send(delivery);
+                }
+            }
+            next = pulled.next(), if waiting.is_none() => match next {
+                Some(Ok(message)) => waiting = bus.delivery(config, message).await,
+                Some(Err(error)) => {
+                    tracing::warn!(group = %config.group, %error, "cannot pull messages");
+                    return Held::Failed;
+                }
+                None => return Held::Failed,
+            },
+        }
+    }
+}
+
+/// Settles a delivery on the JetStream consumer that made it.
+struct NatsAck(jetstream::message::Acker);
+
+impl Acker for NatsAck {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BusError>> {
+        // Confirmed by the server, so an ack after the handler's commit is not lost silently.
+        async move { self.0.double_ack().await.map_err(unavailable) }.boxed()
+    }
+
+    fn nack(self: Box<Self>, retry_after: Duration) -> BoxFuture<'static, Result<(), BusError>> {
+        let delay = Some(retry_after).filter(|after| !after.is_zero());
+        async move {
+            self.0
+                .ack_with(jetstream::AckKind::Nak(delay))
+                .await
+                .map_err(unavailable)
+        }
+        .boxed()
+    }
+
+    fn in_progress(&self) -> BoxFuture<'_, Result<(), BusError>> {
+        async move {
+            self.0
+                .ack_with(jetstream::AckKind::Progress)
+                .await
+                .map_err(unavailable)
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_topic_family_is_the_part_before_the_first_dot() {
+        assert_eq!(family("order.created").ok(), Some("order"));
+        assert_eq!(family("payment.card.failed").ok(), Some("payment"));
+        assert!(family("order").is_err());
+        assert!(family("order.").is_err());
+        assert!(family("order.*").is_err());
+    }
+
+    #[test]
+    fn group_names_nats_forbids_are_cleaned_without_colliding() {
+        assert_eq!(nats_name("inventory"), "inventory");
+        let dotted = nats_name("a.b");
+        let underscored = nats_name("a_b");
+        assert!(dotted.starts_with("a_b_"));
+        assert_ne!(dotted, underscored);
+        assert!(!nats_name("x > y*").contains([' ', '>', '*', '.']));
+    }
+}
