@@ -42,6 +42,17 @@ impl Default for NatsConfig {
     }
 }
 
+impl NatsConfig {
+    /// Subjects under `prefix`, streams under its upper-case form (`orderwave` -> `ORDERWAVE_*`).
+    pub fn with_prefix(prefix: &str) -> Self {
+        Self {
+            subject_prefix: prefix.to_string(),
+            stream_prefix: prefix.to_uppercase().replace(['.', '-'], "_"),
+            ..Self::default()
+        }
+    }
+}
+
 /// A bus on NATS JetStream; clones share one connection.
 #[derive(Clone)]
 pub struct NatsBus {

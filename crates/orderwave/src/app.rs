@@ -179,11 +179,7 @@ async fn open_bus(config: &Config, bus_db: &Db) -> anyhow::Result<Arc<dyn Bus>> 
         "nats" => {
             let nats = bus::nats::NatsBus::connect(
                 url,
-                bus::nats::NatsConfig {
-                    subject_prefix: config.bus_prefix.clone(),
-                    stream_prefix: config.bus_prefix.to_uppercase().replace(['.', '-'], "_"),
-                    ..Default::default()
-                },
+                bus::nats::NatsConfig::with_prefix(&config.bus_prefix),
             )
             .await
             .context("connecting to NATS")?;

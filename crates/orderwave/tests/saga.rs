@@ -19,6 +19,14 @@ on_both_backends!(
     concurrent_refunds_and_a_cancel_never_return_more_than_was_paid,
 );
 
+on_brokers!(
+    a_paid_order_reserves_charges_and_confirms_with_every_step_in_its_history,
+    an_order_out_of_stock_is_cancelled_with_the_reason_and_never_charged,
+    a_declined_card_releases_the_stock_and_cancels_the_order,
+    cancelling_a_confirmed_order_refunds_the_payment_and_releases_the_stock,
+    shipping_an_order_takes_its_stock_off_the_shelf,
+);
+
 fn body_with(token: &str, items: Value) -> Value {
     let mut body = order_body(DEMO_CUSTOMER);
     body["payment"]["token"] = json!(token);

@@ -49,6 +49,8 @@ pub struct TestApp {
     pub backend: Backend,
     pub data_dir: PathBuf,
     pub database_url: Option<String>,
+    /// The broker's `--bus` URL and this app's prefix on it, when not on the sql bus.
+    pub broker: Option<(String, String)>,
     _dir: TempDir,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -74,6 +76,7 @@ impl TestApp {
         config.auth.rate_limit_read = 0.0;
         config.auth.rate_limit_write = 0.0;
         tweak(&mut config);
+        let broker = (config.bus != "sql").then(|| (config.bus.clone(), config.bus_prefix.clone()));
         let app = Application::build(&config).await.expect("build app");
         let base = format!("http://{}", app.local_addr());
         let (tx, rx) = oneshot::channel::<()>();
@@ -86,6 +89,7 @@ impl TestApp {
             backend,
             data_dir: dir.path().to_path_buf(),
             database_url,
+            broker,
             _dir: dir,
             shutdown: Some(tx),
             server: Some(server),
@@ -284,6 +288,9 @@ impl TestApp {
 
     /// Every message on the bus, in log order: (topic, message id, CloudEvent).
     pub async fn bus_messages(&self) -> Vec<(String, String, Value)> {
+        if let Some((url, prefix)) = &self.broker {
+            return broker_messages(url, prefix).await;
+        }
         let db = self.bus_db().await;
         let messages = bus_log(&db).await;
         db.close().await;
@@ -301,7 +308,97 @@ impl TestApp {
         if let Some(url) = &self.database_url {
             drop_pg_database(url).await;
         }
+        if let Some((url, prefix)) = &self.broker {
+            delete_broker_objects(url, prefix).await;
+        }
     }
+
+    /// An app on PostgreSQL whose events travel over the broker at `url`, under a prefix of its
+    /// own so tests share the broker.
+    pub async fn spawn_on_broker(url: &str) -> TestApp {
+        let prefix = format!("t{}", uuid::Uuid::now_v7().simple());
+        Self::spawn_with(Backend::Postgres, |config| {
+            config.bus = url.to_string();
+            config.bus_prefix = prefix;
+        })
+        .await
+    }
+}
+
+pub const NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// Every topic the platform publishes.
+pub const TOPICS: [&str; 18] = [
+    "order.created",
+    "order.updated",
+    "order.confirmed",
+    "order.status_changed",
+    "order.shipped",
+    "order.delivered",
+    "order.cancelled",
+    "inventory.reserved",
+    "inventory.rejected",
+    "inventory.released",
+    "inventory.low_stock",
+    "payment.succeeded",
+    "payment.failed",
+    "payment.refunded",
+    "customer.created",
+    "customer.updated",
+    "notification.sent",
+    "notification.failed",
+];
+
+#[cfg(feature = "nats")]
+async fn nats_bus(url: &str, prefix: &str) -> bus::nats::NatsBus {
+    bus::nats::NatsBus::connect(url, bus::nats::NatsConfig::with_prefix(prefix))
+        .await
+        .expect("NATS")
+}
+
+/// A new consumer group's view of the broker: every message on it, ordered by the events'
+/// times (a broker keeps order per stream, not across them).
+async fn broker_messages(url: &str, prefix: &str) -> Vec<(String, String, Value)> {
+    use bus::Subscriber;
+    let broker: Box<dyn Subscriber> = match url {
+        #[cfg(feature = "nats")]
+        _ if url.starts_with("nats://") => Box::new(nats_bus(url, prefix).await),
+        _ => panic!("no broker adapter for {url} in this build"),
+    };
+    let group = format!("inspect-{}", uuid::Uuid::now_v7().simple());
+    let mut subscription = broker
+        .subscribe(&bus::consumer::ConsumerConfig::new(&group, &TOPICS))
+        .await
+        .expect("subscribe");
+    let mut messages = Vec::new();
+    // Quiet for a second: everything already on the broker has come.
+    while let Ok(Some(delivery)) =
+        tokio::time::timeout(std::time::Duration::from_secs(1), subscription.next()).await
+    {
+        let event: Value = serde_json::from_str(&delivery.message.payload).expect("CloudEvent");
+        messages.push((
+            delivery.message.topic.clone(),
+            delivery.message.id.clone(),
+            event,
+        ));
+        delivery.ack().await.expect("ack");
+    }
+    subscription.close().await;
+    messages.sort_by(|a, b| a.2["time"].as_str().cmp(&b.2["time"].as_str()));
+    messages
+}
+
+/// Removes what an app created on a broker under `prefix`.
+async fn delete_broker_objects(url: &str, prefix: &str) {
+    #[cfg(feature = "nats")]
+    if url.starts_with("nats://") {
+        nats_bus(url, prefix)
+            .await
+            .delete_streams()
+            .await
+            .expect("deleting the test's streams");
+    }
+    let _ = (url, prefix);
 }
 
 /// The customer `--demo` registers.
@@ -379,6 +476,25 @@ pub async fn expect_problem(response: Response, status: u16) -> Value {
     assert!(body["title"].is_string());
     assert!(body["type"].is_string());
     body
+}
+
+/// Runs each listed `async fn name(app: TestApp)` on PostgreSQL with each real broker this build
+/// has as its bus.
+#[macro_export]
+macro_rules! on_brokers {
+    ($($name:ident),* $(,)?) => {
+        #[cfg(feature = "nats")]
+        mod postgres_nats {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let app = $crate::common::TestApp::spawn_on_broker($crate::common::NATS_URL).await;
+                    super::$name(&app).await;
+                    app.stop().await;
+                }
+            )*
+        }
+    };
 }
 
 /// Runs each listed `async fn name(app: TestApp)` once on SQLite and once on PostgreSQL.
