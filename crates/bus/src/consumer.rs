@@ -354,7 +354,11 @@ async fn redrive(dead_letters: &DeadLetters, config: &ConsumerConfig, handler: &
         let delivery = as_delivery(&letter);
         let result = match handle_once(handler, &delivery).await {
             Ok(()) => dead_letters.remove(&letter.id).await,
-            Err(error) => dead_letters.redrive_failed(&letter.id, &error.message).await,
+            Err(error) => {
+                dead_letters
+                    .redrive_failed(&letter.id, &error.message)
+                    .await
+            }
         };
         if let Err(error) = result {
             tracing::warn!(group = %config.group, %error, "cannot settle a redriven dead letter");

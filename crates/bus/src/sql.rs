@@ -327,9 +327,7 @@ impl SqlBus {
                         self.publish_waiting(publisher, &mut conn, waiting).await;
                     }
                 }
-                answer
-                    .await
-                    .unwrap_or(Err(sqlx::Error::PoolClosed.into()))
+                answer.await.unwrap_or(Err(sqlx::Error::PoolClosed.into()))
             }
         }
     }
@@ -859,7 +857,10 @@ impl Acker for SqlAck {
         Box::pin(async { Ok(()) })
     }
 
-    fn nack(self: Box<Self>, retry_after: std::time::Duration) -> BoxFuture<'static, Result<(), BusError>> {
+    fn nack(
+        self: Box<Self>,
+        retry_after: std::time::Duration,
+    ) -> BoxFuture<'static, Result<(), BusError>> {
         let _ = self.settled.send(Settled::Nack(self.seq, retry_after));
         Box::pin(async { Ok(()) })
     }
@@ -867,14 +868,27 @@ impl Acker for SqlAck {
 
 /// Feeds a subscription while its receiver lives: the group is read by one process at a time
 /// (a lease on the bus); a standby takes over when the holder stops renewing.
-async fn feed(bus: SqlBus, config: ConsumerConfig, deliveries: tokio::sync::mpsc::Sender<Delivery>) {
+async fn feed(
+    bus: SqlBus,
+    config: ConsumerConfig,
+    deliveries: tokio::sync::mpsc::Sender<Delivery>,
+) {
     let holder = uuid::Uuid::now_v7().to_string();
     let lease = format!("consumer:{}", config.group);
     let (settle, mut settled) = tokio::sync::mpsc::unbounded_channel();
     loop {
         match bus.hold_lease(&lease, &holder, config.lease_ttl).await {
             Ok(true) => {
-                let held = hold(&bus, &config, &lease, &holder, &deliveries, &settle, &mut settled).await;
+                let held = hold(
+                    &bus,
+                    &config,
+                    &lease,
+                    &holder,
+                    &deliveries,
+                    &settle,
+                    &mut settled,
+                )
+                .await;
                 if held == Held::Closed {
                     let _ = bus.release_lease(&lease, &holder).await;
                     return;
