@@ -5,9 +5,9 @@ use crate::{Acker, BusError, Delivery, GroupLag, Message, Publisher, Subscriber,
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{
@@ -25,8 +25,8 @@ const KEY_HEADER: &str = "orderwave-key";
 pub struct RabbitConfig {
     /// Starts every exchange and queue name, so several platforms can share a broker.
     pub prefix: String,
-    /// Deliveries of one message (consumers that died or let it go) before the broker moves it
-    /// to the group's dead queue.
+    /// Redeliveries of one message (consumers that died or let it go) after which the broker
+    /// moves it to the group's dead queue.
     pub delivery_limit: u32,
 }
 
@@ -460,7 +460,8 @@ impl Subscriber for RabbitBus {
 }
 
 /// Feeds a subscription from its consumer until the receiver is dropped or the broker ends the
-/// consumer; closing the channel then hands what was not acknowledged back to the queue.
+/// consumer; closing the channel then hands what was not acknowledged back to the queue, ahead of
+/// the rest.
 async fn feed(
     group: String,
     channel: Channel,
@@ -490,10 +491,10 @@ async fn feed(
             break;
         }
     }
-    let _ = channel
-        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-        .await;
+    // Closed without a cancel first (dropping the consumer cancels it): a cancelled consumer
+    // keeps what it holds while the standby takes newer messages, breaking a key's order.
     let _ = channel.close(200, "subscription dropped".into()).await;
+    drop(consumer);
 }
 
 /// The bus's delivery of a RabbitMQ one; a message that is not the platform's (no id, no UTF-8
@@ -567,8 +568,9 @@ impl Acker for RabbitAck {
             }
             tokio::spawn(async move {
                 tokio::time::sleep(retry_after).await;
+                // A subscription dropped meanwhile closed the channel, which requeued it already.
                 if let Err(error) = settled(requeue(&self.acker).await) {
-                    tracing::warn!(%error, "cannot let a delivery go; it comes again when its channel closes");
+                    tracing::debug!(%error, "a delivery let go after its channel closed");
                 }
             });
             Ok(())
@@ -635,6 +637,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -649,5 +652,66 @@ mod tests {
     fn a_name_longer_than_255_bytes_is_a_configuration_error() {
         assert!(short(&"x".repeat(255)).is_ok());
         assert!(matches!(short(&"x".repeat(256)), Err(BusError::Config(_))));
+    }
+
+    /// Needs the broker, like `tests/rabbitmq.rs`; here to reach the bus's own connection.
+    #[tokio::test]
+    async fn a_lost_connection_ends_subscriptions_and_is_opened_again_at_the_next_call() {
+        let url = std::env::var("ORDERWAVE_RABBITMQ_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        let config = RabbitConfig {
+            prefix: format!("test-{}", uuid::Uuid::now_v7()),
+            ..RabbitConfig::default()
+        };
+        let bus = RabbitBus::connect(&url, config)
+            .await
+            .unwrap_or_else(|error| {
+                panic!("RabbitMQ is not running ({error}); `rabbitmq-server -detached` starts it")
+            });
+        let consumer = ConsumerConfig::new("billing", &["order.created"]);
+        let mut subscription = bus.subscribe(&consumer).await.unwrap();
+
+        let connection_lost = async {
+            let link = bus.inner.link.lock().await;
+            let link = link.as_ref().unwrap();
+            link.connection
+                .close(320, "test: connection lost".into())
+                .await
+        };
+        connection_lost.await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), subscription.next()).await;
+        assert!(matches!(ended, Ok(None)), "the subscription should end");
+
+        let message = Message {
+            id: uuid::Uuid::now_v7().to_string(),
+            topic: "order.created".into(),
+            key: "o-1".into(),
+            payload: "{}".into(),
+        };
+        let mut subscription = bus.subscribe(&consumer).await.unwrap();
+        bus.publish(std::slice::from_ref(&message)).await.unwrap();
+        let delivery = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(delivery.message, message);
+        delivery.ack().await.unwrap();
+        drop(subscription);
+
+        let channel = bus.channel().await.unwrap();
+        for queue in [bus.queue("billing"), bus.dead_queue("billing")] {
+            let options = lapin::options::QueueDeleteOptions::default();
+            channel
+                .queue_delete(short(&queue).unwrap(), options)
+                .await
+                .unwrap();
+        }
+        for exchange in [bus.exchange("order"), bus.dead_letter_exchange()] {
+            let options = lapin::options::ExchangeDeleteOptions::default();
+            channel
+                .exchange_delete(short(&exchange).unwrap(), options)
+                .await
+                .unwrap();
+        }
     }
 }
