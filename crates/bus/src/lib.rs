@@ -3,14 +3,17 @@
 //! acknowledge after the handler's transaction commits.
 //!
 //! Adapters: [`sql::SqlBus`], the embedded default (a log table in `bus.db` on SQLite or in a
-//! `bus` schema on PostgreSQL), and NATS JetStream behind the `nats` feature. [`relay`] moves a
-//! service's outbox to a publisher; [`consumer`] runs a group's handler with retries, backoff
-//! and [`dead_letters`], which live in the platform's database whatever the broker.
+//! `bus` schema on PostgreSQL), NATS JetStream behind the `nats` feature and RabbitMQ behind the
+//! `rabbitmq` feature. [`relay`] moves a service's outbox to a publisher; [`consumer`] runs a
+//! group's handler with retries, backoff and [`dead_letters`], which live in the platform's
+//! database whatever the broker.
 
 pub mod consumer;
 pub mod dead_letters;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 pub mod relay;
 pub mod sql;
 
@@ -241,6 +244,17 @@ pub trait Subscriber: Send + Sync + 'static {
         &'a self,
         config: &'a consumer::ConsumerConfig,
     ) -> BoxFuture<'a, Result<Subscription, BusError>>;
+
+    /// Makes the broker keep what is published for `config.group` from now on, before the group
+    /// first subscribes (a RabbitMQ queue and its bindings). Logs and streams keep everything
+    /// anyway: nothing to do.
+    fn declare_group<'a>(
+        &'a self,
+        config: &'a consumer::ConsumerConfig,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        let _ = config;
+        Box::pin(async { Ok(()) })
+    }
 
     /// Each known group's lag.
     fn lag(&self) -> BoxFuture<'_, Result<Vec<GroupLag>, BusError>>;

@@ -140,6 +140,32 @@ async fn nats() -> Harness {
     harness
 }
 
+#[cfg(feature = "rabbitmq")]
+async fn rabbitmq() -> Harness {
+    use bus::rabbitmq::{RabbitBus, RabbitConfig};
+    let url = std::env::var("ORDERWAVE_RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let config = RabbitConfig {
+        prefix: format!("c-{}", uuid::Uuid::now_v7().simple()),
+        ..RabbitConfig::default()
+    };
+    let connect = async || {
+        RabbitBus::connect(&url, config.clone())
+            .await
+            .unwrap_or_else(|error| {
+                panic!("RabbitMQ is not running at {url} ({error}); `rabbitmq-server -detached` starts it")
+            })
+    };
+    let bus = connect().await;
+    let other = connect().await;
+    let mut harness = Harness::around(Arc::new(bus.clone()), Arc::new(other.clone())).await;
+    harness.cleanup = Some(Box::pin(async move {
+        bus.delete_declared().await.unwrap();
+        other.delete_declared().await.unwrap();
+    }));
+    harness
+}
+
 fn message(i: usize, topic: &str, key: &str) -> Message {
     Message {
         id: format!("m-{}-{i}", uuid::Uuid::now_v7().simple()),
@@ -252,12 +278,14 @@ struct Running {
 }
 
 impl Running {
-    fn start(
+    /// Declares the group (as the platform does before it publishes) and runs it.
+    async fn start(
         bus: &Arc<dyn Bus>,
         dead: &DeadLetters,
         config: ConsumerConfig,
         handler: Arc<dyn Handler>,
     ) -> Running {
+        bus.declare_group(&config).await.unwrap();
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(consumer::run(
             bus.clone(),
@@ -299,7 +327,8 @@ async fn published_messages_are_each_handled_once_in_order_per_key(h: Harness) {
         &h.dead,
         fast("g", &["order.created"]),
         handler.clone(),
-    );
+    )
+    .await;
     let messages = batch(30);
     h.bus.publish(&messages[..10]).await.unwrap();
     h.bus.publish(&messages[10..]).await.unwrap();
@@ -316,8 +345,8 @@ async fn published_messages_are_each_handled_once_in_order_per_key(h: Harness) {
 
 async fn two_groups_each_get_every_message(h: Harness) {
     let (a, b) = (Recorder::new(0), Recorder::new(0));
-    let group_a = Running::start(&h.bus, &h.dead, fast("a", &["order.created"]), a.clone());
-    let group_b = Running::start(&h.other, &h.dead, fast("b", &["order.created"]), b.clone());
+    let group_a = Running::start(&h.bus, &h.dead, fast("a", &["order.created"]), a.clone()).await;
+    let group_b = Running::start(&h.other, &h.dead, fast("b", &["order.created"]), b.clone()).await;
     let messages = batch(12);
     h.bus.publish(&messages).await.unwrap();
     wait_until("both groups", DEADLINE, async || {
@@ -343,7 +372,8 @@ async fn a_group_gets_only_its_topics(h: Harness) {
         &h.dead,
         fast("g", &["order.cancelled", "payment.failed"]),
         handler.clone(),
-    );
+    )
+    .await;
     let wanted = [
         message(1, "order.cancelled", "o-1"),
         message(2, "payment.failed", "o-2"),
@@ -384,8 +414,8 @@ async fn competing_consumers_of_one_group_handle_each_message_once_in_key_order(
     let first = Recorder::sharing("first", seen.clone(), 0);
     let second = Recorder::sharing("second", seen.clone(), 0);
     let config = fast("g", &["order.created"]);
-    let one = Running::start(&h.bus, &h.dead, config.clone(), first);
-    let two = Running::start(&h.other, &h.dead, config, second);
+    let one = Running::start(&h.bus, &h.dead, config.clone(), first).await;
+    let two = Running::start(&h.other, &h.dead, config, second).await;
     let messages = batch(40);
     for chunk in messages.chunks(8) {
         h.bus.publish(chunk).await.unwrap();
@@ -436,7 +466,8 @@ async fn a_failing_handler_gets_the_message_again_until_it_succeeds(h: Harness) 
         &h.dead,
         fast("g", &["order.created"]),
         handler.clone(),
-    );
+    )
+    .await;
     let messages = batch(3);
     h.bus.publish(&messages).await.unwrap();
     wait_until("3 messages", DEADLINE, async || {
@@ -463,6 +494,7 @@ async fn next(subscription: &mut bus::Subscription) -> Delivery {
 async fn a_consumer_gone_before_its_ack_gets_the_message_delivered_again(h: Harness) {
     let config = fast("g", &["order.created"]);
     let messages = batch(1);
+    h.bus.declare_group(&config).await.unwrap();
     h.bus.publish(&messages).await.unwrap();
     let mut subscription = h.bus.subscribe(&config).await.unwrap();
     let first = next(&mut subscription).await;
@@ -500,6 +532,7 @@ async fn handle_with_inbox(service: &Db, delivery: &Delivery) -> bool {
 async fn a_crash_between_commit_and_ack_repeats_the_message_and_the_inbox_absorbs_it(h: Harness) {
     let config = fast("g", &["order.created"]);
     let messages = batch(1);
+    h.bus.declare_group(&config).await.unwrap();
     h.bus.publish(&messages).await.unwrap();
     let mut subscription = h.bus.subscribe(&config).await.unwrap();
     let first = next(&mut subscription).await;
@@ -533,7 +566,8 @@ async fn a_poison_message_is_dead_lettered_and_redriven_after_the_fix(h: Harness
         &h.dead,
         fast("g", &["order.created"]),
         handler.clone(),
-    );
+    )
+    .await;
     let mut poison = message(0, "order.created", "o-1");
     poison.payload = "{\"poison\":true}".into();
     let healthy = message(1, "order.created", "o-2");
@@ -581,7 +615,7 @@ async fn a_poison_message_is_dead_lettered_and_redriven_after_the_fix(h: Harness
 async fn lag_counts_what_a_group_has_not_acknowledged(h: Harness) {
     let handler = Recorder::new(0);
     let config = fast("g", &["order.created"]);
-    let group = Running::start(&h.bus, &h.dead, config.clone(), handler.clone());
+    let group = Running::start(&h.bus, &h.dead, config.clone(), handler.clone()).await;
     h.bus.publish(&batch(3)).await.unwrap();
     wait_until("3 messages", DEADLINE, async || {
         handler.seen.lock().await.len() >= 3
@@ -677,3 +711,5 @@ conformance!(sql_sqlite);
 conformance!(sql_postgres);
 #[cfg(feature = "nats")]
 conformance!(nats);
+#[cfg(feature = "rabbitmq")]
+conformance!(rabbitmq);

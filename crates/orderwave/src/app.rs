@@ -345,6 +345,10 @@ impl Application {
         ];
         for (consumer, _) in &mut consumers {
             consumer.deliver_twice = config.test_deliver_twice;
+            // Before any relay publishes: a broker that routes on publish keeps the group's share.
+            bus.declare_group(consumer).await.with_context(|| {
+                format!("declaring consumer group {} on the bus", consumer.group)
+            })?;
         }
         // A key stays locked while its request may still be running: past the request
         // timeout (plus a margin) its holder is gone and a retry may take the key over.
