@@ -317,6 +317,12 @@ impl TestApp {
     /// own so tests share the broker.
     pub async fn spawn_on_broker(url: &str) -> TestApp {
         let prefix = format!("t{}", uuid::Uuid::now_v7().simple());
+        // Declared before the app publishes, so the test can read back everything it did.
+        broker(url, &prefix)
+            .await
+            .declare_group(&inspection())
+            .await
+            .expect("declaring the inspection group");
         Self::spawn_with(Backend::Postgres, |config| {
             config.bus = url.to_string();
             config.bus_prefix = prefix;
@@ -326,6 +332,23 @@ impl TestApp {
 }
 
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// RabbitMQ for the tests: `ORDERWAVE_RABBITMQ_URL`, or the local broker.
+pub fn rabbitmq_url() -> String {
+    std::env::var("ORDERWAVE_RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+#[cfg(feature = "rabbitmq")]
+async fn rabbit_bus(url: &str, prefix: &str) -> bus::rabbitmq::RabbitBus {
+    let config = bus::rabbitmq::RabbitConfig {
+        prefix: prefix.to_string(),
+        ..Default::default()
+    };
+    bus::rabbitmq::RabbitBus::connect(url, config)
+        .await
+        .expect("RabbitMQ")
+}
 
 /// Every topic the platform publishes.
 pub const TOPICS: [&str; 18] = [
@@ -356,20 +379,27 @@ async fn nats_bus(url: &str, prefix: &str) -> bus::nats::NatsBus {
         .expect("NATS")
 }
 
-/// A new consumer group's view of the broker: every message on it, ordered by the events'
-/// times (a broker keeps order per stream, not across them).
-async fn broker_messages(url: &str, prefix: &str) -> Vec<(String, String, Value)> {
-    use bus::Subscriber;
-    let broker: Box<dyn Subscriber> = match url {
+/// The adapter for `url`, under `prefix`.
+async fn broker(url: &str, prefix: &str) -> Box<dyn bus::Bus> {
+    match url {
         #[cfg(feature = "nats")]
         _ if url.starts_with("nats://") => Box::new(nats_bus(url, prefix).await),
+        #[cfg(feature = "rabbitmq")]
+        _ if url.starts_with("amqp://") => Box::new(rabbit_bus(url, prefix).await),
         _ => panic!("no broker adapter for {url} in this build"),
-    };
-    let group = format!("inspect-{}", uuid::Uuid::now_v7().simple());
-    let mut subscription = broker
-        .subscribe(&bus::consumer::ConsumerConfig::new(&group, &TOPICS))
-        .await
-        .expect("subscribe");
+    }
+}
+
+/// The test's own consumer group, reading every topic the platform publishes.
+fn inspection() -> bus::consumer::ConsumerConfig {
+    bus::consumer::ConsumerConfig::new("test-inspection", &TOPICS)
+}
+
+/// What the inspection group has not read yet: every message published since the previous
+/// look, ordered by the events' times (a broker keeps order per stream, not across them).
+async fn broker_messages(url: &str, prefix: &str) -> Vec<(String, String, Value)> {
+    let broker = broker(url, prefix).await;
+    let mut subscription = broker.subscribe(&inspection()).await.expect("subscribe");
     let mut messages = Vec::new();
     // Quiet for a second: everything already on the broker has come.
     while let Ok(Some(delivery)) =
@@ -397,6 +427,25 @@ async fn delete_broker_objects(url: &str, prefix: &str) {
             .delete_streams()
             .await
             .expect("deleting the test's streams");
+    }
+    #[cfg(feature = "rabbitmq")]
+    if url.starts_with("amqp://") {
+        use bus::Subscriber;
+        let rabbit = rabbit_bus(url, prefix).await;
+        // Declared again (the same way) so that this handle knows what to delete.
+        for group in [
+            inventory_service::consumers::config(),
+            payment_service::consumers::config(),
+            order_service::consumers::config(),
+            notification_service::consumers::config(),
+            inspection(),
+        ] {
+            rabbit.declare_group(&group).await.expect("declaring");
+        }
+        rabbit
+            .delete_declared()
+            .await
+            .expect("deleting the test's queues");
     }
     let _ = (url, prefix);
 }
@@ -489,6 +538,17 @@ macro_rules! on_brokers {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     let app = $crate::common::TestApp::spawn_on_broker($crate::common::NATS_URL).await;
+                    super::$name(&app).await;
+                    app.stop().await;
+                }
+            )*
+        }
+        #[cfg(feature = "rabbitmq")]
+        mod postgres_rabbitmq {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let app = $crate::common::TestApp::spawn_on_broker(&$crate::common::rabbitmq_url()).await;
                     super::$name(&app).await;
                     app.stop().await;
                 }
