@@ -557,9 +557,14 @@ async fn poll_json(client: &reqwest::Client, url: &str, done: impl Fn(&Value) ->
 }
 
 async fn kill_9_in_the_middle_of_sagas_every_saga_still_ends(database_url: Option<String>) {
+    kill_9_in_the_middle_of_sagas_on(database_url, &[]).await;
+}
+
+/// The sagas of 20 orders killed in every stage, with `extra` options (a broker as the bus).
+async fn kill_9_in_the_middle_of_sagas_on(database_url: Option<String>, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let client = common::admin_client();
-    let server = start(dir.path(), database_url.as_deref(), &[]);
+    let server = start(dir.path(), database_url.as_deref(), extra);
     // Half the cards succeed, half are declined; killed right after the last 201, with the
     // sagas in every stage.
     let mut placed = Vec::new();
@@ -581,7 +586,7 @@ async fn kill_9_in_the_middle_of_sagas_every_saga_still_ends(database_url: Optio
     server.child.kill().unwrap();
     server.child.wait().unwrap();
 
-    let mut server = start(dir.path(), database_url.as_deref(), &[]);
+    let mut server = start(dir.path(), database_url.as_deref(), extra);
     for (id, token) in &placed {
         let expected = if *token == "tok_ok" {
             "CONFIRMED"
@@ -658,4 +663,27 @@ async fn kill_9_in_the_middle_of_sagas_every_saga_still_ends_on_sqlite() {
 #[tokio::test]
 async fn kill_9_in_the_middle_of_sagas_every_saga_still_ends_on_postgres() {
     kill_9_in_the_middle_of_sagas_every_saga_still_ends(Some(fresh_pg_database().await)).await;
+}
+
+/// On PostgreSQL with `url` as the bus, under a prefix of the test's own.
+async fn kill_9_in_the_middle_of_sagas_on_broker(url: &str) {
+    let prefix = format!("t{}", uuid::Uuid::now_v7().simple());
+    kill_9_in_the_middle_of_sagas_on(
+        Some(fresh_pg_database().await),
+        &["--bus", url, "--bus-prefix", &prefix],
+    )
+    .await;
+    common::delete_broker_objects(url, &prefix).await;
+}
+
+#[cfg(feature = "nats")]
+#[tokio::test]
+async fn kill_9_in_the_middle_of_sagas_every_saga_still_ends_on_postgres_and_nats() {
+    kill_9_in_the_middle_of_sagas_on_broker(common::NATS_URL).await;
+}
+
+#[cfg(feature = "rabbitmq")]
+#[tokio::test]
+async fn kill_9_in_the_middle_of_sagas_every_saga_still_ends_on_postgres_and_rabbitmq() {
+    kill_9_in_the_middle_of_sagas_on_broker(&common::rabbitmq_url()).await;
 }

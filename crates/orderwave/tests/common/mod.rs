@@ -419,7 +419,7 @@ async fn broker_messages(url: &str, prefix: &str) -> Vec<(String, String, Value)
 }
 
 /// Removes what an app created on a broker under `prefix`.
-async fn delete_broker_objects(url: &str, prefix: &str) {
+pub async fn delete_broker_objects(url: &str, prefix: &str) {
     #[cfg(feature = "nats")]
     if url.starts_with("nats://") {
         nats_bus(url, prefix)
