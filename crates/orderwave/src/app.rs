@@ -158,8 +158,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
 
 /// The bus `--bus` names, its tables migrated in `bus_db` (dead letters live there on every bus).
 async fn open_bus(config: &Config, bus_db: &Db) -> anyhow::Result<Arc<dyn Bus>> {
-    let url = config.bus.as_str();
-    if url == "sql" {
+    if config.bus == "sql" {
         let sql_bus = SqlBus::start(bus_db.clone())
             .await
             .context("starting the bus")?;
@@ -173,21 +172,39 @@ async fn open_bus(config: &Config, bus_db: &Db) -> anyhow::Result<Arc<dyn Bus>> 
         .migrate(&bus::sql::MIGRATOR)
         .await
         .context("migrating the bus tables")?;
+    Ok(match connect_broker(config).await? {
+        #[cfg(feature = "nats")]
+        Broker::Nats(nats) => Arc::new(nats),
+        #[cfg(feature = "rabbitmq")]
+        Broker::Rabbit(rabbit) => Arc::new(rabbit),
+    })
+}
+
+/// A real broker behind `--bus`.
+enum Broker {
+    #[cfg(feature = "nats")]
+    Nats(bus::nats::NatsBus),
+    #[cfg(feature = "rabbitmq")]
+    Rabbit(bus::rabbitmq::RabbitBus),
+}
+
+async fn connect_broker(config: &Config) -> anyhow::Result<Broker> {
+    let url = config.bus.as_str();
+    // Only the scheme: the URL may carry a password.
     let scheme = url.split("://").next().unwrap_or_default();
     match scheme {
         #[cfg(feature = "nats")]
-        "nats" => {
-            let nats = bus::nats::NatsBus::connect(
+        "nats" => Ok(Broker::Nats(
+            bus::nats::NatsBus::connect(
                 url,
                 bus::nats::NatsConfig::with_prefix(&config.bus_prefix),
             )
             .await
-            .context("connecting to NATS")?;
-            Ok(Arc::new(nats))
-        }
+            .context("connecting to NATS")?,
+        )),
         #[cfg(feature = "rabbitmq")]
-        "amqp" | "amqps" => {
-            let rabbit = bus::rabbitmq::RabbitBus::connect(
+        "amqp" | "amqps" => Ok(Broker::Rabbit(
+            bus::rabbitmq::RabbitBus::connect(
                 url,
                 bus::rabbitmq::RabbitConfig {
                     prefix: config.bus_prefix.clone(),
@@ -195,9 +212,8 @@ async fn open_bus(config: &Config, bus_db: &Db) -> anyhow::Result<Arc<dyn Bus>> 
                 },
             )
             .await
-            .context("connecting to RabbitMQ")?;
-            Ok(Arc::new(rabbit))
-        }
+            .context("connecting to RabbitMQ")?,
+        )),
         _ => anyhow::bail!(
             "--bus: `{scheme}` is not a bus this build knows (sql{}{})",
             if cfg!(feature = "nats") {
@@ -212,6 +228,45 @@ async fn open_bus(config: &Config, bus_db: &Db) -> anyhow::Result<Arc<dyn Bus>> 
             },
         ),
     }
+}
+
+/// Every consumer group of the platform, one per service that listens.
+fn consumer_groups() -> [ConsumerConfig; 4] {
+    [
+        inventory_service::consumers::config(),
+        payment_service::consumers::config(),
+        order_service::consumers::config(),
+        notification_service::consumers::config(),
+    ]
+}
+
+/// `orderwave bus-delete`: deletes the streams, exchanges and queues the platform made on the
+/// broker under `--bus-prefix`, with what they hold (for tests, benchmarks, a deployment torn
+/// down). `extra_groups` are consumer groups of the caller's own under the same prefix.
+pub async fn delete_broker_objects(
+    config: &Config,
+    extra_groups: &[ConsumerConfig],
+) -> anyhow::Result<()> {
+    if config.bus == "sql" {
+        anyhow::bail!("--bus is sql: its log lives in the platform's database, not on a broker");
+    }
+    match connect_broker(config).await? {
+        #[cfg(feature = "nats")]
+        Broker::Nats(nats) => {
+            let _ = extra_groups;
+            nats.delete_streams().await?;
+        }
+        #[cfg(feature = "rabbitmq")]
+        Broker::Rabbit(rabbit) => {
+            use bus::Subscriber;
+            // Declared again, the same way, so that this handle knows what to delete.
+            for group in consumer_groups().iter().chain(extra_groups) {
+                rabbit.declare_group(group).await?;
+            }
+            rabbit.delete_declared().await?;
+        }
+    }
+    Ok(())
 }
 
 /// How long a relay lets messages nobody waits on closely gather (all of the notification
@@ -323,25 +378,22 @@ impl Application {
                 .await
                 .context("seeding the demo catalogue")?;
         }
+        let [
+            inventory_group,
+            payment_group,
+            order_group,
+            notification_group,
+        ] = consumer_groups();
         let mut consumers: Vec<(ConsumerConfig, Arc<dyn Handler>)> = vec![
             (
-                inventory_service::consumers::config(),
+                inventory_group,
                 Arc::new(inventory_service::consumers::InventoryHandler {
                     store: inventory.store.clone(),
                 }),
             ),
-            (
-                payment_service::consumers::config(),
-                Arc::new(payments.handler()),
-            ),
-            (
-                order_service::consumers::config(),
-                Arc::new(orders.handler()),
-            ),
-            (
-                notification_service::consumers::config(),
-                Arc::new(notifications.handler()),
-            ),
+            (payment_group, Arc::new(payments.handler())),
+            (order_group, Arc::new(orders.handler())),
+            (notification_group, Arc::new(notifications.handler())),
         ];
         for (consumer, _) in &mut consumers {
             consumer.deliver_twice = config.test_deliver_twice;

@@ -26,6 +26,9 @@ pub enum Command {
     Serve(Config),
     /// Apply the database migrations and exit (they also run at every start).
     Migrate(Config),
+    /// Delete the streams, exchanges and queues (and the messages in them) this platform made on
+    /// the broker of `--bus` under `--bus-prefix`, and exit.
+    BusDelete(Config),
     /// Print a bearer token signed with the configured key (the data directory's secret by
     /// default).
     Token(TokenArgs),

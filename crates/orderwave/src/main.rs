@@ -11,22 +11,32 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// What a command that runs with the platform's configuration does.
+enum Run {
+    Serve,
+    Migrate,
+    BusDelete,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (migrate_only, config) = match cli.command {
-        Some(Command::Serve(config)) => (false, config),
-        Some(Command::Migrate(config)) => (true, config),
+    let (command, config) = match cli.command {
         Some(Command::Token(args)) => return print_token(&args),
-        None => (false, cli.serve),
+        Some(Command::Serve(config)) => (Run::Serve, config),
+        None => (Run::Serve, cli.serve),
+        Some(Command::Migrate(config)) => (Run::Migrate, config),
+        Some(Command::BusDelete(config)) => (Run::BusDelete, config),
     };
     let log_guard = telemetry::init(config.log_format);
-    let result = if migrate_only {
-        orderwave::app::migrate(&config).await.map(|()| {
+    let result = match command {
+        Run::Serve => serve(config).await,
+        Run::Migrate => orderwave::app::migrate(&config).await.map(|()| {
             println!("migrations applied");
-        })
-    } else {
-        serve(config).await
+        }),
+        Run::BusDelete => orderwave::app::delete_broker_objects(&config, &[])
+            .await
+            .map(|()| println!("deleted what the platform had on the broker")),
     };
     let failure = result.err().map(|error| {
         let message = format!("{error:#}");

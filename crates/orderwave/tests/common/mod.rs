@@ -420,34 +420,12 @@ async fn broker_messages(url: &str, prefix: &str) -> Vec<(String, String, Value)
 
 /// Removes what an app created on a broker under `prefix`.
 pub async fn delete_broker_objects(url: &str, prefix: &str) {
-    #[cfg(feature = "nats")]
-    if url.starts_with("nats://") {
-        nats_bus(url, prefix)
-            .await
-            .delete_streams()
-            .await
-            .expect("deleting the test's streams");
-    }
-    #[cfg(feature = "rabbitmq")]
-    if url.starts_with("amqp://") {
-        use bus::Subscriber;
-        let rabbit = rabbit_bus(url, prefix).await;
-        // Declared again (the same way) so that this handle knows what to delete.
-        for group in [
-            inventory_service::consumers::config(),
-            payment_service::consumers::config(),
-            order_service::consumers::config(),
-            notification_service::consumers::config(),
-            inspection(),
-        ] {
-            rabbit.declare_group(&group).await.expect("declaring");
-        }
-        rabbit
-            .delete_declared()
-            .await
-            .expect("deleting the test's queues");
-    }
-    let _ = (url, prefix);
+    let mut config = Config::for_tests(PathBuf::new(), None);
+    config.bus = url.to_string();
+    config.bus_prefix = prefix.to_string();
+    orderwave::app::delete_broker_objects(&config, &[inspection()])
+        .await
+        .expect("deleting the test's broker objects");
 }
 
 /// The customer `--demo` registers.
