@@ -2,7 +2,9 @@
 # The saga alone, at a fixed rate, on one backend, with the per-hop split (bench/hops.py): the quick
 # loop for latency work (bench/run.sh is the full report).
 #
-# Usage: bench/saga.sh sqlite|pg [SECONDS=60] [RATE=200]
+# Usage: bench/saga.sh sqlite|pg [SECONDS=60] [RATE=200] [BUS=sql|nats|rabbitmq]
+#   BUS: the embedded sql bus (default), or the local NATS JetStream (127.0.0.1:4222) or RabbitMQ
+#        (127.0.0.1:5672) under a prefix of the run's own, deleted at the end
 #   BIN=dir   uses the binaries in dir (default: builds them in $CARGO_TARGET_DIR/release)
 #   KEEP=dir  keeps the SQLite data directory there (for bench/hops.py)
 #   VACUUM_EVERY=seconds (pg, default 60): the bench database is vacuumed this often while the
@@ -10,18 +12,30 @@
 #             autovacuum on needs no help (SHOW autovacuum).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BACKEND="${1:?usage: bench/saga.sh sqlite|pg [SECONDS] [RATE]}"
+BACKEND="${1:?usage: bench/saga.sh sqlite|pg [SECONDS] [RATE] [BUS]}"
 SECONDS_="${2:-60}"
 RATE="${3:-200}"
+BUS="${4:-sql}"
 PG_ADMIN="${PG_ADMIN:-postgres://postgres@127.0.0.1:5432/postgres}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/orderwave-target}"
 if [ -z "${BIN:-}" ]; then
   cargo build --release -q -p orderwave -p bench-saga
   BIN="$CARGO_TARGET_DIR/release"
 fi
+case "$BUS" in
+  sql) BUS_ARGS=(--bus sql) ;;
+  nats) BUS_ARGS=(--bus nats://127.0.0.1:4222) ;;
+  rabbitmq) BUS_ARGS=(--bus amqp://guest:guest@127.0.0.1:5672/%2f) ;;
+  *) echo "bus: sql, nats or rabbitmq" >&2; exit 2 ;;
+esac
+BUS_ARGS+=(--bus-prefix "bench$(date +%s)")
 WORK="$(mktemp -d)"
 PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+cleanup() {
+  for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
+  if [ "$BUS" != sql ]; then "$BIN/orderwave" bus-delete "${BUS_ARGS[@]}" >/dev/null || true; fi
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
@@ -35,7 +49,7 @@ case "$BACKEND" in
     STORE=(--database-url "${PG_ADMIN%/*}/ow_bench_saga") ;;
   *) echo "backend: sqlite or pg" >&2; exit 2 ;;
 esac
-start saga "$BIN/orderwave" serve --demo --listen 127.0.0.1:0 --log-format json "${STORE[@]}"
+start saga "$BIN/orderwave" serve --demo --listen 127.0.0.1:0 --log-format json "${STORE[@]}" "${BUS_ARGS[@]}"
 for sku in SKU-CHAIR SKU-LAMP; do
   curl -sf -H "$AUTH" -X PUT "$URL/api/v1/inventory/$sku" -H 'content-type: application/json' -d '{"onHand":100000000}' >/dev/null
 done
@@ -63,10 +77,12 @@ if [ "$BACKEND" = pg ] && [ "${VACUUM_EVERY:-60}" -gt 0 ] &&
 fi
 "$BIN/bench-saga" "$URL" "$RATE" "$SECONDS_" 2>"$WORK/saga.err"
 grep -av '^t=' "$WORK/saga.err" | tail -5 >&2 || true
-echo "load average: $BEFORE -> $(loadavg); $(nproc) cores; commit $(git rev-parse --short HEAD)"
+echo "bus $BUS; load average: $BEFORE -> $(loadavg); $(nproc) cores; commit $(git rev-parse --short HEAD)"
 kill "$PID"; wait "$PID" 2>/dev/null || true
 if [ -n "$VACUUMING" ]; then kill "$VACUUMING" 2>/dev/null || true; fi
-if [ "$BACKEND" = sqlite ]; then
+if [ "$BUS" != sql ]; then
+  : # the hops are read from the sql bus's log
+elif [ "$BACKEND" = sqlite ]; then
   python3 bench/hops.py "$DATA"
 else
   python3 bench/hops.py "${PG_ADMIN%/*}/ow_bench_saga"
