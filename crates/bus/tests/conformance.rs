@@ -206,11 +206,14 @@ async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, deadline: Duration, mut
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
+/// What handlers recorded: (key, message id, which runner), in the order handled.
+type Seen = Arc<Mutex<Vec<(String, String, &'static str)>>>;
+
 /// Records what it handled, by key, and which runner handled it; fails the first `fail_first`
 /// attempts of every message, and every attempt of a "poison" payload while `poison` is set.
 struct Recorder {
     name: &'static str,
-    seen: Arc<Mutex<Vec<(String, String, &'static str)>>>,
+    seen: Seen,
     attempts: Mutex<HashMap<String, u32>>,
     fail_first: u32,
     poison: AtomicBool,
@@ -221,11 +224,7 @@ impl Recorder {
         Self::sharing("one", Arc::default(), fail_first)
     }
 
-    fn sharing(
-        name: &'static str,
-        seen: Arc<Mutex<Vec<(String, String, &'static str)>>>,
-        fail_first: u32,
-    ) -> Arc<Self> {
+    fn sharing(name: &'static str, seen: Seen, fail_first: u32) -> Arc<Self> {
         Arc::new(Self {
             name,
             seen,

@@ -174,7 +174,7 @@ async fn open_bus(config: &Config, bus_db: &Db) -> anyhow::Result<Arc<dyn Bus>> 
         .context("migrating the bus tables")?;
     Ok(match connect_broker(config).await? {
         #[cfg(feature = "nats")]
-        Broker::Nats(nats) => Arc::new(nats),
+        Broker::Nats(nats) => Arc::new(*nats),
         #[cfg(feature = "rabbitmq")]
         Broker::Rabbit(rabbit) => Arc::new(rabbit),
     })
@@ -183,7 +183,7 @@ async fn open_bus(config: &Config, bus_db: &Db) -> anyhow::Result<Arc<dyn Bus>> 
 /// A real broker behind `--bus`.
 enum Broker {
     #[cfg(feature = "nats")]
-    Nats(bus::nats::NatsBus),
+    Nats(Box<bus::nats::NatsBus>),
     #[cfg(feature = "rabbitmq")]
     Rabbit(bus::rabbitmq::RabbitBus),
 }
@@ -194,14 +194,14 @@ async fn connect_broker(config: &Config) -> anyhow::Result<Broker> {
     let scheme = url.split("://").next().unwrap_or_default();
     match scheme {
         #[cfg(feature = "nats")]
-        "nats" => Ok(Broker::Nats(
+        "nats" => Ok(Broker::Nats(Box::new(
             bus::nats::NatsBus::connect(
                 url,
                 bus::nats::NatsConfig::with_prefix(&config.bus_prefix),
             )
             .await
             .context("connecting to NATS")?,
-        )),
+        ))),
         #[cfg(feature = "rabbitmq")]
         "amqp" | "amqps" => Ok(Broker::Rabbit(
             bus::rabbitmq::RabbitBus::connect(
