@@ -140,6 +140,10 @@ impl RabbitBus {
 
     /// Declares what was not declared yet through this bus, in order.
     async fn declare(&self, wanted: Vec<Declaration>) -> Result<(), BusError> {
+        within("declarations", self.declare_now(wanted)).await
+    }
+
+    async fn declare_now(&self, wanted: Vec<Declaration>) -> Result<(), BusError> {
         let missing: Vec<Declaration> = {
             let declared = lock(&self.inner.declared);
             wanted
@@ -228,17 +232,40 @@ impl RabbitBus {
     }
 }
 
+/// How long a connection, a publish with its confirms or a subscription's set-up may take: a
+/// broker that accepts connections but does not answer (still booting, overloaded) must not
+/// hold the relays and consumers forever.
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `work`, or `Unavailable` once `ANSWER_WITHIN` has passed.
+async fn within<T>(
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, BusError>>,
+) -> Result<T, BusError> {
+    tokio::time::timeout(ANSWER_WITHIN, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(BusError::Unavailable(format!(
+                "RabbitMQ: no answer to {what} within {ANSWER_WITHIN:?}"
+            )))
+        })
+}
+
 impl Link {
     async fn open(url: &str) -> Result<Link, BusError> {
-        let properties = ConnectionProperties::default().with_connection_name("orderwave".into());
-        let connection = Connection::connect(url, properties)
-            .await
-            .map_err(unavailable)?;
-        let publisher = confirming_channel(&connection).await?;
-        Ok(Link {
-            connection,
-            publisher,
+        within("connecting", async {
+            let properties =
+                ConnectionProperties::default().with_connection_name("orderwave".into());
+            let connection = Connection::connect(url, properties)
+                .await
+                .map_err(unavailable)?;
+            let publisher = confirming_channel(&connection).await?;
+            Ok(Link {
+                connection,
+                publisher,
+            })
         })
+        .await
     }
 }
 
@@ -320,7 +347,7 @@ impl Publisher for RabbitBus {
     // RabbitMQ has no publish dedup: a batch published again after a lost confirm is stored
     // twice, and the consumers' inboxes absorb the repeat.
     fn publish<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, Result<(), BusError>> {
-        async move {
+        within("a publish", async move {
             if messages.is_empty() {
                 return Ok(());
             }
@@ -395,7 +422,7 @@ impl Publisher for RabbitBus {
                 }
             }
             Ok(())
-        }
+        })
         .boxed()
     }
 }
@@ -434,7 +461,7 @@ impl Subscriber for RabbitBus {
         &'a self,
         config: &'a ConsumerConfig,
     ) -> BoxFuture<'a, Result<Subscription, BusError>> {
-        async move {
+        within("a subscription", async move {
             let group = &config.group;
             let queue = self.queue(group);
             self.declare_group(config).await?;
@@ -458,7 +485,7 @@ impl Subscriber for RabbitBus {
             let (deliveries, receiver) = mpsc::channel(batch_size);
             let feeder = tokio::spawn(feed(group.clone(), channel, consumer, deliveries));
             Ok(Subscription::new(receiver, feeder))
-        }
+        })
         .boxed()
     }
 
