@@ -197,7 +197,11 @@ async fn connect_broker(config: &Config) -> anyhow::Result<Broker> {
         "nats" => Ok(Broker::Nats(Box::new(
             bus::nats::NatsBus::connect(
                 url,
-                bus::nats::NatsConfig::with_prefix(&config.bus_prefix),
+                bus::nats::NatsConfig {
+                    replicas: usize::from(config.bus_replicas.max(1)),
+                    max_age: Duration::from_secs(config.bus_retention_hours.max(1) * 3600),
+                    ..bus::nats::NatsConfig::with_prefix(&config.bus_prefix)
+                },
             )
             .await
             .context("connecting to NATS")?,
@@ -208,7 +212,7 @@ async fn connect_broker(config: &Config) -> anyhow::Result<Broker> {
                 url,
                 bus::rabbitmq::RabbitConfig {
                     prefix: config.bus_prefix.clone(),
-                    ..Default::default()
+                    delivery_limit: config.bus_delivery_limit.max(1),
                 },
             )
             .await

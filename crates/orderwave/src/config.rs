@@ -259,6 +259,19 @@ pub struct Config {
     #[arg(long, env = "ORDERWAVE_BUS_PREFIX", default_value = "orderwave")]
     pub bus_prefix: String,
 
+    /// Copies of each stream (NATS JetStream replicas, Kafka replication factor).
+    #[arg(long, env = "ORDERWAVE_BUS_REPLICAS", default_value_t = 1)]
+    pub bus_replicas: u16,
+
+    /// How long a broker keeps messages, in hours (NATS JetStream streams).
+    #[arg(long, env = "ORDERWAVE_BUS_RETENTION_HOURS", default_value_t = 168)]
+    pub bus_retention_hours: u64,
+
+    /// Deliveries of one message before RabbitMQ dead-letters it itself (the consumer runner
+    /// dead-letters after 5 attempts; this is the broker's backstop).
+    #[arg(long, env = "ORDERWAVE_BUS_DELIVERY_LIMIT", default_value_t = 20)]
+    pub bus_delivery_limit: u32,
+
     /// Maximum connections per PostgreSQL pool.
     #[arg(long, env = "ORDERWAVE_DB_MAX_CONNECTIONS", default_value_t = 32)]
     pub db_max_connections: u32,
@@ -428,6 +441,9 @@ impl Config {
             database_url,
             bus: "sql".into(),
             bus_prefix: "orderwave".into(),
+            bus_replicas: 1,
+            bus_retention_hours: 168,
+            bus_delivery_limit: 20,
             db_max_connections: 4,
             log_format: LogFormat::Pretty,
             idempotency_ttl_hours: 24,
