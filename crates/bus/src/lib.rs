@@ -9,6 +9,8 @@
 
 pub mod consumer;
 pub mod dead_letters;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod relay;

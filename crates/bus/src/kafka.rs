@@ -1,0 +1,1 @@
+//! The Kafka adapter: a topic per bus topic, a consumer group per group, keys as partition keys.
