@@ -254,7 +254,8 @@ impl KafkaBus {
     }
 
     /// Deletes every Kafka topic of this bus's prefix: what a test or a deployment that goes
-    /// away leaves behind.
+    /// away leaves behind. Close the subscriptions on them first: on the tansu test broker,
+    /// librdkafka crashes the process when a topic it is consuming is deleted.
     pub async fn delete_topics(&self) -> Result<(), BusError> {
         let admin = self.inner.admin.clone();
         let prefix = format!("{}.", self.inner.config.prefix);
