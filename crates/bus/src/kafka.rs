@@ -92,6 +92,10 @@ fn is_topic_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+fn millis(duration: Duration) -> String {
+    duration.as_millis().to_string()
+}
+
 fn client_config(brokers: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
@@ -320,6 +324,9 @@ impl KafkaBus {
             state: Mutex::default(),
             retries: Notify::new(),
         });
+        let session = config
+            .lease_ttl
+            .clamp(Duration::from_secs(6), Duration::from_secs(300));
         let consumer: StreamConsumer<GroupContext> = client_config(&self.inner.brokers)
             .set(
                 "group.id",
@@ -329,6 +336,11 @@ impl KafkaBus {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
+            // Kafka's lease: a member silent this long loses its partitions to the others
+            // (brokers accept 6 s at least by default). The test broker also waits half of it
+            // for more members before a new group's first assignment.
+            .set("session.timeout.ms", millis(session))
+            .set("heartbeat.interval.ms", millis(session / 3))
             // A member joining or leaving moves only the partitions that change hands.
             .set("partition.assignment.strategy", "cooperative-sticky")
             // The bus publishes no transactions; the test broker shows aborted ones anyway.

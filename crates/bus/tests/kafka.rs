@@ -86,6 +86,8 @@ fn group(name: &str, topics: &[&str]) -> ConsumerConfig {
     let mut config = ConsumerConfig::new(name, topics);
     config.batch_size = 10;
     config.commit_interval = Duration::from_millis(50);
+    // The shortest group session Kafka takes; the test broker's group joins wait half of it.
+    config.lease_ttl = Duration::from_secs(6);
     config
 }
 
