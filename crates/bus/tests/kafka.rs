@@ -319,6 +319,82 @@ async fn two_subscriptions_of_one_group_share_the_partitions_and_together_handle
 }
 
 #[tokio::test]
+async fn a_member_joining_later_takes_partitions_over_after_what_the_first_acknowledged() {
+    let setup = Setup::new().await;
+    let other = setup.another_bus().await;
+    let config = group("inventory", &["order.created"]);
+    let mut first = setup.bus.subscribe(&config).await.unwrap();
+    let before: Vec<Message> = (0..32)
+        .map(|i| {
+            message(
+                &format!("before-{i}"),
+                "order.created",
+                &format!("k{}", i % 16),
+            )
+        })
+        .collect();
+    setup.bus.publish(&before).await.unwrap();
+    let taken = ack_all(take(&mut first, before.len()).await).await;
+    assert_eq!(taken.len(), before.len());
+
+    // The second member's arrival revokes half of the first one's partitions.
+    let mut second = other.subscribe(&config).await.unwrap();
+    until_both_hold_partitions(&setup.bus, "order.created", &mut first, &mut second).await;
+    let after: Vec<Message> = (0..32)
+        .map(|i| {
+            message(
+                &format!("after-{i}"),
+                "order.created",
+                &format!("k{}", i % 16),
+            )
+        })
+        .collect();
+    setup.bus.publish(&after).await.unwrap();
+    let mut handled = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    while handled.len() < after.len() {
+        let (_, delivery) =
+            tokio::time::timeout_at(deadline, next_of_either(&mut first, &mut second))
+                .await
+                .unwrap_or_else(|_| panic!("only {} messages came in time", handled.len()));
+        let id = &delivery.message.id;
+        assert!(
+            !id.starts_with("before-"),
+            "{id} was acknowledged before the rebalance"
+        );
+        if id.starts_with("after-") {
+            handled.push(delivery.message.clone());
+        }
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(per_key(&handled), per_key(&after));
+    first.close().await;
+    second.close().await;
+}
+
+#[tokio::test]
+async fn a_subscriber_far_behind_its_batch_size_still_gets_every_message_once_in_order() {
+    let setup = Setup::new().await;
+    let published: Vec<Message> = (0..60)
+        .map(|i| message(&format!("m{i}"), "order.created", &format!("k{}", i % 3)))
+        .collect();
+    setup.bus.publish(&published).await.unwrap();
+    let mut config = group("audit", &["order.created"]);
+    config.batch_size = 2;
+    let mut subscription = setup.bus.subscribe(&config).await.unwrap();
+    let mut deliveries = Vec::new();
+    // One at a time, acknowledged as it comes: the feed pauses and resumes its partitions.
+    for _ in 0..published.len() {
+        let delivery = take(&mut subscription, 1).await.pop().unwrap();
+        deliveries.push(delivery.message.clone());
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(per_key(&deliveries), per_key(&published));
+    assert_quiet(&mut subscription, Duration::from_secs(1)).await;
+    subscription.close().await;
+}
+
+#[tokio::test]
 async fn an_unacknowledged_delivery_comes_again_to_a_new_subscription_after_the_first_is_dropped() {
     let setup = Setup::new().await;
     let published: Vec<Message> = (0..3)
