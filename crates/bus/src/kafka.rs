@@ -218,8 +218,7 @@ impl KafkaBus {
             .map(|message| self.kafka_topic(&message.topic))
             .collect::<Result<Vec<_>, _>>()?;
         self.ensure_topics(&topics).await?;
-        // Kafka keeps no message ids: a batch published again after a failure is stored again,
-        // and the consumers' inboxes absorb the repeat.
+        // Kafka has no id dedup: a batch re-published after a failure is stored twice; inboxes absorb it.
         let mut pending: VecDeque<DeliveryFuture> = VecDeque::with_capacity(messages.len());
         for (message, topic) in messages.iter().zip(&topics) {
             let mut record = FutureRecord::to(topic)
@@ -336,9 +335,7 @@ impl KafkaBus {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            // Kafka's lease: a member silent this long loses its partitions to the others
-            // (brokers accept 6 s at least by default). The test broker also waits half of it
-            // for more members before a new group's first assignment.
+            // The group's lease: a silent member's partitions move after it (Kafka's minimum is 6 s).
             .set("session.timeout.ms", millis(session))
             .set("heartbeat.interval.ms", millis(session / 3))
             // A member joining or leaving moves only the partitions that change hands.
@@ -743,8 +740,7 @@ async fn feed(
                 }
             },
         }
-        // The rebalance callbacks only run while the consumer is polled: rather than stop
-        // polling while the subscriber is behind, pause the partitions and go on polling.
+        // Rebalance callbacks run only inside polls: a subscriber behind pauses fetching, not polling.
         let assignments = shared.state().assignments;
         if ready.len() >= capacity && paused != Some(assignments) {
             set_paused(&consumer, &config, true);
@@ -948,5 +944,58 @@ impl Acker for KafkaAck {
         });
         self.shared.retries.notify_one();
         Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partition(open: &[i64], read_to: i64) -> Partition {
+        let mut partition = Partition::new(1);
+        partition.open = open.iter().copied().collect();
+        partition.read_to = Some(read_to);
+        partition
+    }
+
+    #[test]
+    fn a_partition_commits_up_to_its_oldest_open_offset_else_past_the_newest_read() {
+        let mut held = partition(&[3, 5], 6);
+        assert_eq!(held.position(), Some(3));
+        held.open.remove(&5);
+        assert_eq!(held.position(), Some(3));
+        held.open.remove(&3);
+        assert_eq!(held.position(), Some(6));
+        assert_eq!(Partition::new(1).position(), None);
+    }
+
+    #[test]
+    fn only_positions_that_moved_are_committed_again() {
+        let mut assigned = Assigned::default();
+        assigned
+            .partitions
+            .insert(("orderwave.a.b".into(), 0), partition(&[2], 4));
+        assigned
+            .partitions
+            .insert(("orderwave.a.b".into(), 1), Partition::new(2));
+        assert_eq!(assigned.take_moved(None).count(), 1);
+        assert_eq!(assigned.take_moved(None).count(), 0);
+        if let Some(held) = assigned.partitions.get_mut(&("orderwave.a.b".into(), 0)) {
+            held.open.clear();
+        }
+        let moved = assigned.take_moved(None);
+        let elements = moved.elements();
+        assert_eq!(elements.len(), 1);
+        assert_eq!(elements[0].offset(), Offset::Offset(4));
+    }
+
+    #[test]
+    fn kafka_topic_names_are_checked() {
+        assert!(is_topic_name("orderwave.order.created"));
+        assert!(is_topic_name("t-1_x"));
+        assert!(!is_topic_name(""));
+        assert!(!is_topic_name(".."));
+        assert!(!is_topic_name("order created"));
+        assert!(!is_topic_name(&"x".repeat(250)));
     }
 }

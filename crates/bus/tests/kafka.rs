@@ -454,8 +454,7 @@ async fn a_let_go_delivery_comes_again_after_its_delay_without_what_was_acknowle
 async fn lag_reports_what_the_group_has_not_acknowledged() {
     let setup = Setup::new().await;
     assert_eq!(setup.bus.lag().await.unwrap(), []);
-    // One publish per message: the test broker's high watermark counts a batch of several
-    // messages as one (it reports the last batch's base offset + 1).
+    // One publish each: the test broker's high watermark is the last batch's base offset + 1.
     for i in 0..5 {
         let one = message(&format!("m{i}"), "customer.registered", "c-1");
         setup.bus.publish(&[one]).await.unwrap();
