@@ -3,9 +3,10 @@
 //! acknowledge after the handler's transaction commits.
 //!
 //! Adapters: [`sql::SqlBus`], the embedded default (a log table in `bus.db` on SQLite or in a
-//! `bus` schema on PostgreSQL), and NATS JetStream behind the `nats` feature. [`relay`] moves a
-//! service's outbox to a publisher; [`consumer`] runs a group's handler with retries, backoff
-//! and [`dead_letters`], which live in the platform's database whatever the broker.
+//! `bus` schema on PostgreSQL), NATS JetStream behind the `nats` feature and Kafka behind the
+//! `kafka` feature. [`relay`] moves a service's outbox to a publisher; [`consumer`] runs a
+//! group's handler with retries, backoff and [`dead_letters`], which live in the platform's
+//! database whatever the broker.
 
 pub mod consumer;
 pub mod dead_letters;
