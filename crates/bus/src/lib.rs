@@ -3,13 +3,15 @@
 //! acknowledge after the handler's transaction commits.
 //!
 //! Adapters: [`sql::SqlBus`], the embedded default (a log table in `bus.db` on SQLite or in a
-//! `bus` schema on PostgreSQL), NATS JetStream behind the `nats` feature and RabbitMQ behind the
-//! `rabbitmq` feature. [`relay`] moves a service's outbox to a publisher; [`consumer`] runs a
-//! group's handler with retries, backoff and [`dead_letters`], which live in the platform's
-//! database whatever the broker.
+//! `bus` schema on PostgreSQL), and the brokers behind features: NATS JetStream (`nats`),
+//! RabbitMQ (`rabbitmq`) and Kafka (`kafka`). [`relay`] moves a service's outbox to a publisher;
+//! [`consumer`] runs a group's handler with retries, backoff and [`dead_letters`], which live in
+//! the platform's database whatever the broker.
 
 pub mod consumer;
 pub mod dead_letters;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "rabbitmq")]
