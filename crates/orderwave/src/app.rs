@@ -177,6 +177,8 @@ async fn open_bus(config: &Config, bus_db: &Db) -> anyhow::Result<Arc<dyn Bus>> 
         Broker::Nats(nats) => Arc::new(*nats),
         #[cfg(feature = "rabbitmq")]
         Broker::Rabbit(rabbit) => Arc::new(rabbit),
+        #[cfg(feature = "kafka")]
+        Broker::Kafka(kafka) => Arc::new(kafka),
     })
 }
 
@@ -186,6 +188,8 @@ enum Broker {
     Nats(Box<bus::nats::NatsBus>),
     #[cfg(feature = "rabbitmq")]
     Rabbit(bus::rabbitmq::RabbitBus),
+    #[cfg(feature = "kafka")]
+    Kafka(bus::kafka::KafkaBus),
 }
 
 async fn connect_broker(config: &Config) -> anyhow::Result<Broker> {
@@ -218,8 +222,21 @@ async fn connect_broker(config: &Config) -> anyhow::Result<Broker> {
             .await
             .context("connecting to RabbitMQ")?,
         )),
+        #[cfg(feature = "kafka")]
+        "kafka" => Ok(Broker::Kafka(
+            bus::kafka::KafkaBus::connect(
+                url.trim_start_matches("kafka://"),
+                bus::kafka::KafkaConfig {
+                    prefix: config.bus_prefix.clone(),
+                    partitions: i32::from(config.bus_partitions.max(1)),
+                    replication: i32::from(config.bus_replicas.max(1)),
+                },
+            )
+            .await
+            .context("connecting to Kafka")?,
+        )),
         _ => anyhow::bail!(
-            "--bus: `{scheme}` is not a bus this build knows (sql{}{})",
+            "--bus: `{scheme}` is not a bus this build knows (sql{}{}{})",
             if cfg!(feature = "nats") {
                 ", nats://HOST:PORT"
             } else {
@@ -227,6 +244,11 @@ async fn connect_broker(config: &Config) -> anyhow::Result<Broker> {
             },
             if cfg!(feature = "rabbitmq") {
                 ", amqp://USER:PASS@HOST:PORT/VHOST"
+            } else {
+                ""
+            },
+            if cfg!(feature = "kafka") {
+                ", kafka://HOST:PORT,..."
             } else {
                 ""
             },
@@ -268,6 +290,12 @@ pub async fn delete_broker_objects(
                 rabbit.declare_group(group).await?;
             }
             rabbit.delete_declared().await?;
+        }
+        // Only once no consumer reads them (see `KafkaBus::delete_topics`).
+        #[cfg(feature = "kafka")]
+        Broker::Kafka(kafka) => {
+            let _ = extra_groups;
+            kafka.delete_topics().await?;
         }
     }
     Ok(())

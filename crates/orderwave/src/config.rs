@@ -245,7 +245,8 @@ pub struct Config {
     pub database_url: Option<String>,
 
     /// The bus events travel on: `sql` (the embedded log in the platform's database),
-    /// `nats://HOST:PORT` (NATS JetStream) or `amqp://USER:PASS@HOST:PORT/VHOST` (RabbitMQ).
+    /// `nats://HOST:PORT` (NATS JetStream), `amqp://USER:PASS@HOST:PORT/VHOST` (RabbitMQ) or
+    /// `kafka://HOST:PORT,HOST:PORT` (Kafka).
     #[arg(
         long,
         env = "ORDERWAVE_BUS",
@@ -258,6 +259,10 @@ pub struct Config {
     /// missing), so several deployments can share one broker.
     #[arg(long, env = "ORDERWAVE_BUS_PREFIX", default_value = "orderwave")]
     pub bus_prefix: String,
+
+    /// Partitions of each Kafka topic: how many consumers of one group can share it.
+    #[arg(long, env = "ORDERWAVE_BUS_PARTITIONS", default_value_t = 8)]
+    pub bus_partitions: u16,
 
     /// Copies of each stream (NATS JetStream replicas, Kafka replication factor).
     #[arg(long, env = "ORDERWAVE_BUS_REPLICAS", default_value_t = 1)]
@@ -441,6 +446,7 @@ impl Config {
             database_url,
             bus: "sql".into(),
             bus_prefix: "orderwave".into(),
+            bus_partitions: 8,
             bus_replicas: 1,
             bus_retention_hours: 168,
             bus_delivery_limit: 20,

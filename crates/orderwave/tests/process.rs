@@ -691,3 +691,9 @@ async fn kill_9_in_the_middle_of_sagas_every_saga_still_ends_on_postgres_and_nat
 async fn kill_9_in_the_middle_of_sagas_every_saga_still_ends_on_postgres_and_rabbitmq() {
     kill_9_in_the_middle_of_sagas_on_broker(&common::rabbitmq_url()).await;
 }
+
+#[cfg(feature = "kafka")]
+#[tokio::test]
+async fn kill_9_in_the_middle_of_sagas_every_saga_still_ends_on_postgres_and_kafka() {
+    kill_9_in_the_middle_of_sagas_on_broker(common::KAFKA_URL).await;
+}

@@ -333,6 +333,9 @@ impl TestApp {
 
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
 
+/// The Kafka-protocol test broker `scripts/kafka-test-broker.sh` starts.
+pub const KAFKA_URL: &str = "kafka://127.0.0.1:9092";
+
 /// RabbitMQ for the tests: `ORDERWAVE_RABBITMQ_URL`, or the local broker.
 pub fn rabbitmq_url() -> String {
     std::env::var("ORDERWAVE_RABBITMQ_URL")
@@ -386,13 +389,28 @@ async fn broker(url: &str, prefix: &str) -> Box<dyn bus::Bus> {
         _ if url.starts_with("nats://") => Box::new(nats_bus(url, prefix).await),
         #[cfg(feature = "rabbitmq")]
         _ if url.starts_with("amqp://") => Box::new(rabbit_bus(url, prefix).await),
+        #[cfg(feature = "kafka")]
+        _ if url.starts_with("kafka://") => Box::new(
+            bus::kafka::KafkaBus::connect(
+                url.trim_start_matches("kafka://"),
+                bus::kafka::KafkaConfig {
+                    prefix: prefix.to_string(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("Kafka's test broker (`bash scripts/kafka-test-broker.sh` starts it)"),
+        ),
         _ => panic!("no broker adapter for {url} in this build"),
     }
 }
 
 /// The test's own consumer group, reading every topic the platform publishes.
 fn inspection() -> bus::consumer::ConsumerConfig {
-    bus::consumer::ConsumerConfig::new("test-inspection", &TOPICS)
+    let mut config = bus::consumer::ConsumerConfig::new("test-inspection", &TOPICS);
+    // Kafka's group session (the test broker waits half of it before a first assignment).
+    config.lease_ttl = std::time::Duration::from_secs(6);
+    config
 }
 
 /// What the inspection group has not read yet: every message published since the previous
@@ -401,10 +419,11 @@ async fn broker_messages(url: &str, prefix: &str) -> Vec<(String, String, Value)
     let broker = broker(url, prefix).await;
     let mut subscription = broker.subscribe(&inspection()).await.expect("subscribe");
     let mut messages = Vec::new();
-    // Quiet for a second: everything already on the broker has come.
-    while let Ok(Some(delivery)) =
-        tokio::time::timeout(std::time::Duration::from_secs(1), subscription.next()).await
-    {
+    // The first message once the group has joined (a Kafka group takes seconds), then quiet for
+    // a second: everything already on the broker has come.
+    let mut wait = std::time::Duration::from_secs(30);
+    while let Ok(Some(delivery)) = tokio::time::timeout(wait, subscription.next()).await {
+        wait = std::time::Duration::from_secs(1);
         let event: Value = serde_json::from_str(&delivery.message.payload).expect("CloudEvent");
         messages.push((
             delivery.message.topic.clone(),
@@ -516,6 +535,17 @@ macro_rules! on_brokers {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     let app = $crate::common::TestApp::spawn_on_broker($crate::common::NATS_URL).await;
+                    super::$name(&app).await;
+                    app.stop().await;
+                }
+            )*
+        }
+        #[cfg(feature = "kafka")]
+        mod postgres_kafka {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let app = $crate::common::TestApp::spawn_on_broker($crate::common::KAFKA_URL).await;
                     super::$name(&app).await;
                     app.stop().await;
                 }
