@@ -1,10 +1,9 @@
-//! The NATS JetStream adapter: one stream per topic family, one durable pull consumer per group.
+//! The NATS JetStream adapter: one stream for every topic, one durable pull consumer per group.
 
 use crate::consumer::ConsumerConfig;
 use crate::{Acker, BusError, Delivery, GroupLag, Message, Publisher, Subscriber, Subscription};
 use async_nats::jetstream::{self, consumer, kv, stream};
 use futures::future::BoxFuture;
-use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -13,6 +12,8 @@ use tokio::sync::mpsc;
 
 /// The header carrying [`Message::key`].
 const KEY_HEADER: &str = "Orderwave-Key";
+/// The stream's name after the prefix: `ORDERWAVE_EVENTS`.
+const STREAM: &str = "EVENTS";
 
 /// PubAcks in flight per publish, well under the context's shared limit of 5,000.
 const PUBLISH_WINDOW: usize = 1000;
@@ -115,24 +116,27 @@ impl NatsBus {
         format!("{}.{}", self.config.subject_prefix, topic)
     }
 
-    fn family_filter(&self, family: &str) -> String {
-        format!("{}.{}.>", self.config.subject_prefix, family)
+    /// Every topic's subjects.
+    fn stream_filter(&self) -> String {
+        format!("{}.>", self.config.subject_prefix)
     }
 
-    fn stream_name(&self, family: &str) -> String {
-        format!("{}_{}", self.config.stream_prefix, family.to_uppercase())
+    /// One stream holds every topic, so a group gets one order's events in publish order across
+    /// topics (payment needs `order.created` before `inventory.reserved`).
+    fn stream_name(&self) -> String {
+        format!("{}_{STREAM}", self.config.stream_prefix)
     }
 
-    /// Creates the family's stream unless this bus already saw it; returns its name.
-    async fn ensure_stream(&self, family: &str) -> Result<String, BusError> {
-        let name = self.stream_name(family);
-        if self.known_streams().contains(family) {
+    /// Creates the stream unless this bus already saw it; returns its name.
+    async fn ensure_stream(&self) -> Result<String, BusError> {
+        let name = self.stream_name();
+        if self.known_streams().contains(STREAM) {
             return Ok(name);
         }
         self.jetstream
             .get_or_create_stream(stream::Config {
                 name: name.clone(),
-                subjects: vec![self.family_filter(family)],
+                subjects: vec![self.stream_filter()],
                 storage: stream::StorageType::File,
                 num_replicas: self.config.replicas,
                 max_age: self.config.max_age,
@@ -141,7 +145,7 @@ impl NatsBus {
             })
             .await
             .map_err(|error| BusError::Unavailable(format!("stream {name}: {error}")))?;
-        self.known_streams().insert(family.to_string());
+        self.known_streams().insert(STREAM.to_string());
         Ok(name)
     }
 
@@ -150,16 +154,10 @@ impl NatsBus {
     }
 
     async fn publish_all(&self, messages: &[Message]) -> Result<(), BusError> {
-        let mut families: Vec<&str> = Vec::new();
         for message in messages {
-            let family = family(&message.topic)?;
-            if !families.contains(&family) {
-                families.push(family);
-            }
+            family(&message.topic)?;
         }
-        for family in &families {
-            self.ensure_stream(family).await?;
-        }
+        self.ensure_stream().await?;
         // Sent on one connection before any ack is awaited: the server stores them in order.
         let mut acks = VecDeque::with_capacity(messages.len().min(PUBLISH_WINDOW));
         for message in messages {
@@ -296,20 +294,16 @@ impl NatsBus {
         }))
     }
 
-    /// The durable consumer of `group` on the family's stream, created or brought to `config`.
-    async fn consumer(
-        &self,
-        config: &ConsumerConfig,
-        family: &str,
-    ) -> Result<consumer::PullConsumer, BusError> {
-        let stream = self.ensure_stream(family).await?;
+    /// The durable consumer of `group` on the stream, created or brought to `config`.
+    async fn consumer(&self, config: &ConsumerConfig) -> Result<consumer::PullConsumer, BusError> {
+        let stream = self.ensure_stream().await?;
         let batch = i64::try_from(config.batch_size.max(1)).unwrap_or(i64::MAX / 2);
         self.jetstream
             .create_consumer_on_stream(
                 consumer::pull::Config {
                     durable_name: Some(nats_name(&config.group)),
                     description: Some(config.group.clone()),
-                    filter_subject: self.family_filter(family),
+                    filter_subject: self.stream_filter(),
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: config.ack_wait,
                     // The consumer runner dead-letters a message itself after its last attempt.
@@ -478,12 +472,7 @@ impl Publisher for NatsBus {
             let result = self.publish_all(messages).await;
             if result.is_err() {
                 // A stream deleted behind our back is created again on the next publish.
-                let mut known = self.known_streams();
-                for message in messages {
-                    if let Ok(family) = family(&message.topic) {
-                        known.remove(family);
-                    }
-                }
+                self.known_streams().clear();
             }
             result
         }
@@ -583,8 +572,6 @@ async fn feed(bus: NatsBus, config: ConsumerConfig, deliveries: mpsc::Sender<Del
     }
 }
 
-type Pulled = Result<jetstream::Message, consumer::pull::MessagesError>;
-
 /// Reads the group's consumers while this process holds the lease, renewing it.
 async fn hold(
     bus: &NatsBus,
@@ -592,36 +579,26 @@ async fn hold(
     lease: &mut Lease,
     deliveries: &mpsc::Sender<Delivery>,
 ) -> Held {
-    let mut families: Vec<&str> = Vec::new();
-    for topic in &config.topics {
-        if let Ok(family) = family(topic)
-            && !families.contains(&family)
-        {
-            families.push(family);
-        }
-    }
     let batch = config.batch_size.max(1);
-    let mut pulled: SelectAll<BoxStream<'static, Pulled>> = SelectAll::new();
-    for family in families {
-        let messages = match bus.consumer(config, family).await {
-            Ok(consumer) => consumer
-                .stream()
-                .max_messages_per_batch(batch)
-                // A lost connection shows as missed heartbeats: the consumers are set up again.
-                .heartbeat(Duration::from_secs(5))
-                .messages()
-                .await
-                .map_err(unavailable),
-            Err(error) => Err(error),
-        };
-        match messages {
-            Ok(messages) => pulled.push(messages.boxed()),
-            Err(error) => {
-                tracing::warn!(group = %config.group, family, %error, "cannot read the group's consumer");
-                return Held::Failed;
-            }
+    // One consumer, one puller: the stream's order is the order of delivery.
+    let messages = match bus.consumer(config).await {
+        Ok(consumer) => consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            // A lost connection shows as missed heartbeats: the consumer is set up again.
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await
+            .map_err(unavailable),
+        Err(error) => Err(error),
+    };
+    let mut pulled = match messages {
+        Ok(messages) => messages,
+        Err(error) => {
+            tracing::warn!(group = %config.group, %error, "cannot read the group's consumer");
+            return Held::Failed;
         }
-    }
+    };
     let mut renew = tokio::time::interval_at(
         tokio::time::Instant::now() + lease.renew_every,
         lease.renew_every,

@@ -374,6 +374,34 @@ async fn published_messages_are_each_handled_once_in_order_per_key(h: Harness) {
     h.finish().await;
 }
 
+/// The saga's order: a service publishes its answer only after it got the message it answers,
+/// so one order's messages on different topics, from different publishers, reach a group in the
+/// order they were published (payment needs `order.created` before `inventory.reserved`).
+async fn one_keys_messages_on_different_topics_arrive_in_publish_order(h: Harness) {
+    let handler = Recorder::new(0);
+    let topics = ["order.created", "inventory.reserved", "payment.succeeded"];
+    let group = Running::start(&h.bus, &h.dead, fast("g", &topics), handler.clone()).await;
+    let mut published = Vec::new();
+    for step in 0..3 {
+        // Each step by "another service": alternately the two handles.
+        let publisher = if step % 2 == 0 { &h.bus } else { &h.other };
+        let messages: Vec<Message> = (0..10)
+            .map(|i| message(step * 10 + i, topics[step], &format!("order-{i}")))
+            .collect();
+        publisher.publish(&messages).await.unwrap();
+        published.extend(messages);
+    }
+    wait_until("30 messages", DEADLINE, async || {
+        handler.seen.lock().await.len() >= 30
+    })
+    .await;
+    let seen = handler.seen.lock().await.clone();
+    assert_eq!(seen.len(), 30, "each once");
+    assert_eq!(by_key(&seen), published_by_key(&published));
+    group.stop().await;
+    h.finish().await;
+}
+
 async fn two_groups_each_get_every_message(h: Harness) {
     let (a, b) = (Recorder::new(0), Recorder::new(0));
     let group_a = Running::start(&h.bus, &h.dead, fast("a", &["order.created"]), a.clone()).await;
@@ -473,7 +501,10 @@ async fn competing_consumers_of_one_group_handle_each_message_once_in_key_order(
             {
                 break;
             }
-            assert!(start.elapsed() < DEADLINE * 2, "the two processes never shared the group");
+            assert!(
+                start.elapsed() < DEADLINE * 2,
+                "the two processes never shared the group"
+            );
             let more: Vec<Message> = (0..20)
                 .map(|i| message(i, "order.created", &format!("share-{i}")))
                 .collect();
@@ -714,6 +745,14 @@ macro_rules! conformance {
             async fn published_messages_are_each_handled_once_in_order_per_key() {
                 super::published_messages_are_each_handled_once_in_order_per_key(harness().await)
                     .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn one_keys_messages_on_different_topics_arrive_in_publish_order() {
+                super::one_keys_messages_on_different_topics_arrive_in_publish_order(
+                    harness().await,
+                )
+                .await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,8 +44,9 @@ impl Setup {
         }
     }
 
-    fn stream(&self, family: &str) -> String {
-        format!("{}_{}", self.stream_prefix, family.to_uppercase())
+    /// The one stream every topic goes to.
+    fn stream(&self) -> String {
+        format!("{}_EVENTS", self.stream_prefix)
     }
 }
 
@@ -137,7 +138,7 @@ async fn lag_until(bus: &NatsBus, accept: impl Fn(&[GroupLag]) -> bool) -> Vec<G
 }
 
 #[tokio::test]
-async fn publishing_then_subscribing_delivers_every_message_once_with_key_seq_and_delivered_in_its_keys_order_within_its_family()
+async fn publishing_then_subscribing_delivers_every_message_once_with_key_seq_and_delivered_in_its_keys_order()
  {
     let setup = Setup::new().await;
     let topics = ["order.created", "order.paid", "payment.succeeded"];
@@ -149,11 +150,10 @@ async fn publishing_then_subscribing_delivers_every_message_once_with_key_seq_an
     setup.bus.publish(&published[..20]).await.unwrap();
     setup.bus.publish(&published[20..]).await.unwrap();
 
-    let mut subscription = setup
-        .bus
-        .subscribe(&group("projections", &topics))
-        .await
-        .unwrap();
+    // Room for all 30 unacknowledged at once (max_ack_pending is twice the batch).
+    let mut config = group("projections", &topics);
+    config.batch_size = 16;
+    let mut subscription = setup.bus.subscribe(&config).await.unwrap();
     let deliveries = take(&mut subscription, published.len()).await;
     for delivery in &deliveries {
         let sent = published
@@ -164,29 +164,23 @@ async fn publishing_then_subscribing_delivers_every_message_once_with_key_seq_an
         assert_eq!(delivery.delivered, 1);
         assert!(delivery.seq > 0);
     }
-    // Per key, the order of publication; within a family only, as each family is a stream of
-    // its own (here every key has messages in both families).
-    let family = |topic: &str| topic.split('.').next().unwrap().to_string();
-    let mut by_key: HashMap<(String, String), Vec<String>> = HashMap::new();
+    // Per key, the order of publication, across topics (every key has messages on both
+    // families here).
+    let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
     for delivery in &deliveries {
         let message = &delivery.message;
         by_key
-            .entry((family(&message.topic), message.key.clone()))
+            .entry(message.key.clone())
             .or_default()
             .push(message.id.clone());
     }
-    assert_eq!(by_key.len(), 8);
-    for ((family_name, key), got) in &by_key {
+    for (key, got) in &by_key {
         let expected: Vec<&String> = published
             .iter()
-            .filter(|m| &m.key == key && &family(&m.topic) == family_name)
+            .filter(|m| &m.key == key)
             .map(|m| &m.id)
             .collect();
-        assert_eq!(
-            got.iter().collect::<Vec<_>>(),
-            expected,
-            "{family_name} {key}"
-        );
+        assert_eq!(got.iter().collect::<Vec<_>>(), expected, "{key}");
     }
     let ids: HashSet<String> = ack_all(deliveries).await.into_iter().collect();
     assert_eq!(ids.len(), published.len());
@@ -209,11 +203,7 @@ async fn publishing_the_same_message_id_twice_stores_it_once() {
         .await
         .unwrap();
 
-    let stream = setup
-        .jetstream
-        .get_stream(setup.stream("order"))
-        .await
-        .unwrap();
+    let stream = setup.jetstream.get_stream(setup.stream()).await.unwrap();
     assert_eq!(stream.cached_info().state.messages, 1);
     let mut subscription = setup
         .bus
@@ -369,7 +359,7 @@ async fn lag_reports_the_pending_count() {
             lag: 5,
             position: 0,
             head: 5,
-            source: setup.stream("inventory"),
+            source: setup.stream(),
         }]
     );
     let mut deliveries = take(&mut subscription, 5).await;
@@ -452,11 +442,7 @@ async fn subscribing_again_with_other_settings_updates_the_groups_consumer() {
         .unwrap();
     let mut subscription = setup.bus.subscribe(&config).await.unwrap();
     assert_eq!(ack_all(take(&mut subscription, 1).await).await, ["u2"]);
-    let stream = setup
-        .jetstream
-        .get_stream(setup.stream("order"))
-        .await
-        .unwrap();
+    let stream = setup.jetstream.get_stream(setup.stream()).await.unwrap();
     let info = stream.consumer_info("tuned").await.unwrap();
     assert_eq!(info.config.ack_wait, Duration::from_secs(2));
     assert_eq!(info.config.max_ack_pending, 6);

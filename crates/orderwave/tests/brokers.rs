@@ -58,8 +58,8 @@ async fn consumer_lag_on_nats_is_the_streams_own_count() {
     let lags = consumer_lag(&app).await;
     let inventory = lags
         .iter()
-        .find(|l| l["group"] == "inventory" && l["source"].as_str().unwrap().ends_with("_ORDER"))
-        .expect("the inventory group on the order stream");
+        .find(|l| l["group"] == "inventory" && l["source"].as_str().unwrap().ends_with("_EVENTS"))
+        .expect("the inventory group on the stream");
     assert!(inventory["head"].as_i64().unwrap() >= 1);
     assert_eq!(inventory["position"], inventory["head"]);
     app.stop().await;
