@@ -1,4 +1,4 @@
-//! The Kafka adapter: a topic per bus topic, a consumer group per group, keys as partition keys.
+//! The Kafka adapter: one topic for every bus topic (keyed by aggregate), a consumer group per group.
 
 use crate::consumer::ConsumerConfig;
 use crate::{Acker, BusError, Delivery, GroupLag, Message, Publisher, Subscriber, Subscription};
@@ -22,6 +22,10 @@ use tokio::time::Instant;
 
 /// The header carrying [`Message::id`].
 const ID_HEADER: &str = "orderwave-id";
+/// The bus topic of a record: every bus topic shares one Kafka topic (see `kafka_topic`).
+const TOPIC_HEADER: &str = "orderwave-topic";
+/// The Kafka topic after the prefix: `orderwave.events`.
+const EVENTS: &str = "events";
 /// How long an admin, metadata or offsets request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `connect` waits for the cluster to answer.
@@ -154,10 +158,13 @@ impl KafkaBus {
         })
     }
 
-    /// The Kafka topic of a bus topic.
+    /// The Kafka topic of a bus topic: one for all of them, keyed by aggregate, so one order's
+    /// events keep their publish order across bus topics (payment needs `order.created` before
+    /// `inventory.reserved`); the bus topic travels in a header.
     fn kafka_topic(&self, topic: &str) -> Result<String, BusError> {
-        let name = format!("{}.{topic}", self.inner.config.prefix);
-        if topic.is_empty() || !is_topic_name(&name) {
+        let checked = format!("{}.{topic}", self.inner.config.prefix);
+        let name = format!("{}.{EVENTS}", self.inner.config.prefix);
+        if topic.is_empty() || !is_topic_name(&checked) {
             return Err(BusError::Config(format!(
                 "topic {topic:?} makes the Kafka topic {name:?}: letters, digits, '.', '_' and '-', at most 249"
             )));
@@ -227,10 +234,17 @@ impl KafkaBus {
             let mut record = FutureRecord::to(topic)
                 .key(message.key.as_str())
                 .payload(message.payload.as_str())
-                .headers(OwnedHeaders::new().insert(Header {
-                    key: ID_HEADER,
-                    value: Some(message.id.as_str()),
-                }));
+                .headers(
+                    OwnedHeaders::new()
+                        .insert(Header {
+                            key: ID_HEADER,
+                            value: Some(message.id.as_str()),
+                        })
+                        .insert(Header {
+                            key: TOPIC_HEADER,
+                            value: Some(message.topic.as_str()),
+                        }),
+                );
             loop {
                 match self.inner.producer.send_result(record) {
                     Ok(delivery) => {
@@ -309,11 +323,12 @@ impl KafkaBus {
     }
 
     async fn start(&self, config: &ConsumerConfig) -> Result<Subscription, BusError> {
-        let topics = config
+        let mut topics = config
             .topics
             .iter()
             .map(|topic| self.kafka_topic(topic))
             .collect::<Result<Vec<_>, _>>()?;
+        topics.dedup();
         if topics.is_empty() {
             return Err(BusError::Config(format!(
                 "group {} subscribes to no topic",
@@ -730,7 +745,7 @@ async fn feed(
             }
             received = consumer.recv() => match received {
                 Ok(message) => {
-                    if let Some(next) = read(&shared, &prefix, &message) {
+                    if let Some(next) = read(&shared, &prefix, &config.topics, &message) {
                         ready.push_back(next);
                     }
                 }
@@ -831,11 +846,29 @@ fn seek_due(consumer: &StreamConsumer<GroupContext>, shared: &Shared) {
 }
 
 /// Records a message read from a held partition; `None` for one not to deliver (its partition
-/// is no longer held, or it is read again after a seek and not due).
-fn read(shared: &Arc<Shared>, prefix: &str, message: &BorrowedMessage<'_>) -> Option<Ready> {
+/// is no longer held, it is read again after a seek and not due, or the group does not want its
+/// bus topic: passed over as if acknowledged).
+fn read(
+    shared: &Arc<Shared>,
+    prefix: &str,
+    wanted: &[String],
+    message: &BorrowedMessage<'_>,
+) -> Option<Ready> {
     use rdkafka::Message as _;
     let key = (message.topic().to_string(), message.partition());
     let offset = message.offset();
+    let header = |name: &str| {
+        message.headers().and_then(|headers| {
+            headers
+                .iter()
+                .find(|header| header.key == name)
+                .and_then(|header| header.value)
+                .map(|value| String::from_utf8_lossy(value).into_owned())
+        })
+    };
+    let topic = header(TOPIC_HEADER)
+        .unwrap_or_else(|| key.0.strip_prefix(prefix).unwrap_or(&key.0).to_string());
+    let skip = !wanted.contains(&topic);
     let (epoch, delivered) = {
         let mut state = shared.state();
         let partition = state.partitions.get_mut(&key)?;
@@ -856,6 +889,9 @@ fn read(shared: &Arc<Shared>, prefix: &str, message: &BorrowedMessage<'_>) -> Op
             }
             _ => {
                 partition.read_to = Some(offset.saturating_add(1));
+                if skip {
+                    return None;
+                }
                 partition.open.insert(offset);
                 1
             }
@@ -864,20 +900,11 @@ fn read(shared: &Arc<Shared>, prefix: &str, message: &BorrowedMessage<'_>) -> Op
     };
     let text =
         |bytes: Option<&[u8]>| String::from_utf8_lossy(bytes.unwrap_or_default()).into_owned();
-    let id = message
-        .headers()
-        .and_then(|headers| {
-            headers
-                .iter()
-                .find(|header| header.key == ID_HEADER)
-                .and_then(|header| header.value)
-        })
-        .map(|value| String::from_utf8_lossy(value).into_owned())
-        .unwrap_or_else(|| format!("{}-{}-{offset}", key.0, key.1));
+    let id = header(ID_HEADER).unwrap_or_else(|| format!("{}-{}-{offset}", key.0, key.1));
     let delivery = Delivery::new(
         Message {
             id,
-            topic: key.0.strip_prefix(prefix).unwrap_or(&key.0).to_string(),
+            topic,
             key: text(message.key()),
             payload: text(message.payload()),
         },
