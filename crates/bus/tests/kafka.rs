@@ -408,7 +408,9 @@ async fn an_unacknowledged_delivery_comes_again_to_a_new_subscription_after_the_
     let unacknowledged = deliveries.pop().unwrap();
     assert_eq!(ack_all(deliveries).await, ["m0", "m1"]);
     drop(unacknowledged);
-    drop(first);
+    // Gone without acknowledging it; its member has left the group before the next joins (on
+    // the test broker a member that vanishes holds its partitions until its session expires).
+    first.close().await;
 
     let mut second = setup.bus.subscribe(&config).await.unwrap();
     let again = take(&mut second, 1).await.pop().unwrap();

@@ -159,6 +159,8 @@ struct PrivateRabbit {
     port: u16,
     dist_port: u16,
     dir: tempfile::TempDir,
+    /// The `rabbitmq-server` wrapper; it exits with the node.
+    child: Option<std::process::Child>,
 }
 
 #[cfg(feature = "rabbitmq")]
@@ -184,6 +186,7 @@ impl PrivateRabbit {
             port,
             dist_port: free_port(),
             dir,
+            child: None,
         };
         rabbit.resume();
         rabbit
@@ -196,7 +199,7 @@ impl PrivateRabbit {
 
     /// Kills whatever is left of the node, found by the node name in its processes'
     /// environment (their command lines do not carry it).
-    fn stop(&self) {
+    fn stop(&mut self) {
         let wanted = format!("RABBITMQ_NODENAME={}@localhost", self.name());
         let Ok(processes) = std::fs::read_dir("/proc") else {
             return;
@@ -213,6 +216,13 @@ impl PrivateRabbit {
                     .status();
             }
         }
+        self.reap();
+    }
+
+    fn reap(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
     }
 }
 
@@ -224,7 +234,7 @@ impl PrivateBroker for PrivateRabbit {
 
     fn resume(&mut self) {
         let dir = self.dir.path();
-        std::process::Command::new(Self::BIN)
+        let child = std::process::Command::new(Self::BIN)
             .env("RABBITMQ_NODENAME", format!("{}@localhost", self.name()))
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
             .env("RABBITMQ_NODE_PORT", self.port.to_string())
@@ -243,6 +253,7 @@ impl PrivateBroker for PrivateRabbit {
                     Self::BIN
                 )
             });
+        self.child = Some(child);
         wait_for_port(self.port, "RabbitMQ");
     }
 
@@ -255,6 +266,7 @@ impl PrivateBroker for PrivateRabbit {
             .status()
             .unwrap();
         assert!(stopped.success(), "rabbitmqctl stop");
+        self.reap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
             assert!(
