@@ -2,9 +2,10 @@
 # The saga alone, at a fixed rate, on one backend, with the per-hop split (bench/hops.py): the quick
 # loop for latency work (bench/run.sh is the full report).
 #
-# Usage: bench/saga.sh sqlite|pg [SECONDS=60] [RATE=200] [BUS=sql|nats|rabbitmq]
-#   BUS: the embedded sql bus (default), or the local NATS JetStream (127.0.0.1:4222) or RabbitMQ
-#        (127.0.0.1:5672) under a prefix of the run's own, deleted at the end
+# Usage: bench/saga.sh sqlite|pg [SECONDS=60] [RATE=200] [BUS=sql|nats|rabbitmq|kafka]
+#   BUS: the embedded sql bus (default), or the local NATS JetStream (127.0.0.1:4222), RabbitMQ
+#        (127.0.0.1:5672) or Kafka test broker (127.0.0.1:9092, scripts/kafka-test-broker.sh)
+#        under a prefix of the run's own, deleted at the end
 #   BIN=dir   uses the binaries in dir (default: builds them in $CARGO_TARGET_DIR/release)
 #   KEEP=dir  keeps the SQLite data directory there (for bench/hops.py)
 #   VACUUM_EVERY=seconds (pg, default 60): the bench database is vacuumed this often while the
@@ -26,7 +27,8 @@ case "$BUS" in
   sql) BUS_ARGS=(--bus sql) ;;
   nats) BUS_ARGS=(--bus nats://127.0.0.1:4222) ;;
   rabbitmq) BUS_ARGS=(--bus amqp://guest:guest@127.0.0.1:5672/%2f) ;;
-  *) echo "bus: sql, nats or rabbitmq" >&2; exit 2 ;;
+  kafka) bash scripts/kafka-test-broker.sh >&2; BUS_ARGS=(--bus kafka://127.0.0.1:9092) ;;
+  *) echo "bus: sql, nats, rabbitmq or kafka" >&2; exit 2 ;;
 esac
 BUS_ARGS+=(--bus-prefix "bench$(date +%s)")
 WORK="$(mktemp -d)"
@@ -57,6 +59,11 @@ if [ "$BACKEND" = pg ]; then
   # Every run starts from a fresh checkpoint: one falling inside the load (another run's WAL)
   # would stall it for seconds.
   psql -q "$PG_ADMIN" -c CHECKPOINT
+fi
+if [ "$BUS" = kafka ]; then
+  # The test broker assigns a new group's partitions half a session (7.5 s) after it joins:
+  # the load starts once the groups have theirs.
+  sleep 10
 fi
 BEFORE=$(loadavg)
 VACUUMING=""
