@@ -360,6 +360,9 @@ impl KafkaBus {
             .set("partition.assignment.strategy", "cooperative-sticky")
             // The bus publishes no transactions; the test broker shows aborted ones anyway.
             .set("isolation.level", "read_uncommitted")
+            // A fetch the broker has nothing for returns after 10 ms, not librdkafka's 500: each
+            // saga step waits on one.
+            .set("fetch.wait.max.ms", "10")
             .create_with_context(GroupContext {
                 shared: shared.clone(),
             })
