@@ -2,6 +2,10 @@
 #![cfg(feature = "kafka")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
+use support::{PATIENCE, ack_all, assert_quiet, lag_until, message, take};
+
 use bus::consumer::ConsumerConfig;
 use bus::kafka::{KafkaBus, KafkaConfig};
 use bus::{Delivery, GroupLag, Message, Publisher, Subscriber, Subscription};
@@ -10,8 +14,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 const BROKERS: &str = "127.0.0.1:9092";
-/// How long any awaited event may take before the test fails: group joins take seconds.
-const PATIENCE: Duration = Duration::from_secs(60);
 
 /// A bus with topics and groups of its own, so tests run side by side.
 struct Setup {
@@ -73,15 +75,6 @@ impl Drop for Setup {
     }
 }
 
-fn message(id: &str, topic: &str, key: &str) -> Message {
-    Message {
-        id: id.into(),
-        topic: topic.into(),
-        key: key.into(),
-        payload: format!(r#"{{"id":"{id}"}}"#),
-    }
-}
-
 fn group(name: &str, topics: &[&str]) -> ConsumerConfig {
     let mut config = ConsumerConfig::new(name, topics);
     config.batch_size = 10;
@@ -89,50 +82,6 @@ fn group(name: &str, topics: &[&str]) -> ConsumerConfig {
     // The shortest group session Kafka takes; the test broker's group joins wait half of it.
     config.lease_ttl = Duration::from_secs(6);
     config
-}
-
-/// The next `n` deliveries, failing the test when they do not come in time.
-async fn take(subscription: &mut Subscription, n: usize) -> Vec<Delivery> {
-    let deadline = Instant::now() + PATIENCE;
-    let mut taken = Vec::new();
-    while taken.len() < n {
-        match tokio::time::timeout_at(deadline, subscription.next()).await {
-            Ok(Some(delivery)) => taken.push(delivery),
-            Ok(None) => panic!("the subscription ended after {} deliveries", taken.len()),
-            Err(_) => panic!("only {} of {n} deliveries came in time", taken.len()),
-        }
-    }
-    taken
-}
-
-/// Acknowledges every delivery, returning their message ids in delivery order.
-async fn ack_all(deliveries: Vec<Delivery>) -> Vec<String> {
-    let mut ids = Vec::new();
-    for delivery in deliveries {
-        ids.push(delivery.message.id.clone());
-        delivery.ack().await.unwrap();
-    }
-    ids
-}
-
-/// Asserts nothing more is delivered for a while.
-async fn assert_quiet(subscription: &mut Subscription, within: Duration) {
-    if let Ok(Some(delivery)) = tokio::time::timeout(within, subscription.next()).await {
-        panic!("unexpected delivery {:?}", delivery.message);
-    }
-}
-
-/// Polls the bus's lag until `accept` finds the figure it waits for.
-async fn lag_until(bus: &KafkaBus, accept: impl Fn(&[GroupLag]) -> bool) -> Vec<GroupLag> {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let lags = bus.lag().await.unwrap();
-        if accept(&lags) {
-            return lags;
-        }
-        assert!(Instant::now() < deadline, "lag never matched: {lags:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Publishes warm-up messages on many keys until both subscriptions of a group received some:
