@@ -196,9 +196,7 @@ impl KafkaBus {
                 )
             })
             .collect();
-        let options = AdminOptions::new()
-            .request_timeout(Some(REQUEST_TIMEOUT))
-            .operation_timeout(Some(REQUEST_TIMEOUT));
+        let options = admin_options();
         let results = self
             .inner
             .admin
@@ -300,9 +298,7 @@ impl KafkaBus {
             return Ok(());
         }
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let options = AdminOptions::new()
-            .request_timeout(Some(REQUEST_TIMEOUT))
-            .operation_timeout(Some(REQUEST_TIMEOUT));
+        let options = admin_options();
         let results = self
             .inner
             .admin
@@ -846,6 +842,13 @@ fn seek_due(consumer: &StreamConsumer<GroupContext>, shared: &Shared) {
             tracing::warn!(group = %shared.group, %topic, partition, offset, %error, "cannot seek back to a let-go message");
         }
     }
+}
+
+/// How long an admin request (create or delete topics) may take.
+fn admin_options() -> AdminOptions {
+    AdminOptions::new()
+        .request_timeout(Some(REQUEST_TIMEOUT))
+        .operation_timeout(Some(REQUEST_TIMEOUT))
 }
 
 /// Records a message read from a held partition; `None` for one not to deliver (its partition

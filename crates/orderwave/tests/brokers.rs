@@ -17,16 +17,6 @@ async fn place(app: &TestApp) -> String {
     order["id"].as_str().unwrap().to_string()
 }
 
-async fn status(app: &TestApp, id: &str) -> String {
-    let order: Value = app
-        .get(&format!("/api/v1/orders/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    order["status"].as_str().unwrap_or_default().to_string()
-}
-
 async fn consumer_lag(app: &TestApp) -> Vec<Value> {
     let lags: Value = app
         .get("/api/v1/admin/consumers")
@@ -42,10 +32,7 @@ async fn consumer_lag(app: &TestApp) -> Vec<Value> {
 async fn consumer_lag_on_nats_is_the_streams_own_count() {
     let app = TestApp::spawn_on_broker(common::NATS_URL).await;
     let id = place(&app).await;
-    eventually("the order to confirm", async || {
-        status(&app, &id).await == "CONFIRMED"
-    })
-    .await;
+    app.wait_for_status(&id, "CONFIRMED").await;
     eventually("every group to catch up", async || {
         let lags = consumer_lag(&app).await;
         let groups: Vec<&str> = lags.iter().filter_map(|l| l["group"].as_str()).collect();
@@ -290,10 +277,7 @@ impl Drop for PrivateRabbit {
 async fn orders_placed_while_the_broker_is_down(broker: &mut dyn PrivateBroker) {
     let app = TestApp::spawn_on_broker(&broker.url()).await;
     let before = place(&app).await;
-    eventually("the first order to confirm", async || {
-        status(&app, &before).await == "CONFIRMED"
-    })
-    .await;
+    app.wait_for_status(&before, "CONFIRMED").await;
 
     broker.kill();
     let mut during = Vec::new();
@@ -314,14 +298,14 @@ async fn orders_placed_while_the_broker_is_down(broker: &mut dyn PrivateBroker) 
         "the orders' events wait in the outbox: {outbox}"
     );
     for id in &during {
-        assert_eq!(status(&app, id).await, "PENDING");
+        assert_eq!(app.order(id).await["status"], "PENDING");
     }
 
     broker.resume();
     // A restarted broker takes a while to take its clients back.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     for id in &during {
-        while status(&app, id).await != "CONFIRMED" {
+        while app.order(id).await["status"] != "CONFIRMED" {
             assert!(
                 std::time::Instant::now() < deadline,
                 "order {id} placed while the broker was down never confirmed"
