@@ -59,15 +59,7 @@ impl Drop for Setup {
             return;
         }
         let bus = self.bus.clone();
-        // The test's runtime may be unwinding: delete from a thread with a runtime of its own.
-        let deleting = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(bus.delete_topics())
-        });
-        match deleting.join() {
+        match support::run_apart(async move { bus.delete_topics().await }) {
             Ok(Ok(())) => {}
             Ok(Err(error)) => eprintln!("cannot delete the test's topics: {error}"),
             Err(_) => eprintln!("deleting the test's topics panicked"),

@@ -10,7 +10,6 @@ use async_nats::jetstream;
 use bus::consumer::ConsumerConfig;
 use bus::nats::{NatsBus, NatsConfig};
 use bus::{GroupLag, Message, Publisher, Subscriber};
-use futures::TryStreamExt;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -55,25 +54,17 @@ impl Setup {
 /// Deletes the test's streams and leases bucket, also when it failed.
 impl Drop for Setup {
     fn drop(&mut self) {
-        let prefix = self.stream_prefix.clone();
-        // The test's runtime may be unwinding: delete from a thread with a runtime of its own.
-        let deleting = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let jetstream = jetstream::new(async_nats::connect(URL).await.unwrap());
-                let names: Vec<String> = jetstream.stream_names().try_collect().await.unwrap();
-                let leases = format!("KV_{prefix}_leases");
-                for name in names {
-                    if name.starts_with(&format!("{prefix}_")) || name == leases {
-                        jetstream.delete_stream(&name).await.unwrap();
-                    }
-                }
-            });
+        // A connection of its own: the test's, on the test's runtime, cannot answer from here.
+        let config = NatsConfig {
+            stream_prefix: self.stream_prefix.clone(),
+            ..NatsConfig::default()
+        };
+        let deleted = support::run_apart(async move {
+            NatsBus::connect(URL, config).await?.delete_streams().await
         });
-        let _ = deleting.join();
+        if let Ok(Err(error)) = deleted {
+            eprintln!("cannot delete the test's streams: {error}");
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{DEMO_CUSTOMER, TestApp, eventually, paid_order_body};
+use common::{DEMO_CUSTOMER, TestApp, eventually, free_port, paid_order_body};
 use serde_json::Value;
 use std::collections::HashMap;
 
@@ -59,14 +59,6 @@ trait PrivateBroker {
     fn kill(&mut self);
     /// Starts it again on the same port and store, and waits until it listens.
     fn resume(&mut self);
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn wait_for_port(port: u16, what: &str) {

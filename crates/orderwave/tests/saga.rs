@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Backend, DEMO_CUSTOMER, TestApp, eventually, expect_problem, order_body};
+use common::{Backend, DEMO_CUSTOMER, TestApp, eventually, expect_problem, free_port, order_body};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -621,15 +621,6 @@ async fn every_message_delivered_twice_has_one_effect() {
         app.stop().await;
     })
     .await;
-}
-
-/// A free local port (bound, then released for a server started later).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -65,3 +65,18 @@ pub async fn lag_until(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Runs `work` to its end on a thread with a runtime of its own: a `Drop` cleaning up after a
+/// test cannot use the test's runtime, which may be unwinding.
+pub fn run_apart<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> std::thread::Result<T> {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(work)
+    })
+    .join()
+}

@@ -447,6 +447,15 @@ pub async fn delete_broker_objects(url: &str, prefix: &str) {
         .expect("deleting the test's broker objects");
 }
 
+/// A free local port (bound, then released for a server started later).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .expect("its address")
+        .port()
+}
+
 /// The customer `--demo` registers.
 pub const DEMO_CUSTOMER: &str = "019ab1c2-0000-7000-8000-000000000001";
 
