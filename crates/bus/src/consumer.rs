@@ -71,6 +71,9 @@ pub struct ConsumerConfig {
     /// where it is in memory; a crash redelivers what was handled since the last write, which
     /// the handlers' inboxes absorb. One write per interval instead of one per batch.
     pub commit_interval: Duration,
+    /// Set on the configuration an adapter is given for one partition of the group (see
+    /// [`crate::partitions`]): only messages whose key falls in it.
+    pub partition: Option<crate::partitions::Partition>,
 }
 
 impl ConsumerConfig {
@@ -88,6 +91,7 @@ impl ConsumerConfig {
             concurrency: 1,
             deliver_twice: false,
             commit_interval: Duration::from_millis(100),
+            partition: None,
         }
     }
 }
@@ -125,7 +129,18 @@ pub async fn run(
         if *shutdown.borrow() {
             break;
         }
-        match subscriber.subscribe(&config).await {
+        let partitions = subscriber.partitions();
+        let subscribed = if partitions > 1 {
+            Ok(crate::partitions::subscribe(
+                subscriber.clone(),
+                dead_letters.db().clone(),
+                &config,
+                partitions,
+            ))
+        } else {
+            subscriber.subscribe(&config).await
+        };
+        match subscribed {
             Ok(subscription) => {
                 let stopped = consume(
                     subscription,

@@ -25,6 +25,11 @@ impl DeadLetters {
         }
     }
 
+    /// The database the dead letters are in (it holds the consumer groups' memberships too).
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
     /// Changes whenever a redrive is requested through this handle.
     pub fn redrive_requests(&self) -> watch::Receiver<u64> {
         self.requested.subscribe()

@@ -396,6 +396,7 @@ impl KafkaBus {
                 .map(|(group, topics)| {
                     group_lag(&brokers, &format!("{prefix}.{group}"), &topics)
                         .map(|(lag, position, head)| GroupLag {
+                            partition: None,
                             group,
                             lag,
                             position,

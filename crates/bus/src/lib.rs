@@ -14,6 +14,7 @@ pub mod dead_letters;
 pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
+pub mod partitions;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 pub mod relay;
@@ -162,6 +163,10 @@ impl Subscription {
 #[serde(rename_all = "camelCase")]
 pub struct GroupLag {
     pub group: String,
+    /// The partition of the group the figures are for, where the platform shares a group's
+    /// partitions among processes itself (see [`partitions`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
     /// Messages on the group's topics not yet acknowledged by it.
     pub lag: i64,
     /// Where the group is: the sql log position it committed, the JetStream ack floor.
@@ -260,6 +265,13 @@ pub trait Subscriber: Send + Sync + 'static {
 
     /// Each known group's lag.
     fn lag(&self) -> BoxFuture<'_, Result<Vec<GroupLag>, BusError>>;
+
+    /// How many partitions the consumer runner splits a group into, to share them among the
+    /// group's processes ([`partitions`]); 1 when the broker shares a group itself (Kafka) or
+    /// the group is read by one process at a time.
+    fn partitions(&self) -> u32 {
+        1
+    }
 }
 
 /// A whole bus: what the platform publishes to and subscribes on.

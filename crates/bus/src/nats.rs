@@ -20,7 +20,8 @@ const PUBLISH_WINDOW: usize = 1000;
 
 #[derive(Debug, Clone)]
 pub struct NatsConfig {
-    /// A message on topic `t` has the subject `{subject_prefix}.{t}`.
+    /// A message on topic `t` whose key falls in partition `p` has the subject
+    /// `{subject_prefix}.{p}.{t}`.
     pub subject_prefix: String,
     /// Family `f`'s stream is `{stream_prefix}_{F}`; the leases bucket `{stream_prefix}_leases`.
     pub stream_prefix: String,
@@ -29,6 +30,9 @@ pub struct NatsConfig {
     pub max_age: Duration,
     /// How long a message id is remembered for deduplication.
     pub duplicate_window: Duration,
+    /// Partitions of a group that its processes share, each read through a durable consumer
+    /// of its own (see [`crate::partitions`]).
+    pub partitions: u32,
 }
 
 impl Default for NatsConfig {
@@ -39,6 +43,7 @@ impl Default for NatsConfig {
             replicas: 1,
             max_age: Duration::from_secs(7 * 24 * 60 * 60),
             duplicate_window: Duration::from_secs(2 * 60),
+            partitions: 1,
         }
     }
 }
@@ -112,8 +117,31 @@ impl NatsBus {
         })
     }
 
-    fn subject(&self, topic: &str) -> String {
-        format!("{}.{}", self.config.subject_prefix, topic)
+    fn subject(&self, message: &Message) -> String {
+        let partition = crate::partitions::partition_of(&message.key, self.config.partitions);
+        format!(
+            "{}.{partition}.{}",
+            self.config.subject_prefix, message.topic
+        )
+    }
+
+    /// The subjects a group's consumer reads: one partition's, or all.
+    fn consumer_filter(&self, config: &ConsumerConfig) -> String {
+        match config.partition {
+            Some(partition) => format!("{}.{}.>", self.config.subject_prefix, partition.index),
+            None => self.stream_filter(),
+        }
+    }
+
+    /// The topic of a message's subject.
+    fn topic<'s>(&self, subject: &'s str) -> &'s str {
+        let Some(rest) = subject
+            .strip_prefix(self.config.subject_prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+        else {
+            return subject;
+        };
+        crate::partitions::without_partition(rest)
     }
 
     /// Every topic's subjects.
@@ -172,7 +200,7 @@ impl NatsBus {
             let ack = self
                 .jetstream
                 .publish_with_headers(
-                    self.subject(&message.topic),
+                    self.subject(message),
                     headers,
                     message.payload.clone().into(),
                 )
@@ -303,7 +331,7 @@ impl NatsBus {
                 consumer::pull::Config {
                     durable_name: Some(nats_name(&config.group)),
                     description: Some(config.group.clone()),
-                    filter_subject: self.stream_filter(),
+                    filter_subject: self.consumer_filter(config),
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: config.ack_wait,
                     // The consumer runner dead-letters a message itself after its last attempt.
@@ -352,8 +380,11 @@ impl NatsBus {
                 .await
                 .map_err(unavailable)?;
             for consumer in consumers {
+                let name = consumer.config.description.clone().unwrap_or(consumer.name);
+                let (group, partition) = crate::partitions::split_group(&name);
                 lags.push(GroupLag {
-                    group: consumer.config.description.clone().unwrap_or(consumer.name),
+                    group: group.to_string(),
+                    partition,
                     lag: as_i64(consumer.num_pending)
                         .saturating_add(as_i64(consumer.num_ack_pending as u64)),
                     position: as_i64(consumer.ack_floor.stream_sequence),
@@ -382,13 +413,7 @@ impl NatsBus {
             }
         };
         let (message, acker) = message.split();
-        let topic = message
-            .subject
-            .as_str()
-            .strip_prefix(&self.config.subject_prefix)
-            .and_then(|rest| rest.strip_prefix('.'))
-            .unwrap_or(message.subject.as_str())
-            .to_string();
+        let topic = self.topic(message.subject.as_str()).to_string();
         if !config.topics.contains(&topic) {
             if let Err(error) = acker.ack().await {
                 tracing::warn!(group = %config.group, %error, "cannot acknowledge a skipped message");
@@ -459,11 +484,7 @@ fn nats_name(group: &str) -> String {
     if clean == group {
         return clean;
     }
-    // FNV-1a: stable across processes and Rust versions, unlike the std hasher.
-    let hash = group.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    format!("{clean}_{:08x}", hash as u32)
+    format!("{clean}_{:08x}", crate::partitions::fnv1a(group) as u32)
 }
 
 impl Publisher for NatsBus {
@@ -498,6 +519,10 @@ impl Subscriber for NatsBus {
 
     fn lag(&self) -> BoxFuture<'_, Result<Vec<GroupLag>, BusError>> {
         self.lags().boxed()
+    }
+
+    fn partitions(&self) -> u32 {
+        self.config.partitions.max(1)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The RabbitMQ adapter: a topic exchange per topic family, a quorum queue per consumer group.
 
 use crate::consumer::ConsumerConfig;
+use crate::partitions::{partition_of, split_group, without_partition};
 use crate::{Acker, BusError, Delivery, GroupLag, Message, Publisher, Subscriber, Subscription};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
@@ -28,6 +29,9 @@ pub struct RabbitConfig {
     /// Redeliveries of one message (consumers that died or let it go) after which the broker
     /// moves it to the group's dead queue.
     pub delivery_limit: u32,
+    /// Partitions of a group that its processes share, each a queue of its own (see
+    /// [`crate::partitions`]).
+    pub partitions: u32,
 }
 
 impl Default for RabbitConfig {
@@ -35,13 +39,15 @@ impl Default for RabbitConfig {
         Self {
             prefix: "orderwave".into(),
             delivery_limit: 20,
+            partitions: 1,
         }
     }
 }
 
 /// A bus on a RabbitMQ broker: messages go to the durable topic exchange
-/// `{prefix}.{family}` (the family is the topic up to its first '.') with the topic as routing
-/// key; each group reads its quorum queue `{prefix}.{group}`, one consumer at a time.
+/// `{prefix}.{family}` (the family is the topic up to its first '.') with `{partition}.{topic}`
+/// as routing key; each group (or each partition of a group) reads its quorum queue
+/// `{prefix}.{group}`, one consumer at a time.
 #[derive(Clone)]
 pub struct RabbitBus {
     inner: Arc<Inner>,
@@ -209,6 +215,31 @@ impl RabbitBus {
         ]
     }
 
+    /// The queue, dead queue and bindings of a group read as a whole, or of one partition.
+    fn group_declarations(&self, config: &ConsumerConfig) -> Vec<Declaration> {
+        let group = &config.group;
+        let queue = self.queue(group);
+        let mut declarations = self.dead_letter_declarations(split_group(group).0);
+        declarations.push(self.group_queue_declaration(group));
+        for topic in &config.topics {
+            let exchange = self.exchange(topic);
+            declarations.push(Declaration::Exchange {
+                name: exchange.clone(),
+                kind: ExchangeKind::Topic,
+            });
+            let partition = match config.partition {
+                Some(partition) => partition.index.to_string(),
+                None => "*".into(),
+            };
+            declarations.push(Declaration::Binding {
+                queue: queue.clone(),
+                exchange,
+                key: format!("{partition}.{topic}"),
+            });
+        }
+        declarations
+    }
+
     fn group_queue_declaration(&self, group: &str) -> Declaration {
         let limit = i64::from(self.inner.config.delivery_limit);
         Declaration::Queue {
@@ -225,7 +256,7 @@ impl RabbitBus {
                 ),
                 (
                     "x-dead-letter-routing-key",
-                    AMQPValue::LongString(group.into()),
+                    AMQPValue::LongString(split_group(group).0.into()),
                 ),
             ]),
         }
@@ -366,7 +397,9 @@ impl Publisher for RabbitBus {
                     .with_message_id(short(&message.id)?)
                     .with_content_type("application/json".into())
                     .with_headers(headers);
-                outgoing.push((short(&exchange)?, short(&message.topic)?, properties));
+                let partition = partition_of(&message.key, self.inner.config.partitions);
+                let routing_key = format!("{partition}.{}", message.topic);
+                outgoing.push((short(&exchange)?, short(&routing_key)?, properties));
                 exchanges.insert(exchange);
             }
             self.declare(
@@ -381,11 +414,12 @@ impl Publisher for RabbitBus {
             .await?;
             let channel = self.publisher().await?;
             let mut confirms = Vec::with_capacity(messages.len());
-            for ((exchange, topic, properties), message) in outgoing.into_iter().zip(messages) {
+            for ((exchange, routing_key, properties), message) in outgoing.into_iter().zip(messages)
+            {
                 let published = channel
                     .basic_publish(
                         exchange,
-                        topic,
+                        routing_key,
                         BasicPublishOptions::default(),
                         message.payload.as_bytes(),
                         properties,
@@ -434,24 +468,24 @@ impl Subscriber for RabbitBus {
         config: &'a ConsumerConfig,
     ) -> BoxFuture<'a, Result<(), BusError>> {
         async move {
-            let group = &config.group;
-            let queue = self.queue(group);
-            let mut declarations = self.dead_letter_declarations(group);
-            declarations.push(self.group_queue_declaration(group));
-            for topic in &config.topics {
-                let exchange = self.exchange(topic);
-                declarations.push(Declaration::Exchange {
-                    name: exchange.clone(),
-                    kind: ExchangeKind::Topic,
-                });
-                declarations.push(Declaration::Binding {
-                    queue: queue.clone(),
-                    exchange,
-                    key: topic.clone(),
-                });
+            let count = self.inner.config.partitions;
+            // A group the runner splits: each partition's queue (a bare subscription of the
+            // whole group declares its own when it subscribes).
+            let configs: Vec<ConsumerConfig> = if count > 1 && config.partition.is_none() {
+                (0..count)
+                    .map(|index| ConsumerConfig {
+                        group: crate::partitions::partition_group(&config.group, index),
+                        partition: Some(crate::partitions::Partition { index, count }),
+                        ..config.clone()
+                    })
+                    .collect()
+            } else {
+                vec![config.clone()]
+            };
+            for config in configs {
+                self.declare(self.group_declarations(&config)).await?;
+                lock(&self.inner.groups).insert(config.group.clone());
             }
-            self.declare(declarations).await?;
-            lock(&self.inner.groups).insert(group.clone());
             Ok(())
         }
         .boxed()
@@ -464,7 +498,8 @@ impl Subscriber for RabbitBus {
         within("a subscription", async move {
             let group = &config.group;
             let queue = self.queue(group);
-            self.declare_group(config).await?;
+            self.declare(self.group_declarations(config)).await?;
+            lock(&self.inner.groups).insert(group.clone());
 
             let batch_size = config.batch_size.max(1);
             let prefetch = u16::try_from(batch_size.saturating_mul(2)).unwrap_or(u16::MAX);
@@ -489,6 +524,10 @@ impl Subscriber for RabbitBus {
         .boxed()
     }
 
+    fn partitions(&self) -> u32 {
+        self.inner.config.partitions.max(1)
+    }
+
     fn lag(&self) -> BoxFuture<'_, Result<Vec<GroupLag>, BusError>> {
         async move {
             let groups: Vec<String> = lock(&self.inner.groups).iter().cloned().collect();
@@ -510,8 +549,10 @@ impl Subscriber for RabbitBus {
                 // AMQP reports ready messages only: those delivered and not yet acked are not
                 // counted.
                 let ready = i64::from(declared.message_count());
+                let (name, partition) = split_group(&group);
                 lags.push(GroupLag {
-                    group,
+                    group: name.to_string(),
+                    partition,
                     lag: ready,
                     position: 0,
                     head: ready,
@@ -600,7 +641,7 @@ async fn as_delivery(delivery: lapin::message::Delivery, group: &str) -> Option<
     };
     let message = Message {
         id,
-        topic: delivery.routing_key.to_string(),
+        topic: without_partition(delivery.routing_key.as_str()).to_string(),
         key,
         payload,
     };

@@ -45,6 +45,8 @@ pub struct SqlBus {
     published: Arc<Wakeups>,
     /// How publishes reach the log.
     publishes: Publishes,
+    /// Partitions of a group shared among its processes (1: one process reads at a time).
+    partitions: u32,
 }
 
 /// How a bus's publishes reach its log, by backend.
@@ -240,7 +242,15 @@ impl SqlBus {
             },
             db,
             published: Arc::new(Wakeups::new()),
+            partitions: 1,
         })
+    }
+
+    /// Splits each group into `partitions` that the group's processes share (see
+    /// [`crate::partitions`]); every process of a group must use the same number.
+    pub fn with_partitions(mut self, partitions: u32) -> Self {
+        self.partitions = partitions.max(1);
+        self
     }
 
     pub fn db(&self) -> &Db {
@@ -823,11 +833,21 @@ impl Subscriber for SqlBus {
     fn lag(&self) -> BoxFuture<'_, Result<Vec<GroupLag>, BusError>> {
         async move {
             let positions = self.positions().await?;
-            Ok(positions
-                .groups
+            // A group read in partitions is as far as its slowest partition: every partition
+            // reads the whole log.
+            let mut groups: std::collections::BTreeMap<String, i64> = Default::default();
+            for (name, position) in positions.groups {
+                let group = crate::partitions::split_group(&name).0.to_string();
+                groups
+                    .entry(group)
+                    .and_modify(|slowest| *slowest = (*slowest).min(position))
+                    .or_insert(position);
+            }
+            Ok(groups
                 .into_iter()
                 .map(|(group, position)| GroupLag {
                     group,
+                    partition: None,
                     lag: positions.head - position,
                     position,
                     head: positions.head,
@@ -836,6 +856,10 @@ impl Subscriber for SqlBus {
                 .collect())
         }
         .boxed()
+    }
+
+    fn partitions(&self) -> u32 {
+        self.partitions
     }
 }
 
@@ -968,7 +992,12 @@ async fn hold(
                     // A full page: more is waiting.
                     fetch_now = fetched.deliveries.len() >= config.batch_size.clamp(1, 1000);
                     read_to = Some(fetched.read_to.max(fetched.from));
-                    for entry in fetched.deliveries {
+                    let ours = |entry: &Entry| {
+                        config
+                            .partition
+                            .is_none_or(|partition| partition.holds(&entry.message.key))
+                    };
+                    for entry in fetched.deliveries.into_iter().filter(ours) {
                         open.insert(entry.seq);
                         ready.push_back(entry);
                     }

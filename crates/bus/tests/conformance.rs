@@ -5,6 +5,7 @@
 
 use bus::consumer::{self, ConsumerConfig, Handler, HandlerError};
 use bus::dead_letters::DeadLetters;
+use bus::partitions::{partition_config, partition_of};
 use bus::sql::SqlBus;
 use bus::{Bus, Delivery, Message};
 use futures::FutureExt;
@@ -28,10 +29,11 @@ struct Harness {
     _dir: tempfile::TempDir,
     pg: Option<String>,
     cleanup: Option<BoxFuture<'static, ()>>,
-    /// Processes in one group share its messages (Kafka's partitions) rather than one reading
-    /// while the others stand by.
-    shares_work: bool,
 }
+
+/// Partitions of a group the processes share on the adapters where the consumer runner splits
+/// the group (Kafka's are its topic's).
+const PARTITIONS: u32 = 4;
 
 impl Harness {
     /// The platform side beside `bus`/`other`: a SQLite directory with the bus tables (dead
@@ -64,7 +66,6 @@ impl Harness {
             _dir: dir,
             pg,
             cleanup: None,
-            shares_work: false,
         }
     }
 
@@ -82,10 +83,14 @@ impl Harness {
 async fn sql_sqlite() -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open_sqlite(dir.path(), "bus").await.unwrap();
-    let bus = SqlBus::start(db.clone()).await.unwrap();
+    let bus = SqlBus::start(db.clone())
+        .await
+        .unwrap()
+        .with_partitions(PARTITIONS);
     let other = SqlBus::start(Db::open_sqlite(dir.path(), "bus").await.unwrap())
         .await
-        .unwrap();
+        .unwrap()
+        .with_partitions(PARTITIONS);
     Harness::with(
         Arc::new(bus),
         Arc::new(other),
@@ -100,10 +105,14 @@ async fn sql_postgres() -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let url = fresh_pg_database().await;
     let db = Db::open_postgres(&url, "bus", 4).await.unwrap();
-    let bus = SqlBus::start(db.clone()).await.unwrap();
+    let bus = SqlBus::start(db.clone())
+        .await
+        .unwrap()
+        .with_partitions(PARTITIONS);
     let other = SqlBus::start(Db::open_postgres(&url, "bus", 4).await.unwrap())
         .await
-        .unwrap();
+        .unwrap()
+        .with_partitions(PARTITIONS);
     bus.listen_postgres(&url);
     other.listen_postgres(&url);
     Harness::with(
@@ -124,6 +133,7 @@ async fn nats() -> Harness {
     let config = NatsConfig {
         subject_prefix: format!("c{unique}"),
         stream_prefix: format!("C{unique}"),
+        partitions: PARTITIONS,
         ..NatsConfig::default()
     };
     let connect = async || {
@@ -151,6 +161,7 @@ async fn rabbitmq() -> Harness {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let config = RabbitConfig {
         prefix: format!("c-{}", uuid::Uuid::now_v7().simple()),
+        partitions: PARTITIONS,
         ..RabbitConfig::default()
     };
     let connect = async || {
@@ -191,7 +202,6 @@ async fn kafka() -> Harness {
     let bus = connect().await;
     let other = connect().await;
     let mut harness = Harness::around(Arc::new(bus.clone()), Arc::new(other)).await;
-    harness.shares_work = true;
     harness.cleanup = Some(Box::pin(async move {
         bus.delete_topics().await.unwrap();
     }));
@@ -466,8 +476,8 @@ async fn a_group_gets_only_its_topics(h: Harness) {
     h.finish().await;
 }
 
-/// Two processes run one group: every message is handled once in all, each key in order, and
-/// when the process reading the group stops, the other goes on with it.
+/// Two processes run one group: they share its messages, every message is handled once in all,
+/// each key in order, and when one process stops, the other goes on with all of it.
 async fn competing_consumers_of_one_group_handle_each_message_once_in_key_order(h: Harness) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let first = Recorder::sharing("first", seen.clone(), 0);
@@ -488,7 +498,7 @@ async fn competing_consumers_of_one_group_handle_each_message_once_in_key_order(
         assert_eq!(seen.len(), 40, "each once");
         assert_eq!(by_key(&seen), published_by_key(&messages));
     }
-    if h.shares_work {
+    {
         // Both processes get a share once both have joined: messages over many keys until each
         // has handled some, and still each message once.
         let mut published = messages.clone();
@@ -521,8 +531,7 @@ async fn competing_consumers_of_one_group_handle_each_message_once_in_key_order(
         assert_eq!(by_key(&seen), published_by_key(&published));
     }
     let handled = seen.lock().await.len();
-    // One process stops (the one that read the group when they do not share it); the other
-    // takes over.
+    // One process stops; the other takes its partitions over.
     let reader = seen.lock().await[0].2;
     let (stopped, going_on) = if reader == "first" {
         (one, two)
@@ -576,6 +585,15 @@ async fn a_failing_handler_gets_the_message_again_until_it_succeeds(h: Harness) 
     h.finish().await;
 }
 
+/// What a bare subscription reading `key`'s messages of `config.group` subscribes with: the
+/// key's partition where the adapter splits the group.
+fn for_key(bus: &Arc<dyn Bus>, config: ConsumerConfig, key: &str) -> ConsumerConfig {
+    match bus.partitions() {
+        1 => config,
+        count => partition_config(&config, partition_of(key, count), count),
+    }
+}
+
 /// The next delivery of a bare subscription, within the deadline.
 async fn next(subscription: &mut bus::Subscription) -> Delivery {
     tokio::time::timeout(DEADLINE, subscription.next())
@@ -585,8 +603,8 @@ async fn next(subscription: &mut bus::Subscription) -> Delivery {
 }
 
 async fn a_consumer_gone_before_its_ack_gets_the_message_delivered_again(h: Harness) {
-    let config = fast("g", &["order.created"]);
     let messages = batch(1);
+    let config = for_key(&h.bus, fast("g", &["order.created"]), &messages[0].key);
     h.bus.declare_group(&config).await.unwrap();
     h.bus.publish(&messages).await.unwrap();
     let mut subscription = h.bus.subscribe(&config).await.unwrap();
@@ -623,8 +641,8 @@ async fn handle_with_inbox(service: &Db, delivery: &Delivery) -> bool {
 }
 
 async fn a_crash_between_commit_and_ack_repeats_the_message_and_the_inbox_absorbs_it(h: Harness) {
-    let config = fast("g", &["order.created"]);
     let messages = batch(1);
+    let config = for_key(&h.bus, fast("g", &["order.created"]), &messages[0].key);
     h.bus.declare_group(&config).await.unwrap();
     h.bus.publish(&messages).await.unwrap();
     let mut subscription = h.bus.subscribe(&config).await.unwrap();

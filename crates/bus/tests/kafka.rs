@@ -413,6 +413,7 @@ async fn lag_reports_what_the_group_has_not_acknowledged() {
 
     let expected = |lag, position| GroupLag {
         group: "welcome".into(),
+        partition: None,
         lag,
         position,
         head: 5,

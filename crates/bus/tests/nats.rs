@@ -296,6 +296,7 @@ async fn lag_reports_the_pending_count() {
         lags,
         [GroupLag {
             group: "billing.projection v2".into(),
+            partition: None,
             lag: 5,
             position: 0,
             head: 5,

@@ -45,6 +45,7 @@ impl Rabbit {
         let config = RabbitConfig {
             prefix: prefix.to_string(),
             delivery_limit,
+            ..RabbitConfig::default()
         };
         match RabbitBus::connect(&url(), config).await {
             Ok(bus) => bus,
@@ -405,6 +406,7 @@ async fn lag_reports_the_messages_ready_for_each_group_it_subscribed() {
         lag,
         vec![GroupLag {
             group: "billing".into(),
+            partition: None,
             lag: 3,
             position: 0,
             head: 3,

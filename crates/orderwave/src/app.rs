@@ -161,7 +161,8 @@ async fn open_bus(config: &Config, bus_db: &Db) -> anyhow::Result<Arc<dyn Bus>> 
     if config.bus == "sql" {
         let sql_bus = SqlBus::start(bus_db.clone())
             .await
-            .context("starting the bus")?;
+            .context("starting the bus")?
+            .with_partitions(u32::from(config.partitions()));
         if let Some(url) = &config.database_url {
             // Other processes publishing on the same database wake our consumers at once.
             sql_bus.listen_postgres(url);
@@ -204,6 +205,7 @@ async fn connect_broker(config: &Config) -> anyhow::Result<Broker> {
                 bus::nats::NatsConfig {
                     replicas: usize::from(config.bus_replicas.max(1)),
                     max_age: Duration::from_secs(config.bus_retention_hours.max(1) * 3600),
+                    partitions: u32::from(config.partitions()),
                     ..bus::nats::NatsConfig::with_prefix(&config.bus_prefix)
                 },
             )
@@ -217,6 +219,7 @@ async fn connect_broker(config: &Config) -> anyhow::Result<Broker> {
                 bus::rabbitmq::RabbitConfig {
                     prefix: config.bus_prefix.clone(),
                     delivery_limit: config.bus_delivery_limit.max(1),
+                    partitions: u32::from(config.partitions()),
                 },
             )
             .await
@@ -228,7 +231,7 @@ async fn connect_broker(config: &Config) -> anyhow::Result<Broker> {
                 url.trim_start_matches("kafka://"),
                 bus::kafka::KafkaConfig {
                     prefix: config.bus_prefix.clone(),
-                    partitions: i32::from(config.bus_partitions.max(1)),
+                    partitions: i32::from(config.partitions()),
                     replication: i32::from(config.bus_replicas.max(1)),
                 },
             )

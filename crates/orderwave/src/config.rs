@@ -260,9 +260,11 @@ pub struct Config {
     #[arg(long, env = "ORDERWAVE_BUS_PREFIX", default_value = "orderwave")]
     pub bus_prefix: String,
 
-    /// Partitions of each Kafka topic: how many consumers of one group can share it.
-    #[arg(long, env = "ORDERWAVE_BUS_PARTITIONS", default_value_t = 8)]
-    pub bus_partitions: u16,
+    /// Partitions of each consumer group (Kafka: of each topic): how many processes of one group
+    /// share its work, each key's messages in one partition. Default 8 on a broker, 1 on `sql`
+    /// (one process reads a group at a time). Every process must use the same number.
+    #[arg(long, env = "ORDERWAVE_BUS_PARTITIONS")]
+    pub bus_partitions: Option<u16>,
 
     /// Copies of each stream (NATS JetStream replicas, Kafka replication factor).
     #[arg(long, env = "ORDERWAVE_BUS_REPLICAS", default_value_t = 1)]
@@ -438,6 +440,12 @@ pub struct Config {
 }
 
 impl Config {
+    /// `--bus-partitions`, or its default for the bus: 8 on a broker, 1 on the sql log.
+    pub fn partitions(&self) -> u16 {
+        let default = if self.bus == "sql" { 1 } else { 8 };
+        self.bus_partitions.unwrap_or(default).max(1)
+    }
+
     /// The defaults, as `orderwave serve` with no options and no environment would get.
     pub fn for_tests(data_dir: PathBuf, database_url: Option<String>) -> Self {
         Config {
@@ -446,7 +454,7 @@ impl Config {
             database_url,
             bus: "sql".into(),
             bus_prefix: "orderwave".into(),
-            bus_partitions: 8,
+            bus_partitions: None,
             bus_replicas: 1,
             bus_retention_hours: 168,
             bus_delivery_limit: 20,
