@@ -310,7 +310,7 @@ async fn deliver(
                     return Outcome::Stopped;
                 }
             }
-            settle(config, delivery.ack().await);
+            settle(config, delivery.give_up(&error.message, attempt).await);
             return Outcome::DeadLettered;
         }
         tracing::warn!(

@@ -26,6 +26,9 @@ const ID_HEADER: &str = "orderwave-id";
 const TOPIC_HEADER: &str = "orderwave-topic";
 /// The Kafka topic after the prefix: `orderwave.events`.
 const EVENTS: &str = "events";
+/// Headers of a record in a group's dead-letter topic.
+const ERROR_HEADER: &str = "orderwave-error";
+const ATTEMPTS_HEADER: &str = "orderwave-attempts";
 /// How long an admin, metadata or offsets request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `connect` waits for the cluster to answer.
@@ -170,6 +173,65 @@ impl KafkaBus {
             )));
         }
         Ok(name)
+    }
+
+    /// The dead-letter topic of `group`: `{prefix}.dead.{group}`, with what Kafka does not allow
+    /// in a name as '_'.
+    pub fn dead_letter_topic(&self, group: &str) -> String {
+        let group: String = group
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let name = format!("{}.dead.{group}", self.inner.config.prefix);
+        name.chars().take(249).collect()
+    }
+
+    /// Copies a message `group` gave up on to its dead-letter topic (created when first needed),
+    /// keyed as before, with the error and the attempts in headers.
+    async fn dead_letter(
+        &self,
+        group: &str,
+        message: &Message,
+        error: &str,
+        attempts: u32,
+    ) -> Result<(), BusError> {
+        let topic = self.dead_letter_topic(group);
+        self.ensure_topics(std::slice::from_ref(&topic)).await?;
+        let attempts = attempts.to_string();
+        let record = FutureRecord::to(&topic)
+            .key(message.key.as_str())
+            .payload(message.payload.as_str())
+            .headers(
+                OwnedHeaders::new()
+                    .insert(Header {
+                        key: ID_HEADER,
+                        value: Some(message.id.as_str()),
+                    })
+                    .insert(Header {
+                        key: TOPIC_HEADER,
+                        value: Some(message.topic.as_str()),
+                    })
+                    .insert(Header {
+                        key: ERROR_HEADER,
+                        value: Some(error),
+                    })
+                    .insert(Header {
+                        key: ATTEMPTS_HEADER,
+                        value: Some(attempts.as_str()),
+                    }),
+            );
+        match self.inner.producer.send_result(record) {
+            Ok(delivery) => confirm(delivery).await,
+            Err((error, _)) => Err(BusError::Unavailable(format!(
+                "publishing to {topic}: {error}"
+            ))),
+        }
     }
 
     /// Creates the Kafka topics this bus has not seen yet; an existing topic is kept as it is.
@@ -333,6 +395,7 @@ impl KafkaBus {
         }
         self.ensure_topics(&topics).await?;
         let shared = Arc::new(Shared {
+            bus: self.clone(),
             group: config.group.clone(),
             state: Mutex::default(),
             retries: Notify::new(),
@@ -530,6 +593,8 @@ fn log(level: RDKafkaLogLevel, facility: &str, message: &str) {
 
 /// What a subscription's feed, its consumer's rebalance callbacks and its ackers share.
 struct Shared {
+    /// Where a message given up on is copied.
+    bus: KafkaBus,
     group: String,
     state: Mutex<Assigned>,
     /// Woken when a delivery is let go, so the feed schedules its redelivery.
@@ -981,6 +1046,23 @@ impl Acker for KafkaAck {
         });
         self.shared.retries.notify_one();
         Box::pin(async { Ok(()) })
+    }
+
+    /// Copied to the group's dead-letter topic, then acknowledged (its offset committed).
+    fn give_up(
+        self: Box<Self>,
+        message: &Message,
+        error: &str,
+        attempts: u32,
+    ) -> BoxFuture<'static, Result<(), BusError>> {
+        let (message, error) = (message.clone(), error.to_string());
+        async move {
+            let bus = self.shared.bus.clone();
+            bus.dead_letter(&self.shared.group, &message, &error, attempts)
+                .await?;
+            self.ack().await
+        }
+        .boxed()
     }
 }
 

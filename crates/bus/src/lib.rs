@@ -82,6 +82,19 @@ pub trait Acker: Send + Sync + 'static {
     fn in_progress(&self) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async { Ok(()) })
     }
+
+    /// Gives up on `message` after `attempts` (the runner has parked it in the platform's dead
+    /// letters): settled for good, and where the broker has dead-letter topics or queues, moved
+    /// or copied to the group's with `error` and `attempts`. Without one: an acknowledgement.
+    fn give_up(
+        self: Box<Self>,
+        message: &Message,
+        error: &str,
+        attempts: u32,
+    ) -> BoxFuture<'static, Result<(), BusError>> {
+        let _ = (message, error, attempts);
+        self.ack()
+    }
 }
 
 /// Settles nothing: a delivery made outside any subscription (a redriven dead letter, a test).
@@ -117,6 +130,11 @@ impl Delivery {
 
     pub async fn in_progress(&self) -> Result<(), BusError> {
         self.acker.in_progress().await
+    }
+
+    /// See [`Acker::give_up`].
+    pub async fn give_up(self, error: &str, attempts: u32) -> Result<(), BusError> {
+        self.acker.give_up(&self.message, error, attempts).await
     }
 }
 

@@ -14,6 +14,12 @@ use tokio::sync::mpsc;
 const KEY_HEADER: &str = "Orderwave-Key";
 /// The stream's name after the prefix: `ORDERWAVE_EVENTS`.
 const STREAM: &str = "EVENTS";
+/// The stream of what groups gave up on: `{STREAM_PREFIX}_DEAD`, subjects
+/// `{subject_prefix}_dead.{group}`.
+const DEAD: &str = "DEAD";
+const TOPIC_HEADER: &str = "Orderwave-Topic";
+const ERROR_HEADER: &str = "Orderwave-Error";
+const ATTEMPTS_HEADER: &str = "Orderwave-Attempts";
 
 /// PubAcks in flight per publish, well under the context's shared limit of 5,000.
 const PUBLISH_WINDOW: usize = 1000;
@@ -175,6 +181,61 @@ impl NatsBus {
             .map_err(|error| BusError::Unavailable(format!("stream {name}: {error}")))?;
         self.known_streams().insert(STREAM.to_string());
         Ok(name)
+    }
+
+    /// The subject `group`'s dead letters are copied to.
+    pub fn dead_letter_subject(&self, group: &str) -> String {
+        format!("{}_dead.{}", self.config.subject_prefix, nats_name(group))
+    }
+
+    /// Copies a message `group` gave up on to the dead-letter stream (created when first
+    /// needed), with the error and the attempts in headers.
+    async fn dead_letter(
+        &self,
+        group: &str,
+        message: &Message,
+        error: &str,
+        attempts: u32,
+    ) -> Result<(), BusError> {
+        if !self.known_streams().contains(DEAD) {
+            let name = format!("{}_{DEAD}", self.config.stream_prefix);
+            self.jetstream
+                .get_or_create_stream(stream::Config {
+                    name: name.clone(),
+                    subjects: vec![format!("{}_dead.>", self.config.subject_prefix)],
+                    storage: stream::StorageType::File,
+                    num_replicas: self.config.replicas,
+                    max_age: self.config.max_age,
+                    duplicate_window: self.config.duplicate_window,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|error| BusError::Unavailable(format!("stream {name}: {error}")))?;
+            self.known_streams().insert(DEAD.to_string());
+        }
+        // Header values are one line.
+        let error: String = error
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(1000)
+            .collect();
+        let mut headers = async_nats::HeaderMap::new();
+        let id = format!("{}.{group}", message.id);
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        headers.insert(KEY_HEADER, message.key.as_str());
+        headers.insert(TOPIC_HEADER, message.topic.as_str());
+        headers.insert(ERROR_HEADER, error.as_str());
+        headers.insert(ATTEMPTS_HEADER, attempts.to_string().as_str());
+        let ack = self
+            .jetstream
+            .publish_with_headers(
+                self.dead_letter_subject(group),
+                headers,
+                message.payload.clone().into(),
+            )
+            .await
+            .map_err(unavailable)?;
+        confirm(ack).await
     }
 
     fn known_streams(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
@@ -435,7 +496,12 @@ impl NatsBus {
             payload: String::from_utf8_lossy(&message.payload).into_owned(),
             topic,
         };
-        Some(Delivery::new(message, seq, delivered, NatsAck(acker)))
+        let acker = NatsAck {
+            acker,
+            bus: self.clone(),
+            group: crate::partitions::split_group(&config.group).0.to_string(),
+        };
+        Some(Delivery::new(message, seq, delivered, acker))
     }
 }
 
@@ -668,18 +734,23 @@ async fn hold(
 }
 
 /// Settles a delivery on the JetStream consumer that made it.
-struct NatsAck(jetstream::message::Acker);
+struct NatsAck {
+    acker: jetstream::message::Acker,
+    bus: NatsBus,
+    /// The group (not the partition) whose dead letters it goes to when given up.
+    group: String,
+}
 
 impl Acker for NatsAck {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BusError>> {
         // Confirmed by the server, so an ack after the handler's commit is not lost silently.
-        async move { self.0.double_ack().await.map_err(unavailable) }.boxed()
+        async move { self.acker.double_ack().await.map_err(unavailable) }.boxed()
     }
 
     fn nack(self: Box<Self>, retry_after: Duration) -> BoxFuture<'static, Result<(), BusError>> {
         let delay = Some(retry_after).filter(|after| !after.is_zero());
         async move {
-            self.0
+            self.acker
                 .ack_with(jetstream::AckKind::Nak(delay))
                 .await
                 .map_err(unavailable)
@@ -689,8 +760,29 @@ impl Acker for NatsAck {
 
     fn in_progress(&self) -> BoxFuture<'_, Result<(), BusError>> {
         async move {
-            self.0
+            self.acker
                 .ack_with(jetstream::AckKind::Progress)
+                .await
+                .map_err(unavailable)
+        }
+        .boxed()
+    }
+
+    /// Copied to the group's dead-letter subject, then terminated: JetStream delivers it no
+    /// more (and reports the termination as an advisory).
+    fn give_up(
+        self: Box<Self>,
+        message: &Message,
+        error: &str,
+        attempts: u32,
+    ) -> BoxFuture<'static, Result<(), BusError>> {
+        let (message, error) = (message.clone(), error.to_string());
+        async move {
+            self.bus
+                .dead_letter(&self.group, &message, &error, attempts)
+                .await?;
+            self.acker
+                .ack_with(jetstream::AckKind::Term)
                 .await
                 .map_err(unavailable)
         }

@@ -332,6 +332,22 @@ impl Acker for Tracked {
     fn in_progress(&self) -> BoxFuture<'_, Result<(), BusError>> {
         self.acker.in_progress()
     }
+
+    fn give_up(
+        self: Box<Self>,
+        message: &crate::Message,
+        error: &str,
+        attempts: u32,
+    ) -> BoxFuture<'static, Result<(), BusError>> {
+        let Self { acker, counted } = *self;
+        let given_up = acker.give_up(message, error, attempts);
+        async move {
+            let given_up = given_up.await;
+            drop(counted);
+            given_up
+        }
+        .boxed()
+    }
 }
 
 #[cfg(test)]

@@ -685,6 +685,22 @@ impl Acker for RabbitAck {
     }
 
     // Nothing to extend: RabbitMQ's consumer timeout (30 minutes by default) is broker-wide.
+
+    /// Rejected without requeue: the queue's dead-letter exchange moves it to the group's dead
+    /// queue, with the broker's `x-death` record (the error itself is in the platform's dead
+    /// letters).
+    fn give_up(
+        self: Box<Self>,
+        _: &Message,
+        _: &str,
+        _: u32,
+    ) -> BoxFuture<'static, Result<(), BusError>> {
+        async move {
+            let options = BasicRejectOptions { requeue: false };
+            settled(self.acker.reject(options).await)
+        }
+        .boxed()
+    }
 }
 
 async fn requeue(acker: &lapin::Acker) -> lapin::Result<bool> {

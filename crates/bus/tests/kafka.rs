@@ -424,3 +424,70 @@ async fn lag_reports_what_the_group_has_not_acknowledged() {
     lag_until(&setup.bus, |lags| lags == [expected(0, 5)]).await;
     subscription.close().await;
 }
+
+#[tokio::test]
+async fn a_delivery_given_up_on_is_copied_to_the_groups_dead_letter_topic_and_committed() {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let setup = Setup::new().await;
+    let poison = message("poison", "payment.succeeded", "order-1");
+    setup
+        .bus
+        .publish(std::slice::from_ref(&poison))
+        .await
+        .unwrap();
+    let config = group("billing", &["payment.succeeded"]);
+
+    let mut first = setup.bus.subscribe(&config).await.unwrap();
+    let delivery = take(&mut first, 1).await.pop().unwrap();
+    delivery.give_up("cannot digest it", 4).await.unwrap();
+    first.close().await;
+    // Committed: the group's next member does not get it again.
+    let mut second = setup.bus.subscribe(&config).await.unwrap();
+    assert_quiet(&mut second, Duration::from_secs(3)).await;
+    second.close().await;
+
+    let reader: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("group.id", format!("{}.dead-reader", setup.prefix))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let topic = setup.bus.dead_letter_topic("billing");
+    assert_eq!(topic, format!("{}.dead.billing", setup.prefix));
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    for partition in 0..KafkaConfig::default().partitions {
+        partitions
+            .add_partition_offset(&topic, partition, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    reader.assign(&partitions).unwrap();
+    let dead = tokio::time::timeout(PATIENCE, reader.recv())
+        .await
+        .expect("the dead letter in time")
+        .unwrap();
+    let header = |name: &str| {
+        use rdkafka::message::Headers as _;
+        dead.headers().and_then(|headers| {
+            headers
+                .iter()
+                .find(|header| header.key == name)
+                .and_then(|header| header.value)
+                .map(|value| String::from_utf8_lossy(value).into_owned())
+        })
+    };
+    assert_eq!(dead.key(), Some("order-1".as_bytes()));
+    assert_eq!(dead.payload(), Some(poison.payload.as_bytes()));
+    assert_eq!(header("orderwave-id").as_deref(), Some("poison"));
+    assert_eq!(
+        header("orderwave-topic").as_deref(),
+        Some("payment.succeeded")
+    );
+    assert_eq!(
+        header("orderwave-error").as_deref(),
+        Some("cannot digest it")
+    );
+    assert_eq!(header("orderwave-attempts").as_deref(), Some("4"));
+    drop(dead);
+    drop(reader);
+}

@@ -436,3 +436,41 @@ async fn a_delivery_reported_in_progress_is_not_delivered_again_after_ack_wait()
     assert_quiet(&mut subscription, Duration::from_millis(1500)).await;
     drop(subscription);
 }
+
+#[tokio::test]
+async fn a_delivery_given_up_on_goes_to_the_groups_dead_letter_subject_and_comes_no_more() {
+    let setup = Setup::new().await;
+    setup
+        .bus
+        .publish(&[message("poison", "order.created", "k")])
+        .await
+        .unwrap();
+    let mut config = group("billing", &["order.created"]);
+    config.ack_wait = Duration::from_secs(1);
+    let mut subscription = setup.bus.subscribe(&config).await.unwrap();
+    let poison = take(&mut subscription, 1).await.remove(0);
+    poison.give_up("cannot digest\nit", 3).await.unwrap();
+    // Terminated: not delivered again after the ack deadline, to this or a new subscription.
+    assert_quiet(&mut subscription, Duration::from_secs(2)).await;
+    drop(subscription);
+    let mut again = setup.bus.subscribe(&config).await.unwrap();
+    assert_quiet(&mut again, Duration::from_secs(1)).await;
+
+    let dead = setup
+        .jetstream
+        .get_stream(format!("{}_DEAD", setup.stream_prefix))
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject(&setup.bus.dead_letter_subject("billing"))
+        .await
+        .unwrap();
+    let header = |name: &str| dead.headers.get(name).map(|v| v.as_str().to_string());
+    assert_eq!(dead.payload, r#"{"id":"poison"}"#);
+    assert_eq!(header("Orderwave-Key").as_deref(), Some("k"));
+    assert_eq!(header("Orderwave-Topic").as_deref(), Some("order.created"));
+    assert_eq!(
+        header("Orderwave-Error").as_deref(),
+        Some("cannot digest it")
+    );
+    assert_eq!(header("Orderwave-Attempts").as_deref(), Some("3"));
+}

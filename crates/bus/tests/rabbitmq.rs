@@ -9,7 +9,7 @@ use bus::{Delivery, GroupLag, Message, Publisher, Subscriber, Subscription};
 use lapin::options::{
     BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -377,6 +377,56 @@ async fn a_message_let_go_past_the_delivery_limit_lands_in_the_group_dead_queue(
     let id = dead.delivery.properties.message_id().as_ref().unwrap();
     assert_eq!(id.as_str(), sent.id);
     assert_eq!(dead.delivery.data, sent.payload.as_bytes());
+
+    drop(subscription);
+    rabbit.clean_up(&["billing"], &["order"]).await;
+}
+
+#[tokio::test]
+async fn a_delivery_given_up_on_is_rejected_into_the_group_dead_queue_at_once() {
+    let rabbit = Rabbit::new().await;
+    let mut subscription = rabbit
+        .bus
+        .subscribe(&config("billing", &["order.created"]))
+        .await
+        .unwrap();
+    let sent = message("order.created", "o-1");
+    rabbit
+        .bus
+        .publish(std::slice::from_ref(&sent))
+        .await
+        .unwrap();
+    let delivery = next(&mut subscription).await;
+    assert_eq!(delivery.delivered, 1);
+    delivery.give_up("cannot digest it", 5).await.unwrap();
+    nothing_comes(&mut subscription).await;
+
+    let dead_queue = format!("{}.dead.billing", rabbit.prefix);
+    let channel = rabbit.channel().await;
+    let dead = eventually("the message in the dead queue", || async {
+        channel
+            .basic_get(dead_queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+    })
+    .await;
+    let id = dead.delivery.properties.message_id().as_ref().unwrap();
+    assert_eq!(id.as_str(), sent.id);
+    assert_eq!(dead.delivery.data, sent.payload.as_bytes());
+    // The broker's own record of why: rejected, from the group's queue.
+    let headers = dead.delivery.properties.headers().as_ref().unwrap();
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        panic!("no x-death record: {headers:?}");
+    };
+    let Some(AMQPValue::FieldTable(death)) = deaths.as_slice().first() else {
+        panic!("an empty x-death record");
+    };
+    let text = |name: &str| match death.inner().get(name) {
+        Some(AMQPValue::LongString(text)) => String::from_utf8_lossy(text.as_bytes()).into_owned(),
+        other => panic!("x-death {name}: {other:?}"),
+    };
+    assert_eq!(text("reason"), "rejected");
+    assert_eq!(text("queue"), format!("{}.billing", rabbit.prefix));
 
     drop(subscription);
     rabbit.clean_up(&["billing"], &["order"]).await;

@@ -171,6 +171,10 @@ fn bus_problem(error: BusError) -> Problem {
 #[serde(rename_all = "camelCase")]
 pub struct ConsumerLag {
     pub group: String,
+    /// The partition of the group these figures are for, where the group's processes share it
+    /// in partitions each read on its own (NATS and RabbitMQ; absent for a group read whole).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
     /// Where the group is: the sql log position it committed, the JetStream ack floor.
     pub position: i64,
     /// The newest position of what the group reads: the sql log's head, the stream's last
@@ -198,10 +202,12 @@ async fn consumer_lag(State(bus): State<Arc<dyn Bus>>) -> Result<Json<Vec<Consum
     Ok(Json(
         lags.into_iter()
             .map(|lag| {
-                metrics::gauge!("bus_consumer_lag", "group" => lag.group.clone(), "source" => lag.source.clone())
+                let partition = lag.partition.map(|p| p.to_string()).unwrap_or_default();
+                metrics::gauge!("bus_consumer_lag", "group" => lag.group.clone(), "partition" => partition, "source" => lag.source.clone())
                     .set(lag.lag as f64);
                 ConsumerLag {
                     group: lag.group,
+                    partition: lag.partition,
                     position: lag.position,
                     head: lag.head,
                     lag: lag.lag,
