@@ -167,8 +167,11 @@ impl Subscription {
     /// writes the group's position then).
     pub async fn close(mut self) {
         self.deliveries.close();
-        // Undelivered messages go back with the receiver.
-        while self.deliveries.try_recv().is_ok() {}
+        // What the adapter had handed over and nobody took goes back at once, ahead of what
+        // came after it, for whoever reads the group next.
+        while let Ok(delivery) = self.deliveries.try_recv() {
+            let _ = delivery.nack(Duration::ZERO).await;
+        }
         drop(self.deliveries);
         if let Some(feeder) = self.feeder.take() {
             let _ = feeder.await;

@@ -663,73 +663,150 @@ async fn feed(bus: NatsBus, config: ConsumerConfig, deliveries: mpsc::Sender<Del
     }
 }
 
-/// Reads the group's consumers while this process holds the lease, renewing it.
+/// Reads the group's consumer while this process holds the lease, renewing it.
+///
+/// Messages an earlier reader had and did not settle come again (let go at once when it left in
+/// good order, after `AckWait` when it died), possibly after newer ones and in any order. So a
+/// reader that finds messages pending on the consumer hands nothing over until every pending
+/// message is in its hands, then hands them all over in stream order: each key stays in order
+/// across a change of reader.
 async fn hold(
     bus: &NatsBus,
     config: &ConsumerConfig,
     lease: &mut Lease,
     deliveries: &mpsc::Sender<Delivery>,
 ) -> Held {
-    let batch = config.batch_size.max(1);
-    // One consumer, one puller: the stream's order is the order of delivery.
-    let messages = match bus.consumer(config).await {
-        Ok(consumer) => consumer
-            .stream()
-            .max_messages_per_batch(batch)
-            // A lost connection shows as missed heartbeats: the consumer is set up again.
-            .heartbeat(Duration::from_secs(5))
-            .messages()
-            .await
-            .map_err(unavailable),
-        Err(error) => Err(error),
-    };
-    let mut pulled = match messages {
-        Ok(messages) => messages,
+    let consumer = match bus.consumer(config).await {
+        Ok(consumer) => consumer,
         Err(error) => {
             tracing::warn!(group = %config.group, %error, "cannot read the group's consumer");
             return Held::Failed;
         }
     };
+    let mut fence: Option<Vec<Delivery>> =
+        (consumer.cached_info().num_ack_pending > 0).then(Vec::new);
     let mut renew = tokio::time::interval_at(
         tokio::time::Instant::now() + lease.renew_every,
         lease.renew_every,
     );
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut fence_check = tokio::time::interval(Duration::from_millis(50));
+    // The open pull request; one at a time, so the stream's order is the order of delivery.
+    let mut pulled: Option<consumer::pull::Batch> = None;
     // Pulled and not yet taken by the subscriber.
-    let mut waiting: Option<Delivery> = None;
+    let mut ready: VecDeque<Delivery> = VecDeque::new();
     loop {
+        if pulled.is_none() {
+            let batch = consumer
+                .batch()
+                .max_messages(config.batch_size.max(1))
+                .expires(pull_expires(config))
+                .messages()
+                .await;
+            match batch {
+                Ok(batch) => pulled = Some(batch),
+                Err(error) => {
+                    tracing::warn!(group = %config.group, %error, "cannot pull messages");
+                    let held = ready
+                        .into_iter()
+                        .chain(fence.into_iter().flatten())
+                        .collect();
+                    let_go(bus, config, held, None).await;
+                    return Held::Failed;
+                }
+            }
+        }
+        let Some(batch) = pulled.as_mut() else {
+            continue;
+        };
         tokio::select! {
             biased;
             () = deliveries.closed() => {
-                // Never handed over: let it go at once for whoever reads the group next.
-                if let Some(delivery) = waiting.take() {
-                    let _ = delivery.nack(Duration::ZERO).await;
-                }
+                // Renewed first: nobody else pulls while the last request drains.
+                let _ = lease.renew().await;
+                let held = ready.into_iter().chain(fence.into_iter().flatten()).collect();
+                let_go(bus, config, held, pulled.take()).await;
                 return Held::Closed;
             }
             _ = renew.tick() => {
                 if let Err(error) = lease.renew().await {
                     tracing::warn!(group = %config.group, %error, "cannot renew the group's lease");
-                    if let Some(delivery) = waiting.take() {
-                        let _ = delivery.nack(Duration::ZERO).await;
-                    }
+                    let held = ready.into_iter().chain(fence.into_iter().flatten()).collect();
+                    let_go(bus, config, held, pulled.take()).await;
                     return Held::LostLease;
                 }
             }
-            permit = deliveries.reserve(), if waiting.is_some() => {
-                if let (Ok(permit), Some(delivery)) = (permit, waiting.take()) {
+            _ = fence_check.tick(), if fence.is_some() => {
+                // Counted before asking: all of these were pending when the server answered.
+                let in_hand = fence.as_ref().map_or(0, Vec::len);
+                match consumer.get_info().await {
+                    Ok(info) if info.num_ack_pending <= in_hand => {
+                        let mut held = fence.take().unwrap_or_default();
+                        held.sort_by_key(|delivery| delivery.seq);
+                        ready.extend(held);
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::debug!(group = %config.group, %error, "cannot read the consumer's pending count");
+                    }
+                }
+            }
+            permit = deliveries.reserve(), if !ready.is_empty() => {
+                if let (Ok(permit), Some(delivery)) = (permit, ready.pop_front()) {
                     permit.send(delivery);
                 }
             }
-            next = pulled.next(), if waiting.is_none() => match next {
-                Some(Ok(message)) => waiting = bus.delivery(config, message).await,
+            next = batch.next(), if ready.is_empty() || fence.is_some() => match next {
+                Some(Ok(message)) => {
+                    if let Some(delivery) = bus.delivery(config, message).await {
+                        match fence.as_mut() {
+                            Some(held) => held.push(delivery),
+                            None => ready.push_back(delivery),
+                        }
+                    }
+                }
                 Some(Err(error)) => {
                     tracing::warn!(group = %config.group, %error, "cannot pull messages");
+                    let held = ready.into_iter().chain(fence.into_iter().flatten()).collect();
+                    let_go(bus, config, held, None).await;
                     return Held::Failed;
                 }
-                None => return Held::Failed,
+                // The request is over (filled or expired): the next one goes out above.
+                None => pulled = None,
             },
         }
+    }
+}
+
+/// How long one pull request stays open on the server: also about the longest a reader that
+/// stops takes to let the rest of its last request go, well inside its lease.
+fn pull_expires(config: &ConsumerConfig) -> Duration {
+    (config.lease_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// Lets go what this reader holds and did not hand over, with what still comes on its open
+/// pull request, once that request is over (let go earlier, JetStream would deliver it to the
+/// same request again), so that the group's next reader gets all of it at once instead of after
+/// the acknowledgement deadline.
+async fn let_go(
+    bus: &NatsBus,
+    config: &ConsumerConfig,
+    mut held: Vec<Delivery>,
+    pulled: Option<consumer::pull::Batch>,
+) {
+    if let Some(mut batch) = pulled {
+        let deadline = tokio::time::Instant::now() + pull_expires(config) * 2;
+        while let Ok(Some(next)) = tokio::time::timeout_at(deadline, batch.next()).await {
+            if let Ok(message) = next
+                && let Some(delivery) = bus.delivery(config, message).await
+            {
+                held.push(delivery);
+            }
+        }
+    }
+    held.sort_by_key(|delivery| delivery.seq);
+    for delivery in held {
+        let _ = delivery.nack(Duration::ZERO).await;
     }
 }
 
@@ -749,9 +826,10 @@ impl Acker for NatsAck {
 
     fn nack(self: Box<Self>, retry_after: Duration) -> BoxFuture<'static, Result<(), BusError>> {
         let delay = Some(retry_after).filter(|after| !after.is_zero());
+        // Confirmed, so that it is back on the consumer before another reader pulls.
         async move {
             self.acker
-                .ack_with(jetstream::AckKind::Nak(delay))
+                .double_ack_with(jetstream::AckKind::Nak(delay))
                 .await
                 .map_err(unavailable)
         }
@@ -782,7 +860,7 @@ impl Acker for NatsAck {
                 .dead_letter(&self.group, &message, &error, attempts)
                 .await?;
             self.acker
-                .ack_with(jetstream::AckKind::Term)
+                .double_ack_with(jetstream::AckKind::Term)
                 .await
                 .map_err(unavailable)
         }

@@ -255,9 +255,19 @@ async fn read_partition(
                     };
                     let delivery = track(delivery, &count);
                     tokio::select! {
-                        sent = deliveries.send(delivery) => if sent.is_err() { break },
-                        // Dropped unsent: delivered again to whoever reads the partition next.
-                        _ = stop.changed() => break,
+                        permit = deliveries.reserve() => match permit {
+                            Ok(permit) => permit.send(delivery),
+                            Err(_) => {
+                                let _ = delivery.nack(Duration::ZERO).await;
+                                break;
+                            }
+                        },
+                        // Not handed over: let go at once for whoever reads the partition next,
+                        // ahead of what came after it.
+                        _ = stop.changed() => {
+                            let _ = delivery.nack(Duration::ZERO).await;
+                            break;
+                        }
                     }
                 }
             }

@@ -561,6 +561,124 @@ async fn competing_consumers_of_one_group_handle_each_message_once_in_key_order(
     h.finish().await;
 }
 
+/// Records what it handled, slowly, so a process that leaves still has work in hand.
+struct Slow(Seen, &'static str);
+
+impl Handler for Slow {
+    fn handle<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<(), HandlerError>> {
+        async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let message = &delivery.message;
+            eprintln!(
+                "DBG {} {} {} d={} seq={}",
+                self.1,
+                message.key,
+                message.id.rsplit('-').next().unwrap(),
+                delivery.delivered,
+                delivery.seq
+            );
+            self.0
+                .lock()
+                .await
+                .push((message.key.clone(), message.id.clone(), self.1));
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+/// A second process joins a group while messages flow, then the first leaves while they still
+/// flow: the group's work moves between them, and no key's messages are ever handled out of the
+/// order they were published (a repeat, which an inbox absorbs, is allowed; a gap is not).
+async fn processes_joining_and_leaving_a_busy_group_keep_each_keys_order(h: Harness) {
+    let seen: Seen = Arc::default();
+    let config = fast("g", &["order.created"]);
+    let first = Running::start(
+        &h.bus,
+        &h.dead,
+        config.clone(),
+        Arc::new(Slow(seen.clone(), "first")),
+    )
+    .await;
+    h.other.declare_group(&config).await.unwrap();
+    let publishing = Arc::new(AtomicBool::new(true));
+    let publisher = {
+        let (bus, publishing) = (h.bus.clone(), publishing.clone());
+        tokio::spawn(async move {
+            let mut published = Vec::new();
+            let mut round = 0;
+            while publishing.load(Ordering::SeqCst) {
+                let batch: Vec<Message> = (0..4)
+                    .map(|i| {
+                        message(
+                            round * 4 + i,
+                            "order.created",
+                            &format!("k{}", (round + i) % 12),
+                        )
+                    })
+                    .collect();
+                bus.publish(&batch).await.unwrap();
+                published.extend(batch);
+                round += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            published
+        })
+    };
+    let handled_by = async |who: &'static str| {
+        wait_until(who, DEADLINE * 3, async || {
+            seen.lock().await.iter().any(|(_, _, by)| *by == who)
+        })
+        .await;
+    };
+    handled_by("first").await;
+    let second = Running::start(
+        &h.other,
+        &h.dead,
+        config,
+        Arc::new(Slow(seen.clone(), "second")),
+    )
+    .await;
+    handled_by("second").await;
+    first.stop().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    publishing.store(false, Ordering::SeqCst);
+    let published = publisher.await.unwrap();
+    let expected = published_by_key(&published);
+    wait_until("every message handled", DEADLINE * 3, async || {
+        let seen = seen.lock().await;
+        let ids: std::collections::HashSet<&String> = seen.iter().map(|(_, id, _)| id).collect();
+        published.iter().all(|m| ids.contains(&m.id))
+    })
+    .await;
+    let seen = seen.lock().await.clone();
+    // Each key's first handlings, in the order they happened.
+    let mut firsts: HashMap<String, Vec<String>> = HashMap::new();
+    let mut handled = std::collections::HashSet::new();
+    for (key, id, _) in &seen {
+        if handled.insert(id.clone()) {
+            firsts.entry(key.clone()).or_default().push(id.clone());
+        }
+    }
+    for (key, ids) in &expected {
+        assert_eq!(
+            firsts.get(key),
+            Some(ids),
+            "key {key} handled in publish order (handled by: {:?})",
+            seen.iter()
+                .filter(|(k, _, _)| k == key)
+                .map(|(_, id, by)| (id.rsplit('-').next().unwrap_or_default(), *by))
+                .collect::<Vec<_>>()
+        );
+    }
+    assert!(
+        seen.iter().any(|(_, _, by)| *by == "second"),
+        "the second process took work over"
+    );
+    second.stop().await;
+    h.finish().await;
+}
+
 async fn a_failing_handler_gets_the_message_again_until_it_succeeds(h: Harness) {
     let handler = Recorder::new(2);
     let group = Running::start(
@@ -786,6 +904,14 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn competing_consumers_of_one_group_handle_each_message_once_in_key_order() {
                 super::competing_consumers_of_one_group_handle_each_message_once_in_key_order(
+                    harness().await,
+                )
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn processes_joining_and_leaving_a_busy_group_keep_each_keys_order() {
+                super::processes_joining_and_leaving_a_busy_group_keep_each_keys_order(
                     harness().await,
                 )
                 .await;

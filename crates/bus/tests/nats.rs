@@ -10,6 +10,7 @@ use async_nats::jetstream;
 use bus::consumer::ConsumerConfig;
 use bus::nats::{NatsBus, NatsConfig};
 use bus::{GroupLag, Message, Publisher, Subscriber};
+use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -208,18 +209,24 @@ async fn one_subscription_of_a_group_receives_while_another_stands_by_and_takes_
     // Longer than the lease's renewal period: the active one keeps it.
     assert_quiet(&mut standby, Duration::from_millis(1500)).await;
 
-    drop(active);
-    // The dropped subscription gives its lease back.
     let leases = setup
         .jetstream
         .get_key_value(format!("{}_leases", setup.stream_prefix))
         .await
         .unwrap();
-    let deadline = Instant::now() + PATIENCE;
-    while leases.get("shared").await.unwrap().is_some() {
-        assert!(Instant::now() < deadline, "the lease was never released");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut changes = leases.watch("shared").await.unwrap();
+    drop(active);
+    // The dropped subscription gives its lease back (deletes it; one that ran out would vanish
+    // without a delete), and the standby may take it at once after that.
+    let released = tokio::time::timeout(PATIENCE, async {
+        while let Some(change) = changes.next().await {
+            if change.unwrap().operation == jetstream::kv::Operation::Delete {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(released.is_ok(), "the lease was never released");
     setup
         .bus
         .publish(&[message("b1", "order.created", "k")])

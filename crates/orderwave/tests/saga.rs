@@ -59,6 +59,8 @@ async fn history_steps(app: &TestApp, id: &str) -> Vec<String> {
         .collect()
 }
 
+/// The order's payment, or `Null` while the payment service has not recorded it yet (an order
+/// the inventory rejects can be cancelled before then). Never more than one.
 async fn payment_of(app: &TestApp, order_id: &str) -> Value {
     let page: Value = app
         .get(&format!("/api/v1/payments?orderId={order_id}"))
@@ -67,8 +69,8 @@ async fn payment_of(app: &TestApp, order_id: &str) -> Value {
         .await
         .unwrap();
     let items = page["items"].as_array().unwrap();
-    assert_eq!(items.len(), 1, "one payment per order");
-    items[0].clone()
+    assert!(items.len() <= 1, "one payment per order: {items:?}");
+    items.first().cloned().unwrap_or(Value::Null)
 }
 
 async fn stock(app: &TestApp, sku: &str) -> Value {
