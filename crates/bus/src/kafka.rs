@@ -111,6 +111,19 @@ fn client_config(brokers: &str) -> ClientConfig {
     config
 }
 
+/// The headers every record of a bus message carries: its id and its bus topic.
+fn message_headers(message: &Message) -> OwnedHeaders {
+    OwnedHeaders::new()
+        .insert(Header {
+            key: ID_HEADER,
+            value: Some(message.id.as_str()),
+        })
+        .insert(Header {
+            key: TOPIC_HEADER,
+            value: Some(message.topic.as_str()),
+        })
+}
+
 impl KafkaBus {
     /// Connects to the cluster at `brokers` (`host:port,host:port`) and checks that it answers.
     pub async fn connect(brokers: &str, config: KafkaConfig) -> Result<KafkaBus, BusError> {
@@ -208,15 +221,7 @@ impl KafkaBus {
             .key(message.key.as_str())
             .payload(message.payload.as_str())
             .headers(
-                OwnedHeaders::new()
-                    .insert(Header {
-                        key: ID_HEADER,
-                        value: Some(message.id.as_str()),
-                    })
-                    .insert(Header {
-                        key: TOPIC_HEADER,
-                        value: Some(message.topic.as_str()),
-                    })
+                message_headers(message)
                     .insert(Header {
                         key: ERROR_HEADER,
                         value: Some(error),
@@ -294,17 +299,7 @@ impl KafkaBus {
             let mut record = FutureRecord::to(topic)
                 .key(message.key.as_str())
                 .payload(message.payload.as_str())
-                .headers(
-                    OwnedHeaders::new()
-                        .insert(Header {
-                            key: ID_HEADER,
-                            value: Some(message.id.as_str()),
-                        })
-                        .insert(Header {
-                            key: TOPIC_HEADER,
-                            value: Some(message.topic.as_str()),
-                        }),
-                );
+                .headers(message_headers(message));
             loop {
                 match self.inner.producer.send_result(record) {
                     Ok(delivery) => {

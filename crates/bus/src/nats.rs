@@ -155,22 +155,24 @@ impl NatsBus {
         format!("{}.>", self.config.subject_prefix)
     }
 
-    /// One stream holds every topic, so a group gets one order's events in publish order across
-    /// topics (payment needs `order.created` before `inventory.reserved`).
-    fn stream_name(&self) -> String {
-        format!("{}_{STREAM}", self.config.stream_prefix)
+    /// Creates the stream unless this bus already saw it; returns its name. One stream holds
+    /// every topic, so a group gets one order's events in publish order across topics (payment
+    /// needs `order.created` before `inventory.reserved`).
+    async fn ensure_stream(&self) -> Result<String, BusError> {
+        self.ensure(STREAM, self.stream_filter()).await
     }
 
-    /// Creates the stream unless this bus already saw it; returns its name.
-    async fn ensure_stream(&self) -> Result<String, BusError> {
-        let name = self.stream_name();
-        if self.known_streams().contains(STREAM) {
+    /// Creates the stream `{stream_prefix}_{kind}` over `subjects` unless this bus already saw
+    /// it; returns its name.
+    async fn ensure(&self, kind: &'static str, subjects: String) -> Result<String, BusError> {
+        let name = format!("{}_{kind}", self.config.stream_prefix);
+        if self.known_streams().contains(kind) {
             return Ok(name);
         }
         self.jetstream
             .get_or_create_stream(stream::Config {
                 name: name.clone(),
-                subjects: vec![self.stream_filter()],
+                subjects: vec![subjects],
                 storage: stream::StorageType::File,
                 num_replicas: self.config.replicas,
                 max_age: self.config.max_age,
@@ -179,7 +181,7 @@ impl NatsBus {
             })
             .await
             .map_err(|error| BusError::Unavailable(format!("stream {name}: {error}")))?;
-        self.known_streams().insert(STREAM.to_string());
+        self.known_streams().insert(kind.to_string());
         Ok(name)
     }
 
@@ -197,22 +199,8 @@ impl NatsBus {
         error: &str,
         attempts: u32,
     ) -> Result<(), BusError> {
-        if !self.known_streams().contains(DEAD) {
-            let name = format!("{}_{DEAD}", self.config.stream_prefix);
-            self.jetstream
-                .get_or_create_stream(stream::Config {
-                    name: name.clone(),
-                    subjects: vec![format!("{}_dead.>", self.config.subject_prefix)],
-                    storage: stream::StorageType::File,
-                    num_replicas: self.config.replicas,
-                    max_age: self.config.max_age,
-                    duplicate_window: self.config.duplicate_window,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|error| BusError::Unavailable(format!("stream {name}: {error}")))?;
-            self.known_streams().insert(DEAD.to_string());
-        }
+        self.ensure(DEAD, format!("{}_dead.>", self.config.subject_prefix))
+            .await?;
         // Header values are one line.
         let error: String = error
             .chars()

@@ -65,6 +65,18 @@ impl Rabbit {
 
     /// Deletes the groups' queues and dead queues, the families' exchanges and the dead-letter
     /// exchange.
+    /// Subscribes the group `billing` to `order.created` and publishes one message to it.
+    async fn billing_with_one_order(&self) -> (Subscription, Message) {
+        let subscription = self
+            .bus
+            .subscribe(&config("billing", &["order.created"]))
+            .await
+            .unwrap();
+        let sent = message("order.created", "o-1");
+        self.bus.publish(std::slice::from_ref(&sent)).await.unwrap();
+        (subscription, sent)
+    }
+
     async fn clean_up(&self, groups: &[&str], families: &[&str]) {
         let channel = self.channel().await;
         for group in groups {
@@ -223,17 +235,7 @@ async fn two_groups_each_get_every_message() {
 #[tokio::test]
 async fn a_delivery_let_go_comes_again_with_delivered_two() {
     let rabbit = Rabbit::new().await;
-    let mut subscription = rabbit
-        .bus
-        .subscribe(&config("billing", &["order.created"]))
-        .await
-        .unwrap();
-    let sent = message("order.created", "o-1");
-    rabbit
-        .bus
-        .publish(std::slice::from_ref(&sent))
-        .await
-        .unwrap();
+    let (mut subscription, sent) = rabbit.billing_with_one_order().await;
 
     let first = next(&mut subscription).await;
     assert_eq!(first.delivered, 1);
@@ -345,17 +347,7 @@ async fn a_topic_the_group_did_not_bind_is_not_delivered() {
 #[tokio::test]
 async fn a_message_let_go_past_the_delivery_limit_lands_in_the_group_dead_queue() {
     let rabbit = Rabbit::with_delivery_limit(2).await;
-    let mut subscription = rabbit
-        .bus
-        .subscribe(&config("billing", &["order.created"]))
-        .await
-        .unwrap();
-    let sent = message("order.created", "o-1");
-    rabbit
-        .bus
-        .publish(std::slice::from_ref(&sent))
-        .await
-        .unwrap();
+    let (mut subscription, sent) = rabbit.billing_with_one_order().await;
 
     // Delivered once and twice more (the limit counts redeliveries), then given up on.
     for delivered in 1..=3 {
@@ -385,17 +377,7 @@ async fn a_message_let_go_past_the_delivery_limit_lands_in_the_group_dead_queue(
 #[tokio::test]
 async fn a_delivery_given_up_on_is_rejected_into_the_group_dead_queue_at_once() {
     let rabbit = Rabbit::new().await;
-    let mut subscription = rabbit
-        .bus
-        .subscribe(&config("billing", &["order.created"]))
-        .await
-        .unwrap();
-    let sent = message("order.created", "o-1");
-    rabbit
-        .bus
-        .publish(std::slice::from_ref(&sent))
-        .await
-        .unwrap();
+    let (mut subscription, sent) = rabbit.billing_with_one_order().await;
     let delivery = next(&mut subscription).await;
     assert_eq!(delivery.delivered, 1);
     delivery.give_up("cannot digest it", 5).await.unwrap();
