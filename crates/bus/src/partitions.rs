@@ -47,6 +47,7 @@ pub(crate) fn fnv1a(text: &str) -> u64 {
 
 /// The topic of `{partition}.{topic}`, the form brokers route by (a name without the
 /// partition passes as it is).
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
 pub(crate) fn without_partition(routed: &str) -> &str {
     match routed.split_once('.') {
         Some((partition, topic)) if partition.bytes().all(|b| b.is_ascii_digit()) => topic,

@@ -19,6 +19,8 @@ use metrics_handle::PrometheusHandle;
 use notification_service::NotificationService;
 use order_service::OrderService;
 use order_service::customers::{CustomerChecker, CustomerDirectory, HttpCustomerDirectory};
+use order_service::shared_cache::SharedCache;
+use order_service::store::OrderCache;
 use payment_service::PaymentService;
 use payment_service::provider::{HttpProvider, PaymentProvider, Simulator};
 use std::future::Future;
@@ -374,9 +376,14 @@ impl Application {
             ),
             None => Arc::new(InProcessCustomers(customers.store.clone())),
         };
+        let order_cache = order_cache(config, &policies)?;
+        let cache_breaker = match &order_cache {
+            OrderCache::Shared(shared) => Some(shared.policy()),
+            _ => None,
+        };
         let orders = OrderService::start(
             dbs.orders.clone(),
-            config.order_cache_mib * 1024 * 1024,
+            order_cache,
             CustomerChecker::new(
                 directory,
                 policies.for_dependency("customer-service", CustomerChecker::default_policy()),
@@ -513,6 +520,7 @@ impl Application {
                 .cloned()
                 .chain([orders.customers.policy()])
                 .chain(provider_breaker)
+                .chain(cache_breaker)
                 .collect(),
         };
         let first_admin_token = match (&keys.signer, keys.created_secret) {
@@ -767,11 +775,35 @@ fn service_token(
 }
 
 /// The dependencies whose policy `--dependency-policy` may change.
-const DEPENDENCIES: [&str; 4] = [
+/// Where the order service caches orders: Redis with `--cache`, else in the process.
+fn order_cache(
+    config: &Config,
+    policies: &http_kit::resilience::PolicyOverrides,
+) -> anyhow::Result<OrderCache> {
+    Ok(match &config.cache {
+        Some(url) => OrderCache::Shared(
+            SharedCache::new(
+                url,
+                &config.cache_prefix,
+                Duration::from_secs(config.cache_ttl_secs.max(1)),
+                policies.for_dependency(
+                    order_service::shared_cache::DEPENDENCY,
+                    SharedCache::default_policy(),
+                ),
+            )
+            .map_err(anyhow::Error::msg)
+            .context("--cache")?,
+        ),
+        None => OrderCache::Local(config.order_cache_mib * 1024 * 1024),
+    })
+}
+
+const DEPENDENCIES: [&str; 5] = [
     "customer-service",
     "payment-provider",
     "notification-email",
     "notification-sms",
+    order_service::shared_cache::DEPENDENCY,
 ];
 
 /// The payment provider, and the breaker of a remote one. The embedded simulator is no

@@ -301,6 +301,19 @@ pub struct Config {
     #[arg(long, env = "ORDERWAVE_ORDER_CACHE_MIB", default_value_t = 4)]
     pub order_cache_mib: u64,
 
+    /// Caches orders in this Redis (`redis://HOST:PORT/DB`) instead of in the process, shared by
+    /// every order-service process; with Redis down, orders are read from the database.
+    #[arg(long, env = "ORDERWAVE_CACHE")]
+    pub cache: Option<String>,
+
+    /// Keys in the Redis cache start with this and a colon.
+    #[arg(long, env = "ORDERWAVE_CACHE_PREFIX", default_value = "orderwave")]
+    pub cache_prefix: String,
+
+    /// Seconds an order stays in the Redis cache after it was last written.
+    #[arg(long, env = "ORDERWAVE_CACHE_TTL_SECS", default_value_t = 600)]
+    pub cache_ttl_secs: u64,
+
     /// Seconds a request may take before it is answered 503.
     #[arg(long, env = "ORDERWAVE_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
@@ -462,6 +475,9 @@ impl Config {
             log_format: LogFormat::Pretty,
             idempotency_ttl_hours: 24,
             order_cache_mib: 4,
+            cache: None,
+            cache_prefix: "orderwave".into(),
+            cache_ttl_secs: 600,
             request_timeout_secs: 30,
             payment_provider: PaymentProviderKind::Simulator,
             payment_provider_url: None,

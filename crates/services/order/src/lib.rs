@@ -3,6 +3,7 @@
 pub mod api;
 pub mod consumers;
 pub mod customers;
+pub mod shared_cache;
 pub mod store;
 pub mod view;
 
@@ -10,7 +11,7 @@ use customers::CustomerChecker;
 use std::sync::Arc;
 use std::time::Duration;
 use storage::Db;
-use store::OrderStore;
+use store::{OrderCache, OrderStore};
 use tokio::sync::watch;
 
 pub static MIGRATOR: storage::Migrator = storage::service_migrator!("./migrations");
@@ -25,16 +26,16 @@ pub struct OrderService {
 }
 
 impl OrderService {
-    /// Migrates `db` and builds the service on it, with an order cache of `cache_bytes`
-    /// (0 turns it off; it must be off when several order-service processes share a database).
+    /// Migrates `db` and builds the service on it, caching orders in `cache` (off or shared
+    /// when several order-service processes share a database).
     pub async fn start(
         db: Db,
-        cache_bytes: u64,
+        cache: OrderCache,
         customers: CustomerChecker,
     ) -> Result<Self, storage::DbError> {
         db.migrate_service(&MIGRATOR).await?;
         Ok(Self {
-            store: Arc::new(OrderStore::new(db, cache_bytes)),
+            store: Arc::new(OrderStore::new(db, cache)),
             customers,
         })
     }

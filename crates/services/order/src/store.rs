@@ -4,9 +4,9 @@
 //! handful of multi-row statements for a whole batch, and every caller is answered only after
 //! the commit that holds its write.
 //!
-//! Orders are cached in memory, keyed by id and only replaced by a newer version. The order
-//! service is the only writer of its tables, so the cache is exact for one process; a
-//! deployment with several order-service replicas must turn it off (capacity 0).
+//! Orders are cached, keyed by id and only replaced by a newer version: in memory, which is
+//! exact for one process (the order service is the only writer of its tables), or in Redis,
+//! shared by several order-service processes on one database ([`crate::shared_cache`]).
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -25,7 +25,18 @@ use storage::{Backend, Db, HeldWriter};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::shared_cache::SharedCache;
 use crate::view::OrderView;
+
+/// Where the store caches orders.
+#[derive(Clone, Debug)]
+pub enum OrderCache {
+    Off,
+    /// In this process, at most this many bytes: only for a single order-service process.
+    Local(u64),
+    /// In Redis, for every process of the order service.
+    Shared(Arc<SharedCache>),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -103,6 +114,7 @@ type Job = (Write, oneshot::Sender<Result<(), StoreError>>);
 pub struct OrderStore {
     db: Db,
     cache: Option<Cache<Uuid, Arc<Snapshot>>>,
+    shared: Option<Arc<SharedCache>>,
     writer: mpsc::Sender<Job>,
     /// Writes caused by bus messages (the saga's steps). On PostgreSQL a writer task of their
     /// own commits them without waiting for the WAL flush ([`Db::handler_writer`] says why
@@ -118,9 +130,9 @@ const SOURCE: &str = "/orderwave/order-service";
 const MAX_BATCH: usize = 128;
 
 impl OrderStore {
-    /// A store on `db` with a cache of at most `cache_bytes` of orders (0: no cache). Spawns
-    /// the writer tasks, which end once every clone of the store is dropped.
-    pub fn new(db: Db, cache_bytes: u64) -> Self {
+    /// A store on `db` caching orders in `cache`. Spawns the writer tasks, which end once every
+    /// clone of the store is dropped.
+    pub fn new(db: Db, cache: OrderCache) -> Self {
         let handoff = Handoff::default();
         let start = |writer: HeldWriter| {
             let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
@@ -131,6 +143,11 @@ impl OrderStore {
         let handler_writer = match db.backend() {
             Backend::Sqlite => writer.clone(),
             Backend::Postgres => start(db.handler_writer()),
+        };
+        let (cache_bytes, shared) = match cache {
+            OrderCache::Off => (0, None),
+            OrderCache::Local(bytes) => (bytes, None),
+            OrderCache::Shared(shared) => (0, Some(shared)),
         };
         let cache = (cache_bytes > 0).then(|| {
             Cache::builder()
@@ -145,6 +162,7 @@ impl OrderStore {
         Self {
             db,
             cache,
+            shared,
             writer,
             handler_writer,
             handoff,
@@ -160,8 +178,13 @@ impl OrderStore {
         self.handoff.clone()
     }
 
-    /// Keeps `snapshot` unless the cache already holds the same or a newer version.
-    fn remember(&self, snapshot: &Arc<Snapshot>) {
+    /// Keeps `snapshot` (whose stored form is `document`) unless the cache already holds the
+    /// same or a newer version.
+    async fn remember(&self, snapshot: &Arc<Snapshot>, document: Option<&str>) {
+        if let (Some(shared), Some(document)) = (&self.shared, document) {
+            let order = &snapshot.order;
+            shared.put(order.id, order.version, document).await;
+        }
         if let Some(cache) = &self.cache {
             let _ = cache
                 .entry(snapshot.order.id)
@@ -177,6 +200,11 @@ impl OrderStore {
         if let Some(hit) = self.cache.as_ref().and_then(|c| c.get(&id)) {
             return Ok(Some(hit));
         }
+        if let Some(shared) = &self.shared
+            && let Some(document) = shared.get(id).await
+        {
+            return Ok(Some(Snapshot::new(decode_document(&document)?)?));
+        }
         self.load(id).await
     }
 
@@ -190,8 +218,9 @@ impl OrderStore {
         let Some(row) = row else {
             return Ok(None);
         };
-        let snapshot = Snapshot::new(decode_document(&row.try_get::<String, _>(0)?)?)?;
-        self.remember(&snapshot);
+        let document = row.try_get::<String, _>(0)?;
+        let snapshot = Snapshot::new(decode_document(&document)?)?;
+        self.remember(&snapshot, Some(&document)).await;
         Ok(Some(snapshot))
     }
 
@@ -235,6 +264,7 @@ impl OrderStore {
             let mut write = prepare(id, state, events)?;
             write.cause = cause.clone();
             let order = write.order.clone();
+            let document = self.shared.is_some().then(|| write.document.clone());
             let (reply, answer) = oneshot::channel();
             let writer = if cause.is_some() {
                 &self.handler_writer
@@ -251,7 +281,7 @@ impl OrderStore {
                         metrics::counter!("orders_created_total").increment(1);
                     }
                     let snapshot = Snapshot::new(order)?;
-                    self.remember(&snapshot);
+                    self.remember(&snapshot, document.as_deref()).await;
                     return Ok(snapshot);
                 }
                 // Our state was old: read the current one (the next attempt decides on it).

@@ -14,7 +14,7 @@ use uuid::Uuid;
 async fn replaying_the_stored_events_rebuilds_the_stored_read_model(db: Db) {
     // No cache: every read below comes from the database.
     db.migrate_service(&MIGRATOR).await.unwrap();
-    let store = OrderStore::new(db, 0);
+    let store = OrderStore::new(db, order_service::store::OrderCache::Off);
     let mut runner = TestRunner::new(Config::with_cases(32));
     let sequences = proptest::collection::vec(arb_command(), 0..30);
     for _ in 0..32 {

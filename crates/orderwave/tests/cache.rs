@@ -1,0 +1,224 @@
+//! The Redis order cache (`--cache`), end to end: the platform on PostgreSQL with the real Redis
+//! on 127.0.0.1:6379, or a Redis of the test's own that it can freeze.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Backend, TestApp, eventually, free_port};
+use serde_json::{Value, json};
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+const START_REDIS: &str = "redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 \
+    --save \"\" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log";
+
+async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|error| {
+            panic!("Redis is not running at {url} ({error}); start it with `{START_REDIS}`")
+        })
+}
+
+fn unique_prefix() -> String {
+    format!("test-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// The version and the order Redis holds for `id`, if any.
+async fn cached(
+    redis: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    id: &str,
+) -> Option<(u64, Value)> {
+    let entry: Option<String> = redis::cmd("GET")
+        .arg(format!("{prefix}:order:{id}"))
+        .query_async(redis)
+        .await
+        .unwrap();
+    let (version, document) = entry?
+        .split_once(':')
+        .map(|(v, d)| (v.to_string(), d.to_string()))?;
+    Some((
+        version.parse().unwrap(),
+        serde_json::from_str(&document).unwrap(),
+    ))
+}
+
+fn version(order: &Value) -> u64 {
+    order["version"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn order_processes_sharing_a_database_and_redis_each_read_the_newest_version() {
+    let mut redis = connect(REDIS).await;
+    let prefix = unique_prefix();
+    let first = TestApp::spawn_with(Backend::Postgres, |config| {
+        config.cache = Some(REDIS.into());
+        config.cache_prefix = prefix.clone();
+    })
+    .await;
+    // A second process of the service on the same database (its relays and consumers off: the
+    // first one runs the saga).
+    let database_url = first.database_url.clone();
+    let second = TestApp::spawn_with(Backend::Postgres, |config| {
+        config.database_url = database_url;
+        config.cache = Some(REDIS.into());
+        config.cache_prefix = prefix.clone();
+        config.no_background = true;
+    })
+    .await;
+
+    let customer = first.new_customer().await;
+    let order = first.place_confirmed(&customer).await;
+    let id = order["id"].as_str().unwrap();
+    // Every change is written to Redis as it commits.
+    let (cached_version, document) = cached(&mut redis, &prefix, id)
+        .await
+        .expect("the confirmed order is in Redis");
+    assert_eq!(cached_version, version(&order));
+    assert_eq!(document["status"], "CONFIRMED");
+    assert_eq!(second.order(id).await["version"], order["version"]);
+
+    // A change through one process is what the other reads next, at once.
+    let response = second.set_status(id, json!({"status": "PROCESSING"})).await;
+    assert_eq!(response.status(), 200);
+    let read = first.order(id).await;
+    assert_eq!(read["status"], "PROCESSING");
+    assert_eq!(version(&read), version(&order) + 1);
+    assert_eq!(
+        cached(&mut redis, &prefix, id).await.map(|(v, _)| v),
+        Some(version(&read))
+    );
+
+    // Reads are served from Redis: an entry at a newer version is what both processes answer.
+    let mut newer = document.clone();
+    newer["version"] = json!(version(&read) + 5);
+    newer["status"] = json!("SHIPPED");
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}:order:{id}"))
+        .arg(format!("{}:{newer}", version(&read) + 5))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(first.order(id).await["status"], "SHIPPED");
+    assert_eq!(second.order(id).await["status"], "SHIPPED");
+
+    second.stop().await;
+    first.stop().await;
+}
+
+/// A Redis server of the test's own, so it can be frozen without touching anyone else's.
+struct PrivateRedis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl PrivateRedis {
+    fn start() -> PrivateRedis {
+        let port = free_port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!("cannot run redis-server ({error}): these tests need Debian's redis-server")
+            });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        PrivateRedis { port, child }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGSTOP freezes it (connections open, nothing answered), SIGCONT thaws it.
+    fn signal(&self, signal: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {signal} redis-server");
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn with_redis_frozen_orders_are_placed_and_read_and_no_old_version_is_read_once_it_returns() {
+    let server = PrivateRedis::start();
+    let mut redis = connect(&server.url()).await;
+    let prefix = unique_prefix();
+    let app = TestApp::spawn_with(Backend::Postgres, |config| {
+        config.cache = Some(server.url());
+        config.cache_prefix = prefix.clone();
+        config.dependency_policies = vec!["order-cache:open=3s".into()];
+    })
+    .await;
+    let customer = app.new_customer().await;
+    let order = app.place_confirmed(&customer).await;
+    let id = order["id"].as_str().unwrap();
+    assert_eq!(
+        cached(&mut redis, &prefix, id).await.map(|(v, _)| v),
+        Some(version(&order))
+    );
+
+    server.signal("-STOP");
+    // The service keeps answering: orders are placed and confirmed, the cache's writes time out
+    // until its breaker opens.
+    let during = app.place_confirmed(&customer).await;
+    assert_eq!(during["status"], "CONFIRMED");
+    eventually("the cache's breaker opens", async || {
+        app.breaker("order-cache").await == "open"
+    })
+    .await;
+    // While it is open the change is not written to Redis, which still holds the order's
+    // previous version; this process reads the database.
+    let response = app.set_status(id, json!({"status": "PROCESSING"})).await;
+    assert_eq!(response.status(), 200);
+    let changed = app.order(id).await;
+    assert_eq!(changed["status"], "PROCESSING");
+
+    server.signal("-CONT");
+    // The entry Redis kept from before is deleted (or replaced by the newest version): no
+    // process reads the order as it was before the change.
+    eventually("the old entry gone from Redis", async || {
+        cached(&mut redis, &prefix, id)
+            .await
+            .is_none_or(|(v, _)| v >= version(&changed))
+    })
+    .await;
+    eventually("the breaker closes", async || {
+        app.order(id).await;
+        app.breaker("order-cache").await == "ok"
+    })
+    .await;
+    assert_eq!(app.order(id).await["status"], "PROCESSING");
+    // Read through again, the newest version is cached.
+    eventually("the newest version cached", async || {
+        app.order(id).await;
+        cached(&mut redis, &prefix, id).await.map(|(v, _)| v) == Some(version(&changed))
+    })
+    .await;
+    app.stop().await;
+}
