@@ -43,13 +43,17 @@ pub async fn guard(
                 .extensions()
                 .get::<ConnectInfo<SocketAddr>>()
                 .map_or_else(|| "unknown".to_string(), |c| c.0.ip().to_string());
-            if let Err(limited) = gateway.limiter.check(&format!("ip:{client}"), Class::Read) {
+            if let Err(limited) = gateway
+                .limiter
+                .check(&format!("ip:{client}"), Class::Read)
+                .await
+            {
                 return limited.into_response();
             }
             return error.into_response();
         }
     };
-    let quota = match gateway.limiter.check(&caller.scope(), class) {
+    let quota = match gateway.limiter.check(&caller.scope(), class).await {
         Ok(quota) => quota,
         Err(limited) => return limited.into_response(),
     };

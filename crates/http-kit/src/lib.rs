@@ -9,6 +9,7 @@ pub mod idempotency;
 pub mod json;
 pub mod metrics;
 pub mod problem;
+pub mod redis;
 pub mod resilience;
 
 pub use auth::{Caller, Role};

@@ -512,6 +512,7 @@ impl Application {
                         .collect(),
                 ),
             ));
+        let limiter = rate_limiter(config, &policies)?;
         let readiness = Readiness {
             databases: dbs.all(),
             breakers: notifications
@@ -521,6 +522,7 @@ impl Application {
                 .chain([orders.customers.policy()])
                 .chain(provider_breaker)
                 .chain(cache_breaker)
+                .chain(limiter.policy())
                 .collect(),
         };
         let first_admin_token = match (&keys.signer, keys.created_secret) {
@@ -538,7 +540,10 @@ impl Application {
         let cors = gateway::limits::cors(&config.auth.cors_origins).map_err(anyhow::Error::msg)?;
         let router = build_router(
             config,
-            keys.verifier,
+            gateway::Gateway {
+                verifier: keys.verifier,
+                limiter,
+            },
             cors,
             api,
             Arc::new(
@@ -775,6 +780,37 @@ fn service_token(
 }
 
 /// The dependencies whose policy `--dependency-policy` may change.
+/// The gateway's rate limits, their buckets in Redis with `--redis`.
+fn rate_limiter(
+    config: &Config,
+    policies: &http_kit::resilience::PolicyOverrides,
+) -> anyhow::Result<gateway::RateLimiter> {
+    let auth = &config.auth;
+    let limiter = gateway::RateLimiter::new(
+        gateway::Limit {
+            per_second: auth.rate_limit_read,
+            burst: auth.rate_limit_read_burst,
+        },
+        gateway::Limit {
+            per_second: auth.rate_limit_write,
+            burst: auth.rate_limit_write_burst,
+        },
+    );
+    Ok(match &auth.redis {
+        Some(url) => limiter
+            .with_redis(
+                url,
+                policies.for_dependency(
+                    gateway::rate_limit::DEPENDENCY,
+                    gateway::RateLimiter::default_redis_policy(),
+                ),
+            )
+            .map_err(anyhow::Error::msg)
+            .context("--redis")?,
+        None => limiter,
+    })
+}
+
 /// Where the order service caches orders: Redis with `--cache`, else in the process.
 fn order_cache(
     config: &Config,
@@ -798,12 +834,13 @@ fn order_cache(
     })
 }
 
-const DEPENDENCIES: [&str; 5] = [
+const DEPENDENCIES: [&str; 6] = [
     "customer-service",
     "payment-provider",
     "notification-email",
     "notification-sms",
     order_service::shared_cache::DEPENDENCY,
+    gateway::rate_limit::DEPENDENCY,
 ];
 
 /// The payment provider, and the breaker of a remote one. The embedded simulator is no
@@ -853,7 +890,7 @@ async fn purge_idempotency_keys(store: IdempotencyStore) {
 
 fn build_router(
     config: &Config,
-    verifier: gateway::Verifier,
+    gateway: gateway::Gateway,
     cors: Option<tower_http::cors::CorsLayer>,
     api: OpenApiRouter,
     outboxes: crate::admin::Outboxes,
@@ -892,19 +929,7 @@ fn build_router(
     let docs = SwaggerUi::new("/docs").url("/openapi.json", openapi);
     let request_timeout = Duration::from_secs(config.request_timeout_secs.max(1));
     let auth = &config.auth;
-    let gateway = Arc::new(gateway::Gateway {
-        verifier,
-        limiter: gateway::RateLimiter::new(
-            gateway::Limit {
-                per_second: auth.rate_limit_read,
-                burst: auth.rate_limit_read_burst,
-            },
-            gateway::Limit {
-                per_second: auth.rate_limit_write,
-                burst: auth.rate_limit_write_burst,
-            },
-        ),
-    });
+    let gateway = Arc::new(gateway);
     // Per route, innermost first: idempotency (scoped by the caller the guard found), the
     // guard (token, rate limit, role), and load shedding before anything else is done.
     let router = api

@@ -145,6 +145,11 @@ pub struct AuthArgs {
     #[arg(long, env = "ORDERWAVE_RATE_LIMIT_WRITE_BURST", default_value_t = 20)]
     pub rate_limit_write_burst: u32,
 
+    /// Shares the rate limits' buckets among every process using this Redis
+    /// (`redis://HOST:PORT/DB`); while it does not answer, each process counts on its own.
+    #[arg(long, env = "ORDERWAVE_REDIS")]
+    pub redis: Option<String>,
+
     /// Requests in flight at most; more are answered 503 at once instead of queueing.
     #[arg(long, env = "ORDERWAVE_MAX_IN_FLIGHT", default_value_t = 512)]
     pub max_in_flight: usize,
@@ -173,6 +178,7 @@ impl std::fmt::Debug for AuthArgs {
             .field("jwt_audience", &self.jwt_audience)
             .field("rate_limit_read", &self.rate_limit_read)
             .field("rate_limit_write", &self.rate_limit_write)
+            .field("redis", &self.redis.is_some())
             .field("cors_origins", &self.cors_origins)
             .finish_non_exhaustive()
     }
@@ -194,6 +200,7 @@ impl Default for AuthArgs {
             rate_limit_read_burst: 100,
             rate_limit_write: 10.0,
             rate_limit_write_burst: 20,
+            redis: None,
             max_in_flight: 512,
             max_header_bytes: 16 * 1024,
             cors_origins: Vec::new(),

@@ -5,7 +5,7 @@
 //! slow, reads go straight to the database and the service keeps answering.
 
 use http_kit::resilience::{Policy, PolicyConfig};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,13 +58,8 @@ impl SharedCache {
         ttl: Duration,
         policy: PolicyConfig,
     ) -> Result<Arc<Self>, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("order cache {url:?}: {e}"))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(policy.timeout))
-            .set_response_timeout(Some(policy.timeout))
-            .set_number_of_retries(1);
-        let redis = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("order cache {url:?}: {e}"))?;
+        let redis = http_kit::redis::connect_lazy(url, policy.timeout)
+            .map_err(|e| format!("order cache: {e}"))?;
         let cache = Arc::new(Self {
             redis,
             put: redis::Script::new(PUT_IF_NEWER),

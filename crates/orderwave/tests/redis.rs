@@ -1,10 +1,13 @@
-//! The Redis order cache (`--cache`), end to end: the platform on PostgreSQL with the real Redis
-//! on 127.0.0.1:6379, or a Redis of the test's own that it can freeze.
+//! What the platform keeps in Redis, end to end: the order cache (`--cache`) on PostgreSQL and
+//! the rate limits' buckets (`--redis`), with the real Redis on 127.0.0.1:6379, or a Redis of
+//! the test's own that it can freeze.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use common::{Backend, TestApp, eventually, free_port};
+use common::{Backend, TestApp, eventually, free_port, token};
+use http_kit::Role;
+use reqwest::Method;
 use serde_json::{Value, json};
 
 const REDIS: &str = "redis://127.0.0.1:6379";
@@ -220,5 +223,81 @@ async fn with_redis_frozen_orders_are_placed_and_read_and_no_old_version_is_read
         cached(&mut redis, &prefix, id).await.map(|(v, _)| v) == Some(version(&changed))
     })
     .await;
+    app.stop().await;
+}
+
+/// A reader's GETs through `app`: the status and `RateLimit-Remaining` of each.
+async fn read(app: &TestApp, reader: &str) -> (u16, String) {
+    let response = app
+        .request_with(reader, Method::GET, "/api/v1/products")
+        .send()
+        .await
+        .unwrap();
+    let remaining = response
+        .headers()
+        .get("ratelimit-remaining")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (response.status().as_u16(), remaining)
+}
+
+fn limited_reads(config: &mut orderwave::config::Config) {
+    // 4 at once, then one every 10 s: nothing refills within the test.
+    config.auth.rate_limit_read = 0.1;
+    config.auth.rate_limit_read_burst = 4;
+}
+
+#[tokio::test]
+async fn gateway_processes_sharing_redis_share_each_callers_rate_limit() {
+    connect(REDIS).await;
+    let first = TestApp::spawn_with(Backend::Sqlite, |config| {
+        limited_reads(config);
+        config.auth.redis = Some(REDIS.into());
+    })
+    .await;
+    let second = TestApp::spawn_with(Backend::Sqlite, |config| {
+        limited_reads(config);
+        config.auth.redis = Some(REDIS.into());
+    })
+    .await;
+    let reader = token(&uuid::Uuid::now_v7().to_string(), Role::Admin);
+    let mut seen = Vec::new();
+    for app in [&first, &second, &first, &second] {
+        seen.push(read(app, &reader).await);
+    }
+    assert_eq!(
+        seen,
+        [
+            (200, "3".to_string()),
+            (200, "2".to_string()),
+            (200, "1".to_string()),
+            (200, "0".to_string())
+        ],
+        "one bucket for the caller across both processes"
+    );
+    // The fifth read is refused by either process; another caller has a bucket of its own.
+    assert_eq!(read(&first, &reader).await.0, 429);
+    assert_eq!(read(&second, &reader).await.0, 429);
+    let other = token(&uuid::Uuid::now_v7().to_string(), Role::Admin);
+    assert_eq!(read(&second, &other).await, (200, "3".to_string()));
+    assert_eq!(first.breaker("rate-limits").await, "ok");
+    second.stop().await;
+    first.stop().await;
+}
+
+#[tokio::test]
+async fn with_redis_unreachable_each_gateway_process_limits_on_its_own() {
+    // Nothing listens on port 1.
+    let app = TestApp::spawn_with(Backend::Sqlite, |config| {
+        limited_reads(config);
+        config.auth.redis = Some("redis://127.0.0.1:1".into());
+    })
+    .await;
+    let reader = token(&uuid::Uuid::now_v7().to_string(), Role::Admin);
+    for left in ["3", "2", "1", "0"] {
+        assert_eq!(read(&app, &reader).await, (200, left.to_string()));
+    }
+    assert_eq!(read(&app, &reader).await.0, 429);
+    assert_eq!(app.breaker("rate-limits").await, "open");
     app.stop().await;
 }
