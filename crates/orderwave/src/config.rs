@@ -32,6 +32,21 @@ pub enum Command {
     /// Print a bearer token signed with the configured key (the data directory's secret by
     /// default).
     Token(TokenArgs),
+    /// Exit 0 if the server at `--listen` answers its liveness check, 1 otherwise (a
+    /// container's HEALTHCHECK, where there is no curl).
+    Healthcheck(HealthcheckArgs),
+}
+
+/// `orderwave healthcheck`.
+#[derive(Debug, Clone, Args)]
+pub struct HealthcheckArgs {
+    /// The server's address (0.0.0.0 or [::] are asked on the loopback address).
+    #[arg(long, env = "ORDERWAVE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// The path asked.
+    #[arg(long, default_value = "/health/live")]
+    pub path: String,
 }
 
 /// `orderwave token`.

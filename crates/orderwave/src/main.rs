@@ -23,6 +23,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let (command, config) = match cli.command {
         Some(Command::Token(args)) => return print_token(&args),
+        Some(Command::Healthcheck(args)) => return healthcheck(&args),
         Some(Command::Serve(config)) => (Run::Serve, config),
         None => (Run::Serve, cli.serve),
         Some(Command::Migrate(config)) => (Run::Migrate, config),
@@ -71,6 +72,39 @@ fn print_token(args: &orderwave::config::TokenArgs) -> ExitCode {
         }
         Err(error) => {
             eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `orderwave healthcheck`: one HTTP/1.0 GET, success on a 2xx status line.
+fn healthcheck(args: &orderwave::config::HealthcheckArgs) -> ExitCode {
+    use std::io::{Read, Write};
+    let mut addr = args.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let timeout = std::time::Duration::from_secs(3);
+    let answer = std::net::TcpStream::connect_timeout(&addr, timeout).and_then(|mut stream| {
+        stream.set_read_timeout(Some(timeout))?;
+        write!(stream, "GET {} HTTP/1.0\r\nHost: {addr}\r\n\r\n", args.path)?;
+        let mut head = [0u8; 32];
+        let read = stream.read(&mut head)?;
+        Ok(String::from_utf8_lossy(&head[..read]).into_owned())
+    });
+    match answer {
+        Ok(head) if head.starts_with("HTTP/1.") && head.get(9..10) == Some("2") => {
+            ExitCode::SUCCESS
+        }
+        Ok(head) => {
+            eprintln!("unhealthy: {}", head.lines().next().unwrap_or_default());
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("unhealthy: {addr}: {error}");
             ExitCode::FAILURE
         }
     }

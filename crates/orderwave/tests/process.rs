@@ -508,6 +508,31 @@ fn help_explains_every_option_and_its_environment_variable() {
 }
 
 #[test]
+fn healthcheck_exits_0_while_the_server_is_live_and_1_once_it_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(dir.path(), None, &[]);
+    let listen = server.base.trim_start_matches("http://").to_string();
+    let check = || {
+        Command::new(BIN)
+            .args(["healthcheck", "--listen", &listen])
+            .env_remove("ORDERWAVE_LISTEN")
+            .output()
+            .unwrap()
+    };
+    let live = check();
+    assert!(
+        live.status.success(),
+        "{}",
+        String::from_utf8_lossy(&live.stderr)
+    );
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    let gone = check();
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("unhealthy"));
+}
+
+#[test]
 fn migrate_creates_the_databases_and_exits() {
     let dir = tempfile::tempdir().unwrap();
     let output = Command::new(BIN)
