@@ -2,6 +2,7 @@
 //! idempotency keys, ETags, cursors, request ids, metrics and health endpoints.
 
 pub mod auth;
+pub mod client;
 pub mod cursor;
 pub mod etag;
 pub mod health;

@@ -21,7 +21,8 @@ pub type Outboxes = Arc<Vec<(String, Db)>>;
 #[derive(Clone)]
 pub struct DeadLetters {
     pub bus: BusDeadLetters,
-    pub notifications: Arc<NotificationStore>,
+    /// The notification service's failed deliveries, where this process runs it.
+    pub notifications: Option<Arc<NotificationStore>>,
 }
 
 pub fn router(dead: DeadLetters, bus: Arc<dyn Bus>, outboxes: Outboxes) -> OpenApiRouter {
@@ -258,9 +259,11 @@ async fn list_dead_letters(
         letters.extend(messages.into_iter().map(DeadLetterView::from));
     }
     // A group names a consumer group's messages; deliveries have none.
-    if source.as_deref() != Some("bus") && group.is_none() {
-        let deliveries = dead
-            .notifications
+    if source.as_deref() != Some("bus")
+        && group.is_none()
+        && let Some(notifications) = &dead.notifications
+    {
+        let deliveries = notifications
             .dead(u32::try_from(limit).unwrap_or(500))
             .await
             .map_err(notification_problem)?;
@@ -291,11 +294,11 @@ async fn redrive_dead_letter(
         Err(BusError::UnknownDeadLetter(_)) => {}
         other => return other.map(|()| StatusCode::ACCEPTED).map_err(bus_problem),
     }
-    if dead
-        .notifications
-        .redrive(&id)
-        .await
-        .map_err(notification_problem)?
+    if let Some(notifications) = &dead.notifications
+        && notifications
+            .redrive(&id)
+            .await
+            .map_err(notification_problem)?
     {
         return Ok(StatusCode::ACCEPTED);
     }
@@ -319,11 +322,11 @@ async fn discard_dead_letter(
         Err(BusError::UnknownDeadLetter(_)) => {}
         other => return other.map(|()| StatusCode::NO_CONTENT).map_err(bus_problem),
     }
-    if dead
-        .notifications
-        .discard(&id)
-        .await
-        .map_err(notification_problem)?
+    if let Some(notifications) = &dead.notifications
+        && notifications
+            .discard(&id)
+            .await
+            .map_err(notification_problem)?
     {
         return Ok(StatusCode::NO_CONTENT);
     }

@@ -1,7 +1,7 @@
 //! Wiring: open the databases, build every service's router behind one middleware stack, serve
 //! until a shutdown future resolves.
 
-use crate::config::{Config, PaymentProviderKind};
+use crate::config::{Config, PaymentProviderKind, Service};
 use anyhow::Context;
 use axum::Router;
 use axum::extract::{Request, State};
@@ -80,6 +80,22 @@ struct Databases {
 }
 
 impl Databases {
+    /// The databases of the services `config` runs, and the shared ones.
+    fn of(&self, config: &Config) -> Vec<(String, Db)> {
+        let service = |name: &str| match name {
+            "orders" => Some(Service::Order),
+            "customers" => Some(Service::Customer),
+            "inventory" => Some(Service::Inventory),
+            "payments" => Some(Service::Payment),
+            "notifications" => Some(Service::Notification),
+            _ => None,
+        };
+        self.all()
+            .into_iter()
+            .filter(|(name, _)| service(name).is_none_or(|s| config.runs(s)))
+            .collect()
+    }
+
     fn all(&self) -> Vec<(String, Db)> {
         vec![
             ("orders".to_string(), self.orders.clone()),
@@ -332,9 +348,9 @@ pub struct Application {
     consumers: Vec<(ConsumerConfig, Arc<dyn Handler>)>,
     bus: Arc<dyn Bus>,
     dead_letters: bus::dead_letters::DeadLetters,
-    orders: OrderService,
-    payments: PaymentService,
-    notifications: NotificationService,
+    orders: Option<OrderService>,
+    payments: Option<PaymentService>,
+    notifications: Option<NotificationService>,
     /// An admin token, minted when this start created the signing secret.
     first_admin_token: Option<String>,
     saga_timeout: Duration,
@@ -366,57 +382,110 @@ impl Application {
         let bus = open_bus(config, &dbs.bus).await?;
         // Whatever the broker, the groups' dead letters stay in the platform's own database.
         let dead_letters = bus::dead_letters::DeadLetters::new(dbs.bus.clone());
-        let customers = CustomerService::start(dbs.customers.clone())
-            .await
-            .context("starting the customer service")?;
-        let directory: Arc<dyn CustomerDirectory> = match &config.customer_service_url {
-            Some(url) => Arc::new(
-                HttpCustomerDirectory::new(url, service_token(&keys, config))
-                    .map_err(|e| anyhow::anyhow!("customer service client: {e}"))?,
+        let runs = |service| config.runs(service);
+        let customers = match runs(Service::Customer) {
+            true => Some(
+                CustomerService::start(dbs.customers.clone())
+                    .await
+                    .context("starting the customer service")?,
             ),
-            None => Arc::new(InProcessCustomers(customers.store.clone())),
+            false => None,
+        };
+        // The customer service of another process, for the order and notification services.
+        let customer_client = || -> anyhow::Result<http_kit::client::ServiceClient> {
+            let url = config.customer_service_url.as_deref().context(
+                "--customer-service-url: the order and notification services need it when this process does not run the customer service",
+            )?;
+            http_kit::client::ServiceClient::new(url, service_token(&keys, config))
+                .map_err(|e| anyhow::anyhow!("customer service client: {e}"))
         };
         let order_cache = order_cache(config, &policies)?;
         let cache_breaker = match &order_cache {
-            OrderCache::Shared(shared) => Some(shared.policy()),
+            OrderCache::Shared(shared) if runs(Service::Order) => Some(shared.policy()),
             _ => None,
         };
-        let orders = OrderService::start(
-            dbs.orders.clone(),
-            order_cache,
-            CustomerChecker::new(
-                directory,
-                policies.for_dependency("customer-service", CustomerChecker::default_policy()),
+        let orders = match runs(Service::Order) {
+            true => {
+                let directory: Arc<dyn CustomerDirectory> =
+                    match (&config.customer_service_url, &customers) {
+                        (None, Some(customers)) => {
+                            Arc::new(InProcessCustomers(customers.store.clone()))
+                        }
+                        _ => Arc::new(HttpCustomerDirectory::from(customer_client()?)),
+                    };
+                Some(
+                    OrderService::start(
+                        dbs.orders.clone(),
+                        order_cache,
+                        CustomerChecker::new(
+                            directory,
+                            policies.for_dependency(
+                                "customer-service",
+                                CustomerChecker::default_policy(),
+                            ),
+                        ),
+                    )
+                    .await
+                    .context("starting the order service")?,
+                )
+            }
+            false => None,
+        };
+        let inventory = match runs(Service::Inventory) {
+            true => Some(
+                InventoryService::start(dbs.inventory.clone())
+                    .await
+                    .context("starting the inventory service")?,
             ),
-        )
-        .await
-        .context("starting the order service")?;
-        let inventory = InventoryService::start(dbs.inventory.clone())
-            .await
-            .context("starting the inventory service")?;
-        let (provider, provider_breaker) = payment_provider(config, &policies)?;
-        let payments = PaymentService::start(
-            dbs.payments.clone(),
-            provider,
-            Duration::from_secs(config.payment_timeout_secs.max(1)),
-        )
-        .await
-        .context("starting the payment service")?;
-        let notifications = NotificationService::start(
-            dbs.notifications.clone(),
-            Arc::new(InProcessContacts(customers.store.clone())),
-            notification_transports(config)?,
-            notification_service::worker::WorkerConfig {
-                backoff_base: Duration::from_millis(config.notification_retry_ms.max(1)),
-                breaker_open_for: Duration::from_secs(config.notification_breaker_secs.max(1)),
-                policies: policies.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .context("starting the notification service")?;
+            false => None,
+        };
+        let (payments, provider_breaker) = match runs(Service::Payment) {
+            true => {
+                let (provider, breaker) = payment_provider(config, &policies)?;
+                let payments = PaymentService::start(
+                    dbs.payments.clone(),
+                    provider,
+                    Duration::from_secs(config.payment_timeout_secs.max(1)),
+                )
+                .await
+                .context("starting the payment service")?;
+                (Some(payments), breaker)
+            }
+            false => (None, None),
+        };
+        let notifications = match runs(Service::Notification) {
+            true => {
+                let contacts: Arc<dyn notification_service::consumers::Contacts> = match &customers
+                {
+                    Some(customers) => Arc::new(InProcessContacts(customers.store.clone())),
+                    None => Arc::new(notification_service::consumers::HttpContacts(
+                        customer_client()?,
+                    )),
+                };
+                Some(
+                    NotificationService::start(
+                        dbs.notifications.clone(),
+                        contacts,
+                        notification_transports(config)?,
+                        notification_service::worker::WorkerConfig {
+                            backoff_base: Duration::from_millis(
+                                config.notification_retry_ms.max(1),
+                            ),
+                            breaker_open_for: Duration::from_secs(
+                                config.notification_breaker_secs.max(1),
+                            ),
+                            policies: policies.clone(),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .context("starting the notification service")?,
+                )
+            }
+            false => None,
+        };
         if config.demo {
-            crate::demo::seed(&inventory, &customers)
+            crate::demo::seed(inventory.as_ref(), customers.as_ref())
                 .await
                 .context("seeding the demo catalogue")?;
         }
@@ -426,17 +495,24 @@ impl Application {
             order_group,
             notification_group,
         ] = consumer_groups();
-        let mut consumers: Vec<(ConsumerConfig, Arc<dyn Handler>)> = vec![
-            (
+        let mut consumers: Vec<(ConsumerConfig, Arc<dyn Handler>)> = Vec::new();
+        if let Some(inventory) = &inventory {
+            consumers.push((
                 inventory_group,
                 Arc::new(inventory_service::consumers::InventoryHandler {
                     store: inventory.store.clone(),
                 }),
-            ),
-            (payment_group, Arc::new(payments.handler())),
-            (order_group, Arc::new(orders.handler())),
-            (notification_group, Arc::new(notifications.handler())),
-        ];
+            ));
+        }
+        if let Some(payments) = &payments {
+            consumers.push((payment_group, Arc::new(payments.handler())));
+        }
+        if let Some(orders) = &orders {
+            consumers.push((order_group, Arc::new(orders.handler())));
+        }
+        if let Some(notifications) = &notifications {
+            consumers.push((notification_group, Arc::new(notifications.handler())));
+        }
         for (consumer, _) in &mut consumers {
             consumer.deliver_twice = config.test_deliver_twice;
             // Before any relay publishes: a broker that routes on publish keeps the group's share.
@@ -451,8 +527,10 @@ impl Application {
             Duration::from_secs(config.idempotency_ttl_hours.saturating_mul(3600)),
         )
         .with_lock_timeout(Duration::from_secs(config.request_timeout_secs.max(1) + 30));
-        let outboxes = vec![
-            Outbox {
+        let mut outboxes = Vec::new();
+        let mut api = OpenApiRouter::with_openapi(ApiDoc::openapi());
+        if let Some(orders) = &orders {
+            outboxes.push(Outbox {
                 service: "order",
                 // What the saga and the compensations wait for goes at once; the milestones
                 // only notifications follow ride along with the next of those.
@@ -460,29 +538,41 @@ impl Application {
                 linger_topics: Some(&["order.confirmed", "order.delivered"]),
                 db: dbs.orders.clone(),
                 handoff: orders.store.handoff(),
-            },
-            Outbox {
+            });
+            api = api.merge(orders.router());
+        }
+        if let Some(customers) = &customers {
+            outboxes.push(Outbox {
                 service: "customer",
                 linger: Duration::ZERO,
                 linger_topics: None,
                 db: dbs.customers.clone(),
                 handoff: customers.store.handoff(),
-            },
-            Outbox {
+            });
+            api = api.merge(customers.router());
+        }
+        if let Some(inventory) = &inventory {
+            outboxes.push(Outbox {
                 service: "inventory",
                 linger: Duration::ZERO,
                 linger_topics: None,
                 db: dbs.inventory.clone(),
                 handoff: inventory.store.handoff(),
-            },
-            Outbox {
+            });
+            api = api.merge(inventory.router());
+        }
+        if let Some(payments) = &payments {
+            outboxes.push(Outbox {
                 service: "payment",
                 linger: Duration::ZERO,
                 linger_topics: None,
                 db: dbs.payments.clone(),
                 handoff: payments.store.handoff(),
-            },
-            Outbox {
+            });
+            api = api.merge(payments.router());
+        }
+        if let Some(notifications) = &notifications {
+            outboxes.push(Outbox {
                 service: "notification",
                 // Nothing in the saga waits for notification.sent and notification.failed:
                 // published a tenth of a second later, many to a statement, instead of each in
@@ -491,35 +581,29 @@ impl Application {
                 linger_topics: None,
                 db: dbs.notifications.clone(),
                 handoff: notifications.store.handoff(),
+            });
+            api = api.merge(notifications.router());
+        }
+        let api = api.merge(crate::admin::router(
+            crate::admin::DeadLetters {
+                bus: dead_letters.clone(),
+                notifications: notifications.as_ref().map(|n| n.store.clone()),
             },
-        ];
-        let api = OpenApiRouter::with_openapi(ApiDoc::openapi())
-            .merge(orders.router())
-            .merge(customers.router())
-            .merge(inventory.router())
-            .merge(payments.router())
-            .merge(notifications.router())
-            .merge(crate::admin::router(
-                crate::admin::DeadLetters {
-                    bus: dead_letters.clone(),
-                    notifications: notifications.store.clone(),
-                },
-                bus.clone(),
-                Arc::new(
-                    outboxes
-                        .iter()
-                        .map(|o| (o.service.to_string(), o.db.clone()))
-                        .collect(),
-                ),
-            ));
+            bus.clone(),
+            Arc::new(
+                outboxes
+                    .iter()
+                    .map(|o| (o.service.to_string(), o.db.clone()))
+                    .collect(),
+            ),
+        ));
         let limiter = rate_limiter(config, &policies)?;
         let readiness = Readiness {
-            databases: dbs.all(),
+            databases: dbs.of(config),
             breakers: notifications
-                .breakers
-                .values()
-                .cloned()
-                .chain([orders.customers.policy()])
+                .iter()
+                .flat_map(|n| n.breakers.values().cloned())
+                .chain(orders.as_ref().map(|o| o.customers.policy()))
                 .chain(provider_breaker)
                 .chain(cache_breaker)
                 .chain(limiter.policy())
@@ -633,18 +717,20 @@ impl Application {
                 ))
             })
             .collect();
-        let background = if self.background {
-            vec![
-                tokio::spawn(self.payments.worker(stopped.clone())),
-                tokio::spawn(self.notifications.worker(stopped.clone())),
-                tokio::spawn(
-                    self.orders
-                        .saga_deadline(self.saga_timeout, stopped.clone()),
-                ),
-            ]
-        } else {
-            Vec::new()
-        };
+        let mut background = Vec::new();
+        if self.background {
+            if let Some(payments) = &self.payments {
+                background.push(tokio::spawn(payments.worker(stopped.clone())));
+            }
+            if let Some(notifications) = &self.notifications {
+                background.push(tokio::spawn(notifications.worker(stopped.clone())));
+            }
+            if let Some(orders) = &self.orders {
+                background.push(tokio::spawn(
+                    orders.saga_deadline(self.saga_timeout, stopped.clone()),
+                ));
+            }
+        }
         // The client address keys the rate limit of requests without a valid token.
         let served = axum::serve(
             self.listener,
@@ -779,7 +865,6 @@ fn service_token(
     })
 }
 
-/// The dependencies whose policy `--dependency-policy` may change.
 /// The gateway's rate limits, their buckets in Redis with `--redis`.
 fn rate_limiter(
     config: &Config,
@@ -834,6 +919,7 @@ fn order_cache(
     })
 }
 
+/// The dependencies whose policy `--dependency-policy` may change.
 const DEPENDENCIES: [&str; 6] = [
     "customer-service",
     "payment-provider",

@@ -223,6 +223,18 @@ impl Default for AuthArgs {
     }
 }
 
+/// A service a process can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Service {
+    /// Every service (the embedded mode).
+    All,
+    Order,
+    Inventory,
+    Payment,
+    Customer,
+    Notification,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -366,8 +378,21 @@ pub struct Config {
     #[arg(long, env = "ORDERWAVE_SAGA_TIMEOUT_SECS", default_value_t = 120)]
     pub saga_timeout_secs: u64,
 
+    /// The services this process runs: all of them, or some (comma-separated), each serving
+    /// its own routes, consumers, relays and workers; the others run in other processes on
+    /// the same database and bus.
+    #[arg(
+        long,
+        env = "ORDERWAVE_SERVICES",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "all"
+    )]
+    pub services: Vec<Service>,
+
     /// Base URL of a customer service running as its own process; by default the order
-    /// service asks the customer service of this process.
+    /// service asks the customer service of this process. Needed by the order and the
+    /// notification services when this process does not run the customer service.
     #[arg(long, env = "ORDERWAVE_CUSTOMER_SERVICE_URL")]
     pub customer_service_url: Option<String>,
 
@@ -475,6 +500,13 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether this process runs `service`.
+    pub fn runs(&self, service: Service) -> bool {
+        self.services
+            .iter()
+            .any(|s| *s == Service::All || *s == service)
+    }
+
     /// `--bus-partitions`, or its default for the bus: 8 on a broker, 1 on the sql log.
     pub fn partitions(&self) -> u16 {
         let default = if self.bus == "sql" { 1 } else { 8 };
@@ -506,6 +538,7 @@ impl Config {
             payment_provider_key: None,
             payment_timeout_secs: 30,
             saga_timeout_secs: 120,
+            services: vec![Service::All],
             customer_service_url: None,
             demo: false,
             no_background: false,

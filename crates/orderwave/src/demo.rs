@@ -17,7 +17,20 @@ const PRODUCTS: [(&str, &str, &str, i64); 3] = [
     ("SKU-LAMP", "Desk lamp", "19.90", 50),
 ];
 
-pub async fn seed(inventory: &InventoryService, customers: &CustomerService) -> anyhow::Result<()> {
+pub async fn seed(
+    inventory: Option<&InventoryService>,
+    customers: Option<&CustomerService>,
+) -> anyhow::Result<()> {
+    if let Some(inventory) = inventory {
+        seed_catalogue(inventory).await?;
+    }
+    if let Some(customers) = customers {
+        seed_customer(customers).await?;
+    }
+    Ok(())
+}
+
+async fn seed_catalogue(inventory: &InventoryService) -> anyhow::Result<()> {
     for (sku, name, price, on_hand) in PRODUCTS {
         if inventory.store.get(sku).await?.is_some() {
             continue;
@@ -29,6 +42,11 @@ pub async fn seed(inventory: &InventoryService, customers: &CustomerService) -> 
             Err(e) => return Err(e).context("creating a demo product"),
         }
     }
+    tracing::info!("demo catalogue ready: SKU-CHAIR, SKU-DESK, SKU-LAMP");
+    Ok(())
+}
+
+async fn seed_customer(customers: &CustomerService) -> anyhow::Result<()> {
     if customers.store.get(DEMO_CUSTOMER).await?.is_none() {
         let contact = validate_contact(
             "Demo Customer",
@@ -46,6 +64,6 @@ pub async fn seed(inventory: &InventoryService, customers: &CustomerService) -> 
             Err(e) => return Err(e).context("creating the demo customer"),
         }
     }
-    tracing::info!(customer = %DEMO_CUSTOMER, "demo catalogue ready: SKU-CHAIR, SKU-DESK, SKU-LAMP");
+    tracing::info!(customer = %DEMO_CUSTOMER, "demo customer ready");
     Ok(())
 }

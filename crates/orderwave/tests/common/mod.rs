@@ -77,6 +77,7 @@ impl TestApp {
         config.auth.rate_limit_write = 0.0;
         tweak(&mut config);
         let broker = (config.bus != "sql").then(|| (config.bus.clone(), config.bus_prefix.clone()));
+        let stocks = config.runs(orderwave::config::Service::Inventory);
         let app = Application::build(&config).await.expect("build app");
         let base = format!("http://{}", app.local_addr());
         let (tx, rx) = oneshot::channel::<()>();
@@ -94,8 +95,10 @@ impl TestApp {
             shutdown: Some(tx),
             server: Some(server),
         };
-        for sku in ["SKU-CHAIR", "SKU-LAMP", "SKU-DESK"] {
-            app.set_stock(sku, 1_000_000).await;
+        if stocks {
+            for sku in ["SKU-CHAIR", "SKU-LAMP", "SKU-DESK"] {
+                app.set_stock(sku, 1_000_000).await;
+            }
         }
         app
     }

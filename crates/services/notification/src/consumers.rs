@@ -35,6 +35,53 @@ pub trait Contacts: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<Contact>, String>>;
 }
 
+/// Contact data asked of the customer service over HTTP (`GET /api/v1/customers/{id}`), when it
+/// runs in another process.
+#[derive(Debug)]
+pub struct HttpContacts(pub http_kit::client::ServiceClient);
+
+impl Contacts for HttpContacts {
+    fn contact<'a>(
+        &'a self,
+        customer_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Contact>, String>> {
+        Box::pin(async move {
+            if uuid::Uuid::parse_str(customer_id).is_err() {
+                return Ok(None);
+            }
+            match self
+                .0
+                .get(&format!("/api/v1/customers/{customer_id}"))
+                .await?
+            {
+                None => Ok(None),
+                Some(response) => response
+                    .json::<CustomerView>()
+                    .await
+                    .map(|view| {
+                        Some(Contact {
+                            name: view.name,
+                            email: view.email,
+                            phone: view.phone,
+                            preferences: view.notification_preferences,
+                        })
+                    })
+                    .map_err(|e| format!("the customer service's answer: {e}")),
+            }
+        })
+    }
+}
+
+/// What `GET /api/v1/customers/{id}` answers, of it what a notification needs.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CustomerView {
+    name: String,
+    email: String,
+    phone: Option<String>,
+    notification_preferences: domain::customer::NotificationPreferences,
+}
+
 pub struct NotificationHandler {
     pub store: Arc<NotificationStore>,
     pub contacts: Arc<dyn Contacts>,

@@ -4,6 +4,7 @@
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use http_kit::client::ServiceClient;
 use http_kit::resilience::{Policy, PolicyConfig};
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,55 +77,35 @@ impl std::fmt::Debug for CustomerChecker {
 
 /// The customer service over HTTP: `GET {base}/api/v1/customers/{id}` (200 known, 404 unknown),
 /// with this process's service token.
-pub struct HttpCustomerDirectory {
-    base_url: String,
-    client: reqwest::Client,
-    token: TokenSource,
-}
+pub struct HttpCustomerDirectory(ServiceClient);
 
 impl std::fmt::Debug for HttpCustomerDirectory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpCustomerDirectory")
-            .field("base_url", &self.base_url)
-            .finish_non_exhaustive()
+        f.debug_tuple("HttpCustomerDirectory")
+            .field(&self.0)
+            .finish()
     }
 }
 
-/// The bearer token to send on a call to another service, if there is one.
-pub type TokenSource = std::sync::Arc<dyn Fn() -> Option<String> + Send + Sync>;
+pub use http_kit::client::TokenSource;
+
+impl From<ServiceClient> for HttpCustomerDirectory {
+    fn from(client: ServiceClient) -> Self {
+        Self(client)
+    }
+}
 
 impl HttpCustomerDirectory {
     pub fn new(base_url: &str, token: TokenSource) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(1))
-            .build()
-            .map_err(|e| e.to_string())?;
-        Ok(Self {
-            base_url: base_url.trim_end_matches('/').to_string(),
-            client,
-            token,
-        })
+        ServiceClient::new(base_url, token).map(Self)
     }
 }
 
 impl CustomerDirectory for HttpCustomerDirectory {
     fn exists(&self, id: Uuid) -> BoxFuture<'_, Result<bool, String>> {
         async move {
-            let mut request = self
-                .client
-                .get(format!("{}/api/v1/customers/{id}", self.base_url));
-            if let Some(token) = (self.token)() {
-                request = request.bearer_auth(token);
-            }
-            let response = request
-                .send()
-                .await
-                .map_err(|e| e.without_url().to_string())?;
-            match response.status() {
-                s if s.is_success() => Ok(true),
-                reqwest::StatusCode::NOT_FOUND => Ok(false),
-                s => Err(format!("the customer service answered {s}")),
-            }
+            let found = self.0.get(&format!("/api/v1/customers/{id}")).await?;
+            Ok(found.is_some())
         }
         .boxed()
     }

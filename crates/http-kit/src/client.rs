@@ -1,0 +1,55 @@
+//! Calls from one orderwave service to another over HTTP, with the caller's service token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Gives the bearer token for the next call (minted and renewed by the binary), if any.
+pub type TokenSource = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// Another service's base URL, one connection pool, and the token to call it with.
+#[derive(Clone)]
+pub struct ServiceClient {
+    base_url: String,
+    client: reqwest::Client,
+    token: TokenSource,
+}
+
+impl std::fmt::Debug for ServiceClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceClient")
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServiceClient {
+    pub fn new(base_url: &str, token: TokenSource) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            client,
+            token,
+        })
+    }
+
+    /// GETs `path` (from `/api/...`): `Ok(None)` on 404, the response on success, `Err` for any
+    /// other answer or no answer (the caller's resilience policy decides what that means).
+    pub async fn get(&self, path: &str) -> Result<Option<reqwest::Response>, String> {
+        let mut request = self.client.get(format!("{}{path}", self.base_url));
+        if let Some(token) = (self.token)() {
+            request = request.bearer_auth(token);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| e.without_url().to_string())?;
+        match response.status() {
+            s if s.is_success() => Ok(Some(response)),
+            reqwest::StatusCode::NOT_FOUND => Ok(None),
+            s => Err(format!("{} answered {s}", self.base_url)),
+        }
+    }
+}

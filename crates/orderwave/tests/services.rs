@@ -1,0 +1,152 @@
+//! One process per service (`--services`): the order, inventory, payment, customer and
+//! notification services each in a process of its own, on one PostgreSQL database (a schema
+//! each) and NATS JetStream, the order and notification services asking the customer service
+//! over HTTP. The saga runs across them as it does in one process.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![cfg(feature = "nats")]
+
+mod common;
+
+use common::{Backend, NATS_URL, TestApp, eventually, expect_problem, paid_order_body};
+use orderwave::config::Service;
+use serde_json::{Value, json};
+
+struct Platform {
+    order: TestApp,
+    inventory: TestApp,
+    payment: TestApp,
+    customer: TestApp,
+    notification: TestApp,
+}
+
+impl Platform {
+    async fn start() -> Platform {
+        let prefix = format!("t{}", uuid::Uuid::now_v7().simple());
+        let process =
+            |service: Service, database_url: Option<String>, customers: Option<String>| {
+                let prefix = prefix.clone();
+                move |config: &mut orderwave::config::Config| {
+                    config.services = vec![service];
+                    if database_url.is_some() {
+                        config.database_url = database_url;
+                    }
+                    config.customer_service_url = customers;
+                    config.bus = NATS_URL.into();
+                    config.bus_prefix = prefix;
+                }
+            };
+        let customer =
+            TestApp::spawn_with(Backend::Postgres, process(Service::Customer, None, None)).await;
+        let db = customer.database_url.clone();
+        let url = Some(customer.base.clone());
+        let inventory = TestApp::spawn_with(
+            Backend::Postgres,
+            process(Service::Inventory, db.clone(), None),
+        )
+        .await;
+        let payment = TestApp::spawn_with(
+            Backend::Postgres,
+            process(Service::Payment, db.clone(), None),
+        )
+        .await;
+        let notification = TestApp::spawn_with(
+            Backend::Postgres,
+            process(Service::Notification, db.clone(), url.clone()),
+        )
+        .await;
+        let order = TestApp::spawn_with(Backend::Postgres, process(Service::Order, db, url)).await;
+        Platform {
+            order,
+            inventory,
+            payment,
+            customer,
+            notification,
+        }
+    }
+
+    /// Stops every process; the database and the broker's objects are the customer process's
+    /// to delete, last.
+    async fn stop(self) {
+        for mut app in [self.order, self.inventory, self.payment, self.notification] {
+            app.broker = None;
+            app.stop().await;
+        }
+        self.customer.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_saga_runs_across_one_process_per_service() {
+    let platform = Platform::start().await;
+    let customer = platform.customer.new_customer().await;
+
+    // A paid order: reserved by the inventory process, charged by the payment process,
+    // confirmed by the order process, announced by the notification process.
+    let placed = platform.order.place(&paid_order_body(&customer)).await;
+    let id = placed["id"].as_str().unwrap();
+    platform.order.wait_for_status(id, "CONFIRMED").await;
+    let payments: Value = platform
+        .payment
+        .get(&format!("/api/v1/payments?orderId={id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(payments["items"].as_array().unwrap().len(), 1);
+    assert_eq!(payments["items"][0]["status"], "SUCCEEDED");
+    let mut sent = Value::Null;
+    eventually("the confirmation sent", async || {
+        sent = platform
+            .notification
+            .get(&format!("/api/v1/notifications?orderId={id}&limit=100"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        sent["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["status"] == "SENT" && n["eventType"] == "order.confirmed")
+    })
+    .await;
+
+    // Out of stock: rejected by the inventory process, cancelled with the reason.
+    platform.inventory.set_stock("SKU-DESK", 0).await;
+    let mut body = paid_order_body(&customer);
+    body["items"] = json!([{"sku": "SKU-DESK", "quantity": 1, "unitPrice": "249.00"}]);
+    let placed = platform.order.place(&body).await;
+    let rejected = platform
+        .order
+        .wait_for_status(placed["id"].as_str().unwrap(), "CANCELLED")
+        .await;
+    assert!(
+        rejected["cancelReason"]
+            .as_str()
+            .unwrap()
+            .starts_with("out of stock: SKU-DESK")
+    );
+
+    // An unknown customer is refused by the order process, which asked the customer process.
+    let unknown = platform
+        .order
+        .post_json(
+            "/api/v1/orders",
+            &paid_order_body(&uuid::Uuid::now_v7().to_string()),
+        )
+        .await;
+    expect_problem(unknown, 422).await;
+
+    // Each process serves its own routes only.
+    expect_problem(platform.order.get("/api/v1/payments").await, 404).await;
+    expect_problem(
+        platform.payment.get(&format!("/api/v1/orders/{id}")).await,
+        404,
+    )
+    .await;
+    assert_eq!(
+        platform.inventory.get("/api/v1/products").await.status(),
+        200
+    );
+    platform.stop().await;
+}
