@@ -275,12 +275,19 @@ impl Db {
                 .connect_with(options.clone())
                 .await
                 .map_err(DbError::Connect)?;
-            setup
+            let created = setup
                 .execute(AssertSqlSafe(format!(
                     "CREATE SCHEMA IF NOT EXISTS {schema}"
                 )))
-                .await
-                .map_err(DbError::Connect)?;
+                .await;
+            match created {
+                Ok(_) => {}
+                // IF NOT EXISTS is no guard against another process creating it at the same
+                // moment (processes of a deployment start together): then it exists.
+                Err(sqlx::Error::Database(error))
+                    if matches!(error.code().as_deref(), Some("23505" | "42P06")) => {}
+                Err(error) => return Err(DbError::Connect(error)),
+            }
             setup.close().await;
         }
         let search_path = match durability {
