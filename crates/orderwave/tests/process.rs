@@ -572,9 +572,11 @@ fn a_bad_database_url_fails_with_a_clear_message() {
     assert!(stderr.contains("PostgreSQL"), "{stderr}");
 }
 
-/// Polls `GET path` until `done` holds for the JSON, 60 s at most.
+/// Polls `GET path` until `done` holds for the JSON, 120 s at most (after a kill -9 on a
+/// broker, a group's partitions wait for the dead process's leases to run out, 15 s, and on
+/// NATS for its unacknowledged messages to come back, `AckWait` 30 s).
 async fn poll_json(client: &reqwest::Client, url: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let value: Value = client.get(url).send().await.unwrap().json().await.unwrap();
         if done(&value) {
@@ -697,9 +699,18 @@ async fn kill_9_in_the_middle_of_sagas_every_saga_still_ends_on_postgres() {
 /// On PostgreSQL with `url` as the bus, under a prefix of the test's own.
 async fn kill_9_in_the_middle_of_sagas_on_broker(url: &str) {
     let prefix = format!("t{}", uuid::Uuid::now_v7().simple());
+    // A payment's deadline longer than the takeover after the crash: a declined card is
+    // declined, not timed out.
     kill_9_in_the_middle_of_sagas_on(
         Some(fresh_pg_database().await),
-        &["--bus", url, "--bus-prefix", &prefix],
+        &[
+            "--bus",
+            url,
+            "--bus-prefix",
+            &prefix,
+            "--payment-timeout-secs",
+            "150",
+        ],
     )
     .await;
     common::delete_broker_objects(url, &prefix).await;
