@@ -44,13 +44,7 @@ cargo build --release -q -p orderwave
 . bench/lib.sh
 bench_auth
 
-ORDER_BODY='{"customerId":"019ab1c2-0000-7000-8000-000000000001","currency":"USD","items":[{"sku":"SKU-CHAIR","quantity":2,"unitPrice":"49.90"},{"sku":"SKU-LAMP","quantity":1,"unitPrice":"15.05"}],"shippingAddress":{"name":"Ada Lovelace","line1":"12 Analytical Row","city":"London","postalCode":"N1 7AA","country":"GB"},"payment":{"method":"card","token":"tok_ok"}}'
-cat >"$WORK/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '$ORDER_BODY'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $ORDERWAVE_TOKEN"
-LUA
+post_lua "$WORK/post.lua"
 
 # wrk_run LABEL URL LUA: prints "req/s p50 p99 non-2xx" of one wrk run.
 wrk_run() {
@@ -69,12 +63,7 @@ one() {
   local before post get
   before=$(loadavg)
   post=$(wrk_run "$mode-post-$round" "$URL/api/v1/orders" "$WORK/post.lua")
-  curl -sf -H "$AUTH" "$URL/api/v1/orders?limit=100" | grep -o '"id":"[0-9a-f-]\{36\}"' | cut -d'"' -f4 >"$WORK/ids"
-  {
-    echo "ids = {"; sed 's/.*/"&",/' "$WORK/ids"; echo "}"
-    echo "auth = { [\"Authorization\"] = \"Bearer $ORDERWAVE_TOKEN\" }"
-    echo 'request = function() return wrk.format("GET", "/api/v1/orders/" .. ids[math.random(#ids)], auth) end'
-  } >"$WORK/get.lua"
+  get_lua "$URL" "$WORK/get.lua"
   get=$(wrk_run "$mode-get-$round" "$URL" "$WORK/get.lua")
   local hits
   hits=$(curl -sf -H "$AUTH" "$URL/metrics" | awk '/^order_cache_reads_total\{result="hit"\}/ {print $2}')

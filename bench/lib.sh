@@ -28,3 +28,26 @@ bench_auth() {
   export ORDERWAVE_TOKEN
   AUTH="Authorization: Bearer $ORDERWAVE_TOKEN"
 }
+
+# The order the load benchmarks place: the demo customer's two chairs and a lamp, paid.
+ORDER_BODY='{"customerId":"019ab1c2-0000-7000-8000-000000000001","currency":"USD","items":[{"sku":"SKU-CHAIR","quantity":2,"unitPrice":"49.90"},{"sku":"SKU-LAMP","quantity":1,"unitPrice":"15.05"}],"shippingAddress":{"name":"Ada Lovelace","line1":"12 Analytical Row","city":"London","postalCode":"N1 7AA","country":"GB"},"payment":{"method":"card","token":"tok_ok"}}'
+
+# post_lua FILE: a wrk script that places ORDER_BODY as the admin of bench_auth.
+post_lua() {
+  cat >"$1" <<LUA
+wrk.method = "POST"
+wrk.body = '$ORDER_BODY'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $ORDERWAVE_TOKEN"
+LUA
+}
+
+# get_lua URL FILE: a wrk script that reads the server's 100 newest orders, one at random each.
+get_lua() {
+  curl -sf -H "$AUTH" "$1/api/v1/orders?limit=100" | grep -o '"id":"[0-9a-f-]\{36\}"' | cut -d'"' -f4 >"$2.ids"
+  {
+    echo "ids = {"; sed 's/.*/"&",/' "$2.ids"; echo "}"
+    echo "auth = { [\"Authorization\"] = \"Bearer $ORDERWAVE_TOKEN\" }"
+    echo 'request = function() return wrk.format("GET", "/api/v1/orders/" .. ids[math.random(#ids)], auth) end'
+  } >"$2"
+}

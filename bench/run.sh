@@ -61,13 +61,7 @@ wrk_run() {
   echo "$label: $R_RPS req/s, p50 $R_P50, p99 $R_P99, non-2xx $R_NON2XX" >&2
 }
 
-ORDER_BODY='{"customerId":"019ab1c2-0000-7000-8000-000000000001","currency":"USD","items":[{"sku":"SKU-CHAIR","quantity":2,"unitPrice":"49.90"},{"sku":"SKU-LAMP","quantity":1,"unitPrice":"15.05"}],"shippingAddress":{"name":"Ada Lovelace","line1":"12 Analytical Row","city":"London","postalCode":"N1 7AA","country":"GB"},"payment":{"method":"card","token":"tok_ok"}}'
-cat >"$WORK/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '$ORDER_BODY'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $ORDERWAVE_TOKEN"
-LUA
+post_lua "$WORK/post.lua"
 
 # stock_up URL: enough chairs and lamps that no order of the run is out of stock.
 stock_up() {
@@ -144,12 +138,7 @@ bench_backend() {
   done
   eval "${name}_DRAIN=$(awk -v a="$(date +%s.%N)" -v b="$drain_start" 'BEGIN {printf "%.1f", a - b}')"
   # GET over ids of orders just placed.
-  curl -sf -H "$AUTH" "$url/api/v1/orders?limit=100" | grep -o '"id":"[0-9a-f-]\{36\}"' | cut -d'"' -f4 >"$WORK/$name.ids"
-  {
-    echo "ids = {"; sed 's/.*/"&",/' "$WORK/$name.ids"; echo "}"
-    echo "auth = { [\"Authorization\"] = \"Bearer $ORDERWAVE_TOKEN\" }"
-    echo 'request = function() return wrk.format("GET", "/api/v1/orders/" .. ids[math.random(#ids)], auth) end'
-  } >"$WORK/$name-get.lua"
+  get_lua "$url" "$WORK/$name-get.lua"
   wrk_run "$name-get" "$url" "$WORK/$name-get.lua"
   eval "${name}_GET_RPS=\$R_RPS ${name}_GET_P50=\$R_P50 ${name}_GET_P99=\$R_P99 ${name}_GET_ERR=\$R_NON2XX"
   eval "${name}_GET_LOAD=\"\$R_LOAD\""
