@@ -5,6 +5,7 @@
 pub mod jwt;
 pub mod limits;
 pub mod policy;
+pub mod proxy;
 pub mod rate_limit;
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
@@ -34,28 +35,9 @@ pub async fn guard(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let class = Class::of(request.method());
-    let caller = match gateway.verifier.authenticate(request.headers()) {
-        Ok(caller) => caller,
-        Err(error) => {
-            metrics::counter!("auth_failures_total", "reason" => error.reason()).increment(1);
-            let client = request
-                .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .map_or_else(|| "unknown".to_string(), |c| c.0.ip().to_string());
-            if let Err(limited) = gateway
-                .limiter
-                .check(&format!("ip:{client}"), Class::Read)
-                .await
-            {
-                return limited.into_response();
-            }
-            return error.into_response();
-        }
-    };
-    let quota = match gateway.limiter.check(&caller.scope(), class).await {
-        Ok(quota) => quota,
-        Err(limited) => return limited.into_response(),
+    let (caller, quota) = match admit(&gateway, &request).await {
+        Ok(admitted) => admitted,
+        Err(refused) => return refused,
     };
     let route = request
         .extensions()
@@ -75,6 +57,61 @@ pub async fn guard(
     let mut response = next.run(request).await;
     quota.write_headers(response.headers_mut());
     response
+}
+
+/// Middleware of the gateway process, in front of the services it forwards to: authenticates
+/// the bearer token and applies the caller's rate limit; the role policy and ownership are the
+/// services' to enforce, with the same token.
+pub async fn edge(State(gateway): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
+    let quota = match admit(&gateway, &request).await {
+        Ok((_, quota)) => quota,
+        Err(refused) => return refused,
+    };
+    let mut response = next.run(request).await;
+    quota.write_headers(response.headers_mut());
+    response
+}
+
+/// The caller and what is left of their quota, or the answer refusing the request: 401 for no
+/// valid token (throttled per client address), 429 past the rate limit.
+fn admit<'a>(
+    gateway: &'a Gateway,
+    request: &Request,
+) -> impl Future<Output = Result<(http_kit::Caller, rate_limit::Quota), Response>> + Send + 'a {
+    // Nothing of the request is held across an await (its body is not Sync).
+    let class = Class::of(request.method());
+    let authenticated = gateway.verifier.authenticate(request.headers());
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "unknown".to_string(), |c| c.0.ip().to_string());
+    limit(gateway, class, authenticated, client)
+}
+
+async fn limit(
+    gateway: &Gateway,
+    class: Class,
+    authenticated: Result<http_kit::Caller, AuthError>,
+    client: String,
+) -> Result<(http_kit::Caller, rate_limit::Quota), Response> {
+    let caller = match authenticated {
+        Ok(caller) => caller,
+        Err(error) => {
+            metrics::counter!("auth_failures_total", "reason" => error.reason()).increment(1);
+            if let Err(limited) = gateway
+                .limiter
+                .check(&format!("ip:{client}"), Class::Read)
+                .await
+            {
+                return Err(limited.into_response());
+            }
+            return Err(error.into_response());
+        }
+    };
+    match gateway.limiter.check(&caller.scope(), class).await {
+        Ok(quota) => Ok((caller, quota)),
+        Err(limited) => Err(limited.into_response()),
+    }
 }
 
 /// Whether a method only reads (the lenient rate class).

@@ -44,7 +44,7 @@ mod metrics_handle {
     pub use metrics_exporter_prometheus::PrometheusHandle;
 }
 
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 #[derive(OpenApi)]
 #[openapi(
@@ -70,43 +70,39 @@ struct ApiDoc;
 /// The databases of one running platform: one per service, plus idempotency records and the
 /// bus.
 struct Databases {
-    orders: Db,
-    customers: Db,
-    inventory: Db,
-    payments: Db,
-    notifications: Db,
+    orders: Option<Db>,
+    customers: Option<Db>,
+    inventory: Option<Db>,
+    payments: Option<Db>,
+    notifications: Option<Db>,
     http: Db,
     bus: Db,
 }
 
 impl Databases {
-    /// The databases of the services `config` runs, and the shared ones.
-    fn of(&self, config: &Config) -> Vec<(String, Db)> {
-        let service = |name: &str| match name {
-            "orders" => Some(Service::Order),
-            "customers" => Some(Service::Customer),
-            "inventory" => Some(Service::Inventory),
-            "payments" => Some(Service::Payment),
-            "notifications" => Some(Service::Notification),
-            _ => None,
-        };
-        self.all()
-            .into_iter()
-            .filter(|(name, _)| service(name).is_none_or(|s| config.runs(s)))
-            .collect()
-    }
-
+    /// Every database this process opened: those of its services, and the shared ones.
     fn all(&self) -> Vec<(String, Db)> {
-        vec![
-            ("orders".to_string(), self.orders.clone()),
-            ("customers".to_string(), self.customers.clone()),
-            ("inventory".to_string(), self.inventory.clone()),
-            ("payments".to_string(), self.payments.clone()),
-            ("notifications".to_string(), self.notifications.clone()),
+        [
+            ("orders", &self.orders),
+            ("customers", &self.customers),
+            ("inventory", &self.inventory),
+            ("payments", &self.payments),
+            ("notifications", &self.notifications),
+        ]
+        .into_iter()
+        .filter_map(|(name, db)| db.clone().map(|db| (name.to_string(), db)))
+        .chain([
             ("http".to_string(), self.http.clone()),
             ("bus".to_string(), self.bus.clone()),
-        ]
+        ])
+        .collect()
     }
+}
+
+/// The database of a service this process runs (opened by [`open_databases`]).
+fn opened(db: &Option<Db>) -> anyhow::Result<Db> {
+    db.clone()
+        .context("the database of a service this process does not run")
 }
 
 /// Opens one service database: `<name>.db` in the data directory, or schema `<name>` on
@@ -137,12 +133,19 @@ async fn open_with(
 
 async fn open_databases(config: &Config) -> anyhow::Result<Databases> {
     let small = config.db_max_connections.min(8);
+    // Only the databases of the services this process runs: a process per service holds no
+    // connection to the others'.
+    let service = async |service: Service, name: &str, connections: u32| match config.runs(service)
+    {
+        true => open(config, name, connections).await.map(Some),
+        false => Ok(None),
+    };
     Ok(Databases {
-        orders: open(config, "orders", config.db_max_connections).await?,
-        customers: open(config, "customers", small).await?,
-        inventory: open(config, "inventory", small).await?,
-        payments: open(config, "payments", small).await?,
-        notifications: open(config, "notifications", small).await?,
+        orders: service(Service::Order, "orders", config.db_max_connections).await?,
+        customers: service(Service::Customer, "customers", small).await?,
+        inventory: service(Service::Inventory, "inventory", small).await?,
+        payments: service(Service::Payment, "payments", small).await?,
+        notifications: service(Service::Notification, "notifications", small).await?,
         http: open(config, "http", small).await?,
         // The bus log is flushed to disk before a relay marks its messages sent, not on each
         // publish: until then they are still in the outboxes (see `Bus::sync`).
@@ -150,22 +153,25 @@ async fn open_databases(config: &Config) -> anyhow::Result<Databases> {
     })
 }
 
-/// Applies every migration (`orderwave migrate`).
+/// Applies the migrations of the services `--services` names, and the shared ones
+/// (`orderwave migrate`).
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     let dbs = open_databases(config).await?;
-    dbs.orders.migrate_service(&order_service::MIGRATOR).await?;
-    dbs.customers
-        .migrate_service(&customer_service::MIGRATOR)
-        .await?;
-    dbs.inventory
-        .migrate_service(&inventory_service::MIGRATOR)
-        .await?;
-    dbs.payments
-        .migrate_service(&payment_service::MIGRATOR)
-        .await?;
-    dbs.notifications
-        .migrate_service(&notification_service::MIGRATOR)
-        .await?;
+    if let Some(db) = &dbs.orders {
+        db.migrate_service(&order_service::MIGRATOR).await?;
+    }
+    if let Some(db) = &dbs.customers {
+        db.migrate_service(&customer_service::MIGRATOR).await?;
+    }
+    if let Some(db) = &dbs.inventory {
+        db.migrate_service(&inventory_service::MIGRATOR).await?;
+    }
+    if let Some(db) = &dbs.payments {
+        db.migrate_service(&payment_service::MIGRATOR).await?;
+    }
+    if let Some(db) = &dbs.notifications {
+        db.migrate_service(&notification_service::MIGRATOR).await?;
+    }
     dbs.http.migrate(&storage::idempotency::MIGRATOR).await?;
     dbs.bus.migrate(&bus::sql::MIGRATOR).await?;
     for (_, db) in dbs.all() {
@@ -338,7 +344,54 @@ struct Outbox {
 }
 
 /// A built platform, bound to its address, not yet serving.
-pub struct Application {
+/// What `orderwave serve` runs: some or all of the services, or the gateway in front of them.
+pub enum Application {
+    Services(Box<Platform>),
+    Gateway(Box<crate::edge::GatewayApp>),
+}
+
+impl Application {
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        if config.runs_gateway() {
+            anyhow::ensure!(
+                config.services == [Service::Gateway],
+                "--services: the gateway runs in a process of its own"
+            );
+            return Ok(Self::Gateway(Box::new(
+                crate::edge::GatewayApp::build(config).await?,
+            )));
+        }
+        Ok(Self::Services(Box::new(Platform::build(config).await?)))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        match self {
+            Self::Services(platform) => platform.local_addr(),
+            Self::Gateway(gateway) => gateway.local_addr(),
+        }
+    }
+
+    /// An admin token, minted when this start created the signing secret.
+    pub fn first_admin_token(&self) -> Option<&str> {
+        match self {
+            Self::Services(platform) => platform.first_admin_token(),
+            Self::Gateway(_) => None,
+        }
+    }
+
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        match self {
+            Self::Services(platform) => platform.run_until_stopped(shutdown).await,
+            Self::Gateway(gateway) => gateway.run_until_stopped(shutdown).await,
+        }
+    }
+}
+
+/// The services this process runs, with their HTTP API.
+pub struct Platform {
     listener: TcpListener,
     router: Router,
     addr: SocketAddr,
@@ -364,7 +417,7 @@ struct MetricsState {
     outboxes: crate::admin::Outboxes,
 }
 
-impl Application {
+impl Platform {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         let keys = crate::auth::load(&config.auth, &config.data_dir, true)
             .context("loading the token keys")?;
@@ -385,7 +438,7 @@ impl Application {
         let runs = |service| config.runs(service);
         let customers = match runs(Service::Customer) {
             true => Some(
-                CustomerService::start(dbs.customers.clone())
+                CustomerService::start(opened(&dbs.customers)?)
                     .await
                     .context("starting the customer service")?,
             ),
@@ -415,7 +468,7 @@ impl Application {
                     };
                 Some(
                     OrderService::start(
-                        dbs.orders.clone(),
+                        opened(&dbs.orders)?,
                         order_cache,
                         CustomerChecker::new(
                             directory,
@@ -433,7 +486,7 @@ impl Application {
         };
         let inventory = match runs(Service::Inventory) {
             true => Some(
-                InventoryService::start(dbs.inventory.clone())
+                InventoryService::start(opened(&dbs.inventory)?)
                     .await
                     .context("starting the inventory service")?,
             ),
@@ -443,7 +496,7 @@ impl Application {
             true => {
                 let (provider, breaker) = payment_provider(config, &policies)?;
                 let payments = PaymentService::start(
-                    dbs.payments.clone(),
+                    opened(&dbs.payments)?,
                     provider,
                     Duration::from_secs(config.payment_timeout_secs.max(1)),
                 )
@@ -464,7 +517,7 @@ impl Application {
                 };
                 Some(
                     NotificationService::start(
-                        dbs.notifications.clone(),
+                        opened(&dbs.notifications)?,
                         contacts,
                         notification_transports(config)?,
                         notification_service::worker::WorkerConfig {
@@ -536,7 +589,7 @@ impl Application {
                 // only notifications follow ride along with the next of those.
                 linger: RELAY_LINGER,
                 linger_topics: Some(&["order.confirmed", "order.delivered"]),
-                db: dbs.orders.clone(),
+                db: opened(&dbs.orders)?,
                 handoff: orders.store.handoff(),
             });
             api = api.merge(orders.router());
@@ -546,7 +599,7 @@ impl Application {
                 service: "customer",
                 linger: Duration::ZERO,
                 linger_topics: None,
-                db: dbs.customers.clone(),
+                db: opened(&dbs.customers)?,
                 handoff: customers.store.handoff(),
             });
             api = api.merge(customers.router());
@@ -556,7 +609,7 @@ impl Application {
                 service: "inventory",
                 linger: Duration::ZERO,
                 linger_topics: None,
-                db: dbs.inventory.clone(),
+                db: opened(&dbs.inventory)?,
                 handoff: inventory.store.handoff(),
             });
             api = api.merge(inventory.router());
@@ -566,7 +619,7 @@ impl Application {
                 service: "payment",
                 linger: Duration::ZERO,
                 linger_topics: None,
-                db: dbs.payments.clone(),
+                db: opened(&dbs.payments)?,
                 handoff: payments.store.handoff(),
             });
             api = api.merge(payments.router());
@@ -579,7 +632,7 @@ impl Application {
                 // a statement of its own (two per order).
                 linger: RELAY_LINGER,
                 linger_topics: None,
-                db: dbs.notifications.clone(),
+                db: opened(&dbs.notifications)?,
                 handoff: notifications.store.handoff(),
             });
             api = api.merge(notifications.router());
@@ -599,7 +652,7 @@ impl Application {
         ));
         let limiter = rate_limiter(config, &policies)?;
         let readiness = Readiness {
-            databases: dbs.of(config),
+            databases: dbs.all(),
             breakers: notifications
                 .iter()
                 .flat_map(|n| n.breakers.values().cloned())
@@ -866,7 +919,7 @@ fn service_token(
 }
 
 /// The gateway's rate limits, their buckets in Redis with `--redis`.
-fn rate_limiter(
+pub(crate) fn rate_limiter(
     config: &Config,
     policies: &http_kit::resilience::PolicyOverrides,
 ) -> anyhow::Result<gateway::RateLimiter> {
@@ -920,13 +973,18 @@ fn order_cache(
 }
 
 /// The dependencies whose policy `--dependency-policy` may change.
-const DEPENDENCIES: [&str; 6] = [
+pub(crate) const DEPENDENCIES: [&str; 11] = [
     "customer-service",
     "payment-provider",
     "notification-email",
     "notification-sms",
     order_service::shared_cache::DEPENDENCY,
     gateway::rate_limit::DEPENDENCY,
+    "upstream-order",
+    "upstream-inventory",
+    "upstream-payment",
+    "upstream-customer",
+    "upstream-notification",
 ];
 
 /// The payment provider, and the breaker of a remote one. The embedded simulator is no

@@ -233,6 +233,8 @@ pub enum Service {
     Payment,
     Customer,
     Notification,
+    /// The gateway in front of service processes (`--upstream`), in a process of its own.
+    Gateway,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -390,6 +392,13 @@ pub struct Config {
     )]
     pub services: Vec<Service>,
 
+    /// Where the gateway (`--services gateway`) sends each service's requests:
+    /// `NAME=URL`, several processes of one service joined by `|`
+    /// (`order=http://10.0.0.5:8080|http://10.0.0.6:8080`); repeatable (comma-separated in the
+    /// environment).
+    #[arg(long = "upstream", env = "ORDERWAVE_UPSTREAMS", value_delimiter = ',')]
+    pub upstreams: Vec<String>,
+
     /// Base URL of a customer service running as its own process; by default the order
     /// service asks the customer service of this process. Needed by the order and the
     /// notification services when this process does not run the customer service.
@@ -500,11 +509,16 @@ pub struct Config {
 }
 
 impl Config {
-    /// Whether this process runs `service`.
+    /// Whether this process runs `service` (the gateway only when asked for by name).
     pub fn runs(&self, service: Service) -> bool {
         self.services
             .iter()
-            .any(|s| *s == Service::All || *s == service)
+            .any(|s| *s == service || (*s == Service::All && service != Service::Gateway))
+    }
+
+    /// Whether this process is the gateway.
+    pub fn runs_gateway(&self) -> bool {
+        self.runs(Service::Gateway)
     }
 
     /// `--bus-partitions`, or its default for the bus: 8 on a broker, 1 on the sql log.
@@ -539,6 +553,7 @@ impl Config {
             payment_timeout_secs: 30,
             saga_timeout_secs: 120,
             services: vec![Service::All],
+            upstreams: Vec::new(),
             customer_service_url: None,
             demo: false,
             no_background: false,

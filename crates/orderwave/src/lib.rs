@@ -6,6 +6,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod demo;
+pub mod edge;
 pub mod openapi_security;
 pub mod telemetry;
 

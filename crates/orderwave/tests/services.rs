@@ -64,6 +64,23 @@ impl Platform {
         }
     }
 
+    /// A gateway in front of the five processes.
+    async fn gateway(&self) -> TestApp {
+        let upstreams = vec![
+            format!("order={}", self.order.base),
+            format!("inventory={}", self.inventory.base),
+            format!("payment={}", self.payment.base),
+            format!("customer={}", self.customer.base),
+            format!("notification={}", self.notification.base),
+        ];
+        TestApp::spawn_with(Backend::Sqlite, |config| {
+            config.services = vec![Service::Gateway];
+            config.upstreams = upstreams;
+            config.dependency_policies = vec!["upstream-payment:timeout=2s".into()];
+        })
+        .await
+    }
+
     /// Stops every process; the database and the broker's objects are the customer process's
     /// to delete, last.
     async fn stop(self) {
@@ -149,4 +166,85 @@ async fn the_saga_runs_across_one_process_per_service() {
         200
     );
     platform.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_routes_each_resource_to_its_service_and_a_stopped_one_is_503() {
+    let platform = Platform::start().await;
+    let gateway = platform.gateway().await;
+
+    // Everything through one address: the customer, the order, its saga, its payment.
+    let customer = gateway.new_customer().await;
+    let placed = gateway.place(&paid_order_body(&customer)).await;
+    let id = placed["id"].as_str().unwrap();
+    gateway.wait_for_status(id, "CONFIRMED").await;
+    let payments: Value = gateway
+        .get(&format!("/api/v1/payments?orderId={id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(payments["items"][0]["status"], "SUCCEEDED");
+    assert_eq!(gateway.get("/api/v1/products").await.status(), 200);
+    // The caller's token goes along: a customer sees their own order, another customer's is 404
+    // (the order service decides), and no token is 401 at the gateway.
+    let own = gateway
+        .request_with(
+            &common::token(&customer, http_kit::Role::Customer),
+            reqwest::Method::GET,
+            &format!("/api/v1/orders/{id}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 200);
+    let other = gateway
+        .request_with(
+            &common::token(&uuid::Uuid::now_v7().to_string(), http_kit::Role::Customer),
+            reqwest::Method::GET,
+            &format!("/api/v1/orders/{id}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    expect_problem(other, 404).await;
+    expect_problem(
+        gateway
+            .anonymous(reqwest::Method::GET, &format!("/api/v1/orders/{id}"))
+            .send()
+            .await
+            .unwrap(),
+        401,
+    )
+    .await;
+    expect_problem(gateway.get("/api/v1/nothing-here").await, 404).await;
+    let ready: Value = gateway.get("/health/ready").await.json().await.unwrap();
+    assert_eq!(ready["status"], "ok", "{ready}");
+
+    // The payment process stops: its resource is 503, the others go on.
+    let Platform {
+        order,
+        inventory,
+        mut payment,
+        customer: customers,
+        notification,
+    } = platform;
+    payment.broker = None;
+    payment.stop().await;
+    let refused = gateway.get(&format!("/api/v1/payments?orderId={id}")).await;
+    assert!(refused.headers().contains_key("retry-after"));
+    expect_problem(refused, 503).await;
+    assert_eq!(
+        gateway.get(&format!("/api/v1/orders/{id}")).await.status(),
+        200
+    );
+    let ready: Value = gateway.get("/health/ready").await.json().await.unwrap();
+    assert_eq!(ready["status"], "degraded", "{ready}");
+
+    gateway.stop().await;
+    for mut app in [order, inventory, notification] {
+        app.broker = None;
+        app.stop().await;
+    }
+    customers.stop().await;
 }

@@ -1,0 +1,297 @@
+//! The gateway process (`--services gateway`): `/api/v1/<resource>` forwarded to the processes
+//! of the service that owns the resource, round robin over its URLs, each attempt under a
+//! timeout, idempotent requests retried once on another URL, and a circuit breaker per service
+//! that answers 503 at once while the service is failing. The caller's token goes along
+//! unchanged, so every service still authenticates the caller and enforces what they may see.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_kit::Problem;
+use http_kit::resilience::{CallError, Policy, PolicyConfig};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// The services requests are routed to, by the first segment after `/api/v1/`.
+pub const SERVICES: [&str; 5] = ["order", "inventory", "payment", "customer", "notification"];
+
+/// The service that owns `path`, if any.
+pub fn service_of(path: &str) -> Option<&'static str> {
+    let resource = path.strip_prefix("/api/v1/")?.split('/').next()?;
+    Some(match resource {
+        "orders" => "order",
+        "products" | "inventory" => "inventory",
+        "payments" => "payment",
+        "customers" => "customer",
+        "notifications" | "notification-templates" => "notification",
+        _ => return None,
+    })
+}
+
+/// Bodies larger than this are refused (413), as the services themselves refuse them.
+const MAX_BODY: usize = 1024 * 1024;
+
+/// Headers of one hop, not forwarded.
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::UPGRADE,
+];
+
+/// The processes of one service.
+#[derive(Debug)]
+pub struct Upstream {
+    urls: Vec<String>,
+    next: AtomicUsize,
+    policy: Arc<Policy>,
+}
+
+impl Upstream {
+    fn url(&self) -> &str {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.urls[i % self.urls.len()]
+    }
+
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.clone()
+    }
+}
+
+#[derive(Debug)]
+pub struct Proxy {
+    upstreams: HashMap<&'static str, Upstream>,
+    client: reqwest::Client,
+}
+
+impl Proxy {
+    /// Upstreams from `NAME=URL[|URL...]` specs; `policy` gives each service's policy by its
+    /// breaker's name (`upstream-NAME`).
+    pub fn new(
+        specs: &[String],
+        policy: impl Fn(&'static str) -> PolicyConfig,
+    ) -> Result<Self, String> {
+        let mut upstreams = HashMap::new();
+        for spec in specs {
+            let (name, urls) = spec
+                .split_once('=')
+                .ok_or_else(|| format!("{spec:?}: write NAME=URL, several URLs joined by |"))?;
+            let name = SERVICES
+                .into_iter()
+                .find(|s| *s == name.trim())
+                .ok_or_else(|| format!("{spec:?}: NAME is one of {}", SERVICES.join(", ")))?;
+            let urls: Vec<String> = urls
+                .split('|')
+                .map(|u| u.trim().trim_end_matches('/').to_string())
+                .filter(|u| !u.is_empty())
+                .collect();
+            if urls.is_empty() {
+                return Err(format!("{spec:?}: no URL"));
+            }
+            let dependency = upstream_dependency(name);
+            upstreams.insert(
+                name,
+                Upstream {
+                    urls,
+                    next: AtomicUsize::new(0),
+                    policy: Arc::new(Policy::new(dependency, policy(dependency))),
+                },
+            );
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self { upstreams, client })
+    }
+
+    /// One attempt per call, 10 s, a breaker that opens after 5 failures for 5 s.
+    pub fn default_policy() -> PolicyConfig {
+        PolicyConfig {
+            timeout: Duration::from_secs(10),
+            attempts: 1,
+            failure_threshold: 5,
+            open_for: Duration::from_secs(5),
+            ..PolicyConfig::default()
+        }
+    }
+
+    pub fn upstreams(&self) -> impl Iterator<Item = (&'static str, &Upstream)> {
+        self.upstreams
+            .iter()
+            .map(|(name, upstream)| (*name, upstream))
+    }
+
+    /// Whether `url`'s `/health/ready` answers 200 within 2 s.
+    pub async fn ready(&self, url: &str) -> bool {
+        let asked = self
+            .client
+            .get(format!("{url}/health/ready"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await;
+        asked.is_ok_and(|response| response.status().is_success())
+    }
+}
+
+/// The breaker of the upstream `service`, in `--dependency-policy` and `/health/ready`.
+pub fn upstream_dependency(service: &'static str) -> &'static str {
+    match service {
+        "order" => "upstream-order",
+        "inventory" => "upstream-inventory",
+        "payment" => "upstream-payment",
+        "customer" => "upstream-customer",
+        _ => "upstream-notification",
+    }
+}
+
+/// Forwards the request to its service's processes and their answer back.
+pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
+    let Some(service) = service_of(request.uri().path()) else {
+        return Problem::not_found("No such resource.").into_response();
+    };
+    let Some(upstream) = proxy.upstreams.get(service) else {
+        return unavailable(service, "no process of it is configured (--upstream)");
+    };
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
+        return Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            "Request body too large",
+        )
+        .into_response();
+    };
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path().to_string(), |p| p.as_str().to_string());
+    let mut headers = parts.headers.clone();
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    // A request that changes nothing, or changes the same thing however often it is sent, may
+    // go to another process when the first does not answer.
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    );
+    let attempts = if idempotent {
+        upstream.urls.len().clamp(2, 3)
+    } else {
+        1
+    };
+    let mut last = None;
+    for _ in 0..attempts {
+        let answer = upstream
+            .policy
+            .call(|| {
+                let request = proxy
+                    .client
+                    .request(parts.method.clone(), format!("{}{target}", upstream.url()))
+                    .headers(headers.clone())
+                    .body(body.clone());
+                async move {
+                    let response = request
+                        .send()
+                        .await
+                        .map_err(|e| e.without_url().to_string())?;
+                    let status = response.status();
+                    let headers = response.headers().clone();
+                    let bytes = response
+                        .bytes()
+                        .await
+                        .map_err(|e| e.without_url().to_string())?;
+                    Ok((status, headers, bytes))
+                }
+            })
+            .await;
+        match answer {
+            Ok((status, upstream_headers, bytes)) => {
+                let mut response = Response::new(Body::from(bytes));
+                *response.status_mut() = status;
+                let headers = response.headers_mut();
+                for (name, value) in &upstream_headers {
+                    if !HOP_BY_HOP.contains(name) {
+                        headers.append(name.clone(), value.clone());
+                    }
+                }
+                return response;
+            }
+            Err(error @ CallError::Open { .. }) => {
+                return unavailable(service, &error.to_string());
+            }
+            Err(error) => last = Some(error.to_string()),
+        }
+    }
+    unavailable(service, &last.unwrap_or_default())
+}
+
+fn unavailable(service: &str, why: &str) -> Response {
+    tracing::warn!(service, why, "upstream unavailable");
+    let mut problem = Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "service-unavailable",
+        "Service unavailable",
+    )
+    .detail(format!(
+        "The {service} service cannot answer now; retry shortly."
+    ));
+    problem.retry_after = Some(1);
+    problem.into_response()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_resource_goes_to_the_service_that_owns_it() {
+        assert_eq!(service_of("/api/v1/orders"), Some("order"));
+        assert_eq!(service_of("/api/v1/orders/1/history"), Some("order"));
+        assert_eq!(service_of("/api/v1/products"), Some("inventory"));
+        assert_eq!(service_of("/api/v1/inventory/SKU-1"), Some("inventory"));
+        assert_eq!(service_of("/api/v1/payments"), Some("payment"));
+        assert_eq!(service_of("/api/v1/customers/1"), Some("customer"));
+        assert_eq!(
+            service_of("/api/v1/notification-templates/x"),
+            Some("notification")
+        );
+        assert_eq!(service_of("/api/v1/admin/outbox"), None);
+        assert_eq!(service_of("/health/ready"), None);
+    }
+
+    #[test]
+    fn upstreams_are_named_services_with_at_least_one_url() {
+        let ok = Proxy::new(&["order=http://a:1|http://b:2/".to_string()], |_| {
+            Proxy::default_policy()
+        })
+        .unwrap();
+        let order = &ok.upstreams["order"];
+        assert_eq!(order.urls, ["http://a:1", "http://b:2"]);
+        // Round robin.
+        assert_eq!(
+            [order.url(), order.url(), order.url()],
+            ["http://a:1", "http://b:2", "http://a:1"]
+        );
+        assert!(
+            Proxy::new(
+                &["billing=http://a".to_string()],
+                |_| Proxy::default_policy()
+            )
+            .is_err()
+        );
+        assert!(Proxy::new(&["order=".to_string()], |_| Proxy::default_policy()).is_err());
+        assert!(Proxy::new(&["order".to_string()], |_| Proxy::default_policy()).is_err());
+    }
+}
