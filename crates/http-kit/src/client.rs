@@ -26,6 +26,9 @@ impl ServiceClient {
     pub fn new(base_url: &str, token: TokenSource) -> Result<Self, String> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(1))
+            // A service that takes the connection and never answers fails the call, so the
+            // caller's retry (a redelivery, a resilience policy) takes over.
+            .timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Self {

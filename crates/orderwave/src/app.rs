@@ -568,10 +568,14 @@ impl Platform {
         }
         for (consumer, _) in &mut consumers {
             consumer.deliver_twice = config.test_deliver_twice;
-            // Before any relay publishes: a broker that routes on publish keeps the group's share.
-            bus.declare_group(consumer).await.with_context(|| {
-                format!("declaring consumer group {} on the bus", consumer.group)
-            })?;
+        }
+        // Every group, also those of services other processes run, before any relay publishes:
+        // a broker that routes on publish (RabbitMQ) drops what no group's queue is bound for
+        // yet, and this process may start before theirs.
+        for group in consumer_groups() {
+            bus.declare_group(&group)
+                .await
+                .with_context(|| format!("declaring consumer group {} on the bus", group.group))?;
         }
         // A key stays locked while its request may still be running: past the request
         // timeout (plus a margin) its holder is gone and a retry may take the key over.

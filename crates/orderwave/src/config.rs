@@ -162,7 +162,7 @@ pub struct AuthArgs {
 
     /// Shares the rate limits' buckets among every process using this Redis
     /// (`redis://HOST:PORT/DB`); while it does not answer, each process counts on its own.
-    #[arg(long, env = "ORDERWAVE_REDIS")]
+    #[arg(long, env = "ORDERWAVE_REDIS", hide_env_values = true)]
     pub redis: Option<String>,
 
     /// Requests in flight at most; more are answered 503 at once instead of queueing.
@@ -339,7 +339,7 @@ pub struct Config {
 
     /// Caches orders in this Redis (`redis://HOST:PORT/DB`) instead of in the process, shared by
     /// every order-service process; with Redis down, orders are read from the database.
-    #[arg(long, env = "ORDERWAVE_CACHE")]
+    #[arg(long, env = "ORDERWAVE_CACHE", hide_env_values = true)]
     pub cache: Option<String>,
 
     /// Keys in the Redis cache start with this and a colon.

@@ -91,9 +91,17 @@ fn healthcheck(args: &orderwave::config::HealthcheckArgs) -> ExitCode {
     let answer = std::net::TcpStream::connect_timeout(&addr, timeout).and_then(|mut stream| {
         stream.set_read_timeout(Some(timeout))?;
         write!(stream, "GET {} HTTP/1.0\r\nHost: {addr}\r\n\r\n", args.path)?;
-        let mut head = [0u8; 32];
-        let read = stream.read(&mut head)?;
-        Ok(String::from_utf8_lossy(&head[..read]).into_owned())
+        // The status line, however the answer is split into reads.
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 64];
+        while !head.contains(&b'\n') && head.len() < 1024 {
+            let read = stream.read(&mut chunk)?;
+            if read == 0 {
+                break;
+            }
+            head.extend_from_slice(&chunk[..read]);
+        }
+        Ok(String::from_utf8_lossy(&head).into_owned())
     });
     match answer {
         Ok(head) if head.starts_with("HTTP/1.") && head.get(9..10) == Some("2") => {

@@ -136,8 +136,9 @@ impl SharedCache {
     }
 
     /// Offers `document` at `version`: written unless Redis holds the same or a newer one. A
-    /// failed write marks the order stale until its entry is deleted.
-    pub async fn put(&self, id: Uuid, version: u64, document: &str) {
+    /// failed write of a version this process `committed` marks the order stale until its entry
+    /// is deleted (a failed read-through fill leaves nothing older than the database there).
+    pub async fn put(&self, id: Uuid, version: u64, document: &str, committed: bool) {
         let key = self.key(id);
         let ttl_ms = u64::try_from(self.ttl.as_millis())
             .unwrap_or(u64::MAX)
@@ -156,7 +157,9 @@ impl SharedCache {
                 }
             })
             .await;
-        if let Err(error) = answer {
+        if let Err(error) = answer
+            && committed
+        {
             tracing::warn!(order_id = %id, %error, "order cache write failed; the entry is deleted once Redis answers");
             if let Ok(mut stale) = self.stale.lock() {
                 stale.insert(id);
@@ -164,11 +167,13 @@ impl SharedCache {
         }
     }
 
-    /// Deletes the entries of the stale orders; those deleted are read through again.
-    async fn delete_stale(&self) {
+    /// Deletes the entries of some stale orders (those deleted are read through again); whether
+    /// it deleted any and more may be left.
+    async fn delete_stale(&self) -> bool {
+        // A few hundred at a time: one DEL stays quick however long Redis was away.
         let ids: Vec<Uuid> = match self.stale.lock() {
-            Ok(stale) if !stale.is_empty() => stale.iter().copied().collect(),
-            _ => return,
+            Ok(stale) if !stale.is_empty() => stale.iter().take(500).copied().collect(),
+            _ => return false,
         };
         let keys: Vec<String> = ids.iter().map(|id| self.key(*id)).collect();
         let deleted = self
@@ -185,13 +190,15 @@ impl SharedCache {
                 }
             })
             .await;
-        if deleted.is_ok()
-            && let Ok(mut stale) = self.stale.lock()
-        {
-            for id in ids {
-                stale.remove(&id);
+        if deleted.is_err() {
+            return false;
+        }
+        if let Ok(mut stale) = self.stale.lock() {
+            for id in &ids {
+                stale.remove(id);
             }
         }
+        true
     }
 }
 
@@ -202,6 +209,6 @@ async fn repair(cache: std::sync::Weak<SharedCache>) {
         let Some(cache) = cache.upgrade() else {
             return;
         };
-        cache.delete_stale().await;
+        while cache.delete_stale().await {}
     }
 }

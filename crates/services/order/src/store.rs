@@ -180,10 +180,14 @@ impl OrderStore {
 
     /// Keeps `snapshot` (whose stored form is `document`) unless the cache already holds the
     /// same or a newer version.
-    async fn remember(&self, snapshot: &Arc<Snapshot>, document: Option<&str>) {
+    /// `committed`: this process has just committed it (a failed write to Redis then leaves an
+    /// older entry there, which must go; a failed read-through fill leaves nothing wrong).
+    async fn remember(&self, snapshot: &Arc<Snapshot>, document: Option<&str>, committed: bool) {
         if let (Some(shared), Some(document)) = (&self.shared, document) {
             let order = &snapshot.order;
-            shared.put(order.id, order.version, document).await;
+            shared
+                .put(order.id, order.version, document, committed)
+                .await;
         }
         if let Some(cache) = &self.cache {
             let _ = cache
@@ -220,7 +224,7 @@ impl OrderStore {
         };
         let document = row.try_get::<String, _>(0)?;
         let snapshot = Snapshot::new(decode_document(&document)?)?;
-        self.remember(&snapshot, Some(&document)).await;
+        self.remember(&snapshot, Some(&document), false).await;
         Ok(Some(snapshot))
     }
 
@@ -275,13 +279,21 @@ impl OrderStore {
                 .send((write, reply))
                 .await
                 .map_err(|_| StoreError::Closed)?;
-            match answer.await.map_err(|_| StoreError::Closed)? {
-                Ok(()) => {
+            // Once sent, the write may commit whatever becomes of this caller (a client gone,
+            // a request timed out): the caches learn of the commit in a task of its own, or they
+            // would keep serving the version before it.
+            let store = self.clone();
+            let committed = tokio::spawn(async move {
+                answer.await.map_err(|_| StoreError::Closed)??;
+                let snapshot = Snapshot::new(order)?;
+                store.remember(&snapshot, document.as_deref(), true).await;
+                Ok::<_, StoreError>(snapshot)
+            });
+            match committed.await.map_err(|_| StoreError::Closed)? {
+                Ok(snapshot) => {
                     if creating {
                         metrics::counter!("orders_created_total").increment(1);
                     }
-                    let snapshot = Snapshot::new(order)?;
-                    self.remember(&snapshot, document.as_deref()).await;
                     return Ok(snapshot);
                 }
                 // Our state was old: read the current one (the next attempt decides on it).

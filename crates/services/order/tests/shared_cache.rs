@@ -41,13 +41,15 @@ async fn an_entry_is_replaced_only_by_a_newer_version_and_expires_after_its_ttl(
     let key = format!("{prefix}:order:{id}");
     assert_eq!(cache.get(id).await, None, "nothing cached yet");
 
-    cache.put(id, 2, r#"{"version":2}"#).await;
+    cache.put(id, 2, r#"{"version":2}"#, true).await;
     assert_eq!(cache.get(id).await.as_deref(), Some(r#"{"version":2}"#));
     // A slow writer or reader with an older version changes nothing; the same version neither.
-    cache.put(id, 1, r#"{"version":1}"#).await;
-    cache.put(id, 2, r#"{"version":2,"again":true}"#).await;
+    cache.put(id, 1, r#"{"version":1}"#, true).await;
+    cache
+        .put(id, 2, r#"{"version":2,"again":true}"#, true)
+        .await;
     assert_eq!(cache.get(id).await.as_deref(), Some(r#"{"version":2}"#));
-    cache.put(id, 10, r#"{"version":10}"#).await;
+    cache.put(id, 10, r#"{"version":10}"#, true).await;
     assert_eq!(
         stored(&mut redis, &key).await.as_deref(),
         Some(r#"10:{"version":10}"#)
@@ -68,7 +70,7 @@ async fn an_entry_is_replaced_only_by_a_newer_version_and_expires_after_its_ttl(
         .unwrap();
 
     let (short, _, _) = connect(Duration::from_millis(50)).await;
-    short.put(id, 1, "{}").await;
+    short.put(id, 1, "{}", true).await;
     assert_eq!(short.get(id).await.as_deref(), Some("{}"));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(short.get(id).await, None, "expired");
@@ -86,7 +88,7 @@ async fn with_redis_unreachable_reads_miss_writes_are_remembered_and_the_breaker
     .unwrap();
     let id = Uuid::now_v7();
     for _ in 0..3 {
-        cache.put(id, 1, "{}").await;
+        cache.put(id, 1, "{}", true).await;
     }
     assert_eq!(
         cache.policy().state(),
