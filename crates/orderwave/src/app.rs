@@ -696,10 +696,7 @@ impl Platform {
             idempotency.clone(),
             readiness,
         );
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
-        let addr = listener.local_addr()?;
+        let (listener, addr) = bind(config).await?;
         Ok(Self {
             listener,
             router,
@@ -1075,7 +1072,6 @@ fn build_router(
         .split_for_parts();
     openapi.merge(operations_doc);
     let docs = SwaggerUi::new("/docs").url("/openapi.json", openapi);
-    let request_timeout = Duration::from_secs(config.request_timeout_secs.max(1));
     let auth = &config.auth;
     let gateway = Arc::new(gateway);
     // Per route, innermost first: idempotency (scoped by the caller the guard found), the
@@ -1095,7 +1091,20 @@ fn build_router(
         ))
         .merge(operations)
         .merge(docs)
-        .fallback(not_found)
+        .fallback(not_found);
+    let router = outer_layers(router, config);
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// What every answer of a process passes through, innermost first: the request timeout, panic
+/// capture, problem+json for bare errors, the access log and metrics, the request id and the
+/// header size limit.
+pub(crate) fn outer_layers(router: Router, config: &Config) -> Router {
+    let request_timeout = Duration::from_secs(config.request_timeout_secs.max(1));
+    router
         // Innermost first: the timeout's 503 and a panic's 500 pass through the problem+json
         // mapping, the access log and the metrics like every other answer.
         .layer(TimeoutLayer::with_status_code(
@@ -1129,13 +1138,18 @@ fn build_router(
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(axum::middleware::from_fn_with_state(
-            gateway::limits::MaxHeaderBytes(auth.max_header_bytes),
+            gateway::limits::MaxHeaderBytes(config.auth.max_header_bytes),
             gateway::limits::limit_headers,
-        ));
-    match cors {
-        Some(cors) => router.layer(cors),
-        None => router,
-    }
+        ))
+}
+
+/// Binds `--listen`.
+pub(crate) async fn bind(config: &Config) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    Ok((listener, addr))
 }
 
 async fn not_found() -> Problem {

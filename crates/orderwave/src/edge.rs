@@ -15,7 +15,6 @@ use http_kit::health::{HealthCheck, HealthReport};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 pub struct GatewayApp {
     listener: TcpListener,
@@ -66,25 +65,9 @@ impl GatewayApp {
                 get(|| async { http_kit::metrics::handle().render() }),
             )
             // Everything else is forwarded, its path as it came.
-            .fallback_service(api)
-            .layer(axum::middleware::from_fn(
-                http_kit::problem::problem_for_errors,
-            ))
-            .layer(axum::middleware::from_fn(http_kit::metrics::access_log))
-            .layer(axum::middleware::from_fn(http_kit::metrics::track))
-            .layer(PropagateRequestIdLayer::new(crate::app::REQUEST_ID))
-            .layer(SetRequestIdLayer::new(
-                crate::app::REQUEST_ID,
-                MakeRequestUuid,
-            ))
-            .layer(axum::middleware::from_fn_with_state(
-                gateway::limits::MaxHeaderBytes(auth.max_header_bytes),
-                gateway::limits::limit_headers,
-            ));
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
-        let addr = listener.local_addr()?;
+            .fallback_service(api);
+        let router = crate::app::outer_layers(router, config);
+        let (listener, addr) = crate::app::bind(config).await?;
         Ok(Self {
             listener,
             router,
