@@ -785,14 +785,7 @@ impl Platform {
                 ));
             }
         }
-        // The client address keys the rate limit of requests without a valid token.
-        let served = axum::serve(
-            self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await;
+        let served = serve(self.listener, self.router, shutdown).await;
         // Requests are done; let the background work finish its current step.
         let _ = stop.send(true);
         for task in relays.into_iter().chain(consumers).chain(background) {
@@ -1141,6 +1134,21 @@ pub(crate) fn outer_layers(router: Router, config: &Config) -> Router {
             gateway::limits::MaxHeaderBytes(config.auth.max_header_bytes),
             gateway::limits::limit_headers,
         ))
+}
+
+/// Serves `router` until `shutdown`, then lets the requests in flight finish. The client address
+/// keys the rate limit of requests without a valid token.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 /// Binds `--listen`.

@@ -84,13 +84,7 @@ impl GatewayApp {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.addr, "orderwave gateway listening");
-        let served = axum::serve(
-            self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await;
+        let served = crate::app::serve(self.listener, self.router, shutdown).await;
         tracing::info!("orderwave gateway stopped");
         served.context("serving HTTP")
     }
