@@ -131,6 +131,43 @@ impl Proxy {
             .map(|(name, upstream)| (*name, upstream))
     }
 
+    /// One OpenAPI document for every service: each service's own (`/openapi.json` of its
+    /// first process that answers within 2 s), their paths, schemas and tags together. A
+    /// service that does not answer is named in `x-orderwave-unavailable`.
+    pub async fn openapi(&self) -> serde_json::Value {
+        let mut merged = serde_json::json!({});
+        let mut unavailable = Vec::new();
+        for service in SERVICES {
+            let Some(upstream) = self.upstreams.get(service) else {
+                continue;
+            };
+            let mut document = None;
+            for url in &upstream.urls {
+                let asked = self
+                    .client
+                    .get(format!("{url}/openapi.json"))
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await;
+                if let Ok(response) = asked
+                    && response.status().is_success()
+                    && let Ok(value) = response.json::<serde_json::Value>().await
+                {
+                    document = Some(value);
+                    break;
+                }
+            }
+            match document {
+                Some(document) => merge_openapi(&mut merged, document),
+                None => unavailable.push(service),
+            }
+        }
+        if !unavailable.is_empty() {
+            merged["x-orderwave-unavailable"] = serde_json::json!(unavailable);
+        }
+        merged
+    }
+
     /// Whether `url`'s `/health/ready` answers 200 within 2 s.
     pub async fn ready(&self, url: &str) -> bool {
         let asked = self
@@ -236,6 +273,50 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
     unavailable(service, &last.unwrap_or_default())
 }
 
+/// Adds `document`'s paths, component schemas and security schemes, and tags to `merged` (the
+/// first document gives everything else: info, servers, security).
+fn merge_openapi(merged: &mut serde_json::Value, document: serde_json::Value) {
+    if merged.as_object().is_none_or(|m| m.is_empty()) {
+        *merged = document;
+        return;
+    }
+    for pointer in [
+        "/paths",
+        "/components/schemas",
+        "/components/securitySchemes",
+    ] {
+        if let Some(serde_json::Value::Object(entries)) = document.pointer(pointer) {
+            let mut target = merged.pointer_mut(pointer);
+            if target.is_none() {
+                let (parent, key) = pointer.rsplit_once('/').unwrap_or_default();
+                if let Some(serde_json::Value::Object(parent)) = merged.pointer_mut(parent) {
+                    parent.insert(key.to_string(), serde_json::json!({}));
+                }
+                target = merged.pointer_mut(pointer);
+            }
+            if let Some(serde_json::Value::Object(target)) = target {
+                for (key, value) in entries {
+                    target.entry(key.clone()).or_insert_with(|| value.clone());
+                }
+            }
+        }
+    }
+    if let Some(serde_json::Value::Array(tags)) = document.get("tags") {
+        let known: Vec<serde_json::Value> = merged["tags"]
+            .as_array()
+            .map(|t| t.iter().map(|tag| tag["name"].clone()).collect())
+            .unwrap_or_default();
+        let new: Vec<serde_json::Value> = tags
+            .iter()
+            .filter(|tag| !known.contains(&tag["name"]))
+            .cloned()
+            .collect();
+        if let Some(all) = merged["tags"].as_array_mut() {
+            all.extend(new);
+        }
+    }
+}
+
 fn unavailable(service: &str, why: &str) -> Response {
     tracing::warn!(service, why, "upstream unavailable");
     let mut problem = Problem::new(
@@ -269,6 +350,28 @@ mod tests {
         );
         assert_eq!(service_of("/api/v1/admin/outbox"), None);
         assert_eq!(service_of("/health/ready"), None);
+    }
+
+    #[test]
+    fn openapi_documents_merge_their_paths_schemas_and_tags() {
+        let mut merged = serde_json::json!({});
+        merge_openapi(
+            &mut merged,
+            serde_json::json!({"info": {"title": "orderwave"}, "paths": {"/api/v1/orders": {}},
+                "components": {"schemas": {"Problem": {"a": 1}}}, "tags": [{"name": "orders"}]}),
+        );
+        merge_openapi(
+            &mut merged,
+            serde_json::json!({"info": {"title": "other"}, "paths": {"/api/v1/payments": {}},
+                "components": {"schemas": {"Problem": {"a": 2}, "Payment": {}}},
+                "tags": [{"name": "orders"}, {"name": "payments"}]}),
+        );
+        assert_eq!(merged["info"]["title"], "orderwave");
+        assert!(merged["paths"]["/api/v1/orders"].is_object());
+        assert!(merged["paths"]["/api/v1/payments"].is_object());
+        assert_eq!(merged["components"]["schemas"]["Problem"]["a"], 1);
+        assert!(merged["components"]["schemas"]["Payment"].is_object());
+        assert_eq!(merged["tags"].as_array().unwrap().len(), 2);
     }
 
     #[test]

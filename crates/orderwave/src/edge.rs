@@ -59,7 +59,12 @@ impl GatewayApp {
             ));
         let router = Router::new()
             .route("/health/live", get(http_kit::health::live))
-            .route("/health/ready", get(ready).with_state(proxy))
+            .route("/health/ready", get(ready).with_state(proxy.clone()))
+            .route("/openapi.json", get(openapi).with_state(proxy))
+            .merge(
+                utoipa_swagger_ui::SwaggerUi::new("/docs")
+                    .config(utoipa_swagger_ui::Config::from("/openapi.json")),
+            )
             .route(
                 "/metrics",
                 get(|| async { http_kit::metrics::handle().render() }),
@@ -88,6 +93,11 @@ impl GatewayApp {
         tracing::info!("orderwave gateway stopped");
         served.context("serving HTTP")
     }
+}
+
+/// Every service's API in one OpenAPI document, asked of the services now.
+async fn openapi(State(proxy): State<Arc<Proxy>>) -> Json<serde_json::Value> {
+    Json(proxy.openapi().await)
 }
 
 /// Ready while it listens; the report says which service processes answer their own readiness

@@ -220,6 +220,22 @@ async fn the_gateway_routes_each_resource_to_its_service_and_a_stopped_one_is_50
     expect_problem(gateway.get("/api/v1/nothing-here").await, 404).await;
     let ready: Value = gateway.get("/health/ready").await.json().await.unwrap();
     assert_eq!(ready["status"], "ok", "{ready}");
+    // One OpenAPI document of every service's routes, and Swagger UI on it.
+    let document: Value = gateway.get("/openapi.json").await.json().await.unwrap();
+    for path in [
+        "/api/v1/orders",
+        "/api/v1/products",
+        "/api/v1/payments",
+        "/api/v1/customers",
+        "/api/v1/notifications",
+    ] {
+        assert!(
+            document["paths"][path].is_object(),
+            "{path} in the gateway's OpenAPI"
+        );
+    }
+    assert!(document.get("x-orderwave-unavailable").is_none());
+    assert_eq!(gateway.get("/docs/").await.status(), 200);
 
     // The payment process stops: its resource is 503, the others go on.
     let Platform {
@@ -240,6 +256,9 @@ async fn the_gateway_routes_each_resource_to_its_service_and_a_stopped_one_is_50
     );
     let ready: Value = gateway.get("/health/ready").await.json().await.unwrap();
     assert_eq!(ready["status"], "degraded", "{ready}");
+    let document: Value = gateway.get("/openapi.json").await.json().await.unwrap();
+    assert_eq!(document["x-orderwave-unavailable"], json!(["payment"]));
+    assert!(document["paths"]["/api/v1/orders"].is_object());
 
     gateway.stop().await;
     for mut app in [order, inventory, notification] {
