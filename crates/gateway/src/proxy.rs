@@ -143,14 +143,7 @@ impl Proxy {
             };
             let mut document = None;
             for url in &upstream.urls {
-                let asked = self
-                    .client
-                    .get(format!("{url}/openapi.json"))
-                    .timeout(Duration::from_secs(2))
-                    .send()
-                    .await;
-                if let Ok(response) = asked
-                    && response.status().is_success()
+                if let Some(response) = self.ask(url, "/openapi.json").await
                     && let Ok(value) = response.json::<serde_json::Value>().await
                 {
                     document = Some(value);
@@ -170,13 +163,18 @@ impl Proxy {
 
     /// Whether `url`'s `/health/ready` answers 200 within 2 s.
     pub async fn ready(&self, url: &str) -> bool {
+        self.ask(url, "/health/ready").await.is_some()
+    }
+
+    /// `url` + `path` asked by the gateway itself: the answer if it is a success within 2 s.
+    async fn ask(&self, url: &str, path: &str) -> Option<reqwest::Response> {
         let asked = self
             .client
-            .get(format!("{url}/health/ready"))
+            .get(format!("{url}{path}"))
             .timeout(Duration::from_secs(2))
             .send()
             .await;
-        asked.is_ok_and(|response| response.status().is_success())
+        asked.ok().filter(|response| response.status().is_success())
     }
 }
 

@@ -72,11 +72,7 @@ pub async fn ready(State(readiness): State<Readiness>) -> (StatusCode, Json<Heal
     }
     let mut degraded = !healthy;
     for breaker in &readiness.breakers {
-        let state = match breaker.state() {
-            crate::resilience::BreakerState::Closed => "ok",
-            crate::resilience::BreakerState::HalfOpen => "half-open",
-            crate::resilience::BreakerState::Open => "open",
-        };
+        let state = breaker.state().label();
         degraded |= state != "ok";
         checks.push(HealthCheck {
             name: format!("breaker:{}", breaker.dependency()),

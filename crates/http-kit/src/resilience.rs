@@ -185,6 +185,17 @@ pub enum BreakerState {
     HalfOpen,
 }
 
+impl BreakerState {
+    /// As readiness reports show it: `ok`, `open` or `half-open`.
+    pub fn label(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "ok",
+            BreakerState::HalfOpen => "half-open",
+            BreakerState::Open => "open",
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Breaker {
     state: BreakerState,

@@ -114,11 +114,7 @@ async fn ready(State(proxy): State<Arc<Proxy>>) -> impl IntoResponse {
                 status: if ok { "ok" } else { "down" }.into(),
             });
         }
-        let state = match upstream.policy().state() {
-            http_kit::resilience::BreakerState::Closed => "ok",
-            http_kit::resilience::BreakerState::HalfOpen => "half-open",
-            http_kit::resilience::BreakerState::Open => "open",
-        };
+        let state = upstream.policy().state().label();
         degraded |= state != "ok";
         checks.push(HealthCheck {
             name: format!("breaker:{}", upstream.policy().dependency()),

@@ -92,6 +92,25 @@ impl SharedCache {
         format!("{}:order:{id}", self.prefix)
     }
 
+    /// Runs `command` on Redis under the breaker.
+    async fn query<T: redis::FromRedisValue + Send>(
+        &self,
+        command: &redis::Cmd,
+    ) -> Result<T, http_kit::resilience::CallError> {
+        self.policy
+            .call(|| {
+                let mut redis = self.redis.clone();
+                let command = command.clone();
+                async move {
+                    command
+                        .query_async::<T>(&mut redis)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            })
+            .await
+    }
+
     fn is_stale(&self, id: Uuid) -> bool {
         self.stale.lock().is_ok_and(|stale| stale.contains(&id))
     }
@@ -102,20 +121,8 @@ impl SharedCache {
         if self.is_stale(id) {
             return None;
         }
-        let key = self.key(id);
         let answer = self
-            .policy
-            .call(|| {
-                let mut redis = self.redis.clone();
-                let key = key.clone();
-                async move {
-                    redis::cmd("GET")
-                        .arg(&key)
-                        .query_async::<Option<String>>(&mut redis)
-                        .await
-                        .map_err(|e| e.to_string())
-                }
-            })
+            .query::<Option<String>>(redis::cmd("GET").arg(self.key(id)))
             .await;
         let entry = match answer {
             Ok(entry) => entry,
@@ -176,20 +183,7 @@ impl SharedCache {
             _ => return false,
         };
         let keys: Vec<String> = ids.iter().map(|id| self.key(*id)).collect();
-        let deleted = self
-            .policy
-            .call(|| {
-                let mut redis = self.redis.clone();
-                let keys = keys.clone();
-                async move {
-                    redis::cmd("DEL")
-                        .arg(&keys)
-                        .query_async::<i64>(&mut redis)
-                        .await
-                        .map_err(|e| e.to_string())
-                }
-            })
-            .await;
+        let deleted = self.query::<i64>(redis::cmd("DEL").arg(&keys)).await;
         if deleted.is_err() {
             return false;
         }
