@@ -44,7 +44,8 @@ trap 'rm -rf "$RENDERED"' EXIT
 "$VENV/bin/python" - "$RENDERED" <<'PY'
 """Writes every resource of deploy/k8s as it would be applied: the base's resources, and for
 each overlay its own resources plus the base's with the overlay's patches merged in (maps
-merged, lists of named items merged by name), its images and namespace set."""
+merged, lists of named items merged by name; a patch with a target into every resource of that
+kind), its images and namespace set."""
 import copy, pathlib, sys, yaml
 
 out = pathlib.Path(sys.argv[1])
@@ -81,10 +82,18 @@ def resources(directory):
     by_key = {(d["kind"], d["metadata"]["name"]): d for d in found}
     for patch in kustomization.get("patches", []):
         document = yaml.safe_load((directory / patch["path"]).read_text())
-        key = (document["kind"], document["metadata"]["name"])
-        if key not in by_key:
-            sys.exit(f"{directory}: patch {patch['path']} targets {key}, which is not a resource")
-        by_key[key] = merge(by_key[key], document)
+        if "target" in patch:
+            # Every resource the target selects (by kind, and name when given).
+            target = patch["target"]
+            keys = [k for k in by_key if k[0] == target["kind"] and target.get("name", k[1]) == k[1]]
+        else:
+            keys = [(document["kind"], document["metadata"]["name"])]
+        if not keys or any(key not in by_key for key in keys):
+            sys.exit(f"{directory}: patch {patch['path']} targets no resource of this kustomization")
+        for key in keys:
+            patched = merge(by_key[key], document)
+            patched["metadata"]["name"] = key[1]
+            by_key[key] = patched
     for image in kustomization.get("images", []):
         for document in by_key.values():
             spec = document.get("spec", {}).get("template", {}).get("spec", {})

@@ -189,14 +189,21 @@ pub fn upstream_dependency(service: &'static str) -> &'static str {
     }
 }
 
-/// Forwards the request to its service's processes and their answer back.
+/// Forwards the request to its service's processes and their answer back. The operator
+/// endpoints (`/api/v1/admin/*`) go to the service process that holds every kind of dead
+/// letter ([`Proxy::admin_service`]); the outbox backlog is asked of every service and put
+/// together.
 pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
-    let Some(service) = service_of(request.uri().path()) else {
-        return Problem::not_found("No such resource.").into_response();
+    let path = request.uri().path();
+    let service = match service_of(path) {
+        Some(service) => service,
+        None if path.starts_with("/api/v1/admin/") => match proxy.admin_service() {
+            Some(service) => service,
+            None => return unavailable("admin", "no service process is configured"),
+        },
+        None => return Problem::not_found("No such resource.").into_response(),
     };
-    let Some(upstream) = proxy.upstreams.get(service) else {
-        return unavailable(service, "no process of it is configured (--upstream)");
-    };
+    let outbox = path == "/api/v1/admin/outbox" && request.method() == Method::GET;
     let (parts, body) = request.into_parts();
     let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
         return Problem::new(
@@ -206,69 +213,127 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
         )
         .into_response();
     };
-    let target = parts
-        .uri
-        .path_and_query()
-        .map_or_else(|| parts.uri.path().to_string(), |p| p.as_str().to_string());
-    let mut headers = parts.headers.clone();
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    if outbox {
+        return proxy.outbox(&parts).await;
     }
-    // A request that changes nothing, or changes the same thing however often it is sent, may
-    // go to another process when the first does not answer.
-    let idempotent = matches!(
-        parts.method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-    );
-    let attempts = if idempotent {
-        upstream.urls.len().clamp(2, 3)
-    } else {
-        1
-    };
-    let mut last = None;
-    for _ in 0..attempts {
-        let answer = upstream
-            .policy
-            .call(|| {
-                let request = proxy
-                    .client
-                    .request(parts.method.clone(), format!("{}{target}", upstream.url()))
-                    .headers(headers.clone())
-                    .body(body.clone());
-                async move {
-                    let response = request
-                        .send()
-                        .await
-                        .map_err(|e| e.without_url().to_string())?;
-                    let status = response.status();
-                    let headers = response.headers().clone();
-                    let bytes = response
-                        .bytes()
-                        .await
-                        .map_err(|e| e.without_url().to_string())?;
-                    Ok((status, headers, bytes))
-                }
-            })
-            .await;
-        match answer {
-            Ok((status, upstream_headers, bytes)) => {
-                let mut response = Response::new(Body::from(bytes));
-                *response.status_mut() = status;
-                let headers = response.headers_mut();
-                for (name, value) in &upstream_headers {
-                    if !HOP_BY_HOP.contains(name) {
-                        headers.append(name.clone(), value.clone());
-                    }
-                }
+    proxy.send(service, &parts, body).await
+}
+
+impl Proxy {
+    /// Where `/api/v1/admin/*` goes: a notification process when there is one (it lists the
+    /// consumer groups' dead letters, kept in the platform's database, and its own failed
+    /// deliveries), else any service's. Consumer lag is the broker's, the same from every
+    /// process.
+    pub fn admin_service(&self) -> Option<&'static str> {
+        ["notification", "order", "inventory", "payment", "customer"]
+            .into_iter()
+            .find(|service| self.upstreams.contains_key(service))
+    }
+
+    /// `GET /api/v1/admin/outbox` of one process of every service (each reports its own
+    /// outbox), one entry per service. Any answer but 200 (a service down, a caller who is not
+    /// an admin) is the answer.
+    async fn outbox(&self, parts: &axum::http::request::Parts) -> Response {
+        let mut reports: Vec<serde_json::Value> = Vec::new();
+        for service in SERVICES {
+            if !self.upstreams.contains_key(service) {
+                continue;
+            }
+            let response = self.send(service, parts, axum::body::Bytes::new()).await;
+            if response.status() != StatusCode::OK {
                 return response;
             }
-            Err(error @ CallError::Open { .. }) => {
-                return unavailable(service, &error.to_string());
+            let body = axum::body::to_bytes(response.into_body(), MAX_BODY)
+                .await
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<Vec<serde_json::Value>>(&bytes).ok());
+            let Some(body) = body else {
+                return unavailable(service, "its outbox report is not a JSON list");
+            };
+            for report in body {
+                if !reports.iter().any(|r| r["service"] == report["service"]) {
+                    reports.push(report);
+                }
             }
-            Err(error) => last = Some(error.to_string()),
         }
+        axum::Json(reports).into_response()
     }
-    unavailable(service, &last.unwrap_or_default())
+
+    /// The request sent to a process of `service`, under its breaker; idempotent requests
+    /// tried again on the next process when one does not answer.
+    async fn send(
+        &self,
+        service: &'static str,
+        parts: &axum::http::request::Parts,
+        body: axum::body::Bytes,
+    ) -> Response {
+        let Some(upstream) = self.upstreams.get(service) else {
+            return unavailable(service, "no process of it is configured (--upstream)");
+        };
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_string(), |p| p.as_str().to_string());
+        let mut headers = parts.headers.clone();
+        for name in &HOP_BY_HOP {
+            headers.remove(name);
+        }
+        // A request that changes nothing, or changes the same thing however often it is sent,
+        // may go to another process when the first does not answer.
+        let idempotent = matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+        );
+        let attempts = if idempotent {
+            upstream.urls.len().clamp(2, 3)
+        } else {
+            1
+        };
+        let mut last = None;
+        for _ in 0..attempts {
+            let answer = upstream
+                .policy
+                .call(|| {
+                    let request = self
+                        .client
+                        .request(parts.method.clone(), format!("{}{target}", upstream.url()))
+                        .headers(headers.clone())
+                        .body(body.clone());
+                    async move {
+                        let response = request
+                            .send()
+                            .await
+                            .map_err(|e| e.without_url().to_string())?;
+                        let status = response.status();
+                        let headers = response.headers().clone();
+                        let bytes = response
+                            .bytes()
+                            .await
+                            .map_err(|e| e.without_url().to_string())?;
+                        Ok((status, headers, bytes))
+                    }
+                })
+                .await;
+            match answer {
+                Ok((status, upstream_headers, bytes)) => {
+                    let mut response = Response::new(Body::from(bytes));
+                    *response.status_mut() = status;
+                    let headers = response.headers_mut();
+                    for (name, value) in &upstream_headers {
+                        if !HOP_BY_HOP.contains(name) {
+                            headers.append(name.clone(), value.clone());
+                        }
+                    }
+                    return response;
+                }
+                Err(error @ CallError::Open { .. }) => {
+                    return unavailable(service, &error.to_string());
+                }
+                Err(error) => last = Some(error.to_string()),
+            }
+        }
+        unavailable(service, &last.unwrap_or_default())
+    }
 }
 
 /// Adds `document`'s paths, component schemas and security schemes, and tags to `merged` (the

@@ -105,19 +105,25 @@ fn opened(db: &Option<Db>) -> anyhow::Result<Db> {
         .context("the database of a service this process does not run")
 }
 
-/// Opens one service database: `<name>.db` in the data directory, or schema `<name>` on
-/// PostgreSQL.
-async fn open(config: &Config, name: &str, max_connections: u32) -> anyhow::Result<Db> {
-    open_with(config, name, max_connections, Durability::EachCommit).await
+/// Opens one database: `<name>.db` in the data directory, or schema `<name>` on the
+/// PostgreSQL at `url`.
+async fn open(
+    config: &Config,
+    url: Option<&str>,
+    name: &str,
+    max_connections: u32,
+) -> anyhow::Result<Db> {
+    open_with(config, url, name, max_connections, Durability::EachCommit).await
 }
 
 async fn open_with(
     config: &Config,
+    url: Option<&str>,
     name: &str,
     max_connections: u32,
     durability: Durability,
 ) -> anyhow::Result<Db> {
-    match &config.database_url {
+    match url {
         Some(url) => {
             let db = Db::open_postgres_with(url, name, max_connections, durability)
                 .await
@@ -133,23 +139,31 @@ async fn open_with(
 
 async fn open_databases(config: &Config) -> anyhow::Result<Databases> {
     let small = config.db_max_connections.min(8);
+    anyhow::ensure!(
+        config.database_url.is_some() || !config.has_service_database_urls(),
+        "--database-url-SERVICE needs --database-url too: the platform's idempotency records \
+         and bus tables live there, shared by every process"
+    );
     // Only the databases of the services this process runs: a process per service holds no
     // connection to the others'.
     let service = async |service: Service, name: &str, connections: u32| match config.runs(service)
     {
-        true => open(config, name, connections).await.map(Some),
+        true => open(config, config.database_url_of(service), name, connections)
+            .await
+            .map(Some),
         false => Ok(None),
     };
+    let platform = config.database_url.as_deref();
     Ok(Databases {
         orders: service(Service::Order, "orders", config.db_max_connections).await?,
         customers: service(Service::Customer, "customers", small).await?,
         inventory: service(Service::Inventory, "inventory", small).await?,
         payments: service(Service::Payment, "payments", small).await?,
         notifications: service(Service::Notification, "notifications", small).await?,
-        http: open(config, "http", small).await?,
+        http: open(config, platform, "http", small).await?,
         // The bus log is flushed to disk before a relay marks its messages sent, not on each
         // publish: until then they are still in the outboxes (see `Bus::sync`).
-        bus: open_with(config, "bus", small, Durability::OnSync).await?,
+        bus: open_with(config, platform, "bus", small, Durability::OnSync).await?,
     })
 }
 

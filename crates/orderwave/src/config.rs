@@ -280,6 +280,31 @@ pub struct Config {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// The order service's own PostgreSQL (its schema `orders` there) instead of the one of
+    /// `--database-url`, which still holds the platform's idempotency records and bus tables.
+    #[arg(long, env = "ORDERWAVE_DATABASE_URL_ORDER", hide_env_values = true)]
+    pub database_url_order: Option<String>,
+
+    /// The inventory service's own PostgreSQL (schema `inventory`).
+    #[arg(long, env = "ORDERWAVE_DATABASE_URL_INVENTORY", hide_env_values = true)]
+    pub database_url_inventory: Option<String>,
+
+    /// The payment service's own PostgreSQL (schema `payments`).
+    #[arg(long, env = "ORDERWAVE_DATABASE_URL_PAYMENT", hide_env_values = true)]
+    pub database_url_payment: Option<String>,
+
+    /// The customer service's own PostgreSQL (schema `customers`).
+    #[arg(long, env = "ORDERWAVE_DATABASE_URL_CUSTOMER", hide_env_values = true)]
+    pub database_url_customer: Option<String>,
+
+    /// The notification service's own PostgreSQL (schema `notifications`).
+    #[arg(
+        long,
+        env = "ORDERWAVE_DATABASE_URL_NOTIFICATION",
+        hide_env_values = true
+    )]
+    pub database_url_notification: Option<String>,
+
     /// The bus events travel on: `sql` (the embedded log in the platform's database),
     /// `nats://HOST:PORT` (NATS JetStream), `amqp://USER:PASS@HOST:PORT/VHOST` (RabbitMQ) or
     /// `kafka://HOST:PORT,HOST:PORT` (Kafka).
@@ -521,6 +546,33 @@ impl Config {
         self.runs(Service::Gateway)
     }
 
+    /// The PostgreSQL URL of `service`'s own database: its `--database-url-SERVICE`, or
+    /// `--database-url` (None: the embedded SQLite files).
+    pub fn database_url_of(&self, service: Service) -> Option<&str> {
+        let own = match service {
+            Service::Order => &self.database_url_order,
+            Service::Inventory => &self.database_url_inventory,
+            Service::Payment => &self.database_url_payment,
+            Service::Customer => &self.database_url_customer,
+            Service::Notification => &self.database_url_notification,
+            Service::All | Service::Gateway => &None,
+        };
+        own.as_deref().or(self.database_url.as_deref())
+    }
+
+    /// Whether a service has a database URL of its own.
+    pub fn has_service_database_urls(&self) -> bool {
+        [
+            &self.database_url_order,
+            &self.database_url_inventory,
+            &self.database_url_payment,
+            &self.database_url_customer,
+            &self.database_url_notification,
+        ]
+        .iter()
+        .any(|url| url.is_some())
+    }
+
     /// `--bus-partitions`, or its default for the bus: 8 on a broker, 1 on the sql log.
     pub fn partitions(&self) -> u16 {
         let default = if self.bus == "sql" { 1 } else { 8 };
@@ -533,6 +585,11 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir,
             database_url,
+            database_url_order: None,
+            database_url_inventory: None,
+            database_url_payment: None,
+            database_url_customer: None,
+            database_url_notification: None,
             bus: "sql".into(),
             bus_prefix: "orderwave".into(),
             bus_partitions: None,

@@ -3,28 +3,13 @@
 
 mod common;
 
+use common::process::{BIN, Server};
 use common::{DEMO_CUSTOMER, fresh_pg_database, order_body};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_orderwave");
-
-struct Server {
-    child: Child,
-    base: String,
-    stderr_path: std::path::PathBuf,
-}
-
-/// A test that fails part-way leaves no server behind.
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Starts `orderwave serve` on a free port and waits for its "listening on" line.
 fn start(data_dir: &Path, database_url: Option<&str>, extra: &[&str]) -> Server {
@@ -40,7 +25,6 @@ fn start_logging(
 ) -> Server {
     let stderr_path = data_dir.join(format!("stderr-{}.log", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(data_dir).unwrap();
-    let stderr = std::fs::File::create(&stderr_path).unwrap();
     let mut command = Command::new(BIN);
     command
         .args(["serve", "--demo", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -48,38 +32,11 @@ fn start_logging(
         .args(["--jwt-secret", common::TEST_SECRET])
         .args(extra)
         .env_remove("DATABASE_URL")
-        .env("RUST_LOG", rust_log)
-        .stdout(Stdio::piped())
-        .stderr(stderr);
+        .env("RUST_LOG", rust_log);
     if let Some(url) = database_url {
         command.args(["--database-url", url]);
     }
-    let mut child = command.spawn().expect("spawn orderwave");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let base = loop {
-        assert!(Instant::now() < deadline, "orderwave did not start");
-        let line = lines
-            .next()
-            .unwrap_or_else(|| {
-                panic!(
-                    "orderwave exited: {}",
-                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
-                )
-            })
-            .unwrap();
-        if let Some(url) = line.strip_prefix("listening on ") {
-            break url.trim().to_string();
-        }
-    };
-    // Keep draining stdout so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Server {
-        child,
-        base,
-        stderr_path,
-    }
+    Server::spawn(command, stderr_path)
 }
 
 fn signal(child: &Child, name: &str) {
@@ -485,6 +442,10 @@ fn help_explains_every_option_and_its_environment_variable() {
         "ORDERWAVE_DATA_DIR",
         "--database-url",
         "DATABASE_URL",
+        "--database-url-order",
+        "ORDERWAVE_DATABASE_URL_ORDER",
+        "--database-url-notification",
+        "ORDERWAVE_DATABASE_URL_NOTIFICATION",
         "--log-format",
         "ORDERWAVE_LOG_FORMAT",
         "--jwt-secret",
@@ -570,6 +531,25 @@ fn a_bad_database_url_fails_with_a_clear_message() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("PostgreSQL"), "{stderr}");
+}
+
+#[test]
+fn a_service_database_without_the_platforms_fails_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--services", "order"])
+        .args([
+            "--database-url-order",
+            "postgres://postgres@127.0.0.1:5432/postgres",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("needs --database-url too"), "{stderr}");
 }
 
 /// Polls `GET path` until `done` holds for the JSON, 120 s at most (after a kill -9 on a

@@ -1,6 +1,6 @@
 //! One process per service (`--services`): the order, inventory, payment, customer and
 //! notification services each in a process of its own, on one PostgreSQL database (a schema
-//! each) and NATS JetStream, the order and notification services asking the customer service
+//! each; the order service on a database of its own) and NATS JetStream, the order and notification services asking the customer service
 //! over HTTP. The saga runs across them as it does in one process.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![cfg(feature = "nats")]
@@ -12,6 +12,8 @@ use orderwave::config::Service;
 use serde_json::{Value, json};
 
 struct Platform {
+    /// The order service's own database (`--database-url-order`).
+    orders_url: String,
     order: TestApp,
     inventory: TestApp,
     payment: TestApp,
@@ -54,8 +56,16 @@ impl Platform {
             process(Service::Notification, db.clone(), url.clone()),
         )
         .await;
-        let order = TestApp::spawn_with(Backend::Postgres, process(Service::Order, db, url)).await;
+        let orders_url = common::fresh_pg_database().await;
+        let own = orders_url.clone();
+        let order_process = process(Service::Order, db, url);
+        let order = TestApp::spawn_with(Backend::Postgres, move |config| {
+            order_process(config);
+            config.database_url_order = Some(own);
+        })
+        .await;
         Platform {
+            orders_url,
             order,
             inventory,
             payment,
@@ -89,7 +99,22 @@ impl Platform {
             app.stop().await;
         }
         self.customer.stop().await;
+        common::drop_pg_database(&self.orders_url).await;
     }
+}
+
+/// Whether `schema` holds the order service's tables in the database at `url`.
+async fn has_orders(url: &str, schema: &str) -> bool {
+    let db = storage::Db::open_postgres(url, schema, 1).await.unwrap();
+    let found: Option<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 AND table_name = 'orders'",
+    )
+    .bind(schema)
+    .fetch_optional(db.reader())
+    .await
+    .unwrap();
+    db.close().await;
+    found.is_some()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,6 +168,11 @@ async fn the_saga_runs_across_one_process_per_service() {
             .unwrap()
             .starts_with("out of stock: SKU-DESK")
     );
+
+    // The order service keeps its orders in its own database (--database-url-order), not in
+    // the platform's.
+    assert!(has_orders(&platform.orders_url, "orders").await);
+    assert!(!has_orders(platform.customer.database_url.as_deref().unwrap(), "orders").await);
 
     // An unknown customer is refused by the order process, which asked the customer process.
     let unknown = platform
@@ -237,8 +267,66 @@ async fn the_gateway_routes_each_resource_to_its_service_and_a_stopped_one_is_50
     assert!(document.get("x-orderwave-unavailable").is_none());
     assert_eq!(gateway.get("/docs/").await.status(), 200);
 
+    // The operator endpoints: every service's outbox, the broker's consumer lag, the dead
+    // letters (kept in the platform's database) through one address; admins only.
+    let mut outboxes = Vec::new();
+    eventually("every outbox drained", async || {
+        let outbox: Value = gateway
+            .get("/api/v1/admin/outbox")
+            .await
+            .json()
+            .await
+            .unwrap();
+        outboxes = outbox.as_array().unwrap().clone();
+        outboxes.iter().all(|o| o["pending"] == 0)
+    })
+    .await;
+    let mut services: Vec<&str> = outboxes
+        .iter()
+        .map(|o| o["service"].as_str().unwrap())
+        .collect();
+    services.sort_unstable();
+    assert_eq!(
+        services,
+        ["customer", "inventory", "notification", "order", "payment"]
+    );
+    let lag: Value = gateway
+        .get("/api/v1/admin/consumers")
+        .await
+        .json()
+        .await
+        .unwrap();
+    for group in ["inventory", "payment", "order", "notification"] {
+        assert!(
+            lag.as_array().unwrap().iter().any(|l| l["group"] == group),
+            "{group} in {lag}"
+        );
+    }
+    let dead = gateway.get("/api/v1/admin/dead-letters").await;
+    assert_eq!(dead.status(), 200);
+    assert_eq!(dead.json::<Value>().await.unwrap(), json!([]));
+    let unknown = gateway
+        .request(
+            reqwest::Method::DELETE,
+            "/api/v1/admin/dead-letters/no-such-id",
+        )
+        .send()
+        .await
+        .unwrap();
+    expect_problem(unknown, 404).await;
+    let customer_token = common::token(&customer, http_kit::Role::Customer);
+    for path in ["/api/v1/admin/outbox", "/api/v1/admin/consumers"] {
+        let refused = gateway
+            .request_with(&customer_token, reqwest::Method::GET, path)
+            .send()
+            .await
+            .unwrap();
+        expect_problem(refused, 403).await;
+    }
+
     // The payment process stops: its resource is 503, the others go on.
     let Platform {
+        orders_url,
         order,
         inventory,
         mut payment,
@@ -266,4 +354,5 @@ async fn the_gateway_routes_each_resource_to_its_service_and_a_stopped_one_is_50
         app.stop().await;
     }
     customers.stop().await;
+    common::drop_pg_database(&orders_url).await;
 }
