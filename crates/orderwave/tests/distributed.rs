@@ -432,7 +432,7 @@ struct Seen {
 /// Places an order (one chair of `E2E-LOAD`) every `every` through the gateway, and reads the
 /// newest order and its payment, until `phase` says `done`. Every POST and every read of an
 /// order must be answered 200 or 201; a read of payments may be 503 while the payment process is
-/// down.
+/// down and until the gateway's breaker for it closes again.
 fn steady_load(
     platform: &Deployment,
     every: Duration,
@@ -499,7 +499,8 @@ fn steady_load(
                     .send()
                     .await
                     .map_or(0, |r| r.status().as_u16());
-                let payment_down = now == "payment process killed";
+                // Down, and for up to its breaker's 5 s after it is back.
+                let payment_down = now.starts_with("payment process");
                 record(
                     "GET /payments",
                     read,
@@ -562,6 +563,11 @@ async fn under_steady_load_nothing_is_lost_or_doubled(broker: &mut dyn PrivateBr
         seen.unexpected
     );
     assert!(seen.placed.len() > 500, "{} orders", seen.placed.len());
+    assert!(
+        seen.counts
+            .contains_key(&("payment process back".into(), "GET /payments".into(), 200)),
+        "the payments are read again once the payment process is back"
+    );
 
     // Every order confirmed: none lost, whichever part was down when it was placed.
     let mut left: Vec<&String> = seen.placed.iter().collect();
