@@ -681,6 +681,13 @@ async fn hold(
     let mut fence_check = tokio::time::interval(Duration::from_millis(50));
     // The open pull request; one at a time, so the stream's order is the order of delivery.
     let mut pulled: Option<consumer::pull::Batch> = None;
+    // When the server has let the open request expire. A request that got some messages and
+    // not all it asked for ends on the server without a word (NATS 2.9 sends no 408 then), and
+    // the client would wait 5 s more before it gives up on it: past its expiry the next
+    // request goes out, and the expired one is still read first until the client ends it, so
+    // a message the server sent it at the last moment is not left behind.
+    let mut pulled_until = tokio::time::Instant::now();
+    let mut expired: Option<consumer::pull::Batch> = None;
     // Pulled and not yet taken by the subscriber.
     let mut ready: VecDeque<Delivery> = VecDeque::new();
     loop {
@@ -692,14 +699,18 @@ async fn hold(
                 .messages()
                 .await;
             match batch {
-                Ok(batch) => pulled = Some(batch),
+                Ok(batch) => {
+                    pulled = Some(batch);
+                    pulled_until =
+                        tokio::time::Instant::now() + pull_expires(config) + EXPIRY_MARGIN;
+                }
                 Err(error) => {
                     tracing::warn!(group = %config.group, %error, "cannot pull messages");
                     let held = ready
                         .into_iter()
                         .chain(fence.into_iter().flatten())
                         .collect();
-                    let_go(bus, config, held, None).await;
+                    let_go(bus, config, held, [expired.take(), None]).await;
                     return Held::Failed;
                 }
             }
@@ -713,16 +724,20 @@ async fn hold(
                 // Renewed first: nobody else pulls while the last request drains.
                 let _ = lease.renew().await;
                 let held = ready.into_iter().chain(fence.into_iter().flatten()).collect();
-                let_go(bus, config, held, pulled.take()).await;
+                let_go(bus, config, held, [expired.take(), pulled.take()]).await;
                 return Held::Closed;
             }
             _ = renew.tick() => {
                 if let Err(error) = lease.renew().await {
                     tracing::warn!(group = %config.group, %error, "cannot renew the group's lease");
                     let held = ready.into_iter().chain(fence.into_iter().flatten()).collect();
-                    let_go(bus, config, held, pulled.take()).await;
+                    let_go(bus, config, held, [expired.take(), pulled.take()]).await;
                     return Held::LostLease;
                 }
+            }
+            () = tokio::time::sleep_until(pulled_until) => {
+                // The one before, past its expiry by a whole request's time, has nothing more.
+                expired = pulled.take();
             }
             _ = fence_check.tick(), if fence.is_some() => {
                 // Counted before asking: all of these were pending when the server answered.
@@ -744,24 +759,56 @@ async fn hold(
                     permit.send(delivery);
                 }
             }
+            // What the expired request still brings comes before anything of the next one.
+            Some(next) = next_of(&mut expired), if ready.is_empty() || fence.is_some() => match next {
+                Ok(message) => keep(bus.delivery(config, message).await, &mut fence, &mut ready),
+                // Over: the client gave up on it.
+                Err(_) => expired = None,
+            },
             next = batch.next(), if ready.is_empty() || fence.is_some() => match next {
                 Some(Ok(message)) => {
-                    if let Some(delivery) = bus.delivery(config, message).await {
-                        match fence.as_mut() {
-                            Some(held) => held.push(delivery),
-                            None => ready.push_back(delivery),
-                        }
-                    }
+                    keep(bus.delivery(config, message).await, &mut fence, &mut ready);
                 }
                 Some(Err(error)) => {
                     tracing::warn!(group = %config.group, %error, "cannot pull messages");
                     let held = ready.into_iter().chain(fence.into_iter().flatten()).collect();
-                    let_go(bus, config, held, None).await;
+                    let_go(bus, config, held, [expired.take(), None]).await;
                     return Held::Failed;
                 }
-                // The request is over (filled or expired): the next one goes out above.
+                // The request is over (filled, or expired and the server said so): the next one
+                // goes out above.
                 None => pulled = None,
             },
+        }
+    }
+}
+
+/// How long after a pull request's expiry the server surely let it go (it counts from when
+/// the request reached it).
+const EXPIRY_MARGIN: Duration = Duration::from_millis(250);
+
+/// The next message of `batch`, `Err` once it is over (the batch is then done with); pending
+/// while there is none.
+async fn next_of(
+    batch: &mut Option<consumer::pull::Batch>,
+) -> Option<Result<jetstream::Message, ()>> {
+    let next = batch.as_mut()?.next().await;
+    Some(match next {
+        Some(Ok(message)) => Ok(message),
+        Some(Err(_)) | None => Err(()),
+    })
+}
+
+/// A pulled delivery, held back while a takeover's fence stands, else ready to hand over.
+fn keep(
+    delivery: Option<Delivery>,
+    fence: &mut Option<Vec<Delivery>>,
+    ready: &mut VecDeque<Delivery>,
+) {
+    if let Some(delivery) = delivery {
+        match fence.as_mut() {
+            Some(held) => held.push(delivery),
+            None => ready.push_back(delivery),
         }
     }
 }
@@ -780,9 +827,9 @@ async fn let_go(
     bus: &NatsBus,
     config: &ConsumerConfig,
     mut held: Vec<Delivery>,
-    pulled: Option<consumer::pull::Batch>,
+    pulled: [Option<consumer::pull::Batch>; 2],
 ) {
-    if let Some(mut batch) = pulled {
+    for mut batch in pulled.into_iter().flatten() {
         let deadline = tokio::time::Instant::now() + pull_expires(config) * 2;
         while let Ok(Some(next)) = tokio::time::timeout_at(deadline, batch.next()).await {
             if let Ok(message) = next

@@ -6,11 +6,11 @@
 //! broker stopped for 30 s, Redis stopped. Each time the API keeps answering, every order ends
 //! confirmed, and stock, payments and notifications add up: nothing lost, nothing doubled.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-#![cfg(all(feature = "nats", feature = "rabbitmq"))]
+#![cfg(all(feature = "nats", feature = "rabbitmq", feature = "kafka"))]
 
 mod common;
 
-use common::brokers::{PrivateBroker, PrivateNats, PrivateRedis};
+use common::brokers::{PrivateBroker, PrivateNats, PrivateRabbit, PrivateRedis, PrivateTansu};
 use common::process::{BIN, Server};
 use common::{DEMO_CUSTOMER, TEST_SECRET, free_port, paid_order_body};
 use reqwest::Method;
@@ -20,6 +20,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// One deployment at a time: six processes each, on two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The services, in the order they start (the customer service first: the order and
 /// notification services ask it).
@@ -307,6 +310,7 @@ fn body_with(token: &str, items: Value) -> Value {
 
 /// The saga's four endings, every request through the gateway.
 async fn the_saga_through_the_gateway(bus: &str) {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let redis = PrivateRedis::start();
     let platform = Deployment::start(bus, &redis.url()).await;
     let ready = platform.json("/health/ready").await;
@@ -520,6 +524,7 @@ fn steady_load(
 }
 
 async fn under_steady_load_nothing_is_lost_or_doubled(broker: &mut dyn PrivateBroker) {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let mut redis = PrivateRedis::start();
     let mut platform = Deployment::start(&broker.url(), &redis.url()).await;
     const STOCK: i64 = 1_000_000;
@@ -630,4 +635,16 @@ async fn under_steady_load_nothing_is_lost_or_doubled(broker: &mut dyn PrivateBr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_steady_load_a_killed_process_a_stopped_broker_and_redis_lose_nothing_on_nats() {
     under_steady_load_nothing_is_lost_or_doubled(&mut PrivateNats::start()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_steady_load_a_killed_process_a_stopped_broker_and_redis_lose_nothing_on_rabbitmq() {
+    under_steady_load_nothing_is_lost_or_doubled(&mut PrivateRabbit::start()).await;
+}
+
+/// The Kafka test broker keeps its messages in memory only: it is frozen for 30 s (SIGSTOP,
+/// SIGCONT) rather than stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_steady_load_a_killed_process_a_frozen_broker_and_redis_lose_nothing_on_kafka() {
+    under_steady_load_nothing_is_lost_or_doubled(&mut PrivateTansu::start()).await;
 }
