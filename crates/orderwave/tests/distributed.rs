@@ -458,10 +458,18 @@ fn steady_load(
             if now == "done" {
                 break;
             }
-            let (client, base, body, seen) =
-                (client.clone(), base.clone(), body.clone(), seen.clone());
+            let (client, base, body, seen, phase) = (
+                client.clone(),
+                base.clone(),
+                body.clone(),
+                seen.clone(),
+                phase.clone(),
+            );
             tasks.push(tokio::spawn(async move {
+                // Each answer counts in the phase it came back in: a phase starts before the
+                // part it names is stopped.
                 let record = |request: &str, status: u16, ok: bool| {
+                    let now = phase.lock().unwrap().clone();
                     let mut seen = seen.lock().unwrap();
                     *seen
                         .counts
@@ -504,7 +512,7 @@ fn steady_load(
                     .await
                     .map_or(0, |r| r.status().as_u16());
                 // Down, and for up to its breaker's 5 s after it is back.
-                let payment_down = now.starts_with("payment process");
+                let payment_down = phase.lock().unwrap().starts_with("payment process");
                 record(
                     "GET /payments",
                     read,
