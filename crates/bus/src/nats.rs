@@ -785,7 +785,7 @@ async fn hold(
 
 /// How long after a pull request's expiry the server surely let it go (it counts from when
 /// the request reached it).
-const EXPIRY_MARGIN: Duration = Duration::from_millis(250);
+const EXPIRY_MARGIN: Duration = Duration::from_millis(100);
 
 /// The next message of `batch`, `Err` once it is over (the batch is then done with); pending
 /// while there is none.
@@ -816,7 +816,7 @@ fn keep(
 /// How long one pull request stays open on the server: also about the longest a reader that
 /// stops takes to let the rest of its last request go, well inside its lease.
 fn pull_expires(config: &ConsumerConfig) -> Duration {
-    (config.lease_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+    (config.lease_ttl / 4).clamp(Duration::from_millis(50), Duration::from_millis(500))
 }
 
 /// Lets go what this reader holds and did not hand over, with what still comes on its open
