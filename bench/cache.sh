@@ -26,22 +26,19 @@ PREFIX="bench-$$"
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
-  redis-cli -u "$REDIS" --scan --pattern "$PREFIX:*" | xargs -r redis-cli -u "$REDIS" DEL >/dev/null || true
+  drop_redis_keys "$REDIS" "$PREFIX"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-if ! command -v wrk >/dev/null; then
-  echo "installing wrk from Debian" >&2
-  apt-get update -qq && apt-get install -y -qq wrk >/dev/null
-fi
-pg_isready -q -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not running: pg_ctlcluster --skip-systemctl-redirect \$(ls /etc/postgresql) main start" >&2; exit 1; }
-redis-cli -u "$REDIS" PING >/dev/null || { echo "Redis does not answer at $REDIS: redis-server --daemonize yes --port 6379 --save \"\" --appendonly no" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+require_wrk
+require_postgres
+require_redis "$REDIS"
 
 cargo build --release -q -p orderwave
 
-# shellcheck source=bench/lib.sh
-. bench/lib.sh
 bench_auth
 
 post_lua "$WORK/post.lua"

@@ -33,22 +33,19 @@ cleanup() {
   for run in one split; do
     "$BIN/orderwave" bus-delete --bus "$BUS_URL" --bus-prefix "$PREFIX$run" >/dev/null 2>&1 || true
   done
-  redis-cli -u "$REDIS" --scan --pattern "$PREFIX:*" | xargs -r redis-cli -u "$REDIS" DEL >/dev/null || true
+  drop_redis_keys "$REDIS" "$PREFIX"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-if ! command -v wrk >/dev/null; then
-  echo "installing wrk from Debian" >&2
-  apt-get update -qq && apt-get install -y -qq wrk >/dev/null
-fi
-pg_isready -q -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not running: pg_ctlcluster --skip-systemctl-redirect \$(ls /etc/postgresql) main start" >&2; exit 1; }
-redis-cli -u "$REDIS" PING >/dev/null || { echo "Redis does not answer at $REDIS: redis-server --daemonize yes --port 6379 --save \"\" --appendonly no" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+require_wrk
+require_postgres
+require_redis "$REDIS"
 
 cargo build --release -q -p orderwave -p bench-saga
 BIN="$CARGO_TARGET_DIR/release"
-# shellcheck source=bench/lib.sh
-. bench/lib.sh
 bench_auth
 
 fresh_db() {

@@ -2,6 +2,29 @@
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
+# drop_redis_keys URL PREFIX: deletes the keys a run made in Redis under PREFIX.
+drop_redis_keys() {
+  redis-cli -u "$1" --scan --pattern "$2:*" | xargs -r redis-cli -u "$1" DEL >/dev/null || true
+}
+
+# require_wrk: installs wrk from Debian when it is missing.
+require_wrk() {
+  if ! command -v wrk >/dev/null; then
+    echo "installing wrk from Debian" >&2
+    apt-get update -qq && apt-get install -y -qq wrk >/dev/null
+  fi
+}
+
+# require_postgres: fails, saying how to start it, unless PostgreSQL answers on 127.0.0.1:5432.
+require_postgres() {
+  pg_isready -q -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not running: pg_ctlcluster --skip-systemctl-redirect \$(ls /etc/postgresql) main start" >&2; exit 1; }
+}
+
+# require_redis URL: fails, saying how to start it, unless Redis answers at URL.
+require_redis() {
+  redis-cli -u "$1" PING >/dev/null || { echo "Redis does not answer at $1: redis-server --daemonize yes --port 6379 --save \"\" --appendonly no" >&2; exit 1; }
+}
+
 # start NAME CMD... : starts a server printing "listening on http://ADDR", sets URL and PID.
 start() {
   local name=$1; shift

@@ -29,17 +29,14 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-if ! command -v wrk >/dev/null; then
-  echo "installing wrk from Debian" >&2
-  apt-get update -qq && apt-get install -y -qq wrk >/dev/null
-fi
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+require_wrk
 command -v pgbench >/dev/null || { echo "pgbench is missing (Debian package postgresql-15)" >&2; exit 1; }
-pg_isready -q -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not running: pg_ctlcluster --skip-systemctl-redirect \$(ls /etc/postgresql) main start" >&2; exit 1; }
+require_postgres
 
 cargo build --release -q -p orderwave -p bench-hello -p bench-saga
 
-# shellcheck source=bench/lib.sh
-. bench/lib.sh
 bench_auth
 
 # rss_watch PID FILE: samples RSS (KiB) every 200 ms until stopped.
