@@ -201,7 +201,7 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
             Some(service) => service,
             None => return unavailable("admin", "no service process is configured"),
         },
-        None => return Problem::not_found("No such resource.").into_response(),
+        None => return Problem::no_route().into_response(),
     };
     let outbox = path == "/api/v1/admin/outbox" && request.method() == Method::GET;
     let (parts, body) = request.into_parts();

@@ -75,9 +75,10 @@ pub struct RateLimiter {
     shared: Option<SharedBuckets>,
 }
 
-/// Buckets in Redis, `orderwave:rate:{class}:{caller}`.
+/// Buckets in Redis, `{prefix}:rate:{class}:{caller}`.
 struct SharedBuckets {
     redis: redis::aio::ConnectionManager,
+    prefix: String,
     take: redis::Script,
     policy: Arc<Policy>,
 }
@@ -93,7 +94,8 @@ impl SharedBuckets {
     /// answer (or its breaker is open).
     async fn take(&self, key: &str, class: Class, limit: Limit) -> Option<(bool, f64)> {
         let key = format!(
-            "orderwave:rate:{}:{key}",
+            "{}:rate:{}:{key}",
+            self.prefix,
             match class {
                 Class::Read => "read",
                 Class::Write => "write",
@@ -192,12 +194,19 @@ impl RateLimiter {
         }
     }
 
-    /// Shares the buckets through the Redis at `url` with every process configured alike.
-    pub fn with_redis(mut self, url: &str, policy: PolicyConfig) -> Result<Self, String> {
+    /// Shares the buckets through the Redis at `url`, keys under `prefix`, with every process
+    /// configured alike.
+    pub fn with_redis(
+        mut self,
+        url: &str,
+        prefix: &str,
+        policy: PolicyConfig,
+    ) -> Result<Self, String> {
         let redis = http_kit::redis::connect_lazy(url, policy.timeout)
             .map_err(|e| format!("rate limits: {e}"))?;
         self.shared = Some(SharedBuckets {
             redis,
+            prefix: prefix.to_string(),
             take: redis::Script::new(TAKE),
             policy: Arc::new(Policy::new(DEPENDENCY, policy)),
         });

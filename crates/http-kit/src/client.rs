@@ -38,8 +38,10 @@ impl ServiceClient {
         })
     }
 
-    /// GETs `path` (from `/api/...`): `Ok(None)` on 404, the response on success, `Err` for any
-    /// other answer or no answer (the caller's resilience policy decides what that means).
+    /// GETs `path` (from `/api/...`): `Ok(None)` when the service says it has no such entity
+    /// (404 `/problems/not-found`), the response on success, `Err` for any other answer or no
+    /// answer (the caller's resilience policy decides what that means). A 404 for the address
+    /// itself (a wrong base URL: another service, another server) is an error, not absence.
     pub async fn get(&self, path: &str) -> Result<Option<reqwest::Response>, String> {
         let mut request = self.client.get(format!("{}{path}", self.base_url));
         if let Some(token) = (self.token)() {
@@ -51,7 +53,17 @@ impl ServiceClient {
             .map_err(|e| e.without_url().to_string())?;
         match response.status() {
             s if s.is_success() => Ok(Some(response)),
-            reqwest::StatusCode::NOT_FOUND => Ok(None),
+            reqwest::StatusCode::NOT_FOUND => {
+                let problem = response.json::<serde_json::Value>().await.ok();
+                match problem.as_ref().and_then(|p| p["type"].as_str()) {
+                    Some("/problems/not-found") => Ok(None),
+                    other => Err(format!(
+                        "{} has nothing at {path} (404 {}): is it the right service's URL?",
+                        self.base_url,
+                        other.unwrap_or("without a problem type")
+                    )),
+                }
+            }
             s => Err(format!("{} answered {s}", self.base_url)),
         }
     }

@@ -145,13 +145,23 @@ impl Problem {
         .detail(detail)
     }
 
+    /// Nothing is served at this address (an unknown path): `/problems/no-route`, told apart
+    /// from `not_found`, an entity this service does not have, so that a caller configured with
+    /// a wrong URL does not read its 404s as "no such entity".
+    pub fn no_route() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "no-route", "Not found")
+            .detail("No resource at this address.")
+    }
+
     /// The generic problem for a bare status code.
     pub fn from_status(status: StatusCode) -> Self {
+        if status == StatusCode::NOT_FOUND {
+            return Self::no_route();
+        }
         let title = status.canonical_reason().unwrap_or("Error");
         let slug = title.to_lowercase().replace(' ', "-");
         let mut p = Self::new(status, &slug, title);
         p.detail = Some(match status {
-            StatusCode::NOT_FOUND => "No resource at this address.".to_string(),
             StatusCode::METHOD_NOT_ALLOWED => "This method is not allowed here.".to_string(),
             _ => title.to_string(),
         });

@@ -946,6 +946,7 @@ pub(crate) fn rate_limiter(
         Some(url) => limiter
             .with_redis(
                 url,
+                &auth.redis_prefix,
                 policies.for_dependency(
                     gateway::rate_limit::DEPENDENCY,
                     gateway::RateLimiter::default_redis_policy(),
@@ -1175,7 +1176,7 @@ pub(crate) async fn bind(config: &Config) -> anyhow::Result<(TcpListener, Socket
 }
 
 async fn not_found() -> Problem {
-    Problem::from_status(StatusCode::NOT_FOUND)
+    Problem::no_route()
 }
 
 /// Prometheus metrics: requests by route and status, latency histogram, orders created,

@@ -165,6 +165,11 @@ pub struct AuthArgs {
     #[arg(long, env = "ORDERWAVE_REDIS", hide_env_values = true)]
     pub redis: Option<String>,
 
+    /// Prefix of the rate limits' keys in Redis (`{prefix}:rate:...`), so several deployments
+    /// can share one Redis.
+    #[arg(long, env = "ORDERWAVE_REDIS_PREFIX", default_value = "orderwave")]
+    pub redis_prefix: String,
+
     /// Requests in flight at most; more are answered 503 at once instead of queueing.
     #[arg(long, env = "ORDERWAVE_MAX_IN_FLIGHT", default_value_t = 512)]
     pub max_in_flight: usize,
@@ -216,6 +221,7 @@ impl Default for AuthArgs {
             rate_limit_write: 10.0,
             rate_limit_write_burst: 20,
             redis: None,
+            redis_prefix: "orderwave".into(),
             max_in_flight: 512,
             max_header_bytes: 16 * 1024,
             cors_origins: Vec::new(),

@@ -5,7 +5,8 @@
 
 mod common;
 
-use common::{Backend, TestApp, eventually, free_port, token};
+use common::brokers::PrivateRedis;
+use common::{Backend, TestApp, eventually, token};
 use http_kit::Role;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -111,62 +112,6 @@ async fn order_processes_sharing_a_database_and_redis_each_read_the_newest_versi
     first.stop().await;
 }
 
-/// A Redis server of the test's own, so it can be frozen without touching anyone else's.
-struct PrivateRedis {
-    port: u16,
-    child: std::process::Child,
-}
-
-impl PrivateRedis {
-    fn start() -> PrivateRedis {
-        let port = free_port();
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|error| {
-                panic!("cannot run redis-server ({error}): these tests need Debian's redis-server")
-            });
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        PrivateRedis { port, child }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// SIGSTOP freezes it (connections open, nothing answered), SIGCONT thaws it.
-    fn signal(&self, signal: &str) {
-        let sent = std::process::Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success(), "kill {signal} redis-server");
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn with_redis_frozen_orders_are_placed_and_read_and_no_old_version_is_read_once_it_returns() {
     let server = PrivateRedis::start();
@@ -250,16 +195,14 @@ fn limited_reads(config: &mut orderwave::config::Config) {
 #[tokio::test]
 async fn gateway_processes_sharing_redis_share_each_callers_rate_limit() {
     connect(REDIS).await;
-    let first = TestApp::spawn_with(Backend::Sqlite, |config| {
+    let prefix = unique_prefix();
+    let shared = |config: &mut orderwave::config::Config| {
         limited_reads(config);
         config.auth.redis = Some(REDIS.into());
-    })
-    .await;
-    let second = TestApp::spawn_with(Backend::Sqlite, |config| {
-        limited_reads(config);
-        config.auth.redis = Some(REDIS.into());
-    })
-    .await;
+        config.auth.redis_prefix = prefix.clone();
+    };
+    let first = TestApp::spawn_with(Backend::Sqlite, shared).await;
+    let second = TestApp::spawn_with(Backend::Sqlite, shared).await;
     let reader = token(&uuid::Uuid::now_v7().to_string(), Role::Admin);
     let mut seen = Vec::new();
     for app in [&first, &second, &first, &second] {
@@ -281,6 +224,13 @@ async fn gateway_processes_sharing_redis_share_each_callers_rate_limit() {
     let other = token(&uuid::Uuid::now_v7().to_string(), Role::Admin);
     assert_eq!(read(&second, &other).await, (200, "3".to_string()));
     assert_eq!(first.breaker("rate-limits").await, "ok");
+    // The buckets are under the deployment's prefix (--redis-prefix).
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:rate:read:*"))
+        .query_async(&mut connect(REDIS).await)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 2, "{keys:?}");
     second.stop().await;
     first.stop().await;
 }

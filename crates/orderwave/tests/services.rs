@@ -184,6 +184,27 @@ async fn the_saga_runs_across_one_process_per_service() {
         .await;
     expect_problem(unknown, 422).await;
 
+    // An order process given another service's URL for the customer service does not read that
+    // service's 404s as "no such customer" (422): the check counts as unavailable, and the order
+    // is taken to be checked again before it is confirmed, as when the customer service is down.
+    let misconfigured = TestApp::spawn_with(Backend::Postgres, {
+        let (db, inventory) = (
+            platform.customer.database_url.clone(),
+            platform.inventory.base.clone(),
+        );
+        move |config| {
+            config.services = vec![Service::Order];
+            config.database_url = db;
+            config.customer_service_url = Some(inventory);
+        }
+    })
+    .await;
+    let accepted = misconfigured
+        .post_json("/api/v1/orders", &paid_order_body(&customer))
+        .await;
+    assert_eq!(accepted.status(), 201);
+    misconfigured.stop().await;
+
     // Each process serves its own routes only.
     expect_problem(platform.order.get("/api/v1/payments").await, 404).await;
     expect_problem(

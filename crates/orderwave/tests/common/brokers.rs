@@ -333,6 +333,16 @@ impl PrivateRedis {
         wait_for_port(self.port, "Redis");
     }
 
+    /// SIGSTOP freezes it (connections open, nothing answered), SIGCONT thaws it.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("redis-server running");
+        let sent = std::process::Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {signal} redis-server");
+    }
+
     /// SIGKILL.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
