@@ -306,17 +306,29 @@ impl Proxy {
                             .map_err(|e| e.without_url().to_string())?;
                         let status = response.status();
                         let headers = response.headers().clone();
-                        let bytes = response
-                            .bytes()
-                            .await
-                            .map_err(|e| e.without_url().to_string())?;
-                        Ok((status, headers, bytes))
+                        // A live stream (server-sent events) goes on as it comes, for as long
+                        // as it lasts; any other answer is read whole within the attempt's
+                        // timeout.
+                        let streaming = headers
+                            .get(header::CONTENT_TYPE)
+                            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+                        let body = if streaming {
+                            Body::from_stream(response.bytes_stream())
+                        } else {
+                            Body::from(
+                                response
+                                    .bytes()
+                                    .await
+                                    .map_err(|e| e.without_url().to_string())?,
+                            )
+                        };
+                        Ok((status, headers, body))
                     }
                 })
                 .await;
             match answer {
-                Ok((status, upstream_headers, bytes)) => {
-                    let mut response = Response::new(Body::from(bytes));
+                Ok((status, upstream_headers, body)) => {
+                    let mut response = Response::new(body);
                     *response.status_mut() = status;
                     let headers = response.headers_mut();
                     for (name, value) in &upstream_headers {

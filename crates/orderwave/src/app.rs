@@ -799,6 +799,15 @@ impl Platform {
                 ));
             }
         }
+        // Live streams never end on their own: they end when shutdown begins, so the
+        // connections close and in-flight requests can finish.
+        let live = self.orders.as_ref().map(|orders| orders.live.clone());
+        let shutdown = async move {
+            shutdown.await;
+            if let Some(live) = live {
+                live.stop();
+            }
+        };
         let served = serve(self.listener, self.router, shutdown).await;
         // Requests are done; let the background work finish its current step.
         let _ = stop.send(true);

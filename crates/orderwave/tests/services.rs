@@ -237,6 +237,17 @@ async fn the_gateway_routes_each_resource_to_its_service_and_a_stopped_one_is_50
         .unwrap();
     assert_eq!(payments["items"][0]["status"], "SUCCEEDED");
     assert_eq!(gateway.get("/api/v1/products").await.status(), 200);
+    // The order's live stream comes through the gateway as it is sent, not once it ends.
+    let mut live = common::sse::SseReader::new(
+        gateway
+            .request(reqwest::Method::GET, &format!("/api/v1/orders/{id}/events"))
+            .send()
+            .await
+            .unwrap(),
+    );
+    let seen = live.until(|e| e.data["toStatus"] == "CONFIRMED").await;
+    assert_eq!(seen[0].event, "OrderPlaced");
+    drop(live);
     // The caller's token goes along: a customer sees their own order, another customer's is 404
     // (the order service decides), and no token is 401 at the gateway.
     let own = gateway

@@ -14,6 +14,7 @@ pub use storage::testing::{drop_pg_database, fresh_pg_database};
 
 pub mod brokers;
 pub mod process;
+pub mod sse;
 
 /// The HS256 secret every test server verifies tokens with.
 pub const TEST_SECRET: &str = "orderwave-test-secret-0123456789abcdef-0123456789";

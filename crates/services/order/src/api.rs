@@ -35,6 +35,7 @@ pub fn router(service: OrderService) -> OpenApiRouter {
         .routes(routes!(change_status))
         .routes(routes!(set_shipping))
         .routes(routes!(order_history))
+        .routes(routes!(order_events))
         .routes(routes!(customer_orders))
         .with_state(service)
 }
@@ -501,6 +502,63 @@ async fn order_history(
         order_id: id.to_string(),
         entries: events.iter().map(HistoryEntry::from).collect(),
     }))
+}
+
+/// The order's events live, as server-sent events (`text/event-stream`): everything after
+/// `Last-Event-ID` (all of them without it), then each status change and saga step as it is
+/// committed. Each event's `id` is its version, its `event` its type, its `data` a history
+/// entry; a comment every 15 s keeps the connection open. Reconnect with the last id seen to
+/// resume with nothing missed and nothing twice. At most 16 streams per caller.
+#[utoipa::path(
+    get, path = "/api/v1/orders/{id}/events", tag = "orders",
+    params(
+        ("id" = String, Path, description = "Order id"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "The id of the last event received: the stream resumes after it"),
+    ),
+    responses(
+        (status = 200, description = "A stream of the order's events", body = HistoryEntry, content_type = "text/event-stream"),
+        (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Last-Event-ID is not an event id", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many open streams", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn order_events(
+    State(service): State<OrderService>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let id = parse_id(&id)?;
+    check_owner(&service, &caller, id).await?;
+    let after = match headers.get("last-event-id") {
+        None => 0,
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                Problem::field(
+                    "Last-Event-ID",
+                    "must be the id of an event this stream sent (a version number)",
+                )
+            })?,
+    };
+    let events = service.store.history(id).await?;
+    if events.is_empty() {
+        return Err(order_not_found());
+    }
+    let permit = service.live.admit(&caller.subject)?;
+    let stream = crate::live::events(
+        service.store.clone(),
+        &service.live,
+        permit,
+        id,
+        after,
+        events,
+    );
+    Ok(axum::response::sse::Sse::new(stream)
+        .keep_alive(axum::response::sse::KeepAlive::new().interval(crate::live::HEARTBEAT))
+        .into_response())
 }
 
 /// List orders, newest first.

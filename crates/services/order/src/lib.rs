@@ -3,6 +3,7 @@
 pub mod api;
 pub mod consumers;
 pub mod customers;
+pub mod live;
 pub mod shared_cache;
 pub mod store;
 pub mod view;
@@ -23,6 +24,8 @@ pub struct OrderService {
     pub store: Arc<OrderStore>,
     /// Asks the customer service whether an order's customer exists.
     pub customers: CustomerChecker,
+    /// The live streams of order events this process serves.
+    pub live: Arc<live::Live>,
 }
 
 impl OrderService {
@@ -37,6 +40,7 @@ impl OrderService {
         Ok(Self {
             store: Arc::new(OrderStore::new(db, cache)),
             customers,
+            live: live::Live::new(),
         })
     }
 

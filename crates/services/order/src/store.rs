@@ -123,6 +123,8 @@ pub struct OrderStore {
     handler_writer: mpsc::Sender<Job>,
     /// Committed outbox rows go to the relay through it.
     handoff: Handoff,
+    /// The id of each order a change was committed to, for the live streams.
+    changes: tokio::sync::broadcast::Sender<Uuid>,
 }
 
 const SOURCE: &str = "/orderwave/order-service";
@@ -166,7 +168,14 @@ impl OrderStore {
             writer,
             handler_writer,
             handoff,
+            changes: tokio::sync::broadcast::channel(1024).0,
         }
+    }
+
+    /// The ids of orders as changes to them commit (a receiver that falls behind is told it
+    /// lagged, and reads again).
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Uuid> {
+        self.changes.subscribe()
     }
 
     pub fn db(&self) -> &Db {
@@ -287,6 +296,7 @@ impl OrderStore {
                 answer.await.map_err(|_| StoreError::Closed)??;
                 let snapshot = Snapshot::new(order)?;
                 store.remember(&snapshot, document.as_deref(), true).await;
+                let _ = store.changes.send(snapshot.order.id);
                 Ok::<_, StoreError>(snapshot)
             });
             match committed.await.map_err(|_| StoreError::Closed)? {

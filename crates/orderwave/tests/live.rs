@@ -1,0 +1,169 @@
+//! Live order status: `GET /api/v1/orders/{id}/events`, the order's events as server-sent
+//! events, resumed with `Last-Event-ID`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::sse::SseReader;
+use common::{Backend, DEMO_CUSTOMER, TestApp, expect_problem, paid_order_body, token};
+use http_kit::Role;
+use reqwest::Method;
+use serde_json::Value;
+
+async fn stream(app: &TestApp, id: &str, last_event_id: Option<&str>) -> reqwest::Response {
+    let mut request = app.request(Method::GET, &format!("/api/v1/orders/{id}/events"));
+    if let Some(last) = last_event_id {
+        request = request.header("last-event-id", last);
+    }
+    request.send().await.unwrap()
+}
+
+async fn history_versions(app: &TestApp, id: &str) -> Vec<u64> {
+    let history: Value = app
+        .get(&format!("/api/v1/orders/{id}/history"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    history["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["version"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_shows_a_new_order_turn_confirmed_then_each_later_change_as_it_commits() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let placed = app.place(&paid_order_body(DEMO_CUSTOMER)).await;
+    let id = placed["id"].as_str().unwrap();
+    let mut events = SseReader::new(stream(&app, id, None).await);
+    let seen = events.until(|e| e.data["toStatus"] == "CONFIRMED").await;
+    assert_eq!(seen[0].id, 1);
+    assert_eq!(seen[0].event, "OrderPlaced");
+    assert_eq!(seen[0].data["toStatus"], "PENDING");
+    for (i, event) in seen.iter().enumerate() {
+        assert_eq!(event.id, i as u64 + 1, "one event per version, in order");
+        assert_eq!(event.data["version"], event.id);
+    }
+    // A change made now comes down the open stream.
+    let moved = app
+        .set_status(id, serde_json::json!({"status": "PROCESSING"}))
+        .await;
+    assert_eq!(moved.status(), 200);
+    let next = events.until(|e| e.data["toStatus"] == "PROCESSING").await;
+    assert_eq!(next[0].id, seen.last().unwrap().id + 1);
+    // The server stops with the stream open: the stream ends, the server does not wait for it.
+    tokio::time::timeout(std::time::Duration::from_secs(20), app.stop())
+        .await
+        .expect("the server stopped with a live stream open");
+    assert!(events.next().await.is_none(), "the stream ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_stream_gets_exactly_the_events_it_missed() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let placed = app.place(&paid_order_body(DEMO_CUSTOMER)).await;
+    let id = placed["id"].as_str().unwrap();
+    app.wait_for_status(id, "CONFIRMED").await;
+
+    // A client reads two events and its connection drops.
+    let mut first = SseReader::new(stream(&app, id, None).await);
+    let read = [first.next().await.unwrap(), first.next().await.unwrap()];
+    assert_eq!([read[0].id, read[1].id], [1, 2]);
+    drop(first);
+
+    // Meanwhile the order is cancelled: a refund and a release follow.
+    let cancelled = app
+        .request(Method::DELETE, &format!("/api/v1/orders/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 200);
+    app.wait_for_status(id, "CANCELLED").await;
+
+    // It reconnects with the last id it saw: everything after it, once, in order, then the
+    // compensations as they are recorded (the refund may come before or after it reconnects).
+    let mut resumed = SseReader::new(stream(&app, id, Some("2")).await);
+    let mut again = resumed.until(|e| e.data["toStatus"] == "CANCELLED").await;
+    again.extend(
+        resumed
+            .until(|e| e.data["change"]["step"] == "PAYMENT_REFUNDED")
+            .await,
+    );
+    let ids: Vec<u64> = again.iter().map(|e| e.id).collect();
+    let expected: Vec<u64> = (3..3 + ids.len() as u64).collect();
+    assert_eq!(ids, expected, "no gap and no repeat after a reconnect");
+    let history = history_versions(&app, id).await;
+    assert!(
+        ids.iter().all(|v| history.contains(v)),
+        "{ids:?} {history:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn another_customers_stream_is_404_and_a_bad_last_event_id_is_422() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let placed = app.place(&paid_order_body(DEMO_CUSTOMER)).await;
+    let id = placed["id"].as_str().unwrap();
+    // The owner may watch it; another customer is told there is no such order.
+    let own = app
+        .request_with(
+            &token(DEMO_CUSTOMER, Role::Customer),
+            Method::GET,
+            &format!("/api/v1/orders/{id}/events"),
+        )
+        .send()
+        .await
+        .unwrap();
+    SseReader::new(own).next().await.unwrap();
+    let other = app
+        .request_with(
+            &token(&uuid::Uuid::now_v7().to_string(), Role::Customer),
+            Method::GET,
+            &format!("/api/v1/orders/{id}/events"),
+        )
+        .send()
+        .await
+        .unwrap();
+    expect_problem(other, 404).await;
+    expect_problem(
+        stream(&app, &uuid::Uuid::now_v7().to_string(), None).await,
+        404,
+    )
+    .await;
+    let bad = expect_problem(stream(&app, id, Some("latest")).await, 422).await;
+    assert_eq!(bad["errors"][0]["field"], "Last-Event-ID");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn one_caller_may_hold_16_streams_at_once() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let placed = app.place(&paid_order_body(DEMO_CUSTOMER)).await;
+    let id = placed["id"].as_str().unwrap();
+    let mut open = Vec::new();
+    for _ in 0..16 {
+        open.push(SseReader::new(stream(&app, id, None).await));
+    }
+    let refused = stream(&app, id, None).await;
+    assert!(refused.headers().contains_key("retry-after"));
+    expect_problem(refused, 429).await;
+    // One closed, one more may open.
+    drop(open.pop());
+    let mut reopened = None;
+    common::eventually("a stream's place freed", async || {
+        let response = stream(&app, id, None).await;
+        let ok = response.status() == 200;
+        if ok {
+            reopened = Some(response);
+        }
+        ok
+    })
+    .await;
+    SseReader::new(reopened.unwrap()).next().await.unwrap();
+    drop(open);
+    app.stop().await;
+}
