@@ -167,3 +167,106 @@ async fn one_caller_may_hold_16_streams_at_once() {
     drop(open);
     app.stop().await;
 }
+
+/// A WebSocket to `/api/v1/orders/ws` as `token`'s caller.
+async fn socket(
+    app: &TestApp,
+    token: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = app
+        .url("/api/v1/orders/ws")
+        .replace("http://", "ws://")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    tokio_tungstenite::connect_async(request).await.unwrap().0
+}
+
+/// The next text message as JSON, within 30 s.
+async fn receive(
+    socket: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> Value {
+    use futures::StreamExt;
+    loop {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(30), socket.next())
+            .await
+            .expect("a message within 30 s")
+            .expect("the socket is open")
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+            return serde_json::from_str(&text).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_follows_several_orders_and_is_refused_others() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let first = app.place(&paid_order_body(DEMO_CUSTOMER)).await;
+    let second = app.place(&paid_order_body(DEMO_CUSTOMER)).await;
+    let (first, second) = (
+        first["id"].as_str().unwrap(),
+        second["id"].as_str().unwrap(),
+    );
+    app.wait_for_status(first, "CONFIRMED").await;
+    let mut ws = socket(&app, &token(DEMO_CUSTOMER, Role::Customer)).await;
+    // The first from its start, the second after its first event.
+    for (order, after) in [(first, 0), (second, 1)] {
+        ws.send(Message::Text(
+            serde_json::json!({"subscribe": order, "after": after})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .unwrap();
+    }
+    let mut seen: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    while seen.get(first).is_none_or(|ids| !ids.contains(&4))
+        || seen.get(second).is_none_or(|ids| ids.len() < 2)
+    {
+        let message = receive(&mut ws).await;
+        assert!(message.get("error").is_none(), "{message}");
+        assert_eq!(message["data"]["version"], message["id"]);
+        seen.entry(message["orderId"].as_str().unwrap().to_string())
+            .or_default()
+            .push(message["id"].as_u64().unwrap());
+    }
+    let ids = &seen[first];
+    assert_eq!(ids[..4], [1, 2, 3, 4], "every event of the first, in order");
+    assert_eq!(
+        seen[second][0], 2,
+        "the second resumed after its first event"
+    );
+    // Another customer's order, and no order at all: refused on the socket, which stays open.
+    let theirs = app.place(&paid_order_body(&app.new_customer().await)).await;
+    for order in [theirs["id"].as_str().unwrap(), "not-an-id"] {
+        ws.send(Message::Text(
+            serde_json::json!({"subscribe": order}).to_string().into(),
+        ))
+        .await
+        .unwrap();
+        let mut refused = receive(&mut ws).await;
+        while refused.get("error").is_none() {
+            refused = receive(&mut ws).await;
+        }
+        assert_eq!(refused["orderId"], order);
+        assert_eq!(refused["error"]["status"], 404);
+    }
+    // A change to a followed order still arrives.
+    app.set_status(first, serde_json::json!({"status": "PROCESSING"}))
+        .await;
+    let mut moved = receive(&mut ws).await;
+    while moved["data"]["toStatus"] != "PROCESSING" {
+        moved = receive(&mut ws).await;
+    }
+    assert_eq!(moved["orderId"], first);
+    ws.close(None).await.unwrap();
+    app.stop().await;
+}

@@ -36,6 +36,7 @@ pub fn router(service: OrderService) -> OpenApiRouter {
         .routes(routes!(set_shipping))
         .routes(routes!(order_history))
         .routes(routes!(order_events))
+        .routes(routes!(order_socket))
         .routes(routes!(customer_orders))
         .with_state(service)
 }
@@ -529,7 +530,6 @@ async fn order_events(
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let id = parse_id(&id)?;
-    check_owner(&service, &caller, id).await?;
     let after = match headers.get("last-event-id") {
         None => 0,
         Some(value) => value
@@ -543,22 +543,156 @@ async fn order_events(
                 )
             })?,
     };
+    let stream = subscribe(&service, &caller, id, after).await?;
+    use futures::StreamExt;
+    Ok(
+        axum::response::sse::Sse::new(stream.map(crate::live::sse_event))
+            .keep_alive(axum::response::sse::KeepAlive::new().interval(crate::live::HEARTBEAT))
+            .into_response(),
+    )
+}
+
+/// The live events of order `id` after version `after`, for a caller who may see it.
+async fn subscribe(
+    service: &OrderService,
+    caller: &Caller,
+    id: Uuid,
+    after: u64,
+) -> Result<impl futures::Stream<Item = HistoryEntry> + Send + 'static, Problem> {
+    check_owner(service, caller, id).await?;
     let events = service.store.history(id).await?;
     if events.is_empty() {
         return Err(order_not_found());
     }
     let permit = service.live.admit(&caller.subject)?;
-    let stream = crate::live::events(
+    Ok(crate::live::events(
         service.store.clone(),
         &service.live,
         permit,
         id,
         after,
         events,
-    );
-    Ok(axum::response::sse::Sse::new(stream)
-        .keep_alive(axum::response::sse::KeepAlive::new().interval(crate::live::HEARTBEAT))
-        .into_response())
+    ))
+}
+
+/// The same live events over one WebSocket, for any number of orders. Send
+/// `{"subscribe": ORDER_ID, "after": VERSION}` (`after` optional: all events) or
+/// `{"unsubscribe": ORDER_ID}`; each event comes as `{"orderId", "id", "event", "data"}` (as in
+/// the event stream), a refused subscription as `{"orderId", "error": problem}`. A client that
+/// does not read its events as fast as they come is disconnected (close code 1008) rather than
+/// kept with events piling up; it resubscribes with the last id it saw.
+#[utoipa::path(
+    get, path = "/api/v1/orders/ws", tag = "orders",
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 400, description = "Not a WebSocket upgrade", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn order_socket(
+    State(service): State<OrderService>,
+    caller: Caller,
+    upgrade: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    upgrade.on_upgrade(move |socket| serve_socket(service, caller, socket))
+}
+
+/// What a WebSocket client sends.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum SocketRequest {
+    Subscribe {
+        subscribe: String,
+        after: Option<u64>,
+    },
+    Unsubscribe {
+        unsubscribe: String,
+    },
+}
+
+/// Events waiting to be written to one WebSocket; more is a client too slow to keep.
+const SOCKET_BUFFER: usize = 256;
+
+async fn serve_socket(
+    service: OrderService,
+    caller: Caller,
+    mut socket: axum::extract::ws::WebSocket,
+) {
+    use axum::extract::ws::{CloseFrame, Message};
+    use futures::StreamExt;
+    // None: a subscription found the buffer full.
+    let (events, mut outgoing) = tokio::sync::mpsc::channel::<Option<String>>(SOCKET_BUFFER);
+    let mut subscriptions: std::collections::HashMap<Uuid, tokio::task::JoinHandle<()>> =
+        std::collections::HashMap::new();
+    let mut stopping = service.live.stopping();
+    let reply = |order: &str, problem: Problem| {
+        serde_json::json!({"orderId": order, "error": problem}).to_string()
+    };
+    loop {
+        let out = tokio::select! {
+            _ = stopping.changed() => break,
+            message = socket.recv() => match message {
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<SocketRequest>(&text) {
+                    Ok(SocketRequest::Subscribe { subscribe: order, after }) => {
+                        let subscribed = match Uuid::parse_str(&order) {
+                            Ok(id) => subscribe(&service, &caller, id, after.unwrap_or(0)).await.map(|s| (id, s)),
+                            Err(_) => Err(order_not_found()),
+                        };
+                        match subscribed {
+                            Ok((id, stream)) => {
+                                let events = events.clone();
+                                let task = tokio::spawn(async move {
+                                    let mut stream = std::pin::pin!(stream);
+                                    while let Some(entry) = stream.next().await {
+                                        let text = serde_json::json!({
+                                            "orderId": id, "id": entry.version,
+                                            "event": entry.event_type.clone(), "data": entry,
+                                        }).to_string();
+                                        if events.try_send(Some(text)).is_err() {
+                                            let _ = events.send(None).await;
+                                            return;
+                                        }
+                                    }
+                                });
+                                if let Some(before) = subscriptions.insert(id, task) {
+                                    before.abort();
+                                }
+                                continue;
+                            }
+                            Err(problem) => reply(&order, problem),
+                        }
+                    }
+                    Ok(SocketRequest::Unsubscribe { unsubscribe: order }) => {
+                        if let Some(task) = Uuid::parse_str(&order).ok().and_then(|id| subscriptions.remove(&id)) {
+                            task.abort();
+                        }
+                        continue;
+                    }
+                    Err(_) => reply("", Problem::field("message", "send {\"subscribe\": ORDER_ID, \"after\": VERSION} or {\"unsubscribe\": ORDER_ID}")),
+                },
+                Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                // Pings are answered by the server itself.
+                Some(Ok(_)) => continue,
+            },
+            Some(next) = outgoing.recv() => match next {
+                Some(text) => text,
+                None => {
+                    let _ = socket
+                        .send(Message::Close(Some(CloseFrame {
+                            code: 1008,
+                            reason: "events were not read fast enough; resubscribe with the last id".into(),
+                        })))
+                        .await;
+                    break;
+                }
+            },
+        };
+        if socket.send(Message::Text(out.into())).await.is_err() {
+            break;
+        }
+    }
+    for (_, task) in subscriptions {
+        task.abort();
+    }
 }
 
 /// List orders, newest first.

@@ -45,6 +45,11 @@ impl Live {
         self.stopping.send_replace(true);
     }
 
+    /// Changes to true when the server begins to shut down.
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.stopping.subscribe()
+    }
+
     /// A place for one more stream of `caller`, or 429 past [`MAX_STREAMS_PER_CALLER`].
     pub fn admit(self: &Arc<Self>, caller: &str) -> Result<Permit, Problem> {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
@@ -113,7 +118,7 @@ pub fn events(
     id: Uuid,
     after: u64,
     first: Vec<RecordedEvent>,
-) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+) -> impl Stream<Item = HistoryEntry> + Send + 'static {
     let changes = store.changes();
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -131,7 +136,7 @@ pub fn events(
         loop {
             if let Some(event) = state.ready.pop_front() {
                 state.last = event.version;
-                return Some((Ok(sse_event(&event)), state));
+                return Some((HistoryEntry::from(&event), state));
             }
             if *state.stopping.borrow() {
                 return None;
@@ -159,12 +164,12 @@ pub fn events(
     })
 }
 
-fn sse_event(event: &RecordedEvent) -> Event {
-    let entry = HistoryEntry::from(event);
+/// An event as a server-sent event: its version the id, its type the event name.
+pub fn sse_event(entry: HistoryEntry) -> Result<Event, Infallible> {
     let event = Event::default()
         .id(entry.version.to_string())
         .event(entry.event_type.clone());
-    event
+    Ok(event
         .json_data(&entry)
-        .unwrap_or_else(|_| Event::default().comment("unserializable event"))
+        .unwrap_or_else(|_| Event::default().comment("unserializable event")))
 }
