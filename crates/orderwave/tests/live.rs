@@ -270,3 +270,15 @@ async fn a_websocket_follows_several_orders_and_is_refused_others() {
     ws.close(None).await.unwrap();
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_plain_request_to_the_websocket_route_is_a_problem() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let response = app.get("/api/v1/orders/ws").await;
+    let problem = expect_problem(response, 400).await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("upgrade"),
+        "{problem}"
+    );
+    app.stop().await;
+}
