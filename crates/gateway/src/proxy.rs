@@ -70,6 +70,9 @@ impl Upstream {
 pub struct Proxy {
     upstreams: HashMap<&'static str, Upstream>,
     client: reqwest::Client,
+    /// True once the gateway shuts down: the event streams it passes on end then, so that its
+    /// connections close and the shutdown does not wait for them.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -111,7 +114,11 @@ impl Proxy {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| e.to_string())?;
-        Ok(Self { upstreams, client })
+        Ok(Self {
+            upstreams,
+            client,
+            stopping: tokio::sync::watch::channel(false).0,
+        })
     }
 
     /// One attempt per call, 10 s, a breaker that opens after 5 failures for 5 s.
@@ -123,6 +130,11 @@ impl Proxy {
             open_for: Duration::from_secs(5),
             ..PolicyConfig::default()
         }
+    }
+
+    /// Ends the event streams being passed on (the gateway is shutting down).
+    pub fn stop_streams(&self) {
+        self.stopping.send_replace(true);
     }
 
     pub fn upstreams(&self) -> impl Iterator<Item = (&'static str, &Upstream)> {
@@ -313,7 +325,12 @@ impl Proxy {
                             .get(header::CONTENT_TYPE)
                             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
                         let body = if streaming {
-                            Body::from_stream(response.bytes_stream())
+                            let mut stopping = self.stopping.subscribe();
+                            let stopped = async move {
+                                let _ = stopping.wait_for(|stop| *stop).await;
+                            };
+                            use futures::StreamExt;
+                            Body::from_stream(response.bytes_stream().take_until(stopped))
                         } else {
                             Body::from(
                                 response

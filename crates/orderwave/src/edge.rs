@@ -20,6 +20,7 @@ pub struct GatewayApp {
     listener: TcpListener,
     router: Router,
     addr: SocketAddr,
+    proxy: Arc<Proxy>,
 }
 
 impl GatewayApp {
@@ -60,7 +61,7 @@ impl GatewayApp {
         let router = Router::new()
             .route("/health/live", get(http_kit::health::live))
             .route("/health/ready", get(ready).with_state(proxy.clone()))
-            .route("/openapi.json", get(openapi).with_state(proxy))
+            .route("/openapi.json", get(openapi).with_state(proxy.clone()))
             .merge(
                 utoipa_swagger_ui::SwaggerUi::new("/docs")
                     .config(utoipa_swagger_ui::Config::from("/openapi.json")),
@@ -77,6 +78,7 @@ impl GatewayApp {
             listener,
             router,
             addr,
+            proxy,
         })
     }
 
@@ -89,6 +91,11 @@ impl GatewayApp {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.addr, "orderwave gateway listening");
+        let proxy = self.proxy;
+        let shutdown = async move {
+            shutdown.await;
+            proxy.stop_streams();
+        };
         let served = crate::app::serve(self.listener, self.router, shutdown).await;
         tracing::info!("orderwave gateway stopped");
         served.context("serving HTTP")

@@ -380,7 +380,19 @@ async fn the_gateway_routes_each_resource_to_its_service_and_a_stopped_one_is_50
     assert_eq!(document["x-orderwave-unavailable"], json!(["payment"]));
     assert!(document["paths"]["/api/v1/orders"].is_object());
 
-    gateway.stop().await;
+    // The gateway shuts down with an event stream open through it: the stream ends, the
+    // shutdown does not wait for it.
+    let mut live = common::sse::SseReader::new(
+        gateway
+            .request(reqwest::Method::GET, &format!("/api/v1/orders/{id}/events"))
+            .send()
+            .await
+            .unwrap(),
+    );
+    live.next().await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(20), gateway.stop())
+        .await
+        .expect("the gateway stopped with a stream open through it");
     for mut app in [order, inventory, notification] {
         app.broker = None;
         app.stop().await;
