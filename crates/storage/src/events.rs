@@ -101,10 +101,20 @@ pub async fn load(
     executor: impl sqlx::Executor<'_, Database = sqlx::Any>,
     aggregate_id: &str,
 ) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    load_after(executor, aggregate_id, 0).await
+}
+
+/// The events of one aggregate after version `after`, oldest first.
+pub async fn load_after(
+    executor: impl sqlx::Executor<'_, Database = sqlx::Any>,
+    aggregate_id: &str,
+    after: i64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT aggregate_id, version, event_type, payload, occurred_at FROM events WHERE aggregate_id = $1 ORDER BY version",
+        "SELECT aggregate_id, version, event_type, payload, occurred_at FROM events WHERE aggregate_id = $1 AND version > $2 ORDER BY version",
     )
     .bind(aggregate_id)
+    .bind(after)
     .fetch_all(executor)
     .await?;
     rows.iter()

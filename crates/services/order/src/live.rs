@@ -151,10 +151,8 @@ pub fn events(
                 },
                 _ = state.poll.tick() => {}
             }
-            match state.store.history(state.id).await {
-                Ok(events) => state
-                    .ready
-                    .extend(events.into_iter().filter(|e| e.version > state.last)),
+            match state.store.history_after(state.id, state.last).await {
+                Ok(events) => state.ready.extend(events),
                 // The next wake-up tries again.
                 Err(error) => {
                     tracing::debug!(order_id = %state.id, %error, "live stream cannot read the order's events")

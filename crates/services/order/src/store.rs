@@ -327,7 +327,17 @@ impl OrderStore {
 
     /// The order's events, oldest first.
     pub async fn history(&self, id: Uuid) -> Result<Vec<RecordedEvent>, StoreError> {
-        let stored = events::load(self.db.reader(), &id.to_string()).await?;
+        self.history_after(id, 0).await
+    }
+
+    /// The order's events after version `after`, oldest first.
+    pub async fn history_after(
+        &self,
+        id: Uuid,
+        after: u64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let stored = events::load_after(self.db.reader(), &id.to_string(), after).await?;
         stored
             .iter()
             .map(|e| {
