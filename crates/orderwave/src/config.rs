@@ -555,28 +555,33 @@ impl Config {
     /// The PostgreSQL URL of `service`'s own database: its `--database-url-SERVICE`, or
     /// `--database-url` (None: the embedded SQLite files).
     pub fn database_url_of(&self, service: Service) -> Option<&str> {
-        let own = match service {
-            Service::Order => &self.database_url_order,
-            Service::Inventory => &self.database_url_inventory,
-            Service::Payment => &self.database_url_payment,
-            Service::Customer => &self.database_url_customer,
-            Service::Notification => &self.database_url_notification,
-            Service::All | Service::Gateway => &None,
-        };
-        own.as_deref().or(self.database_url.as_deref())
+        self.own_database_url(service)
+            .or(self.database_url.as_deref())
+    }
+
+    /// `--database-url-SERVICE` of `service`, if given.
+    fn own_database_url(&self, service: Service) -> Option<&str> {
+        match service {
+            Service::Order => self.database_url_order.as_deref(),
+            Service::Inventory => self.database_url_inventory.as_deref(),
+            Service::Payment => self.database_url_payment.as_deref(),
+            Service::Customer => self.database_url_customer.as_deref(),
+            Service::Notification => self.database_url_notification.as_deref(),
+            Service::All | Service::Gateway => None,
+        }
     }
 
     /// Whether a service has a database URL of its own.
     pub fn has_service_database_urls(&self) -> bool {
         [
-            &self.database_url_order,
-            &self.database_url_inventory,
-            &self.database_url_payment,
-            &self.database_url_customer,
-            &self.database_url_notification,
+            Service::Order,
+            Service::Inventory,
+            Service::Payment,
+            Service::Customer,
+            Service::Notification,
         ]
-        .iter()
-        .any(|url| url.is_some())
+        .into_iter()
+        .any(|service| self.own_database_url(service).is_some())
     }
 
     /// `--bus-partitions`, or its default for the bus: 8 on a broker, 1 on the sql log.
