@@ -18,21 +18,6 @@ async fn stream(app: &TestApp, id: &str, last_event_id: Option<&str>) -> reqwest
     request.send().await.unwrap()
 }
 
-async fn history_versions(app: &TestApp, id: &str) -> Vec<u64> {
-    let history: Value = app
-        .get(&format!("/api/v1/orders/{id}/history"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    history["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["version"].as_u64().unwrap())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_shows_a_new_order_turn_confirmed_then_each_later_change_as_it_commits() {
     let app = TestApp::spawn(Backend::Sqlite).await;
@@ -95,7 +80,12 @@ async fn a_resumed_stream_gets_exactly_the_events_it_missed() {
     let ids: Vec<u64> = again.iter().map(|e| e.id).collect();
     let expected: Vec<u64> = (3..3 + ids.len() as u64).collect();
     assert_eq!(ids, expected, "no gap and no repeat after a reconnect");
-    let history = history_versions(&app, id).await;
+    let history: Vec<u64> = app
+        .history(id)
+        .await
+        .iter()
+        .map(|e| e["version"].as_u64().unwrap())
+        .collect();
     assert!(
         ids.iter().all(|v| history.contains(v)),
         "{ids:?} {history:?}"

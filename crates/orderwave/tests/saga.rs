@@ -35,15 +35,8 @@ fn body_with(token: &str, items: Value) -> Value {
 }
 
 async fn history_steps(app: &TestApp, id: &str) -> Vec<String> {
-    let history: Value = app
-        .get(&format!("/api/v1/orders/{id}/history"))
+    app.history(id)
         .await
-        .json()
-        .await
-        .unwrap();
-    history["entries"]
-        .as_array()
-        .unwrap()
         .iter()
         .map(|e| match e["change"]["step"].as_str() {
             Some(step) => step.to_string(),

@@ -238,6 +238,17 @@ impl TestApp {
         last
     }
 
+    /// The entries of the order's history, oldest first.
+    pub async fn history(&self, id: &str) -> Vec<Value> {
+        let history: Value = self
+            .get(&format!("/api/v1/orders/{id}/history"))
+            .await
+            .json()
+            .await
+            .expect("history json");
+        history["entries"].as_array().expect("entries").clone()
+    }
+
     pub async fn set_status(&self, id: &str, body: Value) -> Response {
         self.put_json(&format!("/api/v1/orders/{id}/status"), &body)
             .await
