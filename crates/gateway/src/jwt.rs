@@ -187,13 +187,17 @@ impl Verifier {
         }
     }
 
-    /// The caller of a request with these headers.
+    /// The caller of a request with these headers: its `Authorization: Bearer` token or, for a
+    /// WebSocket upgrade from a browser (which cannot set that header), the token offered as
+    /// the second subprotocol after [`http_kit::auth::WEBSOCKET_BEARER`].
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
-        let value = headers
-            .get(header::AUTHORIZATION)
-            .ok_or(AuthError::Missing)?
-            .to_str()
-            .map_err(|_| AuthError::Malformed)?;
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return match http_kit::auth::websocket_bearer(headers) {
+                Some(token) => self.verify(token),
+                None => Err(AuthError::Missing),
+            };
+        };
+        let value = value.to_str().map_err(|_| AuthError::Malformed)?;
         let (scheme, token) = value.split_once(' ').ok_or(AuthError::Malformed)?;
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(AuthError::Malformed);

@@ -116,3 +116,22 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
         })
     }
 }
+
+/// The WebSocket subprotocol a browser offers first, with its bearer token as the second
+/// (`new WebSocket(url, ["orderwave.bearer", token])`): browsers cannot set an Authorization
+/// header on an upgrade, and a token in the query string would end up in access logs. The
+/// server accepts this protocol and never echoes the token.
+pub const WEBSOCKET_BEARER: &str = "orderwave.bearer";
+
+/// The token of a WebSocket upgrade that offers [`WEBSOCKET_BEARER`] then a token.
+pub fn websocket_bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let offered = headers
+        .get(axum::http::header::SEC_WEBSOCKET_PROTOCOL)?
+        .to_str()
+        .ok()?;
+    let mut protocols = offered.split(',').map(str::trim);
+    if protocols.next()? != WEBSOCKET_BEARER {
+        return None;
+    }
+    protocols.next().filter(|token| !token.is_empty())
+}

@@ -693,6 +693,18 @@ impl Platform {
             _ => None,
         };
         let cors = gateway::limits::cors(&config.auth.cors_origins).map_err(anyhow::Error::msg)?;
+        let console = config.serves_console().then(|| {
+            // In demo mode the console signs in without pasting a token: an admin token for
+            // an hour, minted for each visit.
+            let demo_token = keys.signer.clone().filter(|_| config.demo).map(|signer| {
+                std::sync::Arc::new(move || {
+                    signer
+                        .mint("console-demo", http_kit::Role::Admin, Duration::from_secs(3600))
+                        .ok()
+                }) as crate::console::DemoToken
+            });
+            crate::console::router(demo_token)
+        });
         let router = build_router(
             config,
             gateway::Gateway {
@@ -709,6 +721,7 @@ impl Platform {
             ),
             idempotency.clone(),
             readiness,
+            console,
         );
         let (listener, addr) = bind(config).await?;
         Ok(Self {
@@ -1058,6 +1071,7 @@ fn build_router(
     outboxes: crate::admin::Outboxes,
     idempotency: IdempotencyStore,
     readiness: Readiness,
+    console: Option<Router>,
 ) -> Router {
     let metrics_state = MetricsState {
         handle: http_kit::metrics::handle(),
@@ -1109,6 +1123,10 @@ fn build_router(
         .merge(operations)
         .merge(docs)
         .fallback(not_found);
+    let router = match console {
+        Some(console) => router.merge(console),
+        None => router,
+    };
     let router = outer_layers(router, config);
     match cors {
         Some(cors) => router.layer(cors),

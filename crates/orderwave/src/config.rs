@@ -552,6 +552,21 @@ impl Config {
         self.runs(Service::Gateway)
     }
 
+    /// Whether this process is a front door that serves the web console: the gateway, or a
+    /// process running every service.
+    pub fn serves_console(&self) -> bool {
+        self.runs_gateway()
+            || [
+                Service::Order,
+                Service::Inventory,
+                Service::Payment,
+                Service::Customer,
+                Service::Notification,
+            ]
+            .into_iter()
+            .all(|s| self.runs(s))
+    }
+
     /// The PostgreSQL URL of `service`'s own database: its `--database-url-SERVICE`, or
     /// `--database-url` (None: the embedded SQLite files).
     pub fn database_url_of(&self, service: Service) -> Option<&str> {

@@ -70,6 +70,7 @@ impl GatewayApp {
                 "/metrics",
                 get(|| async { http_kit::metrics::handle().render() }),
             )
+            .merge(crate::console::router(None))
             // Everything else is forwarded, its path as it came.
             .fallback_service(api);
         let router = crate::app::outer_layers(router, config);

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod edge;
 pub mod openapi_security;

@@ -272,3 +272,56 @@ async fn a_plain_request_to_the_websocket_route_is_a_problem() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_browser_offers_its_token_as_a_websocket_subprotocol() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let order = app.place(&paid_order_body(DEMO_CUSTOMER)).await;
+    let order = order["id"].as_str().unwrap();
+    let request = |protocols: String| {
+        let mut request = app
+            .url("/api/v1/orders/ws")
+            .replace("http://", "ws://")
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", protocols.parse().unwrap());
+        request
+    };
+    let customer = token(DEMO_CUSTOMER, Role::Customer);
+    let (mut ws, response) =
+        tokio_tungstenite::connect_async(request(format!("orderwave.bearer, {customer}")))
+            .await
+            .unwrap();
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        "orderwave.bearer",
+        "the server picks the protocol, never echoes the token"
+    );
+    ws.send(Message::Text(
+        serde_json::json!({"subscribe": order}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+    let first = receive(&mut ws).await;
+    assert_eq!(first["orderId"], order);
+    assert_eq!(first["id"], 1);
+    ws.close(None).await.unwrap();
+    // A token that is not valid, or a subprotocol list that does not start with ours: 401.
+    for offered in [
+        "orderwave.bearer, not-a-token".to_string(),
+        format!("chat, {customer}"),
+    ] {
+        match tokio_tungstenite::connect_async(request(offered.clone())).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 401, "{offered}")
+            }
+            other => panic!("{offered}: {:?}", other.map(|(_, r)| r.status())),
+        }
+    }
+    app.stop().await;
+}

@@ -184,6 +184,21 @@ async fn templates_are_checked_when_saved_previewed_and_used(app: &TestApp) {
         .unwrap();
     assert_eq!(custom["subject"], "Thanks, <Bob>: order X");
     assert_eq!(custom["htmlBody"], "<b>&lt;Bob&gt;</b>");
+    // An edit previewed before it is saved: rendered, and the saved template unchanged.
+    let draft: Value = app
+        .post_json(
+            &format!("{path}/preview"),
+            &json!({"template": {"subject": "Draft for {{ customer.name }}", "textBody": "{{ order.total }}"}}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(draft["subject"], "Draft for Ada Lovelace");
+    assert_eq!(draft["textBody"], "114.85");
+    let unchanged: Value = app.get(path).await.json().await.unwrap();
+    assert_eq!(unchanged["version"], 2);
+    assert_eq!(unchanged["subject"], mine["subject"]);
 
     // The next order's email uses it.
     let customer = app.new_customer().await;

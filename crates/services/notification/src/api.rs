@@ -117,9 +117,13 @@ pub struct PreviewBody {
     /// What the template sees (`customer`, `order`, `refund`); the event's sample when absent.
     #[serde(default)]
     pub data: Option<Value>,
+    /// Texts to render instead of the saved ones: a preview of an edit before it is saved.
+    #[serde(default)]
+    pub template: Option<TemplateTexts>,
 }
 
-/// Render a template with sample data (or the data given).
+/// Render a template with sample data (or the data given), or an edit of it (`template`)
+/// before it is saved.
 #[utoipa::path(
     post, path = "/api/v1/notification-templates/{key}/preview", tag = "notifications",
     request_body = PreviewBody,
@@ -135,7 +139,10 @@ async fn preview_template(
     Path(key): Path<String>,
     JsonBody(body): JsonBody<PreviewBody>,
 ) -> Result<axum::Json<Rendered>, Problem> {
-    let (event, template) = stored_template(&service, &key).await?;
+    let (event, mut template) = stored_template(&service, &key).await?;
+    if let Some(texts) = body.template {
+        template.texts = texts;
+    }
     let data = body.data.unwrap_or_else(|| templates::sample(&event));
     Ok(axum::Json(render_with(&template, &data)?))
 }

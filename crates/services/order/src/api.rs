@@ -580,7 +580,8 @@ async fn subscribe(
 /// `{"unsubscribe": ORDER_ID}`; each event comes as `{"orderId", "id", "event", "data"}` (as in
 /// the event stream), a refused subscription as `{"orderId", "error": problem}`. A client that
 /// does not read its events as fast as they come is disconnected (close code 1008) rather than
-/// kept with events piling up; it resubscribes with the last id it saw.
+/// kept with events piling up; it resubscribes with the last id it saw. A browser, which cannot
+/// set the Authorization header here, offers the subprotocols `orderwave.bearer` and its token.
 #[utoipa::path(
     get, path = "/api/v1/orders/ws", tag = "orders",
     responses(
@@ -593,7 +594,9 @@ async fn order_socket(
     caller: Caller,
     upgrade: axum::extract::ws::WebSocketUpgrade,
 ) -> Response {
-    upgrade.on_upgrade(move |socket| serve_socket(service, caller, socket))
+    upgrade
+        .protocols([http_kit::auth::WEBSOCKET_BEARER])
+        .on_upgrade(move |socket| serve_socket(service, caller, socket))
 }
 
 /// What a WebSocket client sends.

@@ -79,6 +79,10 @@ pub struct OrderView {
     /// False while the customer service could not confirm the customer (checked again before
     /// the order is confirmed).
     pub customer_verified: bool,
+    /// Where the order may go next, from the transition table (empty once it is final).
+    #[serde(default)]
+    #[schema(value_type = Vec<String>, example = json!(["CONFIRMED", "CANCELLED"]))]
+    pub allowed_next: Vec<OrderStatus>,
     /// Increases with every change; also the ETag.
     #[schema(example = 1)]
     pub version: u64,
@@ -123,6 +127,7 @@ impl From<&Order> for OrderView {
             cancel_reason: o.cancel_reason.clone(),
             payment_method: o.payment.as_ref().map(|p| p.method.clone()),
             customer_verified: o.customer_verified,
+            allowed_next: o.status.allowed_next().to_vec(),
             version: o.version,
             created_at: storage::time::to_text(o.created_at),
             updated_at: storage::time::to_text(o.updated_at),

@@ -1,0 +1,107 @@
+import { useState } from "react";
+import { call, withQuery, type Customer, type Page, type Session } from "../api";
+import { formatTime } from "../format";
+import { Alert, Field, Section, useAction, useLoad } from "../ui";
+
+/** Customers (admin) with paging, and a form for a new one. */
+export function Customers({ session }: { session: Session }) {
+  const [cursors, setCursors] = useState<string[]>([]);
+  const cursor = cursors[cursors.length - 1];
+  const page = useLoad(
+    () => call<Page<Customer>>(session, withQuery("/api/v1/customers", { limit: 20, cursor })),
+    [session, cursor],
+  );
+  return (
+    <>
+      <Section title="Customers">
+        <Alert error={page.error} />
+        <div className="table-wrap">
+          <table>
+            <thead>
+              <tr>
+                <th scope="col">Name</th>
+                <th scope="col">Email</th>
+                <th scope="col">Phone</th>
+                <th scope="col">Notified by email of</th>
+                <th scope="col">Since</th>
+                <th scope="col">Orders</th>
+              </tr>
+            </thead>
+            <tbody>
+              {(page.data?.items ?? []).map((c) => (
+                <tr key={c.id}>
+                  <td title={c.id}>{c.name}</td>
+                  <td>{c.email}</td>
+                  <td>{c.phone ?? ""}</td>
+                  <td>{c.notificationPreferences.email.join(", ")}</td>
+                  <td>{formatTime(c.createdAt)}</td>
+                  <td>
+                    <a href={`#/orders?customerId=${c.id}`} aria-label={`Orders of ${c.name}`}>
+                      Orders
+                    </a>
+                  </td>
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        </div>
+        <nav className="pager" aria-label="Pages">
+          <button type="button" disabled={cursors.length === 0} onClick={() => setCursors((c) => c.slice(0, -1))}>
+            Previous
+          </button>
+          <span>Page {cursors.length + 1}</span>
+          <button
+            type="button"
+            disabled={!page.data?.nextCursor}
+            onClick={() => page.data?.nextCursor && setCursors((c) => [...c, page.data!.nextCursor!])}
+          >
+            Next
+          </button>
+        </nav>
+      </Section>
+      <NewCustomer session={session} onSaved={page.reload} />
+    </>
+  );
+}
+
+function NewCustomer({ session, onSaved }: { session: Session; onSaved: () => void }) {
+  const [form, setForm] = useState({ name: "", email: "", phone: "" });
+  const action = useAction();
+  const set = (field: keyof typeof form) => (e: React.ChangeEvent<HTMLInputElement>) =>
+    setForm((f) => ({ ...f, [field]: e.target.value }));
+  return (
+    <Section title="New customer">
+      <form
+        className="grid"
+        aria-label="New customer"
+        onSubmit={(e) => {
+          e.preventDefault();
+          action.run(async () => {
+            const created = await call<Customer>(session, "/api/v1/customers", {
+              method: "POST",
+              body: { name: form.name, email: form.email, phone: form.phone.trim() || undefined },
+            });
+            onSaved();
+            return `Customer ${created.id} created.`;
+          });
+        }}
+      >
+        <Field label="Name">
+          <input value={form.name} onChange={set("name")} required />
+        </Field>
+        <Field label="Email">
+          <input type="email" value={form.email} onChange={set("email")} required />
+        </Field>
+        <Field label="Phone" hint="E.164, e.g. +447700900123">
+          <input type="tel" value={form.phone} onChange={set("phone")} />
+        </Field>
+        <div>
+          <button type="submit" disabled={action.busy}>
+            Create customer
+          </button>
+        </div>
+        <Alert error={action.error} done={action.done} />
+      </form>
+    </Section>
+  );
+}

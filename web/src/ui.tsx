@@ -1,0 +1,122 @@
+// Small pieces every page uses.
+import { useCallback, useEffect, useState, type ReactNode } from "react";
+import { ProblemError } from "./api";
+
+export interface Loaded<T> {
+  data: T | undefined;
+  error: string | undefined;
+  loading: boolean;
+  reload: () => void;
+  /** Replaces the data on screen (after a change the server answered with). */
+  set: (data: T) => void;
+}
+
+/** Loads `load()` now and whenever `deps` change; keeps the last data while reloading. */
+export function useLoad<T>(load: () => Promise<T>, deps: unknown[]): Loaded<T> {
+  const [data, setData] = useState<T>();
+  const [error, setError] = useState<string>();
+  const [loading, setLoading] = useState(true);
+  const [tick, setTick] = useState(0);
+  const run = useCallback(load, deps);
+  useEffect(() => {
+    let current = true;
+    setLoading(true);
+    run().then(
+      (value) => {
+        if (!current) return;
+        setData(value);
+        setError(undefined);
+        setLoading(false);
+      },
+      (e: unknown) => {
+        if (!current) return;
+        setError(errorText(e));
+        setLoading(false);
+      },
+    );
+    return () => {
+      current = false;
+    };
+  }, [run, tick]);
+  return { data, error, loading, reload: () => setTick((t) => t + 1), set: setData };
+}
+
+export function errorText(e: unknown): string {
+  if (e instanceof ProblemError) return e.message;
+  if (e instanceof Error) return e.message;
+  return String(e);
+}
+
+/** Runs an action; its error is shown by the page, its success may say something. */
+export function useAction(): {
+  busy: boolean;
+  error: string | undefined;
+  done: string | undefined;
+  run: (action: () => Promise<string | void>) => Promise<void>;
+} {
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState<string>();
+  const [done, setDone] = useState<string>();
+  const run = async (action: () => Promise<string | void>) => {
+    setBusy(true);
+    setError(undefined);
+    setDone(undefined);
+    try {
+      const message = await action();
+      if (message) setDone(message);
+    } catch (e) {
+      setError(errorText(e));
+    } finally {
+      setBusy(false);
+    }
+  };
+  return { busy, error, done, run };
+}
+
+export function Alert({ error, done }: { error?: string; done?: string }) {
+  if (error) {
+    return (
+      <p className="alert error" role="alert">
+        {error}
+      </p>
+    );
+  }
+  if (done) {
+    return (
+      <p className="alert ok" role="status">
+        {done}
+      </p>
+    );
+  }
+  return null;
+}
+
+export function StatusBadge({ status }: { status: string }) {
+  return (
+    <span className={`badge status-${status.toLowerCase()}`} data-status={status}>
+      {status}
+    </span>
+  );
+}
+
+export function Field({ label, children, hint }: { label: string; children: ReactNode; hint?: string }) {
+  return (
+    <label className="field">
+      <span>{label}</span>
+      {children}
+      {hint ? <small>{hint}</small> : null}
+    </label>
+  );
+}
+
+export function Section({ title, children, actions }: { title: string; children: ReactNode; actions?: ReactNode }) {
+  return (
+    <section className="card" aria-label={title}>
+      <header className="card-head">
+        <h2>{title}</h2>
+        {actions}
+      </header>
+      {children}
+    </section>
+  );
+}
