@@ -699,7 +699,11 @@ impl Platform {
             let demo_token = keys.signer.clone().filter(|_| config.demo).map(|signer| {
                 std::sync::Arc::new(move || {
                     signer
-                        .mint("console-demo", http_kit::Role::Admin, Duration::from_secs(3600))
+                        .mint(
+                            "console-demo",
+                            http_kit::Role::Admin,
+                            Duration::from_secs(3600),
+                        )
                         .ok()
                 }) as crate::console::DemoToken
             });
@@ -721,8 +725,11 @@ impl Platform {
             ),
             idempotency.clone(),
             readiness,
-            console,
         );
+        let router = match console {
+            Some(console) => router.merge(outer_layers(console, config)),
+            None => router,
+        };
         let (listener, addr) = bind(config).await?;
         Ok(Self {
             listener,
@@ -1071,7 +1078,6 @@ fn build_router(
     outboxes: crate::admin::Outboxes,
     idempotency: IdempotencyStore,
     readiness: Readiness,
-    console: Option<Router>,
 ) -> Router {
     let metrics_state = MetricsState {
         handle: http_kit::metrics::handle(),
@@ -1123,10 +1129,6 @@ fn build_router(
         .merge(operations)
         .merge(docs)
         .fallback(not_found);
-    let router = match console {
-        Some(console) => router.merge(console),
-        None => router,
-    };
     let router = outer_layers(router, config);
     match cors {
         Some(cors) => router.layer(cors),

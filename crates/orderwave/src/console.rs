@@ -83,3 +83,43 @@ fn content_type(path: &str) -> &'static str {
         _ => "application/octet-stream",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    async fn config(router: Router) -> serde_json::Value {
+        let response = router
+            .oneshot(
+                axum::http::Request::get("/console/config.json")
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_a_demo_platform_hands_out_a_token() {
+        assert!(config(router(None)).await["demoToken"].is_null());
+        let minted: DemoToken = std::sync::Arc::new(|| Some("t".to_string()));
+        assert_eq!(config(router(Some(minted))).await["demoToken"], "t");
+    }
+
+    #[test]
+    fn the_page_and_its_assets_are_embedded() {
+        let index = Assets::get("index.html").expect("web/dist/index.html");
+        let html = String::from_utf8(index.data.into_owned()).unwrap();
+        for asset in html.split('"').filter(|p| p.starts_with("/assets/")) {
+            assert!(
+                Assets::get(asset.trim_start_matches('/')).is_some(),
+                "{asset} is not in web/dist: run scripts/build-console.sh"
+            );
+        }
+    }
+}

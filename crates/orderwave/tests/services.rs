@@ -298,6 +298,18 @@ async fn the_gateway_routes_each_resource_to_its_service_and_a_stopped_one_is_50
     }
     assert!(document.get("x-orderwave-unavailable").is_none());
     assert_eq!(gateway.get("/docs/").await.status(), 200);
+    // The web console, from the gateway too (without a demo token: that is the one-process
+    // demo's alone).
+    let console = gateway.get("/").await;
+    assert_eq!(console.status(), 200);
+    assert!(console.text().await.unwrap().contains("id=\"root\""));
+    let config: Value = gateway
+        .get("/console/config.json")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(config["demoToken"].is_null(), "{config}");
 
     // The operator endpoints: every service's outbox, the broker's consumer lag, the dead
     // letters (kept in the platform's database) through one address; admins only.
