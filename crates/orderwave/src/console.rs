@@ -85,6 +85,7 @@ fn content_type(path: &str) -> &'static str {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use tower::ServiceExt;
