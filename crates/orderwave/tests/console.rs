@@ -1,9 +1,10 @@
 //! The web console as the binary serves it: the page, its embedded assets with their types and
 //! caching, a strict content security policy, and the demo sign-in.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use common::*;
+use common::{Backend, TestApp, expect_problem};
 use reqwest::Method;
 use serde_json::Value;
 
