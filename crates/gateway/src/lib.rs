@@ -7,6 +7,7 @@ pub mod limits;
 pub mod policy;
 pub mod proxy;
 pub mod rate_limit;
+mod tunnel;
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::Method;

@@ -48,11 +48,11 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 pub struct Upstream {
     urls: Vec<String>,
     next: AtomicUsize,
-    policy: Arc<Policy>,
+    pub(crate) policy: Arc<Policy>,
 }
 
 impl Upstream {
-    fn url(&self) -> &str {
+    pub(crate) fn url(&self) -> &str {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         &self.urls[i % self.urls.len()]
     }
@@ -68,11 +68,11 @@ impl Upstream {
 
 #[derive(Debug)]
 pub struct Proxy {
-    upstreams: HashMap<&'static str, Upstream>,
+    pub(crate) upstreams: HashMap<&'static str, Upstream>,
     client: reqwest::Client,
     /// True once the gateway shuts down: the event streams it passes on end then, so that its
     /// connections close and the shutdown does not wait for them.
-    stopping: tokio::sync::watch::Sender<bool>,
+    pub(crate) stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -216,7 +216,10 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
         None => return Problem::no_route().into_response(),
     };
     let outbox = path == "/api/v1/admin/outbox" && request.method() == Method::GET;
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    if crate::tunnel::is_upgrade(&parts.headers) {
+        return proxy.tunnel(service, &mut parts).await;
+    }
     let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
         return Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -409,7 +412,7 @@ fn merge_openapi(merged: &mut serde_json::Value, document: serde_json::Value) {
     }
 }
 
-fn unavailable(service: &str, why: &str) -> Response {
+pub(crate) fn unavailable(service: &str, why: &str) -> Response {
     tracing::warn!(service, why, "upstream unavailable");
     let mut problem = Problem::new(
         StatusCode::SERVICE_UNAVAILABLE,

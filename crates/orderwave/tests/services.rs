@@ -248,6 +248,55 @@ async fn the_gateway_routes_each_resource_to_its_service_and_a_stopped_one_is_50
     let seen = live.until(|e| e.data["toStatus"] == "CONFIRMED").await;
     assert_eq!(seen[0].event, "OrderPlaced");
     drop(live);
+    // So does the WebSocket, with the token as a browser sends it (a subprotocol).
+    {
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+        let socket = |token: String| {
+            let mut request = gateway
+                .url("/api/v1/orders/ws")
+                .replace("http://", "ws://")
+                .into_client_request()
+                .unwrap();
+            request.headers_mut().insert(
+                "sec-websocket-protocol",
+                format!("orderwave.bearer, {token}").parse().unwrap(),
+            );
+            tokio_tungstenite::connect_async(request)
+        };
+        let (mut ws, answer) = socket(common::token(&customer, http_kit::Role::Customer))
+            .await
+            .unwrap();
+        assert_eq!(
+            answer.headers()["sec-websocket-protocol"],
+            "orderwave.bearer"
+        );
+        ws.send(Message::Text(
+            serde_json::json!({"subscribe": id}).to_string().into(),
+        ))
+        .await
+        .unwrap();
+        let first = loop {
+            let message = tokio::time::timeout(std::time::Duration::from_secs(30), ws.next())
+                .await
+                .expect("an event within 30 s")
+                .unwrap()
+                .unwrap();
+            if let Message::Text(text) = message {
+                break serde_json::from_str::<Value>(&text).unwrap();
+            }
+        };
+        assert_eq!(first["orderId"], id);
+        assert_eq!(first["event"], "OrderPlaced");
+        ws.close(None).await.unwrap();
+        // A token the gateway does not accept: its 401, before any upstream is asked.
+        match socket("not-a-token".into()).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(refused)) => {
+                assert_eq!(refused.status(), 401)
+            }
+            other => panic!("{:?}", other.map(|(_, r)| r.status())),
+        }
+    }
     // The caller's token goes along: a customer sees their own order, another customer's is 404
     // (the order service decides), and no token is 401 at the gateway.
     let own = gateway
