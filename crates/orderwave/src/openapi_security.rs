@@ -1,5 +1,8 @@
 //! The OpenAPI document's security: a bearer JWT scheme, required by every /api operation,
-//! each of which also documents the gateway's answers (401, 403, 429, 503).
+//! each of which also documents the gateway's answers (401, 403, 429, 503), and what every
+//! operation of a kind answers and accepts alike: the refusals of a body (400 malformed, 413
+//! too large, 415 not JSON, 422 invalid), of a stale or malformed `If-Match` (400, 412), of a
+//! query (422), and the exact form of the shared headers and of `limit`.
 
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, Response, ResponseBuilder};
@@ -67,6 +70,78 @@ pub fn require_bearer(openapi: &mut OpenApi) {
                     .entry(status.to_string())
                     .or_insert_with(|| problem(description));
             }
+            contract(operation);
         }
     }
+}
+
+/// What every operation with a body, a precondition or a query answers alike, and the exact
+/// form of the parameters they share.
+fn contract(operation: &mut utoipa::openapi::path::Operation) {
+    use utoipa::openapi::path::ParameterIn;
+    let mut shared: Vec<(&str, &str)> = Vec::new();
+    if operation.request_body.is_some() {
+        shared.extend([
+            ("400", "The body is not well-formed JSON of the right shape, or a header is malformed"),
+            ("413", "The body is larger than 1 MiB"),
+            ("415", "The body is not `application/json`"),
+            ("422", "A field is invalid (see `errors`)"),
+        ]);
+    }
+    for parameter in operation.parameters.iter_mut().flatten() {
+        let RefOr::T(parameter) = parameter else {
+            continue;
+        };
+        match (parameter.parameter_in.clone(), parameter.name.as_str()) {
+            (ParameterIn::Header, "If-Match") => {
+                parameter.schema = Some(string_pattern(r#"^\s*(\*|"[0-9]+")\s*$"#, 1, 64));
+                shared.extend([
+                    ("400", "If-Match holds more than one ETag"),
+                    ("412", "If-Match is not the current version"),
+                ]);
+            }
+            (ParameterIn::Header, "Idempotency-Key") => {
+                parameter.schema = Some(string_pattern("^[!-~]{1,255}$", 1, 255));
+                shared.extend([
+                    ("400", "Idempotency-Key is not 1-255 visible ASCII characters"),
+                    ("409", "A request with this Idempotency-Key is still being processed"),
+                    ("422", "Idempotency-Key was already used with a different request"),
+                ]);
+            }
+            (ParameterIn::Query, name) => {
+                if name == "limit" {
+                    // Larger values are capped at the operation's page size.
+                    parameter.schema = Some(RefOr::T(utoipa::openapi::Schema::Object(
+                        utoipa::openapi::ObjectBuilder::new()
+                            .schema_type(utoipa::openapi::schema::Type::Integer)
+                            .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                                utoipa::openapi::KnownFormat::Int64,
+                            )))
+                            .minimum(Some(1))
+                            .build(),
+                    )));
+                }
+                shared.push(("422", "A query parameter is invalid (see `errors`)"));
+            }
+            _ => {}
+        }
+    }
+    for (status, description) in shared {
+        operation
+            .responses
+            .responses
+            .entry(status.to_string())
+            .or_insert_with(|| problem(description));
+    }
+}
+
+fn string_pattern(pattern: &str, min: usize, max: usize) -> RefOr<utoipa::openapi::Schema> {
+    RefOr::T(utoipa::openapi::Schema::Object(
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some(pattern))
+            .min_length(Some(min))
+            .max_length(Some(max))
+            .build(),
+    ))
 }

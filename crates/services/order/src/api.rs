@@ -517,7 +517,7 @@ async fn order_history(
         ("Last-Event-ID" = Option<u64>, Header, description = "The id of the last event received: the stream resumes after it"),
     ),
     responses(
-        (status = 200, description = "A stream of the order's events", body = HistoryEntry, content_type = "text/event-stream"),
+        (status = 200, description = "A stream of the order's events", body = crate::view::LiveEvent, content_type = "text/event-stream"),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Last-Event-ID is not an event id", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Too many open streams", body = Problem, content_type = "application/problem+json"),

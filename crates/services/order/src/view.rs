@@ -144,6 +144,20 @@ pub struct OrderPage {
     pub next_cursor: Option<String>,
 }
 
+/// One server-sent event of an order's live stream (`text/event-stream`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LiveEvent {
+    /// The order's version after the event: send it back as `Last-Event-ID` to resume.
+    #[schema(example = "2")]
+    pub id: String,
+    /// The event's type, as the history entry's `type`.
+    #[schema(example = "OrderStatusChanged")]
+    pub event: String,
+    /// The history entry (`HistoryEntry`) as JSON.
+    #[schema(content_media_type = "application/json")]
+    pub data: String,
+}
+
 /// One entry of an order's timeline.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
