@@ -10,6 +10,7 @@ pub mod idempotency;
 pub mod json;
 pub mod metrics;
 pub mod problem;
+pub mod query;
 pub mod redis;
 pub mod resilience;
 

@@ -238,11 +238,11 @@ async fn list_dead_letters(
     let mut group = None;
     let mut source = None;
     let mut limit = 100usize;
-    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+    for (key, value) in http_kit::query::pairs(query.as_deref()) {
         match key.as_ref() {
-            "group" => group = Some(value.into_owned()),
+            "group" => group = Some(value),
             "source" => match value.as_ref() {
-                "bus" | "notification" => source = Some(value.into_owned()),
+                "bus" | "notification" => source = Some(value),
                 _ => return Err(Problem::field("source", "must be bus or notification")),
             },
             "limit" => limit = http_kit::cursor::parse_limit(&value, 500)? as usize,

@@ -82,7 +82,10 @@ fn contract(operation: &mut utoipa::openapi::path::Operation) {
     let mut shared: Vec<(&str, &str)> = Vec::new();
     if operation.request_body.is_some() {
         shared.extend([
-            ("400", "The body is not well-formed JSON of the right shape, or a header is malformed"),
+            (
+                "400",
+                "The body is not well-formed JSON of the right shape, or a header is malformed",
+            ),
             ("413", "The body is larger than 1 MiB"),
             ("415", "The body is not `application/json`"),
             ("422", "A field is invalid (see `errors`)"),
@@ -103,9 +106,18 @@ fn contract(operation: &mut utoipa::openapi::path::Operation) {
             (ParameterIn::Header, "Idempotency-Key") => {
                 parameter.schema = Some(string_pattern("^[!-~]{1,255}$", 1, 255));
                 shared.extend([
-                    ("400", "Idempotency-Key is not 1-255 visible ASCII characters"),
-                    ("409", "A request with this Idempotency-Key is still being processed"),
-                    ("422", "Idempotency-Key was already used with a different request"),
+                    (
+                        "400",
+                        "Idempotency-Key is not 1-255 visible ASCII characters",
+                    ),
+                    (
+                        "409",
+                        "A request with this Idempotency-Key is still being processed",
+                    ),
+                    (
+                        "422",
+                        "Idempotency-Key was already used with a different request",
+                    ),
                 ]);
             }
             (ParameterIn::Query, name) => {

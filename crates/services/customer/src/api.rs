@@ -253,9 +253,9 @@ async fn list_customers(
     let mut email = None;
     let mut after = None;
     let mut limit = 20u32;
-    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+    for (key, value) in http_kit::query::pairs(query.as_deref()) {
         match key.as_ref() {
-            "email" => email = Some(value.into_owned()),
+            "email" => email = Some(value),
             "limit" => limit = cursor::parse_limit(&value, 100)?,
             "cursor" => {
                 let parts = cursor::decode(&value, 2)?;

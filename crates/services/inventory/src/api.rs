@@ -159,7 +159,7 @@ async fn list_products(
 ) -> Result<axum::Json<ProductPage>, Problem> {
     let mut limit = 20u32;
     let mut after = None;
-    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+    for (key, value) in http_kit::query::pairs(query.as_deref()) {
         match key.as_ref() {
             "limit" => limit = cursor::parse_limit(&value, 100)?,
             "cursor" => after = cursor::decode(&value, 1)?.into_iter().next(),

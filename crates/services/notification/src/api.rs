@@ -364,10 +364,10 @@ async fn list_notifications(
     let mut filter = Filter::default();
     let mut after = None;
     let mut limit = 20u32;
-    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+    for (key, value) in http_kit::query::pairs(query.as_deref()) {
         match key.as_ref() {
-            "orderId" => filter.order_id = Some(value.into_owned()),
-            "customerId" => filter.customer_id = Some(value.into_owned()),
+            "orderId" => filter.order_id = Some(value),
+            "customerId" => filter.customer_id = Some(value),
             "status" => {
                 let status = value.to_ascii_lowercase();
                 if !["pending", "sent", "failed", "dead"].contains(&status.as_str()) {

@@ -472,9 +472,10 @@ async fn cancel_order(
 ) -> Result<Response, Problem> {
     let id = parse_id(&id)?;
     check_owner(&service, &caller, id).await?;
-    let reason = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+    let reason = http_kit::query::pairs(query.as_deref())
+        .into_iter()
         .find(|(k, _)| k == "reason")
-        .map(|(_, v)| v.into_owned());
+        .map(|(_, v)| v);
     let reason = validate_reason(reason.as_deref()).map_err(Problem::from)?;
     run_command(&service, id, &headers, OrderCommand::Cancel { reason }).await
 }
@@ -765,7 +766,7 @@ async fn list(
         ..OrderFilter::default()
     };
     let mut errors = Vec::new();
-    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+    for (key, value) in http_kit::query::pairs(query.as_deref()) {
         match key.as_ref() {
             "customerId" if customer.is_none() => match Uuid::parse_str(&value) {
                 Ok(id) => filter.customer_id = Some(id),

@@ -268,7 +268,7 @@ async fn list_payments(
     let mut limit = 20u32;
     let mut after = None;
     let mut order_id = None;
-    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+    for (key, value) in http_kit::query::pairs(query.as_deref()) {
         match key.as_ref() {
             "limit" => limit = cursor::parse_limit(&value, 100)?,
             "cursor" => {
