@@ -766,7 +766,7 @@ async fn list(
         ..OrderFilter::default()
     };
     let mut errors = Vec::new();
-    for (key, value) in http_kit::query::pairs(query.as_deref()) {
+    for (key, value) in http_kit::query::pairs(query) {
         match key.as_ref() {
             "customerId" if customer.is_none() => match Uuid::parse_str(&value) {
                 Ok(id) => filter.customer_id = Some(id),
