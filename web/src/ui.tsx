@@ -120,3 +120,30 @@ export function Section({ title, children, actions }: { title: string; children:
     </section>
   );
 }
+
+/** Paging by cursor: the cursor of the page on screen, and moving between pages. */
+export function useCursorPages() {
+  // The cursors of the pages before this one, then this one's.
+  const [cursors, setCursors] = useState<string[]>([]);
+  return {
+    cursor: cursors[cursors.length - 1] as string | undefined,
+    page: cursors.length + 1,
+    first: () => setCursors([]),
+    back: () => setCursors((c) => c.slice(0, -1)),
+    next: (cursor: string) => setCursors((c) => [...c, cursor]),
+  };
+}
+
+export function Pager({ pages, nextCursor }: { pages: ReturnType<typeof useCursorPages>; nextCursor?: string | null }) {
+  return (
+    <nav className="pager" aria-label="Pages">
+      <button type="button" disabled={pages.page === 1} onClick={pages.back}>
+        Previous
+      </button>
+      <span>Page {pages.page}</span>
+      <button type="button" disabled={!nextCursor} onClick={() => nextCursor && pages.next(nextCursor)}>
+        Next
+      </button>
+    </nav>
+  );
+}

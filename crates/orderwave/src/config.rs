@@ -243,6 +243,17 @@ pub enum Service {
     Gateway,
 }
 
+impl Service {
+    /// The five services, each once.
+    pub const EACH: [Service; 5] = [
+        Service::Order,
+        Service::Inventory,
+        Service::Payment,
+        Service::Customer,
+        Service::Notification,
+    ];
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -555,16 +566,7 @@ impl Config {
     /// Whether this process is a front door that serves the web console: the gateway, or a
     /// process running every service.
     pub fn serves_console(&self) -> bool {
-        self.runs_gateway()
-            || [
-                Service::Order,
-                Service::Inventory,
-                Service::Payment,
-                Service::Customer,
-                Service::Notification,
-            ]
-            .into_iter()
-            .all(|s| self.runs(s))
+        self.runs_gateway() || Service::EACH.into_iter().all(|s| self.runs(s))
     }
 
     /// The PostgreSQL URL of `service`'s own database: its `--database-url-SERVICE`, or
@@ -588,15 +590,9 @@ impl Config {
 
     /// Whether a service has a database URL of its own.
     pub fn has_service_database_urls(&self) -> bool {
-        [
-            Service::Order,
-            Service::Inventory,
-            Service::Payment,
-            Service::Customer,
-            Service::Notification,
-        ]
-        .into_iter()
-        .any(|service| self.own_database_url(service).is_some())
+        Service::EACH
+            .into_iter()
+            .any(|service| self.own_database_url(service).is_some())
     }
 
     /// `--bus-partitions`, or its default for the bus: 8 on a broker, 1 on the sql log.

@@ -126,6 +126,9 @@ async fn serve(config: orderwave::Config) -> anyhow::Result<()> {
     let addr = app.local_addr();
     println!("listening on http://{addr}");
     println!("docs at http://{addr}/docs (OpenAPI at http://{addr}/openapi.json)");
+    if config.serves_console() {
+        println!("console at http://{addr}/");
+    }
     match app.first_admin_token() {
         // Printed for a person at a terminal; never into a log collector's JSON stream.
         Some(token) if config.log_format == orderwave::config::LogFormat::Pretty => {

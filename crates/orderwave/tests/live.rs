@@ -158,20 +158,28 @@ async fn one_caller_may_hold_16_streams_at_once() {
     app.stop().await;
 }
 
-/// A WebSocket to `/api/v1/orders/ws` as `token`'s caller.
-async fn socket(
+/// An upgrade request to `/api/v1/orders/ws` with one more header.
+fn upgrade(
     app: &TestApp,
-    token: &str,
-) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    header: &'static str,
+    value: String,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut request = app
         .url("/api/v1/orders/ws")
         .replace("http://", "ws://")
         .into_client_request()
         .unwrap();
+    request.headers_mut().insert(header, value.parse().unwrap());
     request
-        .headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+}
+
+/// A WebSocket to `/api/v1/orders/ws` as `token`'s caller.
+async fn socket(
+    app: &TestApp,
+    token: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let request = upgrade(app, "authorization", format!("Bearer {token}"));
     tokio_tungstenite::connect_async(request).await.unwrap().0
 }
 
@@ -277,21 +285,10 @@ async fn a_plain_request_to_the_websocket_route_is_a_problem() {
 async fn a_browser_offers_its_token_as_a_websocket_subprotocol() {
     use futures::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let app = TestApp::spawn(Backend::Sqlite).await;
     let order = app.place(&paid_order_body(DEMO_CUSTOMER)).await;
     let order = order["id"].as_str().unwrap();
-    let request = |protocols: String| {
-        let mut request = app
-            .url("/api/v1/orders/ws")
-            .replace("http://", "ws://")
-            .into_client_request()
-            .unwrap();
-        request
-            .headers_mut()
-            .insert("sec-websocket-protocol", protocols.parse().unwrap());
-        request
-    };
+    let request = |protocols: String| upgrade(&app, "sec-websocket-protocol", protocols);
     let customer = token(DEMO_CUSTOMER, Role::Customer);
     let (mut ws, response) =
         tokio_tungstenite::connect_async(request(format!("orderwave.bearer, {customer}")))

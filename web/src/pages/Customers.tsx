@@ -1,12 +1,12 @@
 import { useState } from "react";
 import { call, withQuery, type Customer, type Page, type Session } from "../api";
 import { formatTime } from "../format";
-import { Alert, Field, Section, useAction, useLoad } from "../ui";
+import { Alert, Field, Pager, Section, useAction, useCursorPages, useLoad } from "../ui";
 
 /** Customers (admin) with paging, and a form for a new one. */
 export function Customers({ session }: { session: Session }) {
-  const [cursors, setCursors] = useState<string[]>([]);
-  const cursor = cursors[cursors.length - 1];
+  const pages = useCursorPages();
+  const cursor = pages.cursor;
   const page = useLoad(
     () => call<Page<Customer>>(session, withQuery("/api/v1/customers", { limit: 20, cursor })),
     [session, cursor],
@@ -45,19 +45,7 @@ export function Customers({ session }: { session: Session }) {
             </tbody>
           </table>
         </div>
-        <nav className="pager" aria-label="Pages">
-          <button type="button" disabled={cursors.length === 0} onClick={() => setCursors((c) => c.slice(0, -1))}>
-            Previous
-          </button>
-          <span>Page {cursors.length + 1}</span>
-          <button
-            type="button"
-            disabled={!page.data?.nextCursor}
-            onClick={() => page.data?.nextCursor && setCursors((c) => [...c, page.data!.nextCursor!])}
-          >
-            Next
-          </button>
-        </nav>
+        <Pager pages={pages} nextCursor={page.data?.nextCursor} />
       </Section>
       <NewCustomer session={session} onSaved={page.reload} />
     </>

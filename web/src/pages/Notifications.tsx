@@ -1,7 +1,7 @@
 import { useEffect, useState } from "react";
 import { call, enc, withQuery, type Notification, type Page, type Session, type Template } from "../api";
 import { formatTime, shortId } from "../format";
-import { Alert, Field, Section, StatusBadge, useAction, useLoad } from "../ui";
+import { Alert, Field, Pager, Section, StatusBadge, useAction, useCursorPages, useLoad } from "../ui";
 
 const EVENTS = ["order.created", "order.confirmed", "order.shipped", "order.delivered", "order.cancelled", "payment.refunded"];
 const CHANNELS = ["email", "sms"];
@@ -20,8 +20,8 @@ export function Notifications({ session }: { session: Session }) {
 function Log({ session }: { session: Session }) {
   const [status, setStatus] = useState("");
   const [orderId, setOrderId] = useState("");
-  const [cursors, setCursors] = useState<string[]>([]);
-  const cursor = cursors[cursors.length - 1];
+  const pages = useCursorPages();
+  const cursor = pages.cursor;
   const page = useLoad(
     () =>
       call<Page<Notification>>(
@@ -45,7 +45,7 @@ function Log({ session }: { session: Session }) {
             value={status}
             onChange={(e) => {
               setStatus(e.target.value);
-              setCursors([]);
+              pages.first();
             }}
           >
             <option value="">Any</option>
@@ -59,7 +59,7 @@ function Log({ session }: { session: Session }) {
             value={orderId}
             onChange={(e) => {
               setOrderId(e.target.value);
-              setCursors([]);
+              pages.first();
             }}
           />
         </Field>
@@ -106,19 +106,7 @@ function Log({ session }: { session: Session }) {
           </tbody>
         </table>
       </div>
-      <nav className="pager" aria-label="Pages">
-        <button type="button" disabled={cursors.length === 0} onClick={() => setCursors((c) => c.slice(0, -1))}>
-          Previous
-        </button>
-        <span>Page {cursors.length + 1}</span>
-        <button
-          type="button"
-          disabled={!page.data?.nextCursor}
-          onClick={() => page.data?.nextCursor && setCursors((c) => [...c, page.data!.nextCursor!])}
-        >
-          Next
-        </button>
-      </nav>
+      <Pager pages={pages} nextCursor={page.data?.nextCursor} />
     </Section>
   );
 }

@@ -2,7 +2,7 @@ import { useEffect, useRef, useState } from "react";
 import { call, STATUSES, withQuery, type Order, type Page, type Session } from "../api";
 import { formatTime, money, shortId } from "../format";
 import { OrderSocket } from "../live";
-import { Alert, Field, Section, StatusBadge, useLoad } from "../ui";
+import { Alert, Field, Pager, Section, StatusBadge, useCursorPages, useLoad } from "../ui";
 
 /** The orders table: filters, paging by cursor, and each row's status kept live. */
 export function Orders({ session, initialCustomer = "" }: { session: Session; initialCustomer?: string }) {
@@ -10,9 +10,8 @@ export function Orders({ session, initialCustomer = "" }: { session: Session; in
   const [status, setStatus] = useState("");
   const [customer, setCustomer] = useState(initialCustomer);
   const [from, setFrom] = useState("");
-  // The cursors of the pages before this one, and this one's.
-  const [cursors, setCursors] = useState<string[]>([]);
-  const cursor = cursors[cursors.length - 1];
+  const pages = useCursorPages();
+  const cursor = pages.cursor;
   const page = useLoad(
     () =>
       call<Page<Order>>(
@@ -43,7 +42,7 @@ export function Orders({ session, initialCustomer = "" }: { session: Session; in
   useEffect(() => {
     socket.current?.follow((page.data?.items ?? []).map((o) => ({ id: o.id, version: o.version })));
   }, [page.data]);
-  const filtersChanged = () => setCursors([]);
+  const filtersChanged = () => pages.first();
   const rows = page.data?.items ?? [];
   return (
     <Section
@@ -133,19 +132,7 @@ export function Orders({ session, initialCustomer = "" }: { session: Session; in
           </tbody>
         </table>
       </div>
-      <nav className="pager" aria-label="Pages">
-        <button type="button" disabled={cursors.length === 0} onClick={() => setCursors((c) => c.slice(0, -1))}>
-          Previous
-        </button>
-        <span>Page {cursors.length + 1}</span>
-        <button
-          type="button"
-          disabled={!page.data?.nextCursor}
-          onClick={() => page.data?.nextCursor && setCursors((c) => [...c, page.data!.nextCursor!])}
-        >
-          Next
-        </button>
-      </nav>
+      <Pager pages={pages} nextCursor={page.data?.nextCursor} />
     </Section>
   );
 }
