@@ -16,6 +16,7 @@ pub const CUSTOMER_ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/orders/{id}/history"),
     ("GET", "/api/v1/orders/{id}/events"),
     ("GET", "/api/v1/orders/ws"),
+    ("GET", "/api/v1/orders/events"),
     ("GET", "/api/v1/customers/{customerId}/orders"),
     ("GET", "/api/v1/customers/{id}"),
     ("PUT", "/api/v1/customers/{id}"),

@@ -817,6 +817,7 @@ impl Platform {
                 background.push(tokio::spawn(
                     orders.saga_deadline(self.saga_timeout, stopped.clone()),
                 ));
+                background.push(tokio::spawn(orders.feeder(stopped.clone())));
             }
         }
         // Live streams never end on their own: they end when shutdown begins, so the

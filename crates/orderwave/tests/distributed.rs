@@ -614,6 +614,7 @@ async fn under_steady_load_nothing_is_lost_or_doubled(broker: &mut dyn PrivateBr
         assert_eq!(payments[0]["status"], "SUCCEEDED");
     }
     // Notifications: each event announced once per channel, the confirmation among them.
+    let dead_letters = platform.json("/api/v1/admin/dead-letters").await;
     for id in &seen.placed {
         let notifications = platform.notifications(id).await;
         let mut sent: HashMap<(String, String), u32> = HashMap::new();
@@ -631,7 +632,7 @@ async fn under_steady_load_nothing_is_lost_or_doubled(broker: &mut dyn PrivateBr
         );
         assert!(
             sent.keys().any(|(event, _)| event == "order.confirmed"),
-            "order {id}: {notifications:?}"
+            "order {id}: {notifications:?}; dead letters: {dead_letters}"
         );
     }
     // The restarted payment process and the rest are healthy again.

@@ -322,3 +322,123 @@ async fn a_browser_offers_its_token_as_a_websocket_subprotocol() {
     }
     app.stop().await;
 }
+
+/// `GET /api/v1/orders/events` as `token`'s caller.
+async fn feed(
+    app: &TestApp,
+    token: &str,
+    query: &str,
+    last_event_id: Option<u64>,
+) -> reqwest::Response {
+    let mut request =
+        app.request_with(token, Method::GET, &format!("/api/v1/orders/events{query}"));
+    if let Some(last) = last_event_id {
+        request = request.header("last-event-id", last.to_string());
+    }
+    request.send().await.unwrap()
+}
+
+/// Events of `reader` until both `orders` turned CONFIRMED.
+async fn until_confirmed(reader: &mut SseReader, orders: &[&str]) -> Vec<common::sse::SseEvent> {
+    let mut seen = Vec::new();
+    while orders.iter().any(|order| {
+        !seen.iter().any(|e: &common::sse::SseEvent| {
+            e.data["orderId"] == *order && e.data["toStatus"] == "CONFIRMED"
+        })
+    }) {
+        seen.push(
+            tokio::time::timeout(std::time::Duration::from_secs(30), reader.next())
+                .await
+                .expect("an event within 30 s")
+                .expect("the stream is open"),
+        );
+    }
+    seen
+}
+
+async fn a_customers_feed_has_their_orders_in_commit_order_and_resumes_without_a_gap(
+    backend: Backend,
+) {
+    let app = TestApp::spawn(backend).await;
+    let (ada, bob) = (app.new_customer().await, app.new_customer().await);
+    let ada_token = token(&ada, Role::Customer);
+    let admin = token("ops", Role::Admin);
+    // Both start at the newest position: nothing from before they opened.
+    let mut ada_feed = SseReader::new(feed(&app, &ada_token, "", None).await);
+    let mut everything = SseReader::new(feed(&app, &admin, "", None).await);
+    let first = app.place(&paid_order_body(&ada)).await;
+    let theirs = app.place(&paid_order_body(&bob)).await;
+    let second = app.place(&paid_order_body(&ada)).await;
+    let (first, theirs, second) = (
+        first["id"].as_str().unwrap(),
+        theirs["id"].as_str().unwrap(),
+        second["id"].as_str().unwrap(),
+    );
+    let seen = until_confirmed(&mut ada_feed, &[first, second]).await;
+    for pair in seen.windows(2) {
+        assert!(pair[0].id < pair[1].id, "positions increase: {pair:?}");
+    }
+    for order in [first, second] {
+        let versions: Vec<u64> = seen
+            .iter()
+            .filter(|e| e.data["orderId"] == order)
+            .map(|e| e.data["version"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            versions,
+            (1..=versions.len() as u64).collect::<Vec<_>>(),
+            "every event of {order}, in version order"
+        );
+    }
+    assert!(
+        seen.iter().all(|e| e.data["orderId"] != theirs),
+        "another customer's order is not in the feed"
+    );
+    for event in &seen {
+        assert_eq!(event.data["position"], event.id);
+    }
+    // Staff see every order, Bob's too.
+    let all = until_confirmed(&mut everything, &[first, theirs, second]).await;
+    assert!(all.iter().any(|e| e.data["orderId"] == theirs));
+    // Resumed after its second event: exactly the rest, then what comes next.
+    let mut resumed = SseReader::new(feed(&app, &ada_token, "", Some(seen[1].id)).await);
+    let again = until_confirmed(&mut resumed, &[first, second]).await;
+    assert_eq!(
+        again.iter().map(|e| e.id).collect::<Vec<_>>(),
+        seen[2..].iter().map(|e| e.id).collect::<Vec<_>>(),
+        "nothing missed, nothing twice"
+    );
+    app.set_status(first, serde_json::json!({"status": "PROCESSING"}))
+        .await;
+    let next = resumed.next().await.unwrap();
+    assert_eq!(next.data["orderId"], first);
+    assert_eq!(next.data["toStatus"], "PROCESSING");
+    assert!(next.id > seen.last().unwrap().id);
+    // A customer may not follow another's orders; a position must be a number.
+    expect_problem(
+        feed(&app, &ada_token, &format!("?customerId={bob}"), None).await,
+        403,
+    )
+    .await;
+    let bad = app
+        .request_with(&ada_token, Method::GET, "/api/v1/orders/events")
+        .header("last-event-id", "nine")
+        .send()
+        .await
+        .unwrap();
+    expect_problem(bad, 422).await;
+    drop((ada_feed, everything, resumed));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customers_feed_on_sqlite() {
+    a_customers_feed_has_their_orders_in_commit_order_and_resumes_without_a_gap(Backend::Sqlite)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customers_feed_on_postgres() {
+    a_customers_feed_has_their_orders_in_commit_order_and_resumes_without_a_gap(Backend::Postgres)
+        .await;
+}

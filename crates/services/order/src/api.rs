@@ -36,6 +36,7 @@ pub fn router(service: OrderService) -> OpenApiRouter {
         .routes(routes!(set_shipping))
         .routes(routes!(order_history))
         .routes(routes!(order_events))
+        .routes(routes!(feed_events))
         .routes(routes!(order_socket))
         .routes(routes!(customer_orders))
         .with_state(service)
@@ -548,6 +549,95 @@ async fn order_events(
     use futures::StreamExt;
     Ok(
         axum::response::sse::Sse::new(stream.map(crate::live::sse_event))
+            .keep_alive(axum::response::sse::KeepAlive::new().interval(crate::live::HEARTBEAT))
+            .into_response(),
+    )
+}
+
+/// The live events of many orders, as server-sent events: one customer's (`customerId`; a
+/// customer's own without it) or, for staff, every order's. Each event's `id` is its position
+/// in the feed, which increases across orders in the order events were committed; its `data` a
+/// history entry with its `orderId` and `position`. Without `Last-Event-ID` the stream starts
+/// with the next event; with it, right after that position, so a client that reconnects (even
+/// to another process, or after a restart) gets what it missed once and in order. A comment
+/// every 15 s keeps the connection open. At most 16 streams per caller.
+#[utoipa::path(
+    get, path = "/api/v1/orders/events", tag = "orders",
+    params(
+        ("customerId" = Option<String>, Query, format = Uuid, description = "Only this customer's orders (a customer: their own, the default)"),
+        ("Last-Event-ID" = Option<String>, Header, pattern = "^[0-9]{1,18}$", description = "The id of the last event received: the stream resumes after it"),
+    ),
+    responses(
+        (status = 200, description = "A stream of the orders' events", body = crate::view::LiveEvent, content_type = "text/event-stream"),
+        (status = 403, description = "A customer asked for another customer's orders", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "customerId is not a customer id, or Last-Event-ID not a position", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many open streams", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn feed_events(
+    State(service): State<OrderService>,
+    caller: Caller,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let mut customer = None;
+    for (key, value) in http_kit::query::pairs(query.as_deref()) {
+        match key.as_str() {
+            "customerId" => match Uuid::parse_str(&value) {
+                Ok(id) => customer = Some(id.to_string()),
+                Err(_) => return Err(Problem::field("customerId", "must be a UUID")),
+            },
+            other => {
+                return Err(Problem::field(
+                    "query",
+                    format!(
+                        "unknown query parameter `{}`",
+                        other.chars().take(64).collect::<String>()
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(me) = caller.customer() {
+        match &customer {
+            Some(asked) if asked != me => {
+                return Err(http_kit::auth::forbidden(
+                    "A customer may follow their own orders only.",
+                ));
+            }
+            _ => customer = Some(me.to_string()),
+        }
+    }
+    let after = match headers.get("last-event-id") {
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .filter(|p| *p >= 0)
+            .ok_or_else(|| {
+                Problem::field(
+                    "Last-Event-ID",
+                    "must be the id of an event this stream sent (a position)",
+                )
+            })?,
+        None => crate::feed::head(service.store.db())
+            .await
+            .map_err(|error| {
+                tracing::error!(%error, "cannot read the order feed");
+                Problem::unavailable("The order database is unavailable; retry later.")
+            })?,
+    };
+    let permit = service.live.admit(&caller.subject)?;
+    let stream = crate::live::feed(
+        service.store.clone(),
+        &service.live,
+        permit,
+        customer,
+        after,
+    );
+    use futures::StreamExt;
+    Ok(
+        axum::response::sse::Sse::new(stream.map(crate::live::feed_event))
             .keep_alive(axum::response::sse::KeepAlive::new().interval(crate::live::HEARTBEAT))
             .into_response(),
     )

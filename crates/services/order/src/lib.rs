@@ -3,6 +3,7 @@
 pub mod api;
 pub mod consumers;
 pub mod customers;
+pub mod feed;
 pub mod live;
 pub mod shared_cache;
 pub mod store;
@@ -59,6 +60,17 @@ impl OrderService {
         stop: watch::Receiver<bool>,
     ) -> impl Future<Output = ()> + Send + 'static {
         consumers::enforce_saga_deadline(self.store.clone(), timeout, stop)
+    }
+
+    /// Numbers committed events for the feed of many orders while this process holds the
+    /// feed's lease (see [`feed`]).
+    pub fn feeder(&self, stop: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
+        feed::run(
+            self.store.clone(),
+            uuid::Uuid::now_v7().to_string(),
+            self.live.fed(),
+            stop,
+        )
     }
 
     pub fn router(&self) -> utoipa_axum::router::OpenApiRouter {

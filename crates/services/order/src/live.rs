@@ -4,6 +4,7 @@
 //! change to its order, and at least once a second to see what another process of the order
 //! service committed.
 
+use crate::feed::FeedEntry;
 use crate::store::OrderStore;
 use crate::view::HistoryEntry;
 use axum::response::sse::Event;
@@ -29,6 +30,8 @@ pub const HEARTBEAT: Duration = Duration::from_secs(15);
 pub struct Live {
     stopping: watch::Sender<bool>,
     open: Mutex<HashMap<String, usize>>,
+    /// Told when this process's feeder numbered events.
+    fed: broadcast::Sender<()>,
 }
 
 impl Live {
@@ -36,6 +39,7 @@ impl Live {
         Arc::new(Self {
             stopping: watch::channel(false).0,
             open: Mutex::new(HashMap::new()),
+            fed: broadcast::channel(16).0,
         })
     }
 
@@ -43,6 +47,11 @@ impl Live {
     /// `Last-Event-ID`).
     pub fn stop(&self) {
         self.stopping.send_replace(true);
+    }
+
+    /// Where the feeder says it numbered events.
+    pub fn fed(&self) -> broadcast::Sender<()> {
+        self.fed.clone()
     }
 
     /// Changes to true when the server begins to shut down.
@@ -167,6 +176,81 @@ pub fn sse_event(entry: HistoryEntry) -> Result<Event, Infallible> {
     let event = Event::default()
         .id(entry.version.to_string())
         .event(entry.event_type.clone());
+    Ok(event
+        .json_data(&entry)
+        .unwrap_or_else(|_| Event::default().comment("unserializable event")))
+}
+
+/// What a stream of many orders knows between two events.
+struct FeedState {
+    store: Arc<OrderStore>,
+    customer: Option<String>,
+    /// The position of the last event sent.
+    last: i64,
+    ready: VecDeque<FeedEntry>,
+    fed: broadcast::Receiver<()>,
+    stopping: watch::Receiver<bool>,
+    poll: tokio::time::Interval,
+    _permit: Permit,
+}
+
+/// The feed's events after position `after`, of `customer`'s orders (or of every order), as
+/// they are numbered, until the client goes or the server stops. Wakes when this process's
+/// feeder numbered events, and once a second for another process's.
+pub fn feed(
+    store: Arc<OrderStore>,
+    live: &Live,
+    permit: Permit,
+    customer: Option<String>,
+    after: i64,
+) -> impl Stream<Item = FeedEntry> + Send + 'static {
+    let mut poll = tokio::time::interval(POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let state = FeedState {
+        store,
+        customer,
+        last: after,
+        ready: VecDeque::new(),
+        fed: live.fed.subscribe(),
+        stopping: live.stopping.subscribe(),
+        poll,
+        _permit: permit,
+    };
+    futures::stream::unfold(state, |mut state| async move {
+        loop {
+            if let Some(entry) = state.ready.pop_front() {
+                state.last = entry.position;
+                return Some((entry, state));
+            }
+            if *state.stopping.borrow() {
+                return None;
+            }
+            match crate::feed::after(state.store.db(), state.last, state.customer.as_deref(), 200)
+                .await
+            {
+                Ok(entries) if !entries.is_empty() => {
+                    state.ready.extend(entries);
+                    continue;
+                }
+                Ok(_) => {}
+                Err(error) => tracing::debug!(%error, "a feed stream cannot read the feed"),
+            }
+            tokio::select! {
+                _ = state.stopping.changed() => return None,
+                fed = state.fed.recv() => if let Err(broadcast::error::RecvError::Closed) = fed {
+                    return None;
+                },
+                _ = state.poll.tick() => {}
+            }
+        }
+    })
+}
+
+/// A feed entry as a server-sent event: its position the id, its type the event name.
+pub fn feed_event(entry: FeedEntry) -> Result<Event, Infallible> {
+    let event = Event::default()
+        .id(entry.position.to_string())
+        .event(entry.entry.event_type.clone());
     Ok(event
         .json_data(&entry)
         .unwrap_or_else(|_| Event::default().comment("unserializable event")))
