@@ -147,3 +147,18 @@ export function Pager({ pages, nextCursor }: { pages: ReturnType<typeof useCurso
     </nav>
   );
 }
+
+/** A table's header row. */
+export function TableHead({ columns }: { columns: string[] }) {
+  return (
+    <thead>
+      <tr>
+        {columns.map((column, i) => (
+          <th key={i} scope="col">
+            {column}
+          </th>
+        ))}
+      </tr>
+    </thead>
+  );
+}

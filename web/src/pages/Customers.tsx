@@ -1,7 +1,7 @@
 import { useState } from "react";
 import { call, withQuery, type Customer, type Page, type Session } from "../api";
 import { formatTime } from "../format";
-import { Alert, Field, Pager, Section, useAction, useCursorPages, useLoad } from "../ui";
+import { Alert, Field, Pager, Section, TableHead, useAction, useCursorPages, useLoad } from "../ui";
 
 /** Customers (admin) with paging, and a form for a new one. */
 export function Customers({ session }: { session: Session }) {
@@ -17,16 +17,7 @@ export function Customers({ session }: { session: Session }) {
         <Alert error={page.error} />
         <div className="table-wrap">
           <table>
-            <thead>
-              <tr>
-                <th scope="col">Name</th>
-                <th scope="col">Email</th>
-                <th scope="col">Phone</th>
-                <th scope="col">Notified by email of</th>
-                <th scope="col">Since</th>
-                <th scope="col">Orders</th>
-              </tr>
-            </thead>
+            <TableHead columns={["Name", "Email", "Phone", "Notified by email of", "Since", "Orders"]} />
             <tbody>
               {(page.data?.items ?? []).map((c) => (
                 <tr key={c.id}>

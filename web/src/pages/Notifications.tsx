@@ -1,7 +1,7 @@
 import { useEffect, useState } from "react";
 import { call, enc, withQuery, type Notification, type Page, type Session, type Template } from "../api";
 import { formatTime, shortId } from "../format";
-import { Alert, Field, Pager, Section, StatusBadge, useAction, useCursorPages, useLoad } from "../ui";
+import { Alert, Field, Pager, Section, StatusBadge, TableHead, useAction, useCursorPages, useLoad } from "../ui";
 
 const EVENTS = ["order.created", "order.confirmed", "order.shipped", "order.delivered", "order.cancelled", "payment.refunded"];
 const CHANNELS = ["email", "sms"];
@@ -67,19 +67,7 @@ function Log({ session }: { session: Session }) {
       <Alert error={page.error ?? action.error} done={action.done} />
       <div className="table-wrap">
         <table>
-          <thead>
-            <tr>
-              <th scope="col">When</th>
-              <th scope="col">Event</th>
-              <th scope="col">Channel</th>
-              <th scope="col">To</th>
-              <th scope="col">Subject</th>
-              <th scope="col">Status</th>
-              <th scope="col">Attempts</th>
-              <th scope="col">Order</th>
-              <th scope="col"></th>
-            </tr>
-          </thead>
+          <TableHead columns={["When", "Event", "Channel", "To", "Subject", "Status", "Attempts", "Order", ""]} />
           <tbody>
             {(page.data?.items ?? []).map((n) => (
               <tr key={n.id}>

@@ -9,7 +9,7 @@ import {
   type Session,
 } from "../api";
 import { formatTime, shortId } from "../format";
-import { Alert, Section, StatusBadge, useAction, useLoad } from "../ui";
+import { Alert, Section, StatusBadge, TableHead, useAction, useLoad } from "../ui";
 
 /** What an operator watches: outbox backlog, consumer lag, breakers and dead letters. */
 export function Operations({ session }: { session: Session }) {
@@ -52,13 +52,7 @@ export function Operations({ session }: { session: Session }) {
         <Section title="Outbox backlog">
           <Alert error={outbox.error} />
           <table>
-            <thead>
-              <tr>
-                <th scope="col">Service</th>
-                <th scope="col">Pending</th>
-                <th scope="col">Oldest</th>
-              </tr>
-            </thead>
+            <TableHead columns={["Service", "Pending", "Oldest"]} />
             <tbody>
               {(outbox.data ?? []).map((o) => (
                 <tr key={o.service}>
@@ -86,15 +80,7 @@ export function Operations({ session }: { session: Session }) {
         <Alert error={lag.error} />
         <div className="table-wrap">
           <table>
-            <thead>
-              <tr>
-                <th scope="col">Group</th>
-                <th scope="col">Partition</th>
-                <th scope="col">Position</th>
-                <th scope="col">Head</th>
-                <th scope="col">Lag</th>
-              </tr>
-            </thead>
+            <TableHead columns={["Group", "Partition", "Position", "Head", "Lag"]} />
             <tbody>
               {(lag.data ?? []).map((l) => (
                 <tr key={`${l.group}/${l.partition ?? ""}`}>
@@ -113,17 +99,7 @@ export function Operations({ session }: { session: Session }) {
         <Alert error={dead.error ?? action.error} done={action.done} />
         <div className="table-wrap">
           <table>
-            <thead>
-              <tr>
-                <th scope="col">Failed</th>
-                <th scope="col">Source</th>
-                <th scope="col">Group</th>
-                <th scope="col">Topic</th>
-                <th scope="col">Error</th>
-                <th scope="col">Attempts</th>
-                <th scope="col">Actions</th>
-              </tr>
-            </thead>
+            <TableHead columns={["Failed", "Source", "Group", "Topic", "Error", "Attempts", "Actions"]} />
             <tbody>
               {(dead.data ?? []).map((d) => (
                 <tr key={d.id} data-dead-letter={d.id}>

@@ -13,7 +13,7 @@ import {
 } from "../api";
 import { entryLabel, formatTime, manualTransitions, money, statusAction } from "../format";
 import { followOrder } from "../sse";
-import { Alert, Field, Section, StatusBadge, useAction, useLoad } from "../ui";
+import { Alert, Field, Section, StatusBadge, TableHead, useAction, useLoad } from "../ui";
 
 /** One order: its lines, timeline (live), payment, notifications and the actions it allows. */
 export function OrderDetail({ session, id }: { session: Session; id: string }) {
@@ -72,14 +72,7 @@ export function OrderDetail({ session, id }: { session: Session; id: string }) {
         {o.cancelReason ? <p>Cancelled: {o.cancelReason}</p> : null}
         <div className="table-wrap">
           <table>
-            <thead>
-              <tr>
-                <th scope="col">SKU</th>
-                <th scope="col">Quantity</th>
-                <th scope="col">Unit price</th>
-                <th scope="col">Line total</th>
-              </tr>
-            </thead>
+            <TableHead columns={["SKU", "Quantity", "Unit price", "Line total"]} />
             <tbody>
               {o.items.map((line) => (
                 <tr key={line.sku}>

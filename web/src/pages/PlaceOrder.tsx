@@ -1,7 +1,7 @@
 import { useState } from "react";
 import { call, type Order, type Page, type Product, type Session } from "../api";
 import { navigate } from "../router";
-import { Alert, Field, Section, useAction, useLoad } from "../ui";
+import { Alert, Field, Section, TableHead, useAction, useLoad } from "../ui";
 
 /** The demo customer the OpenAPI examples and `--demo` use. */
 const DEMO_CUSTOMER = "019ab1c2-0000-7000-8000-000000000001";
@@ -70,14 +70,7 @@ export function PlaceOrder({ session }: { session: Session }) {
           <Alert error={products.error} />
           <div className="table-wrap">
             <table>
-              <thead>
-                <tr>
-                  <th scope="col">Product</th>
-                  <th scope="col">Price</th>
-                  <th scope="col">Available</th>
-                  <th scope="col">Quantity</th>
-                </tr>
-              </thead>
+              <TableHead columns={["Product", "Price", "Available", "Quantity"]} />
               <tbody>
                 {catalogue.map((p) => (
                   <tr key={p.sku}>
