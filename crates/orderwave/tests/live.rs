@@ -442,3 +442,113 @@ async fn a_customers_feed_on_postgres() {
     a_customers_feed_has_their_orders_in_commit_order_and_resumes_without_a_gap(Backend::Postgres)
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_that_reads_nothing_is_let_go_without_holding_up_another() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let busy = app.place(&paid_order_body(DEMO_CUSTOMER)).await;
+    let quiet = app.place(&paid_order_body(DEMO_CUSTOMER)).await;
+    let (busy, quiet) = (busy["id"].as_str().unwrap(), quiet["id"].as_str().unwrap());
+    app.wait_for_status(busy, "CONFIRMED").await;
+    app.wait_for_status(quiet, "CONFIRMED").await;
+    // An order with a long history: its shipping details set again and again.
+    for n in 0..1500 {
+        let response = app
+            .put_json(
+                &format!("/api/v1/orders/{busy}/shipping"),
+                &serde_json::json!({"carrier": "DHL", "trackingNumber": format!("JD{n:020}")}),
+            )
+            .await;
+        assert_eq!(response.status(), 200);
+    }
+    // A client with a small receive buffer asks for all of it and then reads nothing.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket
+        .connect(app.url("").trim_start_matches("http://").parse().unwrap())
+        .await
+        .unwrap();
+    let request = upgrade(
+        &app,
+        "authorization",
+        format!("Bearer {}", token(DEMO_CUSTOMER, Role::Customer)),
+    );
+    let (mut stalled, _) = tokio_tungstenite::client_async(request, tcp).await.unwrap();
+    stalled
+        .send(Message::Text(
+            serde_json::json!({"subscribe": busy, "after": 0})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .unwrap();
+    // Meanwhile another client's events come as they happen.
+    let mut other = socket_of(&app).await;
+    other
+        .send(Message::Text(
+            serde_json::json!({"subscribe": quiet}).to_string().into(),
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    app.set_status(quiet, serde_json::json!({"status": "PROCESSING"}))
+        .await;
+    let mut moved = receive(&mut other).await;
+    while moved["data"]["toStatus"] != "PROCESSING" {
+        moved = receive(&mut other).await;
+    }
+    // The stalled client no longer counts against the caller's 16 streams: with `quiet`'s,
+    // 15 more are taken (16 and one for the stalled socket would be refused).
+    let mut more = Vec::new();
+    for _ in 0..15 {
+        let order = app.place(&paid_order_body(DEMO_CUSTOMER)).await;
+        more.push(order["id"].as_str().unwrap().to_string());
+    }
+    for order in &more {
+        other
+            .send(Message::Text(
+                serde_json::json!({"subscribe": order}).to_string().into(),
+            ))
+            .await
+            .unwrap();
+    }
+    let mut started = std::collections::HashSet::new();
+    while started.len() < more.len() {
+        let message = receive(&mut other).await;
+        assert!(message.get("error").is_none(), "refused: {message}");
+        started.insert(message["orderId"].as_str().unwrap().to_string());
+    }
+    // The stalled client was let go: reading now, it finds the end of its socket (after what
+    // was already on its way, and a 1008 close if that still fit) before all its events.
+    let mut events = 0;
+    let mut close_code = None;
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(30), stalled.next())
+            .await
+            .expect("the socket ends within 30 s")
+        {
+            Some(Ok(Message::Text(_))) => events += 1,
+            Some(Ok(Message::Close(frame))) => {
+                close_code = frame.map(|f| u16::from(f.code));
+                break;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break,
+        }
+    }
+    assert!(
+        events < 1500,
+        "let go before its {events} events were all sent"
+    );
+    assert!(matches!(close_code, None | Some(1008)), "{close_code:?}");
+    app.stop().await;
+}
+
+/// A WebSocket as the demo customer.
+async fn socket_of(
+    app: &TestApp,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    socket(app, &token(DEMO_CUSTOMER, Role::Customer)).await
+}

@@ -705,13 +705,15 @@ enum SocketRequest {
 
 /// Events waiting to be written to one WebSocket; more is a client too slow to keep.
 const SOCKET_BUFFER: usize = 256;
+/// How long one message may wait for a client that reads nothing before it is let go.
+const SOCKET_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn serve_socket(
     service: OrderService,
     caller: Caller,
     mut socket: axum::extract::ws::WebSocket,
 ) {
-    use axum::extract::ws::{CloseFrame, Message};
+    use axum::extract::ws::Message;
     use futures::StreamExt;
     // None: a subscription found the buffer full.
     let (events, mut outgoing) = tokio::sync::mpsc::channel::<Option<String>>(SOCKET_BUFFER);
@@ -770,23 +772,37 @@ async fn serve_socket(
             Some(next) = outgoing.recv() => match next {
                 Some(text) => text,
                 None => {
-                    let _ = socket
-                        .send(Message::Close(Some(CloseFrame {
-                            code: 1008,
-                            reason: "events were not read fast enough; resubscribe with the last id".into(),
-                        })))
-                        .await;
+                    too_slow(&mut socket).await;
                     break;
                 }
             },
         };
-        if socket.send(Message::Text(out.into())).await.is_err() {
-            break;
+        // A client that reads nothing fills its connection: it is let go, not waited for.
+        match tokio::time::timeout(SOCKET_WRITE_TIMEOUT, socket.send(Message::Text(out.into())))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                too_slow(&mut socket).await;
+                break;
+            }
         }
     }
     for (_, task) in subscriptions {
         task.abort();
     }
+}
+
+/// Closes a socket whose client does not read its events fast enough (1008), trying only
+/// briefly: its connection may be full.
+async fn too_slow(socket: &mut axum::extract::ws::WebSocket) {
+    use axum::extract::ws::{CloseFrame, Message};
+    let close = socket.send(Message::Close(Some(CloseFrame {
+        code: 1008,
+        reason: "events were not read fast enough; resubscribe with the last id".into(),
+    })));
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), close).await;
 }
 
 /// List orders, newest first.
