@@ -80,6 +80,22 @@ impl Node {
         }
     }
 
+    /// The lines it logged that contain any of `needles` (at most 40), for a failure's message.
+    fn log_lines(&self, needles: &[&str]) -> String {
+        (1..=self.starts)
+            .flat_map(|n| {
+                std::fs::read_to_string(self.dir.join(format!("stderr-{n}.log")))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|line| needles.iter().any(|needle| line.contains(needle)))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// What it logged, for a failure's message.
     fn logs(&self) -> String {
         (1..=self.starts)
@@ -632,7 +648,8 @@ async fn under_steady_load_nothing_is_lost_or_doubled(broker: &mut dyn PrivateBr
         );
         assert!(
             sent.keys().any(|(event, _)| event == "order.confirmed"),
-            "order {id}: {notifications:?}; dead letters: {dead_letters}"
+            "order {id}: {notifications:?}; dead letters: {dead_letters}; the notification process:\n{}",
+            platform.services["notification"].log_lines(&["dead-lettered", "handler failed", "WARN", "ERROR"])
         );
     }
     // The restarted payment process and the rest are healthy again.
