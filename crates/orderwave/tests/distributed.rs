@@ -649,7 +649,12 @@ async fn under_steady_load_nothing_is_lost_or_doubled(broker: &mut dyn PrivateBr
         assert!(
             sent.keys().any(|(event, _)| event == "order.confirmed"),
             "order {id}: {notifications:?}; dead letters: {dead_letters}; the notification process:\n{}",
-            platform.services["notification"].log_lines(&["dead-lettered", "handler failed", "WARN", "ERROR"])
+            platform.services["notification"].log_lines(&[
+                "dead-lettered",
+                "handler failed",
+                "WARN",
+                "ERROR"
+            ])
         );
     }
     // The restarted payment process and the rest are healthy again.
