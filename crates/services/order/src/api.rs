@@ -532,25 +532,48 @@ async fn order_events(
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let id = parse_id(&id)?;
-    let after = match headers.get("last-event-id") {
-        None => 0,
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .ok_or_else(|| {
-                Problem::field(
-                    "Last-Event-ID",
-                    "must be the id of an event this stream sent (a version number)",
-                )
-            })?,
-    };
+    let after = last_event_id(&headers, "a version number")?.unwrap_or(0);
     let stream = subscribe(&service, &caller, id, after).await?;
     use futures::StreamExt;
-    Ok(
-        axum::response::sse::Sse::new(stream.map(crate::live::sse_event))
-            .keep_alive(axum::response::sse::KeepAlive::new().interval(crate::live::HEARTBEAT))
-            .into_response(),
+    Ok(event_stream(stream.map(crate::live::sse_event)))
+}
+
+/// The `Last-Event-ID` a reconnecting client sends, if any; `kind` says what the ids are.
+fn last_event_id(headers: &HeaderMap, kind: &str) -> Result<Option<u64>, Problem> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Some)
+        .ok_or_else(|| bad_last_event_id(kind))
+}
+
+fn bad_last_event_id(kind: &str) -> Problem {
+    Problem::field(
+        "Last-Event-ID",
+        format!("must be the id of an event this stream sent ({kind})"),
+    )
+}
+
+/// Server-sent events with a comment every [`crate::live::HEARTBEAT`] to keep them open.
+fn event_stream(
+    events: impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>
+    + Send
+    + 'static,
+) -> Response {
+    axum::response::sse::Sse::new(events)
+        .keep_alive(axum::response::sse::KeepAlive::new().interval(crate::live::HEARTBEAT))
+        .into_response()
+}
+
+/// The problem message of a query parameter an operation does not take.
+fn unknown_parameter(name: &str) -> String {
+    format!(
+        "unknown query parameter `{}`",
+        name.chars().take(64).collect::<String>()
     )
 }
 
@@ -587,15 +610,7 @@ async fn feed_events(
                 Ok(id) => customer = Some(id.to_string()),
                 Err(_) => return Err(Problem::field("customerId", "must be a UUID")),
             },
-            other => {
-                return Err(Problem::field(
-                    "query",
-                    format!(
-                        "unknown query parameter `{}`",
-                        other.chars().take(64).collect::<String>()
-                    ),
-                ));
-            }
+            other => return Err(Problem::field("query", unknown_parameter(other))),
         }
     }
     if let Some(me) = caller.customer() {
@@ -608,18 +623,8 @@ async fn feed_events(
             _ => customer = Some(me.to_string()),
         }
     }
-    let after = match headers.get("last-event-id") {
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse::<i64>().ok())
-            .filter(|p| *p >= 0)
-            .ok_or_else(|| {
-                Problem::field(
-                    "Last-Event-ID",
-                    "must be the id of an event this stream sent (a position)",
-                )
-            })?,
+    let after = match last_event_id(&headers, "a position")? {
+        Some(position) => i64::try_from(position).map_err(|_| bad_last_event_id("a position"))?,
         None => crate::feed::head(service.store.db())
             .await
             .map_err(|error| {
@@ -636,11 +641,7 @@ async fn feed_events(
         after,
     );
     use futures::StreamExt;
-    Ok(
-        axum::response::sse::Sse::new(stream.map(crate::live::feed_event))
-            .keep_alive(axum::response::sse::KeepAlive::new().interval(crate::live::HEARTBEAT))
-            .into_response(),
-    )
+    Ok(event_stream(stream.map(crate::live::feed_event)))
 }
 
 /// The live events of order `id` after version `after`, for a caller who may see it.
@@ -921,10 +922,7 @@ async fn list(
                 } else {
                     "query"
                 },
-                format!(
-                    "unknown query parameter `{}`",
-                    other.chars().take(64).collect::<String>()
-                ),
+                unknown_parameter(other),
             )),
         }
     }

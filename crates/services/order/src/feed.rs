@@ -10,14 +10,13 @@
 
 use crate::store::OrderStore;
 use crate::view::HistoryEntry;
-use domain::order::{OrderEvent, RecordedEvent};
 use serde::Serialize;
 use sqlx::Row;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use storage::bulk::{self, Value};
-use storage::{Db, lease, time};
+use storage::{Db, lease};
 use tokio::sync::{broadcast, watch};
 use uuid::Uuid;
 
@@ -89,15 +88,12 @@ pub async fn feed_once(db: &Db, holder: &str) -> Result<usize, sqlx::Error> {
     if rows.is_empty() {
         return Ok(0);
     }
-    let last: Option<i64> = sqlx::query("SELECT MAX(feed_position) FROM events")
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get(0)?;
+    let last = last_position(&mut *tx).await?;
     let found: Vec<(String, i64)> = rows
         .iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect::<Result<_, sqlx::Error>>()?;
-    let numbered = number(&found, last.unwrap_or(0));
+    let numbered = number(&found, last);
     let count = numbered.len();
     let values: Vec<Vec<Value>> = numbered
         .into_iter()
@@ -139,8 +135,15 @@ fn number(found: &[(String, i64)], last: i64) -> Vec<(String, i64, i64)> {
 
 /// The newest position, where a stream without `Last-Event-ID` starts.
 pub async fn head(db: &Db) -> Result<i64, sqlx::Error> {
+    last_position(db.reader()).await
+}
+
+/// The highest position given so far (0 before the first).
+async fn last_position(
+    executor: impl sqlx::Executor<'_, Database = sqlx::Any>,
+) -> Result<i64, sqlx::Error> {
     let last: Option<i64> = sqlx::query("SELECT MAX(feed_position) FROM events")
-        .fetch_one(db.reader())
+        .fetch_one(executor)
         .await?
         .try_get(0)?;
     Ok(last.unwrap_or(0))
@@ -181,16 +184,14 @@ pub async fn after(
     rows.iter()
         .map(|r| {
             let order: String = r.try_get(0).map_err(|e| e.to_string())?;
-            let payload: String = r.try_get(2).map_err(|e| e.to_string())?;
-            let occurred: String = r.try_get(3).map_err(|e| e.to_string())?;
-            let event: OrderEvent = serde_json::from_str(&payload).map_err(|e| e.to_string())?;
-            let recorded = RecordedEvent {
-                order_id: Uuid::parse_str(&order).map_err(|e| e.to_string())?,
-                version: u64::try_from(r.try_get::<i64, _>(1).map_err(|e| e.to_string())?)
-                    .unwrap_or(0),
-                at: time::from_text(&occurred).ok_or("bad event time")?,
-                event,
-            };
+            let id = Uuid::parse_str(&order).map_err(|e| e.to_string())?;
+            let recorded = crate::store::recorded(
+                id,
+                r.try_get(1).map_err(|e| e.to_string())?,
+                &r.try_get::<String, _>(2).map_err(|e| e.to_string())?,
+                &r.try_get::<String, _>(3).map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| e.to_string())?;
             Ok(FeedEntry {
                 position: r.try_get(4).map_err(|e| e.to_string())?,
                 order_id: order,

@@ -173,12 +173,16 @@ pub fn events(
 
 /// An event as a server-sent event: its version the id, its type the event name.
 pub fn sse_event(entry: HistoryEntry) -> Result<Event, Infallible> {
-    let event = Event::default()
-        .id(entry.version.to_string())
-        .event(entry.event_type.clone());
-    Ok(event
-        .json_data(&entry)
-        .unwrap_or_else(|_| Event::default().comment("unserializable event")))
+    Ok(framed(entry.version, &entry.event_type, &entry))
+}
+
+/// `data` as JSON under `id` and the event name `name`.
+fn framed(id: impl ToString, name: &str, data: &impl serde::Serialize) -> Event {
+    Event::default()
+        .id(id.to_string())
+        .event(name)
+        .json_data(data)
+        .unwrap_or_else(|_| Event::default().comment("unserializable event"))
 }
 
 /// What a stream of many orders knows between two events.
@@ -248,10 +252,5 @@ pub fn feed(
 
 /// A feed entry as a server-sent event: its position the id, its type the event name.
 pub fn feed_event(entry: FeedEntry) -> Result<Event, Infallible> {
-    let event = Event::default()
-        .id(entry.position.to_string())
-        .event(entry.entry.event_type.clone());
-    Ok(event
-        .json_data(&entry)
-        .unwrap_or_else(|_| Event::default().comment("unserializable event")))
+    Ok(framed(entry.position, &entry.entry.event_type, &entry))
 }

@@ -340,17 +340,7 @@ impl OrderStore {
         let stored = events::load_after(self.db.reader(), &id.to_string(), after).await?;
         stored
             .iter()
-            .map(|e| {
-                let event: OrderEvent = serde_json::from_str(&e.payload)
-                    .map_err(|err| StoreError::Corrupt(err.to_string()))?;
-                Ok(RecordedEvent {
-                    order_id: id,
-                    version: u64::try_from(e.version).unwrap_or(0),
-                    at: time::from_text(&e.occurred_at)
-                        .ok_or_else(|| StoreError::Corrupt("bad event time".into()))?,
-                    event,
-                })
-            })
+            .map(|e| recorded(id, e.version, &e.payload, &e.occurred_at))
             .collect()
     }
 
@@ -526,6 +516,24 @@ fn shared_error(error: &StoreError) -> StoreError {
         | StoreError::Unavailable(_) => StoreError::Unavailable(error.to_string()),
         other => StoreError::Failed(other.to_string()),
     }
+}
+
+/// An order's event as its row in the event store holds it.
+pub(crate) fn recorded(
+    order_id: Uuid,
+    version: i64,
+    payload: &str,
+    occurred_at: &str,
+) -> Result<RecordedEvent, StoreError> {
+    let event: OrderEvent =
+        serde_json::from_str(payload).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+    Ok(RecordedEvent {
+        order_id,
+        version: u64::try_from(version).unwrap_or(0),
+        at: time::from_text(occurred_at)
+            .ok_or_else(|| StoreError::Corrupt("bad event time".into()))?,
+        event,
+    })
 }
 
 /// One transaction for all `writes`; their outbox rows go to `handoff` once it committed. On
