@@ -68,7 +68,7 @@ impl Upstream {
 
 #[derive(Debug)]
 pub struct Proxy {
-    pub(crate) upstreams: HashMap<&'static str, Upstream>,
+    upstreams: HashMap<&'static str, Upstream>,
     client: reqwest::Client,
     /// True once the gateway shuts down: the event streams it passes on end then, so that its
     /// connections close and the shutdown does not wait for them.
@@ -234,7 +234,22 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
     proxy.send(service, &parts, body).await
 }
 
+/// The path and query a request is forwarded with, as it came.
+pub(crate) fn target(parts: &axum::http::request::Parts) -> String {
+    parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path().to_string(), |p| p.as_str().to_string())
+}
+
 impl Proxy {
+    /// The processes of `service`, or the 503 when none is configured.
+    pub(crate) fn upstream(&self, service: &'static str) -> Result<&Upstream, Response> {
+        self.upstreams
+            .get(service)
+            .ok_or_else(|| unavailable(service, "no process of it is configured (--upstream)"))
+    }
+
     /// Where `/api/v1/admin/*` goes: a notification process when there is one (it lists the
     /// consumer groups' dead letters, kept in the platform's database, and its own failed
     /// deliveries), else any service's. Consumer lag is the broker's, the same from every
@@ -282,13 +297,11 @@ impl Proxy {
         parts: &axum::http::request::Parts,
         body: axum::body::Bytes,
     ) -> Response {
-        let Some(upstream) = self.upstreams.get(service) else {
-            return unavailable(service, "no process of it is configured (--upstream)");
+        let upstream = match self.upstream(service) {
+            Ok(upstream) => upstream,
+            Err(refused) => return refused,
         };
-        let target = parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| parts.uri.path().to_string(), |p| p.as_str().to_string());
+        let target = target(parts);
         let mut headers = parts.headers.clone();
         for name in &HOP_BY_HOP {
             headers.remove(name);

@@ -37,18 +37,16 @@ impl Proxy {
             Ok(upgrade) => upgrade,
             Err(rejection) => return rejection.into_response(),
         };
-        let Some(upstream) = self.upstreams.get(service) else {
-            return unavailable(service, "no process of it is configured (--upstream)");
+        let upstream = match self.upstream(service) {
+            Ok(upstream) => upstream,
+            Err(refused) => return refused,
         };
         let authorization = match parts.headers.get(header::AUTHORIZATION) {
             Some(value) => Some(value.clone()),
             None => http_kit::auth::websocket_bearer(&parts.headers)
                 .and_then(|token| HeaderValue::from_str(&format!("Bearer {token}")).ok()),
         };
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| parts.uri.path().to_string(), |p| p.as_str().to_string());
+        let path = crate::proxy::target(parts);
         let request_id = parts.headers.get("x-request-id").cloned();
         let answer = upstream
             .policy

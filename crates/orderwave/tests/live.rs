@@ -10,20 +10,12 @@ use http_kit::Role;
 use reqwest::Method;
 use serde_json::Value;
 
-async fn stream(app: &TestApp, id: &str, last_event_id: Option<&str>) -> reqwest::Response {
-    let mut request = app.request(Method::GET, &format!("/api/v1/orders/{id}/events"));
-    if let Some(last) = last_event_id {
-        request = request.header("last-event-id", last);
-    }
-    request.send().await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_shows_a_new_order_turn_confirmed_then_each_later_change_as_it_commits() {
     let app = TestApp::spawn(Backend::Sqlite).await;
     let placed = app.place(&paid_order_body(DEMO_CUSTOMER)).await;
     let id = placed["id"].as_str().unwrap();
-    let mut events = SseReader::new(stream(&app, id, None).await);
+    let mut events = SseReader::new(app.order_events(id, None).await);
     let seen = events.until(|e| e.data["toStatus"] == "CONFIRMED").await;
     assert_eq!(seen[0].id, 1);
     assert_eq!(seen[0].event, "OrderPlaced");
@@ -54,7 +46,7 @@ async fn a_resumed_stream_gets_exactly_the_events_it_missed() {
     app.wait_for_status(id, "CONFIRMED").await;
 
     // A client reads two events and its connection drops.
-    let mut first = SseReader::new(stream(&app, id, None).await);
+    let mut first = SseReader::new(app.order_events(id, None).await);
     let read = [first.next().await.unwrap(), first.next().await.unwrap()];
     assert_eq!([read[0].id, read[1].id], [1, 2]);
     drop(first);
@@ -70,7 +62,7 @@ async fn a_resumed_stream_gets_exactly_the_events_it_missed() {
 
     // It reconnects with the last id it saw: everything after it, once, in order, then the
     // compensations as they are recorded (the refund may come before or after it reconnects).
-    let mut resumed = SseReader::new(stream(&app, id, Some("2")).await);
+    let mut resumed = SseReader::new(app.order_events(id, Some("2")).await);
     let mut again = resumed.until(|e| e.data["toStatus"] == "CANCELLED").await;
     again.extend(
         resumed
@@ -120,11 +112,12 @@ async fn another_customers_stream_is_404_and_a_bad_last_event_id_is_422() {
         .unwrap();
     expect_problem(other, 404).await;
     expect_problem(
-        stream(&app, &uuid::Uuid::now_v7().to_string(), None).await,
+        app.order_events(&uuid::Uuid::now_v7().to_string(), None)
+            .await,
         404,
     )
     .await;
-    let bad = expect_problem(stream(&app, id, Some("latest")).await, 422).await;
+    let bad = expect_problem(app.order_events(id, Some("latest")).await, 422).await;
     assert_eq!(bad["errors"][0]["field"], "Last-Event-ID");
     app.stop().await;
 }
@@ -136,16 +129,16 @@ async fn one_caller_may_hold_16_streams_at_once() {
     let id = placed["id"].as_str().unwrap();
     let mut open = Vec::new();
     for _ in 0..16 {
-        open.push(SseReader::new(stream(&app, id, None).await));
+        open.push(SseReader::new(app.order_events(id, None).await));
     }
-    let refused = stream(&app, id, None).await;
+    let refused = app.order_events(id, None).await;
     assert!(refused.headers().contains_key("retry-after"));
     expect_problem(refused, 429).await;
     // One closed, one more may open.
     drop(open.pop());
     let mut reopened = None;
     common::eventually("a stream's place freed", async || {
-        let response = stream(&app, id, None).await;
+        let response = app.order_events(id, None).await;
         let ok = response.status() == 200;
         if ok {
             reopened = Some(response);

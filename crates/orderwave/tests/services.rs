@@ -238,13 +238,7 @@ async fn the_gateway_routes_each_resource_to_its_service_and_a_stopped_one_is_50
     assert_eq!(payments["items"][0]["status"], "SUCCEEDED");
     assert_eq!(gateway.get("/api/v1/products").await.status(), 200);
     // The order's live stream comes through the gateway as it is sent, not once it ends.
-    let mut live = common::sse::SseReader::new(
-        gateway
-            .request(reqwest::Method::GET, &format!("/api/v1/orders/{id}/events"))
-            .send()
-            .await
-            .unwrap(),
-    );
+    let mut live = common::sse::SseReader::new(gateway.order_events(id, None).await);
     let seen = live.until(|e| e.data["toStatus"] == "CONFIRMED").await;
     assert_eq!(seen[0].event, "OrderPlaced");
     drop(live);
@@ -443,13 +437,7 @@ async fn the_gateway_routes_each_resource_to_its_service_and_a_stopped_one_is_50
 
     // The gateway shuts down with an event stream open through it: the stream ends, the
     // shutdown does not wait for it.
-    let mut live = common::sse::SseReader::new(
-        gateway
-            .request(reqwest::Method::GET, &format!("/api/v1/orders/{id}/events"))
-            .send()
-            .await
-            .unwrap(),
-    );
+    let mut live = common::sse::SseReader::new(gateway.order_events(id, None).await);
     live.next().await.unwrap();
     tokio::time::timeout(std::time::Duration::from_secs(20), gateway.stop())
         .await

@@ -203,6 +203,15 @@ impl TestApp {
         self.request(Method::GET, path).send().await.expect("GET")
     }
 
+    /// `GET /api/v1/orders/{id}/events` as the admin, resumed after `last_event_id` if given.
+    pub async fn order_events(&self, id: &str, last_event_id: Option<&str>) -> Response {
+        let mut request = self.request(Method::GET, &format!("/api/v1/orders/{id}/events"));
+        if let Some(last) = last_event_id {
+            request = request.header("last-event-id", last);
+        }
+        request.send().await.expect("GET events")
+    }
+
     /// The status of the circuit breaker of `dependency` in the readiness report.
     pub async fn breaker(&self, dependency: &str) -> String {
         let ready: Value = self
