@@ -53,8 +53,7 @@ pub fn require_bearer(openapi: &mut OpenApi) {
         .flatten()
         {
             operation.security = Some(vec![SecurityRequirement::new(SCHEME, Vec::<String>::new())]);
-            let responses = &mut operation.responses.responses;
-            for (status, description) in [
+            let mut answers = vec![
                 ("401", "No valid bearer token"),
                 ("403", "The token's role may not call this"),
                 (
@@ -65,21 +64,24 @@ pub fn require_bearer(openapi: &mut OpenApi) {
                     "503",
                     "Overloaded or a dependency is down (see Retry-After)",
                 ),
-            ] {
-                responses
+            ];
+            answers.extend(contract(operation));
+            for (status, description) in answers {
+                operation
+                    .responses
+                    .responses
                     .entry(status.to_string())
                     .or_insert_with(|| problem(description));
             }
-            contract(operation);
         }
     }
 }
 
-/// What every operation with a body, a precondition or a query answers alike, and the exact
-/// form of the parameters they share.
-fn contract(operation: &mut utoipa::openapi::path::Operation) {
+/// Gives the parameters every operation shares their exact form; returns what every operation
+/// with a body, a precondition or a query answers alike.
+fn contract(operation: &mut utoipa::openapi::path::Operation) -> Vec<(&'static str, &'static str)> {
     use utoipa::openapi::path::ParameterIn;
-    let mut shared: Vec<(&str, &str)> = Vec::new();
+    let mut shared: Vec<(&'static str, &'static str)> = Vec::new();
     if operation.request_body.is_some() {
         shared.extend([
             (
@@ -138,13 +140,7 @@ fn contract(operation: &mut utoipa::openapi::path::Operation) {
             _ => {}
         }
     }
-    for (status, description) in shared {
-        operation
-            .responses
-            .responses
-            .entry(status.to_string())
-            .or_insert_with(|| problem(description));
-    }
+    shared
 }
 
 fn string_pattern(pattern: &str, min: usize, max: usize) -> RefOr<utoipa::openapi::Schema> {
