@@ -162,3 +162,13 @@ export function TableHead({ columns }: { columns: string[] }) {
     </thead>
   );
 }
+
+/** A form's text fields as one object, and what binds an input to one of them. */
+export function useFields<T extends Record<string, string>>(initial: T) {
+  const [fields, setFields] = useState(initial);
+  const bind = (name: keyof T) => ({
+    value: fields[name],
+    onChange: (e: React.ChangeEvent<HTMLInputElement>) => setFields((f) => ({ ...f, [name]: e.target.value })),
+  });
+  return [fields, bind] as const;
+}

@@ -1,7 +1,6 @@
-import { useState } from "react";
 import { call, withQuery, type Customer, type Page, type Session } from "../api";
 import { formatTime } from "../format";
-import { Alert, Field, Pager, Section, TableHead, useAction, useCursorPages, useLoad } from "../ui";
+import { Alert, Field, Pager, Section, TableHead, useAction, useCursorPages, useFields, useLoad } from "../ui";
 
 /** Customers (admin) with paging, and a form for a new one. */
 export function Customers({ session }: { session: Session }) {
@@ -44,10 +43,8 @@ export function Customers({ session }: { session: Session }) {
 }
 
 function NewCustomer({ session, onSaved }: { session: Session; onSaved: () => void }) {
-  const [form, setForm] = useState({ name: "", email: "", phone: "" });
+  const [form, bind] = useFields({ name: "", email: "", phone: "" });
   const action = useAction();
-  const set = (field: keyof typeof form) => (e: React.ChangeEvent<HTMLInputElement>) =>
-    setForm((f) => ({ ...f, [field]: e.target.value }));
   return (
     <Section title="New customer">
       <form
@@ -66,13 +63,13 @@ function NewCustomer({ session, onSaved }: { session: Session; onSaved: () => vo
         }}
       >
         <Field label="Name">
-          <input value={form.name} onChange={set("name")} required />
+          <input {...bind("name")} required />
         </Field>
         <Field label="Email">
-          <input type="email" value={form.email} onChange={set("email")} required />
+          <input type="email" {...bind("email")} required />
         </Field>
         <Field label="Phone" hint="E.164, e.g. +447700900123">
-          <input type="tel" value={form.phone} onChange={set("phone")} />
+          <input type="tel" {...bind("phone")} />
         </Field>
         <div>
           <button type="submit" disabled={action.busy}>

@@ -1,7 +1,7 @@
 import { useState } from "react";
 import { call, enc, type Page, type Product, type Session } from "../api";
 import { formatTime } from "../format";
-import { Alert, Field, Section, useAction, useLoad } from "../ui";
+import { Alert, Field, Section, useAction, useFields, useLoad } from "../ui";
 
 /** Stock of every product, set per product; new products (admin). */
 export function Inventory({ session }: { session: Session }) {
@@ -86,10 +86,8 @@ function SetStock({ session, product, onSaved }: { session: Session; product: Pr
 }
 
 function NewProduct({ session, onSaved }: { session: Session; onSaved: () => void }) {
-  const [form, setForm] = useState({ sku: "", name: "", price: "", currency: "USD", onHand: "0" });
+  const [form, bind] = useFields({ sku: "", name: "", price: "", currency: "USD", onHand: "0" });
   const action = useAction();
-  const set = (field: keyof typeof form) => (e: React.ChangeEvent<HTMLInputElement>) =>
-    setForm((f) => ({ ...f, [field]: e.target.value }));
   return (
     <Section title="New product">
       <form
@@ -108,19 +106,19 @@ function NewProduct({ session, onSaved }: { session: Session; onSaved: () => voi
         }}
       >
         <Field label="SKU">
-          <input value={form.sku} onChange={set("sku")} required />
+          <input {...bind("sku")} required />
         </Field>
         <Field label="Name">
-          <input value={form.name} onChange={set("name")} required />
+          <input {...bind("name")} required />
         </Field>
         <Field label="Price">
-          <input value={form.price} onChange={set("price")} inputMode="decimal" required />
+          <input {...bind("price")} inputMode="decimal" required />
         </Field>
         <Field label="Currency">
-          <input value={form.currency} onChange={set("currency")} maxLength={3} required />
+          <input {...bind("currency")} maxLength={3} required />
         </Field>
         <Field label="On hand">
-          <input type="number" min={0} value={form.onHand} onChange={set("onHand")} required />
+          <input type="number" min={0} {...bind("onHand")} required />
         </Field>
         <div>
           <button type="submit" disabled={action.busy}>

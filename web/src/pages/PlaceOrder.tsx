@@ -1,7 +1,7 @@
 import { useState } from "react";
 import { call, type Order, type Page, type Product, type Session } from "../api";
 import { navigate } from "../router";
-import { Alert, Field, Section, TableHead, useAction, useLoad } from "../ui";
+import { Alert, Field, Section, TableHead, useAction, useFields, useLoad } from "../ui";
 
 /** The demo customer the OpenAPI examples and `--demo` use. */
 const DEMO_CUSTOMER = "019ab1c2-0000-7000-8000-000000000001";
@@ -11,7 +11,7 @@ export function PlaceOrder({ session }: { session: Session }) {
   const products = useLoad(() => call<Page<Product>>(session, "/api/v1/products?limit=100"), [session]);
   const [customerId, setCustomerId] = useState(session.role === "customer" ? session.subject : DEMO_CUSTOMER);
   const [quantities, setQuantities] = useState<Record<string, string>>({});
-  const [address, setAddress] = useState({
+  const [address, bind] = useFields({
     name: "Ada Lovelace",
     line1: "12 St James's Square",
     city: "London",
@@ -45,8 +45,6 @@ export function PlaceOrder({ session }: { session: Session }) {
       setIdempotencyKey(crypto.randomUUID());
       navigate(`/orders/${order.id}`);
     });
-  const setAddressField = (field: keyof typeof address) => (e: React.ChangeEvent<HTMLInputElement>) =>
-    setAddress((a) => ({ ...a, [field]: e.target.value }));
   return (
     <Section title="Place an order">
       <form
@@ -101,19 +99,19 @@ export function PlaceOrder({ session }: { session: Session }) {
         <fieldset className="grid">
           <legend>Ship to</legend>
           <Field label="Name">
-            <input value={address.name} onChange={setAddressField("name")} required />
+            <input {...bind("name")} required />
           </Field>
           <Field label="Address">
-            <input value={address.line1} onChange={setAddressField("line1")} required />
+            <input {...bind("line1")} required />
           </Field>
           <Field label="City">
-            <input value={address.city} onChange={setAddressField("city")} required />
+            <input {...bind("city")} required />
           </Field>
           <Field label="Postal code">
-            <input value={address.postalCode} onChange={setAddressField("postalCode")} required />
+            <input {...bind("postalCode")} required />
           </Field>
           <Field label="Country" hint="ISO 3166 code, e.g. GB">
-            <input value={address.country} onChange={setAddressField("country")} required maxLength={2} />
+            <input {...bind("country")} required maxLength={2} />
           </Field>
         </fieldset>
         <Field label="Card token" hint="The embedded payment simulator knows tok_ok, tok_declined and tok_flaky.">
