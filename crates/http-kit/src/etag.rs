@@ -20,30 +20,44 @@ fn parse_tags(value: &str) -> Vec<String> {
         .collect()
 }
 
-/// The version the client expects from `If-Match`, `None` when absent or `*`.
+/// The form of an `If-Match` this API reads (RFC 9110 §13.1.1): `*`, or one entity tag, strong
+/// or weak, of visible ASCII characters other than `"`. The OpenAPI document gives it as the
+/// header's pattern.
+pub const IF_MATCH_PATTERN: &str = r#"^[ \t]*(\*|(W/)?"[!#-~]*")[ \t]*$"#;
+
+/// The version the client expects from `If-Match`, `None` when absent or `*`. A header not of
+/// the form [`IF_MATCH_PATTERN`] (a list of tags among them) is 400; a weak tag, or a tag that is
+/// no version, can never match the current version: 412.
 pub fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Problem> {
     let Some(value) = headers.get(header::IF_MATCH) else {
         return Ok(None);
     };
-    let text = value
-        .to_str()
-        .map_err(|_| Problem::bad_request("If-Match is not a valid header value"))?;
-    if text.trim() == "*" {
+    let malformed = || {
+        Problem::bad_request("If-Match must be `*` or exactly one entity tag such as \"3\"")
+    };
+    let text = value.to_str().map_err(|_| malformed())?;
+    let text = text.trim_matches([' ', '\t']);
+    if text == "*" {
         return Ok(None);
     }
+    let (weak, tag) = match text.strip_prefix("W/") {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let opaque = tag
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .filter(|t| t.bytes().all(|b| b == 0x21 || (0x23..=0x7e).contains(&b)))
+        .ok_or_else(malformed)?;
     // If-Match uses the strong comparison: a weak tag never matches.
-    if text.trim_start().starts_with("W/") {
+    if weak {
         return Err(Problem::precondition_failed(
             "If-Match needs a strong ETag such as \"3\"",
         ));
     }
-    let tags = parse_tags(text);
-    match tags.as_slice() {
-        [one] => one.parse::<u64>().map(Some).map_err(|_| {
-            Problem::precondition_failed("If-Match does not match the current version")
-        }),
-        _ => Err(Problem::bad_request("If-Match must hold exactly one ETag")),
-    }
+    opaque.parse::<u64>().map(Some).map_err(|_| {
+        Problem::precondition_failed("If-Match does not match the current version")
+    })
 }
 
 /// True when `If-None-Match` names the current version (so the answer is 304).
@@ -80,4 +94,37 @@ pub fn tag_resource(
         response.headers_mut().insert(header::LOCATION, location);
     }
     response
+}
+
+#[cfg(test)]
+mod if_match_tests {
+    use super::*;
+
+    fn status(value: &str) -> Result<Option<u64>, u16> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::IF_MATCH, HeaderValue::from_str(value).unwrap());
+        if_match(&headers).map_err(|p| p.status)
+    }
+
+    #[test]
+    fn reads_one_strong_tag_or_star_and_tells_malformed_from_stale() {
+        assert_eq!(status("\"3\""), Ok(Some(3)));
+        assert_eq!(status(" \"3\" "), Ok(Some(3)));
+        assert_eq!(status("*"), Ok(None));
+        // Well-formed but never the current version: 412.
+        assert_eq!(status("W/\"3\""), Err(412));
+        assert_eq!(status("\"abc\""), Err(412));
+        assert_eq!(status("\"\""), Err(412));
+        // Not an entity tag, or more than one: 400.
+        for bad in ["3", "{}", "\"3\", \"4\"", "\"3", "W/3", "\"a\"b\""] {
+            assert_eq!(status(bad), Err(400), "{bad}");
+        }
+        let pattern = regex::Regex::new(IF_MATCH_PATTERN).unwrap();
+        for good in ["\"3\"", "*", "W/\"3\"", "\"abc\""] {
+            assert!(pattern.is_match(good), "{good}");
+        }
+        for bad in ["3", "{}", "\"3\", \"4\""] {
+            assert!(!pattern.is_match(bad), "{bad}");
+        }
+    }
 }

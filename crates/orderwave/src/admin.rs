@@ -223,7 +223,7 @@ async fn consumer_lag(State(bus): State<Arc<dyn Bus>>) -> Result<Json<Vec<Consum
 /// notifications whose attempts ran out.
 #[utoipa::path(
     get, path = "/api/v1/admin/dead-letters", tag = "admin",
-    params(("source" = Option<String>, Query, description = "Only `bus` messages or only `notification` deliveries"),
+    params(("source" = Option<String>, Query, pattern = "^(bus|notification)$", description = "Only `bus` messages or only `notification` deliveries"),
            ("group" = Option<String>, Query, description = "Only this consumer group's messages"),
            ("limit" = Option<u32>, Query, description = "At most this many, 1-500 (default 100)")),
     responses(

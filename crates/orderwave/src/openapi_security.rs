@@ -97,16 +97,23 @@ fn contract(operation: &mut utoipa::openapi::path::Operation) -> Vec<(&'static s
         let RefOr::T(parameter) = parameter else {
             continue;
         };
+        // A parameter is text on the wire: it is absent or has a value, never `null`.
+        if let Some(RefOr::T(utoipa::openapi::Schema::Object(schema))) = parameter.schema.as_mut() {
+            not_null(&mut schema.schema_type);
+        }
+        if let Some(RefOr::T(utoipa::openapi::Schema::Array(schema))) = parameter.schema.as_mut() {
+            not_null(&mut schema.schema_type);
+        }
         match (parameter.parameter_in.clone(), parameter.name.as_str()) {
             (ParameterIn::Header, "If-Match") => {
-                parameter.schema = Some(string_pattern(r#"^\s*(\*|"[0-9]+")\s*$"#, 1, 64));
+                parameter.schema = Some(string_pattern(http_kit::etag::IF_MATCH_PATTERN, 1, None));
                 shared.extend([
-                    ("400", "If-Match holds more than one ETag"),
+                    ("400", "If-Match is not `*` or one entity tag"),
                     ("412", "If-Match is not the current version"),
                 ]);
             }
             (ParameterIn::Header, "Idempotency-Key") => {
-                parameter.schema = Some(string_pattern("^[!-~]{1,255}$", 1, 255));
+                parameter.schema = Some(string_pattern("^[!-~]{1,255}$", 1, Some(255)));
                 shared.extend([
                     (
                         "400",
@@ -123,6 +130,14 @@ fn contract(operation: &mut utoipa::openapi::path::Operation) -> Vec<(&'static s
                 ]);
             }
             (ParameterIn::Query, name) => {
+                // `?status=&cursor=` is the query without them, as an HTML form sends its blank
+                // fields (`http_kit::query::pairs`).
+                if !matches!(parameter.required, utoipa::openapi::Required::True) {
+                    parameter
+                        .extensions
+                        .get_or_insert_default()
+                        .insert("allowEmptyValue".to_string(), true.into());
+                }
                 if name == "limit" {
                     // Larger values are capped at the operation's page size.
                     parameter.schema = Some(RefOr::T(utoipa::openapi::Schema::Object(
@@ -143,13 +158,24 @@ fn contract(operation: &mut utoipa::openapi::path::Operation) -> Vec<(&'static s
     shared
 }
 
-fn string_pattern(pattern: &str, min: usize, max: usize) -> RefOr<utoipa::openapi::Schema> {
+fn string_pattern(pattern: &str, min: usize, max: Option<usize>) -> RefOr<utoipa::openapi::Schema> {
     RefOr::T(utoipa::openapi::Schema::Object(
         utoipa::openapi::ObjectBuilder::new()
             .schema_type(utoipa::openapi::schema::Type::String)
             .pattern(Some(pattern))
             .min_length(Some(min))
-            .max_length(Some(max))
+            .max_length(max)
             .build(),
     ))
+}
+
+/// `type: [string, "null"]` becomes `type: string`.
+fn not_null(schema_type: &mut utoipa::openapi::schema::SchemaType) {
+    use utoipa::openapi::schema::{SchemaType, Type};
+    if let SchemaType::Array(types) = schema_type {
+        types.retain(|t| *t != Type::Null);
+        if let [only] = types.as_slice() {
+            *schema_type = SchemaType::Type(only.clone());
+        }
+    }
 }

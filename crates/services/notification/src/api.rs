@@ -347,7 +347,7 @@ pub struct NotificationPage {
     params(
         ("orderId" = Option<String>, Query, description = "Only this order's"),
         ("customerId" = Option<String>, Query, description = "Only this customer's"),
-        ("status" = Option<String>, Query, description = "PENDING, SENT, FAILED or DEAD"),
+        ("status" = Option<String>, Query, pattern = "^(PENDING|SENT|FAILED|DEAD)$", description = "Only notifications in this state"),
         ("limit" = Option<u32>, Query, description = "Page size, 1 to 100 (20)"),
         ("cursor" = Option<String>, Query, description = "From a previous page's nextCursor"),
     ),
@@ -369,14 +369,13 @@ async fn list_notifications(
             "orderId" => filter.order_id = Some(value),
             "customerId" => filter.customer_id = Some(value),
             "status" => {
-                let status = value.to_ascii_lowercase();
-                if !["pending", "sent", "failed", "dead"].contains(&status.as_str()) {
+                if !["PENDING", "SENT", "FAILED", "DEAD"].contains(&value.as_str()) {
                     return Err(Problem::field(
                         "status",
                         "must be PENDING, SENT, FAILED or DEAD",
                     ));
                 }
-                filter.status = Some(status);
+                filter.status = Some(value.to_ascii_lowercase());
             }
             "limit" => limit = cursor::parse_limit(&value, 100)?,
             "cursor" => {

@@ -516,7 +516,7 @@ async fn order_history(
     get, path = "/api/v1/orders/{id}/events", tag = "orders",
     params(
         ("id" = String, Path, description = "Order id"),
-        ("Last-Event-ID" = Option<u64>, Header, description = "The id of the last event received: the stream resumes after it"),
+        ("Last-Event-ID" = Option<String>, Header, pattern = "^[0-9]{1,18}$", description = "The id of the last event received: the stream resumes after it"),
     ),
     responses(
         (status = 200, description = "A stream of the order's events", body = crate::view::LiveEvent, content_type = "text/event-stream"),
@@ -546,7 +546,8 @@ fn last_event_id(headers: &HeaderMap, kind: &str) -> Result<Option<u64>, Problem
     value
         .to_str()
         .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|v| (1..=18).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<u64>().ok())
         .map(Some)
         .ok_or_else(|| bad_last_event_id(kind))
 }
@@ -810,10 +811,10 @@ async fn too_slow(socket: &mut axum::extract::ws::WebSocket) {
 #[utoipa::path(
     get, path = "/api/v1/orders", tag = "orders",
     params(
-        ("customerId" = Option<String>, Query, description = "Only this customer's orders"),
-        ("status" = Option<Vec<String>>, Query, description = "Only these statuses (repeatable)"),
-        ("createdFrom" = Option<String>, Query, description = "Created at or after (RFC 3339)"),
-        ("createdTo" = Option<String>, Query, description = "Created before (RFC 3339)"),
+        ("customerId" = Option<String>, Query, format = Uuid, description = "Only this customer's orders"),
+        ("status" = Option<String>, Query, pattern = "^(PENDING|CONFIRMED|PROCESSING|SHIPPED|DELIVERED|CANCELLED)(,(PENDING|CONFIRMED|PROCESSING|SHIPPED|DELIVERED|CANCELLED))*$", description = "Only these statuses: one, or several comma-separated (`PENDING,CONFIRMED`); the parameter may also be repeated"),
+        ("createdFrom" = Option<String>, Query, format = DateTime, description = "Created at or after (RFC 3339)"),
+        ("createdTo" = Option<String>, Query, format = DateTime, description = "Created before (RFC 3339)"),
         ("limit" = Option<u32>, Query, description = "Page size, 1-100 (default 20; larger values are capped)"),
         ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
     ),
@@ -835,9 +836,9 @@ async fn list_orders(
     get, path = "/api/v1/customers/{customerId}/orders", tag = "orders",
     params(
         ("customerId" = String, Path, description = "Customer id"),
-        ("status" = Option<Vec<String>>, Query, description = "Only these statuses (repeatable)"),
-        ("createdFrom" = Option<String>, Query, description = "Created at or after (RFC 3339)"),
-        ("createdTo" = Option<String>, Query, description = "Created before (RFC 3339)"),
+        ("status" = Option<String>, Query, pattern = "^(PENDING|CONFIRMED|PROCESSING|SHIPPED|DELIVERED|CANCELLED)(,(PENDING|CONFIRMED|PROCESSING|SHIPPED|DELIVERED|CANCELLED))*$", description = "Only these statuses: one, or several comma-separated (`PENDING,CONFIRMED`); the parameter may also be repeated"),
+        ("createdFrom" = Option<String>, Query, format = DateTime, description = "Created at or after (RFC 3339)"),
+        ("createdTo" = Option<String>, Query, format = DateTime, description = "Created before (RFC 3339)"),
         ("limit" = Option<u32>, Query, description = "Page size, 1-100 (default 20)"),
         ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
     ),
@@ -880,7 +881,7 @@ async fn list(
                 Err(_) => errors.push(("customerId", "must be a UUID".to_string())),
             },
             "status" => {
-                for part in value.split(',').filter(|p| !p.is_empty()) {
+                for part in value.split(',') {
                     match OrderStatus::parse(part) {
                         Some(s) if !filter.statuses.contains(&s) => filter.statuses.push(s),
                         Some(_) => {}
