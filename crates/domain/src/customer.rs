@@ -167,18 +167,15 @@ pub fn validate_contact(
     preferences: Option<(&[String], &[String])>,
 ) -> Result<Contact, Vec<FieldError>> {
     let mut errors = Vec::new();
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
-        errors.push(FieldError::new("name", "must be 1-200 characters"));
-    }
-    let email = email.trim().to_ascii_lowercase();
+    let name = crate::text::required(&mut errors, "name", name, 200);
+    let email = email.to_ascii_lowercase();
     if !is_email(&email) {
         errors.push(FieldError::new(
             "email",
             "must be an email address such as ada@example.com",
         ));
     }
-    let phone = phone.map(str::trim).filter(|p| !p.is_empty());
+
     if let Some(p) = phone
         && !is_e164(p)
     {
@@ -220,7 +217,7 @@ pub fn validate_contact(
     };
     if errors.is_empty() {
         Ok(Contact {
-            name: name.to_string(),
+            name,
             email,
             phone: phone.map(str::to_string),
             preferences,

@@ -86,10 +86,7 @@ pub fn validate_product(
     if !is_sku(sku) {
         errors.push(FieldError::new("sku", SKU_RULE));
     }
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 200 {
-        errors.push(FieldError::new("name", "must be 1-200 characters"));
-    }
+    let name = crate::text::required(&mut errors, "name", name, 200);
     if currency_decimals(currency).is_none() {
         errors.push(FieldError::new(
             "currency",
@@ -109,7 +106,7 @@ pub fn validate_product(
     if errors.is_empty() {
         Ok(ProductDraft {
             sku: sku.to_string(),
-            name: name.to_string(),
+            name,
             price,
             currency: currency.to_string(),
             on_hand,

@@ -10,6 +10,7 @@ pub mod inventory;
 pub mod money;
 pub mod order;
 pub mod payment;
+pub mod text;
 #[cfg(feature = "testing")]
 pub mod testing;
 

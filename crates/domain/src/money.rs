@@ -4,33 +4,35 @@ use crate::codes::currency_decimals;
 use rust_decimal::Decimal;
 use std::str::FromStr;
 
-/// Parses a non-negative amount with at most the currency's decimals. The error is a message
-/// for the client.
+/// The form of an amount in a currency with `decimals` minor digits, as a JSON Schema
+/// pattern: a whole part without leading zeros below 1000000000, then at most `decimals`
+/// decimals (`"12.5"`, `"12.50"`; `"1200"` for JPY).
+pub fn amount_pattern(decimals: u32) -> String {
+    match decimals {
+        0 => "^(0|[1-9][0-9]{0,8})$".to_string(),
+        d => format!("^(0|[1-9][0-9]{{0,8}})(\\.[0-9]{{1,{d}}})?$"),
+    }
+}
+
+/// Parses a non-negative amount of the form [`amount_pattern`] gives for the currency's
+/// decimals (2 for an unknown currency). The error is a message for the client.
 pub fn parse_amount(text: &str, currency: &str) -> Result<Decimal, String> {
-    let trimmed = text.trim();
-    if trimmed.is_empty() || trimmed != text {
+    let decimals = currency_decimals(currency).unwrap_or(2);
+    let (whole, fraction) = match text.split_once('.') {
+        Some((whole, fraction)) => (whole, Some(fraction)),
+        None => (text, None),
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(whole) || fraction.is_some_and(|f| !digits(f)) {
         return Err("must be a decimal string such as \"12.50\"".into());
     }
-    if !trimmed
-        .chars()
-        .all(|c| c.is_ascii_digit() || c == '.' || c == '-')
-    {
-        return Err("must be a plain decimal string such as \"12.50\"".into());
+    if (whole.len() > 1 && whole.starts_with('0')) || whole.len() > 9 {
+        return Err("must be a whole number below 1000000000 without leading zeros, then its decimals".into());
     }
-    let amount = Decimal::from_str(trimmed)
-        .map_err(|_| "must be a decimal string such as \"12.50\"".to_string())?;
-    if amount.is_sign_negative() && !amount.is_zero() {
-        return Err("must not be negative".into());
-    }
-    if let Some(decimals) = currency_decimals(currency)
-        && amount.normalize().scale() > decimals
-    {
+    if fraction.is_some_and(|f| f.len() > decimals as usize) {
         return Err(format!("{currency} allows at most {decimals} decimals"));
     }
-    if amount > Decimal::from(1_000_000_000_i64) {
-        return Err("must be at most 1000000000".into());
-    }
-    Ok(amount.abs())
+    Decimal::from_str(text).map_err(|_| "must be a decimal string such as \"12.50\"".to_string())
 }
 
 /// Formats an amount with exactly the currency's decimals (`"12.50"`, `"1200"` for JPY).
@@ -62,7 +64,6 @@ mod tests {
         assert_eq!(parse_amount("12.50", "USD"), Ok(Decimal::new(1250, 2)));
         assert_eq!(parse_amount("0", "USD"), Ok(Decimal::ZERO));
         assert_eq!(parse_amount("1200", "JPY"), Ok(Decimal::new(1200, 0)));
-        assert_eq!(parse_amount("1.000", "JPY"), Ok(Decimal::new(1000, 3)));
         assert_eq!(parse_amount("1.234", "KWD"), Ok(Decimal::new(1234, 3)));
     }
 
@@ -84,6 +85,20 @@ mod tests {
         assert!(parse_amount(" 1", "USD").is_err());
         assert!(parse_amount("", "USD").is_err());
         assert!(parse_amount("99999999999", "USD").is_err());
+        assert!(parse_amount("1000000000", "USD").is_err());
+        assert!(parse_amount("1.000", "JPY").is_err());
+        assert!(parse_amount("1.500", "USD").is_err());
+        assert!(parse_amount("01.5", "USD").is_err());
+        assert!(parse_amount("-0", "USD").is_err());
+        assert!(parse_amount("1.", "USD").is_err());
+        assert!(parse_amount(".5", "USD").is_err());
+    }
+
+    #[test]
+    fn the_pattern_says_what_parse_accepts() {
+        assert_eq!(amount_pattern(0), "^(0|[1-9][0-9]{0,8})$");
+        assert_eq!(amount_pattern(2), "^(0|[1-9][0-9]{0,8})(\\.[0-9]{1,2})?$");
+        assert_eq!(parse_amount("999999999.99", "USD"), Ok(Decimal::new(99_999_999_999, 2)));
     }
 
     #[test]

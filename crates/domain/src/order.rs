@@ -554,23 +554,7 @@ pub struct RawAddress<'a> {
     pub country: &'a str,
 }
 
-fn text(errors: &mut Vec<FieldError>, field: &str, value: &str, max: usize) -> String {
-    let trimmed = value.trim();
-    if trimmed.is_empty() {
-        errors.push(FieldError::new(field, "must not be empty"));
-    } else if trimmed.chars().count() > max {
-        errors.push(FieldError::new(
-            field,
-            format!("must be at most {max} characters"),
-        ));
-    } else if trimmed.chars().any(char::is_control) {
-        errors.push(FieldError::new(
-            field,
-            "must not contain control characters",
-        ));
-    }
-    trimmed.to_string()
-}
+use crate::text;
 
 /// Validates a currency code, the order lines and the address; collects every problem.
 pub fn validate_draft(
@@ -618,14 +602,11 @@ pub fn validate_draft(
         });
     }
     let shipping_address = Address {
-        name: text(&mut errors, "shippingAddress.name", address.name, 200),
-        line1: text(&mut errors, "shippingAddress.line1", address.line1, 200),
-        line2: address
-            .line2
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| text(&mut errors, "shippingAddress.line2", l, 200)),
-        city: text(&mut errors, "shippingAddress.city", address.city, 100),
-        postal_code: text(
+        name: text::required(&mut errors, "shippingAddress.name", address.name, 200),
+        line1: text::required(&mut errors, "shippingAddress.line1", address.line1, 200),
+        line2: text::optional(&mut errors, "shippingAddress.line2", address.line2, 200),
+        city: text::required(&mut errors, "shippingAddress.city", address.city, 100),
+        postal_code: text::required(
             &mut errors,
             "shippingAddress.postalCode",
             address.postal_code,
@@ -639,14 +620,7 @@ pub fn validate_draft(
             "must be an ISO 3166-1 alpha-2 country code such as \"US\"",
         ));
     }
-    let notes = match notes {
-        Some(n) if n.chars().count() > 2000 => {
-            errors.push(FieldError::new("notes", "must be at most 2000 characters"));
-            None
-        }
-        Some(n) if !n.trim().is_empty() => Some(n.trim().to_string()),
-        _ => None,
-    };
+    let notes = text::optional_multiline(&mut errors, "notes", notes, 2000);
     if errors.is_empty() {
         Ok(OrderDraft {
             items,
@@ -665,8 +639,8 @@ pub fn validate_shipping(
     estimated_delivery: Option<&str>,
 ) -> Result<Shipping, Vec<FieldError>> {
     let mut errors = Vec::new();
-    let carrier = text(&mut errors, "carrier", carrier, 100);
-    let tracking_number = text(&mut errors, "trackingNumber", tracking_number, 100);
+    let carrier = text::required(&mut errors, "carrier", carrier, 100);
+    let tracking_number = text::required(&mut errors, "trackingNumber", tracking_number, 100);
     let estimated_delivery = match estimated_delivery {
         None => None,
         Some(d) => match NaiveDate::parse_from_str(d, "%Y-%m-%d") {
@@ -693,12 +667,11 @@ pub fn validate_shipping(
 
 /// Validates an optional free-text reason (cancellation, status change).
 pub fn validate_reason(reason: Option<&str>) -> Result<Option<String>, Vec<FieldError>> {
-    match reason.map(str::trim) {
-        None | Some("") => Ok(None),
-        Some(r) if r.chars().count() > 500 => Err(vec![FieldError::new(
-            "reason",
-            "must be at most 500 characters",
-        )]),
-        Some(r) => Ok(Some(r.to_string())),
+    let mut errors = Vec::new();
+    let reason = text::optional(&mut errors, "reason", reason, 500);
+    if errors.is_empty() {
+        Ok(reason)
+    } else {
+        Err(errors)
     }
 }

@@ -87,6 +87,34 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
     })
 }
 
+/// A JSON integer field as JSON Schema's `integer` reads it: any number without a fraction, so
+/// `2.0` is 2 (`#[serde(deserialize_with = "http_kit::json::integer")]`).
+pub fn integer<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    struct Integer;
+    impl serde::de::Visitor<'_> for Integer {
+        type Value = i64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a whole number")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i64, E> {
+            i64::try_from(v).map_err(|_| E::custom("a whole number out of range"))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<i64, E> {
+            // Exactly representable and within range: ±2^63 excluded.
+            if v.fract() == 0.0 && v.abs() < 9.223_372_036_854_775_808e18 {
+                #[allow(clippy::cast_possible_truncation)]
+                Ok(v as i64)
+            } else {
+                Err(E::invalid_type(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    deserializer.deserialize_any(Integer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +133,23 @@ mod tests {
     #[allow(dead_code)]
     struct Body {
         items: Vec<Item>,
+    }
+
+    #[test]
+    fn an_integer_field_takes_any_whole_number() {
+        #[derive(serde::Deserialize, Debug)]
+        struct Body {
+            #[serde(deserialize_with = "super::integer")]
+            n: i64,
+        }
+        let n = |text: &str| parse::<Body>(text.as_bytes()).map(|b| b.n).map_err(|p| p.status);
+        assert_eq!(n(r#"{"n": 2}"#), Ok(2));
+        assert_eq!(n(r#"{"n": -9180.0}"#), Ok(-9180));
+        assert_eq!(n(r#"{"n": 1e3}"#), Ok(1000));
+        assert_eq!(n(r#"{"n": 2.5}"#), Err(422));
+        assert_eq!(n(r#"{"n": 1e19}"#), Err(422));
+        assert_eq!(n(r#"{"n": 9223372036854775808}"#), Err(422));
+        assert_eq!(n(r#"{"n": "2"}"#), Err(422));
     }
 
     #[test]

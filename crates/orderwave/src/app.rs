@@ -1113,17 +1113,18 @@ fn build_router(
     let auth = &config.auth;
     let gateway = Arc::new(gateway);
     // Per route, innermost first: idempotency (scoped by the caller the guard found), the
-    // guard (token, rate limit, role), and load shedding before anything else is done.
+    // guard (token, rate limit, role), and load shedding before anything else is done. Route
+    // layers: a method a path does not have is 405 with `Allow`, before any of them.
     let router = api
-        .layer(axum::middleware::from_fn_with_state(
+        .route_layer(axum::middleware::from_fn_with_state(
             idempotency,
             http_kit::idempotency::layer,
         ))
-        .layer(axum::middleware::from_fn_with_state(
+        .route_layer(axum::middleware::from_fn_with_state(
             gateway,
             gateway::guard,
         ))
-        .layer(axum::middleware::from_fn_with_state(
+        .route_layer(axum::middleware::from_fn_with_state(
             gateway::limits::InFlight::new(auth.max_in_flight),
             gateway::limits::shed_load,
         ))

@@ -32,6 +32,7 @@ pub struct ProductBody {
     #[schema(example = "USD")]
     pub currency: String,
     #[schema(example = 10)]
+    #[serde(deserialize_with = "http_kit::json::integer")]
     pub on_hand: i64,
 }
 
@@ -40,6 +41,7 @@ pub struct ProductBody {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StockBody {
     #[schema(example = 25)]
+    #[serde(deserialize_with = "http_kit::json::integer")]
     pub on_hand: i64,
     #[serde(default)]
     #[schema(example = "44.90")]

@@ -228,6 +228,7 @@ pub struct OrderLineBody {
     pub sku: String,
     /// 1 to 10000.
     #[schema(example = 2)]
+    #[serde(deserialize_with = "http_kit::json::integer")]
     pub quantity: i64,
     /// Decimal string, at most the currency's decimals.
     #[schema(example = "49.90")]
