@@ -26,8 +26,10 @@ done
 TOKEN=$("$BIN" token --sub contract-test --role admin --data-dir "$DATA" --ttl 1h)
 # The WebSocket route is not HTTP: schemathesis cannot speak it. Run from the temporary
 # directory: schemathesis keeps its cache of failures in the current directory.
+HOOKS_DIR=$PWD/scripts
 cd "$DATA"
-"$VENV/bin/schemathesis" run "http://127.0.0.1:$PORT/openapi.json" \
+PYTHONPATH="$HOOKS_DIR" SCHEMATHESIS_HOOKS=contract_hooks \
+  "$VENV/bin/schemathesis" run "http://127.0.0.1:$PORT/openapi.json" \
   --checks all \
   --header "Authorization: Bearer $TOKEN" \
   --exclude-path /api/v1/orders/ws \

@@ -9,6 +9,18 @@ const CURRENCIES: &str = "AED AFN ALL AMD AOA ARS AUD AWG AZN BAM BBD BDT BHD BI
 const ZERO_DECIMALS: &str = "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX VND VUV XAF XOF XPF";
 const THREE_DECIMALS: &str = "BHD IQD JOD KWD LYD OMR TND";
 
+/// Every country code [`is_country`] accepts.
+pub fn countries() -> impl Iterator<Item = &'static str> {
+    COUNTRIES.split(' ')
+}
+
+/// Every currency code that can price an order, with its decimals.
+pub fn currencies() -> impl Iterator<Item = (&'static str, u32)> {
+    CURRENCIES
+        .split(' ')
+        .filter_map(|code| currency_decimals(code).map(|d| (code, d)))
+}
+
 pub fn is_country(code: &str) -> bool {
     code.len() == 2 && COUNTRIES.split(' ').any(|c| c == code)
 }

@@ -578,7 +578,7 @@ pub fn validate_draft(
     }
     let mut items = Vec::with_capacity(lines.len());
     for (i, line) in lines.iter().enumerate() {
-        let sku = line.sku.trim();
+        let sku = line.sku;
         if !is_sku(sku) {
             errors.push(FieldError::new(format!("items[{i}].sku"), SKU_RULE));
         }

@@ -13,6 +13,7 @@ pub mod problem;
 pub mod query;
 pub mod redis;
 pub mod resilience;
+pub mod schema;
 
 pub use auth::{Caller, Role};
 pub use json::JsonBody;

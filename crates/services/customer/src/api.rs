@@ -27,9 +27,9 @@ pub fn router(service: CustomerService) -> OpenApiRouter {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PreferencesBody {
-    #[schema(example = json!(["order.confirmed", "order.shipped"]))]
+    #[schema(schema_with = http_kit::schema::notifiable_events, example = json!(["order.confirmed", "order.shipped"]))]
     pub email: Vec<String>,
-    #[schema(example = json!(["order.shipped"]))]
+    #[schema(schema_with = http_kit::schema::notifiable_events, example = json!(["order.shipped"]))]
     pub sms: Vec<String>,
 }
 
@@ -37,13 +37,13 @@ pub struct PreferencesBody {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CustomerBody {
-    #[schema(example = "Ada Lovelace")]
+    #[schema(schema_with = http_kit::schema::text_200, example = "Ada Lovelace")]
     pub name: String,
-    #[schema(example = "ada@example.com")]
+    #[schema(schema_with = http_kit::schema::email, example = "ada@example.com")]
     pub email: String,
     /// E.164.
     #[serde(default)]
-    #[schema(example = "+447911123456")]
+    #[schema(schema_with = http_kit::schema::optional_phone, example = "+447911123456")]
     pub phone: Option<String>,
     /// Defaults to every order event by email and nothing by SMS.
     #[serde(default)]

@@ -13,25 +13,26 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub fn router(service: InventoryService) -> OpenApiRouter {
-    OpenApiRouter::new()
+    let mut router = OpenApiRouter::new()
         .routes(routes!(create_product, list_products))
-        .routes(routes!(get_stock, set_stock))
-        .with_state(service)
+        .routes(routes!(get_stock, set_stock));
+    http_kit::schema::price_by_currency(router.get_openapi_mut(), "ProductBody", &["price"]);
+    router.with_state(service)
 }
 
 /// A new product with its initial stock.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProductBody {
-    #[schema(example = "SKU-CHAIR")]
+    #[schema(schema_with = http_kit::schema::sku, example = "SKU-CHAIR")]
     pub sku: String,
-    #[schema(example = "Oak chair")]
+    #[schema(schema_with = http_kit::schema::text_200, example = "Oak chair")]
     pub name: String,
-    #[schema(example = "49.90")]
+    #[schema(schema_with = http_kit::schema::amount, example = "49.90")]
     pub price: String,
-    #[schema(example = "USD")]
+    #[schema(schema_with = http_kit::schema::currency, example = "USD")]
     pub currency: String,
-    #[schema(example = 10)]
+    #[schema(minimum = 0, maximum = 1000000000, example = 10)]
     #[serde(deserialize_with = "http_kit::json::integer")]
     pub on_hand: i64,
 }
@@ -40,11 +41,11 @@ pub struct ProductBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StockBody {
-    #[schema(example = 25)]
+    #[schema(minimum = 0, maximum = 1000000000, example = 25)]
     #[serde(deserialize_with = "http_kit::json::integer")]
     pub on_hand: i64,
     #[serde(default)]
-    #[schema(example = "44.90")]
+    #[schema(schema_with = http_kit::schema::optional_amount, example = "44.90")]
     pub price: Option<String>,
 }
 

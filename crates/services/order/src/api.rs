@@ -29,7 +29,7 @@ pub const DEFAULT_LIMIT: u32 = 20;
 pub const MAX_LIMIT: u32 = 100;
 
 pub fn router(service: OrderService) -> OpenApiRouter {
-    OpenApiRouter::new()
+    let mut router = OpenApiRouter::new()
         .routes(routes!(place_order, list_orders))
         .routes(routes!(get_order, update_order, cancel_order))
         .routes(routes!(change_status))
@@ -38,8 +38,9 @@ pub fn router(service: OrderService) -> OpenApiRouter {
         .routes(routes!(order_events))
         .routes(routes!(feed_events))
         .routes(routes!(order_socket))
-        .routes(routes!(customer_orders))
-        .with_state(service)
+        .routes(routes!(customer_orders));
+    http_kit::schema::price_by_currency(router.get_openapi_mut(), "PlaceOrderBody", &["items[].unitPrice"]);
+    router.with_state(service)
 }
 
 // ---- errors -------------------------------------------------------------------------------

@@ -22,18 +22,19 @@ pub struct OrderLineView {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AddressBody {
-    #[schema(example = "Ada Lovelace")]
+    #[schema(schema_with = http_kit::schema::text_200, example = "Ada Lovelace")]
     pub name: String,
-    #[schema(example = "12 Analytical Row")]
+    #[schema(schema_with = http_kit::schema::text_200, example = "12 Analytical Row")]
     pub line1: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = http_kit::schema::optional_text_200)]
     pub line2: Option<String>,
-    #[schema(example = "London")]
+    #[schema(schema_with = http_kit::schema::text_100, example = "London")]
     pub city: String,
-    #[schema(example = "N1 7AA")]
+    #[schema(schema_with = http_kit::schema::text_20, example = "N1 7AA")]
     pub postal_code: String,
     /// ISO 3166-1 alpha-2 code.
-    #[schema(example = "GB")]
+    #[schema(schema_with = http_kit::schema::country, example = "GB")]
     pub country: String,
 }
 
@@ -224,14 +225,14 @@ impl From<&RecordedEvent> for HistoryEntry {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OrderLineBody {
-    #[schema(example = "SKU-CHAIR")]
+    #[schema(schema_with = http_kit::schema::sku, example = "SKU-CHAIR")]
     pub sku: String,
     /// 1 to 10000.
-    #[schema(example = 2)]
+    #[schema(minimum = 1, maximum = 10000, example = 2)]
     #[serde(deserialize_with = "http_kit::json::integer")]
     pub quantity: i64,
     /// Decimal string, at most the currency's decimals.
-    #[schema(example = "49.90")]
+    #[schema(schema_with = http_kit::schema::amount, example = "49.90")]
     pub unit_price: String,
 }
 
@@ -239,18 +240,21 @@ pub struct OrderLineBody {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PlaceOrderBody {
-    #[schema(example = "019ab1c2-0000-7000-8000-000000000001")]
+    #[schema(format = Uuid, example = "019ab1c2-0000-7000-8000-000000000001")]
     pub customer_id: String,
     /// ISO 4217 code.
-    #[schema(example = "USD")]
+    #[schema(schema_with = http_kit::schema::currency, example = "USD")]
     pub currency: String,
     /// 1 to 100 lines.
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<OrderLineBody>,
     pub shipping_address: AddressBody,
     #[serde(default)]
+    #[schema(schema_with = http_kit::schema::notes)]
     pub notes: Option<String>,
     /// How the order is paid (required); charged once its stock is reserved.
     #[serde(default)]
+    #[schema(value_type = PaymentBody, required = true)]
     pub payment: Option<PaymentBody>,
 }
 
@@ -260,9 +264,9 @@ pub struct PlaceOrderBody {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PaymentBody {
-    #[schema(example = "card")]
+    #[schema(value_type = String, pattern = "^card$", example = "card")]
     pub method: String,
-    #[schema(example = "tok_ok")]
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,128}$", example = "tok_ok")]
     pub token: String,
 }
 
@@ -270,22 +274,24 @@ pub struct PaymentBody {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpdateOrderBody {
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<OrderLineBody>,
     pub shipping_address: AddressBody,
     #[serde(default)]
+    #[schema(schema_with = http_kit::schema::notes)]
     pub notes: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ShippingBody {
-    #[schema(example = "DHL")]
+    #[schema(schema_with = http_kit::schema::text_100, example = "DHL")]
     pub carrier: String,
-    #[schema(example = "JD014600006281234567")]
+    #[schema(schema_with = http_kit::schema::text_100, example = "JD014600006281234567")]
     pub tracking_number: String,
     /// YYYY-MM-DD.
     #[serde(default)]
-    #[schema(example = "2026-12-01")]
+    #[schema(format = Date, example = "2026-12-01")]
     pub estimated_delivery: Option<String>,
 }
 
@@ -293,9 +299,10 @@ pub struct ShippingBody {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StatusChangeBody {
     /// Target status: PROCESSING, SHIPPED, DELIVERED or CANCELLED.
-    #[schema(example = "PROCESSING")]
+    #[schema(value_type = String, pattern = "^(PENDING|CONFIRMED|PROCESSING|SHIPPED|DELIVERED|CANCELLED)$", example = "PROCESSING")]
     pub status: String,
     #[serde(default)]
+    #[schema(schema_with = http_kit::schema::optional_text_500)]
     pub reason: Option<String>,
     /// Shipping details, accepted with SHIPPED when not set before.
     #[serde(default)]
