@@ -29,7 +29,7 @@ TOKEN=$("$BIN" token --sub contract-test --role admin --data-dir "$DATA" --ttl 1
 HOOKS_DIR=$PWD/scripts
 cd "$DATA"
 PYTHONPATH="$HOOKS_DIR" SCHEMATHESIS_HOOKS=contract_hooks \
-  "$VENV/bin/schemathesis" run "http://127.0.0.1:$PORT/openapi.json" \
+  "$VENV/bin/schemathesis" --config-file "$HOOKS_DIR/schemathesis.toml" run "http://127.0.0.1:$PORT/openapi.json" \
   --checks all \
   --header "Authorization: Bearer $TOKEN" \
   --exclude-path /api/v1/orders/ws \

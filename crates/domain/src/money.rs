@@ -14,6 +14,26 @@ pub fn amount_pattern(decimals: u32) -> String {
     }
 }
 
+/// Like [`amount_pattern`], but more than zero.
+pub fn positive_amount_pattern(decimals: u32) -> String {
+    let whole = match decimals {
+        0 => "[1-9][0-9]{0,8}".to_string(),
+        d => format!("[1-9][0-9]{{0,8}}(\\.[0-9]{{1,{d}}})?"),
+    };
+    // Below one: a fraction of at most `decimals` digits that are not all zero.
+    let fractions: Vec<String> = (0..decimals)
+        .map(|zeros| {
+            let rest = decimals - 1 - zeros;
+            format!("{}[1-9]{}", "0".repeat(zeros as usize), if rest > 0 { format!("[0-9]{{0,{rest}}}") } else { String::new() })
+        })
+        .collect();
+    if fractions.is_empty() {
+        format!("^{whole}$")
+    } else {
+        format!("^({whole}|0\\.({}))$", fractions.join("|"))
+    }
+}
+
 /// Parses a non-negative amount of the form [`amount_pattern`] gives for the currency's
 /// decimals (2 for an unknown currency). The error is a message for the client.
 pub fn parse_amount(text: &str, currency: &str) -> Result<Decimal, String> {
@@ -33,6 +53,12 @@ pub fn parse_amount(text: &str, currency: &str) -> Result<Decimal, String> {
         return Err(format!("{currency} allows at most {decimals} decimals"));
     }
     Decimal::from_str(text).map_err(|_| "must be a decimal string such as \"12.50\"".to_string())
+}
+
+/// True when `text` is a well-formed amount (as in the currency with the most decimals) that
+/// has more decimals than `currency` allows: a request that would fit another currency.
+pub fn exceeds_precision(text: &str, currency: &str) -> bool {
+    parse_amount(text, currency).is_err() && parse_amount(text, "BHD").is_ok()
 }
 
 /// Formats an amount with exactly the currency's decimals (`"12.50"`, `"1200"` for JPY).
@@ -92,10 +118,19 @@ mod tests {
         assert!(parse_amount("-0", "USD").is_err());
         assert!(parse_amount("1.", "USD").is_err());
         assert!(parse_amount(".5", "USD").is_err());
+        assert!(exceeds_precision("1.5", "JPY"));
+        assert!(exceeds_precision("1.555", "USD"));
+        assert!(!exceeds_precision("1.55", "USD"));
+        assert!(!exceeds_precision("1.5555", "USD"));
     }
 
     #[test]
     fn the_pattern_says_what_parse_accepts() {
+        assert_eq!(positive_amount_pattern(0), "^[1-9][0-9]{0,8}$");
+        assert_eq!(
+            positive_amount_pattern(2),
+            "^([1-9][0-9]{0,8}(\\.[0-9]{1,2})?|0\\.([1-9][0-9]{0,1}|0[1-9]))$"
+        );
         assert_eq!(amount_pattern(0), "^(0|[1-9][0-9]{0,8})$");
         assert_eq!(amount_pattern(2), "^(0|[1-9][0-9]{0,8})(\\.[0-9]{1,2})?$");
         assert_eq!(parse_amount("999999999.99", "USD"), Ok(Decimal::new(99_999_999_999, 2)));

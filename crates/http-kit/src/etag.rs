@@ -21,9 +21,9 @@ fn parse_tags(value: &str) -> Vec<String> {
 }
 
 /// The form of an `If-Match` this API reads (RFC 9110 §13.1.1): `*`, or one entity tag, strong
-/// or weak, of visible ASCII characters other than `"`. The OpenAPI document gives it as the
-/// header's pattern.
-pub const IF_MATCH_PATTERN: &str = r#"^[ \t]*(\*|(W/)?"[!#-~]*")[ \t]*$"#;
+/// or weak, of visible ASCII characters other than `"`; or a bare version number (`3`, as a
+/// client reads it from `version`). The OpenAPI document gives it as the header's pattern.
+pub const IF_MATCH_PATTERN: &str = r#"^[ \t]*(\*|[0-9]{1,19}|(W/)?"[!#-~]*")[ \t]*$"#;
 
 /// The version the client expects from `If-Match`, `None` when absent or `*`. A header not of
 /// the form [`IF_MATCH_PATTERN`] (a list of tags among them) is 400; a weak tag, or a tag that is
@@ -39,6 +39,11 @@ pub fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Problem> {
     let text = text.trim_matches([' ', '\t']);
     if text == "*" {
         return Ok(None);
+    }
+    if (1..=19).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text.parse::<u64>().map(Some).map_err(|_| {
+            Problem::precondition_failed("If-Match does not match the current version")
+        });
     }
     let (weak, tag) = match text.strip_prefix("W/") {
         Some(rest) => (true, rest),
@@ -110,20 +115,23 @@ mod if_match_tests {
     fn reads_one_strong_tag_or_star_and_tells_malformed_from_stale() {
         assert_eq!(status("\"3\""), Ok(Some(3)));
         assert_eq!(status(" \"3\" "), Ok(Some(3)));
+        assert_eq!(status("3"), Ok(Some(3)));
+        assert_eq!(status("99999999999999999999"), Err(400));
+        assert_eq!(status("9999999999999999999"), Ok(Some(9_999_999_999_999_999_999)));
         assert_eq!(status("*"), Ok(None));
         // Well-formed but never the current version: 412.
         assert_eq!(status("W/\"3\""), Err(412));
         assert_eq!(status("\"abc\""), Err(412));
         assert_eq!(status("\"\""), Err(412));
         // Not an entity tag, or more than one: 400.
-        for bad in ["3", "{}", "\"3\", \"4\"", "\"3", "W/3", "\"a\"b\""] {
+        for bad in ["-3", "{}", "\"3\", \"4\"", "\"3", "W/3", "\"a\"b\""] {
             assert_eq!(status(bad), Err(400), "{bad}");
         }
         let pattern = regex::Regex::new(IF_MATCH_PATTERN).unwrap();
-        for good in ["\"3\"", "*", "W/\"3\"", "\"abc\""] {
+        for good in ["\"3\"", "*", "W/\"3\"", "\"abc\"", "3"] {
             assert!(pattern.is_match(good), "{good}");
         }
-        for bad in ["3", "{}", "\"3\", \"4\""] {
+        for bad in ["-3", "{}", "\"3\", \"4\""] {
             assert!(!pattern.is_match(bad), "{bad}");
         }
     }

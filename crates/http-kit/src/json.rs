@@ -6,7 +6,8 @@ use axum::http::header;
 use serde::de::DeserializeOwned;
 
 /// Like `axum::Json`, but a wrong content type is 415, an oversized body 413, malformed JSON
-/// 400, and a well-formed body of the wrong shape 422 naming the field.
+/// 400, and a well-formed body of the wrong shape (an array among them: every body is an
+/// object) 422 naming the field.
 #[derive(Debug, Clone)]
 pub struct JsonBody<T>(pub T);
 
@@ -35,6 +36,10 @@ where
         let bytes = axum::body::to_bytes(req.into_body(), crate::MAX_BODY_BYTES)
             .await
             .map_err(|_| Problem::too_large())?;
+        // Every body of this API is an object; serde would also read a struct from an array.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+            return Err(Problem::field("", "must be a JSON object"));
+        }
         parse(&bytes).map(JsonBody)
     }
 }

@@ -89,6 +89,16 @@ pub fn amount() -> Schema {
     string(domain::money::amount_pattern(3), None, false)
 }
 
+/// An amount above zero in any currency (see [`amount`]).
+pub fn positive_amount() -> Schema {
+    string(domain::money::positive_amount_pattern(3), None, false)
+}
+
+/// An optional amount above zero.
+pub fn optional_positive_amount() -> Schema {
+    string(domain::money::positive_amount_pattern(3), None, true)
+}
+
 /// An optional amount (null: unchanged).
 pub fn optional_amount() -> Schema {
     string(domain::money::amount_pattern(3), None, true)
@@ -119,24 +129,33 @@ pub fn notifiable_events() -> Schema {
 }
 
 /// Constrains the component schema `name` (a body with a `currency`) so that `amount_fields`
-/// hold at most the currency's decimals: one branch per number of decimals, chosen by the
+/// are of the form `pattern` gives for the currency's decimals: one branch per number of decimals, chosen by the
 /// currency. Each path in `amount_fields` is a property, or `items[].property` for a property
 /// of the array's items.
-pub fn price_by_currency(openapi: &mut utoipa::openapi::OpenApi, name: &str, amount_fields: &[&str]) {
+pub fn price_by_currency(
+    openapi: &mut utoipa::openapi::OpenApi,
+    name: &str,
+    amount_fields: &[&str],
+    pattern: fn(u32) -> String,
+) {
     let schemas = &mut openapi.components.get_or_insert_default().schemas;
     if let Some(schema) = schemas.remove(name) {
-        schemas.insert(name.to_string(), priced_by_currency(schema, amount_fields));
+        schemas.insert(name.to_string(), priced_by_currency(schema, amount_fields, pattern));
     }
 }
 
-fn priced_by_currency(schema: RefOr<Schema>, amount_fields: &[&str]) -> RefOr<Schema> {
+fn priced_by_currency(
+    schema: RefOr<Schema>,
+    amount_fields: &[&str],
+    pattern: fn(u32) -> String,
+) -> RefOr<Schema> {
     let mut by_decimals: std::collections::BTreeMap<u32, Vec<&'static str>> = Default::default();
     for (code, decimals) in domain::codes::currencies() {
         by_decimals.entry(decimals).or_default().push(code);
     }
     let mut branches = OneOfBuilder::new();
     for (decimals, codes) in by_decimals {
-        let amount = string(domain::money::amount_pattern(decimals), None, false);
+        let amount = string(pattern(decimals), None, false);
         let mut branch = ObjectBuilder::new().property("currency", enumeration(codes));
         for field in amount_fields {
             branch = match field.split_once("[].") {

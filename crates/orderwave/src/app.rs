@@ -1086,6 +1086,7 @@ fn build_router(
     };
     let (api, mut openapi) = api.split_for_parts();
     crate::openapi_security::require_bearer(&mut openapi);
+    let methods = Arc::new(crate::openapi_security::methods_by_path(&openapi));
     let metrics_token = config
         .auth
         .metrics_token
@@ -1113,8 +1114,8 @@ fn build_router(
     let auth = &config.auth;
     let gateway = Arc::new(gateway);
     // Per route, innermost first: idempotency (scoped by the caller the guard found), the
-    // guard (token, rate limit, role), and load shedding before anything else is done. Route
-    // layers: a method a path does not have is 405 with `Allow`, before any of them.
+    // guard (token, rate limit, role), load shedding, and before anything else a method the
+    // document does not give the path: 405 with `Allow`.
     let router = api
         .route_layer(axum::middleware::from_fn_with_state(
             idempotency,
@@ -1127,6 +1128,10 @@ fn build_router(
         .route_layer(axum::middleware::from_fn_with_state(
             gateway::limits::InFlight::new(auth.max_in_flight),
             gateway::limits::shed_load,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            methods,
+            crate::openapi_security::method_allowed,
         ))
         .merge(operations)
         .merge(docs)

@@ -179,3 +179,65 @@ fn not_null(schema_type: &mut utoipa::openapi::schema::SchemaType) {
         }
     }
 }
+
+/// The methods of each path of the document (`/api/v1/orders/{id}`, as routes are matched);
+/// a path with GET also takes HEAD.
+pub fn methods_by_path(openapi: &OpenApi) -> std::collections::HashMap<String, Vec<axum::http::Method>> {
+    use axum::http::Method;
+    openapi
+        .paths
+        .paths
+        .iter()
+        .map(|(path, item)| {
+            let mut methods = Vec::new();
+            for (operation, method) in [
+                (&item.get, Method::GET),
+                (&item.put, Method::PUT),
+                (&item.post, Method::POST),
+                (&item.delete, Method::DELETE),
+                (&item.patch, Method::PATCH),
+            ] {
+                if operation.is_some() {
+                    methods.push(method);
+                }
+            }
+            if item.get.is_some() {
+                methods.push(Method::HEAD);
+            }
+            (path.clone(), methods)
+        })
+        .collect()
+}
+
+/// 405 with `Allow` for a method the document does not give the matched path, before the
+/// guard or the idempotency layer see the request.
+pub async fn method_allowed(
+    axum::extract::State(methods): axum::extract::State<
+        std::sync::Arc<std::collections::HashMap<String, Vec<axum::http::Method>>>,
+    >,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let allowed = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .and_then(|path| methods.get(path.as_str()));
+    match allowed {
+        Some(allowed) if !allowed.contains(request.method()) => {
+            let allow = allowed
+                .iter()
+                .map(axum::http::Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut response =
+                http_kit::problem::Problem::from_status(axum::http::StatusCode::METHOD_NOT_ALLOWED)
+                    .into_response();
+            if let Ok(allow) = axum::http::HeaderValue::from_str(&allow) {
+                response.headers_mut().insert(axum::http::header::ALLOW, allow);
+            }
+            response
+        }
+        _ => next.run(request).await,
+    }
+}

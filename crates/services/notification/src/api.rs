@@ -163,9 +163,11 @@ pub struct SendBody {
     pub channel: String,
     /// An email address or an E.164 phone number; or give `customerId`.
     #[serde(default)]
+    #[schema(example = "ada@example.com")]
     pub recipient: Option<String>,
     /// The customer whose address or phone receives it.
     #[serde(default)]
+    #[schema(format = Uuid)]
     pub customer_id: Option<String>,
     #[serde(default)]
     pub order_id: Option<String>,

@@ -39,7 +39,7 @@ pub fn router(service: OrderService) -> OpenApiRouter {
         .routes(routes!(feed_events))
         .routes(routes!(order_socket))
         .routes(routes!(customer_orders));
-    http_kit::schema::price_by_currency(router.get_openapi_mut(), "PlaceOrderBody", &["items[].unitPrice"]);
+    http_kit::schema::price_by_currency(router.get_openapi_mut(), "PlaceOrderBody", &["items[].unitPrice"], domain::money::amount_pattern);
     router.with_state(service)
 }
 
@@ -356,7 +356,7 @@ async fn get_order(
     responses(
         (status = 200, description = "The updated order", body = OrderView, headers(("ETag" = String))),
         (status = 404, description = "No such order", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The order is no longer PENDING, or the lines differ from the placed ones", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The order is no longer PENDING, the lines differ from the placed ones, or a price has more decimals than the order's currency", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "If-Match is stale", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid order", body = Problem, content_type = "application/problem+json"),
     )
@@ -374,6 +374,18 @@ async fn update_order(
         |o| Some(o.customer_id.to_string()),
         order_not_found,
     )?;
+    // Well-formed prices with more decimals than the order's currency has: the request is
+    // fine, the order it names is priced in another currency.
+    if body
+        .items
+        .iter()
+        .any(|line| domain::money::exceeds_precision(&line.unit_price, &current.currency))
+    {
+        return Err(Problem::conflict(format!(
+            "The order is in {}, which has fewer decimals than a price given.",
+            current.currency
+        )));
+    }
     let draft = draft_from(
         &current.currency,
         &body.items,
@@ -455,7 +467,7 @@ async fn set_shipping(
 #[utoipa::path(
     delete, path = "/api/v1/orders/{id}", tag = "orders",
     params(("id" = String, Path, description = "Order id"),
-           ("reason" = Option<String>, Query, description = "Why the order is cancelled"),
+           ("reason" = Option<String>, Query, max_length = 500, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$", description = "Why the order is cancelled"),
            ("If-Match" = Option<String>, Header, description = "The ETag the change is based on"),
            ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
     responses(

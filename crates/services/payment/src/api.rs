@@ -17,29 +17,36 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 pub fn router(service: PaymentService) -> OpenApiRouter {
-    OpenApiRouter::new()
+    let mut router = OpenApiRouter::new()
         .routes(routes!(create_payment, list_payments))
         .routes(routes!(get_payment))
-        .routes(routes!(refund_payment))
-        .with_state(service)
+        .routes(routes!(refund_payment));
+    http_kit::schema::price_by_currency(
+        router.get_openapi_mut(),
+        "NewPayment",
+        &["amount"],
+        domain::money::positive_amount_pattern,
+    );
+    router.with_state(service)
 }
 
 /// A payment for an order placed outside the saga (the saga records its own).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = NewPayment)]
 pub struct PaymentBody {
     pub order_id: Uuid,
     #[serde(default)]
     pub customer_id: Option<Uuid>,
-    #[schema(example = "99.80")]
+    #[schema(schema_with = http_kit::schema::positive_amount, example = "99.80")]
     pub amount: String,
-    #[schema(example = "USD")]
+    #[schema(schema_with = http_kit::schema::currency, example = "USD")]
     pub currency: String,
-    #[schema(example = "card")]
+    #[schema(value_type = String, pattern = "^card$", example = "card")]
     pub method: String,
     /// The provider's card token. The embedded simulator knows `tok_ok`, `tok_declined`,
     /// `tok_slow` (never answers) and `tok_flaky` (fails once, then succeeds).
-    #[schema(example = "tok_ok")]
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,128}$", example = "tok_ok")]
     pub token: String,
 }
 
@@ -49,10 +56,10 @@ pub struct PaymentBody {
 pub struct RefundBody {
     /// All that is left to refund when absent.
     #[serde(default)]
-    #[schema(example = "10.00")]
+    #[schema(schema_with = http_kit::schema::optional_positive_amount, example = "10.00")]
     pub amount: Option<String>,
     #[serde(default)]
-    #[schema(example = "damaged in transit")]
+    #[schema(schema_with = http_kit::schema::optional_text_500, example = "damaged in transit")]
     pub reason: Option<String>,
 }
 
@@ -345,7 +352,7 @@ async fn get_payment(
     responses(
         (status = 201, description = "Refund recorded", body = RefundView),
         (status = 404, description = "No such payment", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not refundable, or more than is left", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not refundable, more than is left, or more decimals than the payment's currency has", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid amount", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -360,6 +367,14 @@ async fn refund_payment(
         Some(text) => match parse_amount(text, &payment.currency) {
             Ok(a) if a > Decimal::ZERO => Some(a),
             Ok(_) => return Err(Problem::field("amount", "must be more than 0")),
+            // A well-formed amount with more decimals than this payment's currency has: the
+            // request is fine, the payment it names is in another currency.
+            Err(_) if domain::money::exceeds_precision(text, &payment.currency) => {
+                return Err(Problem::conflict(format!(
+                    "The payment is in {}, which has fewer decimals than this amount.",
+                    payment.currency
+                )));
+            }
             Err(message) => return Err(Problem::field("amount", message)),
         },
     };
