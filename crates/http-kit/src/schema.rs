@@ -173,3 +173,27 @@ fn priced_by_currency(
         AllOfBuilder::new().item(schema).item(branches).build(),
     ))
 }
+
+/// Adds to the component schema `name` a rule between its fields that a field's own schema
+/// cannot state (`rule`, a JSON Schema): the component becomes `allOf: [itself, rule]`.
+pub fn constrain(openapi: &mut utoipa::openapi::OpenApi, name: &str, rule: serde_json::Value) {
+    // utoipa's schema types cannot hold every JSON Schema keyword (a property whose schema is
+    // `{"type": "null"}` inside an `anyOf`): the rule's keywords ride on an untyped object.
+    let serde_json::Value::Object(keywords) = rule else {
+        panic!("the rule for {name} is not a JSON object");
+    };
+    let mut holder = ObjectBuilder::new().schema_type(SchemaType::AnyValue).build();
+    holder.extensions.get_or_insert_default().extend(keywords);
+    let schemas = &mut openapi.components.get_or_insert_default().schemas;
+    if let Some(schema) = schemas.remove(name) {
+        schemas.insert(
+            name.to_string(),
+            RefOr::T(Schema::AllOf(
+                AllOfBuilder::new()
+                    .item(schema)
+                    .item(Schema::Object(holder))
+                    .build(),
+            )),
+        );
+    }
+}

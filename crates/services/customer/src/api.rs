@@ -17,10 +17,19 @@ use crate::CustomerService;
 use crate::store::StoreError;
 
 pub fn router(service: CustomerService) -> OpenApiRouter {
-    OpenApiRouter::new()
+    let mut router = OpenApiRouter::new()
         .routes(routes!(register_customer, list_customers))
-        .routes(routes!(get_customer, update_customer))
-        .with_state(service)
+        .routes(routes!(get_customer, update_customer));
+    // SMS needs a phone number.
+    http_kit::schema::constrain(
+        router.get_openapi_mut(),
+        "CustomerBody",
+        serde_json::json!({"anyOf": [
+            {"required": ["phone"], "properties": {"phone": {"type": "string"}}},
+            {"properties": {"notificationPreferences": {"properties": {"sms": {"maxItems": 0}}}}}
+        ]}),
+    );
+    router.with_state(service)
 }
 
 /// Which events reach the customer on which channel (event types such as `order.shipped`).

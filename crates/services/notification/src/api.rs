@@ -16,13 +16,50 @@ use crate::store::{Filter, NewDelivery, Notification, StoreError, Template};
 use crate::templates::{self, Rendered, TemplateTexts};
 
 pub fn router(service: NotificationService) -> OpenApiRouter {
-    OpenApiRouter::new()
+    let mut router = OpenApiRouter::new()
         .routes(routes!(get_template, put_template))
         .routes(routes!(preview_template))
         .routes(routes!(send_notification, list_notifications))
         .routes(routes!(get_notification))
-        .routes(routes!(redrive_notification))
-        .with_state(service)
+        .routes(routes!(redrive_notification));
+    let nothing = serde_json::json!({"type": "null"});
+    let text = serde_json::json!({"type": "string", "pattern": "\\S"});
+    let template = |channel: &str| {
+        serde_json::json!({"type": "string", "pattern": format!(
+            "^({})\\.{channel}$",
+            domain::customer::NOTIFIABLE_EVENTS.join("|").replace('.', "\\.")
+        )})
+    };
+    let email = http_kit::schema::email();
+    let phone = http_kit::schema::optional_phone();
+    // To one recipient, given or found from the customer, in the channel's form; a message
+    // written out (a subject for email) or rendered from a template of the channel.
+    http_kit::schema::constrain(
+        router.get_openapi_mut(),
+        "SendBody",
+        serde_json::json!({"allOf": [
+            {"oneOf": [
+                {"required": ["recipient"], "properties": {"recipient": {"type": "string"}, "customerId": nothing}},
+                {"required": ["customerId"], "properties": {"customerId": {"type": "string"}, "recipient": nothing}}
+            ]},
+            {"oneOf": [
+                {"required": ["template"], "properties": {"template": {"type": "string"}, "subject": nothing, "body": nothing}},
+                {"required": ["body"], "properties": {
+                    "template": nothing, "data": nothing,
+                    "body": text
+                }}
+            ]},
+            {"oneOf": [
+                {"properties": {"channel": {"const": "email"}, "recipient": {"anyOf": [nothing, email]}},
+                 "anyOf": [
+                    {"required": ["template"], "properties": {"template": template("email")}},
+                    {"required": ["subject"], "properties": {"subject": text}}
+                 ]},
+                {"properties": {"channel": {"const": "sms"}, "recipient": phone, "template": {"anyOf": [nothing, template("sms")]}}}
+            ]}
+        ]}),
+    );
+    router.with_state(service)
 }
 
 impl From<StoreError> for Problem {
@@ -159,7 +196,7 @@ fn render_with(template: &Template, data: &Value) -> Result<Rendered, Problem> {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SendBody {
     /// email or sms.
-    #[schema(example = "email")]
+    #[schema(pattern = "^(email|sms)$", example = "email")]
     pub channel: String,
     /// An email address or an E.164 phone number; or give `customerId`.
     #[serde(default)]
@@ -220,7 +257,7 @@ async fn send_notification(
         _ => return Err(either_recipient()),
     };
     let recipient = match (&body.recipient, &contact) {
-        (Some(recipient), _) => recipient.trim().to_string(),
+        (Some(recipient), _) => recipient.clone(),
         (None, Some(contact)) if channel == "sms" => contact
             .phone
             .clone()
