@@ -206,7 +206,7 @@ async fn get_stock(
     responses(
         (status = 200, description = "New stock", body = ProductView, headers(("ETag" = String))),
         (status = 404, description = "No such product", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Below what is reserved", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Below what is reserved, or a price with more decimals than the product's currency has", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "Changed meanwhile", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid stock or price", body = Problem, content_type = "application/problem+json"),
     )
@@ -220,6 +220,14 @@ async fn set_stock(
     let current = service.store.get(&sku).await?.ok_or(StoreError::NotFound)?;
     let expected = etag::if_match(&headers)?.map(|v| i64::try_from(v).unwrap_or(-1));
     let price = body.price.as_deref().unwrap_or(&current.price).to_string();
+    // A well-formed price with more decimals than the product's currency has: the request is
+    // fine, the product it names is priced in another currency.
+    if domain::money::exceeds_precision(&price, &current.currency) {
+        return Err(Problem::conflict(format!(
+            "The product is priced in {}, which has fewer decimals than this price.",
+            current.currency
+        )));
+    }
     let draft = validate_product(&sku, &current.name, &price, &current.currency, body.on_hand)
         .map_err(Problem::from)?;
     let product = service
