@@ -56,6 +56,7 @@ pub struct ProductView {
     pub sku: String,
     pub name: String,
     pub price: String,
+    #[schema(schema_with = http_kit::schema::currency)]
     pub currency: String,
     pub on_hand: i64,
     pub reserved: i64,
