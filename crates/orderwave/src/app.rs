@@ -673,17 +673,19 @@ impl Platform {
             bus.clone(),
             outbox_dbs.clone(),
         ));
-        crate::scrape::register(
-            &consumers
+        crate::scrape::register(&crate::scrape::Known {
+            groups: &consumers
                 .iter()
                 .map(|(c, _)| c.group.as_str())
                 .collect::<Vec<_>>(),
-            &outboxes.iter().map(|o| o.service).collect::<Vec<_>>(),
-            &notifications
+            outboxes: &outboxes.iter().map(|o| o.service).collect::<Vec<_>>(),
+            channels: &notifications
                 .iter()
                 .flat_map(|n| n.breakers.keys().cloned())
                 .collect::<Vec<_>>(),
-        );
+            orders: orders.is_some(),
+            payments: payments.is_some(),
+        });
         let scrape = crate::scrape::Sources {
             outboxes: outbox_dbs,
             bus: bus.clone(),

@@ -75,22 +75,50 @@ fn dead_letters(source: &'static str, group: &str, count: i64) {
         .set(count as f64);
 }
 
-/// Registers, at zero, the counters of the consumer groups, outboxes and notification channels
-/// this process runs, so they are exported before their first event.
-pub fn register(groups: &[&str], outboxes: &[&str], channels: &[String]) {
-    for group in groups {
+/// The services whose counters [`register`] knows the labels of, where this process runs them.
+pub struct Known<'a> {
+    pub groups: &'a [&'a str],
+    pub outboxes: &'a [&'a str],
+    pub channels: &'a [String],
+    pub orders: bool,
+    pub payments: bool,
+}
+
+/// Registers, at zero, the counters of the consumer groups, outboxes, notification channels,
+/// order cache and payments this process runs, so they are exported before their first event.
+pub fn register(known: &Known<'_>) {
+    let Known {
+        groups,
+        outboxes,
+        channels,
+        ..
+    } = known;
+    for group in *groups {
         let group = group.to_string();
         metrics::counter!("bus_consumed_total", "group" => group.clone()).increment(0);
         metrics::counter!("bus_handler_failures_total", "group" => group.clone()).increment(0);
         metrics::counter!("bus_dead_letters_total", "group" => group).increment(0);
     }
-    for service in outboxes {
+    for service in *outboxes {
         metrics::counter!("outbox_relayed_total", "service" => service.to_string()).increment(0);
     }
-    for channel in channels {
+    for channel in *channels {
         for outcome in notification_service::store::Outcome::NAMES {
             metrics::counter!("notifications_total", "channel" => channel.clone(), "outcome" => outcome)
                 .increment(0);
+        }
+    }
+    if known.orders {
+        for result in ["hit", "miss", "unavailable"] {
+            metrics::counter!("order_cache_reads_total", "result" => result).increment(0);
+        }
+    }
+    if known.payments {
+        for outcome in ["succeeded", "failed", "unanswered"] {
+            metrics::counter!("payment_charges_total", "outcome" => outcome).increment(0);
+        }
+        for outcome in ["succeeded", "failed"] {
+            metrics::counter!("payment_refunds_total", "outcome" => outcome).increment(0);
         }
     }
 }
