@@ -160,11 +160,7 @@ fn describe() {
         Unit::Count,
         "Calls to a dependency through its resilience policy, by dependency and outcome (ok, failed, rejected)"
     );
-    describe_counter!(
-        "orders_created_total",
-        Unit::Count,
-        "Orders placed"
-    );
+    describe_counter!("orders_created_total", Unit::Count, "Orders placed");
     describe_histogram!(
         "order_store_batch_size",
         Unit::Count,

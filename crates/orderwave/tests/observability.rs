@@ -18,8 +18,20 @@ const PROMETHEUS: &str = include_str!("../../../deploy/prometheus/prometheus.yml
 
 /// Words of PromQL that are neither metrics nor followed by `(` as functions are.
 const KEYWORDS: &[&str] = &[
-    "by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool", "and",
-    "or", "unless", "inf", "nan", "atan2",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "inf",
+    "nan",
+    "atan2",
 ];
 /// Keywords followed by a list of label names.
 const LABEL_LISTS: &[&str] = &[
@@ -114,8 +126,14 @@ fn dashboard_queries() -> Vec<String> {
     panels
         .iter()
         .flat_map(|panel| {
-            let targets = panel["targets"].as_array().expect("every panel has targets");
-            assert!(!targets.is_empty(), "panel {} queries nothing", panel["title"]);
+            let targets = panel["targets"]
+                .as_array()
+                .expect("every panel has targets");
+            assert!(
+                !targets.is_empty(),
+                "panel {} queries nothing",
+                panel["title"]
+            );
             targets.iter().map(|t| {
                 t["expr"]
                     .as_str()
@@ -439,11 +457,26 @@ async fn check(backend: Backend) {
     eventually("the saga metrics of both orders", async || {
         let metrics = scrape(&client, &base).await;
         let done = [
-            (r#"saga_step_duration_seconds_count{step="reserve_stock"}"#, 2.0),
-            (r#"saga_step_duration_seconds_count{step="charge_payment"}"#, 2.0),
-            (r#"saga_step_duration_seconds_count{step="confirm_order"}"#, 1.0),
-            (r#"saga_step_duration_seconds_count{step="cancel_order"}"#, 1.0),
-            (r#"saga_step_duration_seconds_count{step="release_stock"}"#, 1.0),
+            (
+                r#"saga_step_duration_seconds_count{step="reserve_stock"}"#,
+                2.0,
+            ),
+            (
+                r#"saga_step_duration_seconds_count{step="charge_payment"}"#,
+                2.0,
+            ),
+            (
+                r#"saga_step_duration_seconds_count{step="confirm_order"}"#,
+                1.0,
+            ),
+            (
+                r#"saga_step_duration_seconds_count{step="cancel_order"}"#,
+                1.0,
+            ),
+            (
+                r#"saga_step_duration_seconds_count{step="release_stock"}"#,
+                1.0,
+            ),
             (
                 r#"saga_step_failures_total{reason="declined",step="charge_payment"}"#,
                 1.0,
