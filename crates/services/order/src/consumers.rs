@@ -110,13 +110,23 @@ impl OrderHandler {
             detail: Some(detail),
         };
         let cause = Some((GROUP.to_string(), delivery.message.id.clone()));
+        // Only a step that ends the saga is measured, once: when it moves the order on from
+        // PENDING (a late answer to an order already confirmed or cancelled is not).
+        let ends_saga = step == SagaStep::PaymentSucceeded || step.cancels();
+        let was_pending = ends_saga
+            && matches!(
+                self.store.get(order_id).await,
+                Ok(Some(ref order)) if order.status == OrderStatus::Pending
+            );
         match self
             .store
             .execute_caused(order_id, None, command, cause)
             .await
         {
             Ok(snapshot) => {
-                observe(step, &event, &snapshot.order);
+                if was_pending {
+                    observe(step, &event, &snapshot.order);
+                }
                 Ok(())
             }
             // A redelivery, or a payment made through the API for an order we do not have.
@@ -157,8 +167,8 @@ impl Handler for OrderHandler {
     }
 }
 
-/// The saga metrics of a step the order recorded: the confirmation, or the cancellation
-/// after a failed step (those failures are counted where they happened, in inventory and
+/// The saga metrics of a step that moved a PENDING order on: the confirmation, or the
+/// cancellation after a failed step (those failures are counted where they happened, in inventory and
 /// payment; a customer found unknown here).
 fn observe(step: SagaStep, event: &CloudEvent, order: &domain::order::Order) {
     let asked_at = saga::event_time(&event.time);
