@@ -502,6 +502,17 @@ async fn check(backend: Backend) {
         0.0
     );
 
+    // A payment that never answers keeps its order PENDING: the saga-stuck alert's gauge
+    // shows its age.
+    place(&client, &base, "tok_slow").await;
+    eventually("the pending order's age", async || {
+        scrape(&client, &base)
+            .await
+            .value("orders_pending_oldest_seconds")
+            > 0.0
+    })
+    .await;
+
     drop(server);
     if let Some(url) = database_url {
         common::drop_pg_database(&url).await;
