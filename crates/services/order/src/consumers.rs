@@ -168,8 +168,8 @@ impl Handler for OrderHandler {
 }
 
 /// The saga metrics of a step that moved a PENDING order on: the confirmation, or the
-/// cancellation after a failed step (those failures are counted where they happened, in inventory and
-/// payment; a customer found unknown here).
+/// cancellation after a failed step (a failure is counted where it happened: out of stock in
+/// inventory, a declined charge in payment, an unknown customer here).
 fn observe(step: SagaStep, event: &CloudEvent, order: &domain::order::Order) {
     let asked_at = saga::event_time(&event.time);
     match (step, order.status) {
