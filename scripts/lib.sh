@@ -21,3 +21,19 @@ pinned_venv() {
   ) 9>"$TOOLS/.$name.lock"
   echo "$venv"
 }
+
+# debian_promtool: prints the path of promtool taken from Debian's prometheus package
+# (downloaded and unpacked under $TOOLS once; the server in it is neither installed nor run).
+debian_promtool() {
+  local dir="$TOOLS/promtool"
+  mkdir -p "$TOOLS"
+  (
+    flock 9
+    if [ ! -x "$dir/usr/bin/promtool" ]; then
+      echo "unpacking promtool from Debian's prometheus package into $dir" >&2
+      rm -rf "$dir" && mkdir -p "$dir"
+      (cd "$dir" && apt-get download prometheus >&2 && dpkg -x prometheus_*.deb . && rm -f prometheus_*.deb)
+    fi
+  ) 9>"$TOOLS/.promtool.lock"
+  echo "$dir/usr/bin/promtool"
+}

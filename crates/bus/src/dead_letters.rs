@@ -71,6 +71,20 @@ impl DeadLetters {
         self.select(group, false, limit).await
     }
 
+    /// How many dead letters each group has (groups with none are left out).
+    pub async fn counts(&self) -> Result<Vec<(String, i64)>, BusError> {
+        let rows = sqlx::query(
+            "SELECT group_name, COUNT(*) FROM bus_dead_letters GROUP BY group_name ORDER BY group_name",
+        )
+        .fetch_all(self.db.reader())
+        .await?;
+        let counts = rows
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(counts)
+    }
+
     /// The group's dead letters an operator asked to redrive.
     pub async fn redrives(&self, group: &str) -> Result<Vec<DeadLetter>, BusError> {
         self.select(Some(group), true, 100).await

@@ -861,6 +861,32 @@ impl Subscriber for SqlBus {
     fn partitions(&self) -> u32 {
         self.partitions
     }
+
+    /// Gives the group (each of its partitions) a position at the start of the log, where a
+    /// group without one reads from anyway: its lag is known before it commits.
+    fn declare_group<'a>(
+        &'a self,
+        config: &'a crate::consumer::ConsumerConfig,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        async move {
+            let names: Vec<String> = match self.partitions {
+                1 => vec![config.group.clone()],
+                count => (0..count)
+                    .map(|index| crate::partitions::partition_group(&config.group, index))
+                    .collect(),
+            };
+            for name in names {
+                sqlx::query(
+                    "INSERT INTO bus_offsets (group_name, last_seq) VALUES ($1, 0) ON CONFLICT (group_name) DO NOTHING",
+                )
+                .bind(name)
+                .execute(self.db.writer())
+                .await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
 }
 
 /// How a subscriber settled a delivery of the sql bus.

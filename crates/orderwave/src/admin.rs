@@ -5,7 +5,7 @@ use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use bus::dead_letters::DeadLetters as BusDeadLetters;
-use bus::{Bus, BusError, DeadLetter};
+use bus::{Bus, BusError, DeadLetter, GroupLag};
 use http_kit::Problem;
 use notification_service::store::{Notification, NotificationStore, StoreError};
 use std::sync::Arc;
@@ -54,20 +54,23 @@ pub struct OutboxReport {
     pub lag_seconds: Option<f64>,
 }
 
-/// Sets `outbox_pending{service}` for every service (read at scrape time) and returns them.
+/// Sets `outbox_pending{service}` and `outbox_oldest_seconds{service}` for every service (read at scrape time) and returns them.
 pub async fn outbox_reports(outboxes: &[(String, Db)]) -> Result<Vec<OutboxReport>, sqlx::Error> {
     let now = chrono::Utc::now();
     let mut reports = Vec::with_capacity(outboxes.len());
     for (service, db) in outboxes {
         let stats = storage::outbox::stats(db.reader()).await?;
+        let lag_seconds = stats
+            .oldest_created_at
+            .map(|t| (now - t).num_milliseconds() as f64 / 1000.0);
         metrics::gauge!("outbox_pending", "service" => service.clone()).set(stats.pending as f64);
+        metrics::gauge!("outbox_oldest_seconds", "service" => service.clone())
+            .set(lag_seconds.unwrap_or(0.0).max(0.0));
         reports.push(OutboxReport {
             service: service.clone(),
             pending: stats.pending,
             oldest_created_at: stats.oldest_created_at.map(storage::time::to_text),
-            lag_seconds: stats
-                .oldest_created_at
-                .map(|t| (now - t).num_milliseconds() as f64 / 1000.0),
+            lag_seconds,
         });
     }
     Ok(reports)
@@ -203,9 +206,7 @@ async fn consumer_lag(State(bus): State<Arc<dyn Bus>>) -> Result<Json<Vec<Consum
     Ok(Json(
         lags.into_iter()
             .map(|lag| {
-                let partition = lag.partition.map(|p| p.to_string()).unwrap_or_default();
-                metrics::gauge!("bus_consumer_lag", "group" => lag.group.clone(), "partition" => partition, "source" => lag.source.clone())
-                    .set(lag.lag as f64);
+                record_lag(&lag);
                 ConsumerLag {
                     group: lag.group,
                     partition: lag.partition,
@@ -217,6 +218,13 @@ async fn consumer_lag(State(bus): State<Arc<dyn Bus>>) -> Result<Json<Vec<Consum
             })
             .collect(),
     ))
+}
+
+/// Sets `bus_consumer_lag{group,partition,source}` from the bus's figures.
+pub fn record_lag(lag: &GroupLag) {
+    let partition = lag.partition.map(|p| p.to_string()).unwrap_or_default();
+    metrics::gauge!("bus_consumer_lag", "group" => lag.group.clone(), "partition" => partition, "source" => lag.source.clone())
+        .set(lag.lag as f64);
 }
 
 /// Dead letters, the most recently failed first: messages consumer groups gave up on, and

@@ -428,11 +428,14 @@ pub struct Platform {
 #[derive(Clone)]
 struct MetricsState {
     handle: PrometheusHandle,
-    outboxes: crate::admin::Outboxes,
+    sources: Arc<crate::scrape::Sources>,
 }
 
 impl Platform {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        // Installed before anything records: a value set earlier (a breaker's first state)
+        // would be lost.
+        http_kit::metrics::handle();
         let keys = crate::auth::load(&config.auth, &config.data_dir, true)
             .context("loading the token keys")?;
         let policies = http_kit::resilience::PolicyOverrides::parse(
@@ -655,19 +658,41 @@ impl Platform {
             });
             api = api.merge(notifications.router());
         }
+        let admin_dead_letters = crate::admin::DeadLetters {
+            bus: dead_letters.clone(),
+            notifications: notifications.as_ref().map(|n| n.store.clone()),
+        };
+        let outbox_dbs: crate::admin::Outboxes = Arc::new(
+            outboxes
+                .iter()
+                .map(|o| (o.service.to_string(), o.db.clone()))
+                .collect(),
+        );
         let api = api.merge(crate::admin::router(
-            crate::admin::DeadLetters {
-                bus: dead_letters.clone(),
-                notifications: notifications.as_ref().map(|n| n.store.clone()),
-            },
+            admin_dead_letters.clone(),
             bus.clone(),
-            Arc::new(
-                outboxes
-                    .iter()
-                    .map(|o| (o.service.to_string(), o.db.clone()))
-                    .collect(),
-            ),
+            outbox_dbs.clone(),
         ));
+        crate::scrape::register(&crate::scrape::Known {
+            groups: &consumers
+                .iter()
+                .map(|(c, _)| c.group.as_str())
+                .collect::<Vec<_>>(),
+            outboxes: &outboxes.iter().map(|o| o.service).collect::<Vec<_>>(),
+            channels: &notifications
+                .iter()
+                .flat_map(|n| n.breakers.keys().cloned())
+                .collect::<Vec<_>>(),
+            orders: orders.is_some(),
+            payments: payments.is_some(),
+        });
+        let scrape = crate::scrape::Sources {
+            outboxes: outbox_dbs,
+            bus: bus.clone(),
+            dead: admin_dead_letters,
+            orders: orders.as_ref().map(|o| o.store.clone()),
+            groups: consumer_groups().into_iter().map(|c| c.group).collect(),
+        };
         let limiter = rate_limiter(config, &policies)?;
         let readiness = Readiness {
             databases: dbs.all(),
@@ -717,12 +742,7 @@ impl Platform {
             },
             cors,
             api,
-            Arc::new(
-                outboxes
-                    .iter()
-                    .map(|o| (o.service.to_string(), o.db.clone()))
-                    .collect(),
-            ),
+            scrape,
             idempotency.clone(),
             readiness,
         );
@@ -1076,13 +1096,13 @@ fn build_router(
     gateway: gateway::Gateway,
     cors: Option<tower_http::cors::CorsLayer>,
     api: OpenApiRouter,
-    outboxes: crate::admin::Outboxes,
+    scrape: crate::scrape::Sources,
     idempotency: IdempotencyStore,
     readiness: Readiness,
 ) -> Router {
     let metrics_state = MetricsState {
         handle: http_kit::metrics::handle(),
-        outboxes,
+        sources: Arc::new(scrape),
     };
     let (api, mut openapi) = api.split_for_parts();
     crate::openapi_security::require_bearer(&mut openapi);
@@ -1215,17 +1235,16 @@ async fn not_found() -> Problem {
     Problem::no_route()
 }
 
-/// Prometheus metrics: requests by route and status, latency histogram, orders created,
-/// outbox backlog.
+/// Prometheus metrics: requests, saga steps and confirmations, outbox backlog, consumer lag,
+/// dead letters, circuit breakers, payments and notification deliveries (README.md lists
+/// them).
 #[utoipa::path(
     get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"))
 )]
 async fn render_metrics(State(state): State<MetricsState>) -> Response {
-    // The outbox gauges are read now, so a scrape sees the current backlog.
-    if let Err(error) = crate::admin::outbox_reports(&state.outboxes).await {
-        tracing::warn!(%error, "cannot read the outbox backlog for metrics");
-    }
+    // The backlog, lag and dead-letter gauges are read now, so a scrape sees current figures.
+    state.sources.refresh().await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.handle.render(),

@@ -9,6 +9,7 @@ pub mod console;
 pub mod demo;
 pub mod edge;
 pub mod openapi_security;
+pub mod scrape;
 pub mod telemetry;
 
 pub use app::Application;

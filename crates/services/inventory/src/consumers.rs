@@ -6,6 +6,7 @@ use bus::consumer::{ConsumerConfig, Handler, HandlerError};
 use bus::{CloudEvent, Delivery};
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use http_kit::metrics::saga;
 use std::sync::Arc;
 
 pub const GROUP: &str = "inventory";
@@ -63,7 +64,11 @@ impl InventoryHandler {
                     .reserve_order(GROUP, &delivery.message.id, &order_id, &lines)
                     .await
                     .map_err(store_error)?;
+                if !matches!(outcome, Reservation::Duplicate) {
+                    saga::step_done(saga::RESERVE_STOCK, saga::event_time(&event.time));
+                }
                 if let Reservation::Rejected(shortages) = outcome {
+                    saga::step_failed(saga::RESERVE_STOCK, "out_of_stock");
                     tracing::info!(%order_id, ?shortages, "order rejected: out of stock");
                 }
                 Ok(())
@@ -81,10 +86,14 @@ impl InventoryHandler {
                 } else {
                     "order cancelled"
                 };
-                self.store
+                let released = self
+                    .store
                     .release_order(GROUP, &delivery.message.id, &order_id, reason)
                     .await
                     .map_err(store_error)?;
+                if released {
+                    saga::step_done(saga::RELEASE_STOCK, saga::event_time(&event.time));
+                }
                 Ok(())
             }
             other => Err(HandlerError::permanent(format!("unexpected topic {other}"))),

@@ -662,6 +662,15 @@ impl NotificationStore {
         rows.iter().map(notification).collect()
     }
 
+    /// How many deliveries are dead (attempts ran out, waiting for an operator).
+    pub async fn count_dead(&self) -> Result<i64, StoreError> {
+        let count: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM notifications WHERE status = 'dead'")
+                .fetch_one(self.db.reader())
+                .await?;
+        Ok(count)
+    }
+
     pub async fn get(&self, id: &str) -> Result<Option<Notification>, StoreError> {
         let row = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM notifications WHERE id = $1"
@@ -846,6 +855,9 @@ fn outcome_topic(outcome: &str) -> Option<&'static str> {
 }
 
 impl Outcome<'_> {
+    /// Every [`name`](Self::name).
+    pub const NAMES: [&'static str; 4] = ["sent", "retry", "failed", "dead"];
+
     pub fn name(&self) -> &'static str {
         match self {
             Outcome::Sent { .. } => "sent",

@@ -8,9 +8,10 @@ use crate::store::{OrderStore, StoreError};
 use bus::consumer::{ConsumerConfig, Handler, HandlerError};
 use bus::{CloudEvent, Delivery};
 use domain::DomainError;
-use domain::order::{OrderCommand, SagaStep};
+use domain::order::{OrderCommand, OrderStatus, SagaStep};
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use http_kit::metrics::saga;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -109,15 +110,27 @@ impl OrderHandler {
             detail: Some(detail),
         };
         let cause = Some((GROUP.to_string(), delivery.message.id.clone()));
+        // Only a step that ends the saga is measured, once: when it moves the order on from
+        // PENDING (a late answer to an order already confirmed or cancelled is not).
+        let ends_saga = step == SagaStep::PaymentSucceeded || step.cancels();
+        let was_pending = ends_saga
+            && matches!(
+                self.store.get(order_id).await,
+                Ok(Some(ref order)) if order.status == OrderStatus::Pending
+            );
         match self
             .store
             .execute_caused(order_id, None, command, cause)
             .await
         {
-            // A redelivery, or a payment made through the API for an order we do not have.
-            Ok(_) | Err(StoreError::Duplicate) | Err(StoreError::Domain(DomainError::NotFound)) => {
+            Ok(snapshot) => {
+                if was_pending {
+                    observe(step, &event, &snapshot.order);
+                }
                 Ok(())
             }
+            // A redelivery, or a payment made through the API for an order we do not have.
+            Err(StoreError::Duplicate) | Err(StoreError::Domain(DomainError::NotFound)) => Ok(()),
             Err(StoreError::Domain(e)) => Err(HandlerError::permanent(e.to_string())),
             Err(StoreError::Corrupt(e)) => Err(HandlerError::permanent(e)),
             Err(e) => Err(HandlerError::retry(e.to_string())),
@@ -154,6 +167,39 @@ impl Handler for OrderHandler {
     }
 }
 
+/// The saga metrics of a step that moved a PENDING order on: the confirmation, or the
+/// cancellation after a failed step (a failure is counted where it happened: out of stock in
+/// inventory, a declined charge in payment, an unknown customer here).
+fn observe(step: SagaStep, event: &CloudEvent, order: &domain::order::Order) {
+    let asked_at = saga::event_time(&event.time);
+    match (step, order.status) {
+        (SagaStep::PaymentSucceeded, OrderStatus::Confirmed) => {
+            saga::step_done(saga::CONFIRM_ORDER, asked_at);
+            let placed_for = (chrono::Utc::now() - order.created_at)
+                .num_microseconds()
+                .unwrap_or(0) as f64
+                / 1e6;
+            metrics::histogram!("order_confirmation_seconds").record(placed_for.max(0.0));
+        }
+        (step, OrderStatus::Cancelled) if step.cancels() => {
+            if step == SagaStep::CustomerRejected {
+                saga::step_failed(saga::CONFIRM_ORDER, "customer_unknown");
+            }
+            saga::step_done(saga::CANCEL_ORDER, asked_at);
+        }
+        _ => {}
+    }
+}
+
+/// Which step an order still PENDING at its deadline waits for: its stock, or (stock held)
+/// its payment and confirmation.
+fn stuck_step(order: Option<&domain::order::Order>) -> &'static str {
+    match order {
+        Some(order) if order.stock_reserved => saga::CHARGE_PAYMENT,
+        _ => saga::RESERVE_STOCK,
+    }
+}
+
 /// Cancels orders still PENDING `timeout` after they were placed (a step that never answered),
 /// until `stop` turns true. The cancellation releases their stock and refunds any payment.
 pub async fn enforce_saga_deadline(
@@ -179,6 +225,7 @@ pub async fn enforce_saga_deadline(
             }
         };
         for id in overdue {
+            let waiting_for = stuck_step(store.get(id).await.ok().flatten().as_ref());
             let command = OrderCommand::RecordStep {
                 step: SagaStep::TimedOut,
                 detail: Some(format!(
@@ -189,6 +236,7 @@ pub async fn enforce_saga_deadline(
             match store.execute(id, None, command).await {
                 Ok(_) => {
                     metrics::counter!("saga_timeouts_total").increment(1);
+                    saga::step_failed(waiting_for, "timed_out");
                     tracing::warn!(order_id = %id, "order timed out in its saga and was cancelled");
                 }
                 Err(error) => tracing::warn!(order_id = %id, %error, "cannot time out an order"),

@@ -393,6 +393,21 @@ impl OrderStore {
             })
             .collect()
     }
+
+    /// When the oldest order still PENDING was placed (none: no order is pending).
+    pub async fn oldest_pending(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let oldest: Option<String> =
+            sqlx::query_scalar("SELECT MIN(created_at) FROM orders WHERE status = $1")
+                .bind(OrderStatus::Pending.as_str())
+                .fetch_one(self.db.reader())
+                .await?;
+        oldest
+            .map(|t| {
+                time::from_text(&t)
+                    .ok_or_else(|| StoreError::Corrupt(format!("bad created_at {t}")))
+            })
+            .transpose()
+    }
 }
 
 /// Builds the rows a command's events write. Pure apart from the clock and fresh ids.

@@ -56,7 +56,10 @@ impl PaymentService {
         worker::run(
             self.store.clone(),
             self.provider.clone(),
-            worker::WorkerConfig::default(),
+            worker::WorkerConfig {
+                charge_deadline: self.deadline,
+                ..Default::default()
+            },
             stop,
         )
     }

@@ -10,6 +10,7 @@ use crate::provider::{
 };
 use crate::store::{CLAIM, ChargeResult, DueCharge, DueRefund, PaymentStore};
 use domain::money::to_minor_units;
+use http_kit::metrics::saga;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +25,9 @@ pub struct WorkerConfig {
     pub poll_interval: Duration,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// How long a charge may take (the service's payment timeout): a charge was asked for
+    /// this long before its deadline.
+    pub charge_deadline: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -33,6 +37,7 @@ impl Default for WorkerConfig {
             poll_interval: Duration::from_secs(1),
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
+            charge_deadline: Duration::from_secs(30),
         }
     }
 }
@@ -182,9 +187,10 @@ async fn charge_inner(
         .unwrap_or_default();
     let Some(amount_minor) = to_minor_units(charge.amount, &charge.currency) else {
         let reason = format!("{} {} cannot be charged", charge.amount, charge.currency);
-        store
-            .finish_charge(&charge, &ChargeResult::Failed { reason })
-            .await?;
+        let result = ChargeResult::Failed { reason };
+        if store.finish_charge(&charge, &result).await? {
+            observe_charge(config, &charge, &result);
+        }
         return Ok(());
     };
     let request = charge_request(&charge, amount_minor);
@@ -249,8 +255,25 @@ async fn charge_inner(
     if let ChargeResult::Failed { reason } | ChargeResult::Unanswered { reason } = &result {
         tracing::info!(payment_id = %charge.payment_id, order_id = %charge.order_id, %reason, "payment failed");
     }
-    store.finish_charge(&charge, &result).await?;
+    if store.finish_charge(&charge, &result).await? {
+        observe_charge(config, &charge, &result);
+    }
     Ok(())
+}
+
+/// The saga metrics of a charge whose outcome this worker recorded.
+fn observe_charge(config: &WorkerConfig, charge: &DueCharge, result: &ChargeResult) {
+    let asked_at = time::from_text(&charge.deadline_at).and_then(|deadline| {
+        chrono::Duration::from_std(config.charge_deadline)
+            .ok()
+            .map(|d| deadline - d)
+    });
+    saga::step_done(saga::CHARGE_PAYMENT, asked_at);
+    match result {
+        ChargeResult::Succeeded { .. } => {}
+        ChargeResult::Failed { .. } => saga::step_failed(saga::CHARGE_PAYMENT, "declined"),
+        ChargeResult::Unanswered { .. } => saga::step_failed(saga::CHARGE_PAYMENT, "unanswered"),
+    }
 }
 
 async fn lookup_one(
