@@ -341,6 +341,7 @@ impl NotificationStore {
     /// Records the deliveries an event causes, with the event's inbox claim, in one
     /// transaction. A redelivered event records nothing (false), and a second delivery for the
     /// same event and channel is never stored.
+    #[tracing::instrument(name = "transaction", skip_all, fields(otel.name = "notification record"))]
     pub async fn record(
         &self,
         group: &str,
@@ -479,6 +480,7 @@ impl NotificationStore {
     /// guarded by the attempts it had when it was taken, then its attempt and message. A
     /// delivery changed meanwhile (settled by another worker, discarded) takes the full path,
     /// which reads what it is now.
+    #[tracing::instrument(name = "transaction", skip_all, fields(otel.name = "notification record attempt"))]
     pub async fn record_attempt(&self, due: &Due, outcome: Outcome<'_>) -> Result<(), StoreError> {
         let attempt = AttemptRecord::of(&outcome);
         if !self.record_plainly(due, &attempt).await? {
