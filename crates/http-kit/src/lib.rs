@@ -1,5 +1,5 @@
 //! HTTP plumbing every service shares: problem+json errors, the JSON body extractor,
-//! idempotency keys, ETags, cursors, request ids, metrics and health endpoints.
+//! idempotency keys, ETags, cursors, request ids, trace context, metrics and health endpoints.
 
 pub mod auth;
 pub mod client;
@@ -13,6 +13,7 @@ pub mod problem;
 pub mod query;
 pub mod redis;
 pub mod resilience;
+pub mod trace;
 
 pub use auth::{Caller, Role};
 pub use json::JsonBody;
