@@ -50,8 +50,13 @@ pub fn router(dead: DeadLetters, bus: Arc<dyn Bus>, outboxes: Outboxes) -> OpenA
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LogFilter {
     /// Comma-separated directives: a level (`trace`, `debug`, `info`, `warn`, `error`, `off`)
-    /// or `target=level` (`info,orderwave=debug,sqlx=warn`).
-    #[schema(example = "info,orderwave=debug", min_length = 1, max_length = 1024)]
+    /// or `target=level`, the target a Rust module path (`info,orderwave=debug,sqlx=warn`).
+    #[schema(
+        example = "info,orderwave=debug",
+        min_length = 1,
+        max_length = 1024,
+        pattern = r"^ *(?:(?:[A-Za-z_][A-Za-z0-9_]*(?:::[A-Za-z_][A-Za-z0-9_]*)*=)?(?:trace|debug|info|warn|error|off))(?: *, *(?:(?:[A-Za-z_][A-Za-z0-9_]*(?:::[A-Za-z_][A-Za-z0-9_]*)*=)?(?:trace|debug|info|warn|error|off)))* *$"
+    )]
     pub filter: String,
 }
 
@@ -93,10 +98,10 @@ async fn put_log_level(
     caller: http_kit::Caller,
     http_kit::JsonBody(body): http_kit::JsonBody<LogFilter>,
 ) -> Result<Json<LogFilter>, Problem> {
-    if body.filter.len() > MAX_FILTER {
+    if body.filter.chars().count() > MAX_FILTER {
         return Err(Problem::field(
             "filter",
-            format!("must be at most {MAX_FILTER} bytes"),
+            format!("must be at most {MAX_FILTER} characters"),
         ));
     }
     crate::telemetry::parse_filter(&body.filter).map_err(|e| Problem::field("filter", e))?;

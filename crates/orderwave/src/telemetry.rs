@@ -97,9 +97,10 @@ fn traces_url(base: &str) -> String {
 pub fn init(format: LogFormat, tracing: &Tracing) -> anyhow::Result<Option<Telemetry>> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    // RUST_LOG as given (it may use more of EnvFilter's syntax than the admin API takes).
     let shown = std::env::var("RUST_LOG")
         .ok()
-        .filter(|f| parse_filter(f).is_ok())
+        .filter(|f| EnvFilter::try_new(f).is_ok())
         .unwrap_or_else(|| DEFAULT_FILTER.into());
     let (filter, handle) = reload::Layer::new(filter);
     // Not lossy: under a log storm requests slow down rather than lines disappearing.
@@ -199,24 +200,58 @@ impl LogLevel {
 
     /// Replaces the filter with `filter` (RUST_LOG syntax); the parse error when it is not one.
     pub fn set(&self, filter: &str) -> Result<(), String> {
-        let parsed = parse_filter(filter)?;
+        let (normalized, parsed) = parse_filter(filter)?;
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         self.handle.reload(parsed).map_err(|e| e.to_string())?;
-        *current = filter.trim().to_string();
+        *current = normalized;
         Ok(())
     }
 }
 
-/// A RUST_LOG filter, refused when any directive is not one (EnvFilter would skip it).
-pub fn parse_filter(filter: &str) -> Result<EnvFilter, String> {
-    let filter = filter.trim();
-    if filter.is_empty() {
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// A log filter as the admin API takes it (a subset of RUST_LOG's syntax, the pattern of
+/// `LogFilter` in the OpenAPI document): comma-separated directives, each a level or
+/// `target=level` (a Rust module path), spaces around them. Normalized: the directives without
+/// those spaces.
+pub fn parse_filter(filter: &str) -> Result<(String, EnvFilter), String> {
+    // A pattern's `$` also matches before a final line feed (as some validators read it).
+    let filter = filter.strip_suffix('\n').unwrap_or(filter);
+    if filter.trim_matches(' ').is_empty() {
         return Err("the filter is empty".into());
     }
-    EnvFilter::builder()
+    let is_ident = |s: &str| {
+        s.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let mut directives = Vec::new();
+    for directive in filter.split(',') {
+        let directive = directive.trim_matches(' ');
+        let (target, level) = match directive.rsplit_once('=') {
+            Some((target, level)) => (Some(target), level),
+            None => (None, directive),
+        };
+        if !LEVELS.contains(&level) {
+            return Err(format!(
+                "{directive:?} is not a level ({}) or target=level",
+                LEVELS.join(", ")
+            ));
+        }
+        if let Some(target) = target
+            && !target.split("::").all(is_ident)
+        {
+            return Err(format!("{target:?} is not a module path"));
+        }
+        directives.push(directive);
+    }
+    let normalized = directives.join(",");
+    let parsed = EnvFilter::builder()
         .with_regex(false)
-        .parse(filter)
-        .map_err(|e| e.to_string())
+        .parse(&normalized)
+        .map_err(|e| e.to_string())?;
+    Ok((normalized, parsed))
 }
 
 /// A log line formatter that adds the trace and span of the current span (top-level fields in
@@ -274,11 +309,31 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_log_filter_is_refused() {
-        assert!(parse_filter("info,orderwave=debug").is_ok());
-        assert!(parse_filter("warn").is_ok());
-        assert!(parse_filter("").is_err());
-        assert!(parse_filter("info,orderwave=loud").is_err());
-        assert!(parse_filter("[{").is_err());
+    fn a_log_filter_is_taken_normalized_and_a_bad_one_refused() {
+        let normalized = |f: &str| parse_filter(f).map(|(n, _)| n);
+        assert_eq!(
+            normalized("info,orderwave=debug").as_deref(),
+            Ok("info,orderwave=debug")
+        );
+        assert_eq!(
+            normalized(" warn , orderwave::app=trace ,sqlx=off\n").as_deref(),
+            Ok("warn,orderwave::app=trace,sqlx=off")
+        );
+        for bad in [
+            "",
+            "  ",
+            "\n",
+            "info,",
+            "info,orderwave=loud",
+            "[{",
+            "INFO",
+            "orderwave:=debug",
+            "9x=info",
+            "orderwave[span]=debug",
+            "info\n\n",
+            "info\t",
+        ] {
+            assert!(parse_filter(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }
