@@ -1173,7 +1173,11 @@ pub(crate) fn outer_layers(router: Router, config: &Config) -> Router {
                         request_id = %request_id,
                         method = %request.method(),
                         path = %request.uri().path(),
-                        otel.name = %format_args!("{} {}", request.method(), route.unwrap_or("unmatched")),
+                        // The route when one matched (the gateway's proxy has none).
+                        otel.name = %route.map_or_else(
+                            || request.method().to_string(),
+                            |route| format!("{} {route}", request.method()),
+                        ),
                         otel.kind = "server",
                         otel.status_code = tracing::field::Empty,
                         http.request.method = %request.method(),
@@ -1184,15 +1188,13 @@ pub(crate) fn outer_layers(router: Router, config: &Config) -> Router {
                     span
                 })
                 .on_request(())
-                .on_response(
-                    |response: &Response, _: Duration, span: &tracing::Span| {
-                        let status = response.status();
-                        span.record("http.response.status_code", status.as_u16());
-                        if status.is_server_error() {
-                            span.record("otel.status_code", "ERROR");
-                        }
-                    },
-                ),
+                .on_response(|response: &Response, _: Duration, span: &tracing::Span| {
+                    let status = response.status();
+                    span.record("http.response.status_code", status.as_u16());
+                    if status.is_server_error() {
+                        span.record("otel.status_code", "ERROR");
+                    }
+                }),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(axum::middleware::from_fn_with_state(

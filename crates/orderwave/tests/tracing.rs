@@ -112,11 +112,14 @@ async fn collector() -> (String, Spans) {
     (format!("http://{addr}"), spans)
 }
 
-fn start(data_dir: &Path, database_url: Option<&str>, endpoint: &str) -> Server {
+/// `orderwave serve ARGS` exporting its traces to `endpoint`, logging JSON.
+fn start(data_dir: &Path, endpoint: &str, args: &[&str]) -> Server {
     std::fs::create_dir_all(data_dir).unwrap();
     let mut command = Command::new(BIN);
     command
-        .args(["serve", "--demo", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg("serve")
+        .args(args)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .args(["--jwt-secret", common::TEST_SECRET])
         .args(["--otlp-endpoint", endpoint, "--log-format", "json"])
@@ -127,10 +130,16 @@ fn start(data_dir: &Path, database_url: Option<&str>, endpoint: &str) -> Server 
         // Exported within a moment instead of every 5 s.
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .env("RUST_LOG", "info");
-    if let Some(url) = database_url {
-        command.args(["--database-url", url]);
-    }
     Server::spawn(command, data_dir.join("stderr.log"))
+}
+
+/// One process with every service, on SQLite or on the PostgreSQL at `database_url`.
+fn start_all(data_dir: &Path, database_url: Option<&str>, endpoint: &str) -> Server {
+    let mut args = vec!["--demo"];
+    if let Some(url) = database_url {
+        args.extend(["--database-url", url]);
+    }
+    start(data_dir, endpoint, &args)
 }
 
 /// The spans of `trace_id` received so far, by span id.
@@ -168,6 +177,14 @@ fn ancestry<'a>(trace: &'a HashMap<String, Received>, span: &'a Received) -> Vec
     chain
 }
 
+/// The spans of the commands' transactions on the saga's path.
+const TRANSACTIONS: [&str; 4] = [
+    "order execute",
+    "inventory reserve order",
+    "payment request charge",
+    "payment finish charge",
+];
+
 /// The saga's hops, in order: (consumer group, topic it handles).
 const HOPS: [(&str, &str); 4] = [
     ("inventory", "order.created"),
@@ -176,16 +193,11 @@ const HOPS: [(&str, &str); 4] = [
     ("notification", "order.confirmed"),
 ];
 
-async fn one_orders_saga_is_one_trace_from_the_request_to_the_notification(
-    database_url: Option<String>,
-) {
-    let (endpoint, spans) = collector().await;
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), database_url.as_deref(), &endpoint);
-    let client = common::admin_client();
-
+/// Places a paid order at `base` and waits until it is CONFIRMED and its confirmation
+/// recorded by the notification service; its id.
+async fn place_and_confirm(client: &reqwest::Client, base: &str) -> String {
     let placed = client
-        .post(format!("{}/api/v1/orders", server.base))
+        .post(format!("{base}/api/v1/orders"))
         .header("idempotency-key", "traced-order")
         .json(&paid_order_body(DEMO_CUSTOMER))
         .send()
@@ -196,7 +208,7 @@ async fn one_orders_saga_is_one_trace_from_the_request_to_the_notification(
     let id = order["id"].as_str().unwrap().to_string();
     eventually("the order confirmed and announced", async || {
         let order: Value = client
-            .get(format!("{}/api/v1/orders/{id}", server.base))
+            .get(format!("{base}/api/v1/orders/{id}"))
             .send()
             .await
             .unwrap()
@@ -205,8 +217,7 @@ async fn one_orders_saga_is_one_trace_from_the_request_to_the_notification(
             .unwrap();
         let page: Value = client
             .get(format!(
-                "{}/api/v1/notifications?orderId={id}&limit=100",
-                server.base
+                "{base}/api/v1/notifications?orderId={id}&limit=100"
             ))
             .send()
             .await
@@ -222,8 +233,11 @@ async fn one_orders_saga_is_one_trace_from_the_request_to_the_notification(
                 .any(|n| n["eventType"] == "order.confirmed")
     })
     .await;
+    id
+}
 
-    // The request's span: a server span, the root of its trace.
+/// The server span of `service` for POST /api/v1/orders (there is one order per test).
+async fn placing(spans: &Spans, service: &str) -> Received {
     let mut request = None;
     eventually("the span of POST /api/v1/orders", async || {
         request = spans
@@ -231,7 +245,9 @@ async fn one_orders_saga_is_one_trace_from_the_request_to_the_notification(
             .unwrap()
             .iter()
             .find(|s| {
-                s.attr("http.route") == "/api/v1/orders" && s.attr("http.request.method") == "POST"
+                s.service == service
+                    && s.attr("http.route") == "/api/v1/orders"
+                    && s.attr("http.request.method") == "POST"
             })
             .cloned();
         request.is_some()
@@ -241,14 +257,17 @@ async fn one_orders_saga_is_one_trace_from_the_request_to_the_notification(
     assert_eq!(request.name, "POST /api/v1/orders");
     assert_eq!(request.attr("http.response.status_code"), "201");
     assert_eq!(request.kind, 2, "a server span"); // SPAN_KIND_SERVER
-    assert_eq!(request.parent, "", "the request's span is the root");
-    assert_eq!(request.service, "orderwave");
-    let trace_id = request.trace_id.clone();
+    request
+}
 
-    // Every hop's consumer span arrives, and every span of the trace has its parent in it.
+/// Waits for the saga's spans in the trace of `root` and checks its tree: `root` is its only
+/// root, every span's parent is in it, and the notification's handling chains back through
+/// every hop of the saga (each message published and handled beside each other, children of
+/// the transaction that wrote it). The trace, by span id.
+async fn saga_tree(spans: &Spans, root: &Received) -> HashMap<String, Received> {
     let mut trace = HashMap::new();
     eventually("the saga's spans, each with its parent", async || {
-        trace = trace_of(&spans, &trace_id);
+        trace = trace_of(spans, &root.trace_id);
         HOPS.iter()
             .all(|(group, topic)| consumed(&trace, group, topic).is_some())
             && trace
@@ -258,12 +277,12 @@ async fn one_orders_saga_is_one_trace_from_the_request_to_the_notification(
     .await;
     let roots: Vec<&Received> = trace.values().filter(|s| s.parent.is_empty()).collect();
     assert_eq!(roots.len(), 1, "one root: {roots:?}");
-    assert_eq!(roots[0].span_id, request.span_id);
+    assert_eq!(roots[0].span_id, root.span_id);
 
     // The notification's span chains back through every earlier hop to the request.
     let last = consumed(&trace, "notification", "order.confirmed").unwrap();
     let chain = ancestry(&trace, last);
-    assert_eq!(chain.last().unwrap().span_id, request.span_id, "{chain:#?}");
+    assert_eq!(chain.last().unwrap().span_id, root.span_id, "{chain:#?}");
     // Nearest first: each earlier hop is further up.
     let mut previous = None;
     for (group, topic) in HOPS.iter().rev() {
@@ -279,7 +298,7 @@ async fn one_orders_saga_is_one_trace_from_the_request_to_the_notification(
         previous = Some(at);
         assert_eq!(hop.kind, 5, "a consumer span"); // SPAN_KIND_CONSUMER
         // The message was published in a span beside its handling: both children of the
-        // span that wrote it.
+        // span that wrote it, a command's transaction.
         let published = trace
             .values()
             .find(|s| {
@@ -289,26 +308,44 @@ async fn one_orders_saga_is_one_trace_from_the_request_to_the_notification(
             .unwrap_or_else(|| panic!("no publish span for {topic}"));
         assert_eq!(published.parent, hop.parent, "{topic}");
         assert_eq!(published.kind, 4, "a producer span"); // SPAN_KIND_PRODUCER
-    }
-    // Each message was written in a command's transaction span, and the charge ran in the
-    // payment worker's span between its request and its result.
-    for name in [
-        "order execute caused",
-        "inventory reserve order",
-        "payment request charge",
-        "payment finish charge",
-        "notification record",
-    ] {
+        assert_eq!(published.service, trace[&hop.parent].service, "{topic}");
+        let writer = &trace[&hop.parent];
         assert!(
-            trace.values().any(|s| s.name == name),
-            "no {name} span in {:?}",
-            trace.values().map(|s| &s.name).collect::<Vec<_>>()
+            TRANSACTIONS.contains(&writer.name.as_str()),
+            "{topic} written in {}",
+            writer.name
+        );
+    }
+    // The transactions that wrote the messages, and the payment worker's charge between the
+    // request for it and its result.
+    for name in TRANSACTIONS {
+        assert!(
+            chain.iter().any(|s| s.name == name),
+            "no {name} span in {:#?}",
+            chain.iter().map(|s| &s.name).collect::<Vec<_>>()
         );
     }
     assert!(
         chain.iter().any(|s| s.name == "payment charge"),
         "{chain:#?}"
     );
+    assert!(trace.values().any(|s| s.name == "notification record"));
+    trace
+}
+
+async fn one_orders_saga_is_one_trace_from_the_request_to_the_notification(
+    database_url: Option<String>,
+) {
+    let (endpoint, spans) = collector().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_all(dir.path(), database_url.as_deref(), &endpoint);
+    let client = common::admin_client();
+    let id = place_and_confirm(&client, &server.base).await;
+
+    let request = placing(&spans, "orderwave").await;
+    assert_eq!(request.parent, "", "the request's span is the root");
+    let trace_id = request.trace_id.clone();
+    saga_tree(&spans, &request).await;
 
     // The CloudEvent of order.created carries the trace (the sql bus's log holds it as sent).
     let bus = match &database_url {
@@ -373,7 +410,7 @@ fn logged(server: &Server, request_id: &str) -> bool {
 async fn an_admin_changes_the_log_level_at_runtime_and_a_bad_filter_changes_nothing() {
     let (endpoint, _spans) = collector().await;
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), None, &endpoint);
+    let server = start_all(dir.path(), None, &endpoint);
     let client = common::admin_client();
     let url = format!("{}/api/v1/admin/log-level", server.base);
     let current =
@@ -456,4 +493,99 @@ async fn an_admin_changes_the_log_level_at_runtime_and_a_bad_filter_changes_noth
         .unwrap();
     expect_problem(forbidden, 403).await;
     assert_eq!(current().await, json!({"filter": "info,http_kit=debug"}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_the_gateway_and_nats_one_orders_trace_crosses_every_process() {
+    let (endpoint, spans) = collector().await;
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = fresh_pg_database().await;
+    let prefix = format!("t{}", uuid::Uuid::now_v7().simple());
+    let shared = [
+        "--demo",
+        "--database-url",
+        &database_url,
+        "--bus",
+        common::NATS_URL,
+        "--bus-prefix",
+        &prefix,
+        "--rate-limit-read",
+        "0",
+        "--rate-limit-write",
+        "0",
+    ];
+    let rest = start(
+        &dir.path().join("rest"),
+        &endpoint,
+        &[
+            &shared[..],
+            &[
+                "--services",
+                "inventory,payment,customer,notification",
+                "--otel-service-name",
+                "orderwave-rest",
+            ],
+        ]
+        .concat(),
+    );
+    let orders = start(
+        &dir.path().join("order"),
+        &endpoint,
+        &[
+            &shared[..],
+            &["--services", "order", "--customer-service-url", &rest.base],
+        ]
+        .concat(),
+    );
+    let upstreams: Vec<String> = ["inventory", "payment", "customer", "notification"]
+        .iter()
+        .map(|s| format!("{s}={}", rest.base))
+        .chain([format!("order={}", orders.base)])
+        .collect();
+    let mut args = vec!["--services", "gateway"];
+    for upstream in &upstreams {
+        args.extend(["--upstream", upstream.as_str()]);
+    }
+    let gateway = start(&dir.path().join("gateway"), &endpoint, &args);
+    let client = common::admin_client();
+    place_and_confirm(&client, &gateway.base).await;
+
+    // The order process's request span is a child of the gateway's, the trace's root.
+    let request = placing(&spans, "orderwave-order").await;
+    let trace = saga_tree(
+        &spans,
+        &trace_of(&spans, &request.trace_id)
+            .into_values()
+            .find(|s| s.parent.is_empty())
+            .expect("a root"),
+    )
+    .await;
+    let hop = &trace[&request.parent];
+    assert_eq!(hop.service, "orderwave-gateway");
+    assert_eq!(hop.kind, 2, "the gateway's server span"); // SPAN_KIND_SERVER
+    assert_eq!(hop.parent, "", "the gateway's span is the root");
+    assert_eq!(hop.name, "POST", "the gateway routes no path of its own");
+    // The order service asked the customer service over HTTP within its request.
+    assert!(
+        trace.values().any(|s| s.service == "orderwave-rest"
+            && s.name == "GET /api/v1/customers/{id}"
+            && s.parent == request.span_id),
+        "no customer lookup under the order's request"
+    );
+    // Each hop ran where its service runs.
+    for (group, topic, service) in [
+        ("inventory", "order.created", "orderwave-rest"),
+        ("payment", "inventory.reserved", "orderwave-rest"),
+        ("order", "payment.succeeded", "orderwave-order"),
+        ("notification", "order.confirmed", "orderwave-rest"),
+    ] {
+        assert_eq!(
+            consumed(&trace, group, topic).unwrap().service,
+            service,
+            "{topic}"
+        );
+    }
+
+    drop((gateway, orders, rest));
+    common::delete_broker_objects(common::NATS_URL, &prefix).await;
 }
