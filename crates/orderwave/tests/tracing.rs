@@ -114,6 +114,14 @@ async fn collector() -> (String, Spans) {
 
 /// `orderwave serve ARGS` exporting its traces to `endpoint`, logging JSON.
 fn start(data_dir: &Path, endpoint: &str, args: &[&str]) -> Server {
+    Server::spawn(
+        command(data_dir, endpoint, args),
+        data_dir.join("stderr.log"),
+    )
+}
+
+/// The command [`start`] runs.
+fn command(data_dir: &Path, endpoint: &str, args: &[&str]) -> Command {
     std::fs::create_dir_all(data_dir).unwrap();
     let mut command = Command::new(BIN);
     command
@@ -130,7 +138,7 @@ fn start(data_dir: &Path, endpoint: &str, args: &[&str]) -> Server {
         // Exported within a moment instead of every 5 s.
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .env("RUST_LOG", "info");
-    Server::spawn(command, data_dir.join("stderr.log"))
+    command
 }
 
 /// One process with every service, on SQLite or on the PostgreSQL at `database_url`.
@@ -588,4 +596,36 @@ async fn through_the_gateway_and_nats_one_orders_trace_crosses_every_process() {
 
     drop((gateway, orders, rest));
     common::delete_broker_objects(common::NATS_URL, &prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_not_yet_exported_are_sent_when_the_process_stops() {
+    let (endpoint, spans) = collector().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = command(dir.path(), &endpoint, &["--demo"]);
+    // No export on the schedule within the test: what arrives was sent at shutdown.
+    command.env("OTEL_BSP_SCHEDULE_DELAY", "600000");
+    let mut server = Server::spawn(command, dir.path().join("stderr.log"));
+    let client = common::admin_client();
+    place_and_confirm(&client, &server.base).await;
+    assert!(
+        spans.lock().unwrap().is_empty(),
+        "exported before the shutdown"
+    );
+
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exited = server.child.wait().unwrap();
+    assert!(exited.success(), "{exited:?}");
+    let request = placing(&spans, "orderwave").await;
+    let trace = trace_of(&spans, &request.trace_id);
+    for (group, topic) in HOPS {
+        assert!(
+            consumed(&trace, group, topic).is_some(),
+            "{topic} handled by {group}"
+        );
+    }
 }
