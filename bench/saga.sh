@@ -95,7 +95,9 @@ if [ "$BACKEND" = pg ] && [ "${VACUUM_EVERY:-60}" -gt 0 ] &&
 fi
 "$BIN/bench-saga" "$URL" "$RATE" "$SECONDS_" 2>"$WORK/saga.err"
 grep -av '^t=' "$WORK/saga.err" | tail -5 >&2 || true
-echo "bus $BUS; traces ${TRACES:-0}; load average: $BEFORE -> $(loadavg); $(nproc) cores; commit $(git rev-parse --short HEAD)"
+# CPU time the server used over its life (start, load and catch-up), user + system.
+CPU=$(awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$PID/stat")
+echo "bus $BUS; traces ${TRACES:-0}; server CPU ${CPU} s; load average: $BEFORE -> $(loadavg); $(nproc) cores; commit $(git rev-parse --short HEAD)"
 kill "$PID"; wait "$PID" 2>/dev/null || true
 if [ -n "$SINK" ]; then
   # The server exported its last spans as it stopped.
