@@ -174,6 +174,32 @@ fn consumed<'a>(
     })
 }
 
+/// The `notification.sent` published after the notification worker delivered the
+/// confirmation: published in the transaction that recorded the delivery, within the worker's
+/// send, a child of the transaction that recorded the deliveries of `order.confirmed`.
+fn announced(trace: &HashMap<String, Received>) -> Option<&Received> {
+    let confirmed = consumed(trace, "notification", "order.confirmed")?;
+    trace.values().find(|s| {
+        let mut names = Vec::new();
+        let mut at = *s;
+        while let Some(parent) = trace.get(&at.parent) {
+            names.push(parent.name.as_str());
+            if parent.span_id == confirmed.span_id {
+                break;
+            }
+            at = parent;
+        }
+        s.name == "notification.sent publish"
+            && names
+                == [
+                    "notification record attempt",
+                    "notification send",
+                    "notification record",
+                    "order.confirmed process",
+                ]
+    })
+}
+
 /// `span` and its ancestors, nearest first, as far as the trace has them.
 fn ancestry<'a>(trace: &'a HashMap<String, Received>, span: &'a Received) -> Vec<&'a Received> {
     let mut chain = vec![span];
@@ -278,6 +304,7 @@ async fn saga_tree(spans: &Spans, root: &Received) -> HashMap<String, Received> 
         trace = trace_of(spans, &root.trace_id);
         HOPS.iter()
             .all(|(group, topic)| consumed(&trace, group, topic).is_some())
+            && announced(&trace).is_some()
             && trace
                 .values()
                 .all(|s| s.parent.is_empty() || trace.contains_key(&s.parent))
@@ -286,6 +313,14 @@ async fn saga_tree(spans: &Spans, root: &Received) -> HashMap<String, Received> 
     let roots: Vec<&Received> = trace.values().filter(|s| s.parent.is_empty()).collect();
     assert_eq!(roots.len(), 1, "one root: {roots:?}");
     assert_eq!(roots[0].span_id, root.span_id);
+    // The confirmation's email went out in the notification worker, in the trace too.
+    let sent = announced(&trace).unwrap();
+    assert!(
+        ancestry(&trace, sent)
+            .iter()
+            .any(|s| s.span_id == root.span_id),
+        "the delivery chains back to the request"
+    );
 
     // The notification's span chains back through every earlier hop to the request.
     let last = consumed(&trace, "notification", "order.confirmed").unwrap();

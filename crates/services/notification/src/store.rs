@@ -109,6 +109,9 @@ pub struct Due {
     pub attempts: i64,
     /// What its outcome's message tells, and all the attempts it has had (its row's count).
     pub facts: DeliveryFacts,
+    /// The trace of the event that caused it (queued in this process; a delivery read from the
+    /// table starts a trace of its own).
+    pub traceparent: Option<String>,
 }
 
 /// What a delivery's `notification.sent` / `notification.failed` message tells of it.
@@ -368,6 +371,7 @@ impl NotificationStore {
         } else {
             Some(stored_of(self.db.reader(), &ids).await?)
         };
+        let traceparent = storage::trace::current();
         let due: Vec<Due> = deliveries
             .iter()
             .zip(ids)
@@ -388,6 +392,7 @@ impl NotificationStore {
                     template_key: delivery.template_key.clone(),
                     attempts_made: 0,
                 },
+                traceparent: traceparent.clone(),
             })
             .collect();
         if !due.is_empty() {
@@ -469,6 +474,7 @@ impl NotificationStore {
                         template_key: r.try_get(11)?,
                         attempts_made: r.try_get(12)?,
                     },
+                    traceparent: None,
                 })
             })
             .collect()
