@@ -664,3 +664,41 @@ async fn spans_not_yet_exported_are_sent_when_the_process_stops() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_a_sample_ratio_of_zero_no_span_is_exported_and_messages_say_so() {
+    let (endpoint, spans) = collector().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(
+        dir.path(),
+        &endpoint,
+        &["--demo", "--trace-sample-ratio", "0"],
+    );
+    let client = common::admin_client();
+    let id = place_and_confirm(&client, &server.base).await;
+    // Stopped, the process has exported whatever it had: nothing.
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(server.child.wait().unwrap().success());
+    assert!(
+        spans.lock().unwrap().is_empty(),
+        "{:?}",
+        spans.lock().unwrap().first()
+    );
+    // The messages still carry the trace, marked not sampled: a consumer in another process
+    // follows the decision.
+    let bus = storage::Db::open_sqlite(dir.path(), "bus").await.unwrap();
+    let created = common::bus_log(&bus)
+        .await
+        .into_iter()
+        .find(|(topic, _, event)| topic == "order.created" && event["subject"] == id.as_str())
+        .expect("order.created on the bus");
+    let traceparent = created.2["traceparent"].as_str().unwrap_or_default();
+    assert!(
+        storage::trace::parse(traceparent).is_some_and(|c| !c.is_sampled()),
+        "{traceparent:?}"
+    );
+}
