@@ -8,6 +8,8 @@
 #        under a prefix of the run's own, deleted at the end
 #   BIN=dir   uses the binaries in dir (default: builds them in $CARGO_TARGET_DIR/release)
 #   KEEP=dir  keeps the SQLite data directory there (for bench/hops.py)
+#   TRACES=1  the server exports its traces (every span sampled) to a local OTLP/HTTP receiver
+#             (bench/otlp_sink.py), which reports the spans it got at the end
 #   VACUUM_EVERY=seconds (pg, default 60): the bench database is vacuumed this often while the
 #             load runs, as autovacuum would; 0 leaves it alone. Checked: a server with
 #             autovacuum on needs no help (SHOW autovacuum).
@@ -51,7 +53,16 @@ case "$BACKEND" in
     STORE=(--database-url "${PG_ADMIN%/*}/ow_bench_saga") ;;
   *) echo "backend: sqlite or pg" >&2; exit 2 ;;
 esac
-start saga "$BIN/orderwave" serve --demo --listen 127.0.0.1:0 --log-format json "${STORE[@]}" "${BUS_ARGS[@]}"
+TRACE_ARGS=()
+SINK=""
+if [ "${TRACES:-0}" = 1 ]; then
+  SINK_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  python3 bench/otlp_sink.py "$SINK_PORT" >"$WORK/otlp.out" 2>&1 &
+  SINK=$!
+  PIDS+=("$SINK")
+  TRACE_ARGS=(--otlp-endpoint "http://127.0.0.1:$SINK_PORT")
+fi
+start saga "$BIN/orderwave" serve --demo --listen 127.0.0.1:0 --log-format json "${STORE[@]}" "${BUS_ARGS[@]}" "${TRACE_ARGS[@]}"
 for sku in SKU-CHAIR SKU-LAMP; do
   curl -sf -H "$AUTH" -X PUT "$URL/api/v1/inventory/$sku" -H 'content-type: application/json' -d '{"onHand":100000000}' >/dev/null
 done
@@ -84,8 +95,15 @@ if [ "$BACKEND" = pg ] && [ "${VACUUM_EVERY:-60}" -gt 0 ] &&
 fi
 "$BIN/bench-saga" "$URL" "$RATE" "$SECONDS_" 2>"$WORK/saga.err"
 grep -av '^t=' "$WORK/saga.err" | tail -5 >&2 || true
-echo "bus $BUS; load average: $BEFORE -> $(loadavg); $(nproc) cores; commit $(git rev-parse --short HEAD)"
+# CPU time the server used over its life (start, load and catch-up), user + system.
+CPU=$(awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$PID/stat")
+echo "bus $BUS; traces ${TRACES:-0}; server CPU ${CPU} s; load average: $BEFORE -> $(loadavg); $(nproc) cores; commit $(git rev-parse --short HEAD)"
 kill "$PID"; wait "$PID" 2>/dev/null || true
+if [ -n "$SINK" ]; then
+  # The server exported its last spans as it stopped.
+  kill "$SINK"; wait "$SINK" 2>/dev/null || true
+  cat "$WORK/otlp.out"
+fi
 if [ -n "$VACUUMING" ]; then kill "$VACUUMING" 2>/dev/null || true; fi
 if [ "$BUS" != sql ]; then
   : # the hops are read from the sql bus's log

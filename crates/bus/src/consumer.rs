@@ -10,6 +10,7 @@ use rand::Rng;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 /// Why a handler did not process a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -279,9 +280,9 @@ async fn deliver(
     let mut attempt: u32 = delivery.delivered.saturating_sub(1);
     loop {
         attempt += 1;
-        let mut result = handle_once(handler, &delivery).await;
+        let mut result = handle_once(&config.group, handler, &delivery).await;
         if config.deliver_twice && result.is_ok() {
-            result = handle_once(handler, &delivery).await;
+            result = handle_once(&config.group, handler, &delivery).await;
         }
         let error = match result {
             Ok(()) => {
@@ -334,12 +335,31 @@ fn settle(config: &ConsumerConfig, result: Result<(), crate::BusError>) {
     }
 }
 
-/// One call of the handler; a panic in it is a permanent failure of the message (it is
-/// dead-lettered with the panic's text) instead of the end of the group's runner.
-async fn handle_once(handler: &dyn Handler, delivery: &Delivery) -> Result<(), HandlerError> {
+/// One call of the handler, in a span that continues the message's trace; a panic in it is a
+/// permanent failure of the message (it is dead-lettered with the panic's text) instead of the
+/// end of the group's runner.
+async fn handle_once(
+    group: &str,
+    handler: &dyn Handler,
+    delivery: &Delivery,
+) -> Result<(), HandlerError> {
     use futures::FutureExt;
-    match std::panic::AssertUnwindSafe(handler.handle(delivery))
+    let message = &delivery.message;
+    let span = tracing::info_span!(
+        parent: None,
+        "consume",
+        otel.name = %format_args!("{} process", message.topic),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.consumer.group.name = %group,
+        messaging.destination.name = %message.topic,
+        messaging.message.id = %message.id,
+        delivered = delivery.delivered,
+    );
+    storage::trace::set_parent(&span, storage::trace::in_payload(&message.payload));
+    let result = match std::panic::AssertUnwindSafe(handler.handle(delivery))
         .catch_unwind()
+        .instrument(span.clone())
         .await
     {
         Ok(result) => result,
@@ -353,7 +373,11 @@ async fn handle_once(handler: &dyn Handler, delivery: &Delivery) -> Result<(), H
                 "the handler panicked: {text}"
             )))
         }
+    };
+    if result.is_err() {
+        span.record("otel.status_code", "ERROR");
     }
+    result
 }
 
 /// Processes dead letters an operator asked to redrive: gone on success, kept with the new error
@@ -368,7 +392,7 @@ async fn redrive(dead_letters: &DeadLetters, config: &ConsumerConfig, handler: &
     };
     for letter in letters {
         let delivery = as_delivery(&letter);
-        let result = match handle_once(handler, &delivery).await {
+        let result = match handle_once(&config.group, handler, &delivery).await {
             Ok(()) => dead_letters.remove(&letter.id).await,
             Err(error) => {
                 dead_letters

@@ -195,13 +195,43 @@ async fn publish(
     rows: Vec<PendingMessage>,
 ) -> Result<Vec<String>, crate::BusError> {
     let messages: Vec<Message> = rows.into_iter().map(Message::from).collect();
-    let marked = bus.publish_and_mark(&messages, db).await?;
+    // Open while the bus takes the batch: each traced message's publish in its trace.
+    let spans: Vec<tracing::Span> = messages
+        .iter()
+        .filter_map(|m| publish_span(config, m))
+        .collect();
+    let marked = bus.publish_and_mark(&messages, db).await;
+    if marked.is_err() {
+        for span in &spans {
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+    drop(spans);
+    let marked = marked?;
     metrics::counter!("outbox_relayed_total", "service" => config.service.clone())
         .increment(messages.len() as u64);
     if marked {
         return Ok(Vec::new());
     }
     Ok(messages.into_iter().map(|m| m.id).collect())
+}
+
+/// The span of a message's publish, a child of the span that wrote it (the traceparent its
+/// CloudEvent carries); none for a message outside any trace.
+fn publish_span(config: &RelayConfig, message: &Message) -> Option<tracing::Span> {
+    let parent = storage::trace::in_payload(&message.payload)?;
+    let span = tracing::info_span!(
+        parent: None,
+        "publish",
+        otel.name = %format_args!("{} publish", message.topic),
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        messaging.destination.name = %message.topic,
+        messaging.message.id = %message.id,
+        service = %config.service,
+    );
+    storage::trace::set_parent(&span, Some(parent));
+    Some(span)
 }
 
 /// Publishes rows handed over by the service's stores in this process, without reading them

@@ -306,6 +306,8 @@ impl Proxy {
         for name in &HOP_BY_HOP {
             headers.remove(name);
         }
+        // The service's span is a child of this hop's.
+        http_kit::trace::inject(&mut headers);
         // A request that changes nothing, or changes the same thing however often it is sent,
         // may go to another process when the first does not answer.
         let idempotent = matches!(

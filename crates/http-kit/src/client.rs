@@ -43,7 +43,12 @@ impl ServiceClient {
     /// answer (the caller's resilience policy decides what that means). A 404 for the address
     /// itself (a wrong base URL: another service, another server) is an error, not absence.
     pub async fn get(&self, path: &str) -> Result<Option<reqwest::Response>, String> {
-        let mut request = self.client.get(format!("{}{path}", self.base_url));
+        let mut headers = axum::http::HeaderMap::new();
+        crate::trace::inject(&mut headers);
+        let mut request = self
+            .client
+            .get(format!("{}{path}", self.base_url))
+            .headers(headers);
         if let Some(token) = (self.token)() {
             request = request.bearer_auth(token);
         }

@@ -1,5 +1,5 @@
 //! HTTP plumbing every service shares: problem+json errors, the JSON body extractor,
-//! idempotency keys, ETags, cursors, request ids, metrics and health endpoints.
+//! idempotency keys, ETags, cursors, request ids, trace context, metrics and health endpoints.
 
 pub mod auth;
 pub mod client;
@@ -14,6 +14,7 @@ pub mod query;
 pub mod redis;
 pub mod resilience;
 pub mod schema;
+pub mod trace;
 
 pub use auth::{Caller, Role};
 pub use json::JsonBody;

@@ -1,5 +1,6 @@
 //! Operator endpoints: dead letters (messages a consumer group gave up on, and notifications
-//! whose attempts ran out), listed, redriven or discarded; outbox backlog; consumer lag.
+//! whose attempts ran out), listed, redriven or discarded; outbox backlog; consumer lag; the
+//! log level.
 
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
@@ -41,6 +42,77 @@ pub fn router(dead: DeadLetters, bus: Arc<dyn Bus>, outboxes: Outboxes) -> OpenA
                 .routes(routes!(outbox_report))
                 .with_state(outboxes),
         )
+        .routes(routes!(get_log_level, put_log_level))
+}
+
+/// The log filter of a process, in RUST_LOG syntax.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LogFilter {
+    /// Comma-separated directives: a level (`trace`, `debug`, `info`, `warn`, `error`, `off`)
+    /// or `target=level`, the target a Rust module path (`info,orderwave=debug,sqlx=warn`).
+    #[schema(
+        example = "info,orderwave=debug",
+        min_length = 1,
+        max_length = 1024,
+        pattern = r"^ *(?:(?:[A-Za-z_][A-Za-z0-9_]*(?:::[A-Za-z_][A-Za-z0-9_]*)*=)?(?:trace|debug|info|warn|error|off))(?: *, *(?:(?:[A-Za-z_][A-Za-z0-9_]*(?:::[A-Za-z_][A-Za-z0-9_]*)*=)?(?:trace|debug|info|warn|error|off)))* *$"
+    )]
+    pub filter: String,
+}
+
+/// The longest filter accepted.
+const MAX_FILTER: usize = 1024;
+
+fn log_level() -> Result<&'static crate::telemetry::LogLevel, Problem> {
+    crate::telemetry::LogLevel::get()
+        .ok_or_else(|| Problem::unavailable("This process's logging is not set up by orderwave."))
+}
+
+/// The log filter of the process that answers (trace export keeps INFO spans whatever it
+/// says).
+#[utoipa::path(
+    get, path = "/api/v1/admin/log-level", tag = "admin",
+    responses(
+        (status = 200, description = "The current filter", body = LogFilter),
+        (status = 503, description = "This process's logging is not set up by orderwave", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn get_log_level() -> Result<Json<LogFilter>, Problem> {
+    Ok(Json(LogFilter {
+        filter: log_level()?.current(),
+    }))
+}
+
+/// Changes the log filter of the process that answers, until it stops (RUST_LOG applies again
+/// at the next start).
+#[utoipa::path(
+    put, path = "/api/v1/admin/log-level", tag = "admin",
+    request_body = LogFilter,
+    responses(
+        (status = 200, description = "The filter now in force", body = LogFilter),
+        (status = 422, description = "`filter` is not a RUST_LOG filter (see `errors`)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "This process's logging is not set up by orderwave", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn put_log_level(
+    caller: http_kit::Caller,
+    http_kit::JsonBody(body): http_kit::JsonBody<LogFilter>,
+) -> Result<Json<LogFilter>, Problem> {
+    if body.filter.chars().count() > MAX_FILTER {
+        return Err(Problem::field(
+            "filter",
+            format!("must be at most {MAX_FILTER} characters"),
+        ));
+    }
+    crate::telemetry::parse_filter(&body.filter).map_err(|e| Problem::field("filter", e))?;
+    let level = log_level()?;
+    level
+        .set(&body.filter)
+        .map_err(|e| Problem::field("filter", e))?;
+    tracing::info!(filter = %level.current(), by = %caller.subject, "log level changed");
+    Ok(Json(LogFilter {
+        filter: level.current(),
+    }))
 }
 
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]

@@ -1190,15 +1190,37 @@ pub(crate) fn outer_layers(router: Router, config: &Config) -> Router {
                         .get(REQUEST_ID)
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or_default();
-                    tracing::info_span!(
+                    let route = request
+                        .extensions()
+                        .get::<axum::extract::MatchedPath>()
+                        .map(|p| p.as_str());
+                    let span = tracing::info_span!(
                         "request",
                         request_id = %request_id,
                         method = %request.method(),
                         path = %request.uri().path(),
-                    )
+                        // The route when one matched (the gateway's proxy has none).
+                        otel.name = %route.map_or_else(
+                            || request.method().to_string(),
+                            |route| format!("{} {route}", request.method()),
+                        ),
+                        otel.kind = "server",
+                        otel.status_code = tracing::field::Empty,
+                        http.request.method = %request.method(),
+                        http.route = route,
+                        http.response.status_code = tracing::field::Empty,
+                    );
+                    http_kit::trace::continue_from(&span, request.headers());
+                    span
                 })
                 .on_request(())
-                .on_response(()),
+                .on_response(|response: &Response, _: Duration, span: &tracing::Span| {
+                    let status = response.status();
+                    span.record("http.response.status_code", status.as_u16());
+                    if status.is_server_error() {
+                        span.record("otel.status_code", "ERROR");
+                    }
+                }),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(axum::middleware::from_fn_with_state(

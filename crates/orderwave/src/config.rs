@@ -254,6 +254,14 @@ impl Service {
     ];
 }
 
+/// A sampling ratio: a number from 0 to 1.
+fn sample_ratio(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+        _ => Err(format!("{text:?} is not a number from 0 to 1")),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -369,6 +377,22 @@ pub struct Config {
         default_value = "pretty"
     )]
     pub log_format: LogFormat,
+
+    /// OTLP/HTTP (protobuf) collector to export traces to, as a base URL
+    /// (`http://localhost:4318`; `/v1/traces` is added). Traces are off without it.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// The service name traces carry; by default `orderwave-<service>` for a process that runs
+    /// one service, `orderwave` otherwise.
+    #[arg(long, env = "OTEL_SERVICE_NAME")]
+    pub otel_service_name: Option<String>,
+
+    /// Share of traces started here that are recorded, 0 to 1; a request or message that
+    /// arrives in a trace follows its sender's choice. Without it `OTEL_TRACES_SAMPLER` and
+    /// `OTEL_TRACES_SAMPLER_ARG` decide (default `parentbased_always_on`).
+    #[arg(long, env = "ORDERWAVE_TRACE_SAMPLE_RATIO", value_parser = sample_ratio)]
+    pub trace_sample_ratio: Option<f64>,
 
     /// How long Idempotency-Key records are kept, in hours.
     #[arg(long, env = "ORDERWAVE_IDEMPOTENCY_TTL_HOURS", default_value_t = 24)]
@@ -620,6 +644,9 @@ impl Config {
             bus_delivery_limit: 20,
             db_max_connections: 4,
             log_format: LogFormat::Pretty,
+            otlp_endpoint: None,
+            otel_service_name: None,
+            trace_sample_ratio: None,
             idempotency_ttl_hours: 24,
             order_cache_mib: 4,
             cache: None,

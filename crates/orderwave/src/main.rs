@@ -29,7 +29,14 @@ async fn main() -> ExitCode {
         Some(Command::Migrate(config)) => (Run::Migrate, config),
         Some(Command::BusDelete(config)) => (Run::BusDelete, config),
     };
-    let log_guard = telemetry::init(config.log_format);
+    let telemetry =
+        match telemetry::init(config.log_format, &telemetry::Tracing::from_config(&config)) {
+            Ok(telemetry) => telemetry,
+            Err(error) => {
+                eprintln!("error: cannot set up tracing: {error:#}");
+                return ExitCode::FAILURE;
+            }
+        };
     let result = match command {
         Run::Serve => serve(config).await,
         Run::Migrate => orderwave::app::migrate(&config).await.map(|()| {
@@ -44,8 +51,10 @@ async fn main() -> ExitCode {
         tracing::error!(error = %message, "orderwave stopped");
         message
     });
-    // Flush the queued log lines before the last word.
-    drop(log_guard);
+    // Export the last spans and flush the queued log lines before the last word.
+    if let Some(telemetry) = telemetry {
+        tokio::task::block_in_place(|| telemetry.shutdown());
+    }
     match failure {
         None => ExitCode::SUCCESS,
         Some(message) => {

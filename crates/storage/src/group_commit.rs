@@ -23,6 +23,7 @@ use sqlx::AnyConnection;
 use std::any::Any;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 /// What a job gives back to its caller.
 pub type Output = Box<dyn Any + Send>;
@@ -155,14 +156,20 @@ impl GroupCommit {
         T: Send + 'static,
         E: std::error::Error + From<sqlx::Error> + Send + Sync + 'static,
     {
+        // The job runs in the committer's task, in the caller's span: the outbox rows it
+        // writes carry the caller's trace.
+        let span = tracing::Span::current();
         self.submit_as(Work::Job(Box::new(move |conn| {
-            let fut = job(conn);
-            Box::pin(async move {
-                match fut.await {
-                    Ok((value, rows)) => Ok((Box::new(value) as Output, rows)),
-                    Err(error) => Err(Box::new(error) as JobError),
+            let fut = span.in_scope(|| job(conn));
+            Box::pin(
+                async move {
+                    match fut.await {
+                        Ok((value, rows)) => Ok((Box::new(value) as Output, rows)),
+                        Err(error) => Err(Box::new(error) as JobError),
+                    }
                 }
-            })
+                .instrument(span.clone()),
+            )
         })))
         .await
     }
@@ -241,9 +248,13 @@ impl GroupCommit {
 
     /// Runs `job` in the next batch; its output once the batch committed.
     pub async fn run(&self, mut job: Job) -> Result<Output, JobError> {
+        let span = tracing::Span::current();
         self.submit(Work::Job(Box::new(move |conn| {
-            let fut = job(conn);
-            Box::pin(async move { fut.await.map(|output| (output, Vec::new())) })
+            let fut = span.in_scope(|| job(conn));
+            Box::pin(
+                async move { fut.await.map(|output| (output, Vec::new())) }
+                    .instrument(span.clone()),
+            )
         })))
         .await
     }

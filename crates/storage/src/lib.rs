@@ -17,6 +17,7 @@ pub mod statistics;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod time;
+pub mod trace;
 
 pub use db::{Backend, Db, DbError, Durability, HeldWriter};
 

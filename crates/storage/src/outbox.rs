@@ -209,7 +209,8 @@ pub struct OutboxMessage {
 }
 
 impl OutboxMessage {
-    /// A message for the event at `version` of `aggregate_id`, as a CloudEvent from `source`.
+    /// A message for the event at `version` of `aggregate_id`, as a CloudEvent from `source`,
+    /// carrying the current span's trace context.
     pub fn event(
         source: &str,
         topic: &str,
@@ -232,7 +233,8 @@ impl OutboxMessage {
                 subject: aggregate_id.to_string(),
                 time: time.to_string(),
                 datacontenttype: "application/json".into(),
-                traceparent: None,
+                // The span the message is written in: its consumers continue the trace.
+                traceparent: crate::trace::current(),
                 data,
             },
             created_at: time.to_string(),

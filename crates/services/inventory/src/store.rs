@@ -175,6 +175,7 @@ impl InventoryStore {
 
     /// Reserves every line of `order_id` or none, for message `message_id` of `group`, in the
     /// next shared transaction.
+    #[tracing::instrument(name = "transaction", skip_all, fields(otel.name = "inventory reserve order"))]
     pub async fn reserve_order(
         &self,
         group: &str,
@@ -269,6 +270,7 @@ impl InventoryStore {
     }
 
     /// Releases what `order_id` holds (once per message). Returns whether anything was held.
+    #[tracing::instrument(name = "transaction", skip_all, fields(otel.name = "inventory release order"))]
     pub async fn release_order(
         &self,
         group: &str,
@@ -314,6 +316,7 @@ impl InventoryStore {
 
     /// The order left the warehouse: what it held is taken off the shelf (on hand and
     /// reserved both drop), once per message. Returns whether anything was held.
+    #[tracing::instrument(name = "transaction", skip_all, fields(otel.name = "inventory ship order"))]
     pub async fn ship_order(
         &self,
         group: &str,

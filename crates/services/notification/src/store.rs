@@ -109,6 +109,9 @@ pub struct Due {
     pub attempts: i64,
     /// What its outcome's message tells, and all the attempts it has had (its row's count).
     pub facts: DeliveryFacts,
+    /// The trace of the event that caused it (queued in this process; a delivery read from the
+    /// table starts a trace of its own).
+    pub traceparent: Option<String>,
 }
 
 /// What a delivery's `notification.sent` / `notification.failed` message tells of it.
@@ -341,6 +344,7 @@ impl NotificationStore {
     /// Records the deliveries an event causes, with the event's inbox claim, in one
     /// transaction. A redelivered event records nothing (false), and a second delivery for the
     /// same event and channel is never stored.
+    #[tracing::instrument(name = "transaction", skip_all, fields(otel.name = "notification record"))]
     pub async fn record(
         &self,
         group: &str,
@@ -367,6 +371,7 @@ impl NotificationStore {
         } else {
             Some(stored_of(self.db.reader(), &ids).await?)
         };
+        let traceparent = storage::trace::current();
         let due: Vec<Due> = deliveries
             .iter()
             .zip(ids)
@@ -387,6 +392,7 @@ impl NotificationStore {
                     template_key: delivery.template_key.clone(),
                     attempts_made: 0,
                 },
+                traceparent: traceparent.clone(),
             })
             .collect();
         if !due.is_empty() {
@@ -468,6 +474,7 @@ impl NotificationStore {
                         template_key: r.try_get(11)?,
                         attempts_made: r.try_get(12)?,
                     },
+                    traceparent: None,
                 })
             })
             .collect()
@@ -479,6 +486,7 @@ impl NotificationStore {
     /// guarded by the attempts it had when it was taken, then its attempt and message. A
     /// delivery changed meanwhile (settled by another worker, discarded) takes the full path,
     /// which reads what it is now.
+    #[tracing::instrument(name = "transaction", skip_all, fields(otel.name = "notification record attempt"))]
     pub async fn record_attempt(&self, due: &Due, outcome: Outcome<'_>) -> Result<(), StoreError> {
         let attempt = AttemptRecord::of(&outcome);
         if !self.record_plainly(due, &attempt).await? {

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -157,13 +158,24 @@ pub async fn run(
         }
         let claimed = due.len();
         for message in due {
-            tasks.spawn(send_one(
-                store.clone(),
-                transports.clone(),
-                breakers.clone(),
-                config.clone(),
-                message,
-            ));
+            let span = tracing::info_span!(
+                parent: None,
+                "send",
+                otel.name = "notification send",
+                notification_id = %message.id,
+                channel = %message.channel,
+            );
+            storage::trace::set_parent(&span, message.traceparent.as_deref());
+            tasks.spawn(
+                send_one(
+                    store.clone(),
+                    transports.clone(),
+                    breakers.clone(),
+                    config.clone(),
+                    message,
+                )
+                .instrument(span),
+            );
         }
         let more_due = room == 0 || (claimed > 0 && claimed == room);
         if more_due {

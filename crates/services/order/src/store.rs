@@ -255,6 +255,7 @@ impl OrderStore {
     /// Runs `command` as the effect of bus message `cause` (group, message id): the write and
     /// the inbox claim of the message commit together, and a message handled before gives
     /// `Duplicate` and changes nothing.
+    #[tracing::instrument(name = "transaction", skip_all, fields(otel.name = "order execute"))]
     pub async fn execute_caused(
         &self,
         id: Uuid,

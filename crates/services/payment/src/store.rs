@@ -93,6 +93,9 @@ pub struct DueCharge {
     pub token: String,
     pub deadline_at: String,
     pub attempts: i64,
+    /// The trace of the request or message that made it due (queued in this process; a charge
+    /// read from the table starts a trace of its own).
+    pub traceparent: Option<String>,
 }
 
 impl DueCharge {
@@ -107,6 +110,7 @@ impl DueCharge {
             token: intent.token.clone(),
             deadline_at,
             attempts: 0,
+            traceparent: None,
         }
     }
 }
@@ -243,7 +247,9 @@ impl PaymentStore {
         self.batches.run_outbox_as(job).await
     }
 
-    fn queue_charge(&self, charge: DueCharge) {
+    fn queue_charge(&self, mut charge: DueCharge) {
+        // The charge continues the trace of what made it due.
+        charge.traceparent = storage::trace::current();
         if let Ok(mut q) = self.queued.lock() {
             q.charges.push(charge);
         }
@@ -289,6 +295,7 @@ impl PaymentStore {
 
     /// Records how an order will be paid (`order.created`). The charge waits for the stock.
     /// Returns false when the order had a payment already or the message was seen.
+    #[tracing::instrument(name = "transaction", skip_all, fields(otel.name = "payment record intent"))]
     pub async fn record_intent(
         &self,
         cause: Claim<'_>,
@@ -352,6 +359,7 @@ impl PaymentStore {
 
     /// The stock of `order_id` is reserved: its charge becomes due, to finish by `deadline`.
     /// An order without payment details fails at once, so its saga still ends.
+    #[tracing::instrument(name = "transaction", skip_all, fields(otel.name = "payment request charge"))]
     pub async fn request_charge(
         &self,
         cause: Claim<'_>,
@@ -428,6 +436,7 @@ impl PaymentStore {
 
     /// The order was cancelled: a payment not yet charged is cancelled, one being charged is
     /// refunded once the charge succeeds, a succeeded one is refunded in full.
+    #[tracing::instrument(name = "transaction", skip_all, fields(otel.name = "payment cancel for order"))]
     pub async fn cancel_for_order(
         &self,
         cause: Claim<'_>,
@@ -587,6 +596,7 @@ impl PaymentStore {
                     token: r.try_get(4)?,
                     deadline_at: r.try_get(5)?,
                     attempts: r.try_get(6)?,
+                    traceparent: None,
                 })
             })
             .collect()
@@ -616,6 +626,7 @@ impl PaymentStore {
 
     /// Records the end of a charge and publishes it. A charge that succeeded after its order
     /// was cancelled is refunded at once. Returns false when another worker recorded it first.
+    #[tracing::instrument(name = "transaction", skip_all, fields(otel.name = "payment finish charge"))]
     pub async fn finish_charge(
         &self,
         charge: &DueCharge,
@@ -937,6 +948,7 @@ async fn charge_due(
             token: row.try_get(3)?,
             deadline_at,
             attempts: 0,
+            traceparent: None,
         };
         return Ok((Some(due), Vec::new()));
     }

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use storage::time;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -157,7 +158,18 @@ async fn charge_one(
     charge: DueCharge,
 ) {
     let id = charge.payment_id.clone();
-    if let Err(error) = charge_inner(&store, provider.as_ref(), &config, charge).await {
+    let span = tracing::info_span!(
+        parent: None,
+        "charge",
+        otel.name = "payment charge",
+        payment_id = %charge.payment_id,
+        order_id = %charge.order_id,
+    );
+    storage::trace::set_parent(&span, charge.traceparent.as_deref());
+    if let Err(error) = charge_inner(&store, provider.as_ref(), &config, charge)
+        .instrument(span)
+        .await
+    {
         tracing::warn!(payment_id = %id, %error, "recording a charge failed; it stays due");
     }
     done(&in_flight, &id);
