@@ -10,8 +10,8 @@ pub mod inventory;
 pub mod money;
 pub mod order;
 pub mod payment;
-pub mod text;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod text;
 
 pub use error::{DomainError, FieldError};

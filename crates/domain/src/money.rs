@@ -24,7 +24,15 @@ pub fn positive_amount_pattern(decimals: u32) -> String {
     let fractions: Vec<String> = (0..decimals)
         .map(|zeros| {
             let rest = decimals - 1 - zeros;
-            format!("{}[1-9]{}", "0".repeat(zeros as usize), if rest > 0 { format!("[0-9]{{0,{rest}}}") } else { String::new() })
+            format!(
+                "{}[1-9]{}",
+                "0".repeat(zeros as usize),
+                if rest > 0 {
+                    format!("[0-9]{{0,{rest}}}")
+                } else {
+                    String::new()
+                }
+            )
         })
         .collect();
     if fractions.is_empty() {
@@ -47,7 +55,10 @@ pub fn parse_amount(text: &str, currency: &str) -> Result<Decimal, String> {
         return Err("must be a decimal string such as \"12.50\"".into());
     }
     if (whole.len() > 1 && whole.starts_with('0')) || whole.len() > 9 {
-        return Err("must be a whole number below 1000000000 without leading zeros, then its decimals".into());
+        return Err(
+            "must be a whole number below 1000000000 without leading zeros, then its decimals"
+                .into(),
+        );
     }
     if fraction.is_some_and(|f| f.len() > decimals as usize) {
         return Err(format!("{currency} allows at most {decimals} decimals"));
@@ -133,7 +144,10 @@ mod tests {
         );
         assert_eq!(amount_pattern(0), "^(0|[1-9][0-9]{0,8})$");
         assert_eq!(amount_pattern(2), "^(0|[1-9][0-9]{0,8})(\\.[0-9]{1,2})?$");
-        assert_eq!(parse_amount("999999999.99", "USD"), Ok(Decimal::new(99_999_999_999, 2)));
+        assert_eq!(
+            parse_amount("999999999.99", "USD"),
+            Ok(Decimal::new(99_999_999_999, 2))
+        );
     }
 
     #[test]

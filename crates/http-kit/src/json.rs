@@ -108,8 +108,8 @@ pub fn integer<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64,
             i64::try_from(v).map_err(|_| E::custom("a whole number out of range"))
         }
         fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<i64, E> {
-            // Exactly representable and within range: ±2^63 excluded.
-            if v.fract() == 0.0 && v.abs() < 9.223_372_036_854_775_808e18 {
+            // Whole and within range: 2^63 (exactly a power of two) and beyond excluded.
+            if v.fract() == 0.0 && v.abs() < 2f64.powi(63) {
                 #[allow(clippy::cast_possible_truncation)]
                 Ok(v as i64)
             } else {
@@ -147,7 +147,11 @@ mod tests {
             #[serde(deserialize_with = "super::integer")]
             n: i64,
         }
-        let n = |text: &str| parse::<Body>(text.as_bytes()).map(|b| b.n).map_err(|p| p.status);
+        let n = |text: &str| {
+            parse::<Body>(text.as_bytes())
+                .map(|b| b.n)
+                .map_err(|p| p.status)
+        };
         assert_eq!(n(r#"{"n": 2}"#), Ok(2));
         assert_eq!(n(r#"{"n": -9180.0}"#), Ok(-9180));
         assert_eq!(n(r#"{"n": 1e3}"#), Ok(1000));

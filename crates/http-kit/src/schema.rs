@@ -140,7 +140,10 @@ pub fn price_by_currency(
 ) {
     let schemas = &mut openapi.components.get_or_insert_default().schemas;
     if let Some(schema) = schemas.remove(name) {
-        schemas.insert(name.to_string(), priced_by_currency(schema, amount_fields, pattern));
+        schemas.insert(
+            name.to_string(),
+            priced_by_currency(schema, amount_fields, pattern),
+        );
     }
 }
 
@@ -182,7 +185,9 @@ pub fn constrain(openapi: &mut utoipa::openapi::OpenApi, name: &str, rule: serde
     let serde_json::Value::Object(keywords) = rule else {
         panic!("the rule for {name} is not a JSON object");
     };
-    let mut holder = ObjectBuilder::new().schema_type(SchemaType::AnyValue).build();
+    let mut holder = ObjectBuilder::new()
+        .schema_type(SchemaType::AnyValue)
+        .build();
     holder.extensions.get_or_insert_default().extend(keywords);
     let schemas = &mut openapi.components.get_or_insert_default().schemas;
     if let Some(schema) = schemas.remove(name) {

@@ -182,7 +182,9 @@ fn not_null(schema_type: &mut utoipa::openapi::schema::SchemaType) {
 
 /// The methods of each path of the document (`/api/v1/orders/{id}`, as routes are matched);
 /// a path with GET also takes HEAD.
-pub fn methods_by_path(openapi: &OpenApi) -> std::collections::HashMap<String, Vec<axum::http::Method>> {
+pub fn methods_by_path(
+    openapi: &OpenApi,
+) -> std::collections::HashMap<String, Vec<axum::http::Method>> {
     use axum::http::Method;
     openapi
         .paths
@@ -234,7 +236,9 @@ pub async fn method_allowed(
                 http_kit::problem::Problem::from_status(axum::http::StatusCode::METHOD_NOT_ALLOWED)
                     .into_response();
             if let Ok(allow) = axum::http::HeaderValue::from_str(&allow) {
-                response.headers_mut().insert(axum::http::header::ALLOW, allow);
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::ALLOW, allow);
             }
             response
         }

@@ -16,7 +16,12 @@ pub fn router(service: InventoryService) -> OpenApiRouter {
     let mut router = OpenApiRouter::new()
         .routes(routes!(create_product, list_products))
         .routes(routes!(get_stock, set_stock));
-    http_kit::schema::price_by_currency(router.get_openapi_mut(), "ProductBody", &["price"], domain::money::amount_pattern);
+    http_kit::schema::price_by_currency(
+        router.get_openapi_mut(),
+        "ProductBody",
+        &["price"],
+        domain::money::amount_pattern,
+    );
     router.with_state(service)
 }
 

@@ -39,7 +39,12 @@ pub fn router(service: OrderService) -> OpenApiRouter {
         .routes(routes!(feed_events))
         .routes(routes!(order_socket))
         .routes(routes!(customer_orders));
-    http_kit::schema::price_by_currency(router.get_openapi_mut(), "PlaceOrderBody", &["items[].unitPrice"], domain::money::amount_pattern);
+    http_kit::schema::price_by_currency(
+        router.get_openapi_mut(),
+        "PlaceOrderBody",
+        &["items[].unitPrice"],
+        domain::money::amount_pattern,
+    );
     router.with_state(service)
 }
 
