@@ -6,19 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-BIN="$CARGO_TARGET_DIR/debug/orderwave"
-[ -x "$BIN" ] || cargo build -p orderwave
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 [ -d web/node_modules/openapi-fetch ] || (cd web && npm ci --no-audit --no-fund)
-
-DATA=$(mktemp -d)
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$BIN" --demo --listen "127.0.0.1:$PORT" --data-dir "$DATA" >"$DATA/server.log" 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; rm -rf "$DATA"' EXIT
-for _ in $(seq 1 60); do
-  curl -sf "http://127.0.0.1:$PORT/health/ready" >/dev/null && break
-  sleep 0.5
-done
+start_demo_server
 cd web
 rm -rf client/generated
 npx openapi-typescript "http://127.0.0.1:$PORT/openapi.json" -o client/generated/schema.d.ts

@@ -10,19 +10,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 VENV=$(pinned_venv schemathesis schemathesis==4.32.5)
-BIN="$CARGO_TARGET_DIR/debug/orderwave"
-[ -x "$BIN" ] || cargo build -p orderwave
-
-DATA=$(mktemp -d)
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-ORDERWAVE_RATE_LIMIT_READ=0 ORDERWAVE_RATE_LIMIT_WRITE=0 \
-  "$BIN" --demo --listen "127.0.0.1:$PORT" --data-dir "$DATA" >"$DATA/server.log" 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; rm -rf "$DATA"' EXIT
-for _ in $(seq 1 60); do
-  curl -sf "http://127.0.0.1:$PORT/health/ready" >/dev/null && break
-  sleep 0.5
-done
+start_demo_server
 TOKEN=$("$BIN" token --sub contract-test --role admin --data-dir "$DATA" --ttl 1h)
 # The WebSocket route is not HTTP: schemathesis cannot speak it. Run from the temporary
 # directory: schemathesis keeps its cache of failures in the current directory.

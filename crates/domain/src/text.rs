@@ -33,6 +33,18 @@ pub fn required(errors: &mut Vec<FieldError>, field: &str, value: &str, max: usi
     value.trim().to_string()
 }
 
+fn optional_text(
+    errors: &mut Vec<FieldError>,
+    field: &str,
+    value: Option<&str>,
+    max: usize,
+    multiline: bool,
+) -> Option<String> {
+    let value = value?;
+    check(errors, field, value, max, multiline);
+    Some(value.trim().to_string()).filter(|v| !v.is_empty())
+}
+
 /// An optional one-line field: absent or blank is none.
 pub fn optional(
     errors: &mut Vec<FieldError>,
@@ -40,9 +52,7 @@ pub fn optional(
     value: Option<&str>,
     max: usize,
 ) -> Option<String> {
-    let value = value?;
-    check(errors, field, value, max, false);
-    Some(value.trim().to_string()).filter(|v| !v.is_empty())
+    optional_text(errors, field, value, max, false)
 }
 
 /// An optional multi-line field (notes): absent or blank is none.
@@ -52,9 +62,7 @@ pub fn optional_multiline(
     value: Option<&str>,
     max: usize,
 ) -> Option<String> {
-    let value = value?;
-    check(errors, field, value, max, true);
-    Some(value.trim().to_string()).filter(|v| !v.is_empty())
+    optional_text(errors, field, value, max, true)
 }
 
 #[cfg(test)]

@@ -124,7 +124,7 @@ async fn a_confirmed_order_is_announced_on_the_channels_the_customer_chose(app: 
     // Filters.
     let by_customer: Value = app
         .get(&format!(
-            "/api/v1/notifications?customerId={customer}&status=sent"
+            "/api/v1/notifications?customerId={customer}&status=SENT"
         ))
         .await
         .json()
