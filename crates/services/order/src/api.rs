@@ -980,22 +980,32 @@ async fn list(
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 struct SalesQuery {
-    /// Orders placed at or after this time: an RFC 3339 time, or a date (`2026-12-01`) for
-    /// 00:00 UTC that day. Default: since the first order.
-    #[param(schema_with = date_or_time)]
+    #[param(schema_with = from_schema)]
     from: Option<String>,
-    /// Orders placed before this time (exclusive): an RFC 3339 time, or a date for 00:00 UTC
-    /// that day (`from=2026-12-01&to=2026-12-08` is the first week of December). Not before
-    /// `from`. Default: up to now.
-    #[param(schema_with = date_or_time)]
+    #[param(schema_with = to_schema)]
     to: Option<String>,
     /// One group per UTC day placed (default), per current status or per currency.
     #[param(rename = "groupBy", inline)]
     group_by: Option<GroupBy>,
 }
 
+fn from_schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+    date_or_time(
+        "Orders placed at or after this time: an RFC 3339 time, or a date (`2026-12-01`) for \
+         00:00 UTC that day. Default: since the first order.",
+    )
+}
+
+fn to_schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+    date_or_time(
+        "Orders placed before this time (exclusive): an RFC 3339 time, or a date for 00:00 UTC \
+         that day (`from=2026-12-01&to=2026-12-08` is the first week of December). Not before \
+         `from`. Default: up to now.",
+    )
+}
+
 /// A date (`2026-12-01`) or an RFC 3339 time.
-fn date_or_time() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+fn date_or_time(description: &str) -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
     use utoipa::openapi::schema::{AnyOfBuilder, KnownFormat, ObjectBuilder, SchemaFormat, Type};
     let string = |format| {
         ObjectBuilder::new()
@@ -1005,6 +1015,7 @@ fn date_or_time() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
     AnyOfBuilder::new()
         .item(string(KnownFormat::Date))
         .item(string(KnownFormat::DateTime))
+        .description(Some(description))
         .into()
 }
 
