@@ -547,14 +547,22 @@ pub async fn sales(
     let mut groups: BTreeMap<(String, String), Sums> = BTreeMap::new();
     let mut reader = db.reader().begin().await?;
     if whole_days {
-        // The day only when grouping by it: fewer rows otherwise.
-        let (day_column, grouped) = match group_by {
-            GroupBy::Day => ("day", "day, currency, status"),
-            GroupBy::Status | GroupBy::Currency => ("''", "currency, status"),
+        // Grouped in SQL, revenue apart: one row per group and currency comes back.
+        let (key, grouped) = match group_by {
+            GroupBy::Day => ("day", "day, currency"),
+            GroupBy::Status => ("status", "currency, status"),
+            GroupBy::Currency => ("currency", "currency"),
         };
+        let paid = REVENUE_STATUSES
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
         let mut query = format!(
-            "SELECT {day_column}, currency, status, CAST(SUM(orders) AS BIGINT), \
-             CAST(SUM(amount_milli) AS TEXT) FROM order_sales_daily WHERE 1 = 1"
+            "SELECT {key}, currency, CAST(SUM(orders) AS BIGINT), \
+             CAST(SUM(CASE WHEN status IN ({paid}) THEN orders ELSE 0 END) AS BIGINT), \
+             CAST(SUM(CASE WHEN status IN ({paid}) THEN amount_milli ELSE 0 END) AS TEXT) \
+             FROM order_sales_daily WHERE 1 = 1"
         );
         let mut binds = Vec::new();
         if let Some(first) = first {
@@ -571,16 +579,12 @@ pub async fn sales(
             statement = statement.bind(bind);
         }
         for row in statement.fetch_all(&mut *reader).await? {
-            let day: String = row.try_get(0)?;
+            let key: String = row.try_get(0)?;
             let currency: String = row.try_get(1)?;
-            let status: String = row.try_get(2)?;
-            let orders: i64 = row.try_get(3)?;
-            let amount: String = row.try_get(4)?;
-            let amount = parse_thousandths(&amount)?;
-            groups
-                .entry((key_of(&day, &status, &currency), currency))
-                .or_default()
-                .add(&status, orders, amount);
+            let sums = groups.entry((key, currency)).or_default();
+            sums.orders += row.try_get::<i64, _>(2)?;
+            sums.revenue_orders += row.try_get::<i64, _>(3)?;
+            sums.revenue += parse_thousandths(&row.try_get::<String, _>(4)?)?;
         }
     }
     for (start, stop) in edges {
