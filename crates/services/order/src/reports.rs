@@ -312,6 +312,14 @@ fn thousandths(amount: Decimal) -> i128 {
 /// a lock on `orders` taken before reading), so no write is counted twice or missed. Returns
 /// how many orders it counted, or `None` when there was nothing to do.
 pub async fn backfill(db: &Db) -> Result<Option<u64>, StoreError> {
+    let asked = sqlx::query("SELECT COUNT(*) FROM order_reports_backfill")
+        .fetch_one(db.reader())
+        .await?
+        .try_get::<i64, _>(0)?;
+    if asked == 0 {
+        // Nothing to do: no lock taken, so starting a process holds up no other's writes.
+        return Ok(None);
+    }
     let mut tx = db.begin_write().await?;
     if db.backend() == Backend::Postgres {
         sqlx::query("LOCK TABLE orders IN SHARE MODE")
