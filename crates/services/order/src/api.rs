@@ -1004,7 +1004,7 @@ fn to_schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
     )
 }
 
-/// A date (`2026-12-01`) or an RFC 3339 time.
+/// A date (`2026-12-01`), an RFC 3339 time, or empty.
 fn date_or_time(description: &str) -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
     use utoipa::openapi::schema::{AnyOfBuilder, KnownFormat, ObjectBuilder, SchemaFormat, Type};
     let string = |format| {
@@ -1012,9 +1012,14 @@ fn date_or_time(description: &str) -> utoipa::openapi::RefOr<utoipa::openapi::Sc
             .schema_type(Type::String)
             .format(Some(SchemaFormat::KnownFormat(format)))
     };
+    // Empty is as if not given, as in every query of the API.
+    let empty = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .max_length(Some(0));
     AnyOfBuilder::new()
         .item(string(KnownFormat::Date))
         .item(string(KnownFormat::DateTime))
+        .item(empty)
         .description(Some(description))
         .into()
 }
