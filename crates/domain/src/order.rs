@@ -152,6 +152,14 @@ pub struct Order {
     /// Stock is held for the order (set by the saga): its lines can no longer be edited.
     #[serde(default)]
     pub stock_reserved: bool,
+    /// When the order became CONFIRMED, SHIPPED and DELIVERED: the lead times of the
+    /// fulfilment report. Absent in documents stored before they were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shipped_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<DateTime<Utc>>,
     pub version: u64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -475,6 +483,9 @@ pub fn evolve(state: Option<Order>, recorded: &RecordedEvent) -> Option<Order> {
             payment: payment.clone(),
             customer_verified: *customer_verified,
             stock_reserved: false,
+            confirmed_at: None,
+            shipped_at: None,
+            delivered_at: None,
             version: recorded.version,
             created_at: at,
             updated_at: at,
@@ -491,8 +502,12 @@ pub fn evolve(state: Option<Order>, recorded: &RecordedEvent) -> Option<Order> {
                 }
                 OrderEvent::OrderStatusChanged { to, reason, .. } => {
                     order.status = *to;
-                    if *to == OrderStatus::Cancelled {
-                        order.cancel_reason = reason.clone();
+                    match to {
+                        OrderStatus::Cancelled => order.cancel_reason = reason.clone(),
+                        OrderStatus::Confirmed => order.confirmed_at = Some(at),
+                        OrderStatus::Shipped => order.shipped_at = Some(at),
+                        OrderStatus::Delivered => order.delivered_at = Some(at),
+                        OrderStatus::Pending | OrderStatus::Processing => {}
                     }
                 }
                 OrderEvent::ShippingDetailsSet { shipping } => {

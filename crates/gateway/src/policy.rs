@@ -1,5 +1,5 @@
 //! Which role may call which route. Admins call everything; services (other orderwave
-//! processes) everything but the operator endpoints; customers only the routes listed here,
+//! processes) everything but the operator endpoints and the reports; customers only the routes listed here,
 //! where the service then shows them their own records only. A route missing from the list is
 //! closed to customers: a new route is never open to them by accident.
 
@@ -30,11 +30,13 @@ pub const CUSTOMER_ROUTES: &[(&str, &str)] = &[
 
 /// The operator endpoints: admins only.
 pub const ADMIN_PREFIX: &str = "/api/v1/admin/";
+/// Reports over every customer's orders: admins only.
+pub const REPORTS_PREFIX: &str = "/api/v1/reports/";
 
 pub fn allows(role: Role, method: &Method, route: &str) -> bool {
     match role {
         Role::Admin => true,
-        Role::Service => !route.starts_with(ADMIN_PREFIX),
+        Role::Service => !route.starts_with(ADMIN_PREFIX) && !route.starts_with(REPORTS_PREFIX),
         Role::Customer => CUSTOMER_ROUTES
             .iter()
             .any(|(m, r)| *m == method.as_str() && *r == route),

@@ -22,7 +22,7 @@ pub const SERVICES: [&str; 5] = ["order", "inventory", "payment", "customer", "n
 pub fn service_of(path: &str) -> Option<&'static str> {
     let resource = path.strip_prefix("/api/v1/")?.split('/').next()?;
     Some(match resource {
-        "orders" => "order",
+        "orders" | "reports" => "order",
         "products" | "inventory" => "inventory",
         "payments" => "payment",
         "customers" => "customer",
@@ -450,6 +450,7 @@ mod tests {
     fn each_resource_goes_to_the_service_that_owns_it() {
         assert_eq!(service_of("/api/v1/orders"), Some("order"));
         assert_eq!(service_of("/api/v1/orders/1/history"), Some("order"));
+        assert_eq!(service_of("/api/v1/reports/sales"), Some("order"));
         assert_eq!(service_of("/api/v1/products"), Some("inventory"));
         assert_eq!(service_of("/api/v1/inventory/SKU-1"), Some("inventory"));
         assert_eq!(service_of("/api/v1/payments"), Some("payment"));

@@ -60,6 +60,7 @@ Every POST takes an `Idempotency-Key`; every order carries an `ETag` checked by 
         (name = "payments", description = "Payments of orders and their refunds"),
         (name = "customers", description = "Customers, their contact data and notification preferences"),
         (name = "notifications", description = "Email and SMS to customers: templates, deliveries, attempts and redrive"),
+        (name = "reports", description = "Sales and fulfilment reports (admins only)"),
         (name = "admin", description = "Operator endpoints"),
         (name = "operations", description = "Health and metrics"),
     ),

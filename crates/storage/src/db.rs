@@ -28,6 +28,9 @@ pub enum DbError {
     },
     #[error("unsupported database url (expected postgres:// or postgresql://)")]
     UnsupportedUrl,
+    /// A service could not bring its stored data up to date after a migration.
+    #[error("cannot upgrade the stored data: {0}")]
+    Upgrade(String),
 }
 
 /// A service's database: where writes go and where reads go (the same pool on PostgreSQL).

@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::OrderService;
 use crate::customers::CustomerCheck;
+use crate::reports::{self, FulfilmentReport, GroupBy, SalesReport};
 use crate::store::{OrderFilter, Snapshot, StoreError};
 use crate::view::{
     AddressBody, HistoryEntry, OrderHistory, OrderLineBody, OrderPage, OrderView, PlaceOrderBody,
@@ -38,7 +39,9 @@ pub fn router(service: OrderService) -> OpenApiRouter {
         .routes(routes!(order_events))
         .routes(routes!(feed_events))
         .routes(routes!(order_socket))
-        .routes(routes!(customer_orders));
+        .routes(routes!(customer_orders))
+        .routes(routes!(sales_report))
+        .routes(routes!(fulfilment_report));
     http_kit::schema::price_by_currency(
         router.get_openapi_mut(),
         "PlaceOrderBody",
@@ -986,4 +989,165 @@ async fn list(
         items: orders.iter().map(OrderView::from).collect(),
         next_cursor,
     }))
+}
+
+// ---- reports ------------------------------------------------------------------------------
+
+/// The query of the sales report, for the OpenAPI document (the handler reads the raw query
+/// so that an unknown or repeated parameter is a 422).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct SalesQuery {
+    #[param(schema_with = from_schema)]
+    from: Option<String>,
+    #[param(schema_with = to_schema)]
+    to: Option<String>,
+    /// One group per UTC day placed (default), per current status or per currency.
+    #[param(rename = "groupBy", inline)]
+    group_by: Option<GroupBy>,
+}
+
+fn from_schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+    date_or_time(
+        "Orders placed at or after this time: an RFC 3339 time, or a date (`2026-12-01`) for \
+         00:00 UTC that day. Default: since the first order.",
+    )
+}
+
+fn to_schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+    date_or_time(
+        "Orders placed before this time (exclusive): an RFC 3339 time, or a date for 00:00 UTC \
+         that day (`from=2026-12-01&to=2026-12-08` is the first week of December). Not before \
+         `from`. Default: up to now.",
+    )
+}
+
+/// A date (`2026-12-01`), an RFC 3339 time, or empty.
+fn date_or_time(description: &str) -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+    use utoipa::openapi::schema::{AnyOfBuilder, KnownFormat, ObjectBuilder, SchemaFormat, Type};
+    let string = |format| {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(format)))
+    };
+    // Empty is as if not given, as in every query of the API.
+    let empty = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .max_length(Some(0));
+    AnyOfBuilder::new()
+        .item(string(KnownFormat::Date))
+        .item(string(KnownFormat::DateTime))
+        .item(empty)
+        .description(Some(description))
+        .into()
+}
+
+/// A `from` or `to` of a report: a date is 00:00 UTC that day.
+fn parse_bound(value: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d") {
+        return Some(day.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    storage::time::from_text(value)
+}
+
+/// Sales of the orders placed in a period (admins only).
+///
+/// Per group and currency: orders placed (any status), revenue orders and revenue, and the
+/// average order value. Revenue is the exact sum of the totals of the orders that are
+/// CONFIRMED, PROCESSING, SHIPPED or DELIVERED (paid and not cancelled), per currency: amounts
+/// in different currencies are never added. Orders count in the period and on the UTC day they
+/// were placed, in the status they have now. Read from a projection kept by every order write:
+/// whole days cost one row per day, currency and status, whatever the number of orders.
+#[utoipa::path(
+    get, path = "/api/v1/reports/sales", tag = "reports",
+    params(SalesQuery),
+    responses(
+        (status = 200, description = "The sales report", body = SalesReport),
+        (status = 422, description = "Invalid `from`, `to` or `groupBy`, `from` after `to`, or an unknown parameter", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn sales_report(
+    State(service): State<OrderService>,
+    RawQuery(query): RawQuery,
+) -> Result<axum::Json<SalesReport>, Problem> {
+    let mut from = None;
+    let mut to = None;
+    let mut group_by = GroupBy::Day;
+    let mut errors = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (key, value) in http_kit::query::pairs(query.as_deref()) {
+        let field = match key.as_str() {
+            "from" => "from",
+            "to" => "to",
+            "groupBy" => "groupBy",
+            other => {
+                errors.push(("query", unknown_parameter(other)));
+                continue;
+            }
+        };
+        if !seen.insert(field) {
+            errors.push((field, "must be given once".to_string()));
+            continue;
+        }
+        match field {
+            "groupBy" => match GroupBy::parse(&value) {
+                Some(g) => group_by = g,
+                None => errors.push(("groupBy", "must be day, status or currency".to_string())),
+            },
+            _ => match parse_bound(&value) {
+                Some(t) if field == "from" => from = Some(t),
+                Some(t) => to = Some(t),
+                None => errors.push((
+                    field,
+                    "must be a date such as 2026-12-01 or an RFC 3339 time such as \
+                     2026-12-01T00:00:00Z"
+                        .to_string(),
+                )),
+            },
+        }
+    }
+    if let (Some(from), Some(to)) = (from, to)
+        && from > to
+    {
+        errors.push(("from", "must not be after `to`".to_string()));
+    }
+    if !errors.is_empty() {
+        return Err(Problem::validation(
+            errors
+                .into_iter()
+                .map(|(field, message)| ProblemField {
+                    field: field.into(),
+                    message,
+                })
+                .collect(),
+        ));
+    }
+    let report = reports::sales(service.store.db(), from, to, group_by).await?;
+    Ok(axum::Json(report))
+}
+
+/// Fulfilment of every order placed (admins only).
+///
+/// Lead times between statuses (PENDING → CONFIRMED → SHIPPED → DELIVERED, and PENDING →
+/// DELIVERED) as percentiles, cancellations by cause and the saga's failure rate. Percentiles
+/// are approximate: lead times are counted in histogram buckets 2^(1/8) wide, and a percentile
+/// is given as the geometric middle of the bucket holding the exact nearest-rank percentile,
+/// within 4.5% of it. Read from counters kept by every order write, whatever the number of
+/// orders.
+#[utoipa::path(
+    get, path = "/api/v1/reports/fulfilment", tag = "reports",
+    responses(
+        (status = 200, description = "The fulfilment report", body = FulfilmentReport),
+        (status = 422, description = "A query parameter was given (there is none)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn fulfilment_report(
+    State(service): State<OrderService>,
+    RawQuery(query): RawQuery,
+) -> Result<axum::Json<FulfilmentReport>, Problem> {
+    if let Some((key, _)) = http_kit::query::pairs(query.as_deref()).first() {
+        return Err(Problem::field("query", unknown_parameter(key)));
+    }
+    Ok(axum::Json(reports::fulfilment(service.store.db()).await?))
 }

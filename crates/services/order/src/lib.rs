@@ -5,6 +5,7 @@ pub mod consumers;
 pub mod customers;
 pub mod feed;
 pub mod live;
+pub mod reports;
 pub mod shared_cache;
 pub mod store;
 pub mod view;
@@ -38,6 +39,14 @@ impl OrderService {
         customers: CustomerChecker,
     ) -> Result<Self, storage::DbError> {
         db.migrate_service(&MIGRATOR).await?;
+        match reports::backfill(&db).await {
+            Ok(Some(orders)) => tracing::info!(orders, "reports filled from the stored orders"),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::error!(%error, "filling the reports from the stored orders failed");
+                return Err(storage::DbError::Upgrade(error.to_string()));
+            }
+        }
         Ok(Self {
             store: Arc::new(OrderStore::new(db, cache)),
             customers,

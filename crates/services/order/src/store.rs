@@ -25,6 +25,7 @@ use storage::{Backend, Db, HeldWriter};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::reports::Deltas;
 use crate::shared_cache::SharedCache;
 use crate::view::OrderView;
 
@@ -106,6 +107,8 @@ struct Write {
     messages: Vec<OutboxMessage>,
     /// The message (consumer group, message id) the write handles, claimed in its transaction.
     cause: Option<(String, String)>,
+    /// What it changes in the reports' projection.
+    report: Deltas,
 }
 
 type Job = (Write, oneshot::Sender<Result<(), StoreError>>);
@@ -420,6 +423,7 @@ fn prepare(
     let at = time::now();
     let at_text = time::to_text(at);
     let created = state.is_none();
+    let before = state.clone();
     let items_before = state.as_ref().map(|o| o.items.clone());
     let mut version = state.as_ref().map_or(0, |o| o.version);
     let mut order = state;
@@ -445,6 +449,12 @@ fn prepare(
         recorded.push(r);
     }
     let order = order.ok_or_else(|| StoreError::Corrupt("events built no order".into()))?;
+    let report = Deltas::of_write(
+        before.as_ref(),
+        &order,
+        at,
+        recorded.iter().map(|r| &r.event),
+    );
     let view = OrderView::from(&order);
     let document = serde_json::to_string(&order).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let messages = recorded
@@ -474,6 +484,7 @@ fn prepare(
         events,
         messages,
         cause: None,
+        report,
     })
 }
 
@@ -617,6 +628,10 @@ async fn commit(
         .iter()
         .flat_map(|w| w.messages.iter().cloned())
         .collect();
+    let mut report = Deltas::default();
+    for w in writes {
+        report.merge(&w.report);
+    }
     let failed = |e| match events::append_error(e, &events) {
         AppendError::Conflict { .. } => StoreError::Conflict,
         AppendError::Db(e) => StoreError::Db(e),
@@ -625,12 +640,20 @@ async fn commit(
         && backend == storage::Backend::Postgres
         && !write.replace_items
     {
-        return step_alone(writer, handoff, *claim, &events, row.clone(), &messages)
-            .await
-            .map_err(|e| match e {
-                StoreError::Db(e) => failed(e),
-                other => other,
-            });
+        return step_alone(
+            writer,
+            handoff,
+            *claim,
+            &events,
+            row.clone(),
+            &messages,
+            &report,
+        )
+        .await
+        .map_err(|e| match e {
+            StoreError::Db(e) => failed(e),
+            other => other,
+        });
     }
     let mut script = Script::new();
     let claimed = storage::inbox::stage_claims(&mut script, &claims);
@@ -664,6 +687,7 @@ async fn commit(
         item_rows,
     );
     let staged = outbox::stage(&mut script, &messages)?;
+    report.stage(&mut script, None);
     // Only new orders: nothing to run before the script.
     if claims.is_empty()
         && writes.iter().all(|w| w.created)
@@ -722,6 +746,7 @@ async fn step_alone(
     events: &[NewEvent],
     row: Vec<Value>,
     messages: &[OutboxMessage],
+    report: &Deltas,
 ) -> Result<(), StoreError> {
     let mut script = Script::new();
     let claimed = storage::inbox::stage_claims(&mut script, &[claim]);
@@ -729,6 +754,7 @@ async fn step_alone(
         script.update_from_values_if(claimed, UPDATE_ORDERS.0, UPDATE_ORDERS.1, vec![row]);
     events::stage_if(&mut script, updated, events);
     let staged = outbox::stage_if(&mut script, Some(updated), messages)?;
+    report.stage(&mut script, Some(updated));
     if !script.is_one_statement() {
         return Err(StoreError::Failed(
             "a saga step too large for one statement".into(),
