@@ -948,10 +948,12 @@ async fn list(
             )),
         }
     }
+    // `createdFrom` after `createdTo` is an empty range, as a range of any other width: the
+    // document can state each bound's form, not an order between two parameters.
     if let (Some(from), Some(to)) = (filter.created_from, filter.created_to)
         && from > to
     {
-        errors.push(("createdFrom", "must not be after createdTo".to_string()));
+        filter.created_to = Some(from);
     }
     if !errors.is_empty() {
         return Err(Problem::validation(
@@ -1064,7 +1066,7 @@ fn parse_bound(value: &str) -> Option<chrono::DateTime<chrono::Utc>> {
     params(SalesQuery),
     responses(
         (status = 200, description = "The sales report", body = SalesReport),
-        (status = 422, description = "Invalid `from`, `to` or `groupBy`, `from` after `to`, or an unknown parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid `from`, `to` or `groupBy`, or an unknown parameter (`from` after `to` is an empty range)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 async fn sales_report(
@@ -1107,10 +1109,12 @@ async fn sales_report(
             },
         }
     }
-    if let (Some(from), Some(to)) = (from, to)
-        && from > to
+    // `from` after `to` is an empty range (nothing was placed in it), not a mistake the
+    // document could describe: it states each bound's form, not an order between the two.
+    if let (Some(from), Some(to_time)) = (from, to)
+        && from > to_time
     {
-        errors.push(("from", "must not be after `to`".to_string()));
+        to = Some(from);
     }
     if !errors.is_empty() {
         return Err(Problem::validation(
