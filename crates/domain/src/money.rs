@@ -42,10 +42,16 @@ pub fn positive_amount_pattern(decimals: u32) -> String {
     }
 }
 
+/// The most decimals any currency has (BHD, KWD, ...): the form of an amount in any currency.
+pub const MAX_DECIMALS: u32 = 3;
+
 /// Parses a non-negative amount of the form [`amount_pattern`] gives for the currency's
 /// decimals (2 for an unknown currency). The error is a message for the client.
 pub fn parse_amount(text: &str, currency: &str) -> Result<Decimal, String> {
-    let decimals = currency_decimals(currency).unwrap_or(2);
+    parse_with_decimals(text, currency_decimals(currency).unwrap_or(2), currency)
+}
+
+fn parse_with_decimals(text: &str, decimals: u32, currency: &str) -> Result<Decimal, String> {
     let (whole, fraction) = match text.split_once('.') {
         Some((whole, fraction)) => (whole, Some(fraction)),
         None => (text, None),
@@ -66,10 +72,11 @@ pub fn parse_amount(text: &str, currency: &str) -> Result<Decimal, String> {
     Decimal::from_str(text).map_err(|_| "must be a decimal string such as \"12.50\"".to_string())
 }
 
-/// True when `text` is a well-formed amount (as in the currency with the most decimals) that
-/// has more decimals than `currency` allows: a request that would fit another currency.
+/// True when `text` is a well-formed amount (with at most [`MAX_DECIMALS`]) that has more
+/// decimals than `currency` allows: a request that would fit another currency.
 pub fn exceeds_precision(text: &str, currency: &str) -> bool {
-    parse_amount(text, currency).is_err() && parse_amount(text, "BHD").is_ok()
+    parse_amount(text, currency).is_err()
+        && parse_with_decimals(text, MAX_DECIMALS, currency).is_ok()
 }
 
 /// Formats an amount with exactly the currency's decimals (`"12.50"`, `"1200"` for JPY).
@@ -133,6 +140,12 @@ mod tests {
         assert!(exceeds_precision("1.555", "USD"));
         assert!(!exceeds_precision("1.55", "USD"));
         assert!(!exceeds_precision("1.5555", "USD"));
+    }
+
+    #[test]
+    fn max_decimals_is_the_most_any_currency_has() {
+        let most = crate::codes::currencies().map(|(_, d)| d).max();
+        assert_eq!(most, Some(MAX_DECIMALS));
     }
 
     #[test]

@@ -86,22 +86,38 @@ pub fn sku() -> Schema {
 /// An amount in any currency: the most decimals any currency has. Which of them a given
 /// currency allows, [`priced_by_currency`] says.
 pub fn amount() -> Schema {
-    string(domain::money::amount_pattern(3), None, false)
+    string(
+        domain::money::amount_pattern(domain::money::MAX_DECIMALS),
+        None,
+        false,
+    )
 }
 
 /// An amount above zero in any currency (see [`amount`]).
 pub fn positive_amount() -> Schema {
-    string(domain::money::positive_amount_pattern(3), None, false)
+    string(
+        domain::money::positive_amount_pattern(domain::money::MAX_DECIMALS),
+        None,
+        false,
+    )
 }
 
 /// An optional amount above zero.
 pub fn optional_positive_amount() -> Schema {
-    string(domain::money::positive_amount_pattern(3), None, true)
+    string(
+        domain::money::positive_amount_pattern(domain::money::MAX_DECIMALS),
+        None,
+        true,
+    )
 }
 
 /// An optional amount (null: unchanged).
 pub fn optional_amount() -> Schema {
-    string(domain::money::amount_pattern(3), None, true)
+    string(
+        domain::money::amount_pattern(domain::money::MAX_DECIMALS),
+        None,
+        true,
+    )
 }
 
 /// `domain::customer::is_email`: one `@`, at most 64 visible characters before it, a dotted
@@ -129,29 +145,15 @@ pub fn notifiable_events() -> Schema {
 }
 
 /// Constrains the component schema `name` (a body with a `currency`) so that `amount_fields`
-/// are of the form `pattern` gives for the currency's decimals: one branch per number of decimals, chosen by the
-/// currency. Each path in `amount_fields` is a property, or `items[].property` for a property
-/// of the array's items.
+/// are of the form `pattern` gives for the currency's decimals: one branch per number of
+/// decimals, chosen by the currency. Each path in `amount_fields` is a property, or
+/// `items[].property` for a property of the array's items.
 pub fn price_by_currency(
     openapi: &mut utoipa::openapi::OpenApi,
     name: &str,
     amount_fields: &[&str],
     pattern: fn(u32) -> String,
 ) {
-    let schemas = &mut openapi.components.get_or_insert_default().schemas;
-    if let Some(schema) = schemas.remove(name) {
-        schemas.insert(
-            name.to_string(),
-            priced_by_currency(schema, amount_fields, pattern),
-        );
-    }
-}
-
-fn priced_by_currency(
-    schema: RefOr<Schema>,
-    amount_fields: &[&str],
-    pattern: fn(u32) -> String,
-) -> RefOr<Schema> {
     let mut by_decimals: std::collections::BTreeMap<u32, Vec<&'static str>> = Default::default();
     for (code, decimals) in domain::codes::currencies() {
         by_decimals.entry(decimals).or_default().push(code);
@@ -172,13 +174,11 @@ fn priced_by_currency(
         }
         branches = branches.item(branch);
     }
-    RefOr::T(Schema::AllOf(
-        AllOfBuilder::new().item(schema).item(branches).build(),
-    ))
+    add_rule(openapi, name, Schema::OneOf(branches.build()));
 }
 
 /// Adds to the component schema `name` a rule between its fields that a field's own schema
-/// cannot state (`rule`, a JSON Schema): the component becomes `allOf: [itself, rule]`.
+/// cannot state (`rule`, a JSON Schema).
 pub fn constrain(openapi: &mut utoipa::openapi::OpenApi, name: &str, rule: serde_json::Value) {
     // utoipa's schema types cannot hold every JSON Schema keyword (a property whose schema is
     // `{"type": "null"}` inside an `anyOf`): the rule's keywords ride on an untyped object.
@@ -189,15 +189,17 @@ pub fn constrain(openapi: &mut utoipa::openapi::OpenApi, name: &str, rule: serde
         .schema_type(SchemaType::AnyValue)
         .build();
     holder.extensions.get_or_insert_default().extend(keywords);
+    add_rule(openapi, name, Schema::Object(holder));
+}
+
+/// The component schema `name` becomes `allOf: [itself, rule]`.
+fn add_rule(openapi: &mut utoipa::openapi::OpenApi, name: &str, rule: Schema) {
     let schemas = &mut openapi.components.get_or_insert_default().schemas;
     if let Some(schema) = schemas.remove(name) {
         schemas.insert(
             name.to_string(),
             RefOr::T(Schema::AllOf(
-                AllOfBuilder::new()
-                    .item(schema)
-                    .item(Schema::Object(holder))
-                    .build(),
+                AllOfBuilder::new().item(schema).item(rule).build(),
             )),
         );
     }

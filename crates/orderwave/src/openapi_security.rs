@@ -98,11 +98,14 @@ fn contract(operation: &mut utoipa::openapi::path::Operation) -> Vec<(&'static s
             continue;
         };
         // A parameter is text on the wire: it is absent or has a value, never `null`.
-        if let Some(RefOr::T(utoipa::openapi::Schema::Object(schema))) = parameter.schema.as_mut() {
-            not_null(&mut schema.schema_type);
-        }
-        if let Some(RefOr::T(utoipa::openapi::Schema::Array(schema))) = parameter.schema.as_mut() {
-            not_null(&mut schema.schema_type);
+        match parameter.schema.as_mut() {
+            Some(RefOr::T(utoipa::openapi::Schema::Object(schema))) => {
+                not_null(&mut schema.schema_type);
+            }
+            Some(RefOr::T(utoipa::openapi::Schema::Array(schema))) => {
+                not_null(&mut schema.schema_type);
+            }
+            _ => {}
         }
         match (parameter.parameter_in.clone(), parameter.name.as_str()) {
             (ParameterIn::Header, "If-Match") => {
